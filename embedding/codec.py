@@ -1,0 +1,625 @@
+"""PLAID-style residual codec for ColBERT token vectors.
+
+A token vector is stored as the id of its nearest centroid plus its residual
+(vector minus centroid), quantised to ``nbits`` per dimension and bit-packed
+(ColBERTv2 / PLAID residual compression). The residual buckets come from the
+quantiles of the residuals of a held-out part of the fit sample, so every bucket
+is used about equally often.
+
+Bit layout of one packed token: dimension-major, most significant bit first, so
+the first ``d`` dimensions occupy the first ``d * nbits`` bits. A Matryoshka
+prefix of the dimensions is therefore a prefix of the bytes whenever
+``d * nbits`` is a multiple of 8.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import zipfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import faiss
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_NBITS = (1, 2, 4)
+_PACKABLE_NBITS = (1, 2, 4, 8)
+FORMAT_VERSION = 1
+# Rows per batch are chosen so that one (rows, n_centroids) float32 score matrix
+# stays around 64 MiB.
+_SCORE_BUDGET = 1 << 24
+_ROW_BATCH = 1 << 16
+_FLOAT_KEYS = ("centroids", "bucket_cutoffs", "bucket_weights")
+_REQUIRED_KEYS = frozenset(_FLOAT_KEYS + ("nbits", "avg_residual", "format_version"))
+
+
+def default_n_centroids(n_tokens: int) -> int:
+    """Number of centroids PLAID uses for ``n_tokens`` token vectors.
+
+    Parameters
+    ----------
+    n_tokens : int
+        Number of token vectors in the collection, at least 1.
+
+    Returns
+    -------
+    int
+        ``2 ** floor(log2(16 * sqrt(n_tokens)))``, computed exactly in integers.
+    """
+    if isinstance(n_tokens, bool) or int(n_tokens) != n_tokens or n_tokens < 1:
+        raise ValueError(f"n_tokens must be an integer >= 1, got {n_tokens!r}")
+    # floor(log2(16 * sqrt(n))) == floor(floor(log2(256 * n)) / 2); integer math
+    # avoids floating point trouble at exact powers of two.
+    exponent = ((256 * int(n_tokens)).bit_length() - 1) // 2
+    return max(1, 1 << exponent)
+
+
+def code_dtype(n_centroids: int) -> np.dtype:
+    """Smallest unsigned integer dtype that holds every centroid id.
+
+    Parameters
+    ----------
+    n_centroids : int
+        Number of centroids, at least 1; ids run from 0 to ``n_centroids - 1``.
+
+    Returns
+    -------
+    numpy.dtype
+        ``uint8``, ``uint16`` or ``uint32``.
+    """
+    if n_centroids < 1:
+        raise ValueError(f"n_centroids must be >= 1, got {n_centroids}")
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if n_centroids - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"n_centroids={n_centroids} does not fit in uint32 codes")
+
+
+def _check_nbits_dim(nbits: int, dim: int) -> None:
+    if isinstance(nbits, bool) or nbits not in _PACKABLE_NBITS:
+        raise ValueError(f"nbits must be one of {_PACKABLE_NBITS}, got {nbits!r}")
+    if (dim * nbits) % 8:
+        raise ValueError(
+            f"dim * nbits must be a multiple of 8 to pack whole bytes, "
+            f"got dim={dim}, nbits={nbits}"
+        )
+
+
+def _shifts(nbits: int) -> np.ndarray:
+    """Left shift of each of the ``8 // nbits`` values sharing a byte, first value highest."""
+    return (nbits * np.arange(8 // nbits - 1, -1, -1)).astype(np.uint8)
+
+
+def pack_bits(buckets: np.ndarray, nbits: int) -> np.ndarray:
+    """Bit-pack per-dimension bucket ids, ``nbits`` bits each.
+
+    Parameters
+    ----------
+    buckets : numpy.ndarray
+        ``(n, dim)`` integer array (normally ``uint8``) with values in
+        ``[0, 2**nbits)``; ``dim * nbits`` must be a multiple of 8.
+    nbits : int
+        Bits per value: 1, 2, 4 or 8.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, dim * nbits // 8)`` ``uint8``. Dimension-major, most significant
+        bit first: dimension ``j`` occupies bits ``j*nbits .. (j+1)*nbits - 1``.
+    """
+    buckets = np.asarray(buckets)
+    if buckets.ndim != 2 or not np.issubdtype(buckets.dtype, np.integer):
+        raise ValueError(
+            f"buckets must be a 2-D integer array, got shape {buckets.shape} "
+            f"dtype {buckets.dtype}"
+        )
+    n, dim = buckets.shape
+    _check_nbits_dim(nbits, dim)
+    if buckets.size and (buckets.min() < 0 or buckets.max() >= 1 << nbits):
+        raise ValueError(f"bucket ids must lie in [0, {1 << nbits}) for nbits={nbits}")
+    groups = buckets.astype(np.uint8).reshape(n, dim * nbits // 8, 8 // nbits)
+    packed = np.zeros(groups.shape[:2], dtype=np.uint8)
+    # One pass per slot inside a byte (at most 8), each vectorised over all tokens.
+    for slot, shift in enumerate(_shifts(nbits)):
+        packed |= groups[:, :, slot] << shift
+    return packed
+
+
+def unpack_bits(packed: np.ndarray, nbits: int, dim: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`.
+
+    Parameters
+    ----------
+    packed : numpy.ndarray
+        ``(n, dim * nbits // 8)`` ``uint8``.
+    nbits : int
+        Bits per value: 1, 2, 4 or 8.
+    dim : int
+        Number of values per row.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, dim)`` ``uint8`` bucket ids.
+    """
+    packed = np.asarray(packed)
+    _check_nbits_dim(nbits, dim)
+    if packed.ndim != 2 or packed.dtype != np.uint8:
+        raise ValueError(
+            f"packed must be a 2-D uint8 array, got shape {packed.shape} "
+            f"dtype {packed.dtype}"
+        )
+    if packed.shape[1] != dim * nbits // 8:
+        raise ValueError(
+            f"packed has {packed.shape[1]} bytes per row, expected "
+            f"{dim * nbits // 8} for dim={dim}, nbits={nbits}"
+        )
+    mask = np.uint8((1 << nbits) - 1)
+    values = (packed[:, :, None] >> _shifts(nbits)) & mask
+    return values.reshape(len(packed), dim)
+
+
+def _row_batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation of a ``(n, d)`` float32 array; zero rows stay zero."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def _as_vectors(vectors: np.ndarray, dim: int | None, name: str) -> np.ndarray:
+    """Check a ``(n, dim)`` finite float array and return it as float32."""
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
+        raise ValueError(
+            f"{name} must be a 2-D float array, got shape {vectors.shape} "
+            f"dtype {vectors.dtype}"
+        )
+    if dim is not None and vectors.shape[1] != dim:
+        raise ValueError(f"{name} has dim {vectors.shape[1]}, codec dim is {dim}")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return vectors
+
+
+def _nearest_centroids(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Index of the max-inner-product centroid for each row, as ``(n,)`` int64."""
+    out = np.empty(len(vectors), dtype=np.int64)
+    batch = max(1, _SCORE_BUDGET // len(centroids))
+    for rows in _row_batches(len(vectors), batch):
+        out[rows] = np.argmax(vectors[rows] @ centroids.T, axis=1)
+    return out
+
+
+def _train_centroids(
+    train: np.ndarray, n_centroids: int, seed: int, niter: int
+) -> np.ndarray:
+    """Spherical k-means; returns ``(n_centroids, dim)`` float32 unit rows."""
+    use_gpu = faiss.get_num_gpus() > 0
+    kmeans = faiss.Kmeans(
+        train.shape[1],
+        n_centroids,
+        niter=niter,
+        seed=seed,
+        spherical=True,
+        gpu=use_gpu,
+        verbose=False,
+    )
+    kmeans.train(train)
+    return _l2_normalize(np.asarray(kmeans.centroids, dtype=np.float32))
+
+
+def _split_heldout(
+    sample: np.ndarray, heldout_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle and split into (train, heldout); a tiny sample reuses train rows."""
+    n = len(sample)
+    n_heldout = min(math.ceil(n * heldout_fraction), n - 1)
+    if n_heldout < 1:
+        return sample, sample
+    order = np.random.default_rng(seed).permutation(n)
+    return sample[order[n_heldout:]], sample[order[:n_heldout]]
+
+
+def _bucket_stats(residuals: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bucket cutoffs and weights: quantiles of all residual values."""
+    values = residuals.astype(np.float64).ravel()
+    n_buckets = 1 << nbits
+    cutoffs = np.quantile(values, np.arange(1, n_buckets) / n_buckets)
+    weights = np.quantile(values, (np.arange(n_buckets) + 0.5) / n_buckets)
+    return cutoffs.astype(np.float32), weights.astype(np.float32)
+
+
+def _frozen_float_array(value: np.ndarray, name: str, ndim: int) -> np.ndarray:
+    array = np.array(value, dtype=np.float32, copy=True)
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    array.setflags(write=False)
+    return array
+
+
+def _check_fit_args(sample: np.ndarray, nbits: int, heldout_fraction: float) -> None:
+    if isinstance(nbits, bool) or nbits not in SUPPORTED_NBITS:
+        raise ValueError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits!r}")
+    shape = np.shape(sample)
+    if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"sample must be a non-empty (n, dim) array, got shape {shape}")
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+
+
+def _read_archive(data: bytes) -> dict[str, np.ndarray]:
+    """Arrays of a codec ``.npz`` archive; ValueError when corrupt or incomplete."""
+    try:
+        archive = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"corrupt codec archive: {err}") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError("corrupt codec archive: not an .npz archive")
+    with archive:
+        missing = _REQUIRED_KEYS - set(archive.files)
+        if missing:
+            raise ValueError(f"codec archive misses keys {sorted(missing)}")
+        try:
+            return {key: archive[key] for key in _REQUIRED_KEYS}
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+            raise ValueError(f"corrupt codec archive: {err}") from err
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ResidualCodec:
+    """Centroid + quantised-residual codec for ``dim``-dimensional token vectors.
+
+    Attributes
+    ----------
+    centroids : numpy.ndarray
+        ``(k, dim)`` float32, rows L2-normalised. Read-only copy.
+    nbits : int
+        Bits per residual dimension: 1, 2 or 4.
+    bucket_cutoffs : numpy.ndarray
+        ``(2**nbits - 1,)`` float32, non-decreasing. A residual value ``r`` falls
+        in bucket ``i`` when ``cutoffs[i-1] < r <= cutoffs[i]``.
+    bucket_weights : numpy.ndarray
+        ``(2**nbits,)`` float32, the value a residual in bucket ``i`` decodes to.
+    avg_residual : float
+        Mean ``|residual|`` over the held-out fit sample, the reference a later
+        re-index compares against to detect drift.
+    """
+
+    centroids: np.ndarray
+    nbits: int
+    bucket_cutoffs: np.ndarray
+    bucket_weights: np.ndarray
+    avg_residual: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nbits, bool) or self.nbits not in SUPPORTED_NBITS:
+            raise ValueError(f"nbits must be one of {SUPPORTED_NBITS}, got {self.nbits!r}")
+        object.__setattr__(self, "nbits", int(self.nbits))
+        for name in _FLOAT_KEYS:
+            ndim = 2 if name == "centroids" else 1
+            object.__setattr__(self, name, _frozen_float_array(getattr(self, name), name, ndim))
+        self._check_centroids()
+        self._check_buckets()
+        if not math.isfinite(self.avg_residual) or self.avg_residual < 0:
+            raise ValueError(f"avg_residual must be finite and >= 0, got {self.avg_residual}")
+        object.__setattr__(self, "avg_residual", float(self.avg_residual))
+
+    def _check_centroids(self) -> None:
+        k, dim = self.centroids.shape
+        if k < 1 or dim < 1:
+            raise ValueError(f"centroids must be non-empty, got shape {self.centroids.shape}")
+        _check_nbits_dim(self.nbits, dim)
+        code_dtype(k)
+        norms = np.linalg.norm(self.centroids, axis=1)
+        if np.abs(norms - 1.0).max() > 1e-3:
+            raise ValueError("centroids rows must be L2-normalised")
+
+    def _check_buckets(self) -> None:
+        n_buckets = 1 << self.nbits
+        if self.bucket_cutoffs.shape != (n_buckets - 1,):
+            raise ValueError(
+                f"bucket_cutoffs must have shape ({n_buckets - 1},) for nbits="
+                f"{self.nbits}, got {self.bucket_cutoffs.shape}"
+            )
+        if self.bucket_weights.shape != (n_buckets,):
+            raise ValueError(
+                f"bucket_weights must have shape ({n_buckets},) for nbits="
+                f"{self.nbits}, got {self.bucket_weights.shape}"
+            )
+        if np.any(np.diff(self.bucket_cutoffs) < 0):
+            raise ValueError("bucket_cutoffs must be non-decreasing")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ResidualCodec):
+            return NotImplemented
+        return (
+            self.nbits == other.nbits
+            and self.avg_residual == other.avg_residual
+            and all(np.array_equal(getattr(self, k), getattr(other, k)) for k in _FLOAT_KEYS)
+        )
+
+    __hash__ = None  # arrays make the codec unhashable, like numpy arrays
+
+    def __repr__(self) -> str:
+        return (
+            f"ResidualCodec(dim={self.dim}, n_centroids={self.n_centroids}, "
+            f"nbits={self.nbits}, avg_residual={self.avg_residual:.6g})"
+        )
+
+    @property
+    def dim(self) -> int:
+        """Full vector dimension."""
+        return int(self.centroids.shape[1])
+
+    @property
+    def n_centroids(self) -> int:
+        """Number of centroids ``k``."""
+        return int(self.centroids.shape[0])
+
+    @property
+    def code_dtype(self) -> np.dtype:
+        """Dtype of the centroid codes (uint8, uint16 or uint32)."""
+        return code_dtype(self.n_centroids)
+
+    @property
+    def residual_bytes(self) -> int:
+        """Packed residual bytes per token, ``dim * nbits // 8``."""
+        return self.dim * self.nbits // 8
+
+    def bytes_per_token(self) -> int:
+        """Stored bytes per token: one code plus its packed residual."""
+        return self.code_dtype.itemsize + self.residual_bytes
+
+    @classmethod
+    def fit(
+        cls,
+        sample: np.ndarray,
+        nbits: int,
+        n_centroids: int | None = None,
+        *,
+        seed: int = 0,
+        niter: int = 20,
+        heldout_fraction: float = 0.05,
+    ) -> "ResidualCodec":
+        """Train centroids and residual buckets on a sample of token vectors.
+
+        Parameters
+        ----------
+        sample : numpy.ndarray
+            ``(n, dim)`` float token vectors; they are L2-normalised first.
+        nbits : int
+            Bits per residual dimension: 1, 2 or 4; ``dim * nbits`` must be a
+            multiple of 8.
+        n_centroids : int, optional
+            Number of centroids; default ``default_n_centroids(n)`` capped to the
+            number of training rows.
+        seed : int
+            Seed for the held-out split and k-means; equal seeds give equal codecs.
+        niter : int
+            k-means iterations.
+        heldout_fraction : float
+            Fraction of the sample, in ``[0, 1)``, kept out of k-means and used to
+            estimate the residual distribution. With 0 (or a one-row sample) the
+            training rows are used.
+
+        Returns
+        -------
+        ResidualCodec
+        """
+        _check_fit_args(sample, nbits, heldout_fraction)
+        sample = _l2_normalize(_as_vectors(sample, None, "sample"))
+        _check_nbits_dim(nbits, sample.shape[1])
+        train, heldout = _split_heldout(sample, heldout_fraction, seed)
+        k = cls._choose_k(n_centroids, len(sample), len(train))
+        centroids = _train_centroids(train, k, seed, niter)
+        residuals = heldout - centroids[_nearest_centroids(centroids, heldout)]
+        cutoffs, weights = _bucket_stats(residuals, nbits)
+        avg_residual = float(np.abs(residuals).mean(dtype=np.float64))
+        logger.info(
+            "fitted residual codec: %d sample rows, %d centroids, dim %d, nbits %d, "
+            "avg |residual| %.4f",
+            len(sample), k, sample.shape[1], nbits, avg_residual,
+        )
+        return cls(centroids, nbits, cutoffs, weights, avg_residual)
+
+    @staticmethod
+    def _choose_k(n_centroids: int | None, n_sample: int, n_train: int) -> int:
+        if n_centroids is None:
+            return min(default_n_centroids(n_sample), n_train)
+        if n_centroids < 1 or n_centroids > n_train:
+            raise ValueError(
+                f"n_centroids must be in 1..{n_train} (training rows), got {n_centroids}"
+            )
+        return int(n_centroids)
+
+    def assign(self, vectors: np.ndarray) -> np.ndarray:
+        """Nearest centroid (max inner product) of each vector.
+
+        Parameters
+        ----------
+        vectors : numpy.ndarray
+            ``(n, dim)`` float.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n,)`` codes of dtype :attr:`code_dtype`.
+        """
+        vectors = _as_vectors(vectors, self.dim, "vectors")
+        return _nearest_centroids(self.centroids, vectors).astype(self.code_dtype)
+
+    def compress(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Encode vectors as centroid codes plus bit-packed residual buckets.
+
+        Parameters
+        ----------
+        vectors : numpy.ndarray
+            ``(n, dim)`` float; L2-normalised first, as in :meth:`fit`.
+
+        Returns
+        -------
+        codes : numpy.ndarray
+            ``(n,)`` :attr:`code_dtype`.
+        residuals : numpy.ndarray
+            ``(n, dim * nbits // 8)`` ``uint8``, see :func:`pack_bits`.
+        """
+        vectors = _as_vectors(vectors, self.dim, "vectors")
+        codes = np.empty(len(vectors), dtype=self.code_dtype)
+        packed = np.empty((len(vectors), self.residual_bytes), dtype=np.uint8)
+        for rows in _row_batches(len(vectors), _ROW_BATCH):
+            batch = _l2_normalize(vectors[rows])
+            batch_codes = _nearest_centroids(self.centroids, batch)
+            residual = batch - self.centroids[batch_codes]
+            buckets = np.searchsorted(self.bucket_cutoffs, residual).astype(np.uint8)
+            codes[rows] = batch_codes
+            packed[rows] = pack_bits(buckets, self.nbits)
+        return codes, packed
+
+    def decompress(
+        self,
+        codes: np.ndarray,
+        residuals: np.ndarray,
+        dim: int | None = None,
+        normalize: bool = True,
+    ) -> np.ndarray:
+        """Reconstruct vectors, optionally only a prefix of their dimensions.
+
+        Parameters
+        ----------
+        codes : numpy.ndarray
+            ``(n,)`` integer centroid codes.
+        residuals : numpy.ndarray
+            ``(n, dim * nbits // 8)`` ``uint8`` as returned by :meth:`compress`.
+        dim : int, optional
+            Keep the first ``dim`` dimensions (1..self.dim); default all.
+        normalize : bool
+            L2-normalise each row after taking the prefix (Matryoshka prefix
+            re-normalised). With False the result is exactly
+            ``centroids[codes, :dim] + bucket_weights[buckets][:, :dim]``.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n, dim)`` float32.
+        """
+        d = self._check_prefix_dim(dim)
+        codes, residuals = self._check_encoded(codes, residuals)
+        # Only the bytes covering the first d dimensions need unpacking.
+        n_bytes = math.ceil(d * self.nbits / 8)
+        out = np.empty((len(codes), d), dtype=np.float32)
+        for rows in _row_batches(len(codes), _ROW_BATCH):
+            buckets = unpack_bits(residuals[rows, :n_bytes], self.nbits, n_bytes * 8 // self.nbits)
+            out[rows] = self.centroids[codes[rows], :d] + self.bucket_weights[buckets[:, :d]]
+        return _l2_normalize(out) if normalize else out
+
+    def _check_prefix_dim(self, dim: int | None) -> int:
+        if dim is None:
+            return self.dim
+        if isinstance(dim, bool) or int(dim) != dim or not 1 <= dim <= self.dim:
+            raise ValueError(f"dim must be an integer in 1..{self.dim}, got {dim!r}")
+        return int(dim)
+
+    def _check_encoded(
+        self, codes: np.ndarray, residuals: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        codes = np.asarray(codes)
+        residuals = np.asarray(residuals)
+        if codes.ndim != 1 or not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(
+                f"codes must be a 1-D integer array, got shape {codes.shape} "
+                f"dtype {codes.dtype}"
+            )
+        if residuals.shape != (len(codes), self.residual_bytes) or residuals.dtype != np.uint8:
+            raise ValueError(
+                f"residuals must be uint8 of shape ({len(codes)}, {self.residual_bytes}), "
+                f"got {residuals.dtype} {residuals.shape}"
+            )
+        if codes.size and (codes.min() < 0 or codes.max() >= self.n_centroids):
+            raise ValueError(f"codes must lie in [0, {self.n_centroids})")
+        return codes, residuals
+
+    def to_bytes(self) -> bytes:
+        """Serialise as an ``.npz`` archive (no pickle).
+
+        Returns
+        -------
+        bytes
+        """
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            format_version=np.int64(FORMAT_VERSION),
+            centroids=self.centroids,
+            nbits=np.int64(self.nbits),
+            bucket_cutoffs=self.bucket_cutoffs,
+            bucket_weights=self.bucket_weights,
+            avg_residual=np.float64(self.avg_residual),
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ResidualCodec":
+        """Load a codec written by :meth:`to_bytes`.
+
+        Parameters
+        ----------
+        data : bytes
+            The ``.npz`` archive.
+
+        Returns
+        -------
+        ResidualCodec
+
+        Raises
+        ------
+        ValueError
+            If the archive is corrupt, misses keys or holds invalid values.
+        """
+        fields = _read_archive(data)
+        try:
+            version = int(fields["format_version"])
+            nbits = int(fields["nbits"])
+            avg_residual = float(fields["avg_residual"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"corrupt codec archive: bad scalar field: {err}") from err
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported codec format_version {version}")
+        return cls(
+            centroids=fields["centroids"],
+            nbits=nbits,
+            bucket_cutoffs=fields["bucket_cutoffs"],
+            bucket_weights=fields["bucket_weights"],
+            avg_residual=avg_residual,
+        )
+
+    def params(self) -> dict:
+        """JSON-able summary for manifests.
+
+        Returns
+        -------
+        dict
+            ``nbits``, ``n_centroids``, ``dim``, ``code_dtype``,
+            ``bytes_per_token``, ``avg_residual``, ``bucket_cutoffs`` and
+            ``bucket_weights`` (lists of floats).
+        """
+        return {
+            "nbits": self.nbits,
+            "n_centroids": self.n_centroids,
+            "dim": self.dim,
+            "code_dtype": self.code_dtype.name,
+            "bytes_per_token": self.bytes_per_token(),
+            "avg_residual": self.avg_residual,
+            "bucket_cutoffs": self.bucket_cutoffs.tolist(),
+            "bucket_weights": self.bucket_weights.tolist(),
+        }

@@ -1,0 +1,221 @@
+"""Texts in, vectors out: dense (pooled, MRL-ready) and ColBERT (one vector per token).
+
+Documents are encoded once; when the dense and ColBERT inputs are the same text
+(no ColBERT document marker) one forward pass feeds both. Batches are bucketed
+by token length to cut padding.
+"""
+from __future__ import annotations
+
+import logging
+import string
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from embedding.batching import length_buckets
+from embedding.model import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+#: Punctuation whose tokens ColBERT drops from documents (its skiplist), plus common non-ASCII marks.
+PUNCTUATION = string.punctuation + "。，、！？；：「」『』（）《》…—–«»“”‘’¿¡·"
+
+
+@dataclass
+class DocumentVectors:
+    """Encoded documents, in input order.
+
+    Attributes
+    ----------
+    dense : (n, H) float32 unit rows, or None.
+    tokens : list of n arrays (t_i, dim) float32 unit rows, or None.
+    n_tokens : (n,) int32, tokens of the full text (with special tokens), before truncation.
+    truncated : (n,) bool, some text did not reach a stored vector.
+    """
+
+    dense: "np.ndarray | None"
+    tokens: "list[np.ndarray] | None"
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+
+
+class Encoder:
+    """Encodes with a :class:`~embedding.model.LoadedModel`.
+
+    Parameters
+    ----------
+    max_batch : most sequences per forward pass.
+    max_tokens : most padded tokens per forward pass (bounds memory).
+    """
+
+    def __init__(self, lm: LoadedModel, *, max_batch: int = 64, max_tokens: int = 16384) -> None:
+        self.lm = lm
+        self.s = lm.settings
+        self.max_batch = max_batch
+        self.max_tokens = max_tokens
+        tok = lm.tokenizer
+        self._pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self._mask = tok.mask_token_id
+        self._q_marker = tok.convert_tokens_to_ids(self.s.query_marker) if self.s.query_marker else None
+        self._d_marker = tok.convert_tokens_to_ids(self.s.doc_marker) if self.s.doc_marker else None
+        self._skip = self._skiplist() if self.s.skip_punctuation else np.zeros(0, np.int64)
+
+    # ---- public -----------------------------------------------------------------------
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """Dense query vectors, (n, H) float32 unit rows."""
+        ids = self._tokenize([self.s.query_prefix + t for t in texts], self.s.max_length)[0]
+        out = np.zeros((len(texts), self.lm.hidden_size), np.float32)
+        for batch in length_buckets(np.array([len(x) for x in ids]), self.max_batch, self.max_tokens):
+            hidden, mask = self._forward([ids[i] for i in batch])
+            out[batch] = self._pool(hidden, mask)
+        return out
+
+    def encode_queries_colbert(self, texts: list[str]) -> np.ndarray:
+        """ColBERT query matrices, (n, query_maxlen, dim) float32; rows unit or zero.
+
+        With query augmentation the padding is replaced by mask tokens, whose
+        output vectors take part in scoring (ColBERT's query expansion).
+        """
+        lq = self.s.query_maxlen
+        ids = self._tokenize([self.s.query_prefix + t for t in texts], lq, self._q_marker)[0]
+        out = np.zeros((len(texts), lq, self.lm.colbert_dim), np.float32)
+        augment = self.s.query_augmentation and self._mask is not None
+        for batch in length_buckets(np.array([len(x) for x in ids]), self.max_batch, self.max_tokens):
+            seqs = [ids[i] for i in batch]
+            if augment:
+                hidden, mask = self._forward(seqs, pad_to=lq, pad_id=self._mask,
+                                             attend_pad=self.s.attend_to_mask_tokens)
+                mask = torch.ones_like(mask)  # every position, expansion tokens included, scores
+            else:
+                hidden, mask = self._forward(seqs, pad_to=lq)
+            vecs = self._project(hidden) * mask.unsqueeze(-1)
+            out[batch] = vecs.float().cpu().numpy()
+        return out
+
+    def encode_documents(self, texts: list[str], *, dense: bool = True, colbert: bool = False) -> DocumentVectors:
+        """Encode passages for storage (prefix, markers, truncation, skiplist applied)."""
+        if not (dense or colbert):
+            raise ValueError("nothing to encode: dense and colbert are both off")
+        inputs = [self.s.passage_prefix + t for t in texts]
+        shared = dense and colbert and self._d_marker is None and self.s.doc_maxlen <= self.s.max_length
+        n = len(texts)
+        out = DocumentVectors(None, None, np.zeros(n, np.int32), np.zeros(n, bool))
+        if dense:
+            ids, full = self._tokenize(inputs, self.s.max_length)
+            out.n_tokens[:] = full
+            out.truncated |= full > self.s.max_length
+            out.dense = np.zeros((n, self.lm.hidden_size), np.float32)
+            if shared:
+                out.tokens = [None] * n  # type: ignore[list-item]
+                out.truncated |= full > self.s.doc_maxlen
+            self._run_documents(ids, out, pool=True, colbert_limit=self.s.doc_maxlen if shared else 0)
+        if colbert and not shared:
+            ids, full = self._tokenize(inputs, self.s.doc_maxlen, self._d_marker)
+            out.n_tokens[:] = np.maximum(out.n_tokens, full)
+            out.truncated |= full > self.s.doc_maxlen
+            out.tokens = [None] * n  # type: ignore[list-item]
+            self._run_documents(ids, out, pool=False, colbert_limit=self.s.doc_maxlen)
+        return out
+
+    def forward_only(self, texts: list[str], max_length: int) -> int:
+        """Tokenize and run the bare model forward (no pooling, no copies); returns tokens seen.
+
+        The benchmark's reference point for pipeline overhead.
+        """
+        ids, _ = self._tokenize(texts, max_length)
+        seen = 0
+        for batch in length_buckets(np.array([len(x) for x in ids]), self.max_batch, self.max_tokens):
+            hidden, mask = self._forward([ids[i] for i in batch])
+            seen += int(mask.sum())
+        return seen
+
+    # ---- internals --------------------------------------------------------------------
+    def _run_documents(self, ids: list[list[int]], out: DocumentVectors, *, pool: bool,
+                       colbert_limit: int) -> None:
+        lengths = np.array([len(x) for x in ids])
+        for batch in length_buckets(lengths, self.max_batch, self.max_tokens):
+            hidden, mask = self._forward([ids[i] for i in batch])
+            if pool:
+                out.dense[batch] = self._pool(hidden, mask)
+            if colbert_limit:
+                h = hidden[:, :colbert_limit]
+                keep = mask[:, :colbert_limit].bool() & ~self._skip_mask(batch, ids, h.shape[1])
+                vecs = self._project(h).float().cpu().numpy()
+                keep_np = keep.cpu().numpy()
+                for row, i in enumerate(batch):
+                    out.tokens[i] = np.ascontiguousarray(vecs[row][keep_np[row]])
+
+    def _skip_mask(self, batch: np.ndarray, ids: list[list[int]], width: int) -> torch.Tensor:
+        mask = np.zeros((len(batch), width), bool)
+        if len(self._skip):
+            for row, i in enumerate(batch):
+                seq = np.asarray(ids[i][:width])
+                mask[row, :len(seq)] = np.isin(seq, self._skip)
+        return torch.from_numpy(mask).to(self.lm.device)
+
+    def _tokenize(self, texts: list[str], limit: int, marker: "int | None" = None
+                  ) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids truncated to ``limit`` (special tokens kept), and full lengths.
+
+        Returns
+        -------
+        ids : list of n lists of int, each at most ``limit`` long.
+        full : (n,) int32, length of the untruncated encoding (marker included).
+        """
+        enc = self.lm.tokenizer(texts, add_special_tokens=True, truncation=False,
+                                return_special_tokens_mask=True, verbose=False)
+        ids_out, full = [], np.zeros(len(texts), np.int32)
+        for k, (ids, special) in enumerate(zip(enc["input_ids"], enc["special_tokens_mask"])):
+            lead = 0
+            while lead < len(ids) and special[lead]:
+                lead += 1
+            lead = min(lead, 1) if lead < len(ids) else lead  # e.g. [CLS]; never eat the text
+            trail = 0
+            while trail < len(ids) - lead and special[len(ids) - 1 - trail]:
+                trail += 1
+            head, body, tail = ids[:lead], ids[lead:len(ids) - trail], ids[len(ids) - trail:]
+            if marker is not None:
+                head = head + [marker]
+            full[k] = len(head) + len(body) + len(tail)
+            room = max(0, limit - len(head) - len(tail))
+            ids_out.append(head + body[:room] + tail)
+        return ids_out, full
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[list[int]], *, pad_to: "int | None" = None, pad_id: "int | None" = None,
+                 attend_pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        width = pad_to or max(len(s) for s in seqs)
+        fill = self._pad if pad_id is None else pad_id
+        input_ids = torch.full((len(seqs), width), fill, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, :len(seq)] = 1
+        attn = torch.ones_like(mask) if attend_pad else mask
+        dev = self.lm.device
+        hidden = self.lm.model(input_ids=input_ids.to(dev), attention_mask=attn.to(dev)).last_hidden_state
+        return hidden, mask.to(dev)
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        if self.s.pooling == "cls":
+            pooled = hidden[:, 0].float()
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        vecs = self.lm.projection(hidden) if self.lm.projection is not None else hidden
+        return torch.nn.functional.normalize(vecs.float(), dim=-1)
+
+    def _skiplist(self) -> np.ndarray:
+        tok = self.lm.tokenizer
+        unk = tok.unk_token_id
+        found = set()
+        for ch in PUNCTUATION:
+            for form in (ch, "\u2581" + ch, "\u0120" + ch, "##" + ch):
+                tid = tok.convert_tokens_to_ids(form)
+                if isinstance(tid, int) and tid != unk:
+                    found.add(tid)
+        return np.array(sorted(found), np.int64)

@@ -1,0 +1,290 @@
+"""Loading an encoder from a local Hugging Face folder, and its fingerprint.
+
+Any folder that ``transformers.AutoModel`` loads works. Tessera reads a few
+optional files to learn a checkpoint's conventions:
+
+* ``tessera_encoder.json``: our own settings (pooling, prefixes, lengths);
+* ``config_sentence_transformers.json`` / ``1_Pooling/config.json``: prefixes
+  and pooling of sentence-transformers (and PyLate) folders;
+* ``artifact.metadata``: a Stanford ColBERT checkpoint's markers and lengths;
+* a ColBERT projection: ``linear.weight`` inside the weights (Stanford ColBERT) or
+  a PyLate ``Dense`` module listed in ``modules.json``.
+
+The fingerprint is a sha256 over the weights, the tokenizer files and the
+encoder settings: two encoders with the same fingerprint produce the same vectors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "added_tokens.json",
+                   "merges.txt", "vocab.json")
+SETTINGS_FILE = "tessera_encoder.json"
+
+
+class ModelError(ValueError):
+    """A model folder that can't be used; the message names the folder and what is wrong."""
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """How texts become vectors. Part of the fingerprint.
+
+    Attributes
+    ----------
+    pooling : "mean" or "cls" pooling of the last hidden state for dense vectors.
+    query_prefix, passage_prefix : prepended to queries / documents (e5 style).
+    max_length : token limit of the dense encoder.
+    doc_maxlen, query_maxlen : ColBERT token limits.
+    query_augmentation : pad ColBERT queries to ``query_maxlen`` with mask tokens.
+    attend_to_mask_tokens : let the augmentation tokens be attended to.
+    skip_punctuation : drop punctuation tokens from ColBERT documents.
+    query_marker, doc_marker : tokens inserted after the first special token, or None.
+    """
+
+    pooling: str = "mean"
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    max_length: int = 512
+    doc_maxlen: int = 300
+    query_maxlen: int = 32
+    query_augmentation: bool = True
+    attend_to_mask_tokens: bool = False
+    skip_punctuation: bool = True
+    query_marker: "str | None" = None
+    doc_marker: "str | None" = None
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        for name in ("max_length", "doc_maxlen", "query_maxlen"):
+            if getattr(self, name) < 4:
+                raise ValueError(f"{name} must be >= 4, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "EncoderSettings":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to encode: transformer, tokenizer, optional ColBERT projection."""
+
+    path: Path
+    model: torch.nn.Module
+    tokenizer: object
+    projection: "torch.nn.Linear | None"
+    settings: EncoderSettings
+    fingerprint: str
+    device: torch.device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def colbert_dim(self) -> int:
+        return int(self.projection.out_features) if self.projection is not None else self.hidden_size
+
+
+# ---- settings -----------------------------------------------------------------------
+def read_settings(model_dir: "str | Path") -> EncoderSettings:
+    """Settings a folder declares about itself (see the module docstring)."""
+    d = Path(model_dir)
+    found: dict = {}
+    st = _read_json(d / "config_sentence_transformers.json")
+    if st:
+        prompts = st.get("prompts") or {}
+        found["query_prefix"] = st.get("query_prefix", prompts.get("query", ""))
+        found["passage_prefix"] = st.get("document_prefix", prompts.get("passage", prompts.get("document", "")))
+        for ours, theirs in (("query_maxlen", "query_length"), ("doc_maxlen", "document_length")):
+            if st.get(theirs):
+                found[ours] = int(st[theirs])
+    pool = _read_json(d / "1_Pooling" / "config.json")
+    if pool.get("pooling_mode_cls_token"):
+        found["pooling"] = "cls"
+    meta = _read_json(d / "artifact.metadata")
+    if meta:
+        found["query_marker"] = meta.get("query_token_id", "[unused0]")
+        found["doc_marker"] = meta.get("doc_token_id", "[unused1]")
+        for key in ("query_maxlen", "doc_maxlen"):
+            if meta.get(key):
+                found[key] = int(meta[key])
+        if "attend_to_mask_tokens" in meta:
+            found["attend_to_mask_tokens"] = bool(meta["attend_to_mask_tokens"])
+    found.update(_read_json(d / SETTINGS_FILE))
+    known = {f.name for f in dataclasses.fields(EncoderSettings)}
+    unknown = set(found) - known
+    if unknown:
+        raise ModelError(f"{d / SETTINGS_FILE}: unknown setting(s) {sorted(unknown)}")
+    return EncoderSettings(**found)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path}: invalid JSON: {err}") from err
+
+
+# ---- fingerprint --------------------------------------------------------------------
+def weight_files(model_dir: "str | Path") -> list[Path]:
+    """Weight files of the folder (and of a PyLate Dense module), sorted."""
+    d = Path(model_dir)
+    files = [p for p in d.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+             and "optimizer" not in p.name and "training_args" not in p.name]
+    return sorted(files)
+
+
+def fingerprint(model_dir: "str | Path", settings: EncoderSettings) -> str:
+    """sha256 over weights, tokenizer files, config and encoder settings.
+
+    Returns
+    -------
+    str, 64 hex digits.
+    """
+    d = Path(model_dir)
+    digest = hashlib.sha256()
+    files = weight_files(d) + [d / n for n in TOKENIZER_FILES + ("config.json",) if (d / n).is_file()]
+    for path in sorted(set(files)):
+        digest.update(str(path.relative_to(d)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    digest.update(json.dumps(settings.to_dict(), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+# ---- loading ------------------------------------------------------------------------
+def check_model_dir(model_dir: "str | Path") -> Path:
+    """Raise ModelError unless the folder has a config, weights and a tokenizer."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelError(f"model folder {d} does not exist")
+    if not (d / "config.json").is_file():
+        raise ModelError(f"model folder {d} has no config.json: not a Hugging Face model folder")
+    if not weight_files(d):
+        raise ModelError(f"model folder {d} has no weights (*.safetensors or *.bin)")
+    if not any((d / n).is_file() for n in TOKENIZER_FILES):
+        raise ModelError(f"model folder {d} has no tokenizer files")
+    return d
+
+
+def load_model(model_dir: "str | Path", settings: "EncoderSettings | None" = None, *,
+               device: "str | None" = None, half: "bool | None" = None) -> LoadedModel:
+    """Load an encoder folder offline.
+
+    Parameters
+    ----------
+    settings : overrides the folder's own settings when given.
+    device : "cpu", "cuda", ... ; default cuda when available.
+    half : fp16/bf16 weights; default True on CUDA, False on CPU.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    d = check_model_dir(model_dir)
+    settings = settings or read_settings(d)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        model = AutoModel.from_pretrained(str(d), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"model folder {d} could not be loaded: {err}") from err
+    _check_markers(d, tokenizer, settings)
+    projection = _load_projection(d, int(model.config.hidden_size))
+    model.eval()
+    use_half = dev.type == "cuda" if half is None else half
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
+        if use_half and dev.type == "cuda" else torch.float32
+    model.to(dev, dtype=dtype)
+    if projection is not None:
+        projection.to(dev, dtype=dtype)
+    fp = fingerprint(d, settings)
+    logger.info("loaded %s on %s (%s), fingerprint %s", d, dev, dtype, fp[:12])
+    return LoadedModel(d, model, tokenizer, projection, settings, fp, dev)
+
+
+def _check_markers(d: Path, tokenizer, settings: EncoderSettings) -> None:
+    for marker in (settings.query_marker, settings.doc_marker):
+        if marker is None:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise ModelError(f"model folder {d}: marker token {marker!r} is not in the vocabulary")
+
+
+def _load_projection(d: Path, hidden: int) -> "torch.nn.Linear | None":
+    weight = _stanford_linear(d)
+    if weight is None:
+        weight = _pylate_linear(d)
+    if weight is None:
+        return None
+    if weight.ndim != 2 or weight.shape[1] != hidden:
+        raise ModelError(f"model folder {d}: ColBERT projection has shape {tuple(weight.shape)}, "
+                         f"expected (dim, {hidden})")
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight.float())
+    layer.eval()
+    return layer
+
+
+def _stanford_linear(d: Path) -> "torch.Tensor | None":
+    from safetensors import safe_open
+
+    for path in sorted(d.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            if "linear.weight" in f.keys():
+                return f.get_tensor("linear.weight")
+    for path in sorted(d.glob("*.bin")):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if "linear.weight" in state:
+            return state["linear.weight"]
+    return None
+
+
+def _pylate_linear(d: Path) -> "torch.Tensor | None":
+    from safetensors import safe_open
+
+    for module in _read_json_list(d / "modules.json"):
+        if "Dense" not in module.get("type", ""):
+            continue
+        mdir = d / module.get("path", "")
+        for path in sorted(mdir.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                if "linear.weight" in f.keys():
+                    return f.get_tensor("linear.weight")
+        bin_path = mdir / "pytorch_model.bin"
+        if bin_path.is_file():
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+            if "linear.weight" in state:
+                return state["linear.weight"]
+    return None
+
+
+def _read_json_list(path: Path) -> list:
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, list) else []
+
+
+def default_threads() -> int:
+    """Torch intra-op threads for one CPU worker: what the process was given."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

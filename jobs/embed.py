@@ -1,0 +1,379 @@
+"""The embed job: corpus → embedding set version (dense MRL vectors, compressed ColBERT tokens).
+
+Flow (each step is skipped when a resumed run already finished it):
+
+1. scan the corpus files in parallel Ray tasks: columns, ids, piece offsets;
+   duplicate or null ids stop the job before anything is written;
+2. claim a version of the set (a resumed run gets its unfinished version back);
+3. ColBERT: encode a PLAID-sized sample, fit the residual codec, write ``codec.npz``;
+4. Ray Data ``map_batches`` over the pieces with an actor pool: each actor holds
+   one model, writes its shards, then the shard's marker;
+5. the manifest (every file with rows, bytes, sha256), then ``CURRENT``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from embedding.codec import ResidualCodec, default_n_centroids
+from embedding.model import EncoderSettings, check_model_dir, fingerprint, read_settings
+from jobs import plan as planner
+from jobs.runtime import ActorPlan, init_ray, plan_actors
+from jobs.timing import Progress, Timings
+from storage import layout
+from storage.corpus import ColumnMap, CorpusError, CorpusFile, expand, find_duplicates, scan_file
+from storage.fs import Location
+from storage.manifest import Artifact, dumps, utcnow
+
+logger = logging.getLogger(__name__)
+
+MODES = ("dense", "colbert", "both")
+NBITS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Configuration of one embed run. Checked before anything is written.
+
+    Attributes
+    ----------
+    corpus : files, globs or directories (Parquet / JSONL), local or s3://.
+    model : a local Hugging Face folder.
+    set_name : the embedding set to write a new version of.
+    root : the store root (None: $TESSERA_ROOT or ./tessera-data).
+    mode : "dense", "colbert" or "both".
+    nbits : residual bits per dimension for ColBERT tokens (1, 2 or 4).
+    """
+
+    corpus: tuple[str, ...]
+    model: str
+    set_name: str
+    root: "str | None" = None
+    mode: str = "both"
+    nbits: int = 2
+    id_column: str = "id"
+    text_column: str = "text"
+    lang_column: str = "lang"
+    title_column: str = "title"
+    rows_per_shard: int = 1024
+    n_centroids: "int | None" = None
+    kmeans_iters: int = 4
+    max_sample_tokens: int = 1 << 19
+    seed: int = 0
+    max_batch: int = 64
+    max_tokens: int = 16384
+    actors: "int | None" = None
+    threads: "int | None" = None
+    device: str = "auto"
+    pooling: "str | None" = None
+    query_prefix: "str | None" = None
+    passage_prefix: "str | None" = None
+    max_length: "int | None" = None
+    doc_maxlen: "int | None" = None
+    query_maxlen: "int | None" = None
+    publish: bool = True
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.corpus, str):
+            object.__setattr__(self, "corpus", (self.corpus,))
+        if not self.corpus:
+            raise ValueError("no corpus given")
+        layout.check_name(self.set_name, "set name")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.nbits not in NBITS:
+            raise ValueError(f"nbits must be 1, 2 or 4, got {self.nbits!r}")
+        for name in ("rows_per_shard", "kmeans_iters", "max_batch", "max_tokens", "max_sample_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_centroids", "actors", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        ColumnMap(self.id_column, self.text_column, self.lang_column, self.title_column)
+
+    @property
+    def dense(self) -> bool:
+        return self.mode in ("dense", "both")
+
+    @property
+    def colbert(self) -> bool:
+        return self.mode in ("colbert", "both")
+
+    @property
+    def columns(self) -> ColumnMap:
+        return ColumnMap(self.id_column, self.text_column, self.lang_column, self.title_column)
+
+    def settings(self, model_dir: Path) -> EncoderSettings:
+        """The model folder's own settings with this run's overrides."""
+        return read_settings(model_dir).replace(
+            pooling=self.pooling, query_prefix=self.query_prefix, passage_prefix=self.passage_prefix,
+            max_length=self.max_length, doc_maxlen=self.doc_maxlen, query_maxlen=self.query_maxlen)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["corpus"] = list(self.corpus)
+        return d
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    settings: EncoderSettings
+    fingerprint: str
+    hidden_size: int
+    colbert_dim: int
+    projection: bool
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "settings": self.settings.to_dict(), "fingerprint": self.fingerprint,
+                "hidden_size": self.hidden_size, "colbert_dim": self.colbert_dim,
+                "projection": self.projection}
+
+
+def describe_model(cfg: EmbedConfig) -> ModelInfo:
+    """Fingerprint and dimensions of the model, without loading it into torch."""
+    from embedding.model import _load_projection
+
+    d = check_model_dir(cfg.model)
+    settings = cfg.settings(d)
+    config = json.loads((d / "config.json").read_text())
+    hidden = int(config.get("hidden_size") or config.get("d_model") or config.get("dim"))
+    proj = _load_projection(d, hidden)
+    dim = int(proj.out_features) if proj is not None else hidden
+    if cfg.colbert and dim * cfg.nbits % 8:
+        raise ValueError(f"ColBERT dimension {dim} × nbits {cfg.nbits} is not a multiple of 8 bits: "
+                         "the residuals can't be byte-packed; choose another --nbits")
+    return ModelInfo(str(d.resolve()), settings, fingerprint(d, settings), hidden, dim, proj is not None)
+
+
+def run(cfg: EmbedConfig) -> dict:
+    """Run the job; return the committed manifest."""
+    timings = Timings()
+    root = layout.resolve_root(cfg.root)
+    art = Artifact(root, "sets", cfg.set_name)
+    with timings("model"):
+        model = describe_model(cfg)
+    init_ray()
+    with timings("scan"):
+        files, ids_digest = scan_corpus(cfg)
+    pieces = planner.build_pieces([f.n_rows for f in files], cfg.rows_per_shard)
+    run_key = _run_key(cfg, model, files, ids_digest)
+    version, resumed = art.claim(run_key, {"host": socket.gethostname(), "pid": os.getpid()})
+    vdir = art.version_dir(version)
+    logger.info("%s %s/%s (%d documents in %d shards from %d files)",
+                "resuming" if resumed else "writing", cfg.set_name, version,
+                sum(f.n_rows for f in files), len(pieces), len(files))
+    actor_plan = _actor_plan(cfg)
+    codec_info = None
+    if cfg.colbert:
+        with timings("fit_codec"):
+            codec_info = ensure_codec(cfg, model, files, pieces, vdir, actor_plan)
+    with timings("encode"):
+        encode_pieces(cfg, model, files, pieces, vdir, actor_plan, codec_info)
+    with timings("commit"):
+        manifest = _manifest(cfg, model, files, pieces, vdir, codec_info, actor_plan, run_key,
+                             art, timings)
+        manifest = art.commit(version, manifest)
+        if cfg.publish:
+            art.publish(version)
+    return manifest
+
+
+# ---- scanning -------------------------------------------------------------------------
+def scan_corpus(cfg: EmbedConfig) -> tuple[list[CorpusFile], str]:
+    """Scan every corpus file in parallel Ray tasks; raise CorpusError on bad ids.
+
+    Returns
+    -------
+    (files, ids_digest): the scanned files in order and a sha256 over all ids.
+    """
+    import ray
+
+    urls = [loc.url for loc in expand(list(cfg.corpus))]
+    task = ray.remote(num_cpus=0.5, max_retries=2, retry_exceptions=False)(scan_file)
+    results = ray.get([task.remote(u, cfg.columns, cfg.rows_per_shard) for u in urls])
+    files = [r[0] for r in results]
+    ids = [r[1] for r in results]
+    dups = find_duplicates(files, ids)
+    if dups:
+        n = sum(len(a) for a in ids) - len(set().union(*[set(a.to_pylist()) for a in ids]))
+        raise CorpusError(f"{n} duplicate id(s) in the corpus, first: " + ", ".join(dups))
+    digest = hashlib.sha256()
+    for arr in ids:
+        for value in arr.to_pylist():
+            digest.update(value.encode("utf-8") + b"\n")
+    return files, digest.hexdigest()
+
+
+def _run_key(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], ids_digest: str) -> str:
+    """Same key ⇔ same input, model and settings: a rerun resumes instead of starting over."""
+    relevant = {k: v for k, v in cfg.to_dict().items()
+                if k not in ("root", "actors", "threads", "device", "max_batch", "max_tokens", "publish", "extra")}
+    key = {"cfg": relevant, "model": model.fingerprint, "ids": ids_digest,
+           "files": [(f.url, f.n_rows) for f in files]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _actor_plan(cfg: EmbedConfig) -> ActorPlan:
+    import ray
+
+    res = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    per_node = max((int(n["Resources"].get("CPU", 0)) for n in nodes), default=None)
+    p = plan_actors(res.get("CPU", 1), res.get("GPU", 0), device=cfg.device, actors=cfg.actors,
+                    threads=cfg.threads, cpus_per_node=per_node)
+    logger.info("encoder pool: %d actor(s) on %s, %d thread(s) each", p.actors, p.device, p.threads)
+    return p
+
+
+def _spec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], vdir: Location,
+          p: ActorPlan, dense: bool, colbert: bool):
+    from jobs.embed_worker import WorkerSpec
+
+    return WorkerSpec(model.path, model.settings.to_dict(), model.fingerprint, [f.to_dict() for f in files],
+                      dataclasses.asdict(cfg.columns), vdir.url, dense, colbert, p.threads, p.device,
+                      cfg.max_batch, cfg.max_tokens)
+
+
+def _map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | None"):
+    """Ray Data: one row per piece → actor pool → whatever the actors return."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    return ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
+                          fn_constructor_kwargs={"spec": spec, "codec_url": codec_url},
+                          compute=ActorPoolStrategy(min_size=1, max_size=p.actors),
+                          num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_task_retries=2)
+
+
+# ---- pass 1: the codec ----------------------------------------------------------------
+def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
+                 vdir: Location, p: ActorPlan) -> dict:
+    """Fit (or, on resume, reuse) the residual codec of this version; return its description."""
+    from jobs.embed_worker import SampleEncoder
+
+    loc = vdir.join("codec.npz")
+    info_loc = vdir.join("_codec.json")
+    if loc.exists() and info_loc.exists():
+        logger.info("reusing the codec fitted by the interrupted run")
+        return json.loads(info_loc.read_text())
+    total = sum(pc.rows for pc in pieces)
+    n_docs = planner.sample_size(total)
+    sample_plan = planner.plan_sample(pieces, n_docs, cfg.seed)
+    rows = [{**pieces[s].to_dict(), "rows": json.dumps(r)} for s, r in sorted(sample_plan.items())]
+    spec = _spec(cfg, model, files, vdir, p, dense=False, colbert=True)
+    chunks = [b["vector"] for b in _map_pieces(rows, SampleEncoder, spec, p, None)
+              .iter_batches(batch_size=None, batch_format="numpy")]
+    sample = np.concatenate(chunks) if chunks else np.zeros((0, model.colbert_dim), np.float16)
+    if not len(sample):
+        raise CorpusError("no non-empty document in the codec sample: is every text empty?")
+    est_tokens = int(len(sample) / max(n_docs, 1) * total)
+    k = cfg.n_centroids or min(default_n_centroids(est_tokens), len(sample))
+    train = _subsample(sample, cfg.max_sample_tokens, cfg.seed).astype(np.float32)
+    logger.info("fitting the codec: %d centroids, nbits %d, on %d of %d sampled token vectors "
+                "(%d sampled documents, ~%d corpus tokens)", k, cfg.nbits, len(train), len(sample),
+                n_docs, est_tokens)
+    codec_bytes = _fit_remote(train, cfg.nbits, k, cfg.seed, cfg.kmeans_iters, p)
+    codec = ResidualCodec.from_bytes(codec_bytes)
+    loc.write_bytes(codec_bytes)
+    info = {"file": "codec.npz", "sha256": hashlib.sha256(codec_bytes).hexdigest(), "bytes": len(codec_bytes),
+            "sample_documents": n_docs, "sample_tokens": int(len(sample)), "train_tokens": int(len(train)),
+            "estimated_corpus_tokens": est_tokens, "kmeans_iters": cfg.kmeans_iters, **codec.params()}
+    info_loc.write_text(dumps(info))
+    return info
+
+
+def _subsample(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    if len(x) <= limit:
+        return x
+    idx = np.sort(np.random.default_rng(seed).choice(len(x), size=limit, replace=False))
+    return x[idx]
+
+
+def _fit_remote(train: np.ndarray, nbits: int, k: int, seed: int, niter: int, p: ActorPlan) -> bytes:
+    """k-means on a worker (a GPU one when the cluster has GPUs)."""
+    import ray
+
+    def fit(x: np.ndarray) -> bytes:
+        return ResidualCodec.fit(x, nbits, k, seed=seed, niter=niter).to_bytes()
+
+    task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(fit)
+    return ray.get(task.remote(train))
+
+
+# ---- pass 2: encode everything --------------------------------------------------------
+def encode_pieces(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
+                  vdir: Location, p: ActorPlan, codec_info: "dict | None") -> None:
+    """Encode every piece without a finished-shard marker."""
+    from jobs.embed_worker import ShardEncoder
+
+    done = done_shards(vdir)
+    todo = [pc.to_dict() for pc in pieces if pc.shard not in done]
+    if done:
+        logger.info("%d of %d shards already finished; encoding the other %d", len(done), len(pieces), len(todo))
+    if not todo:
+        return
+    spec = _spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=cfg.colbert)
+    codec_url = vdir.join(codec_info["file"]).url if codec_info else None
+    progress = Progress("embed", sum(pc["end"] - pc["start"] for pc in todo))
+    for row in _map_pieces(todo, ShardEncoder, spec, p, codec_url).iter_rows():
+        progress.update(json.loads(row["stats"])["rows_in"])
+
+
+def done_shards(vdir: Location) -> dict[int, dict]:
+    """Statistics of the shards whose marker exists, by shard number."""
+    out = {}
+    for loc in vdir.join(layout.SHARD_MARKERS).glob("*.json"):
+        stats = json.loads(loc.read_text())
+        out[int(stats["shard"])] = stats
+    return out
+
+
+# ---- the manifest ---------------------------------------------------------------------
+def _manifest(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list, vdir: Location,
+              codec_info: "dict | None", p: ActorPlan, run_key: str, art: Artifact, timings: Timings) -> dict:
+    stats = done_shards(vdir)
+    missing = [pc.shard for pc in pieces if pc.shard not in stats]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shard(s) have no finished marker (first: {missing[:5]}); "
+                           "run the same command again to finish them")
+    shard_stats = [stats[pc.shard] for pc in pieces]
+    entries = [e for s in shard_stats for e in s["files"]]
+    if codec_info:
+        entries.append({"path": codec_info["file"], "kind": "codec", "rows": codec_info["n_centroids"],
+                        "bytes": codec_info["bytes"], "sha256": codec_info["sha256"]})
+    count = lambda key: int(sum(s[key] for s in shard_stats))  # noqa: E731
+    return {
+        "config": cfg.to_dict(),
+        "model": model.to_dict(),
+        "modes": {"dense": cfg.dense, "colbert": cfg.colbert},
+        "dims": {"dense": model.hidden_size if cfg.dense else None,
+                 "colbert": model.colbert_dim if cfg.colbert else None},
+        "dense_dtype": "float16",
+        "codec": codec_info,
+        "counts": {"input_rows": count("rows_in"), "documents": count("documents"),
+                   "skipped_empty": count("skipped_empty"), "tokens": count("tokens"),
+                   "input_tokens": count("input_tokens"), "truncated": count("truncated"),
+                   "shards": len(pieces)},
+        "corpus": [{"url": f.url, "format": f.format, "rows": f.n_rows} for f in files],
+        "files": entries,
+        "parent": art.current(),
+        "run_key": run_key,
+        "workers": p.to_dict(),
+        "timings": {**timings.to_dict(),
+                    "encode_worker_seconds": round(sum(s["encode_seconds"] for s in shard_stats), 3)},
+        "created_at": utcnow(),
+    }

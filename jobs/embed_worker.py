@@ -1,0 +1,184 @@
+"""The mapper of the embed job: one actor holds one model and turns pieces into shards.
+
+An actor reads its piece straight from the corpus (local or s3://), encodes the
+non-empty texts in length buckets, compresses ColBERT tokens with the set's
+codec, writes the shard's Parquet files and then its marker. The marker is
+what makes a shard "done" for a resumed run; the driver only ever sees the
+small per-shard statistics.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from embedding.codec import ResidualCodec
+from embedding.encoder import Encoder
+from embedding.model import EncoderSettings, load_model
+from storage import layout, schemas
+from storage.corpus import ColumnMap, CorpusFile, read_rows
+from storage.fs import Location
+from storage.manifest import file_entry
+
+logger = logging.getLogger(__name__)
+
+RESERVED = set(schemas.DOCS_CORE.names)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything an actor needs, as plain data (it crosses process boundaries)."""
+
+    model_dir: str
+    settings: dict
+    fingerprint: str
+    files: list          # CorpusFile dicts
+    columns: dict        # ColumnMap fields
+    version_dir: str     # URL of the version being written
+    dense: bool
+    colbert: bool
+    threads: int
+    device: str
+    max_batch: int
+    max_tokens: int
+
+
+class EncoderActor:
+    """Loads the model once; ``__call__`` handles one batch of piece rows."""
+
+    def __init__(self, spec: WorkerSpec, codec_url: "str | None" = None) -> None:
+        import torch
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()  # no per-actor load reports in the job log
+        transformers.utils.logging.disable_progress_bar()
+        if spec.device == "cpu":
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.lm = load_model(spec.model_dir, EncoderSettings(**spec.settings), device=spec.device)
+        if self.lm.fingerprint != spec.fingerprint:
+            raise RuntimeError(f"model at {spec.model_dir} on this worker has fingerprint "
+                               f"{self.lm.fingerprint[:12]}, the job expects {spec.fingerprint[:12]}: "
+                               "every node must see the same model files")
+        self.encoder = Encoder(self.lm, max_batch=spec.max_batch, max_tokens=spec.max_tokens)
+        self.files = [CorpusFile.from_dict(f) for f in spec.files]
+        self.cols = ColumnMap(**spec.columns)
+        self.vdir = Location(spec.version_dir)
+        self.codec = ResidualCodec.from_bytes(Location(codec_url).read_bytes()) if codec_url else None
+
+    def _read(self, row: dict) -> pa.Table:
+        f = self.files[int(row["file"])]
+        try:
+            return read_rows(f, int(row["start"]), int(row["end"]), self.cols)
+        except Exception as err:
+            raise RuntimeError(f"shard {int(row['shard'])}: reading {f.url} rows "
+                               f"{int(row['start'])}-{int(row['end'])} failed: {err}") from err
+
+
+class ShardEncoder(EncoderActor):
+    """Pass 2: encode + compress + write every shard of the plan."""
+
+    def __call__(self, batch: dict) -> dict:
+        stats = []
+        for i in range(len(batch["shard"])):
+            row = {k: batch[k][i] for k in ("shard", "file", "start", "end")}
+            try:
+                stats.append(json.dumps(self.write_shard(row)))
+            except Exception as err:
+                f = self.files[int(row["file"])]
+                raise RuntimeError(f"shard {int(row['shard'])} ({f.url} rows {int(row['start'])}-"
+                                   f"{int(row['end'])}) failed: {type(err).__name__}: {err}") from err
+        return {"stats": np.array(stats, dtype=object)}
+
+    def write_shard(self, row: dict) -> dict:
+        start = time.perf_counter()
+        shard = int(row["shard"])
+        table = self._read(row)
+        texts = pc.fill_null(table.column("text"), "").to_pylist()
+        keep = np.array([bool(t.strip()) for t in texts], bool)
+        kept = table.filter(pa.array(keep))
+        kept_texts = [t for t, k in zip(texts, keep) if k]
+        t0 = time.perf_counter()
+        enc = self.encoder.encode_documents(kept_texts, dense=self.spec.dense, colbert=self.spec.colbert) \
+            if kept_texts else None
+        encode_s = time.perf_counter() - t0
+        ids = kept.column("id").to_pylist()
+        entries = []
+        write = lambda kind, tbl: entries.append(self._write(kind, shard, tbl))  # noqa: E731
+        write("docs", self._docs_table(kept, kept_texts, enc, shard))
+        if enc is not None and self.spec.dense:
+            write("dense", schemas.dense_table(ids, enc.dense))
+        if enc is not None and self.spec.colbert:
+            write("tokens", self._tokens_table(ids, enc.tokens))
+        if not keep.all():
+            skipped = table.filter(pa.array(~keep)).column("id")
+            write("skipped", pa.table({"id": skipped, "reason": pa.array(["empty_text"] * len(skipped)),
+                                       "shard": pa.array([shard] * len(skipped), pa.int32())},
+                                      schema=schemas.SKIPPED))
+        stats = {"shard": shard, "rows_in": table.num_rows, "documents": len(ids),
+                 "skipped_empty": int((~keep).sum()),
+                 "tokens": int(sum(len(t) for t in enc.tokens)) if enc is not None and enc.tokens else 0,
+                 "input_tokens": int(enc.n_tokens.sum()) if enc is not None else 0,
+                 "truncated": int(enc.truncated.sum()) if enc is not None else 0,
+                 "encode_seconds": round(encode_s, 3),
+                 "seconds": round(time.perf_counter() - start, 3), "files": entries}
+        marker = self.vdir.join(layout.SHARD_MARKERS, f"{shard:05d}.json")
+        marker.write_text(json.dumps(stats))  # last: the shard is done
+        return stats
+
+    def _write(self, kind: str, shard: int, table: pa.Table) -> dict:
+        loc = self.vdir.join(kind, layout.shard_name(shard))
+        info = schemas.write_table(loc, table)
+        return file_entry(loc, self.vdir, kind=kind, shard=shard, nbytes=info["bytes"],
+                          rows=info["rows"], sha256=info["sha256"])
+
+    def _docs_table(self, kept: pa.Table, texts: list[str], enc, shard: int) -> pa.Table:
+        n = kept.num_rows
+        core = {
+            "id": kept.column("id"), "lang": kept.column("lang"), "title": kept.column("title"),
+            "sha256": pa.array([hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts], pa.string()),
+            "n_chars": pa.array([len(t) for t in texts], pa.int32()),
+            "n_tokens": pa.array(enc.n_tokens if enc is not None else np.zeros(0, np.int32), pa.int32()),
+            "truncated": pa.array(enc.truncated if enc is not None else np.zeros(0, bool), pa.bool_()),
+            "shard": pa.array(np.full(n, shard, np.int32)),
+        }
+        table = pa.table(core, schema=schemas.DOCS_CORE)
+        for name in kept.column_names:
+            if name in ("id", "text", "lang", "title"):
+                continue
+            out = name if name not in RESERVED else f"extra_{name}"
+            table = table.append_column(out, kept.column(name))
+        return table
+
+    def _tokens_table(self, ids: list[str], tokens: list[np.ndarray]) -> pa.Table:
+        lengths = [len(t) for t in tokens]
+        allv = np.concatenate(tokens) if sum(lengths) else np.zeros((0, self.codec.dim), np.float32)
+        codes, residuals = self.codec.compress(allv)
+        splits = np.cumsum(lengths)[:-1]
+        return schemas.tokens_table(ids, np.split(codes, splits), np.split(residuals, splits),
+                                    self.codec.code_dtype)
+
+
+class SampleEncoder(EncoderActor):
+    """Pass 1: ColBERT token vectors of the sampled rows, to fit the codec."""
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for i in range(len(batch["shard"])):
+            row = {k: batch[k][i] for k in ("shard", "file", "start", "end")}
+            table = self._read(row)
+            offsets = json.loads(batch["rows"][i])
+            texts = pc.fill_null(table.column("text"), "").to_pylist()
+            chosen = [texts[o] for o in offsets if texts[o].strip()]
+            if chosen:
+                enc = self.encoder.encode_documents(chosen, dense=False, colbert=True)
+                out.extend(enc.tokens)
+        dim = self.lm.colbert_dim
+        vectors = np.concatenate(out).astype(np.float16) if out else np.zeros((0, dim), np.float16)
+        return {"vector": vectors}

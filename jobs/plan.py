@@ -1,0 +1,72 @@
+"""Pure planners: which rows make a shard, which rows feed the codec fit.
+
+No I/O here; both are checked by invariant tests (tests/jobs/test_plan.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, end)`` of input file ``file`` form shard ``shard``."""
+
+    shard: int
+    file: int
+    start: int
+    end: int
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+    def to_dict(self) -> dict:
+        return {"shard": self.shard, "file": self.file, "start": self.start, "end": self.end}
+
+
+def build_pieces(rows_per_file: list[int], rows_per_shard: int) -> list[Piece]:
+    """Cut every file into shards of at most ``rows_per_shard`` rows.
+
+    Pieces never span files and start at multiples of ``rows_per_shard`` inside
+    their file (so a JSONL reader can seek to a recorded offset). Shard numbers
+    run 0..n-1 in file order, so the plan is the same on every run over the same input.
+    """
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    pieces: list[Piece] = []
+    for f, n in enumerate(rows_per_file):
+        if n < 0:
+            raise ValueError(f"file {f} has a negative row count {n}")
+        for start in range(0, n, rows_per_shard):
+            pieces.append(Piece(len(pieces), f, start, min(n, start + rows_per_shard)))
+    return pieces
+
+
+def sample_size(n_docs: int) -> int:
+    """Documents sampled to fit the codec: PLAID's ``1 + 16·sqrt(120·n)``, at most ``n``."""
+    if n_docs < 0:
+        raise ValueError(f"n_docs must be >= 0, got {n_docs}")
+    return min(n_docs, 1 + int(16 * math.sqrt(120 * n_docs))) if n_docs else 0
+
+
+def plan_sample(pieces: list[Piece], n_sample: int, seed: int) -> dict[int, list[int]]:
+    """Choose ``n_sample`` rows uniformly without replacement, grouped by shard.
+
+    Returns
+    -------
+    {shard: sorted row offsets within the piece}; only shards with a sampled row appear.
+    """
+    total = sum(p.rows for p in pieces)
+    if not 0 <= n_sample <= total:
+        raise ValueError(f"cannot sample {n_sample} rows from {total}")
+    chosen = np.sort(np.random.default_rng(seed).choice(total, size=n_sample, replace=False))
+    bounds = np.cumsum([0] + [p.rows for p in pieces])
+    which = np.searchsorted(bounds, chosen, side="right") - 1
+    plan: dict[int, list[int]] = {}
+    for idx, g in zip(which, chosen):
+        piece = pieces[int(idx)]
+        plan.setdefault(piece.shard, []).append(int(g - bounds[idx]))
+    return plan

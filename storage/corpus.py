@@ -1,0 +1,329 @@
+"""Corpus input: Parquet or JSONL files, a glob or a directory, local or s3://.
+
+Two steps, both streaming so nothing ever holds the whole corpus:
+
+* :func:`scan_file` reads one file once, checks the required columns, collects
+  its ids (for the duplicate check) and, for JSONL, the byte offset of every
+  ``stride``-th row so a worker can later seek straight to its piece.
+* :func:`read_rows` reads rows ``[start, end)`` of one scanned file as an Arrow
+  table with canonical column names.
+
+Errors name the file and the row (0-based row for Parquet, 1-based line for JSONL).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.fs import Location, location, retry
+
+logger = logging.getLogger(__name__)
+
+PARQUET_EXT = (".parquet", ".pq")
+JSONL_EXT = (".jsonl", ".json", ".ndjson")
+CANONICAL = ("id", "text", "lang", "title")
+
+
+class CorpusError(ValueError):
+    """Bad corpus input; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Names of the corpus columns that play Tessera's roles."""
+
+    id: str = "id"
+    text: str = "text"
+    lang: str = "lang"
+    title: str = "title"
+
+    def __post_init__(self) -> None:
+        names = [self.id, self.text, self.lang, self.title]
+        if any(not n for n in names):
+            raise ValueError("column names must be non-empty")
+        if len(set(names)) != len(names):
+            raise ValueError(f"column mapping maps two roles to one column: {names}")
+
+    def canonical(self, column: str) -> str:
+        """The canonical name for a source column (extras keep their name)."""
+        return {self.id: "id", self.text: "text", self.lang: "lang", self.title: "title"}.get(column, column)
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """A scanned input file: enough to read any row range without re-scanning."""
+
+    url: str
+    format: str                       # "parquet" | "jsonl"
+    n_rows: int
+    stride: int                       # rows between recorded offsets (JSONL)
+    offsets: tuple[int, ...] = field(default=())   # byte offset of rows 0, stride, 2*stride, ...
+    columns: tuple[str, ...] = field(default=())   # canonical names present in the file
+
+    def to_dict(self) -> dict:
+        return {"url": self.url, "format": self.format, "n_rows": self.n_rows,
+                "stride": self.stride, "offsets": list(self.offsets), "columns": list(self.columns)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CorpusFile":
+        return cls(d["url"], d["format"], int(d["n_rows"]), int(d["stride"]),
+                   tuple(d.get("offsets", ())), tuple(d.get("columns", ())))
+
+
+# ---- finding files ------------------------------------------------------------------
+def file_format(url: str) -> str:
+    low = url.lower()
+    if low.endswith(PARQUET_EXT):
+        return "parquet"
+    if low.endswith(JSONL_EXT):
+        return "jsonl"
+    raise CorpusError(f"{url}: unknown corpus format (expected {PARQUET_EXT + JSONL_EXT})")
+
+
+def expand(urls: "list[str] | tuple[str, ...] | str") -> list[Location]:
+    """Resolve files, globs and directories to a sorted list of corpus files."""
+    if isinstance(urls, str):
+        urls = [urls]
+    found: list[Location] = []
+    for url in urls:
+        loc = location(url)
+        if any(ch in url for ch in "*?["):
+            base, pattern = _split_glob(loc)
+            matches = base.glob(pattern)
+        elif loc.fs.isdir(loc.path):
+            matches = [c for c in loc.glob("**") if _is_corpus_file(c)]
+        elif loc.exists():
+            matches = [loc]
+        else:
+            raise CorpusError(f"{url}: no such file or directory")
+        matches = [m for m in matches if _is_corpus_file(m)]
+        if not matches:
+            raise CorpusError(f"{url}: no Parquet or JSONL files found")
+        found.extend(matches)
+    unique = sorted({m.url: m for m in found}.values(), key=lambda m: m.url)
+    return unique
+
+
+def _split_glob(loc: Location) -> tuple[Location, str]:
+    parts = loc.url.split("/")
+    for i, part in enumerate(parts):
+        if any(ch in part for ch in "*?["):
+            return Location("/".join(parts[:i]) or "/"), "/".join(parts[i:])
+    return loc, ""
+
+
+def _is_corpus_file(loc: Location) -> bool:
+    name = loc.name.lower()
+    return not name.startswith((".", "_")) and name.endswith(PARQUET_EXT + JSONL_EXT) \
+        and not loc.fs.isdir(loc.path)
+
+
+# ---- scanning -----------------------------------------------------------------------
+def scan_file(url: str, cols: ColumnMap, stride: int) -> tuple[CorpusFile, pa.Array]:
+    """Scan one file: validate the columns and ids, record piece offsets.
+
+    Returns
+    -------
+    (CorpusFile, ids)
+        ``ids``: pa.StringArray of length ``n_rows``, in file order.
+    """
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    fmt = file_format(url)
+    scan = _scan_parquet if fmt == "parquet" else _scan_jsonl
+    return retry(lambda: scan(location(url), cols, stride), f"scan {url}")
+
+
+def _scan_parquet(loc: Location, cols: ColumnMap, stride: int) -> tuple[CorpusFile, pa.Array]:
+    try:
+        with loc.open("rb") as f:
+            pfile = pq.ParquetFile(f)
+            names = pfile.schema_arrow.names
+            _require_columns(loc.url, names, cols)
+            chunks = [b.column(0) for b in pfile.iter_batches(columns=[cols.id], batch_size=65536)]
+            n_rows = pfile.metadata.num_rows
+    except CorpusError:
+        raise
+    except (pa.ArrowInvalid, OSError) as err:
+        raise CorpusError(f"{loc.url}: unreadable Parquet file: {err}") from err
+    ids = pa.chunked_array(chunks, type=pfile.schema_arrow.field(cols.id).type) if chunks \
+        else pa.chunked_array([], type=pa.string())
+    ids = _ids_as_strings(loc.url, ids.combine_chunks(), first_row=0, cols=cols)
+    columns = tuple(cols.canonical(n) for n in names)
+    return CorpusFile(loc.url, "parquet", n_rows, stride, (), columns), ids
+
+
+def _scan_jsonl(loc: Location, cols: ColumnMap, stride: int) -> tuple[CorpusFile, pa.Array]:
+    ids: list[str] = []
+    offsets: list[int] = []
+    columns: dict[str, None] = {}
+    pos = 0
+    with loc.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            start, pos = pos, pos + len(raw)
+            if not raw.strip():
+                continue
+            obj = _parse_line(loc.url, lineno, raw)
+            if len(ids) % stride == 0:
+                offsets.append(start)
+            for key in obj:
+                columns.setdefault(cols.canonical(key), None)
+            ids.append(_line_id(loc.url, lineno, obj, cols))
+            if cols.text not in obj:
+                raise CorpusError(f"{loc.url}: line {lineno}: missing text column {cols.text!r} "
+                                  f"(keys: {sorted(obj)[:10]})")
+    if not ids:
+        raise CorpusError(f"{loc.url}: empty file (no JSON lines)")
+    return (CorpusFile(loc.url, "jsonl", len(ids), stride, tuple(offsets), tuple(columns)),
+            pa.array(ids, type=pa.string()))
+
+
+def _parse_line(url: str, lineno: int, raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{url}: line {lineno}: not valid UTF-8 (byte {err.start}: "
+                          f"{raw[err.start:err.start + 4]!r})") from err
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CorpusError(f"{url}: line {lineno}: invalid JSON: {err.msg} at column {err.colno}") from err
+    if not isinstance(obj, dict):
+        raise CorpusError(f"{url}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _line_id(url: str, lineno: int, obj: dict, cols: ColumnMap) -> str:
+    if cols.id not in obj:
+        raise CorpusError(f"{url}: line {lineno}: missing id column {cols.id!r} (keys: {sorted(obj)[:10]})")
+    value = obj[cols.id]
+    if value is None or value == "":
+        raise CorpusError(f"{url}: line {lineno}: null or empty id")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise CorpusError(f"{url}: line {lineno}: id must be a string, got {value!r}")
+    return str(value)
+
+
+def _require_columns(url: str, names: list[str], cols: ColumnMap) -> None:
+    missing = [c for c in (cols.id, cols.text) if c not in names]
+    if missing:
+        raise CorpusError(f"{url}: missing required column(s) {missing}; columns present: {names[:20]} "
+                          "(map them with --id-column / --text-column)")
+
+
+def _ids_as_strings(url: str, ids: pa.Array, first_row: int, cols: ColumnMap) -> pa.Array:
+    if pa.types.is_integer(ids.type):
+        ids = pc.cast(ids, pa.string())
+    elif pa.types.is_large_string(ids.type):
+        ids = pc.cast(ids, pa.string())
+    elif not pa.types.is_string(ids.type):
+        raise CorpusError(f"{url}: id column {cols.id!r} has type {ids.type}, expected string")
+    bad = pc.or_(pc.is_null(ids), pc.equal(pc.utf8_length(pc.fill_null(ids, "")), 0))
+    if pc.any(bad).as_py():
+        rows = pc.indices_nonzero(bad).to_pylist()[:5]
+        raise CorpusError(f"{url}: null or empty id at row(s) {[first_row + r for r in rows]}")
+    return ids
+
+
+def find_duplicates(files: list[CorpusFile], ids: list[pa.Array], limit: int = 5) -> list[str]:
+    """Describe up to ``limit`` duplicated ids with the file and row of each occurrence."""
+    all_ids = pa.chunked_array(ids, type=pa.string()) if ids else pa.chunked_array([], pa.string())
+    counts = pc.value_counts(all_ids)
+    dup_mask = pc.greater(counts.field("counts"), 1)
+    dups = pc.filter(counts.field("values"), dup_mask).to_pylist()[:limit]
+    if not dups:
+        return []
+    wanted = set(dups)
+    where: dict[str, list[str]] = {d: [] for d in dups}
+    for f, arr in zip(files, ids):
+        unit = "line" if f.format == "jsonl" else "row"
+        for row, value in enumerate(arr.to_pylist()):
+            if value in wanted and len(where[value]) < 3:
+                where[value].append(f"{f.url} {unit} {row}")
+    return [f"{d!r} ({'; '.join(where[d])})" for d in dups]
+
+
+# ---- reading a piece ----------------------------------------------------------------
+def read_rows(file: CorpusFile, start: int, end: int, cols: ColumnMap) -> pa.Table:
+    """Rows ``[start, end)`` of a scanned file with canonical column names.
+
+    Returns
+    -------
+    pa.Table with ``id`` (string), ``text`` (string, nulls allowed), ``lang`` and
+    ``title`` (string, null when absent) first, then the extra columns.
+    """
+    if not 0 <= start <= end <= file.n_rows:
+        raise ValueError(f"{file.url}: row range [{start}, {end}) outside 0..{file.n_rows}")
+    read = _read_parquet_rows if file.format == "parquet" else _read_jsonl_rows
+    table = retry(lambda: read(file, start, end, cols), f"read {file.url} rows {start}-{end}")
+    return _canonicalise(file.url, table, cols)
+
+
+def _read_parquet_rows(file: CorpusFile, start: int, end: int, cols: ColumnMap) -> pa.Table:
+    with location(file.url).open("rb") as f:
+        pfile = pq.ParquetFile(f)
+        groups, first, offset = [], None, 0
+        for g in range(pfile.metadata.num_row_groups):
+            n = pfile.metadata.row_group(g).num_rows
+            if offset + n > start and offset < end:
+                groups.append(g)
+                first = offset if first is None else first
+            offset += n
+        if not groups:
+            return pfile.schema_arrow.empty_table()
+        table = pfile.read_row_groups(groups)
+    return table.slice(start - first, end - start)
+
+
+def _read_jsonl_rows(file: CorpusFile, start: int, end: int, cols: ColumnMap) -> pa.Table:
+    if start % file.stride:
+        raise ValueError(f"{file.url}: piece start {start} is not a multiple of stride {file.stride}")
+    rows: list[dict] = []
+    if start == end:
+        return pa.table({})
+    with location(file.url).open("rb") as f:
+        f.seek(file.offsets[start // file.stride])
+        lineno = None  # line numbers are unknown after a seek; name the row instead
+        for raw in f:
+            if not raw.strip():
+                continue
+            rows.append(_parse_line(file.url, lineno or start + len(rows), raw))
+            if len(rows) == end - start:
+                break
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise CorpusError(f"{file.url}: rows {start}-{end}: inconsistent column types: {err}") from err
+
+
+def _canonicalise(url: str, table: pa.Table, cols: ColumnMap) -> pa.Table:
+    renamed = table.rename_columns([cols.canonical(n) for n in table.column_names])
+    n = renamed.num_rows
+    out: dict[str, pa.Array] = {}
+    for name in CANONICAL:
+        if name in renamed.column_names:
+            col = renamed.column(name)
+            if name == "id":
+                col = _ids_as_strings(url, col.combine_chunks(), 0, cols)
+            elif not pa.types.is_string(col.type):
+                col = _to_string(url, name, col)
+            out[name] = col
+        elif name in ("id", "text"):
+            raise CorpusError(f"{url}: missing required column {name!r}")
+        else:
+            out[name] = pa.nulls(n, pa.string())
+    for name in renamed.column_names:
+        if name not in out:
+            out[name] = renamed.column(name)
+    return pa.table(out)
+
+
+def _to_string(url: str, name: str, col) -> pa.Array:
+    if pa.types.is_null(col.type) or pa.types.is_large_string(col.type):
+        return pc.cast(col, pa.string())
+    raise CorpusError(f"{url}: column {name!r} has type {col.type}, expected string")

@@ -1,0 +1,76 @@
+"""Where things live under a store root.
+
+::
+
+    <root>/
+      sets/<name>/CURRENT                      {"version": "v000002", ...}  (moved atomically)
+      sets/<name>/v000002/_claim.json          who is writing this version (run key)
+      sets/<name>/v000002/_shards/00017.json   a finished shard (resume skips it)
+      sets/<name>/v000002/{docs,dense,tokens,skipped}/part-00017.parquet
+      sets/<name>/v000002/codec.npz            residual codec (numpy, no pickle)
+      sets/<name>/v000002/manifest.json        written last: the version exists
+      indexes/<name>/v000001/...               same protocol
+      encoders/<name>/v000001/...              query encoders (Hugging Face folders)
+      runs/<run id>.json                       one report per job run
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from storage.fs import Location, location
+
+KINDS = ("sets", "indexes", "encoders")
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+CLAIM = "_claim.json"
+SHARD_MARKERS = "_shards"
+DEFAULT_ROOT = "./tessera-data"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION_RE = re.compile(r"^v(\d{6,})$")
+
+
+def resolve_root(root: "str | None") -> Location:
+    """``--root`` if given, else ``$TESSERA_ROOT``, else ``./tessera-data``."""
+    return location(root or os.environ.get("TESSERA_ROOT") or DEFAULT_ROOT)
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Validate a set/index/encoder name: letters, digits, ``. _ -``; raise ValueError."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def version_name(number: int) -> str:
+    return f"v{number:06d}"
+
+
+def version_number(version: str) -> int:
+    """``"v000012"`` → 12; also accepts ``"12"``; ValueError otherwise."""
+    m = _VERSION_RE.match(version)
+    if m:
+        return int(m.group(1))
+    if version.isdigit():
+        return int(version)
+    raise ValueError(f"invalid version {version!r}: expected e.g. v000003 or 3")
+
+
+def normalize_version(version: "str | int") -> str:
+    return version_name(version if isinstance(version, int) else version_number(str(version)))
+
+
+def shard_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+def artifact_dir(root: Location, kind: str, name: str) -> Location:
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    return root.join(kind, check_name(name))
+
+
+def runs_dir(root: Location) -> Location:
+    return root.join("runs")

@@ -1,0 +1,394 @@
+"""Shared pytest fixtures for Tessera (see /work/shared/DESIGN.md, section Tests).
+
+Everything runs offline on 2 CPU cores.
+
+Model folders (session scope, built in a few seconds, treat them as read-only):
+    tiny_model_dir            tiny random BERT (hidden 32, 2 layers) + cased WordPiece tokenizer
+    tiny_colbert_dir          Stanford-ColBERT layout (bert.* keys + linear.weight, artifact.metadata)
+    tiny_pylate_dir           PyLate layout (modules.json, 1_Dense/, "[Q] "/"[D] " tokens)
+    tiny_model_no_weights_dir config + tokenizer, no weights (for error tests)
+    me5_small_dir             the real multilingual-e5-small folder, or skip
+    shared_data_dir           ../shared/data relative to the repo root, or skip
+  The builders live in tests/fixtures_models.py (plain functions, usable from benchmarks).
+
+S3:
+    s3_server   (session)  moto ThreadedMotoServer on 127.0.0.1:<free port>; sets AWS_ENDPOINT_URL,
+                           AWS_ACCESS_KEY_ID/SECRET=testing, AWS_DEFAULT_REGION=us-east-1 (restored at
+                           the end); yields the endpoint URL "http://127.0.0.1:<port>".
+    s3_bucket   (function) a fresh bucket "tessera-<8 hex>"; yields "s3://tessera-<8 hex>".
+
+Ray:
+    ray_local   (function scope on purpose, cheap): makes sure the driver is connected to the
+                session's local Ray instance (num_cpus=2, no dashboard, short temp dir, progress
+                bars off) and starts it when needed.  Ray is started once per session and reused;
+                it is only restarted after a test connected the driver to something else (e.g.
+                a two-node cluster from ``start_two_node_cluster``).  ``ray.shutdown()`` runs at
+                the end of the session.  Module/session-scoped fixtures that need Ray can call
+                ``ensure_local_ray()`` directly.
+                ray_local depends on s3_server so that the AWS_* variables are already in the
+                environment when Ray starts: Ray worker processes inherit the environment of
+                the raylet, i.e. of the driver at ``ray.init`` time, so a moto server started
+                later would be invisible to Ray tasks.
+    start_two_node_cluster(tmp_dir) / stop_cluster(cluster): plain helpers, see their docstrings.
+    Start ``s3_server`` before the cluster when its workers must reach S3 (same reason).
+
+Markers: ``gpu`` tests are skipped when torch sees no CUDA device; ``slow`` is informational.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+# Offline and quiet, before anything imports transformers / huggingface_hub / ray.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+# `pytest` (unlike `python -m pytest`) does not put the repo root on sys.path and the
+# project is not installed into the venv; make `import embedding` etc. work either way,
+# and make `import fixtures_models` work from any rootdir/import mode.
+for _p in (str(REPO_ROOT), str(TESTS_DIR)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from fixtures_models import (  # noqa: E402
+    build_tiny_colbert,
+    build_tiny_model,
+    build_tiny_model_no_weights,
+    build_tiny_pylate,
+)
+
+# --------------------------------------------------------------------------- markers
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing / broken
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="gpu test: no CUDA device visible to torch")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Tiny random BERT folder (hidden 32, 2 layers, vocab 2000, model_max_length 512)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_colbert_dir(tmp_path_factory) -> Path:
+    """Stanford-ColBERT style folder: dim 16, markers [unused0]/[unused1]."""
+    return build_tiny_colbert(tmp_path_factory.mktemp("tiny-colbert"), dim=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_pylate_dir(tmp_path_factory) -> Path:
+    """PyLate style folder: 1_Dense 32->16, prefixes "[Q] " / "[D] "."""
+    return build_tiny_pylate(tmp_path_factory.mktemp("tiny-pylate"), dim=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_no_weights_dir(tmp_path_factory) -> Path:
+    """config.json + tokenizer files, no model weights."""
+    return build_tiny_model_no_weights(tmp_path_factory.mktemp("tiny-no-weights"))
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """../shared/data relative to the repo root (read-only shared data sets)."""
+    path = (REPO_ROOT.parent / "shared" / "data").resolve()
+    if not path.is_dir():
+        pytest.skip(f"../shared/data not found: expected the shared data folder at {path}")
+    return path
+
+
+ME5_DEFAULT_DIR = Path.home() / ".cache" / "tessera" / "models" / "me5-small"
+
+
+@pytest.fixture(scope="session")
+def me5_small_dir() -> Path:
+    """The real multilingual-e5-small folder (built beforehand by the CI script).
+
+    $TESSERA_ME5_DIR if set (it must then hold config.json and model.safetensors,
+    otherwise the fixture errors: an explicit setting that is wrong should not turn
+    into silent skips), else ~/.cache/tessera/models/me5-small if it holds
+    model.safetensors, else skip.
+    """
+    env = os.environ.get("TESSERA_ME5_DIR")
+    if env:
+        path = Path(env).expanduser().resolve()
+        missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
+        if missing:
+            pytest.fail(f"TESSERA_ME5_DIR={env} lacks {', '.join(missing)}", pytrace=False)
+        return path
+    if (ME5_DEFAULT_DIR / "model.safetensors").is_file():
+        return ME5_DEFAULT_DIR
+    pytest.skip(
+        "multilingual-e5-small not available: set TESSERA_ME5_DIR or build it at "
+        f"{ME5_DEFAULT_DIR} (needs model.safetensors)"
+    )
+
+
+# --------------------------------------------------------------------------- S3 (moto)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_TEST_KEY = "testing"
+S3_TEST_SECRET = "testing"
+S3_TEST_REGION = "us-east-1"
+
+# Variables that would redirect or break the clients: hidden while the server runs.
+_AWS_VARS_TO_HIDE = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real local S3 endpoint (moto) for the whole session; yields its URL."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    # moto's werkzeug server logs every request to stderr even with verbose=False.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    new_env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": S3_TEST_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_TEST_SECRET,
+        "AWS_DEFAULT_REGION": S3_TEST_REGION,
+        "AWS_REGION": S3_TEST_REGION,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in (*new_env, *_AWS_VARS_TO_HIDE)}
+    for k in _AWS_VARS_TO_HIDE:
+        os.environ.pop(k, None)
+    os.environ.update(new_env)
+    _clear_s3fs_instance_cache()
+    try:
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _clear_s3fs_instance_cache()
+        server.stop()
+
+
+def _clear_s3fs_instance_cache() -> None:
+    # fsspec caches filesystem instances (and their listings) per process; a cached
+    # S3FileSystem may point at an old endpoint or hold stale listings.
+    try:
+        import s3fs
+    except ImportError:  # pragma: no cover
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket; yields "s3://tessera-<8 hex>"."""
+    import boto3
+
+    name = f"tessera-{uuid.uuid4().hex[:8]}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id=S3_TEST_KEY,
+        aws_secret_access_key=S3_TEST_SECRET,
+        region_name=S3_TEST_REGION,
+    )
+    client.create_bucket(Bucket=name)
+    _clear_s3fs_instance_cache()
+    yield f"s3://{name}"
+    _clear_s3fs_instance_cache()
+
+
+# --------------------------------------------------------------------------- Ray
+
+# Unix socket paths are limited to ~107 bytes and Ray puts its sockets at
+# <temp_dir>/session_<date>_<time>_<pid>/sockets/plasma_store (about 65 bytes
+# after <temp_dir>), so Ray's temp dir must stay short.
+_RAY_TEMP_DIR_MAX = 40
+_RAY_STATE: dict = {"mode": None, "local_address": None, "temp_dir": None, "owned_dirs": []}
+
+
+def _short_ray_temp_dir(preferred: Path | str | None) -> str:
+    """``preferred`` if short enough for Ray's sockets, else a fresh /tmp/rayXXXX dir."""
+    if preferred is not None:
+        p = Path(preferred).resolve()
+        if len(str(p)) <= _RAY_TEMP_DIR_MAX:
+            p.mkdir(parents=True, exist_ok=True)
+            return str(p)
+    d = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    _RAY_STATE["owned_dirs"].append(d)
+    return d
+
+
+def ray_temp_dir() -> str:
+    """The session's Ray temp dir (created on first use)."""
+    if _RAY_STATE["temp_dir"] is None:
+        _RAY_STATE["temp_dir"] = _short_ray_temp_dir(None)
+    return _RAY_STATE["temp_dir"]
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _connected_to(address) -> bool:
+    # Address check on top of the mode flag: if this conftest module is ever imported
+    # twice (``from conftest import ...`` under another name), the flags are not shared.
+    import ray
+
+    try:
+        return address is not None and ray.get_runtime_context().gcs_address == address
+    except Exception:
+        return False
+
+
+def ensure_local_ray(num_cpus: int = 2):
+    """Connect the driver to the session's local Ray instance, starting it if needed.
+
+    Re-uses a running local instance; if the driver is connected to anything else
+    (a cluster from ``start_two_node_cluster``), shuts that connection down first.
+    Returns the ``ray`` module.
+    """
+    import ray
+
+    if ray.is_initialized() and _RAY_STATE["mode"] == "local" and _connected_to(_RAY_STATE["local_address"]):
+        return ray
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _temp_dir=ray_temp_dir(),
+        log_to_driver=False,
+        ignore_reinit_error=True,
+    )
+    _RAY_STATE["mode"] = "local"
+    _RAY_STATE["local_address"] = ray.get_runtime_context().gcs_address
+    _quiet_ray_data()
+    return ray
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _RAY_STATE["mode"] = None
+    _RAY_STATE["local_address"] = None
+
+
+@pytest.fixture(scope="session")
+def _ray_session(tmp_path_factory):
+    """Owns Ray's temp dir for the session and shuts Ray down at the end."""
+    _RAY_STATE["temp_dir"] = _short_ray_temp_dir(tmp_path_factory.getbasetemp() / "ray")
+    try:
+        yield _RAY_STATE["temp_dir"]
+    finally:
+        shutdown_ray()
+        if not os.environ.get("TESSERA_KEEP_RAY_TMP"):
+            for d in _RAY_STATE["owned_dirs"]:
+                shutil.rmtree(d, ignore_errors=True)
+            _RAY_STATE["owned_dirs"].clear()
+        _RAY_STATE["temp_dir"] = None
+
+
+@pytest.fixture
+def ray_local(_ray_session, s3_server):
+    """Local Ray (num_cpus=2), started once per session; yields the ``ray`` module."""
+    yield ensure_local_ray(num_cpus=2)
+
+
+def start_two_node_cluster(tmp_dir):
+    """Start a two-node ``ray.cluster_utils.Cluster`` and connect the driver to it.
+
+    Head node (num_cpus=1) + one worker node (num_cpus=1), each with its own raylet
+    and object store, on this machine.  Any existing Ray connection (e.g. the
+    session's ``ray_local`` instance) is shut down first; the next ``ray_local`` use
+    restarts the local instance.  ``tmp_dir`` is used as Ray's temp dir when it is
+    short enough for Ray's unix sockets (<= 40 chars), otherwise a short
+    /tmp/rayXXXX dir is used (removed at the end of the session).
+
+    The caller shuts it down: ``stop_cluster(cluster)`` (= ``ray.shutdown()`` +
+    ``cluster.shutdown()``).  Nodes inherit os.environ at this call, so request
+    ``s3_server`` first if Ray tasks must reach S3.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    shutdown_ray()
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    temp_dir = _short_ray_temp_dir(tmp_dir)
+    node_args = {"num_cpus": 1, "temp_dir": temp_dir}
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={**node_args, "include_dashboard": False},
+        shutdown_at_exit=True,
+    )
+    try:
+        cluster.add_node(**node_args)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+    except BaseException:
+        shutdown_ray()
+        cluster.shutdown()
+        raise
+    _RAY_STATE["mode"] = "cluster"
+    _quiet_ray_data()
+    return cluster
+
+
+def stop_cluster(cluster) -> None:
+    """Disconnect the driver and stop every node of ``cluster``."""
+    shutdown_ray()
+    cluster.shutdown()

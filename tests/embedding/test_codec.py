@@ -1,0 +1,383 @@
+"""Round-trip, property and quality tests for the PLAID-style residual codec."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from embedding.codec import (
+    ResidualCodec,
+    code_dtype,
+    default_n_centroids,
+    pack_bits,
+    unpack_bits,
+)
+
+DIM = 64
+N_FIT = 3000
+N_EVAL = 500
+N_CENTROIDS = 32
+PROPERTY_SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def _clustered(n: int, dim: int, n_clusters: int, noise: float, seed: int) -> np.ndarray:
+    """(n, dim) float32 unit vectors scattered around random cluster centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    noise_vectors = noise * rng.normal(size=(n, dim)) / math.sqrt(dim)
+    points = centres[rng.integers(0, n_clusters, n)] + noise_vectors
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    return points.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def vectors() -> tuple[np.ndarray, np.ndarray]:
+    """(fit sample, evaluation vectors) drawn from the same clustered distribution."""
+    data = _clustered(N_FIT + N_EVAL, DIM, n_clusters=24, noise=0.6, seed=7)
+    return data[:N_FIT], data[N_FIT:]
+
+
+@pytest.fixture(scope="module")
+def codecs(vectors) -> dict[int, ResidualCodec]:
+    sample, _ = vectors
+    return {nbits: ResidualCodec.fit(sample, nbits, N_CENTROIDS, seed=3) for nbits in (1, 2, 4)}
+
+
+@st.composite
+def buckets_and_nbits(draw):
+    nbits = draw(st.sampled_from([1, 2, 4, 8]))
+    dim = draw(st.integers(1, 6)) * (8 // nbits)
+    n = draw(st.integers(0, 12))
+    buckets = draw(
+        hnp.arrays(np.uint8, (n, dim), elements=st.integers(0, (1 << nbits) - 1))
+    )
+    return buckets, nbits
+
+
+# --- bit packing -------------------------------------------------------------
+
+
+@PROPERTY_SETTINGS
+@given(buckets_and_nbits())
+def test_pack_unpack_round_trip(case):
+    buckets, nbits = case
+    packed = pack_bits(buckets, nbits)
+    assert packed.dtype == np.uint8
+    assert packed.shape == (buckets.shape[0], buckets.shape[1] * nbits // 8)
+    np.testing.assert_array_equal(unpack_bits(packed, nbits, buckets.shape[1]), buckets)
+
+
+def _reference_pack(buckets: np.ndarray, nbits: int) -> np.ndarray:
+    """Bit-by-bit definition of the layout: each value's low nbits, MSB first, in order."""
+    bits = np.unpackbits(buckets.astype(np.uint8)[:, :, None], axis=2)[:, :, 8 - nbits :]
+    return np.packbits(bits.reshape(len(buckets), buckets.shape[1] * nbits), axis=1)
+
+
+@PROPERTY_SETTINGS
+@given(buckets_and_nbits())
+def test_pack_bits_matches_bitwise_reference(case):
+    buckets, nbits = case
+    np.testing.assert_array_equal(pack_bits(buckets, nbits), _reference_pack(buckets, nbits))
+
+
+@PROPERTY_SETTINGS
+@given(buckets_and_nbits(), st.data())
+def test_prefix_of_dimensions_is_prefix_of_bytes(case, data):
+    buckets, nbits = case
+    step = 8 // nbits
+    d = data.draw(st.integers(1, buckets.shape[1] // step)) * step
+    full = pack_bits(buckets, nbits)
+    np.testing.assert_array_equal(full[:, : d * nbits // 8], pack_bits(buckets[:, :d], nbits))
+
+
+@pytest.mark.parametrize(
+    ("buckets", "nbits", "expected"),
+    [
+        ([[1, 0, 1, 1, 0, 0, 0, 1]], 1, [0b10110001]),
+        ([[0, 1, 2, 3]], 2, [0b00011011]),
+        ([[1, 2, 15, 0]], 4, [0x12, 0xF0]),
+    ],
+)
+def test_pack_bits_layout_is_dimension_major_msb_first(buckets, nbits, expected):
+    packed = pack_bits(np.array(buckets, dtype=np.uint8), nbits)
+    np.testing.assert_array_equal(packed, np.array([expected], dtype=np.uint8))
+
+
+def test_pack_bits_rejects_bad_input():
+    with pytest.raises(ValueError, match="dim=3"):
+        pack_bits(np.zeros((2, 3), np.uint8), 2)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        pack_bits(np.full((1, 4), 4, np.uint8), 2)
+    with pytest.raises(ValueError, match="nbits"):
+        pack_bits(np.zeros((1, 8), np.uint8), 3)
+    with pytest.raises(ValueError, match="bytes per row"):
+        unpack_bits(np.zeros((1, 3), np.uint8), 2, 8)
+
+
+# --- sizing helpers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n_centroids", "dtype"),
+    [(1, np.uint8), (256, np.uint8), (257, np.uint16), (65536, np.uint16), (65537, np.uint32)],
+)
+def test_code_dtype_boundaries(n_centroids, dtype):
+    assert code_dtype(n_centroids) == np.dtype(dtype)
+
+
+def test_code_dtype_rejects_zero():
+    with pytest.raises(ValueError):
+        code_dtype(0)
+
+
+@pytest.mark.parametrize(
+    ("n_tokens", "expected"),
+    [(1, 16), (3, 16), (4, 32), (100, 128), (10_000, 1024), (1_000_000, 8192), (2**20, 16384)],
+)
+def test_default_n_centroids_values(n_tokens, expected):
+    assert default_n_centroids(n_tokens) == expected
+
+
+@PROPERTY_SETTINGS
+@given(st.integers(1, 10**12))
+def test_default_n_centroids_is_largest_power_of_two_below_bound(n_tokens):
+    k = default_n_centroids(n_tokens)
+    bound = 16 * math.sqrt(n_tokens)
+    assert k & (k - 1) == 0
+    # k <= bound < 2k, compared in squares to stay exact in integers
+    assert k * k <= 256 * n_tokens < 4 * k * k
+    assert k <= bound * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("n_tokens", [0, -5])
+def test_default_n_centroids_rejects_non_positive(n_tokens):
+    with pytest.raises(ValueError):
+        default_n_centroids(n_tokens)
+
+
+# --- compress / decompress ---------------------------------------------------
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+def test_compress_shapes_and_dtypes(codecs, vectors, nbits):
+    codec = codecs[nbits]
+    codes, residuals = codec.compress(vectors[1])
+    assert codes.shape == (N_EVAL,) and codes.dtype == np.uint8
+    assert residuals.shape == (N_EVAL, DIM * nbits // 8) and residuals.dtype == np.uint8
+    assert codec.bytes_per_token() == 1 + DIM * nbits // 8
+    assert codec.bucket_cutoffs.shape == ((1 << nbits) - 1,)
+    assert codec.bucket_weights.shape == (1 << nbits,)
+    assert np.all(np.diff(codec.bucket_cutoffs) >= 0)
+    np.testing.assert_allclose(np.linalg.norm(codec.centroids, axis=1), 1.0, atol=1e-5)
+
+
+def test_assign_is_max_inner_product(codecs, vectors):
+    codec = codecs[2]
+    codes = codec.assign(vectors[1])
+    expected = np.argmax(vectors[1] @ codec.centroids.T, axis=1)
+    np.testing.assert_array_equal(codes, expected)
+    np.testing.assert_array_equal(codec.compress(vectors[1])[0], codes)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+def test_decompress_without_normalize_is_exact(codecs, vectors, nbits):
+    codec = codecs[nbits]
+    codes, residuals = codec.compress(vectors[1])
+    buckets = unpack_bits(residuals, nbits, DIM)
+    expected = codec.centroids[codes] + codec.bucket_weights[buckets]
+    out = codec.decompress(codes, residuals, normalize=False)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+@pytest.mark.parametrize("d", [1, 5, 16, 33, DIM])
+def test_prefix_decompress_is_renormalised_prefix(codecs, vectors, nbits, d):
+    codec = codecs[nbits]
+    codes, residuals = codec.compress(vectors[1])
+    full = codec.decompress(codes, residuals, normalize=False)
+    prefix = full[:, :d] / np.linalg.norm(full[:, :d], axis=1, keepdims=True)
+    out = codec.decompress(codes, residuals, dim=d)
+    assert out.shape == (N_EVAL, d)
+    np.testing.assert_allclose(out, prefix, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(
+        codec.decompress(codes, residuals, dim=d, normalize=False), full[:, :d]
+    )
+
+
+def test_reconstruction_improves_with_nbits(codecs, vectors):
+    _, held = vectors
+    cosines = {}
+    for nbits, codec in codecs.items():
+        recon = codec.decompress(*codec.compress(held))
+        cosines[nbits] = float(np.mean(np.sum(recon * held, axis=1)))
+    assert cosines[1] < cosines[2] < cosines[4], cosines
+    assert cosines[4] > 0.9, cosines
+
+
+def test_compress_handles_empty_batch(codecs):
+    codec = codecs[2]
+    codes, residuals = codec.compress(np.zeros((0, DIM), np.float32))
+    assert codes.shape == (0,) and residuals.shape == (0, DIM // 4)
+    assert codec.decompress(codes, residuals).shape == (0, DIM)
+
+
+@pytest.mark.parametrize("d", [0, DIM + 1, -1])
+def test_decompress_rejects_bad_prefix_dim(codecs, vectors, d):
+    codec = codecs[2]
+    codes, residuals = codec.compress(vectors[1][:4])
+    with pytest.raises(ValueError, match="dim must be"):
+        codec.decompress(codes, residuals, dim=d)
+
+
+def test_decompress_rejects_mismatched_inputs(codecs, vectors):
+    codec = codecs[2]
+    codes, residuals = codec.compress(vectors[1][:4])
+    with pytest.raises(ValueError, match="residuals"):
+        codec.decompress(codes, residuals[:, :-1])
+    with pytest.raises(ValueError, match="codes"):
+        codec.decompress(np.full(4, N_CENTROIDS), residuals)
+
+
+def test_compress_rejects_wrong_dim(codecs):
+    with pytest.raises(ValueError, match="dim"):
+        codecs[2].compress(np.ones((3, DIM + 8), np.float32))
+
+
+# --- fit ---------------------------------------------------------------------
+
+
+def test_fit_is_deterministic_for_a_seed(vectors):
+    sample = vectors[0][:1000]
+    first = ResidualCodec.fit(sample, 2, 16, seed=11, niter=5)
+    again = ResidualCodec.fit(sample, 2, 16, seed=11, niter=5)
+    assert first == again
+    assert first.to_bytes() == again.to_bytes()
+
+
+def test_fit_default_n_centroids_is_capped_by_sample(vectors):
+    sample = vectors[0][:200]
+    codec = ResidualCodec.fit(sample, 1, niter=2, heldout_fraction=0.1)
+    # default_n_centroids(200) == 128 fits into the 180 training rows
+    assert codec.n_centroids == default_n_centroids(200) == 128
+    tiny = ResidualCodec.fit(sample[:10], 1, niter=2, heldout_fraction=0.0)
+    assert tiny.n_centroids == 10
+    assert math.isfinite(tiny.avg_residual) and tiny.avg_residual >= 0
+
+
+def test_fit_normalises_sample(vectors):
+    sample = vectors[0][:500]
+    scaled = sample * np.linspace(0.5, 3.0, len(sample), dtype=np.float32)[:, None]
+    from_scaled = ResidualCodec.fit(scaled, 2, 8, seed=1, niter=3)
+    from_unit = ResidualCodec.fit(sample, 2, 8, seed=1, niter=3)
+    np.testing.assert_allclose(from_scaled.centroids, from_unit.centroids, atol=1e-5)
+    np.testing.assert_allclose(from_scaled.bucket_weights, from_unit.bucket_weights, atol=1e-5)
+
+
+@pytest.mark.parametrize("nbits", [0, 3, 8, True])
+def test_fit_rejects_bad_nbits(vectors, nbits):
+    with pytest.raises(ValueError, match="nbits"):
+        ResidualCodec.fit(vectors[0][:100], nbits, 4)
+
+
+@pytest.mark.parametrize(("dim", "nbits"), [(36, 1), (6, 2), (3, 4)])
+def test_fit_rejects_non_divisible_dim(dim, nbits):
+    sample = _clustered(100, dim, 4, 0.5, seed=0)
+    with pytest.raises(ValueError, match=f"dim={dim}, nbits={nbits}"):
+        ResidualCodec.fit(sample, nbits, 4)
+
+
+def test_fit_accepts_dim_whose_bits_fill_bytes():
+    sample = _clustered(100, 36, 4, 0.5, seed=0)
+    assert ResidualCodec.fit(sample, 2, 4, niter=2).bytes_per_token() == 1 + 9
+    assert ResidualCodec.fit(sample, 4, 4, niter=2).bytes_per_token() == 1 + 18
+
+
+def test_fit_rejects_empty_and_nan_samples():
+    with pytest.raises(ValueError, match="non-empty"):
+        ResidualCodec.fit(np.zeros((0, 16), np.float32), 2)
+    sample = _clustered(50, 16, 4, 0.5, seed=0)
+    sample[3, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ResidualCodec.fit(sample, 2, 4)
+
+
+def test_fit_rejects_too_many_centroids():
+    with pytest.raises(ValueError, match="n_centroids"):
+        ResidualCodec.fit(_clustered(20, 16, 2, 0.5, seed=0), 2, 50)
+
+
+# --- construction and serialisation -----------------------------------------
+
+
+def test_constructor_validates_shapes(codecs):
+    codec = codecs[2]
+    with pytest.raises(ValueError, match="bucket_cutoffs"):
+        ResidualCodec(codec.centroids, 2, codec.bucket_cutoffs[:2], codec.bucket_weights, 0.1)
+    with pytest.raises(ValueError, match="bucket_weights"):
+        ResidualCodec(codec.centroids, 2, codec.bucket_cutoffs, codec.bucket_weights[:3], 0.1)
+    with pytest.raises(ValueError, match="nbits"):
+        ResidualCodec(codec.centroids, 3, codec.bucket_cutoffs, codec.bucket_weights, 0.1)
+    narrow = codec.centroids[:, :6] / np.linalg.norm(codec.centroids[:, :6], axis=1, keepdims=True)
+    with pytest.raises(ValueError, match="dim=6, nbits=2"):
+        ResidualCodec(narrow, 2, codec.bucket_cutoffs, codec.bucket_weights, 0.1)
+    with pytest.raises(ValueError, match="L2-normalised"):
+        ResidualCodec(2 * codec.centroids, 2, codec.bucket_cutoffs, codec.bucket_weights, 0.1)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ResidualCodec(codec.centroids, 2, codec.bucket_cutoffs[::-1], codec.bucket_weights, 0.1)
+    with pytest.raises(ValueError, match="avg_residual"):
+        ResidualCodec(codec.centroids, 2, codec.bucket_cutoffs, codec.bucket_weights, float("nan"))
+
+
+def test_codec_arrays_are_read_only(codecs):
+    with pytest.raises(ValueError):
+        codecs[2].centroids[0, 0] = 1.0
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+def test_bytes_round_trip(codecs, vectors, nbits):
+    codec = codecs[nbits]
+    loaded = ResidualCodec.from_bytes(codec.to_bytes())
+    assert loaded == codec
+    assert loaded.params() == codec.params()
+    codes, residuals = codec.compress(vectors[1])
+    np.testing.assert_array_equal(
+        loaded.decompress(codes, residuals), codec.decompress(codes, residuals)
+    )
+
+
+def test_from_bytes_rejects_corrupt_data(codecs):
+    data = codecs[2].to_bytes()
+    for bad in (b"", b"not a codec", data[: len(data) // 2]):
+        with pytest.raises(ValueError, match="corrupt|misses"):
+            ResidualCodec.from_bytes(bad)
+
+
+def test_from_bytes_rejects_missing_keys(codecs):
+    buffer = io.BytesIO()
+    np.savez(buffer, centroids=codecs[2].centroids)
+    with pytest.raises(ValueError, match="misses keys"):
+        ResidualCodec.from_bytes(buffer.getvalue())
+
+
+def test_from_bytes_rejects_plain_npy():
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3))
+    with pytest.raises(ValueError, match="not an .npz"):
+        ResidualCodec.from_bytes(buffer.getvalue())
+
+
+def test_params_is_json_able(codecs):
+    params = codecs[4].params()
+    assert json.loads(json.dumps(params)) == params
+    assert params["nbits"] == 4 and params["dim"] == DIM and params["n_centroids"] == N_CENTROIDS
+    assert params["bytes_per_token"] == 1 + DIM // 2
+    assert len(params["bucket_cutoffs"]) == 15 and len(params["bucket_weights"]) == 16
