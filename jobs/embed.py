@@ -252,11 +252,16 @@ def _map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    from jobs.embed_worker import FAILPOINTS_ENV
+
+    extra = {}
+    if os.environ.get(FAILPOINTS_ENV):  # fault-injection tests reach the workers this way
+        extra["runtime_env"] = {"env_vars": {FAILPOINTS_ENV: os.environ[FAILPOINTS_ENV]}}
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     return ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
                           fn_constructor_kwargs={"spec": spec, "codec_url": codec_url},
                           compute=ActorPoolStrategy(min_size=1, max_size=p.actors),
-                          num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_task_retries=2)
+                          num_cpus=p.num_cpus, num_gpus=p.num_gpus, **extra)
 
 
 # ---- pass 1: the codec ----------------------------------------------------------------

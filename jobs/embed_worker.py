@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from storage.manifest import file_entry
 logger = logging.getLogger(__name__)
 
 RESERVED = set(schemas.DOCS_CORE.names)
+FAILPOINTS_ENV = "TESSERA_FAILPOINTS"
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class ShardEncoder(EncoderActor):
     def write_shard(self, row: dict) -> dict:
         start = time.perf_counter()
         shard = int(row["shard"])
+        failpoint("embed.shard", shard)
         table = self._read(row)
         texts = pc.fill_null(table.column("text"), "").to_pylist()
         keep = np.array([bool(t.strip()) for t in texts], bool)
@@ -163,6 +166,20 @@ class ShardEncoder(EncoderActor):
         splits = np.cumsum(lengths)[:-1]
         return schemas.tokens_table(ids, np.split(codes, splits), np.split(residuals, splits),
                                     self.codec.code_dtype)
+
+
+def failpoint(name: str, value: int) -> None:
+    """Fault injection for tests: ``TESSERA_FAILPOINTS="embed.shard=3"`` fails shard 3.
+
+    ``embed.shard=3:crash`` kills the worker process instead of raising.
+    """
+    for item in filter(None, os.environ.get(FAILPOINTS_ENV, "").split(",")):
+        key, _, target = item.partition("=")
+        target, _, how = target.partition(":")
+        if key == name and target.strip() == str(value):
+            if how == "crash":
+                os._exit(17)
+            raise RuntimeError(f"failpoint {name}={value} triggered")
 
 
 class SampleEncoder(EncoderActor):

@@ -85,7 +85,7 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float =
     raise AssertionError("unreachable")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Location:
     """A URL in the store: ``/abs/path``, ``relative/path`` or ``s3://bucket/key``.
 

@@ -18,19 +18,24 @@ S3:
     s3_bucket   (function) a fresh bucket "tessera-<8 hex>"; yields "s3://tessera-<8 hex>".
 
 Ray:
+    ray_session_tmp (session): short root dir for Ray (pytest's basetemp when short enough,
+                else /tmp/rayXXXX), exported as RAY_TMPDIR; shuts Ray down and cleans up at
+                the end.  Request it from any module/session fixture that starts Ray, then
+                call ``ensure_local_ray()`` (what ray_local does).
     ray_local   (function scope on purpose, cheap): makes sure the driver is connected to the
-                session's local Ray instance (num_cpus=2, no dashboard, short temp dir, progress
-                bars off) and starts it when needed.  Ray is started once per session and reused;
-                it is only restarted after a test connected the driver to something else (e.g.
-                a two-node cluster from ``start_two_node_cluster``).  ``ray.shutdown()`` runs at
-                the end of the session.  Module/session-scoped fixtures that need Ray can call
-                ``ensure_local_ray()`` directly.
+                session's local Ray instance (num_cpus=2, no dashboard, temp dir
+                <root>/ray, log_to_driver=False, Ray Data progress bars off) and starts it
+                when needed.  Ray is started once per session and reused; it is only
+                restarted (3-5 s) after a test connected the driver to something else (a
+                two-node cluster from ``start_two_node_cluster``).  Yields ``ray``.
                 ray_local depends on s3_server so that the AWS_* variables are already in the
                 environment when Ray starts: Ray worker processes inherit the environment of
                 the raylet, i.e. of the driver at ``ray.init`` time, so a moto server started
                 later would be invisible to Ray tasks.
-    start_two_node_cluster(tmp_dir) / stop_cluster(cluster): plain helpers, see their docstrings.
-    Start ``s3_server`` before the cluster when its workers must reach S3 (same reason).
+    start_two_node_cluster(tmp_dir) / stop_cluster(cluster): plain helpers (import them with
+                ``from conftest import start_two_node_cluster, stop_cluster``), see their
+                docstrings.  Request ``ray_session_tmp`` and ``s3_server`` (same reason as
+                above) in fixtures/tests that use them.
 
 Markers: ``gpu`` tests are skipped when torch sees no CUDA device; ``slow`` is informational.
 """
@@ -42,6 +47,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import types
 import uuid
 from pathlib import Path
 
@@ -249,29 +255,60 @@ def s3_bucket(s3_server):
 # --------------------------------------------------------------------------- Ray
 
 # Unix socket paths are limited to ~107 bytes and Ray puts its sockets at
-# <temp_dir>/session_<date>_<time>_<pid>/sockets/plasma_store (about 65 bytes
-# after <temp_dir>), so Ray's temp dir must stay short.
+# <temp_dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store.N (about 65
+# bytes after <temp_dir>), so Ray's temp dirs must stay short.
 _RAY_TEMP_DIR_MAX = 40
-_RAY_STATE: dict = {"mode": None, "local_address": None, "temp_dir": None, "owned_dirs": []}
+
+# pytest imports this file as "tests.conftest" while test modules doing
+# ``from conftest import start_two_node_cluster`` get a second copy named "conftest";
+# both must see the same Ray state, so it lives in one process-wide registry module.
+_SHARED = sys.modules.get("_tessera_tests_shared")
+if _SHARED is None:
+    _SHARED = types.ModuleType("_tessera_tests_shared")
+    _SHARED.ray_state = {
+        "mode": None,  # "local" | "cluster" | None
+        "local_address": None,  # GCS address of the session's local instance
+        "root": None,  # short session dir, exported as RAY_TMPDIR
+        "temp_dir": None,  # <root>/ray: the local instance's temp dir
+        "owned_dirs": [],  # dirs created outside pytest's basetemp: removed at the end
+    }
+    sys.modules["_tessera_tests_shared"] = _SHARED
+_RAY_STATE: dict = _SHARED.ray_state
 
 
-def _short_ray_temp_dir(preferred: Path | str | None) -> str:
-    """``preferred`` if short enough for Ray's sockets, else a fresh /tmp/rayXXXX dir."""
-    if preferred is not None:
-        p = Path(preferred).resolve()
-        if len(str(p)) <= _RAY_TEMP_DIR_MAX:
-            p.mkdir(parents=True, exist_ok=True)
-            return str(p)
+def _mkdtemp_short() -> str:
+    """A fresh short dir: under the session's Ray root if that stays short, else /tmp."""
+    root = _RAY_STATE["root"]
+    if root is not None and len(root) + 10 <= _RAY_TEMP_DIR_MAX:
+        return tempfile.mkdtemp(prefix="r", dir=root)  # <root>/rXXXXXXXX
     d = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     _RAY_STATE["owned_dirs"].append(d)
     return d
 
 
+def _short_ray_temp_dir(preferred: Path | str | None) -> str:
+    """``preferred`` if short enough for Ray's sockets, else a fresh short dir."""
+    if preferred is not None:
+        p = Path(preferred).resolve()
+        if len(str(p)) <= _RAY_TEMP_DIR_MAX:
+            p.mkdir(parents=True, exist_ok=True)
+            return str(p)
+    return _mkdtemp_short()
+
+
 def ray_temp_dir() -> str:
-    """The session's Ray temp dir (created on first use)."""
+    """Temp dir of the session's local Ray instance (created on first use)."""
     if _RAY_STATE["temp_dir"] is None:
         _RAY_STATE["temp_dir"] = _short_ray_temp_dir(None)
     return _RAY_STATE["temp_dir"]
+
+
+def _ensure_default_ray_dir() -> None:
+    # Cluster() writes <RAY_TMPDIR or /tmp>/ray/ray_current_cluster whatever temp_dir
+    # its nodes get, and fails if that folder does not exist.
+    from ray._common.utils import get_default_ray_temp_dir
+
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
 
 
 def _quiet_ray_data() -> None:
@@ -281,8 +318,7 @@ def _quiet_ray_data() -> None:
 
 
 def _connected_to(address) -> bool:
-    # Address check on top of the mode flag: if this conftest module is ever imported
-    # twice (``from conftest import ...`` under another name), the flags are not shared.
+    # Belt and braces on top of the mode flag: is the driver really on that instance?
     import ray
 
     try:
@@ -295,15 +331,13 @@ def ensure_local_ray(num_cpus: int = 2):
     """Connect the driver to the session's local Ray instance, starting it if needed.
 
     Re-uses a running local instance; if the driver is connected to anything else
-    (a cluster from ``start_two_node_cluster``), shuts that connection down first.
-    Returns the ``ray`` module.
+    (a cluster from ``start_two_node_cluster``), disconnects first.  Returns ``ray``.
     """
     import ray
 
     if ray.is_initialized() and _RAY_STATE["mode"] == "local" and _connected_to(_RAY_STATE["local_address"]):
         return ray
-    if ray.is_initialized():
-        ray.shutdown()
+    shutdown_ray()
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(
         num_cpus=num_cpus,
@@ -327,23 +361,53 @@ def shutdown_ray() -> None:
     _RAY_STATE["local_address"] = None
 
 
+def _rmtree_retry(path: str) -> None:
+    import time
+
+    for _ in range(5):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            return
+        time.sleep(0.2)  # a Ray process may still be writing its last files
+
+
 @pytest.fixture(scope="session")
-def _ray_session(tmp_path_factory):
-    """Owns Ray's temp dir for the session and shuts Ray down at the end."""
-    _RAY_STATE["temp_dir"] = _short_ray_temp_dir(tmp_path_factory.getbasetemp() / "ray")
+def ray_session_tmp(tmp_path_factory):
+    """Session-wide Ray housekeeping; request it from any fixture that starts Ray.
+
+    Picks a short root dir (pytest's basetemp when short enough, else /tmp/rayXXXX),
+    exports it as RAY_TMPDIR (so Ray's default /tmp/ray files, e.g. the cluster
+    address file, land there too), shuts Ray down at the end and removes the dirs
+    it created outside basetemp (set TESSERA_KEEP_RAY_TMP=1 to keep them).
+    Yields the root.
+    """
+    basetemp = str(tmp_path_factory.getbasetemp().resolve())
+    if len(basetemp) <= _RAY_TEMP_DIR_MAX - 8:
+        root = basetemp
+    else:
+        root = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        _RAY_STATE["owned_dirs"].append(root)
+    saved_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = root
+    _RAY_STATE["root"] = root
+    _RAY_STATE["temp_dir"] = _short_ray_temp_dir(Path(root) / "ray")
     try:
-        yield _RAY_STATE["temp_dir"]
+        yield Path(root)
     finally:
         shutdown_ray()
+        if saved_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved_tmpdir
         if not os.environ.get("TESSERA_KEEP_RAY_TMP"):
-            for d in _RAY_STATE["owned_dirs"]:
-                shutil.rmtree(d, ignore_errors=True)
+            for d in reversed(_RAY_STATE["owned_dirs"]):
+                _rmtree_retry(d)
             _RAY_STATE["owned_dirs"].clear()
-        _RAY_STATE["temp_dir"] = None
+        _RAY_STATE["root"] = _RAY_STATE["temp_dir"] = None
 
 
 @pytest.fixture
-def ray_local(_ray_session, s3_server):
+def ray_local(ray_session_tmp, s3_server):
     """Local Ray (num_cpus=2), started once per session; yields the ``ray`` module."""
     yield ensure_local_ray(num_cpus=2)
 
@@ -352,21 +416,25 @@ def start_two_node_cluster(tmp_dir):
     """Start a two-node ``ray.cluster_utils.Cluster`` and connect the driver to it.
 
     Head node (num_cpus=1) + one worker node (num_cpus=1), each with its own raylet
-    and object store, on this machine.  Any existing Ray connection (e.g. the
-    session's ``ray_local`` instance) is shut down first; the next ``ray_local`` use
-    restarts the local instance.  ``tmp_dir`` is used as Ray's temp dir when it is
-    short enough for Ray's unix sockets (<= 40 chars), otherwise a short
-    /tmp/rayXXXX dir is used (removed at the end of the session).
+    and object store, on this machine (about 5-10 s on 2 cores).  Any existing Ray
+    connection (e.g. the session's ``ray_local`` instance) is shut down first; the
+    next ``ray_local`` use starts the local instance again.  ``tmp_dir`` becomes the
+    nodes' Ray temp dir when it is short enough for Ray's unix sockets (<= 40
+    chars; pytest's ``tmp_path`` usually is not), otherwise a short dir under the
+    session's Ray root is used.
 
-    The caller shuts it down: ``stop_cluster(cluster)`` (= ``ray.shutdown()`` +
-    ``cluster.shutdown()``).  Nodes inherit os.environ at this call, so request
-    ``s3_server`` first if Ray tasks must reach S3.
+    The caller shuts it down with ``stop_cluster(cluster)`` (``ray.shutdown()`` +
+    ``cluster.shutdown()``).  Fixtures using it should also request
+    ``ray_session_tmp`` (keeps Ray's files in the session dir, final cleanup) and
+    ``s3_server`` if Ray tasks must reach S3: the nodes inherit os.environ as it is
+    at this call.
     """
     import ray
     from ray.cluster_utils import Cluster
 
     shutdown_ray()
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    _ensure_default_ray_dir()
     temp_dir = _short_ray_temp_dir(tmp_dir)
     node_args = {"num_cpus": 1, "temp_dir": temp_dir}
     cluster = Cluster(

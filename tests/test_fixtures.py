@@ -203,7 +203,7 @@ def test_ray_workers_reach_s3(ray_local, s3_bucket):
     assert sorted(r["id"] for r in ds.take_all()) == list(range(10))
 
 
-def test_two_node_cluster(s3_server, tmp_path):
+def test_two_node_cluster(ray_session_tmp, s3_server, tmp_path):
     import ray
 
     cluster = start_two_node_cluster(tmp_path)
@@ -230,3 +230,16 @@ def test_ray_local_restarts_after_cluster(ray_local):
     assert ray.is_initialized()
     assert len(ray.nodes()) == 1 and ray.cluster_resources()["CPU"] == 2
     assert ray.get(ray.put(41)) + 1 == 42
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_shared_data_dir(shared_data_dir):
+    assert shared_data_dir.is_dir()
+    assert shared_data_dir.name == "data" and shared_data_dir.parent.name == "shared"
+
+
+def test_me5_small_dir(me5_small_dir):
+    assert (me5_small_dir / "model.safetensors").is_file()
+    assert (me5_small_dir / "config.json").is_file()

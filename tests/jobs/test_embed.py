@@ -1,0 +1,212 @@
+"""End-to-end tests of the embed job on a tiny model: local root, s3:// root, bad input, resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedding.codec import ResidualCodec
+from fixtures_models import MULTILINGUAL_TEXTS, build_tiny_model
+from jobs.embed import EmbedConfig, run
+from storage import catalog, schemas
+from storage.corpus import CorpusError
+from storage.fs import location
+from storage.manifest import Artifact
+
+LANGS = ["en", "de", "fr", "es", "ru"]
+
+
+def _docs(n: int, prefix: str = "d") -> list[dict]:
+    texts = [t for group in MULTILINGUAL_TEXTS.values() for t in group] \
+        if isinstance(MULTILINGUAL_TEXTS, dict) else list(MULTILINGUAL_TEXTS)
+    return [{"id": f"{prefix}{i:04d}", "text": f"{texts[i % len(texts)]} ({i})", "lang": LANGS[i % len(LANGS)],
+             "title": f"title {i}", "source": "unit-test", "year": 2000 + i % 7} for i in range(n)]
+
+
+def write_jsonl(loc_url: str, rows: list[dict]) -> str:
+    location(loc_url).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return loc_url
+
+
+def write_parquet(loc_url: str, rows: list[dict]) -> str:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink, row_group_size=7)
+    location(loc_url).write_bytes(sink.getvalue().to_pybytes())
+    return loc_url
+
+
+def _cfg(corpus, model, root, **kw) -> EmbedConfig:
+    base = dict(corpus=tuple(corpus) if isinstance(corpus, (list, tuple)) else (corpus,), model=str(model),
+                set_name="t", root=str(root), rows_per_shard=16, n_centroids=16, max_batch=8)
+    base.update(kw)
+    return EmbedConfig(**base)
+
+
+@pytest.fixture
+def corpus_local(tmp_path):
+    rows = _docs(50)
+    rows[7]["text"] = "   "          # empty text: skipped and counted
+    a = write_jsonl(str(tmp_path / "in" / "a.jsonl"), rows[:30])
+    b = write_parquet(str(tmp_path / "in" / "b.parquet"), rows[30:])
+    return [a, b], rows
+
+
+def test_embed_local_end_to_end(ray_local, tiny_model_dir, corpus_local, tmp_path):
+    corpus, rows = corpus_local
+    root = tmp_path / "store"
+    manifest = run(_cfg(corpus, tiny_model_dir, root, mode="both", nbits=2))
+
+    assert manifest["version"] == "v000001"
+    assert manifest["counts"]["documents"] == 49
+    assert manifest["counts"]["skipped_empty"] == 1
+    assert manifest["counts"]["input_rows"] == 50
+    assert manifest["counts"]["shards"] == 4          # 30 rows → 16+14, 20 rows → 16+4
+    assert manifest["dims"] == {"dense": 32, "colbert": 32}
+    assert len(manifest["model"]["fingerprint"]) == 64
+
+    con = catalog.connect(str(root))
+    ids = [r[0] for r in con.execute("select id from documents order by id").fetchall()]
+    assert ids == sorted(r["id"] for r in rows if r["text"].strip())
+    assert con.execute("select id, reason from skipped").fetchall() == [("d0007", "empty_text")]
+    # extra columns are kept as metadata, typed
+    assert con.execute("select count(*) from documents where source = 'unit-test' and year >= 2000").fetchone()[0] == 49
+    assert con.execute("select documents, nbits from embedding_sets").fetchall() == [(49, 2)]
+    by_lang = dict(con.execute("select lang, count(*) from documents group by lang").fetchall())
+    assert sum(by_lang.values()) == 49 and set(by_lang) == set(LANGS)
+
+    # every listed file exists with the recorded size and hash
+    vdir = Artifact(location(str(root)), "sets", "t").version_dir("v000001")
+    for entry in manifest["files"]:
+        loc = vdir.join(entry["path"])
+        assert loc.size() == entry["bytes"] and loc.sha256() == entry["sha256"]
+
+    # dense vectors: float16, unit norm, one per document
+    dense = pa.concat_tables([schemas.read_table(vdir.join(e["path"]))
+                              for e in manifest["files"] if e["kind"] == "dense"])
+    mat = schemas.dense_matrix(dense).astype(np.float32)
+    assert mat.shape == (49, 32)
+    np.testing.assert_allclose(np.linalg.norm(mat, axis=1), 1.0, atol=2e-3)
+
+    # ColBERT tokens decompress into unit vectors with the stored codec
+    codec = ResidualCodec.from_bytes(vdir.join("codec.npz").read_bytes())
+    tokens = pa.concat_tables([schemas.read_table(vdir.join(e["path"]))
+                               for e in manifest["files"] if e["kind"] == "tokens"])
+    row = tokens.slice(0, 1).to_pylist()[0]
+    codes = np.array(row["codes"], dtype=codec.code_dtype)
+    res = np.frombuffer(row["residuals"], np.uint8).reshape(len(codes), -1)
+    vecs = codec.decompress(codes, res)
+    assert vecs.shape == (row["n_vectors"], 32)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+    assert sum(tokens.column("n_vectors").to_pylist()) == manifest["counts"]["tokens"]
+
+
+def test_same_vectors_as_direct_encoding(ray_local, tiny_model_dir, tmp_path):
+    """The job's stored dense vectors equal encoding the texts directly (up to float16)."""
+    from embedding.encoder import Encoder
+    from embedding.model import load_model
+
+    rows = _docs(20)
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), rows)
+    manifest = run(_cfg(corpus, tiny_model_dir, tmp_path / "s", mode="dense"))
+    con = catalog.connect(str(tmp_path / "s"))
+    files = [r[0] for r in con.execute("select path from shards where kind = 'dense' order by shard").fetchall()]
+    table = pa.concat_tables([schemas.read_table(location(f)) for f in files])
+    stored = dict(zip(table.column("id").to_pylist(), schemas.dense_matrix(table).astype(np.float32)))
+    direct = Encoder(load_model(tiny_model_dir, device="cpu")).encode_documents([r["text"] for r in rows]).dense
+    for r, vec in zip(rows, direct):
+        np.testing.assert_allclose(stored[r["id"]], vec, atol=2e-3)
+    assert manifest["codec"] is None and manifest["dims"]["colbert"] is None
+
+
+def test_embed_s3_end_to_end(ray_local, tiny_model_dir, s3_bucket):
+    rows = _docs(40)
+    corpus = write_jsonl(f"{s3_bucket}/corpus/part-1.jsonl", rows[:25])
+    write_parquet(f"{s3_bucket}/corpus/part-2.parquet", rows[25:])
+    root = f"{s3_bucket}/store"
+    manifest = run(_cfg([f"{s3_bucket}/corpus/"], tiny_model_dir, root, nbits=1))
+    assert manifest["counts"]["documents"] == 40
+    assert corpus.startswith("s3://")
+    cols, result = catalog.query(root, "select count(*), count(distinct id) from documents")
+    assert result == [(40, 40)]
+    assert catalog.query(root, "select set_name, version, is_current from embedding_sets")[1] == [("t", "v000001", True)]
+    # a second run makes a second version; the catalog shows both, one current
+    run(_cfg([f"{s3_bucket}/corpus/part-1.jsonl"], tiny_model_dir, root, nbits=1))
+    rows_by_version = catalog.query(root, "select version, count(*) from documents group by version order by version")[1]
+    assert rows_by_version == [("v000001", 40), ("v000002", 25)]
+
+
+def test_duplicate_ids_are_refused_before_writing(ray_local, tiny_model_dir, tmp_path):
+    rows = _docs(12)
+    rows[9]["id"] = rows[2]["id"]
+    corpus = write_jsonl(str(tmp_path / "dup.jsonl"), rows)
+    with pytest.raises(CorpusError) as err:
+        run(_cfg(corpus, tiny_model_dir, tmp_path / "s"))
+    assert "d0002" in str(err.value) and "dup.jsonl" in str(err.value) and "line" in str(err.value)
+    assert not (tmp_path / "s" / "sets").exists()
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n', "line 2: not valid UTF-8"),
+    (b'{"id": "a", "text": "ok"}\n{"id": "b" "text": 1}\n', "line 2: invalid JSON"),
+    (b'{"id": "a", "body": "ok"}\n', "missing text column"),
+    (b'{"text": "ok"}\n', "missing id column"),
+    (b'{"id": null, "text": "ok"}\n', "null or empty id"),
+])
+def test_bad_jsonl_names_file_and_line(ray_local, tiny_model_dir, tmp_path, bad, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(bad)
+    with pytest.raises(CorpusError, match=needle) as err:
+        run(_cfg(str(path), tiny_model_dir, tmp_path / "s"))
+    assert "bad.jsonl" in str(err.value)
+    assert not (tmp_path / "s" / "sets").exists()
+
+
+def test_parquet_missing_columns_and_column_mapping(ray_local, tiny_model_dir, tmp_path):
+    rows = [{"doc_id": f"x{i}", "body": f"text number {i}", "language": "en"} for i in range(10)]
+    corpus = write_parquet(str(tmp_path / "c.parquet"), rows)
+    with pytest.raises(CorpusError, match=r"missing required column\(s\) \['id', 'text'\]"):
+        run(_cfg(corpus, tiny_model_dir, tmp_path / "s", mode="dense"))
+    manifest = run(_cfg(corpus, tiny_model_dir, tmp_path / "s", mode="dense",
+                        id_column="doc_id", text_column="body", lang_column="language"))
+    assert manifest["counts"]["documents"] == 10
+    langs = catalog.query(str(tmp_path / "s"), "select distinct lang from documents")[1]
+    assert langs == [("en",)]
+
+
+def test_bad_config_and_model(tiny_model_dir, tiny_model_no_weights_dir, tmp_path):
+    from embedding.model import ModelError
+    from jobs.embed import describe_model
+
+    with pytest.raises(ValueError, match="nbits must be 1, 2 or 4"):
+        _cfg("x.jsonl", tiny_model_dir, tmp_path, nbits=3)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        _cfg("x.jsonl", tiny_model_dir, tmp_path, mode="sparse")
+    with pytest.raises(ValueError, match="invalid set name"):
+        _cfg("x.jsonl", tiny_model_dir, tmp_path, set_name="../escape")
+    with pytest.raises(ModelError, match="has no weights"):
+        describe_model(_cfg("x.jsonl", tiny_model_no_weights_dir, tmp_path))
+    odd = build_tiny_model(tmp_path / "odd", colbert_dim=12)
+    with pytest.raises(ValueError, match="dimension 12 × nbits 1 is not a multiple of 8"):
+        describe_model(_cfg("x.jsonl", odd, tmp_path, nbits=1))
+
+
+def test_failed_run_publishes_nothing_and_rerun_resumes(ray_local, tiny_model_dir, tmp_path, monkeypatch):
+    rows = _docs(48)
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), rows)
+    root = tmp_path / "s"
+    monkeypatch.setenv("TESSERA_FAILPOINTS", "embed.shard=2")
+    with pytest.raises(Exception, match="failpoint embed.shard=2"):
+        run(_cfg(corpus, tiny_model_dir, root, actors=1))
+    art = Artifact(location(str(root)), "sets", "t")
+    assert art.versions() == [] and art.current() is None
+    assert catalog.query(str(root), "select count(*) from documents")[1] == [(0,)]
+    finished = {p.name for p in (root / "sets" / "t" / "v000001" / "_shards").glob("*.json")}
+    assert "00002.json" not in finished
+
+    monkeypatch.delenv("TESSERA_FAILPOINTS")
+    manifest = run(_cfg(corpus, tiny_model_dir, root, actors=1))
+    assert manifest["version"] == "v000001"          # the interrupted version was resumed
+    assert catalog.query(str(root), "select count(*), count(distinct id) from documents")[1] == [(48, 48)]
