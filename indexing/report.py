@@ -119,7 +119,7 @@ def _overall_table(results: dict[str, EvalResult], meta: dict[str, dict]) -> lis
     rows = [[label, *(_cell(meta[label].get(k)) for k in meta_keys),
              *(_fmt(r.overall.get(k)) for k in METRIC_KEYS), str(r.overall.get("queries", ""))]
             for label, r in results.items()]
-    return _table(header, rows)
+    return _table(header, rows, left=1 + len(meta_keys))
 
 
 def _language_table(results: dict[str, EvalResult]) -> list[str]:
@@ -153,8 +153,9 @@ def _meta_columns(meta: dict[str, dict]) -> list[str]:
     return [k for k in SETTING_KEYS if k in keys] + sorted(keys - set(SETTING_KEYS))
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    aligns = ["---"] + ["--:"] * (len(header) - 1)
+def _table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """Markdown table lines; the first ``left`` columns left-aligned, numbers right-aligned."""
+    aligns = ["---"] * left + ["--:"] * (len(header) - left)
     return ["| " + " | ".join(map(_escape, line)) + " |" for line in [header]] + \
         ["|" + "|".join(aligns) + "|"] + ["| " + " | ".join(map(_escape, row)) + " |" for row in rows]
 
@@ -213,6 +214,7 @@ def plot_series(meta: dict[str, dict], axis: str) -> tuple[list[str], dict]:
 
 def _plot_png(results: dict[str, EvalResult], meta: dict[str, dict], axis: str, fixed: dict) -> bytes:
     # Figure + Agg canvas directly: no pyplot, so no global backend switch or state.
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
@@ -222,9 +224,10 @@ def _plot_png(results: dict[str, EvalResult], meta: dict[str, dict], axis: str, 
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     langs = sorted({lang for r in results.values() for lang in r.per_language})
-    for lang in langs:
+    colors = colormaps["tab20" if len(langs) > 10 else "tab10"]
+    for i, lang in enumerate(langs):
         ys = [r.per_language.get(lang, {}).get(PLOT_METRIC, float("nan")) for r in results.values()]
-        ax.plot(xs, ys, marker="o", linewidth=1, alpha=0.8, label=lang)
+        ax.plot(xs, ys, marker="o", linewidth=1, alpha=0.8, color=colors(i % colors.N), label=lang)
     ax.plot(xs, [r.overall[PLOT_METRIC] for r in results.values()], marker="s", linewidth=2.5,
             color="black", label="overall")
     ax.set_xscale("log", base=2)

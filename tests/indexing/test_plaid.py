@@ -1,0 +1,455 @@
+"""Exactness, quality, merge and round-trip tests for the PLAID-style centroid index."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embedding.codec import ResidualCodec
+from indexing.plaid import (
+    ARRAY_KEYS,
+    CentroidIndex,
+    SearchParams,
+    maxsim,
+    plaid_defaults,
+    _build_ivf,
+)
+
+DIM = 32
+N_DOCS = 300
+N_TOPICS = 40
+N_CENTROIDS = 64
+N_QUERIES = 12
+LQ = 32
+NO_PRUNING = SearchParams(ncells=N_CENTROIDS, centroid_score_threshold=-math.inf, ndocs=4 * N_DOCS)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> dict:
+    """Clustered documents (5-40 tokens around 1-3 topics each) and queries drawn from them."""
+    rng = np.random.default_rng(11)
+    topics = _unit(rng.normal(size=(N_TOPICS, DIM)))
+    docs = []
+    for _ in range(N_DOCS):
+        n = int(rng.integers(5, 41))
+        doc_topics = rng.choice(N_TOPICS, size=int(rng.integers(1, 4)), replace=False)
+        centre = topics[rng.choice(doc_topics, size=n)]
+        docs.append(_unit(centre + 0.35 * rng.normal(size=(n, DIM)) / math.sqrt(DIM) * 4))
+    queries = np.zeros((N_QUERIES, LQ, DIM), dtype=np.float32)
+    for i, source in enumerate(rng.choice(N_DOCS, size=N_QUERIES, replace=False)):
+        n = int(rng.integers(8, LQ + 1))  # the rest stays zero padding
+        rows = docs[source][rng.integers(0, len(docs[source]), n)]
+        queries[i, :n] = _unit(rows + 0.2 * rng.normal(size=rows.shape) / math.sqrt(DIM) * 4)
+    return {"docs": docs, "queries": queries}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["nbits2", "nbits4"])
+def codec(request, corpus) -> ResidualCodec:
+    return ResidualCodec.fit(np.concatenate(corpus["docs"]), request.param, N_CENTROIDS, seed=5)
+
+
+@pytest.fixture(scope="module")
+def encoded(codec, corpus) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    pairs = [codec.compress(doc) for doc in corpus["docs"]]
+    return [c for c, _ in pairs], [r for _, r in pairs]
+
+
+@pytest.fixture(scope="module")
+def index(codec, encoded) -> CentroidIndex:
+    return CentroidIndex.build(codec, *encoded)
+
+
+def _reference(codec, encoded, queries, k, dim=None, allowed=None):
+    """Top-k by a plain loop over documents with :func:`maxsim`."""
+    codes, residuals = encoded
+    d = dim or codec.dim
+    out_scores, out_ids = [], []
+    for q in queries:
+        q = q[:, :d]
+        if d < codec.dim:
+            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
+        rows = []
+        for pos, (c, r) in enumerate(zip(codes, residuals)):
+            if len(c) and (allowed is None or pos in allowed):
+                rows.append((-maxsim(q, codec.decompress(c, r, dim=d)), pos))
+        rows.sort()
+        rows = rows[:k] + [(math.inf, -1)] * (k - len(rows[:k]))
+        out_scores.append([-s for s, _ in rows])
+        out_ids.append([p for _, p in rows])
+    return np.array(out_scores), np.array(out_ids)
+
+
+def _assert_same_results(a, b):
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
+
+
+def _assert_same_index(a: CentroidIndex, b: CentroidIndex):
+    for key in ARRAY_KEYS:
+        x, y = getattr(a, key), getattr(b, key)
+        assert x.dtype == y.dtype, key
+        np.testing.assert_array_equal(x, y, err_msg=key)
+
+
+# -- definitions and defaults ------------------------------------------------
+
+
+def test_maxsim_definition():
+    Q = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    D = np.array([[0.5, 0.1], [0.2, 0.9], [-1.0, 0.0]])
+    assert maxsim(Q, D) == pytest.approx(0.5 + 0.9 + 0.0)
+    with pytest.raises(ValueError, match="at least one row"):
+        maxsim(Q, np.zeros((0, 2)))
+    with pytest.raises(ValueError, match="equal dims"):
+        maxsim(Q, np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "k, expected",
+    [
+        (1, (1, 0.5, 256)),
+        (10, (1, 0.5, 256)),
+        (11, (2, 0.45, 1024)),
+        (100, (2, 0.45, 1024)),
+        (101, (4, 0.4, 4096)),
+        (1024, (4, 0.4, 4096)),
+        (2000, (4, 0.4, 8000)),
+    ],
+)
+def test_plaid_defaults(k, expected):
+    defaults = plaid_defaults(k)
+    assert (defaults["ncells"], defaults["centroid_score_threshold"], defaults["ndocs"]) == expected
+    resolved = SearchParams().resolved(k)
+    assert (resolved.ncells, resolved.centroid_score_threshold, resolved.ndocs) == expected
+    assert resolved.dim is None
+
+
+def test_resolved_keeps_explicit_values():
+    params = SearchParams(ncells=3, dim=16).resolved(5)
+    assert (params.ncells, params.centroid_score_threshold, params.ndocs, params.dim) == (3, 0.5, 256, 16)
+
+
+# -- exactness ---------------------------------------------------------------
+
+
+def test_exact_maxsim_matches_loop(index, codec, encoded, corpus):
+    queries = corpus["queries"][:5]
+    _assert_same_results(index.exact_maxsim(queries, 10), _reference(codec, encoded, queries, 10))
+
+
+def test_search_without_pruning_equals_exact(index, corpus):
+    queries = corpus["queries"]
+    for k in (1, 10, 50):
+        _assert_same_results(index.search(queries, k, NO_PRUNING), index.exact_maxsim(queries, k))
+
+
+def test_search_pads_beyond_the_collection(index, corpus):
+    k = N_DOCS + 7
+    scores, ids = index.search(corpus["queries"][:2], k, NO_PRUNING)
+    _assert_same_results((scores, ids), index.exact_maxsim(corpus["queries"][:2], k))
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    assert (ids[:, N_DOCS:] == -1).all() and np.isneginf(scores[:, N_DOCS:]).all()
+    assert sorted(ids[0, :N_DOCS]) == list(range(N_DOCS))
+
+
+def test_default_search_recall(index, corpus):
+    queries = corpus["queries"]
+    _, exact = index.exact_maxsim(queries, 10)
+    _, found = index.search(queries, 10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, found)])
+    assert overlap >= 0.8, overlap
+
+
+def test_default_search_scores_are_exact_maxsim(index, codec, encoded, corpus):
+    """Whatever PLAID returns is scored by exact MaxSim of the decompressed document."""
+    codes, residuals = encoded
+    q = corpus["queries"][:3]
+    scores, ids = index.search(q, 5)
+    for row in range(len(q)):
+        for score, pos in zip(scores[row], ids[row]):
+            ref = maxsim(q[row], codec.decompress(codes[pos], residuals[pos]))
+            assert score == pytest.approx(ref, abs=1e-5)
+        assert np.all(np.diff(scores[row]) <= 0)
+
+
+@pytest.mark.parametrize("dim", [8, 16])
+def test_matryoshka_prefix_equals_exact(index, codec, encoded, corpus, dim):
+    queries = corpus["queries"]
+    params = SearchParams(ncells=N_CENTROIDS, centroid_score_threshold=-math.inf, ndocs=4 * N_DOCS, dim=dim)
+    exact = index.exact_maxsim(queries, 10, dim=dim)
+    _assert_same_results(index.search(queries, 10, params), exact)
+    _assert_same_results(
+        index.exact_maxsim(queries[:3], 10, dim=dim), _reference(codec, encoded, queries[:3], 10, dim=dim)
+    )
+    # Queries may also arrive already truncated to the prefix.
+    _assert_same_results(index.search(queries[:, :, :dim], 10, params), exact)
+
+
+def test_full_dim_prefix_is_the_default(index, corpus):
+    queries = corpus["queries"][:4]
+    _assert_same_results(index.search(queries, 10, SearchParams(dim=DIM)), index.search(queries, 10))
+
+
+# -- the approximate stages, against plain loops ------------------------------------
+
+
+def _loop_candidates(index, scores, ncells):
+    cells = {int(c) for row in scores for c in np.argsort(-row, kind="stable")[:ncells]}
+    docs = set()
+    for c in cells:
+        docs |= set(index.ivf_docs[index.ivf_offsets[c] : index.ivf_offsets[c + 1]].tolist())
+    return sorted(docs)
+
+
+def _loop_centroid_score(index, scores, doc, kept):
+    codes = [c for c in index.codes[index.doc_offsets[doc] : index.doc_offsets[doc + 1]] if kept[c]]
+    if not codes:
+        return -math.inf
+    return float(sum(max(scores[i, c] for c in codes) for i in range(scores.shape[0])))
+
+
+@pytest.mark.parametrize("ncells, threshold", [(1, 0.5), (2, 0.45), (4, 0.3)])
+def test_approximate_stages_match_loops(index, corpus, ncells, threshold):
+    q = corpus["queries"][3]
+    q = q[np.any(q != 0, axis=1)]
+    scores = q @ index.codec.centroids.T  # (Lq, n_centroids)
+    docs = index._candidates(scores, ncells, None)
+    assert docs.tolist() == _loop_candidates(index, scores, ncells)
+    kept = scores.max(axis=0) >= threshold
+    for mask in (kept, np.ones_like(kept)):
+        expected = sorted(docs, key=lambda d: -_loop_centroid_score(index, scores, d, mask))[:20]
+        found = index._centroid_filter(docs, scores, mask if mask is kept else None, 20)
+        assert sorted(found.tolist()) == sorted(expected)
+
+
+# -- filtering -----------------------------------------------------------------
+
+
+def test_allowed_restricts_results(index, codec, encoded, corpus):
+    rng = np.random.default_rng(0)
+    allowed = np.sort(rng.choice(N_DOCS, size=60, replace=False))
+    queries = corpus["queries"]
+    exact = index.exact_maxsim(queries, 10, allowed=allowed)
+    assert np.isin(exact[1], allowed).all()
+    _assert_same_results(
+        index.exact_maxsim(queries[:2], 10, allowed=allowed),
+        _reference(codec, encoded, queries[:2], 10, allowed=set(allowed.tolist())),
+    )
+    _assert_same_results(index.search(queries, 10, NO_PRUNING, allowed=allowed), exact)
+    _, ids = index.search(queries, 10, allowed=allowed)
+    assert np.isin(ids[ids >= 0], allowed).all()
+
+
+def test_allowed_empty_and_tiny(index, corpus):
+    queries = corpus["queries"][:2]
+    scores, ids = index.search(queries, 5, allowed=np.array([], dtype=np.int64))
+    assert (ids == -1).all() and np.isneginf(scores).all()
+    _, ids = index.search(queries, 5, NO_PRUNING, allowed=np.array([7, 3]))
+    assert sorted(ids[0, :2]) == [3, 7] and (ids[:, 2:] == -1).all()
+
+
+# -- construction ------------------------------------------------------------
+
+
+def test_ivf_lists_are_documents_per_centroid(index, encoded):
+    codes, _ = encoded
+    for cell in range(N_CENTROIDS):
+        expected = [pos for pos, c in enumerate(codes) if np.any(c == cell)]
+        listed = index.ivf_docs[index.ivf_offsets[cell] : index.ivf_offsets[cell + 1]]
+        assert listed.tolist() == expected
+    assert index.ivf_docs.dtype == np.int32 and index.ivf_offsets.dtype == np.int64
+    assert index.doc_offsets.dtype == np.int64 and index.codes.dtype == index.codec.code_dtype
+
+
+def test_sizes(index, encoded):
+    codes, residuals = encoded
+    assert index.n_docs == N_DOCS
+    assert index.n_tokens == sum(len(c) for c in codes)
+    assert index.nbytes() == sum(a.nbytes for a in index.to_arrays().values())
+    assert index.nbytes() >= index.n_tokens * index.codec.bytes_per_token()
+
+
+def test_from_parts_equals_build(index, codec, encoded, corpus):
+    codes, residuals = encoded
+    cuts = [0, 97, 97, 210, N_DOCS]  # one empty part on purpose
+    parts = [CentroidIndex.build(codec, codes[a:b], residuals[a:b]) for a, b in zip(cuts, cuts[1:])]
+    merged = CentroidIndex.from_parts(codec, parts)
+    _assert_same_index(merged, index)
+    queries = corpus["queries"][:4]
+    _assert_same_results(merged.search(queries, 10), index.search(queries, 10))
+
+
+def test_from_flat_equals_build(index, codec, encoded):
+    codes, residuals = encoded
+    flat = CentroidIndex.from_flat(
+        codec, np.concatenate(codes), np.concatenate(residuals), [len(c) for c in codes]
+    )
+    _assert_same_index(flat, index)
+
+
+def test_append_equals_build(index, codec, encoded, corpus):
+    codes, residuals = encoded
+    first = CentroidIndex.build(codec, codes[:180], residuals[:180])
+    grown = first.append(codes[180:], residuals[180:])
+    assert first.n_docs == 180  # unchanged
+    _assert_same_index(grown, index)
+    queries = corpus["queries"]
+    _assert_same_results(grown.search(queries, 10), index.search(queries, 10))
+    _assert_same_results(grown.exact_maxsim(queries, 10), index.exact_maxsim(queries, 10))
+
+
+def test_arrays_round_trip(index, codec, corpus, tmp_path):
+    for key, array in index.to_arrays().items():
+        np.save(tmp_path / f"{key}.npy", array, allow_pickle=False)
+    arrays = {key: np.load(tmp_path / f"{key}.npy", allow_pickle=False) for key in ARRAY_KEYS}
+    loaded = CentroidIndex.from_arrays(ResidualCodec.from_bytes(codec.to_bytes()), arrays)
+    _assert_same_index(loaded, index)
+    queries = corpus["queries"][:4]
+    _assert_same_results(loaded.search(queries, 10), index.search(queries, 10))
+
+
+def test_from_arrays_rejects_bad_arrays(index, codec):
+    arrays = index.to_arrays()
+    with pytest.raises(ValueError, match="missing"):
+        CentroidIndex.from_arrays(codec, {k: v for k, v in arrays.items() if k != "codes"})
+    bad = dict(arrays, ivf_docs=np.where(arrays["ivf_docs"] == 0, N_DOCS, arrays["ivf_docs"]))
+    with pytest.raises(ValueError, match="ivf_docs"):
+        CentroidIndex.from_arrays(codec, bad)
+    unsorted = dict(arrays, ivf_docs=arrays["ivf_docs"][::-1].copy())
+    with pytest.raises(ValueError, match="sorted"):
+        CentroidIndex.from_arrays(codec, unsorted)
+    with pytest.raises(ValueError, match="doc_offsets"):
+        CentroidIndex.from_arrays(codec, dict(arrays, doc_offsets=arrays["doc_offsets"][:-1]))
+    with pytest.raises(ValueError, match="residuals"):
+        CentroidIndex.from_arrays(codec, dict(arrays, residuals=arrays["residuals"][:, :-1]))
+
+
+def test_arrays_are_read_only(index):
+    with pytest.raises(ValueError):
+        index.codes[0] = 1
+
+
+# -- empty documents -----------------------------------------------------------
+
+
+def test_documents_without_tokens(codec, encoded, corpus):
+    codes, residuals = encoded
+    empty_c = np.empty(0, dtype=codec.code_dtype)
+    empty_r = np.empty((0, codec.residual_bytes), dtype=np.uint8)
+    c = [empty_c, codes[0], empty_c, codes[1], codes[2], empty_c]
+    r = [empty_r, residuals[0], empty_r, residuals[1], residuals[2], empty_r]
+    small = CentroidIndex.build(codec, c, r)
+    assert small.n_docs == 6 and small.doc_lengths[[0, 2, 5]].tolist() == [0, 0, 0]
+    queries = corpus["queries"][:3]
+    # Default parameters may find fewer candidates, never an empty document.
+    assert set(small.search(queries, 5)[1].ravel()) <= {1, 3, 4, -1}
+    for scores, ids in (small.search(queries, 5, NO_PRUNING), small.exact_maxsim(queries, 5)):
+        assert set(ids[:, :3].ravel()) <= {1, 3, 4}
+        assert (ids[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
+    _assert_same_results(small.search(queries, 5, NO_PRUNING), small.exact_maxsim(queries, 5))
+    # An all-padding query scores 0 everywhere; still no empty document.
+    zero = np.zeros((1, LQ, DIM), dtype=np.float32)
+    for scores, ids in (small.search(zero, 4), small.exact_maxsim(zero, 4)):
+        assert ids[0].tolist() == [1, 3, 4, -1] and scores[0, :3].tolist() == [0, 0, 0]
+    # Only empty documents, and no documents at all.
+    for only_empty in (CentroidIndex.build(codec, [empty_c], [empty_r]), CentroidIndex.build(codec, [], [])):
+        scores, ids = only_empty.search(queries, 3)
+        assert (ids == -1).all() and np.isneginf(scores).all()
+        assert (only_empty.exact_maxsim(queries, 3)[1] == -1).all()
+
+
+def test_no_queries(index):
+    scores, ids = index.search(np.zeros((0, LQ, DIM), dtype=np.float32), 4)
+    assert scores.shape == (0, 4) and ids.shape == (0, 4)
+
+
+# -- validation -------------------------------------------------------------------
+
+
+def test_validation_errors(index, codec, encoded, corpus):
+    queries = corpus["queries"][:2]
+    with pytest.raises(ValueError, match="dim must be an integer in 1..32"):
+        index.search(queries, 10, SearchParams(dim=DIM + 1))
+    with pytest.raises(ValueError, match="dim must be an integer in 1..32"):
+        index.exact_maxsim(queries, 10, dim=DIM + 1)
+    for k in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="k must be"):
+            index.search(queries, k)
+        with pytest.raises(ValueError, match="k must be"):
+            index.exact_maxsim(queries, k)
+    with pytest.raises(ValueError, match="Q has dim 31"):
+        index.search(queries[:, :, :31], 10)
+    with pytest.raises(ValueError, match="Q has dim 16"):
+        index.exact_maxsim(queries[:, :, :16], 10, dim=8)
+    with pytest.raises(ValueError, match="3-D"):
+        index.search(queries[0], 10)
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(np.full_like(queries, np.nan), 10)
+    with pytest.raises(ValueError, match="allowed"):
+        index.search(queries, 10, allowed=np.array([N_DOCS]))
+    with pytest.raises(ValueError, match="allowed"):
+        index.search(queries, 10, allowed=np.array([0.5]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ncells": 0}, "ncells"),
+        ({"ndocs": -1}, "ndocs"),
+        ({"dim": 0}, "dim"),
+        ({"ncells": 1.5}, "ncells"),
+        ({"centroid_score_threshold": float("nan")}, "centroid_score_threshold"),
+        ({"centroid_score_threshold": "high"}, "centroid_score_threshold"),
+    ],
+)
+def test_search_params_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SearchParams(**kwargs)
+
+
+def test_build_validation(codec, encoded):
+    codes, residuals = encoded
+    with pytest.raises(ValueError, match="one entry per document"):
+        CentroidIndex.build(codec, codes[:3], residuals[:2])
+    with pytest.raises(ValueError, match=r"residuals\[1\]"):
+        CentroidIndex.build(codec, codes[:2], [residuals[0], residuals[1][:, :-1]])
+    with pytest.raises(ValueError, match=r"codes\[0\] must lie"):
+        CentroidIndex.build(codec, [np.array([N_CENTROIDS])], [residuals[0][:1]])
+    with pytest.raises(ValueError, match="doc_lengths sum"):
+        CentroidIndex.from_flat(codec, codes[0], residuals[0], [len(codes[0]) + 1])
+    other = ResidualCodec(
+        codec.centroids[::-1].copy(), codec.nbits, codec.bucket_cutoffs, codec.bucket_weights,
+        codec.avg_residual,
+    )
+    part = CentroidIndex.build(codec, codes[:2], residuals[:2])
+    with pytest.raises(ValueError, match="different codec"):
+        CentroidIndex.from_parts(other, [part])
+
+
+# -- properties of the inverted file ---------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 6), min_size=0, max_size=12),
+    n_centroids=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_build_ivf_invariants(lengths, n_centroids, seed):
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    codes = rng.integers(0, n_centroids, offsets[-1]).astype(np.uint8)
+    ivf_offsets, ivf_docs = _build_ivf(codes, offsets, n_centroids)
+    assert ivf_offsets.shape == (n_centroids + 1,) and ivf_offsets[-1] == len(ivf_docs)
+    for cell in range(n_centroids):
+        listed = ivf_docs[ivf_offsets[cell] : ivf_offsets[cell + 1]].tolist()
+        expected = [d for d in range(len(lengths)) if np.any(codes[offsets[d] : offsets[d + 1]] == cell)]
+        assert listed == expected

@@ -1,0 +1,87 @@
+"""The CLI as a user types it: one JSON document on stdout, clear errors, exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "jobs" / "data" / "sample_corpus.jsonl"
+
+
+def tessera(*args: str, cwd: Path, env_extra: "dict | None" = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", **(env_extra or {})}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_embed_sets_sql(tiny_model_dir, tmp_path):
+    out = tessera("embed", "--corpus", str(SAMPLE), "--model", str(tiny_model_dir), "--set", "demo",
+                  "--mode", "dense", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = json.loads(out.stdout)                  # exactly one JSON document
+    assert manifest["name"] == "demo" and manifest["counts"]["documents"] == 48
+    assert (tmp_path / "tessera-data" / "sets" / "demo" / "CURRENT").exists()   # default root
+    assert "rows/s" in out.stderr                      # progress goes to stderr
+
+    sql = tessera("sql", "select lang, count(*) as n from documents group by lang order by lang", "--json",
+                  cwd=tmp_path)
+    assert sql.returncode == 0, sql.stderr[-2000:]
+    rows = json.loads(sql.stdout)
+    assert sum(r["n"] for r in rows) == 48 and {"lang", "n"} == set(rows[0])
+
+    sets = tessera("sets", cwd=tmp_path)
+    assert sets.returncode == 0 and "demo" in sets.stdout and "v000001" in sets.stdout
+
+
+def test_cli_bad_input_is_a_clear_error(tiny_model_dir, tmp_path):
+    bad = tmp_path / "dup.jsonl"
+    bad.write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
+    out = tessera("embed", "--corpus", str(bad), "--model", str(tiny_model_dir), "--json", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "tessera: error:" in out.stderr and "'a'" in out.stderr and "dup.jsonl" in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+    missing = tessera("embed", "--corpus", str(tmp_path / "nope.jsonl"), "--model", str(tiny_model_dir),
+                      cwd=tmp_path)
+    assert missing.returncode == 2 and "nope.jsonl: no such file" in missing.stderr
+
+    nbits = tessera("embed", "--model", str(tiny_model_dir), "--nbits", "3", cwd=tmp_path)
+    assert nbits.returncode == 2 and "nbits must be 1, 2 or 4" in nbits.stderr
+
+    model = tessera("embed", "--model", "me5-large", cwd=tmp_path, env_extra={"TESSERA_MODELS_DIR": str(tmp_path)})
+    assert model.returncode == 2 and "me5-large" in model.stderr
+
+    sql = tessera("sql", "select nope from documents", cwd=tmp_path)
+    assert sql.returncode == 2 and "SQL error" in sql.stderr
+
+
+@pytest.mark.slow
+def test_real_multilingual_model_on_the_sample(me5_small_dir, tmp_path):
+    """multilingual-e5-small through the CLI: counts per language, and cross-language retrieval works."""
+    out = tessera("embed", "--model", str(me5_small_dir), "--root", str(tmp_path / "s"), "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = json.loads(out.stdout)
+    assert manifest["dims"] == {"dense": 384, "colbert": 384} and manifest["counts"]["documents"] == 48
+
+    from embedding.encoder import Encoder
+    from embedding.model import load_model
+    from storage import catalog, schemas
+    from storage.fs import location
+
+    con = catalog.connect(str(tmp_path / "s"))
+    assert dict(con.execute("select lang, count(*) from documents group by lang").fetchall())["en"] == 8
+    files = [r[0] for r in con.execute("select path from shards where kind = 'dense'").fetchall()]
+    table = pa.concat_tables([schemas.read_table(location(f)) for f in files])
+    ids = table.column("id").to_pylist()
+    mat = schemas.dense_matrix(table).astype(np.float32)
+    q = Encoder(load_model(me5_small_dir, device="cpu")).encode_queries(["Wie entsteht ein Vulkan?"])[0]
+    top = [ids[i] for i in np.argsort(-mat @ q)[:5]]
+    assert sum("volcano" in t for t in top) >= 4, top
