@@ -260,6 +260,21 @@ def _binary_codes(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
+def _float_kind(index: faiss.Index) -> str | None:
+    """Kind of a float index by its FAISS structure, None if it is none of ours."""
+    if isinstance(index, faiss.IndexIVFPQ):
+        return "ivfpq"
+    if isinstance(index, faiss.IndexIVFFlat):
+        return "ivf"
+    if isinstance(index, faiss.IndexIDMap):
+        inner = faiss.downcast_index(index.index)
+        for cls, kind in ((faiss.IndexFlat, "flat"), (faiss.IndexScalarQuantizer, "int8"),
+                          (faiss.IndexHNSWFlat, "hnsw")):
+            if isinstance(inner, cls):
+                return kind
+    return None
+
+
 def kind_of(index: "faiss.Index | faiss.IndexBinary") -> str:
     """The ``KINDS`` entry an index built by this module has.
 
@@ -271,18 +286,12 @@ def kind_of(index: "faiss.Index | faiss.IndexBinary") -> str:
     if isinstance(index, faiss.IndexBinaryIDMap):
         if isinstance(faiss.downcast_IndexBinary(index.index), faiss.IndexBinaryFlat):
             return "binary"
-    elif isinstance(index, faiss.Index) and index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise ValueError(f"index {type(index).__name__} does not use the inner-product metric")
-    elif isinstance(index, faiss.IndexIVFPQ):
-        return "ivfpq"
-    elif isinstance(index, faiss.IndexIVFFlat):
-        return "ivf"
-    elif isinstance(index, faiss.IndexIDMap):
-        inner = faiss.downcast_index(index.index)
-        for cls, kind in ((faiss.IndexFlat, "flat"), (faiss.IndexScalarQuantizer, "int8"),
-                          (faiss.IndexHNSWFlat, "hnsw")):
-            if isinstance(inner, cls):
-                return kind
+    elif isinstance(index, faiss.Index):
+        kind = _float_kind(index)
+        if kind is not None and index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError(f"the {kind} index uses metric {index.metric_type}, not inner product")
+        if kind is not None:
+            return kind
     raise ValueError(f"unsupported index type {type(index).__name__}; build indexes with train()")
 
 

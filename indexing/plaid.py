@@ -292,7 +292,9 @@ def _int_array(x: np.ndarray, name: str, ndim: int = 1) -> np.ndarray:
     if x.size == 0 and x.ndim == ndim:
         return x.astype(np.int64)  # an empty list arrives as float64
     if x.ndim != ndim or not np.issubdtype(x.dtype, np.integer):
-        raise ValueError(f"{name} must be a {ndim}-D integer array, got shape {x.shape} dtype {x.dtype}")
+        raise ValueError(
+            f"{name} must be a {ndim}-D integer array, got shape {x.shape} dtype {x.dtype}"
+        )
     return x
 
 
@@ -338,7 +340,9 @@ def _check_ivf_docs(ivf_docs: np.ndarray, ivf_offsets: np.ndarray, n_docs: int) 
     return ivf_docs.astype(np.int32, copy=False)
 
 
-def _build_ivf(codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int) -> tuple[np.ndarray, np.ndarray]:
+def _build_ivf(
+    codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Inverted lists: for each centroid, the sorted documents with a token on it.
 
     Returns
@@ -426,13 +430,16 @@ class CentroidIndex:
         codes = _check_codes(self.codes, self.codec)
         doc_offsets = _check_offsets(self.doc_offsets, len(codes), "doc_offsets")
         if len(doc_offsets) - 1 > _MAX_DOCS:
-            raise ValueError(f"at most {_MAX_DOCS} documents per index, got {len(doc_offsets) - 1}")
+            raise ValueError(
+                f"at most {_MAX_DOCS} documents per index, got {len(doc_offsets) - 1}"
+            )
         residuals = _check_residuals(self.residuals, len(codes), self.codec, "residuals")
         ivf_docs = _int_array(self.ivf_docs, "ivf_docs")
         ivf_offsets = _check_offsets(self.ivf_offsets, len(ivf_docs), "ivf_offsets")
         if len(ivf_offsets) != self.codec.n_centroids + 1:
             raise ValueError(
-                f"ivf_offsets must have {self.codec.n_centroids + 1} entries, got {len(ivf_offsets)}"
+                f"ivf_offsets must have {self.codec.n_centroids + 1} entries, "
+                f"got {len(ivf_offsets)}"
             )
         ivf_docs = _check_ivf_docs(ivf_docs, ivf_offsets, len(doc_offsets) - 1)
         checked = {
@@ -691,8 +698,11 @@ class CentroidIndex:
     def _prefix_dim(self, dim: int | None) -> int:
         if dim is None:
             return self.codec.dim
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= self.codec.dim:
-            raise ValueError(f"dim must be an integer in 1..{self.codec.dim} (codec dim), got {dim!r}")
+        is_int = isinstance(dim, (int, np.integer)) and not isinstance(dim, bool)
+        if not is_int or not 1 <= dim <= self.codec.dim:
+            raise ValueError(
+                f"dim must be an integer in 1..{self.codec.dim} (codec dim), got {dim!r}"
+            )
         return int(dim)
 
     def _allowed_mask(self, allowed: np.ndarray | None) -> np.ndarray | None:
@@ -700,7 +710,8 @@ class CentroidIndex:
         if allowed is None:
             return None
         allowed = np.asarray(allowed)
-        if allowed.ndim != 1 or not (np.issubdtype(allowed.dtype, np.integer) or allowed.size == 0):
+        is_int = np.issubdtype(allowed.dtype, np.integer) or allowed.size == 0
+        if allowed.ndim != 1 or not is_int:
             raise ValueError(
                 f"allowed must be a 1-D integer array of document positions, got "
                 f"shape {allowed.shape} dtype {allowed.dtype}"

@@ -276,14 +276,14 @@ def test_flat_allowed_equals_restricted_brute_force(one_piece, queries, vectors)
 
 
 @pytest.mark.parametrize("kind", dense.KINDS)
-def test_fewer_results_than_k_are_padded(kind, one_piece, queries, vectors):
+def test_fewer_results_than_k_are_padded(kind, trained, one_piece, queries, vectors):
     allowed = np.array([5, 17, 2999], dtype=np.int64)
     index, params = one_piece[kind], PARAMS[kind]
     for kwargs in ({}, {"vectors": vectors}):
         scores, ids = dense.search(index, params, queries[:4], K, allowed=allowed, **kwargs)
         assert ids.shape == scores.shape == (4, K)
         assert (ids[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
-    empty = dense.from_bytes(dense.to_bytes(dense.train(params, vectors)), kind)
+    empty = dense.from_bytes(trained[kind], kind)
     scores, ids = dense.search(empty, params, queries[:2], K)
     assert (ids == -1).all() and np.isneginf(scores).all()
 
@@ -383,3 +383,5 @@ def test_input_errors(trained, one_piece, vectors, queries):
         dense.search(one_piece["flat"], PARAMS["flat"], queries, K, allowed=np.ones((2, 2), np.int64))
     with pytest.raises(ValueError, match="unsupported index type"):
         dense.kind_of(faiss.IndexFlatIP(DIM))
+    with pytest.raises(ValueError, match="not inner product"):
+        dense.kind_of(faiss.IndexIDMap(faiss.IndexFlatL2(DIM)))

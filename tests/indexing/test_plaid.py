@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -126,7 +127,7 @@ def test_maxsim_definition():
 )
 def test_plaid_defaults(k, expected):
     defaults = plaid_defaults(k)
-    assert (defaults["ncells"], defaults["centroid_score_threshold"], defaults["ndocs"]) == expected
+    assert tuple(defaults[key] for key in ("ncells", "centroid_score_threshold", "ndocs")) == expected
     resolved = SearchParams().resolved(k)
     assert (resolved.ncells, resolved.centroid_score_threshold, resolved.ndocs) == expected
     assert resolved.dim is None
@@ -134,7 +135,7 @@ def test_plaid_defaults(k, expected):
 
 def test_resolved_keeps_explicit_values():
     params = SearchParams(ncells=3, dim=16).resolved(5)
-    assert (params.ncells, params.centroid_score_threshold, params.ndocs, params.dim) == (3, 0.5, 256, 16)
+    assert params == SearchParams(ncells=3, centroid_score_threshold=0.5, ndocs=256, dim=16)
 
 
 # -- exactness ---------------------------------------------------------------
@@ -183,11 +184,12 @@ def test_default_search_scores_are_exact_maxsim(index, codec, encoded, corpus):
 @pytest.mark.parametrize("dim", [8, 16])
 def test_matryoshka_prefix_equals_exact(index, codec, encoded, corpus, dim):
     queries = corpus["queries"]
-    params = SearchParams(ncells=N_CENTROIDS, centroid_score_threshold=-math.inf, ndocs=4 * N_DOCS, dim=dim)
+    params = dataclasses.replace(NO_PRUNING, dim=dim)
     exact = index.exact_maxsim(queries, 10, dim=dim)
     _assert_same_results(index.search(queries, 10, params), exact)
     _assert_same_results(
-        index.exact_maxsim(queries[:3], 10, dim=dim), _reference(codec, encoded, queries[:3], 10, dim=dim)
+        index.exact_maxsim(queries[:3], 10, dim=dim),
+        _reference(codec, encoded, queries[:3], 10, dim=dim),
     )
     # Queries may also arrive already truncated to the prefix.
     _assert_same_results(index.search(queries[:, :, :dim], 10, params), exact)
@@ -195,7 +197,8 @@ def test_matryoshka_prefix_equals_exact(index, codec, encoded, corpus, dim):
 
 def test_full_dim_prefix_is_the_default(index, corpus):
     queries = corpus["queries"][:4]
-    _assert_same_results(index.search(queries, 10, SearchParams(dim=DIM)), index.search(queries, 10))
+    full = index.search(queries, 10, SearchParams(dim=DIM))
+    _assert_same_results(full, index.search(queries, 10))
 
 
 # -- the approximate stages, against plain loops ------------------------------------
@@ -210,7 +213,8 @@ def _loop_candidates(index, scores, ncells):
 
 
 def _loop_centroid_score(index, scores, doc, kept):
-    codes = [c for c in index.codes[index.doc_offsets[doc] : index.doc_offsets[doc + 1]] if kept[c]]
+    tokens = index.codes[index.doc_offsets[doc] : index.doc_offsets[doc + 1]]
+    codes = [c for c in tokens if kept[c]]
     if not codes:
         return -math.inf
     return float(sum(max(scores[i, c] for c in codes) for i in range(scores.shape[0])))
@@ -280,7 +284,9 @@ def test_sizes(index, encoded):
 def test_from_parts_equals_build(index, codec, encoded, corpus):
     codes, residuals = encoded
     cuts = [0, 97, 97, 210, N_DOCS]  # one empty part on purpose
-    parts = [CentroidIndex.build(codec, codes[a:b], residuals[a:b]) for a, b in zip(cuts, cuts[1:])]
+    parts = [
+        CentroidIndex.build(codec, codes[a:b], residuals[a:b]) for a, b in zip(cuts, cuts[1:])
+    ]
     merged = CentroidIndex.from_parts(codec, parts)
     _assert_same_index(merged, index)
     queries = corpus["queries"][:4]
@@ -360,7 +366,8 @@ def test_documents_without_tokens(codec, encoded, corpus):
     for scores, ids in (small.search(zero, 4), small.exact_maxsim(zero, 4)):
         assert ids[0].tolist() == [1, 3, 4, -1] and scores[0, :3].tolist() == [0, 0, 0]
     # Only empty documents, and no documents at all.
-    for only_empty in (CentroidIndex.build(codec, [empty_c], [empty_r]), CentroidIndex.build(codec, [], [])):
+    only_empty_docs = CentroidIndex.build(codec, [empty_c], [empty_r])
+    for only_empty in (only_empty_docs, CentroidIndex.build(codec, [], [])):
         scores, ids = only_empty.search(queries, 3)
         assert (ids == -1).all() and np.isneginf(scores).all()
         assert (only_empty.exact_maxsim(queries, 3)[1] == -1).all()
@@ -451,5 +458,7 @@ def test_build_ivf_invariants(lengths, n_centroids, seed):
     assert ivf_offsets.shape == (n_centroids + 1,) and ivf_offsets[-1] == len(ivf_docs)
     for cell in range(n_centroids):
         listed = ivf_docs[ivf_offsets[cell] : ivf_offsets[cell + 1]].tolist()
-        expected = [d for d in range(len(lengths)) if np.any(codes[offsets[d] : offsets[d + 1]] == cell)]
+        expected = [
+            d for d in range(len(lengths)) if np.any(codes[offsets[d] : offsets[d + 1]] == cell)
+        ]
         assert listed == expected
