@@ -127,7 +127,8 @@ def test_maxsim_definition():
 )
 def test_plaid_defaults(k, expected):
     defaults = plaid_defaults(k)
-    assert tuple(defaults[key] for key in ("ncells", "centroid_score_threshold", "ndocs")) == expected
+    keys = ("ncells", "centroid_score_threshold", "ndocs")
+    assert tuple(defaults[key] for key in keys) == expected
     resolved = SearchParams().resolved(k)
     assert (resolved.ncells, resolved.centroid_score_threshold, resolved.ndocs) == expected
     assert resolved.dim is None
