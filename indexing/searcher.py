@@ -1,0 +1,449 @@
+"""Search a committed index version by text: the main Python API of Tessera.
+
+::
+
+    from indexing.searcher import Searcher
+
+    searcher = Searcher.open("./tessera-data", "xq-flat")
+    hits = searcher.search(["where is the station?"], k=10, lang="de", where="year > 2005")
+    # [[("doc-17", 0.83), ("doc-4", 0.79), ...]]
+
+:meth:`Searcher.open` reads an index version written by ``jobs/build_index``::
+
+    <root>/indexes/<name>/vNNNNNN/manifest.json   index_kind, source {set, version, fingerprint, dir},
+                                                  dim, params, n_docs, files
+    <root>/indexes/<name>/vNNNNNN/index.faiss     dense kinds (flat, ivf, ivfpq, hnsw, int8, binary)
+    <root>/indexes/<name>/vNNNNNN/plaid/<key>.npy plaid: one array per CentroidIndex.to_arrays() key
+    <root>/indexes/<name>/vNNNNNN/ids.parquet     pos (int64) -> id (string)
+
+The codec of a plaid index is the source set's ``codec.npz``; ``int8``, ``binary``
+and ``ivfpq`` rescore their candidates with the set's float16 dense vectors.
+
+Vectors are immutable, so the query encoder must be the one the documents were
+encoded with (same fingerprint), or a query encoder registered as compatible with
+the set (``<root>/encoders/<name>/vN/manifest.json`` with ``fingerprint`` and
+``compatible_with.fingerprint``). Anything else is refused with
+:class:`IncompatibleEncoderError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from embedding.codec import ResidualCodec
+from embedding.encoder import Encoder
+from embedding.model import (EncoderSettings, ModelError, check_model_dir, fingerprint, load_model,
+                             read_settings)
+from embedding.mrl import truncate
+from indexing import dense
+from indexing.plaid import CentroidIndex, SearchParams
+from storage import layout, schemas
+from storage.fs import Location
+from storage.manifest import Artifact, NotFoundError
+
+logger = logging.getLogger(__name__)
+
+PLAID = "plaid"
+INDEX_KINDS = dense.KINDS + (PLAID,)
+#: Search parameters a caller may override per call, by index family.
+DENSE_OVERRIDES = ("nprobe", "ef_search", "rescore")
+PLAID_OVERRIDES = ("ncells", "centroid_score_threshold", "ndocs")
+_FP_SHOWN = 16
+
+
+class IncompatibleEncoderError(ValueError):
+    """A query encoder whose vectors do not live in the space of the index's documents."""
+
+
+# ---- query encoder compatibility ------------------------------------------------------
+def is_registered(root: "str | Location", encoder_fingerprint: str, set_fingerprint: str) -> bool:
+    """Whether a query encoder version is registered as compatible with a set.
+
+    Scans ``<root>/encoders/*/v*/manifest.json`` for a manifest whose ``fingerprint``
+    is ``encoder_fingerprint`` and whose ``compatible_with.fingerprint`` is
+    ``set_fingerprint``. Unreadable manifests are skipped with a warning.
+    """
+    root = layout.resolve_root(root)
+    for loc in root.glob(f"encoders/*/v*/{layout.MANIFEST}"):
+        try:
+            m = json.loads(loc.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            logger.warning("skipping unreadable encoder manifest %s: %s", loc.url, err)
+            continue
+        compat = m.get("compatible_with") if isinstance(m, dict) else None
+        if isinstance(compat, dict) and m.get("fingerprint") == encoder_fingerprint \
+                and compat.get("fingerprint") == set_fingerprint:
+            logger.info("query encoder %s is registered in %s", encoder_fingerprint[:_FP_SHOWN], loc.url)
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    """A query encoder accepted for an index: folder, settings and fingerprint."""
+
+    path: Path
+    settings: EncoderSettings
+    fingerprint: str
+    registered: bool
+
+
+def choose_query_encoder(root: Location, index: str, source: dict, set_model: dict,
+                         query_encoder: "str | None") -> EncoderChoice:
+    """The query encoder to use for an index, checked against its set's fingerprint.
+
+    Parameters
+    ----------
+    index : the index name (for messages).
+    source : the index manifest's ``source`` (set, version, fingerprint).
+    set_model : the set manifest's ``model`` (path, settings, fingerprint).
+    query_encoder : a local Hugging Face folder, or None for the set's own model.
+
+    Raises
+    ------
+    IncompatibleEncoderError
+        The encoder's fingerprint is neither the set's nor registered for it.
+    ModelError
+        The folder is not a usable model folder.
+    """
+    set_fp = set_model["fingerprint"]
+    set_settings = EncoderSettings(**set_model["settings"])
+    if query_encoder is None:
+        path = _default_model_dir(set_model["path"], source)
+        candidates = [set_settings]
+    else:
+        path = check_model_dir(query_encoder)
+        # The set's conventions first (same weights, same prefixes = same vectors),
+        # then the folder's own settings (how a registered, re-tuned encoder was saved).
+        candidates = list(dict.fromkeys([set_settings, read_settings(path)]))
+    fps = [fingerprint(path, s) for s in candidates]
+    for settings, fp in zip(candidates, fps):
+        if fp == set_fp:
+            return EncoderChoice(path, settings, fp, registered=False)
+        if query_encoder is not None and is_registered(root, fp, set_fp):
+            return EncoderChoice(path, settings, fp, registered=True)
+    raise IncompatibleEncoderError(
+        f"query encoder {path} has fingerprint {fps[-1][:_FP_SHOWN]}, index {index!r} was built from "
+        f"set {source['set']!r} {source['version']} whose documents were encoded with "
+        f"{set_fp[:_FP_SHOWN]} ({set_model['path']}); refusing: use that model or a query encoder "
+        "registered for the set")
+
+
+def _default_model_dir(path: str, source: dict) -> Path:
+    try:
+        return check_model_dir(path)
+    except ModelError as err:
+        raise ModelError(f"{err}; it is the model set {source['set']!r} {source['version']} was "
+                         "embedded with: pass query_encoder= to use a copy of it elsewhere") from err
+
+
+# ---- reading an index version ---------------------------------------------------------
+def _file_loc(base: Location, path: str) -> Location:
+    """A manifest file entry's location: relative to ``base`` unless absolute or a URL."""
+    return Location(path) if "://" in path or path.startswith("/") else base.join(path)
+
+
+def _entries(manifest: dict, kind: str) -> list[dict]:
+    return [e for e in manifest.get("files", []) if e.get("kind") == kind]
+
+
+def _read_checked(base: Location, entry: dict) -> bytes:
+    """The bytes of a manifest file entry, checked against its recorded sha256."""
+    loc = _file_loc(base, entry["path"])
+    data = loc.read_bytes()
+    expected = entry.get("sha256")
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"{loc.url}: sha256 does not match the manifest (corrupt or replaced file)")
+    return data
+
+
+def _index_manifest(art: Artifact, version: "str | None") -> dict:
+    m = art.manifest(version)
+    kind = m.get("index_kind")
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index {art.name!r} {m.get('version')}: unknown index_kind {kind!r}; "
+                         f"expected one of {', '.join(INDEX_KINDS)}")
+    for key in ("source", "dim", "files"):
+        if key not in m:
+            raise ValueError(f"index {art.name!r} {m.get('version')}: manifest lacks {key!r}")
+    return m
+
+
+def _source_set(root: Location, source: dict) -> tuple[dict, Location]:
+    """The source set's manifest and version folder (under ``root``, else ``source["dir"]``)."""
+    art = Artifact(root, "sets", source["set"])
+    try:
+        version = art.resolve(source["version"])
+        return art.manifest(version), art.version_dir(version)
+    except NotFoundError:
+        folder = Location(source["dir"]) if source.get("dir") else None
+        if folder is None or not folder.join(layout.MANIFEST).exists():
+            raise
+    logger.info("set %s %s is not under %s; reading it from %s", source["set"], source["version"],
+                root.url, folder.url)
+    return json.loads(folder.join(layout.MANIFEST).read_text()), folder
+
+
+def read_ids(vdir: Location, manifest: dict) -> pa.StringArray:
+    """Document ids by positional id, ``(n_docs,)``, from the version's ``ids.parquet``."""
+    entry = (_entries(manifest, "ids") or [{"path": "ids.parquet"}])[0]
+    table = schemas.read_table(_file_loc(vdir, entry["path"]), columns=["pos", "id"])
+    table = table.sort_by("pos")
+    pos = table.column("pos").to_numpy()
+    if not np.array_equal(pos, np.arange(len(pos))):
+        raise ValueError(f"{vdir.url}/ids.parquet: positions are not 0..{len(pos) - 1}")
+    n_docs = manifest.get("n_docs")
+    if n_docs is not None and n_docs != len(pos):
+        raise ValueError(f"{vdir.url}: ids.parquet has {len(pos)} rows, the manifest says {n_docs} documents")
+    return table.column("id").combine_chunks()
+
+
+def read_dense_vectors(set_dir: Location, set_manifest: dict) -> np.ndarray:
+    """The set's float16 dense vectors in positional order, ``(n, D)``.
+
+    Positions are the concatenation order of the set's ``dense`` files sorted by shard.
+    """
+    entries = sorted(_entries(set_manifest, "dense"), key=lambda e: e.get("shard", 0))
+    if not entries:
+        raise ValueError(f"set {set_manifest.get('name')!r} {set_manifest.get('version')} has no dense "
+                         "vectors (embedded with mode colbert?)")
+    mats = [schemas.dense_matrix(schemas.read_table(_file_loc(set_dir, e["path"]), columns=["vector"]))
+            for e in entries]
+    return np.concatenate(mats).astype(np.float16, copy=False)
+
+
+def _read_codec(set_dir: Location, set_manifest: dict) -> ResidualCodec:
+    name = (set_manifest.get("codec") or {}).get("file")
+    if name is None:
+        raise ValueError(f"set {set_manifest.get('name')!r} {set_manifest.get('version')} has no "
+                         "ColBERT codec: a plaid index needs a set embedded with mode colbert or both")
+    return ResidualCodec.from_bytes(set_dir.join(name).read_bytes())
+
+
+def _plaid_arrays(vdir: Location, manifest: dict) -> dict[str, np.ndarray]:
+    """``{key: array}`` from the ``plaid/<key>.npy`` files (no pickle)."""
+    arrays = {}
+    for entry in _entries(manifest, PLAID):
+        key = posixpath.basename(entry["path"]).removesuffix(".npy")
+        arrays[key] = np.load(io.BytesIO(_read_checked(vdir, entry)), allow_pickle=False)
+    return arrays
+
+
+# ---- the two index families -----------------------------------------------------------
+def _check_overrides(params: "dict | None", allowed: tuple[str, ...], kind: str) -> dict:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ValueError(f"params must be a dict, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown search params {unknown} for a {kind} index; allowed: {list(allowed)}")
+    return dict(params)
+
+
+class _DenseBackend:
+    """FAISS search over Matryoshka-truncated single vectors."""
+
+    def __init__(self, index, params: dense.DenseIndexParams, vectors: "np.ndarray | None") -> None:
+        self.index, self.params, self.vectors = index, params, vectors
+
+    def encode(self, encoder: Encoder, texts: list[str]) -> np.ndarray:
+        """``(n, dim)`` float32 unit query vectors."""
+        return truncate(encoder.encode_queries(texts), self.params.dim)
+
+    def search(self, q: np.ndarray, k: int, allowed: "np.ndarray | None",
+               overrides: "dict | None") -> tuple[np.ndarray, np.ndarray]:
+        params = dataclasses.replace(self.params, **_check_overrides(overrides, DENSE_OVERRIDES,
+                                                                     self.params.kind))
+        return dense.search(self.index, params, q, k, vectors=self.vectors, allowed=allowed)
+
+
+class _PlaidBackend:
+    """PLAID search over residual-compressed ColBERT token vectors."""
+
+    def __init__(self, index: CentroidIndex, dim: int) -> None:
+        self.index, self.dim = index, dim
+
+    def encode(self, encoder: Encoder, texts: list[str]) -> np.ndarray:
+        """``(n, query_maxlen, colbert_dim)`` float32 query matrices."""
+        return encoder.encode_queries_colbert(texts)
+
+    def search(self, q: np.ndarray, k: int, allowed: "np.ndarray | None",
+               overrides: "dict | None") -> tuple[np.ndarray, np.ndarray]:
+        params = SearchParams(dim=self.dim, **_check_overrides(overrides, PLAID_OVERRIDES, PLAID))
+        return self.index.search(q, k, params, allowed=allowed)
+
+
+def _load_backend(manifest: dict, vdir: Location, set_manifest: dict, set_dir: Location):
+    kind, dim = manifest["index_kind"], int(manifest["dim"])
+    if kind == PLAID:
+        codec = _read_codec(set_dir, set_manifest)
+        return _PlaidBackend(CentroidIndex.from_arrays(codec, _plaid_arrays(vdir, manifest)), dim), codec.nbits
+    params = dense.DenseIndexParams.from_dict(manifest["params"])
+    if params.kind != kind or params.dim != dim:
+        raise ValueError(f"{vdir.url}: params describe a {params.kind} index of dim {params.dim}, "
+                         f"the manifest a {kind} index of dim {dim}")
+    entries = _entries(manifest, "index")
+    if len(entries) != 1:
+        raise ValueError(f"{vdir.url}: expected one 'index' file in the manifest, found {len(entries)}")
+    index = dense.from_bytes(_read_checked(vdir, entries[0]), kind)
+    vectors = read_dense_vectors(set_dir, set_manifest) if kind in dense.RESCORED_KINDS else None
+    return _DenseBackend(index, params, vectors), None
+
+
+# ---- the searcher ---------------------------------------------------------------------
+def _check_queries(queries: list[str]) -> list[str]:
+    if isinstance(queries, str) or not isinstance(queries, (list, tuple)):
+        raise ValueError(f"queries must be a list of strings, got {type(queries).__name__}")
+    for i, text in enumerate(queries):
+        if not isinstance(text, str):
+            raise ValueError(f"query {i} is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise ValueError(f"query {i} is empty or whitespace only")
+    return list(queries)
+
+
+def _check_text(value: "str | None", name: str) -> "str | None":
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
+    return value
+
+
+class Searcher:
+    """Text queries in, ranked document ids out, for one committed index version.
+
+    Build it with :meth:`open`. Attributes describe the index: ``name``,
+    ``version``, ``kind``, ``dim``, ``nbits`` (plaid: the codec's, else None),
+    ``manifest``, ``set_manifest``, ``encoder`` (the accepted :class:`EncoderChoice`).
+    """
+
+    def __init__(self, root: Location, manifest: dict, set_manifest: dict, backend, nbits: "int | None",
+                 ids: pa.StringArray, encoder: Encoder, choice: EncoderChoice) -> None:
+        self.root, self.manifest, self.set_manifest = root, manifest, set_manifest
+        self.name, self.version = manifest["name"], manifest["version"]
+        self.kind, self.dim, self.nbits = manifest["index_kind"], int(manifest["dim"]), nbits
+        self.encoder = choice
+        self._backend, self._encoder = backend, encoder
+        self._id_array = ids
+        self._ids: list[str] = ids.to_pylist()
+        self._con = None
+
+    @classmethod
+    def open(cls, root: "str | Location", index: str, *, version: "str | None" = None,
+             query_encoder: "str | None" = None, device: str = "cpu") -> "Searcher":
+        """Load an index version, its id map, and a query encoder compatible with it.
+
+        Parameters
+        ----------
+        root : the store root (local path or s3://).
+        index : the index name.
+        version : e.g. ``"v000002"``; default the published (current) version.
+        query_encoder : a local Hugging Face folder; default the model the set was
+            embedded with (``model.path`` in the set manifest).
+        device : torch device of the query encoder.
+
+        Raises
+        ------
+        NotFoundError
+            Unknown index (the message lists the known ones) or version, or a missing set.
+        IncompatibleEncoderError
+            The query encoder does not match the set the index was built from.
+        """
+        root = layout.resolve_root(root)
+        art = Artifact(root, "indexes", layout.check_name(index, "index name"))
+        manifest = _index_manifest(art, version)
+        source = manifest["source"]
+        set_manifest, set_dir = _source_set(root, source)
+        choice = choose_query_encoder(root, index, source, set_manifest["model"], query_encoder)
+        vdir = art.version_dir(manifest["version"])
+        ids = read_ids(vdir, manifest)
+        backend, nbits = _load_backend(manifest, vdir, set_manifest, set_dir)
+        lm = load_model(choice.path, choice.settings, device=device)
+        assert lm.fingerprint == choice.fingerprint, "model changed while loading"
+        logger.info("opened index %s %s (%s, dim %d, %d documents) of set %s %s", index, manifest["version"],
+                    manifest["index_kind"], int(manifest["dim"]), len(ids), source["set"], source["version"])
+        return cls(root, manifest, set_manifest, backend, nbits, ids, Encoder(lm), choice)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self._ids)
+
+    @property
+    def doc_ids(self) -> list[str]:
+        """Document ids by positional id (a copy)."""
+        return list(self._ids)
+
+    def search(self, queries: list[str], k: int = 10, *, lang: "str | None" = None,
+               where: "str | None" = None, params: "dict | None" = None) -> list[list[tuple[str, float]]]:
+        """Top-``k`` documents of each query, best first.
+
+        Parameters
+        ----------
+        queries : n non-empty texts.
+        k : results per query, >= 1 (fewer when fewer documents match).
+        lang : only documents of this language (the ``lang`` column of ``documents``).
+        where : a SQL predicate over the ``documents`` view columns, e.g. ``"year > 2005"``.
+        params : per-call search knobs: ``nprobe``, ``ef_search``, ``rescore`` for dense
+            kinds; ``ncells``, ``centroid_score_threshold``, ``ndocs`` for plaid.
+
+        Returns
+        -------
+        list of n lists of ``(doc_id, score)``; scores are inner products (dense;
+        minus Hamming distances for binary without rescoring) or MaxSim (plaid).
+
+        Raises
+        ------
+        ValueError
+            An empty query (naming its position), a bad ``k``, an invalid filter or params.
+        """
+        texts = _check_queries(queries)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        allowed = self.allowed_positions(lang=lang, where=where)
+        if not texts or (allowed is not None and allowed.size == 0):
+            return [[] for _ in texts]
+        q = self._backend.encode(self._encoder, texts)
+        scores, ids = self._backend.search(q, int(k), allowed, params)
+        return [[(self._ids[p], float(s)) for s, p in zip(srow, prow) if p >= 0]
+                for srow, prow in zip(scores, ids)]
+
+    def allowed_positions(self, *, lang: "str | None" = None, where: "str | None" = None) -> "np.ndarray | None":
+        """Sorted int64 positions of the documents passing the filters; None without filters."""
+        lang, where = _check_text(lang, "lang"), _check_text(where, "where")
+        if lang is None and where is None:
+            return None
+        sql = "SELECT id FROM documents WHERE set_name = ? AND version = ?"
+        args = [self.manifest["source"]["set"], self.manifest["source"]["version"]]
+        if lang is not None:
+            sql += " AND lang = ?"
+            args.append(lang)
+        if where is not None:
+            sql += f" AND ({where})"
+        matched = self._query_ids(sql, args, where)
+        found = pc.index_in(matched, value_set=self._id_array).drop_null()
+        positions = np.unique(found.to_numpy(zero_copy_only=False).astype(np.int64))
+        logger.debug("filter lang=%r where=%r: %d of %d documents", lang, where, len(positions), self.n_docs)
+        return positions
+
+    def _query_ids(self, sql: str, args: list, where: "str | None") -> pa.Array:
+        import duckdb
+
+        from storage.catalog import connect
+
+        if self._con is None:
+            self._con = connect(self.root)
+        try:
+            table = self._con.execute(sql, args).to_arrow_table()
+        except duckdb.Error as err:
+            raise ValueError(f"invalid filter: {where!r}: {err}") from err
+        return table.column("id").combine_chunks().cast(pa.string())

@@ -1,0 +1,93 @@
+"""The index job over a real (tiny-model) embedding set: every kind, merge exactness, s3."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from indexing import dense
+from jobs.build_index import IndexConfig, run as build
+from jobs.embed import EmbedConfig, run as embed
+from storage import schemas
+from storage.fs import location
+from storage.manifest import Artifact, NotFoundError
+from tests.jobs.test_embed import _docs, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory, tiny_model_dir):
+    from conftest import ensure_local_ray
+
+    ensure_local_ray()
+    tmp = tmp_path_factory.mktemp("idx")
+    corpus = write_jsonl(str(tmp / "c.jsonl"), _docs(300))
+    root = str(tmp / "store")
+    embed(EmbedConfig(corpus=(corpus,), model=str(tiny_model_dir), set_name="t", root=root, rows_per_shard=64,
+                      n_centroids=32, mode="both", nbits=2))
+    return root
+
+
+def _all_vectors(root: str, dim: int) -> np.ndarray:
+    from embedding.mrl import truncate
+
+    m = Artifact(location(root), "sets", "t").manifest()
+    vdir = location(root).join("sets", "t", m["version"])
+    files = sorted((e for e in m["files"] if e["kind"] == "dense"), key=lambda e: e["shard"])
+    return truncate(np.concatenate([schemas.dense_matrix(schemas.read_table(vdir.join(e["path"])))
+                                    for e in files]), dim)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw", "int8", "binary", "plaid"])
+def test_every_kind_builds_and_round_trips(ray_local, tiny_set, kind):
+    m = build(IndexConfig(set_name="t", kind=kind, root=tiny_set, dim=16 if kind == "ivfpq" else None,
+                          nlist=8, pq_m=4, pq_nbits=4, train_size=200))
+    assert m["n_docs"] == 300 and m["source"]["set"] == "t" and m["source"]["version"] == "v000001"
+    assert len(m["source"]["fingerprint"]) == 64
+    art = Artifact(location(tiny_set), "indexes", m["name"])
+    assert art.current() == m["version"]
+    vdir = art.version_dir(m["version"])
+    for e in m["files"]:
+        assert vdir.join(e["path"]).sha256() == e["sha256"]
+    ids = schemas.read_table(vdir.join("ids.parquet")).column("id").to_pylist()
+    assert len(ids) == 300 and len(set(ids)) == 300
+
+
+def test_sharded_ivf_equals_one_piece(ray_local, tiny_set):
+    m = build(IndexConfig(set_name="t", kind="ivf", root=tiny_set, nlist=8, name="t-ivf-sharded", train_size=300))
+    vdir = Artifact(location(tiny_set), "indexes", m["name"]).version_dir(m["version"])
+    merged = dense.from_bytes(vdir.join("index.faiss").read_bytes(), "ivf")
+    params = dense.DenseIndexParams.from_dict(m["params"])
+    x = _all_vectors(tiny_set, 32)
+    # the same trained quantiser, everything added in one piece
+    one = dense.from_bytes(vdir.join("index.faiss").read_bytes(), "ivf")
+    one.reset()
+    dense.add(one, x, 0)
+    q = x[:20]
+    s1, i1 = dense.search(merged, params, q, 10)
+    s2, i2 = dense.search(one, params, q, 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2)
+    flat_ids = np.argsort(-(q @ x.T), axis=1)[:, 0]
+    assert (i1[:, 0] == flat_ids).mean() >= 0.9    # a document finds itself
+
+
+def test_bad_index_requests(ray_local, tiny_set):
+    with pytest.raises(ValueError, match="index kind must be one of"):
+        IndexConfig(set_name="t", kind="annoy")
+    with pytest.raises(ValueError, match="dimension 64 is above the stored dimension 32"):
+        build(IndexConfig(set_name="t", kind="flat", root=tiny_set, dim=64))
+    with pytest.raises(NotFoundError, match="no published set 'nope'"):
+        build(IndexConfig(set_name="nope", kind="flat", root=tiny_set))
+    with pytest.raises(ValueError, match="does not divide"):
+        build(IndexConfig(set_name="t", kind="ivfpq", root=tiny_set, pq_m=5, nlist=4))
+
+
+def test_index_on_s3(ray_local, tiny_model_dir, s3_bucket):
+    corpus = write_jsonl(f"{s3_bucket}/c.jsonl", _docs(80))
+    root = f"{s3_bucket}/store"
+    embed(EmbedConfig(corpus=(corpus,), model=str(tiny_model_dir), set_name="t", root=root, rows_per_shard=32,
+                      n_centroids=16))
+    for kind in ("ivf", "plaid"):
+        m = build(IndexConfig(set_name="t", kind=kind, root=root, nlist=4))
+        assert m["n_docs"] == 80
+        assert Artifact(location(root), "indexes", m["name"]).current() == m["version"]
