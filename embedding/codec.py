@@ -433,6 +433,23 @@ class ResidualCodec:
         )
         return cls(centroids, nbits, cutoffs, weights, avg_residual)
 
+    def with_nbits(self, nbits: int, sample: np.ndarray) -> "ResidualCodec":
+        """The same centroids with buckets for another ``nbits``, from ``sample``'s residuals.
+
+        Centroids don't depend on ``nbits``, so 1/2/4-bit variants of one codec can be
+        compared without re-running k-means.
+
+        Parameters
+        ----------
+        sample : (n, dim) float token vectors (normalised here).
+        """
+        _check_nbits_dim(nbits, self.dim)
+        sample = _l2_normalize(_as_vectors(sample, self.dim, "sample"))
+        residuals = sample - self.centroids[_nearest_centroids(self.centroids, sample)]
+        cutoffs, weights = _bucket_stats(residuals, nbits)
+        return ResidualCodec(self.centroids, nbits, cutoffs, weights,
+                             float(np.abs(residuals).mean(dtype=np.float64)))
+
     @staticmethod
     def _choose_k(n_centroids: int | None, n_sample: int, n_train: int) -> int:
         if n_centroids is None:

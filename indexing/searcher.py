@@ -284,11 +284,19 @@ class _PlaidBackend:
         return self.index.search(q, k, params, allowed=allowed)
 
 
-def _load_backend(manifest: dict, vdir: Location, set_manifest: dict, set_dir: Location):
+def _check_count(vdir: Location, what: str, got: int, n_docs: int) -> None:
+    if got != n_docs:
+        raise ValueError(f"{vdir.url}: {what} holds {got} documents, ids.parquet {n_docs}")
+
+
+def _load_backend(manifest: dict, vdir: Location, n_docs: int, set_manifest: dict, set_dir: Location):
+    """The index ready to search, and the codec's nbits (None for dense kinds)."""
     kind, dim = manifest["index_kind"], int(manifest["dim"])
     if kind == PLAID:
         codec = _read_codec(set_dir, set_manifest)
-        return _PlaidBackend(CentroidIndex.from_arrays(codec, _plaid_arrays(vdir, manifest)), dim), codec.nbits
+        index = CentroidIndex.from_arrays(codec, _plaid_arrays(vdir, manifest))
+        _check_count(vdir, "the plaid index", index.n_docs, n_docs)
+        return _PlaidBackend(index, dim), codec.nbits
     params = dense.DenseIndexParams.from_dict(manifest["params"])
     if params.kind != kind or params.dim != dim:
         raise ValueError(f"{vdir.url}: params describe a {params.kind} index of dim {params.dim}, "
@@ -297,7 +305,11 @@ def _load_backend(manifest: dict, vdir: Location, set_manifest: dict, set_dir: L
     if len(entries) != 1:
         raise ValueError(f"{vdir.url}: expected one 'index' file in the manifest, found {len(entries)}")
     index = dense.from_bytes(_read_checked(vdir, entries[0]), kind)
-    vectors = read_dense_vectors(set_dir, set_manifest) if kind in dense.RESCORED_KINDS else None
+    _check_count(vdir, "index.faiss", int(index.ntotal), n_docs)
+    vectors = None
+    if kind in dense.RESCORED_KINDS:
+        vectors = read_dense_vectors(set_dir, set_manifest)
+        _check_count(vdir, f"the dense vectors of set {set_manifest.get('name')!r}", len(vectors), n_docs)
     return _DenseBackend(index, params, vectors), None
 
 
@@ -367,7 +379,7 @@ class Searcher:
         choice = choose_query_encoder(root, index, source, set_manifest["model"], query_encoder)
         vdir = art.version_dir(manifest["version"])
         ids = read_ids(vdir, manifest)
-        backend, nbits = _load_backend(manifest, vdir, set_manifest, set_dir)
+        backend, nbits = _load_backend(manifest, vdir, len(ids), set_manifest, set_dir)
         lm = load_model(choice.path, choice.settings, device=device)
         assert lm.fingerprint == choice.fingerprint, "model changed while loading"
         logger.info("opened index %s %s (%s, dim %d, %d documents) of set %s %s", index, manifest["version"],
@@ -417,7 +429,8 @@ class Searcher:
         return [[(self._ids[p], float(s)) for s, p in zip(srow, prow) if p >= 0]
                 for srow, prow in zip(scores, ids)]
 
-    def allowed_positions(self, *, lang: "str | None" = None, where: "str | None" = None) -> "np.ndarray | None":
+    def allowed_positions(self, *, lang: "str | None" = None,
+                          where: "str | None" = None) -> "np.ndarray | None":
         """Sorted int64 positions of the documents passing the filters; None without filters."""
         lang, where = _check_text(lang, "lang"), _check_text(where, "where")
         if lang is None and where is None:
@@ -443,7 +456,7 @@ class Searcher:
         if self._con is None:
             self._con = connect(self.root)
         try:
-            table = self._con.execute(sql, args).to_arrow_table()
+            table = self._con.sql(sql, params=args).to_arrow_table()
         except duckdb.Error as err:
             raise ValueError(f"invalid filter: {where!r}: {err}") from err
         return table.column("id").combine_chunks().cast(pa.string())

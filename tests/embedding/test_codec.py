@@ -381,3 +381,21 @@ def test_params_is_json_able(codecs):
     assert params["nbits"] == 4 and params["dim"] == DIM and params["n_centroids"] == N_CENTROIDS
     assert params["bytes_per_token"] == 1 + DIM // 2
     assert len(params["bucket_cutoffs"]) == 15 and len(params["bucket_weights"]) == 16
+
+
+def test_with_nbits_keeps_centroids_and_improves_with_bits():
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(16, 32)).astype(np.float32)
+    x = centers[rng.integers(0, 16, 2000)] + 0.3 * rng.normal(size=(2000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    base = ResidualCodec.fit(x, 2, 16, seed=0)
+    cos = {}
+    for nbits in (1, 2, 4):
+        c = base.with_nbits(nbits, x)
+        np.testing.assert_array_equal(c.centroids, base.centroids)
+        assert c.nbits == nbits
+        recon = c.decompress(*c.compress(x))
+        cos[nbits] = float(np.mean(np.sum(recon * x, axis=1)))
+    assert cos[1] < cos[2] < cos[4]
+    with pytest.raises(ValueError):
+        base.with_nbits(3, x)

@@ -1,0 +1,307 @@
+"""Searcher and evaluate job, on index versions written by hand in the build_index layout.
+
+One embedding set (tiny model, 36 documents in 4 languages, two shards) is embedded
+once per module with ``jobs.embed.run``; flat, int8 (MRL dim 16, rescored) and
+plaid indexes are built from its files with ``indexing.dense`` / ``indexing.plaid``
+and committed like ``jobs/build_index`` does.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import ensure_local_ray
+from embedding.codec import ResidualCodec
+from embedding.mrl import truncate
+from fixtures_models import MULTILINGUAL_TEXTS
+from indexing import dense
+from indexing.plaid import CentroidIndex
+from indexing.searcher import IncompatibleEncoderError, Searcher, is_registered
+from jobs.embed import EmbedConfig
+from jobs.embed import run as embed
+from jobs.evaluate import EvalConfig
+from jobs.evaluate import run as evaluate_run
+from storage import schemas
+from storage.fs import Location
+from storage.manifest import Artifact, NotFoundError
+
+LANGS = ("en", "de", "fr", "es")
+PER_LANG = 9
+
+
+def _corpus() -> list[dict]:
+    rows = []
+    for lang in LANGS:
+        for i, text in enumerate(MULTILINGUAL_TEXTS[lang][:PER_LANG]):
+            rows.append({"id": f"{lang}-{i}", "text": text, "lang": lang, "year": 2000 + i})
+    return rows
+
+
+# ---- building a store by hand ----------------------------------------------------------
+def _set_files(set_dir: Location, manifest: dict, kind: str) -> list[pa.Table]:
+    entries = sorted((e for e in manifest["files"] if e["kind"] == kind), key=lambda e: e["shard"])
+    return [schemas.read_table(set_dir.join(e["path"])) for e in entries]
+
+
+def _commit_index(root: Location, name: str, set_manifest: dict, set_dir: Location, *, kind: str,
+                  dim: int, params: dict, files: dict[str, tuple[str, bytes]], ids: list[str]) -> dict:
+    """Write files + ids.parquet + manifest in the jobs/build_index layout; publish."""
+    art = Artifact(root, "indexes", name)
+    version, _ = art.claim(f"test-{name}", {"test": True})
+    vdir = art.version_dir(version)
+    entries = []
+    for path, (fkind, data) in files.items():
+        vdir.join(path).write_bytes(data)
+        entries.append({"path": path, "kind": fkind, "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest(), "rows": len(ids)})
+    info = schemas.write_table(vdir.join("ids.parquet"),
+                               pa.table({"pos": pa.array(np.arange(len(ids)), pa.int64()),
+                                         "id": pa.array(ids, pa.string())}))
+    entries.append({"path": "ids.parquet", "kind": "ids", **info})
+    manifest = {"index_kind": kind, "dim": dim, "params": params, "n_docs": len(ids), "files": entries,
+                "source": {"set": set_manifest["name"], "version": set_manifest["version"],
+                           "fingerprint": set_manifest["model"]["fingerprint"], "dir": set_dir.url}}
+    art.commit(version, manifest)
+    art.publish(version)
+    return manifest
+
+
+def _build_dense(root: Location, name: str, set_manifest: dict, set_dir: Location, kind: str,
+                 dim: int) -> None:
+    tables = _set_files(set_dir, set_manifest, "dense")
+    ids = [i for t in tables for i in t.column("id").to_pylist()]
+    vectors = truncate(np.concatenate([schemas.dense_matrix(t) for t in tables]), dim)
+    params = dense.DenseIndexParams(kind, dim).resolved(len(ids))
+    index = dense.train(params, vectors)
+    dense.add(index, vectors, 0)
+    _commit_index(root, name, set_manifest, set_dir, kind=kind, dim=dim, params=params.to_dict(),
+                  files={"index.faiss": ("index", dense.to_bytes(index))}, ids=ids)
+
+
+def _build_plaid(root: Location, name: str, set_manifest: dict, set_dir: Location) -> None:
+    codec = ResidualCodec.from_bytes(set_dir.join("codec.npz").read_bytes())
+    table = pa.concat_tables(_set_files(set_dir, set_manifest, "tokens"))
+    codes, residuals = [], []
+    for row in table.to_pylist():
+        codes.append(np.array(row["codes"], dtype=codec.code_dtype))
+        residuals.append(np.frombuffer(row["residuals"], np.uint8).reshape(len(row["codes"]), -1))
+    index = CentroidIndex.build(codec, codes, residuals)
+    files = {}
+    for key, array in index.to_arrays().items():
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        files[f"plaid/{key}.npy"] = ("plaid", buf.getvalue())
+    _commit_index(root, name, set_manifest, set_dir, kind="plaid", dim=codec.dim,
+                  params={"nbits": codec.nbits}, files=files, ids=table.column("id").to_pylist())
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model_dir, ray_session_tmp, s3_server) -> dict:
+    """A root with set ``t`` and indexes ``t-flat``, ``t-int8`` (dim 16) and ``t-plaid``."""
+    ensure_local_ray()
+    tmp = tmp_path_factory.mktemp("searcher")
+    rows = _corpus()
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    root = Location(str(tmp / "store"))
+    set_manifest = embed(EmbedConfig(corpus=(str(corpus),), model=str(tiny_model_dir), set_name="t",
+                                     root=root.url, rows_per_shard=20, n_centroids=16, max_batch=8))
+    set_dir = Artifact(root, "sets", "t").version_dir(set_manifest["version"])
+    _build_dense(root, "t-flat", set_manifest, set_dir, "flat", 32)
+    _build_dense(root, "t-int8", set_manifest, set_dir, "int8", 16)
+    _build_plaid(root, "t-plaid", set_manifest, set_dir)
+    return {"root": root, "rows": rows, "set": set_manifest, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def flat(store) -> Searcher:
+    return Searcher.open(store["root"], "t-flat")
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory, tiny_model_dir):
+    """A copy of the tiny model with one weight changed: a different fingerprint."""
+    out = tmp_path_factory.mktemp("other-model") / "m"
+    shutil.copytree(tiny_model_dir, out)
+    weights = load_file(str(out / "model.safetensors"))
+    key = sorted(weights)[0]
+    weights[key] = weights[key] + np.float32(0.01)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+# ---- search ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["t-flat", "t-int8"])
+def test_own_text_is_top1_for_dense_indexes(store, name):
+    searcher = Searcher.open(store["root"], name)
+    rows = store["rows"]
+    hits = searcher.search([r["text"] for r in rows], k=5)
+    assert [h[0][0] for h in hits] == [r["id"] for r in rows]
+    for h in hits:
+        assert len(h) == 5
+        scores = [s for _, s in h]
+        assert scores == sorted(scores, reverse=True)
+        assert scores[0] == pytest.approx(1.0, abs=5e-3)
+    expected = ("flat", 32) if name == "t-flat" else ("int8", 16)
+    assert (searcher.kind, searcher.dim, searcher.nbits) == (*expected, None)
+
+
+def test_plaid_search_ranks_by_maxsim(store):
+    searcher = Searcher.open(store["root"], "t-plaid")
+    rows = store["rows"]
+    no_pruning = {"ncells": 16, "centroid_score_threshold": -math.inf, "ndocs": 1000}
+    hits = searcher.search([r["text"] for r in rows], k=len(rows), params=no_pruning)
+    known = {r["id"] for r in rows}
+    for h in hits:
+        assert len(h) == len(rows) and {d for d, _ in h} == known
+        scores = [s for _, s in h]
+        assert scores == sorted(scores, reverse=True)
+    # with every candidate scored exactly, a document's own text finds it near the top
+    ranks = [[d for d, _ in h].index(r["id"]) for h, r in zip(hits, rows)]
+    assert np.mean(np.array(ranks) < 3) >= 0.8
+    assert searcher.nbits == store["set"]["codec"]["nbits"]
+
+
+def test_lang_filter_restricts_results(store, flat):
+    de = {r["id"] for r in store["rows"] if r["lang"] == "de"}
+    hits = flat.search([store["rows"][0]["text"], "Bahnhof"], k=20, lang="de")
+    for h in hits:
+        assert {d for d, _ in h} == de  # all 9 German documents, nothing else
+    plaid = Searcher.open(store["root"], "t-plaid").search(["Bahnhof"], k=20, lang="de")
+    assert {d for d, _ in plaid[0]} <= de and plaid[0]
+
+
+def test_where_filter(store, flat):
+    rows = store["rows"]
+    recent = {r["id"] for r in rows if r["year"] > 2005}
+    hits = flat.search([rows[0]["text"]], k=50, where="year > 2005")
+    assert {d for d, _ in hits[0]} == recent
+    both = flat.search([rows[0]["text"]], k=50, lang="fr", where="year > 2005 AND n_chars > 0")
+    assert {d for d, _ in both[0]} == {i for i in recent if i.startswith("fr-")}
+    assert flat.search(["x y z"], k=5, where="year > 3000") == [[]]
+
+
+def test_invalid_filter_and_params(flat):
+    with pytest.raises(ValueError, match="invalid filter"):
+        flat.search(["question"], where="no_such_column > 1")
+    with pytest.raises(ValueError, match="invalid filter"):
+        flat.search(["question"], where="year >")
+    with pytest.raises(ValueError, match="unknown search params"):
+        flat.search(["question"], params={"ndocs": 3})
+    with pytest.raises(ValueError, match="k must be"):
+        flat.search(["question"], k=0)
+
+
+def test_empty_query_is_refused_with_its_position(flat):
+    with pytest.raises(ValueError, match="query 1 is empty"):
+        flat.search(["a real question", "   "])
+    with pytest.raises(ValueError, match="list of strings"):
+        flat.search("a single string")
+    assert flat.search([]) == []
+
+
+def test_unknown_index_and_version(store):
+    with pytest.raises(NotFoundError, match="t-flat"):  # the known names are listed
+        Searcher.open(store["root"], "nope")
+    with pytest.raises(NotFoundError, match="v000009"):
+        Searcher.open(store["root"], "t-flat", version="v000009")
+
+
+def test_search_from_an_s3_root(store, s3_bucket):
+    root = Location(f"{s3_bucket}/store")
+    root.fs.put(store["root"].path + "/", root.path, recursive=True)
+    searcher = Searcher.open(root, "t-int8")
+    rows = store["rows"]
+    hits = searcher.search([rows[10]["text"]], k=3, where="lang = 'de'")
+    assert hits[0][0][0] == rows[10]["id"] and all(d.startswith("de-") for d, _ in hits[0])
+
+
+# ---- query encoder compatibility -------------------------------------------------------
+def test_wrong_query_encoder_is_refused(store, other_model_dir):
+    with pytest.raises(IncompatibleEncoderError, match="refusing") as err:
+        Searcher.open(store["root"], "t-flat", query_encoder=str(other_model_dir))
+    assert "t-flat" in str(err.value) and str(other_model_dir) in str(err.value)
+
+
+def test_same_model_given_explicitly_is_accepted(store, tiny_model_dir, flat):
+    searcher = Searcher.open(store["root"], "t-flat", query_encoder=str(tiny_model_dir))
+    assert searcher.encoder.fingerprint == store["set"]["model"]["fingerprint"]
+    assert not searcher.encoder.registered
+
+
+def test_registered_query_encoder_is_accepted(store, other_model_dir, tmp_path):
+    from embedding.model import fingerprint, read_settings
+
+    root = Location(str(tmp_path / "store"))
+    shutil.copytree(store["root"].path, root.path)
+    set_fp = store["set"]["model"]["fingerprint"]
+    enc_fp = fingerprint(other_model_dir, read_settings(other_model_dir))
+    assert not is_registered(root, enc_fp, set_fp)
+    Artifact(root, "encoders", "tuned").commit("v000001", {"fingerprint": enc_fp, "compatible_with":
+                                                           {"set": "t", "fingerprint": set_fp}})
+    assert is_registered(root, enc_fp, set_fp) and not is_registered(root, enc_fp, "0" * 64)
+    searcher = Searcher.open(root, "t-flat", query_encoder=str(other_model_dir))
+    assert searcher.encoder.registered and searcher.encoder.fingerprint == enc_fp
+    assert len(searcher.search(["Bahnhof"], k=3)[0]) == 3
+
+
+# ---- evaluate --------------------------------------------------------------------------
+def _eval_inputs(tmp, rows) -> tuple[str, str]:
+    queries = tmp / "queries.jsonl"
+    picked = rows[::3]
+    queries.write_text("".join(json.dumps({"id": f"q{i}", "text": r["text"], "lang": r["lang"]}) + "\n"
+                               for i, r in enumerate(picked)))
+    qrels = tmp / "qrels.tsv"
+    lines = [f"q{i}\t0\t{r['id']}\t1" for i, r in enumerate(picked)] + ["q0\t0\tnot-in-corpus\t1"]
+    qrels.write_text("\n".join(lines) + "\n")
+    return str(queries), str(qrels)
+
+
+def test_evaluate_writes_a_report(store, tmp_path):
+    queries, qrels = _eval_inputs(tmp_path, store["rows"])
+    out = tmp_path / "report"
+    result = evaluate_run(EvalConfig(index=("t-flat", "t-plaid"), queries=queries, qrels=qrels,
+                                     root=store["root"].url, k=20, out=str(out), batch_size=5))
+    assert (out / "report.json").is_file() and (out / "report.md").is_file()
+    assert result["report"]["json"] == str(out / "report.json")
+    report = json.loads((out / "report.json").read_text())
+    assert report["labels"] == ["t-flat", "t-plaid"]
+    for label in ("t-flat", "t-plaid"):
+        r = result["results"][label]
+        assert 0.0 <= r["overall"]["nDCG@10"] <= 1.0
+        assert r["overall"]["queries"] == 12 and r["missing_docs"] == 1
+        assert set(r["per_language"]) == set(LANGS)
+    assert result["results"]["t-flat"]["overall"]["MRR@10"] == pytest.approx(1.0)
+    assert report["results"]["t-plaid"]["meta"]["nbits"] == store["set"]["codec"]["nbits"]
+    assert report["results"]["t-flat"]["meta"] == {"kind": "flat", "dim": 32, "version": "v000001"}
+
+
+def test_evaluate_default_out_is_under_the_root(store, tmp_path):
+    queries, qrels = _eval_inputs(tmp_path, store["rows"])
+    root = Location(str(tmp_path / "store"))
+    shutil.copytree(store["root"].path, root.path)
+    result = evaluate_run(EvalConfig(index="t-int8", queries=queries, qrels=qrels, root=root.url))
+    assert result["report"]["markdown"].startswith(root.join("reports", "eval-").url)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"index": ()}, "no index"),
+    ({"index": ("a", "a")}, "more than once"),
+    ({"index": ("bad name",)}, "invalid index name"),
+    ({"k": 0}, "k must be"),
+    ({"batch_size": 0}, "batch_size must be"),
+    ({"queries": ""}, "queries must be"),
+    ({"device": "tpu"}, "device must be"),
+])
+def test_eval_config_checks(bad, match):
+    cfg = {"index": ("a",), "queries": "q.jsonl", "qrels": "qrels.tsv", **bad}
+    with pytest.raises(ValueError, match=match):
+        EvalConfig(**cfg)
