@@ -26,6 +26,7 @@ import numpy as np
 from embedding.codec import ResidualCodec, default_n_centroids
 from embedding.model import EncoderSettings, check_model_dir, fingerprint, read_settings
 from jobs import plan as planner
+from jobs.embed_worker import FAILPOINTS_ENV, SAMPLE_CACHE, SampleEncoder, ShardEncoder, WorkerSpec
 from jobs.runtime import ActorPlan, init_ray, plan_actors
 from jobs.timing import Progress, Timings
 from storage import layout
@@ -188,6 +189,7 @@ def run(cfg: EmbedConfig) -> dict:
         manifest = art.commit(version, manifest)
         if cfg.publish:
             art.publish(version)
+    vdir.join(SAMPLE_CACHE).delete(recursive=True)  # pass 1's encodings, now in the shards
     return manifest
 
 
@@ -240,8 +242,6 @@ def _actor_plan(cfg: EmbedConfig) -> ActorPlan:
 
 def _spec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], vdir: Location,
           p: ActorPlan, dense: bool, colbert: bool):
-    from jobs.embed_worker import WorkerSpec
-
     return WorkerSpec(model.path, model.settings.to_dict(), model.fingerprint, [f.to_dict() for f in files],
                       dataclasses.asdict(cfg.columns), vdir.url, dense, colbert, p.threads, p.device,
                       cfg.max_batch, cfg.max_tokens)
@@ -251,8 +251,6 @@ def _map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str
     """Ray Data: one row per piece → actor pool → whatever the actors return."""
     import ray.data
     from ray.data import ActorPoolStrategy
-
-    from jobs.embed_worker import FAILPOINTS_ENV
 
     extra = {}
     if os.environ.get(FAILPOINTS_ENV):  # fault-injection tests reach the workers this way
@@ -268,8 +266,6 @@ def _map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str
 def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
                  vdir: Location, p: ActorPlan) -> dict:
     """Fit (or, on resume, reuse) the residual codec of this version; return its description."""
-    from jobs.embed_worker import SampleEncoder
-
     loc = vdir.join("codec.npz")
     info_loc = vdir.join("_codec.json")
     if loc.exists() and info_loc.exists():
@@ -279,7 +275,7 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     n_docs = planner.sample_size(total)
     sample_plan = planner.plan_sample(pieces, n_docs, cfg.seed)
     rows = [{**pieces[s].to_dict(), "rows": json.dumps(r)} for s, r in sorted(sample_plan.items())]
-    spec = _spec(cfg, model, files, vdir, p, dense=False, colbert=True)
+    spec = _spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=True)
     chunks = [b["vector"] for b in _map_pieces(rows, SampleEncoder, spec, p, None)
               .iter_batches(batch_size=None, batch_format="numpy")]
     sample = np.concatenate(chunks) if chunks else np.zeros((0, model.colbert_dim), np.float16)
@@ -323,8 +319,6 @@ def _fit_remote(train: np.ndarray, nbits: int, k: int, seed: int, niter: int, p:
 def encode_pieces(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
                   vdir: Location, p: ActorPlan, codec_info: "dict | None") -> None:
     """Encode every piece without a finished-shard marker."""
-    from jobs.embed_worker import ShardEncoder
-
     done = done_shards(vdir)
     todo = [pc.to_dict() for pc in pieces if pc.shard not in done]
     if done:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedding.codec import ResidualCodec
-from embedding.encoder import Encoder
+from embedding.encoder import DocumentVectors, Encoder
 from embedding.model import EncoderSettings, load_model
 from storage import layout, schemas
 from storage.corpus import ColumnMap, CorpusFile, read_rows
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 RESERVED = set(schemas.DOCS_CORE.names)
 FAILPOINTS_ENV = "TESSERA_FAILPOINTS"
+SAMPLE_CACHE = "_sample"
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,7 @@ class ShardEncoder(EncoderActor):
         kept = table.filter(pa.array(keep))
         kept_texts = [t for t, k in zip(texts, keep) if k]
         t0 = time.perf_counter()
-        enc = self.encoder.encode_documents(kept_texts, dense=self.spec.dense, colbert=self.spec.colbert) \
-            if kept_texts else None
+        enc = self._encode(shard, np.flatnonzero(keep), kept_texts) if kept_texts else None
         encode_s = time.perf_counter() - t0
         ids = kept.column("id").to_pylist()
         entries = []
@@ -134,6 +134,35 @@ class ShardEncoder(EncoderActor):
         marker = self.vdir.join(layout.SHARD_MARKERS, f"{shard:05d}.json")
         marker.write_text(json.dumps(stats))  # last: the shard is done
         return stats
+
+    def _encode(self, shard: int, offsets: np.ndarray, texts: list[str]) -> DocumentVectors:
+        """Encode the kept rows, taking those pass 1 already encoded from the sample cache."""
+        cache_loc = sample_cache(self.vdir, shard)
+        cached = read_cache(cache_loc, self.lm.colbert_dim, self.lm.hidden_size) \
+            if self.spec.colbert and cache_loc.exists() else {}
+        todo = [i for i, o in enumerate(offsets) if int(o) not in cached]
+        fresh = self.encoder.encode_documents([texts[i] for i in todo], dense=self.spec.dense,
+                                              colbert=self.spec.colbert) if todo else None
+        if not cached:
+            return fresh
+        n = len(texts)
+        out = DocumentVectors(np.zeros((n, self.lm.hidden_size), np.float32) if self.spec.dense else None,
+                              [None] * n, np.zeros(n, np.int32), np.zeros(n, bool))
+        for j, i in enumerate(todo):
+            self._put(out, i, fresh.dense[j] if fresh.dense is not None else None, fresh.tokens[j],
+                      fresh.n_tokens[j], fresh.truncated[j])
+        for i, o in enumerate(offsets):
+            if int(o) in cached:
+                self._put(out, i, *cached[int(o)])
+        return out
+
+    @staticmethod
+    def _put(out: DocumentVectors, i: int, dense_vec, tokens, n_tokens, truncated) -> None:
+        if out.dense is not None:
+            out.dense[i] = dense_vec
+        out.tokens[i] = tokens
+        out.n_tokens[i] = n_tokens
+        out.truncated[i] = truncated
 
     def _write(self, kind: str, shard: int, table: pa.Table) -> dict:
         loc = self.vdir.join(kind, layout.shard_name(shard))
@@ -183,19 +212,47 @@ def failpoint(name: str, value: int) -> None:
 
 
 class SampleEncoder(EncoderActor):
-    """Pass 1: ColBERT token vectors of the sampled rows, to fit the codec."""
+    """Pass 1: encode the sampled rows, keep their vectors for pass 2, return their tokens.
+
+    The sampled documents' full encodings (dense vector, raw token vectors) are cached
+    under ``_sample/`` so pass 2 never runs the model on them again: on a small corpus,
+    where PLAID's sample is most of it, the job still encodes every document once.
+    """
 
     def __call__(self, batch: dict) -> dict:
         out = []
         for i in range(len(batch["shard"])):
             row = {k: batch[k][i] for k in ("shard", "file", "start", "end")}
             table = self._read(row)
-            offsets = json.loads(batch["rows"][i])
             texts = pc.fill_null(table.column("text"), "").to_pylist()
-            chosen = [texts[o] for o in offsets if texts[o].strip()]
-            if chosen:
-                enc = self.encoder.encode_documents(chosen, dense=False, colbert=True)
-                out.extend(enc.tokens)
+            offsets = [o for o in json.loads(batch["rows"][i]) if texts[o].strip()]
+            if not offsets:
+                continue
+            enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense, colbert=True)
+            cache = sample_cache(self.vdir, int(row["shard"]))
+            schemas.write_table(cache, _cache_table(offsets, enc))
+            out.extend(enc.tokens)
         dim = self.lm.colbert_dim
         vectors = np.concatenate(out).astype(np.float16) if out else np.zeros((0, dim), np.float16)
         return {"vector": vectors}
+
+
+def sample_cache(vdir: Location, shard: int) -> Location:
+    return vdir.join(SAMPLE_CACHE, layout.shard_name(shard))
+
+
+def _cache_table(offsets: list[int], enc: DocumentVectors) -> pa.Table:
+    cols = {"row": pa.array(offsets, pa.int32()), "n_tokens": pa.array(enc.n_tokens, pa.int32()),
+            "truncated": pa.array(enc.truncated, pa.bool_()),
+            "tokens": pa.array([np.ascontiguousarray(t, np.float16).tobytes() for t in enc.tokens], pa.binary())}
+    if enc.dense is not None:
+        cols["dense"] = pa.array([np.asarray(v, np.float32).tobytes() for v in enc.dense], pa.binary())
+    return pa.table(cols)
+
+
+def read_cache(loc: Location, dim: int, hidden: int) -> dict[int, tuple]:
+    """{row offset: (dense (H,) or None, tokens (t, dim) float32, n_tokens, truncated)}."""
+    table = schemas.read_table(loc).to_pylist()
+    return {r["row"]: (np.frombuffer(r["dense"], np.float32) if r.get("dense") is not None else None,
+                       np.frombuffer(r["tokens"], np.float16).reshape(-1, dim).astype(np.float32),
+                       r["n_tokens"], r["truncated"]) for r in table}

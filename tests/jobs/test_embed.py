@@ -210,3 +210,27 @@ def test_failed_run_publishes_nothing_and_rerun_resumes(ray_local, tiny_model_di
     manifest = run(_cfg(corpus, tiny_model_dir, root, actors=1))
     assert manifest["version"] == "v000001"          # the interrupted version was resumed
     assert catalog.query(str(root), "select count(*), count(distinct id) from documents")[1] == [(48, 48)]
+
+
+def test_sampled_documents_are_encoded_once_and_match(ray_local, tiny_model_dir, tmp_path):
+    """Pass 1 caches the sample's encodings; pass 2 reuses them: same vectors as a fresh encode."""
+    from embedding.encoder import Encoder
+    from embedding.model import load_model
+
+    rows = _docs(40)
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), rows)
+    root = tmp_path / "s"
+    manifest = run(_cfg(corpus, tiny_model_dir, root, mode="both"))
+    assert manifest["codec"]["sample_documents"] == 40          # PLAID's sample is the whole small corpus
+    assert not (root / "sets" / "t" / "v000001" / "_sample").exists()   # cache removed after commit
+    con = catalog.connect(str(root))
+    files = [r[0] for r in con.execute("select path from shards where kind = 'dense' order by shard").fetchall()]
+    table = pa.concat_tables([schemas.read_table(location(f)) for f in files])
+    stored = dict(zip(table.column("id").to_pylist(), schemas.dense_matrix(table).astype(np.float32)))
+    enc = Encoder(load_model(tiny_model_dir, device="cpu")).encode_documents([r["text"] for r in rows],
+                                                                            dense=True, colbert=True)
+    for r, vec in zip(rows, enc.dense):
+        np.testing.assert_allclose(stored[r["id"]], vec, atol=2e-3)
+    n_tok = con.execute("select sum(n_tokens) from documents").fetchone()[0]
+    assert n_tok == int(enc.n_tokens.sum())
+    assert manifest["counts"]["tokens"] == sum(len(t) for t in enc.tokens)
