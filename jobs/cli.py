@@ -152,7 +152,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         c = manifest["counts"]
         print(f"{manifest['name']} {manifest['version']}: {c['documents']} documents "
               f"({c['skipped_empty']} empty skipped, {c['truncated']} truncated), {c['shards']} shards, "
-              f"{c['tokens']} ColBERT tokens -> {manifest['_dir'] if '_dir' in manifest else _root_str(args)}")
+              f"{c['tokens']} ColBERT tokens, in {_root_str(args)}/sets/{manifest['name']}/{manifest['version']}")
     return EXIT_OK
 
 
