@@ -197,6 +197,7 @@ class Encoder:
         hidden = self.lm.model(input_ids=input_ids.to(dev), attention_mask=attn.to(dev)).last_hidden_state
         return hidden, mask.to(dev)
 
+    @torch.inference_mode()
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         if self.s.pooling == "cls":
             pooled = hidden[:, 0].float()
@@ -205,6 +206,7 @@ class Encoder:
             pooled = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()
         return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
 
+    @torch.inference_mode()
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         vecs = self.lm.projection(hidden) if self.lm.projection is not None else hidden
         return torch.nn.functional.normalize(vecs.float(), dim=-1)

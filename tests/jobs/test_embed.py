@@ -234,3 +234,12 @@ def test_sampled_documents_are_encoded_once_and_match(ray_local, tiny_model_dir,
     n_tok = con.execute("select sum(n_tokens) from documents").fetchone()[0]
     assert n_tok == int(enc.n_tokens.sum())
     assert manifest["counts"]["tokens"] == sum(len(t) for t in enc.tokens)
+
+
+def test_colbert_checkpoint_with_projection(ray_local, tiny_colbert_dir, tmp_path):
+    """A Stanford-ColBERT folder: tokens go through its linear layer (dim 16), markers inserted."""
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), _docs(20))
+    manifest = run(_cfg(corpus, tiny_colbert_dir, tmp_path / "s", mode="colbert", nbits=4))
+    assert manifest["dims"] == {"dense": None, "colbert": 16}
+    assert manifest["model"]["projection"] is True and manifest["codec"]["dim"] == 16
+    assert manifest["model"]["settings"]["doc_marker"] == "[unused1]"

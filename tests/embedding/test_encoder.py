@@ -1,0 +1,107 @@
+"""Encoders on tiny checkpoints: pooling, prefixes, MRL, ColBERT projection, markers, augmentation, skiplist."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from embedding.encoder import Encoder
+from embedding.model import EncoderSettings, ModelError, fingerprint, load_model, read_settings
+from embedding.mrl import truncate
+
+TEXTS = ["The river flows into the sea.", "Der Fluss mündet in die Nordsee!", "火山は噴火する。"]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model_dir):
+    return Encoder(load_model(tiny_model_dir, device="cpu"))
+
+
+def test_dense_mean_pooling_matches_manual(plain):
+    lm = plain.lm
+    vecs = plain.encode_documents(TEXTS).dense
+    assert vecs.shape == (3, 32) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    enc = lm.tokenizer(TEXTS[1], return_tensors="pt")
+    with torch.no_grad():
+        hidden = lm.model(**enc).last_hidden_state[0]
+    manual = hidden.mean(0).numpy()
+    np.testing.assert_allclose(vecs[1], manual / np.linalg.norm(manual), atol=1e-5)
+
+
+def test_length_bucketing_keeps_input_order(plain):
+    texts = [t * (i + 1) for i, t in enumerate(TEXTS * 3)]
+    together = plain.encode_documents(texts).dense
+    one_by_one = np.stack([plain.encode_documents([t]).dense[0] for t in texts])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+def test_mrl_truncation_renormalises():
+    x = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float16)
+    t = truncate(x, 8)
+    assert t.shape == (5, 8)
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(t, x[:, :8] / np.linalg.norm(x[:, :8].astype(np.float32), axis=1, keepdims=True),
+                               atol=1e-3)
+    with pytest.raises(ValueError, match="not in 1..32"):
+        truncate(x, 33)
+
+
+def test_prefixes_and_queries_differ(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (folder / "tessera_encoder.json").write_text(json.dumps({"query_prefix": "query: ", "passage_prefix": "passage: "}))
+    enc = Encoder(load_model(folder, device="cpu"))
+    q = enc.encode_queries([TEXTS[0]])[0]
+    d = enc.encode_documents([TEXTS[0]]).dense[0]
+    assert not np.allclose(q, d)
+    assert fingerprint(folder, read_settings(folder)) != fingerprint(tiny_model_dir, read_settings(tiny_model_dir))
+
+
+def test_colbert_documents_skip_punctuation_and_truncate(tiny_model_dir):
+    enc = Encoder(load_model(tiny_model_dir, EncoderSettings(doc_maxlen=12), device="cpu"))
+    out = enc.encode_documents(["a b c d e f g h i j k l m n", "river , , , ! ! sea"], dense=False, colbert=True)
+    assert out.truncated.tolist() == [True, False]
+    assert len(out.tokens[0]) == 12                     # [CLS] + 10 words + [SEP] at doc_maxlen 12
+    assert len(out.tokens[1]) == 7                      # [CLS] r ##ive ##r se ##a [SEP]: punctuation dropped
+    np.testing.assert_allclose(np.linalg.norm(out.tokens[1], axis=1), 1.0, atol=1e-5)
+    keep = Encoder(load_model(tiny_model_dir, EncoderSettings(skip_punctuation=False), device="cpu"))
+    assert len(keep.encode_documents(["river , , , ! ! sea"], dense=False, colbert=True).tokens[0]) == 12
+
+
+def test_query_augmentation_pads_with_mask_tokens(plain):
+    q = plain.encode_queries_colbert(["river", "a much longer question about rivers and seas"])
+    assert q.shape == (2, 32, 32)
+    # every position, the [MASK] expansion included, carries a unit vector
+    np.testing.assert_allclose(np.linalg.norm(q, axis=2), 1.0, atol=1e-5)
+
+
+def test_stanford_colbert_projection_and_markers(tiny_colbert_dir):
+    lm = load_model(tiny_colbert_dir, device="cpu")
+    assert lm.projection is not None and lm.colbert_dim == 16
+    assert lm.settings.query_marker == "[unused0]" and lm.settings.doc_marker == "[unused1]"
+    enc = Encoder(lm)
+    ids, _ = enc._tokenize(["river"], 32, enc._d_marker)
+    assert ids[0][1] == lm.tokenizer.convert_tokens_to_ids("[unused1]")
+    docs = enc.encode_documents(TEXTS, dense=True, colbert=True)
+    assert docs.dense.shape == (3, 32) and docs.tokens[0].shape[1] == 16
+    q = enc.encode_queries_colbert(["river"])
+    assert q.shape == (1, lm.settings.query_maxlen, 16)
+
+
+def test_pylate_dense_module_and_prefix_tokens(tiny_pylate_dir):
+    lm = load_model(tiny_pylate_dir, device="cpu")
+    assert lm.projection is not None and lm.colbert_dim == 16
+    assert lm.settings.query_prefix == "[Q] " and lm.settings.passage_prefix == "[D] "
+    enc = Encoder(lm)
+    docs = enc.encode_documents(["river"], dense=False, colbert=True)
+    assert docs.tokens[0].shape[1] == 16
+
+
+def test_model_without_weights_is_refused(tiny_model_no_weights_dir, tmp_path):
+    with pytest.raises(ModelError, match="has no weights"):
+        load_model(tiny_model_no_weights_dir)
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(tmp_path / "missing")
