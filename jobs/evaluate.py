@@ -107,6 +107,7 @@ def run(cfg: EvalConfig) -> dict:
     timings = Timings()
     with timings("load"):
         queries, qrels = load_queries(cfg.queries), load_qrels(cfg.qrels)
+        qrels, ignored = restrict_qrels(qrels, {q.id for q in queries})
     results: dict[str, EvalResult] = {}
     meta: dict[str, dict] = {}
     for name in cfg.index:
@@ -117,7 +118,23 @@ def run(cfg: EvalConfig) -> dict:
     paths = write_report(results, out, title=title, meta=meta)
     logger.info("report written to %s", paths["markdown"])
     return {"report": paths, "results": {name: r.to_dict() for name, r in results.items()},
-            "meta": meta, "timings": timings.to_dict()}
+            "meta": meta, "qrels_queries_not_in_queries_file": ignored, "timings": timings.to_dict()}
+
+
+def restrict_qrels(qrels: dict[str, dict[str, int]], query_ids: set[str]) -> tuple[dict, int]:
+    """Judgements of the queries being evaluated; the queries file defines the query set.
+
+    Returns
+    -------
+    (qrels restricted to ``query_ids``, number of judged queries left out)
+    """
+    kept = {qid: rel for qid, rel in qrels.items() if qid in query_ids}
+    ignored = len(qrels) - len(kept)
+    if ignored:
+        logger.info("%d judged queries are not in the queries file and are not evaluated", ignored)
+    if not kept:
+        raise ValueError("no query of the queries file has judgements in the qrels: do the ids match?")
+    return kept, ignored
 
 
 def evaluate_index(cfg: EvalConfig, root: Location, name: str, queries: list[Query],

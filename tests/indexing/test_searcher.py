@@ -305,3 +305,12 @@ def test_eval_config_checks(bad, match):
     cfg = {"index": ("a",), "queries": "q.jsonl", "qrels": "qrels.tsv", **bad}
     with pytest.raises(ValueError, match=match):
         EvalConfig(**cfg)
+
+
+def test_restrict_qrels_to_the_queries_file():
+    from jobs.evaluate import restrict_qrels
+
+    kept, ignored = restrict_qrels({"a": {"d1": 1}, "b": {"d2": 1}, "c": {"d3": 1}}, {"a", "c", "x"})
+    assert kept == {"a": {"d1": 1}, "c": {"d3": 1}} and ignored == 1
+    with pytest.raises(ValueError, match="no query of the queries file has judgements"):
+        restrict_qrels({"a": {"d1": 1}}, {"z"})
