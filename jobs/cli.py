@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--query-encoder", default=None)
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ev.add_argument("--lang", default=None, help="only documents in this language (e.g. en for X->English)")
+    ev.add_argument("--where", default=None, help="SQL predicate over the documents view")
+    ev.add_argument("--same-language", action="store_true",
+                    help="each query searches the documents of its own language")
     _root_arg(ev)
     _json_arg(ev)
 
@@ -250,7 +254,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     result = run(EvalConfig(index=tuple(args.index), queries=args.queries, qrels=args.qrels, root=args.root,
                             k=args.k, out=args.out, query_encoder=args.query_encoder,
-                            batch_size=args.batch_size, device=args.device))
+                            batch_size=args.batch_size, device=args.device, lang=args.lang, where=args.where,
+                            same_language=args.same_language))
     if args.json:
         _print_json(result)
         return EXIT_OK

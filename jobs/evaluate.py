@@ -58,6 +58,9 @@ class EvalConfig:
     query_encoder: "str | None" = None
     batch_size: int = 64
     device: str = "cpu"
+    lang: "str | None" = None          # only documents in this language (e.g. "en" for X→English)
+    where: "str | None" = None         # SQL predicate over the documents view
+    same_language: bool = False        # each query searches the documents of its own language
 
     def __post_init__(self) -> None:
         names = (self.index,) if isinstance(self.index, str) else tuple(self.index)
@@ -141,7 +144,8 @@ def evaluate_index(cfg: EvalConfig, root: Location, name: str, queries: list[Que
                    qrels: dict[str, dict[str, int]]) -> tuple[EvalResult, dict]:
     """Search every query on one index and score the run; returns (result, report meta)."""
     searcher = Searcher.open(root, name, query_encoder=cfg.query_encoder, device=cfg.device)
-    ranked = search_all(searcher, queries, cfg.k, cfg.batch_size)
+    ranked = search_all(searcher, queries, cfg.k, cfg.batch_size, lang=cfg.lang, where=cfg.where,
+                        same_language=cfg.same_language)
     result = evaluate(ranked, qrels, {q.id: q.lang for q in queries}, known_docs=set(searcher.doc_ids))
     logger.info("%s %s: nDCG@10 %.4f over %d judged queries (%d judgements name missing documents)",
                 name, searcher.version, result.overall["nDCG@10"], result.overall["queries"],
@@ -149,16 +153,25 @@ def evaluate_index(cfg: EvalConfig, root: Location, name: str, queries: list[Que
     return result, describe(searcher)
 
 
-def search_all(searcher: Searcher, queries: list[Query], k: int,
-               batch_size: int) -> dict[str, list[tuple[str, float]]]:
-    """``{query_id: [(doc_id, score), ...]}`` for every query, searched ``batch_size`` at a time."""
+def search_all(searcher: Searcher, queries: list[Query], k: int, batch_size: int, *,
+               lang: "str | None" = None, where: "str | None" = None,
+               same_language: bool = False) -> dict[str, list[tuple[str, float]]]:
+    """``{query_id: [(doc_id, score), ...]}`` for every query, searched ``batch_size`` at a time.
+
+    ``same_language`` searches each query among the documents of its own language
+    (queries without a language search everything).
+    """
     ranked: dict[str, list[tuple[str, float]]] = {}
     progress = Progress(f"search {searcher.name}", len(queries))
-    for start in range(0, len(queries), batch_size):
-        batch = queries[start:start + batch_size]
-        hits = searcher.search([q.text for q in batch], k)
-        ranked.update((q.id, h) for q, h in zip(batch, hits))
-        progress.update(len(batch))
+    groups: dict = {}
+    for q in queries:
+        groups.setdefault(q.lang if same_language else lang, []).append(q)
+    for group_lang, group in groups.items():
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            hits = searcher.search([q.text for q in batch], k, lang=group_lang, where=where)
+            ranked.update((q.id, h) for q, h in zip(batch, hits))
+            progress.update(len(batch))
     return ranked
 
 

@@ -113,6 +113,13 @@ def test_cli_index_search_eval(tiny_model_dir, tmp_path):
         assert 0.0 <= results[label]["overall"]["nDCG@10"] <= 1.0
         assert results[label]["overall"]["queries"] == 16
     assert (tmp_path / "rep" / "report.md").exists()
+    same = tessera("eval", "--index", "s-flat", "--root", root, "--json", "--same-language",
+                   "--queries", str(REPO / "jobs" / "data" / "sample_queries.jsonl"),
+                   "--qrels", str(REPO / "jobs" / "data" / "sample_qrels.tsv"), "--out", str(tmp_path / "rep2"),
+                   cwd=tmp_path)
+    assert same.returncode == 0, same.stderr[-2000:]
+    # every query now only sees its own language's documents: fewer relevant ones reachable
+    assert json.loads(same.stdout)["results"]["s-flat"]["overall"]["R@100"] < 1.0
     bad = tessera("search", "--index", "nope", "--root", root, "x", cwd=tmp_path)
     assert bad.returncode == 2 and "nope" in bad.stderr
     empty = tessera("search", "--index", "s-flat", "--root", root, " ", cwd=tmp_path)
