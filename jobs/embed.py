@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +81,6 @@ class EmbedConfig:
     doc_maxlen: "int | None" = None
     query_maxlen: "int | None" = None
     publish: bool = True
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.corpus, str):
@@ -222,7 +221,7 @@ def scan_corpus(cfg: EmbedConfig) -> tuple[list[CorpusFile], str]:
 def _run_key(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], ids_digest: str) -> str:
     """Same key ⇔ same input, model and settings: a rerun resumes instead of starting over."""
     relevant = {k: v for k, v in cfg.to_dict().items()
-                if k not in ("root", "actors", "threads", "device", "max_batch", "max_tokens", "publish", "extra")}
+                if k not in ("root", "actors", "threads", "device", "max_batch", "max_tokens", "publish")}
     key = {"cfg": relevant, "model": model.fingerprint, "ids": ids_digest,
            "files": [(f.url, f.n_rows) for f in files]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
