@@ -24,6 +24,12 @@ encoded with (same fingerprint), or a query encoder registered as compatible wit
 the set (``<root>/encoders/<name>/vN/manifest.json`` with ``fingerprint`` and
 ``compatible_with.fingerprint``). Anything else is refused with
 :class:`IncompatibleEncoderError`.
+
+A registered query encoder (written by ``jobs/retune``) can be named instead of
+given as a folder: ``query_encoder="NAME"`` (its published version),
+``"NAME@v3"`` or ``"NAME:v000003"``. Its files are downloaded once, checked
+against their sha256, to ``$TESSERA_CACHE_DIR/encoders/<fingerprint>/``
+(default ``~/.cache/tessera``); an existing local folder of that name wins.
 """
 from __future__ import annotations
 
@@ -32,7 +38,11 @@ import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
+import re
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +69,9 @@ INDEX_KINDS = dense.KINDS + (PLAID,)
 DENSE_OVERRIDES = ("nprobe", "ef_search", "rescore")
 PLAID_OVERRIDES = ("ncells", "centroid_score_threshold", "ndocs")
 _FP_SHOWN = 16
+#: Environment variable naming the local cache root (default ``~/.cache/tessera``).
+CACHE_ENV = "TESSERA_CACHE_DIR"
+_ENCODER_REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127}?)(?:[@:](?P<version>v?\d+))?$")
 
 
 class IncompatibleEncoderError(ValueError):
@@ -107,7 +120,8 @@ def choose_query_encoder(root: Location, index: str, source: dict, set_model: di
     index : the index name (for messages).
     source : the index manifest's ``source`` (set, version, fingerprint).
     set_model : the set manifest's ``model`` (path, settings, fingerprint).
-    query_encoder : a local Hugging Face folder, or None for the set's own model.
+    query_encoder : a local Hugging Face folder, a registered encoder reference
+        (``NAME``, ``NAME@vN``, ``NAME:vN``), or None for the set's own model.
 
     Raises
     ------
@@ -122,7 +136,9 @@ def choose_query_encoder(root: Location, index: str, source: dict, set_model: di
         path = _default_model_dir(set_model["path"], source)
         candidates = [set_settings]
     else:
-        path = check_model_dir(query_encoder)
+        path, registered = query_encoder_dir(root, query_encoder)
+        if registered is not None:
+            _check_registered_for(registered, index, source, set_fp)
         # The set's conventions first (same weights, same prefixes = same vectors),
         # then the folder's own settings (how a registered, re-tuned encoder was saved).
         candidates = list(dict.fromkeys([set_settings, read_settings(path)]))
@@ -137,6 +153,122 @@ def choose_query_encoder(root: Location, index: str, source: dict, set_model: di
         f"set {source['set']!r} {source['version']} whose documents were encoded with "
         f"{set_fp[:_FP_SHOWN]} ({set_model['path']}); refusing: use that model or a query encoder "
         "registered for the set")
+
+
+def parse_encoder_ref(value: str) -> "tuple[str, str | None] | None":
+    """``"NAME"`` → ``(NAME, None)``; ``"NAME@v3"`` / ``"NAME:3"`` → ``(NAME, "v000003")``; else None."""
+    m = _ENCODER_REF.match(value) if isinstance(value, str) else None
+    if m is None:
+        return None
+    version = m.group("version")
+    return m.group("name"), layout.normalize_version(int(version.lstrip("v"))) if version else None
+
+
+def encoder_cache_dir() -> Path:
+    """Local folder holding downloaded query-encoder versions, by fingerprint."""
+    base = os.environ.get(CACHE_ENV)
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "tessera") / "encoders"
+
+
+def query_encoder_dir(root: "str | Location", query_encoder: str) -> "tuple[Path, dict | None]":
+    """The local folder of a query encoder given as a folder or a registered reference.
+
+    Returns
+    -------
+    (folder, manifest): ``manifest`` is the registered version's manifest, None for a folder.
+
+    Raises
+    ------
+    ModelError
+        Neither an existing model folder nor a registered encoder name.
+    NotFoundError
+        A registered name without that version (or never published, for a bare name).
+    """
+    if Path(query_encoder).expanduser().is_dir():
+        return check_model_dir(Path(query_encoder).expanduser()), None
+    ref = parse_encoder_ref(query_encoder)
+    root = layout.resolve_root(root)
+    if ref is not None and Artifact(root, "encoders", ref[0]).exists():
+        return resolve_query_encoder(root, query_encoder)
+    from storage.manifest import list_names
+
+    known = ", ".join(list_names(root, "encoders")) or "none"
+    raise ModelError(f"query encoder {query_encoder!r} is neither a model folder nor an encoder registered "
+                     f"under {root.url}/encoders (registered: {known})")
+
+
+def resolve_query_encoder(root: "str | Location", ref: str) -> tuple[Path, dict]:
+    """Download a registered query-encoder version to the local cache (once) and return it.
+
+    Parameters
+    ----------
+    ref : ``NAME`` (the published version), ``NAME@vN`` or ``NAME:vN``.
+
+    Returns
+    -------
+    (folder, manifest): a Hugging Face folder ``transformers`` loads as is, and the version's manifest.
+
+    Raises
+    ------
+    ValueError
+        ``ref`` is not a reference; a downloaded file does not match its sha256.
+    NotFoundError
+        Unknown encoder or version.
+    """
+    parsed = parse_encoder_ref(ref)
+    if parsed is None:
+        raise ValueError(f"invalid query encoder reference {ref!r}: use NAME, NAME@vN or NAME:vN")
+    root = layout.resolve_root(root)
+    art = Artifact(root, "encoders", parsed[0])
+    manifest = art.manifest(parsed[1])
+    fp = manifest.get("fingerprint")
+    if not isinstance(fp, str) or not re.fullmatch(r"[0-9a-f]{64}", fp):
+        raise ValueError(f"encoder {art.name!r} {manifest.get('version')}: manifest has no valid fingerprint")
+    folder = encoder_cache_dir() / fp
+    if not _cached(folder, fp):
+        _download_encoder(art.version_dir(manifest["version"]), manifest, folder)
+    logger.info("query encoder %s %s from %s", art.name, manifest["version"], folder)
+    return folder, manifest
+
+
+def _cached(folder: Path, fp: str) -> bool:
+    """Whether ``folder`` holds a complete, unaltered copy of the encoder with fingerprint ``fp``."""
+    try:
+        return folder.is_dir() and fingerprint(folder, read_settings(folder)) == fp
+    except ModelError:
+        return False
+
+
+def _download_encoder(vdir: Location, manifest: dict, folder: Path) -> None:
+    """Copy every ``files`` entry of the version into ``folder``, checked, then rename into place."""
+    entries = manifest.get("files") or []
+    if not entries:
+        raise ValueError(f"encoder {manifest.get('name')!r} {manifest.get('version')}: manifest lists no files")
+    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        for entry in entries:
+            target = tmp / entry["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(_read_checked(vdir, entry))
+        if folder.exists():  # a stale or damaged copy: replaced whole
+            shutil.rmtree(folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not folder.is_dir():  # another process won the race: use its copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_registered_for(manifest: dict, index: str, source: dict, set_fp: str) -> None:
+    compat = manifest.get("compatible_with") or {}
+    if compat.get("fingerprint") != set_fp:
+        raise IncompatibleEncoderError(
+            f"query encoder {manifest.get('name')!r} {manifest.get('version')} is registered for set "
+            f"{compat.get('set')!r} {compat.get('version')} ({str(compat.get('fingerprint'))[:_FP_SHOWN]}), "
+            f"but index {index!r} was built from set {source['set']!r} {source['version']} "
+            f"({set_fp[:_FP_SHOWN]}); refusing")
 
 
 def _default_model_dir(path: str, source: dict) -> Path:
@@ -360,8 +492,9 @@ class Searcher:
         root : the store root (local path or s3://).
         index : the index name.
         version : e.g. ``"v000002"``; default the published (current) version.
-        query_encoder : a local Hugging Face folder; default the model the set was
-            embedded with (``model.path`` in the set manifest).
+        query_encoder : a local Hugging Face folder, or a registered query-encoder
+            version ``NAME``, ``NAME@vN`` or ``NAME:vN`` (see the module docstring);
+            default the model the set was embedded with (``model.path`` in the set manifest).
         device : torch device of the query encoder.
 
         Raises

@@ -132,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--set", dest="set_name", required=True)
     rt.add_argument("--index", required=True, help="an index of the set: hard negatives are mined on it")
     rt.add_argument("--train", required=True,
-                    help="training pairs (Parquet/JSONL: text|query, doc_id|positives[, id, lang]), or queries with --train-qrels")
+                    help="training pairs (Parquet/JSONL: text|query, doc_id|positives[, id, lang]), "
+                         "or queries with --train-qrels")
     rt.add_argument("--train-qrels", default=None, help="qrels for --train given as queries (id, text)")
     rt.add_argument("--dev-queries", default=None, help="the gate's queries (id, text, lang)")
     rt.add_argument("--dev-qrels", default=None, help="the gate's judgements")
     rt.add_argument("--name", default=None, help="encoder name (default SET-query)")
-    rt.add_argument("--base", default=None, help="start from this folder or registered NAME[@vN] (default: the set's model)")
+    rt.add_argument("--base", default=None,
+                    help="start from this folder or registered NAME[@vN] (default: the set's model)")
     rt.add_argument("--index-version", default=None)
     rt.add_argument("--dim", type=int, default=None, help="training/evaluation dimension (default: the index's)")
     rt.add_argument("--lr", type=float, default=5e-8, help="peak learning rate (default 5e-8, adiabatic)")
@@ -328,7 +330,8 @@ def cmd_retune(args: argparse.Namespace) -> int:
         print(f"\nrun {manifest['chosen_run']} per language (nDCG@10, exact search at dim {ev['dim']}):")
         print(languages_table(ev["before"], ev["after"]))
     state = "published" if args.publish else "committed (not published)"
-    print(f"\n{state} {manifest['name']} {manifest['version']}{' (FORCED past the gate)' if manifest['forced'] else ''}:"
+    forced = " (FORCED past the gate)" if manifest["forced"] else ""
+    print(f"\n{state} {manifest['name']} {manifest['version']}{forced}:"
           f" fingerprint {manifest['fingerprint'][:16]}, registered for set {manifest['compatible_with']['set']} "
           f"{manifest['compatible_with']['version']}; {manifest['immutability']['files']} stored files unchanged")
     print(f"use it: tessera search --index {manifest['index']['name']} --query-encoder "
