@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="output folder of prepare_data.py (with split.json)")
     p.add_argument("--lrs", default="2e-8,6e-8,1.3e-7,1e-6,1e-5")
     p.add_argument("--freeze-lrs", default="1.3e-7", help="learning rates also run with --freeze-pattern frozen")
-    p.add_argument("--freeze-pattern", default="*output.dense.weight")
+    p.add_argument("--freeze-pattern", default="*output.dense.weight",
+                   help="glob(s) over parameter names, several joined with '+'")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
@@ -150,7 +151,7 @@ def configs(args) -> list[tuple[float, tuple[str, ...]]]:
     for lr in lrs:
         out.append((lr, ()))
         if lr in frozen:
-            out.append((lr, (args.freeze_pattern,)))
+            out.append((lr, tuple(args.freeze_pattern.split("+"))))
     return out
 
 
