@@ -755,7 +755,13 @@ class CentroidIndex:
             docs = self._searchable_docs(mask)[:k]
             return np.zeros(len(docs), dtype=np.float32), docs
         centroid_scores = q @ centroids.T  # (Lq, n_centroids)
-        docs = self._candidates(centroid_scores, params.ncells, mask)
+        ncells = params.ncells
+        docs = self._candidates(centroid_scores, ncells, mask)
+        while len(docs) < k and ncells < centroid_scores.shape[1]:
+            # A filter (or a tiny index) can leave the best cells without k documents:
+            # widen the probe rather than return fewer results than asked for.
+            ncells *= 2
+            docs = self._candidates(centroid_scores, ncells, mask)
         kept = centroid_scores.max(axis=0) >= params.centroid_score_threshold
         n_candidates = len(docs)
         docs = self._centroid_filter(docs, centroid_scores, kept, max(k, params.ndocs))

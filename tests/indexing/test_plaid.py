@@ -463,3 +463,12 @@ def test_build_ivf_invariants(lengths, n_centroids, seed):
             d for d in range(len(lengths)) if np.any(codes[offsets[d] : offsets[d + 1]] == cell)
         ]
         assert listed == expected
+
+
+def test_a_narrow_filter_still_returns_k_results(index, corpus):
+    """With ncells=1 the best cells may hold no allowed document: the probe widens instead."""
+    queries = corpus["queries"][:4]
+    allowed = np.array([11, 42, 97, 150, 201, 260], dtype=np.int64)
+    _, ids = index.search(queries, 5, SearchParams(ncells=1, centroid_score_threshold=0.5, ndocs=256),
+                          allowed=allowed)
+    assert (ids >= 0).all() and np.isin(ids, allowed).all()
