@@ -1,7 +1,8 @@
 """The ``tessera`` command line. It only parses arguments into job configs and prints results.
 
 Logs and progress go to stderr; ``--json`` prints exactly one JSON document on stdout.
-Exit codes: 0 success, 1 failure, 2 bad input (a clear message, nothing published).
+Exit codes: 0 success, 1 failure, 2 bad input (a clear message, nothing published),
+3 a re-tuned query encoder refused by its gate.
 """
 from __future__ import annotations
 
