@@ -40,6 +40,30 @@ class DocumentVectors:
     truncated: np.ndarray
 
 
+def truncate_ids(ids: list[int], special: list[int], limit: int, marker: "int | None") -> tuple[list[int], int]:
+    """Cut an encoding to ``limit`` tokens, keeping its special tokens, with an optional marker.
+
+    The marker goes right after the leading special token (e.g. ``[CLS]``); only the text
+    between the leading and trailing special tokens is cut.
+
+    Returns
+    -------
+    (ids, full): the kept ids and the untruncated length (marker included).
+    """
+    lead = 0
+    while lead < len(ids) and special[lead]:
+        lead += 1
+    lead = min(lead, 1) if lead < len(ids) else lead  # e.g. [CLS]; never eat the text
+    trail = 0
+    while trail < len(ids) - lead and special[len(ids) - 1 - trail]:
+        trail += 1
+    head, body, tail = ids[:lead], ids[lead:len(ids) - trail], ids[len(ids) - trail:]
+    if marker is not None:
+        head = head + [marker]
+    room = max(0, limit - len(head) - len(tail))
+    return head + body[:room] + tail, len(head) + len(body) + len(tail)
+
+
 class Encoder:
     """Encodes with a :class:`~embedding.model.LoadedModel`.
 
@@ -167,19 +191,8 @@ class Encoder:
                                 return_special_tokens_mask=True, verbose=False)
         ids_out, full = [], np.zeros(len(texts), np.int32)
         for k, (ids, special) in enumerate(zip(enc["input_ids"], enc["special_tokens_mask"])):
-            lead = 0
-            while lead < len(ids) and special[lead]:
-                lead += 1
-            lead = min(lead, 1) if lead < len(ids) else lead  # e.g. [CLS]; never eat the text
-            trail = 0
-            while trail < len(ids) - lead and special[len(ids) - 1 - trail]:
-                trail += 1
-            head, body, tail = ids[:lead], ids[lead:len(ids) - trail], ids[len(ids) - trail:]
-            if marker is not None:
-                head = head + [marker]
-            full[k] = len(head) + len(body) + len(tail)
-            room = max(0, limit - len(head) - len(tail))
-            ids_out.append(head + body[:room] + tail)
+            kept, full[k] = truncate_ids(ids, special, limit, marker)
+            ids_out.append(kept)
         return ids_out, full
 
     @torch.inference_mode()

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from embedding.codec import ResidualCodec
+from embedding.encoder import truncate_ids
 from embedding.model import SETTINGS_FILE, EncoderSettings, LoadedModel, ModelError, weight_files
 
 logger = logging.getLogger(__name__)
@@ -231,18 +232,8 @@ def _encode(tokenizer, texts: list[str]):
 
 
 def _truncate(ids: list[int], special: list[int], limit: int, marker: "int | None") -> list[int]:
-    """Keep the leading special token (+ marker) and the trailing ones; cut the text to fit ``limit``."""
-    lead = 0
-    while lead < len(ids) and special[lead]:
-        lead += 1
-    lead = min(lead, 1) if lead < len(ids) else lead
-    trail = 0
-    while trail < len(ids) - lead and special[len(ids) - 1 - trail]:
-        trail += 1
-    head, body, tail = ids[:lead], ids[lead:len(ids) - trail], ids[len(ids) - trail:]
-    if marker is not None:
-        head = head + [marker]
-    return head + body[:max(0, limit - len(head) - len(tail))] + tail
+    """The same truncation as :class:`~embedding.encoder.Encoder` applies to queries."""
+    return truncate_ids(ids, special, limit, marker)[0]
 
 
 def _prefix_normalize(x: torch.Tensor, dim: "int | None") -> torch.Tensor:
