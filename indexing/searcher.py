@@ -57,7 +57,7 @@ from embedding.model import (EncoderSettings, ModelError, check_model_dir, finge
 from embedding.mrl import truncate
 from indexing import dense
 from indexing.plaid import CentroidIndex, SearchParams
-from storage import layout, schemas
+from storage import layout, schemas, sets
 from storage.fs import Location
 from storage.manifest import Artifact, NotFoundError
 
@@ -327,31 +327,54 @@ def _source_set(root: Location, source: dict) -> tuple[dict, Location]:
 
 
 def read_ids(vdir: Location, manifest: dict) -> pa.StringArray:
-    """Document ids by positional id, ``(n_docs,)``, from the version's ``ids.parquet``."""
+    """Document ids by label, ``(n_labels,)``, from the version's ``ids.parquet``.
+
+    A full build labels its documents ``0..n-1``. An index updated in place by a
+    re-index keeps every surviving document's label, so removed documents leave
+    holes (null ids) and new ones are labelled from ``n_labels`` of the parent on.
+    """
     entry = (_entries(manifest, "ids") or [{"path": "ids.parquet"}])[0]
-    table = schemas.read_table(_file_loc(vdir, entry["path"]), columns=["pos", "id"])
-    table = table.sort_by("pos")
+    table = schemas.read_table(_file_loc(vdir, entry["path"]), columns=["pos", "id"]).sort_by("pos")
     pos = table.column("pos").to_numpy()
-    if not np.array_equal(pos, np.arange(len(pos))):
-        raise ValueError(f"{vdir.url}/ids.parquet: positions are not 0..{len(pos) - 1}")
     n_docs = manifest.get("n_docs")
     if n_docs is not None and n_docs != len(pos):
         raise ValueError(f"{vdir.url}: ids.parquet has {len(pos)} rows, the manifest says {n_docs} documents")
-    return table.column("id").combine_chunks()
+    n_labels = int(manifest.get("n_labels", len(pos)))
+    if len(pos) and (pos[0] < 0 or pos[-1] >= n_labels or np.any(np.diff(pos) <= 0)):
+        raise ValueError(f"{vdir.url}/ids.parquet: labels are not unique values in 0..{n_labels - 1}")
+    ids = table.column("id").combine_chunks()
+    if len(pos) == n_labels:
+        return ids
+    out = np.full(n_labels, None, dtype=object)
+    out[pos] = ids.to_numpy(zero_copy_only=False)
+    return pa.array(out, pa.string())
 
 
-def read_dense_vectors(set_dir: Location, set_manifest: dict) -> np.ndarray:
-    """The set's float16 dense vectors in positional order, ``(n, D)``.
+def read_dense_vectors(set_dir: Location, set_manifest: dict,
+                       labels: "pa.StringArray | None" = None) -> np.ndarray:
+    """The set's live float16 dense vectors, ``(n, D)``.
 
-    Positions are the concatenation order of the set's ``dense`` files sorted by shard.
+    Without ``labels``: in the concatenation order of the live rows of the ``dense``
+    files sorted by shard (the positions of a full index build). With ``labels``
+    (ids by label, nulls for holes): row ``i`` is the vector of ``labels[i]``, zeros
+    for a hole.
     """
-    entries = sorted(_entries(set_manifest, "dense"), key=lambda e: e.get("shard", 0))
-    if not entries:
+    files = sets.set_files(set_dir, set_manifest, "dense")
+    if not files:
         raise ValueError(f"set {set_manifest.get('name')!r} {set_manifest.get('version')} has no dense "
                          "vectors (embedded with mode colbert?)")
-    mats = [schemas.dense_matrix(schemas.read_table(_file_loc(set_dir, e["path"]), columns=["vector"]))
-            for e in entries]
-    return np.concatenate(mats).astype(np.float16, copy=False)
+    tables = [sets.read_live(f, ["id", "vector"]) for f in files]
+    mats = np.concatenate([schemas.dense_matrix(t) for t in tables]).astype(np.float16, copy=False)
+    if labels is None:
+        return mats
+    ids = pa.concat_arrays([t.column("id").combine_chunks() for t in tables])
+    if ids.equals(labels):
+        return mats
+    where = pc.index_in(labels, value_set=ids).to_numpy(zero_copy_only=False)
+    out = np.zeros((len(labels), mats.shape[1]), np.float16)
+    have = ~np.isnan(where.astype(np.float64))
+    out[have] = mats[where[have].astype(np.int64)]
+    return out
 
 
 def _read_codec(set_dir: Location, set_manifest: dict) -> ResidualCodec:
@@ -421,13 +444,15 @@ def _check_count(vdir: Location, what: str, got: int, n_docs: int) -> None:
         raise ValueError(f"{vdir.url}: {what} holds {got} documents, ids.parquet {n_docs}")
 
 
-def _load_backend(manifest: dict, vdir: Location, n_docs: int, set_manifest: dict, set_dir: Location):
+def _load_backend(manifest: dict, vdir: Location, labels: pa.StringArray, set_manifest: dict,
+                  set_dir: Location):
     """The index ready to search, and the codec's nbits (None for dense kinds)."""
     kind, dim = manifest["index_kind"], int(manifest["dim"])
+    n_docs = len(labels) - labels.null_count
     if kind == PLAID:
         codec = _read_codec(set_dir, set_manifest)
         index = CentroidIndex.from_arrays(codec, _plaid_arrays(vdir, manifest))
-        _check_count(vdir, "the plaid index", index.n_docs, n_docs)
+        _check_count(vdir, "the plaid index (labels)", index.n_docs, len(labels))
         return _PlaidBackend(index, dim), codec.nbits
     params = dense.DenseIndexParams.from_dict(manifest["params"])
     if params.kind != kind or params.dim != dim:
@@ -440,8 +465,7 @@ def _load_backend(manifest: dict, vdir: Location, n_docs: int, set_manifest: dic
     _check_count(vdir, "index.faiss", int(index.ntotal), n_docs)
     vectors = None
     if kind in dense.RESCORED_KINDS:
-        vectors = read_dense_vectors(set_dir, set_manifest)
-        _check_count(vdir, f"the dense vectors of set {set_manifest.get('name')!r}", len(vectors), n_docs)
+        vectors = read_dense_vectors(set_dir, set_manifest, labels)
     return _DenseBackend(index, params, vectors), None
 
 
@@ -512,7 +536,7 @@ class Searcher:
         choice = choose_query_encoder(root, index, source, set_manifest["model"], query_encoder)
         vdir = art.version_dir(manifest["version"])
         ids = read_ids(vdir, manifest)
-        backend, nbits = _load_backend(manifest, vdir, len(ids), set_manifest, set_dir)
+        backend, nbits = _load_backend(manifest, vdir, ids, set_manifest, set_dir)
         lm = load_model(choice.path, choice.settings, device=device)
         assert lm.fingerprint == choice.fingerprint, "model changed while loading"
         logger.info("opened index %s %s (%s, dim %d, %d documents) of set %s %s", index, manifest["version"],
@@ -521,12 +545,13 @@ class Searcher:
 
     @property
     def n_docs(self) -> int:
-        return len(self._ids)
+        """Documents in the index (labels of removed documents not counted)."""
+        return len(self._ids) - self._id_array.null_count
 
     @property
     def doc_ids(self) -> list[str]:
-        """Document ids by positional id (a copy)."""
-        return list(self._ids)
+        """Ids of the documents in the index, by label (a copy; holes left by removed documents skipped)."""
+        return [d for d in self._ids if d is not None]
 
     def search(self, queries: list[str], k: int = 10, *, lang: "str | None" = None,
                where: "str | None" = None, params: "dict | None" = None) -> list[list[tuple[str, float]]]:

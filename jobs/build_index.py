@@ -26,8 +26,8 @@ import pyarrow as pa
 
 from jobs.runtime import init_ray
 from jobs.timing import Timings
-from storage import layout, schemas
-from storage.fs import Location, location
+from storage import layout, schemas, sets
+from storage.fs import Location
 from storage.manifest import Artifact, NotFoundError, file_entry, utcnow
 
 logger = logging.getLogger(__name__)
@@ -89,27 +89,26 @@ def run(cfg: IndexConfig) -> dict:
     set_manifest = sets.manifest(set_version)
     set_dir = sets.version_dir(set_version)
     want = "tokens" if cfg.kind == "plaid" else "dense"
-    shards = sorted((e for e in set_manifest["files"] if e["kind"] == want), key=lambda e: e["shard"])
+    files = sets.set_files(set_dir, set_manifest, want)
     stored = set_manifest["dims"]["colbert" if cfg.kind == "plaid" else "dense"]
-    if stored is None or not shards:
+    if stored is None or not files:
         raise NotFoundError(f"set {cfg.set_name} {set_version} has no {want} vectors "
                             f"(it was embedded with --mode {set_manifest['config']['mode']})")
     dim = cfg.dim or stored
     if dim > stored:
         raise ValueError(f"dimension {dim} is above the stored dimension {stored} of set {cfg.set_name}")
-    urls = [_url(set_dir, e) for e in shards]
-    rows = [int(e["rows"]) for e in shards]
+    rows = [f.live_rows for f in files]
     init_ray()
     art = Artifact(root, "indexes", cfg.index_name)
     version, _ = art.claim(f"{cfg.set_name}/{set_version}/{cfg}", {"host": socket.gethostname(), "pid": os.getpid()})
     vdir = art.version_dir(version)
     if cfg.kind == "plaid":
         with timings("build"):
-            entries, params, n_bytes = _build_plaid(set_manifest, set_dir, urls, vdir)
+            entries, params, n_bytes = _build_plaid(set_manifest, set_dir, files, vdir)
     else:
-        entries, params, n_bytes = _build_dense(cfg, dim, urls, rows, vdir, timings)
+        entries, params, n_bytes = _build_dense(cfg, dim, files, rows, vdir, timings)
     with timings("ids"):
-        entries.append(_write_ids(urls, vdir))
+        entries.append(write_ids(sets.live_ids(files), vdir))
     manifest = {
         "index_kind": cfg.kind, "dim": dim, "params": params, "n_docs": int(sum(rows)),
         "source": {"set": cfg.set_name, "version": set_version, "dir": set_dir.url,
@@ -120,13 +119,35 @@ def run(cfg: IndexConfig) -> dict:
     }
     manifest = art.commit(version, manifest)
     if cfg.publish:
-        art.publish(version)
+        publish_index(root, cfg.set_name, set_version, art, version)
     return manifest
 
 
-def _url(set_dir: Location, entry: dict) -> str:
-    path = entry["path"]
-    return path if "://" in path or path.startswith("/") else set_dir.join(path).url
+def publish_index(root: Location, set_name: str, set_version: str, art: Artifact, version: str) -> None:
+    """Make a freshly built index current.
+
+    When the set's ``CURRENT`` pins indexes (it was published by ``tessera reindex``
+    or ``rollback``) and this index is built on the set's current version, the pin is
+    moved too; an index on another set version is committed and its own pointer
+    moved, but the set's pin (if any) keeps deciding what readers see.
+    """
+    from storage.manifest import pinned_index
+
+    art.publish(version, set_name=set_name)
+    sets_art = Artifact(root, "sets", set_name)
+    ptr = sets_art.pointer() or {}
+    if "indexes" not in ptr:
+        return
+    if ptr.get("version") == set_version:
+        sets_art.publish(set_version, indexes={**ptr["indexes"], art.name: version})
+    elif pinned_index(ptr, art.name):
+        logger.warning("index %s %s is built on %s %s, not on its current version %s: the set keeps "
+                       "%s %s current", art.name, version, set_name, set_version, ptr.get("version"),
+                       art.name, pinned_index(ptr, art.name))
+
+
+def put_file(vdir: Location, path: str, data: bytes, kind: str, rows: int) -> dict:
+    return _put(vdir, path, data, kind, rows)
 
 
 def _put(vdir: Location, path: str, data: bytes, kind: str, rows: int) -> dict:
@@ -138,25 +159,26 @@ def _put(vdir: Location, path: str, data: bytes, kind: str, rows: int) -> dict:
 
 
 # ---- dense ------------------------------------------------------------------------------
-def _read_dense(url: str, dim: int) -> np.ndarray:
+def read_dense(f: sets.SetFile, dim: int) -> np.ndarray:
+    """The live vectors of one ``dense`` file, truncated to ``dim`` (float32, unit rows)."""
     from embedding.mrl import truncate
 
-    return truncate(schemas.dense_matrix(schemas.read_table(location(url), ["vector"])), dim)
+    return truncate(schemas.dense_matrix(sets.read_live(f, ["vector"])), dim)
 
 
-def _sample_shard(url: str, dim: int, take: int, seed: int) -> np.ndarray:
-    x = _read_dense(url, dim)
+def _sample_shard(f: sets.SetFile, dim: int, take: int, seed: int) -> np.ndarray:
+    x = read_dense(f, dim)
     if take >= len(x):
         return x
     return x[np.sort(np.random.default_rng(seed).choice(len(x), take, replace=False))]
 
 
-def _add_shards(trained: bytes, kind: str, params: dict, urls: list[str], starts: list[int], dim: int) -> bytes:
+def _add_shards(trained: bytes, kind: str, params: dict, files: list, starts: list[int], dim: int) -> bytes:
     from indexing import dense
 
     index = dense.from_bytes(trained, kind)
-    for url, start in zip(urls, starts):
-        dense.add(index, _read_dense(url, dim), start)
+    for f, start in zip(files, starts):
+        dense.add(index, read_dense(f, dim), start)
     return dense.to_bytes(index)
 
 
@@ -166,7 +188,7 @@ def _train(params_dict: dict, sample: np.ndarray) -> bytes:
     return dense.to_bytes(dense.train(dense.DenseIndexParams.from_dict(params_dict), sample))
 
 
-def _build_dense(cfg: IndexConfig, dim: int, urls: list[str], rows: list[int], vdir: Location,
+def _build_dense(cfg: IndexConfig, dim: int, files: list, rows: list[int], vdir: Location,
                  timings: Timings) -> tuple[list[dict], dict, int]:
     import ray
 
@@ -179,7 +201,7 @@ def _build_dense(cfg: IndexConfig, dim: int, urls: list[str], rows: list[int], v
         share = min(1.0, cfg.train_size / max(total, 1))
         task = ray.remote(num_cpus=0.5)(_sample_shard)
         parts = ray.get([task.remote(u, dim, max(1, int(round(r * share))), cfg.seed + i)
-                         for i, (u, r) in enumerate(zip(urls, rows))])
+                         for i, (u, r) in enumerate(zip(files, rows))])
         sample = np.concatenate(parts)
     params = params.resolved(total, n_train=len(sample))
     with timings("train"):
@@ -188,10 +210,10 @@ def _build_dense(cfg: IndexConfig, dim: int, urls: list[str], rows: list[int], v
     add = ray.remote(num_cpus=1)(_add_shards)
     with timings("add"):
         if cfg.kind == "hnsw":  # graphs don't merge: one task, shards in order
-            blobs = ray.get([add.remote(trained, cfg.kind, params.to_dict(), urls, starts, dim)])
+            blobs = ray.get([add.remote(trained, cfg.kind, params.to_dict(), files, starts, dim)])
         else:
-            blobs = ray.get([add.remote(trained, cfg.kind, params.to_dict(), [u], [s], dim)
-                             for u, s in zip(urls, starts)])
+            blobs = ray.get([add.remote(trained, cfg.kind, params.to_dict(), [f], [s], dim)
+                             for f, s in zip(files, starts)])
     with timings("merge"):
         index = dense.merge([dense.from_bytes(b, cfg.kind) for b in blobs])
         data = dense.to_bytes(index)
@@ -200,20 +222,25 @@ def _build_dense(cfg: IndexConfig, dim: int, urls: list[str], rows: list[int], v
 
 
 # ---- plaid ------------------------------------------------------------------------------
-def _plaid_part(codec_bytes: bytes, url: str) -> dict:
-    from embedding.codec import ResidualCodec
-    from indexing.plaid import CentroidIndex
-
-    codec = ResidualCodec.from_bytes(codec_bytes)
-    table = schemas.read_table(location(url), ["codes", "residuals", "n_vectors"])
+def read_tokens(f: sets.SetFile, codec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The live documents of one ``tokens`` file: flat codes (T,), residuals (T, bytes), lengths (n,)."""
+    table = sets.read_live(f, ["codes", "residuals", "n_vectors"])
     codes = table.column("codes").combine_chunks().values.to_numpy(zero_copy_only=False)
     residuals = np.frombuffer(b"".join(v.as_py() for v in table.column("residuals")), np.uint8)
     lengths = np.asarray(table.column("n_vectors").to_numpy(), np.int64)
     residuals = residuals.reshape(int(lengths.sum()), codec.residual_bytes)
-    return CentroidIndex.from_flat(codec, codes.astype(codec.code_dtype), residuals, lengths).to_arrays()
+    return codes.astype(codec.code_dtype), residuals, lengths
 
 
-def _build_plaid(set_manifest: dict, set_dir: Location, urls: list[str], vdir: Location
+def _plaid_part(codec_bytes: bytes, f: sets.SetFile) -> dict:
+    from embedding.codec import ResidualCodec
+    from indexing.plaid import CentroidIndex
+
+    codec = ResidualCodec.from_bytes(codec_bytes)
+    return CentroidIndex.from_flat(codec, *read_tokens(f, codec)).to_arrays()
+
+
+def _build_plaid(set_manifest: dict, set_dir: Location, files: list, vdir: Location
                  ) -> tuple[list[dict], dict, int]:
     import ray
 
@@ -224,23 +251,30 @@ def _build_plaid(set_manifest: dict, set_dir: Location, urls: list[str], vdir: L
     codec_bytes = set_dir.join(codec_info["file"]).read_bytes()
     codec = ResidualCodec.from_bytes(codec_bytes)
     task = ray.remote(num_cpus=1)(_plaid_part)
-    parts = [CentroidIndex.from_arrays(codec, a) for a in ray.get([task.remote(codec_bytes, u) for u in urls])]
+    parts = [CentroidIndex.from_arrays(codec, a) for a in ray.get([task.remote(codec_bytes, f) for f in files])]
     index = CentroidIndex.from_parts(codec, parts)
-    entries = []
-    for name, arr in index.to_arrays().items():
-        buf = io.BytesIO()
-        np.save(buf, arr, allow_pickle=False)
-        entries.append(_put(vdir, f"plaid/{name}.npy", buf.getvalue(), "plaid", len(arr)))
+    entries = write_plaid(index, vdir)
     n_bytes = sum(e["bytes"] for e in entries)
     logger.info("centroid index: %d documents, %d tokens, %d centroids, %.1f MB", index.n_docs, index.n_tokens,
                 codec.n_centroids, n_bytes / 1e6)
     return entries, {"nbits": codec.nbits, "n_centroids": codec.n_centroids}, n_bytes
 
 
+def write_plaid(index, vdir: Location) -> list[dict]:
+    """``plaid/<key>.npy`` files of a centroid index (no pickle); their manifest entries."""
+    entries = []
+    for name, arr in index.to_arrays().items():
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        entries.append(_put(vdir, f"plaid/{name}.npy", buf.getvalue(), "plaid", len(arr)))
+    return entries
+
+
 # ---- ids ----------------------------------------------------------------------------------
-def _write_ids(urls: list[str], vdir: Location) -> dict:
-    ids = pa.concat_arrays([schemas.read_table(location(u), ["id"]).column("id").combine_chunks() for u in urls])
-    table = pa.table({"pos": pa.array(np.arange(len(ids), dtype=np.int64)), "id": ids})
+def write_ids(ids: pa.StringArray, vdir: Location, labels: "np.ndarray | None" = None) -> dict:
+    """``ids.parquet``: label → document id (labels ``0..n-1`` unless given)."""
+    pos = np.arange(len(ids), dtype=np.int64) if labels is None else np.asarray(labels, np.int64)
+    table = pa.table({"pos": pa.array(pos), "id": ids})
     info = schemas.write_table(vdir.join("ids.parquet"), table)
     return file_entry(vdir.join("ids.parquet"), vdir, kind="ids", rows=info["rows"], nbytes=info["bytes"],
                       sha256=info["sha256"])

@@ -2,7 +2,8 @@
 
 Logs and progress go to stderr; ``--json`` prints exactly one JSON document on stdout.
 Exit codes: 0 success, 1 failure, 2 bad input (a clear message, nothing published),
-3 a re-tuned query encoder refused by its gate.
+3 refused (a re-tuned query encoder by its gate; a re-index with another model without --full),
+4 nothing to do (a re-index of an unchanged snapshot), 5 busy (another run holds the set's lease).
 """
 from __future__ import annotations
 
@@ -171,6 +172,47 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--threads", type=int, default=None)
     _root_arg(rt)
     _json_arg(rt)
+
+    ri = sub.add_parser(
+        "reindex", help="re-index a set from a new corpus snapshot: embed only what changed, update its indexes",
+        description="Diff a corpus snapshot against the set's current version by content hash, embed only new and "
+                    "changed documents with the set's own model and codec, reuse unchanged shards by reference, "
+                    "tombstone the rest, update every index built on the set, and publish the set and its indexes "
+                    "in one atomic step. Run the same command again to resume a failed run. Exit codes: 0 published, "
+                    "1 failed, 2 bad input, 3 refused (another model without --full), 4 nothing to do, "
+                    "5 busy (another run holds the set's lease).")
+    ri.add_argument("--set", dest="set_name", required=True)
+    ri.add_argument("--corpus", nargs="+", required=True, help="the new snapshot: files, globs or directories")
+    ri.add_argument("--model", default=None,
+                    help="model folder or fetched name (default: the one the set was embedded with)")
+    ri.add_argument("--full", action="store_true", help="re-embed everything (new codec) and rebuild every index")
+    ri.add_argument("--keep", type=int, default=None, help="then keep only the N newest set versions (gc)")
+    ri.add_argument("--max-added-share", type=float, default=0.25,
+                    help="rebuild indexes when documents added since they were trained exceed this share")
+    ri.add_argument("--max-residual-ratio", type=float, default=1.15,
+                    help="re-fit the codec when new tokens' mean |residual| exceeds this multiple of the codec's")
+    ri.add_argument("--lease-ttl", type=float, default=120.0, help="seconds a lease outlives a dead run")
+    ri.add_argument("--actors", type=int, default=None)
+    ri.add_argument("--threads", type=int, default=None)
+    ri.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ri.add_argument("--no-publish", dest="publish", action="store_false")
+    _root_arg(ri)
+    _json_arg(ri)
+
+    rb = sub.add_parser("rollback", help="point a set (and the indexes released with it) back at an earlier version")
+    rb.add_argument("--set", dest="set_name", required=True)
+    rb.add_argument("--to", required=True, help="a committed version, e.g. v000003")
+    _root_arg(rb)
+    _json_arg(rb)
+
+    g = sub.add_parser("gc", help="drop old versions and delete files no kept version references")
+    g.add_argument("--set", dest="set_name", default=None, help="default: every set")
+    g.add_argument("--keep", type=int, default=None, help="keep the N newest versions of each set (default: all)")
+    g.add_argument("--stale-hours", type=float, default=24.0,
+                   help="delete uncommitted versions whose claim is older than this")
+    g.add_argument("--dry-run", action="store_true")
+    _root_arg(g)
+    _json_arg(g)
 
     en = sub.add_parser("encoders", help="list query-encoder versions and the sets they are registered for")
     _root_arg(en)
@@ -358,7 +400,77 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"embed": cmd_embed, "index": cmd_index, "search": cmd_search, "eval": cmd_eval, "sets": cmd_sets, "sql": cmd_sql, "model": cmd_model,
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from jobs.model_fetch import resolve_model
+    from jobs.reindex import ReindexConfig, exit_code_for, run
+
+    cfg = ReindexConfig(set_name=args.set_name, corpus=tuple(args.corpus), root=args.root,
+                        model=str(resolve_model(args.model)) if args.model else None, full=args.full,
+                        keep=args.keep, max_added_share=args.max_added_share,
+                        max_residual_ratio=args.max_residual_ratio, lease_ttl=args.lease_ttl, actors=args.actors,
+                        threads=args.threads, device=args.device, publish=args.publish)
+    try:
+        report = run(cfg)
+    except Exception as err:  # noqa: BLE001 - the report is written; map the outcome to its exit code
+        code = exit_code_for(err)
+        if code == EXIT_FAILED:
+            raise
+        print(f"tessera: {'error' if code == EXIT_BAD_INPUT else RUN_WORDS[code]}: {_short(err)}", file=sys.stderr)
+        return code
+    if args.json:
+        _print_json(report)
+        return EXIT_OK
+    c, d = report["counts"], report["decision"]
+    print(f"{cfg.set_name} {report['version']} ({d['mode']}, from {report['parent']}): {c['new']} new, "
+          f"{c['changed']} changed, {c['deleted']} deleted, {c['unchanged']} unchanged; "
+          f"{report['bytes'].get('written', 0) / 1e6:.1f} MB written, {report['bytes'].get('reused', 0) / 1e6:.1f} MB "
+          f"reused; run {report['run_id']}")
+    for name, r in sorted(report.get("indexes", {}).items()):
+        print(f"  index {name} {r['version']}: {r['how']}"
+              + (f" (-{r.get('removed', 0)} +{r.get('added', 0)})" if r["how"] == "updated" else ""))
+    return EXIT_OK
+
+
+RUN_WORDS = {3: "refused", 4: "nothing to do", 5: "busy"}
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from jobs.reindex import exit_code_for, rollback
+
+    try:
+        report = rollback(args.root, args.set_name, args.to)
+    except Exception as err:  # noqa: BLE001
+        code = exit_code_for(err)
+        if code == EXIT_FAILED:
+            raise
+        print(f"tessera: {'error' if code == EXIT_BAD_INPUT else RUN_WORDS[code]}: {_short(err)}", file=sys.stderr)
+        return code
+    if args.json:
+        _print_json(report)
+    else:
+        pins = ", ".join(f"{k} {v}" for k, v in sorted(report["indexes"].items())) or "no indexes"
+        print(f"{args.set_name}: current is now {report['version']} (was {report['parent']}); {pins}")
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from storage.gc import collect
+    from storage.layout import resolve_root
+
+    result = collect(resolve_root(args.root), args.set_name, keep=args.keep, stale_hours=args.stale_hours,
+                     dry_run=args.dry_run)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    for kind in ("sets", "indexes"):
+        for name, r in sorted(result[kind].items()):
+            print(f"{kind[:-1] if kind == 'sets' else 'index'} {name}: dropped {', '.join(r['dropped_versions']) or 'no versions'}; "
+                  f"{verb} {r['deleted_files']} files ({r['freed_bytes'] / 1e6:.1f} MB)")
+    return EXIT_OK
+
+
+COMMANDS = {"reindex": cmd_reindex, "rollback": cmd_rollback, "gc": cmd_gc, "embed": cmd_embed, "index": cmd_index, "search": cmd_search, "eval": cmd_eval, "sets": cmd_sets, "sql": cmd_sql, "model": cmd_model,
             "retune": cmd_retune, "encoders": cmd_encoders}
 
 

@@ -8,7 +8,6 @@ small per-shard statistics.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from embedding.codec import ResidualCodec
 from embedding.encoder import DocumentVectors, Encoder
 from embedding.model import EncoderSettings, load_model
 from storage import layout, schemas
-from storage.corpus import ColumnMap, CorpusFile, read_rows
+from storage.corpus import ColumnMap, CorpusFile, meta_hashes, read_rows, text_hashes
 from storage.fs import Location
 from storage.manifest import file_entry
 
@@ -74,6 +73,7 @@ class EncoderActor:
         self.cols = ColumnMap(**spec.columns)
         self.vdir = Location(spec.version_dir)
         self.codec = ResidualCodec.from_bytes(Location(codec_url).read_bytes()) if codec_url else None
+        self._residual_stats: dict = {}
 
     def _read(self, row: dict) -> pa.Table:
         f = self.files[int(row["file"])]
@@ -90,7 +90,7 @@ class ShardEncoder(EncoderActor):
     def __call__(self, batch: dict) -> dict:
         stats = []
         for i in range(len(batch["shard"])):
-            row = {k: batch[k][i] for k in ("shard", "file", "start", "end")}
+            row = {k: batch[k][i] for k in ("shard", "file", "start", "end", "rows") if k in batch}
             try:
                 stats.append(json.dumps(self.write_shard(row)))
             except Exception as err:
@@ -103,7 +103,10 @@ class ShardEncoder(EncoderActor):
         start = time.perf_counter()
         shard = int(row["shard"])
         failpoint("embed.shard", shard)
+        self._residual_stats = {}
         table = self._read(row)
+        if row.get("rows"):  # a re-index delta shard: only these rows of the range changed
+            table = table.take(pa.array(json.loads(str(row["rows"])), pa.int64()))
         texts = pc.fill_null(table.column("text"), "").to_pylist()
         keep = np.array([bool(t.strip()) for t in texts], bool)
         kept = table.filter(pa.array(keep))
@@ -129,7 +132,7 @@ class ShardEncoder(EncoderActor):
                  "tokens": int(sum(len(t) for t in enc.tokens)) if enc is not None and enc.tokens else 0,
                  "input_tokens": int(enc.n_tokens.sum()) if enc is not None else 0,
                  "truncated": int(enc.truncated.sum()) if enc is not None else 0,
-                 "encode_seconds": round(encode_s, 3),
+                 "encode_seconds": round(encode_s, 3), **self._residual_stats,
                  "seconds": round(time.perf_counter() - start, 3), "files": entries}
         marker = self.vdir.join(layout.SHARD_MARKERS, f"{shard:05d}.json")
         marker.write_text(json.dumps(stats))  # last: the shard is done
@@ -174,11 +177,12 @@ class ShardEncoder(EncoderActor):
         n = kept.num_rows
         core = {
             "id": kept.column("id"), "lang": kept.column("lang"), "title": kept.column("title"),
-            "sha256": pa.array([hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts], pa.string()),
+            "sha256": pa.array(text_hashes(texts), pa.string()),
             "n_chars": pa.array([len(t) for t in texts], pa.int32()),
             "n_tokens": pa.array(enc.n_tokens if enc is not None else np.zeros(0, np.int32), pa.int32()),
             "truncated": pa.array(enc.truncated if enc is not None else np.zeros(0, bool), pa.bool_()),
             "shard": pa.array(np.full(n, shard, np.int32)),
+            "meta_sha256": pa.array(meta_hashes(kept), pa.string()),
         }
         table = pa.table(core, schema=schemas.DOCS_CORE)
         for name in kept.column_names:
@@ -192,15 +196,27 @@ class ShardEncoder(EncoderActor):
         lengths = [len(t) for t in tokens]
         allv = np.concatenate(tokens) if sum(lengths) else np.zeros((0, self.codec.dim), np.float32)
         codes, residuals = self.codec.compress(allv)
+        self._residual_stats = residual_stats(self.codec, allv, codes)
         splits = np.cumsum(lengths)[:-1]
         return schemas.tokens_table(ids, np.split(codes, splits), np.split(residuals, splits),
                                     self.codec.code_dtype)
 
 
+def residual_stats(codec: ResidualCodec, vectors: np.ndarray, codes: np.ndarray) -> dict:
+    """Sum of ``|residual|`` over the vectors' values and their count: a re-index compares
+    the mean with the codec's ``avg_residual`` to tell whether the centroids still fit."""
+    if not len(vectors):
+        return {"residual_abs_sum": 0.0, "residual_values": 0}
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    diff = np.abs(unit - codec.centroids[codes.astype(np.int64)])
+    return {"residual_abs_sum": float(diff.sum(dtype=np.float64)), "residual_values": int(diff.size)}
+
+
 def failpoint(name: str, value: int) -> None:
     """Fault injection for tests: ``TESSERA_FAILPOINTS="embed.shard=3"`` fails shard 3.
 
-    ``embed.shard=3:crash`` kills the worker process instead of raising.
+    ``embed.shard=3:crash`` kills the worker process instead of raising;
+    ``embed.shard=3:kill`` has Ray kill the worker's actor (``ray.kill``).
     """
     for item in filter(None, os.environ.get(FAILPOINTS_ENV, "").split(",")):
         key, _, target = item.partition("=")
@@ -208,6 +224,11 @@ def failpoint(name: str, value: int) -> None:
         if key == name and target.strip() == str(value):
             if how == "crash":
                 os._exit(17)
+            if how == "kill":
+                import ray
+
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                time.sleep(60)  # the kill lands while we wait
             raise RuntimeError(f"failpoint {name}={value} triggered")
 
 

@@ -70,3 +70,49 @@ def plan_sample(pieces: list[Piece], n_sample: int, seed: int) -> dict[int, list
         piece = pieces[int(idx)]
         plan.setdefault(piece.shard, []).append(int(g - bounds[idx]))
     return plan
+
+
+@dataclass(frozen=True)
+class DeltaPiece:
+    """Rows ``start + r`` for ``r`` in ``rows`` of input file ``file`` form shard ``shard``."""
+
+    shard: int
+    file: int
+    start: int
+    end: int
+    rows: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        import json
+
+        return {"shard": self.shard, "file": self.file, "start": self.start, "end": self.end,
+                "rows": json.dumps(list(self.rows))}
+
+
+def plan_delta(rows_per_file: dict[int, list[int]], rows_per_shard: int, stride: int,
+               first_shard: int) -> list[DeltaPiece]:
+    """Group the changed rows of each file into shards of at most ``rows_per_shard`` rows.
+
+    A re-index encodes only new and changed documents; they are scattered through
+    the snapshot, so a shard reads the range from its first to its last row and
+    keeps the listed ones. Ranges start at a multiple of ``stride`` (the scan's
+    seek granularity for JSONL). Shards are numbered from ``first_shard`` in file
+    and row order, so the same diff always gives the same plan (a rerun resumes).
+
+    Parameters
+    ----------
+    rows_per_file : {file index: row offsets in the file}, any order, no duplicates.
+    """
+    if rows_per_shard < 1 or stride < 1:
+        raise ValueError(f"rows_per_shard and stride must be >= 1, got {rows_per_shard}, {stride}")
+    pieces: list[DeltaPiece] = []
+    for f in sorted(rows_per_file):
+        rows = sorted(rows_per_file[f])
+        if len(set(rows)) != len(rows) or (rows and rows[0] < 0):
+            raise ValueError(f"file {f}: row offsets must be unique and >= 0")
+        for lo in range(0, len(rows), rows_per_shard):
+            group = rows[lo:lo + rows_per_shard]
+            start = group[0] // stride * stride
+            pieces.append(DeltaPiece(first_shard + len(pieces), f, start, group[-1] + 1,
+                                     tuple(r - start for r in group)))
+    return pieces

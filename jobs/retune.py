@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.timing import Progress, Timings
-from storage import layout, schemas
+from storage import layout, schemas, sets
 from storage.fs import Location, location
 from storage.manifest import Artifact, NotFoundError, committed_manifests, file_entry, utcnow
 from storage.queries import Query, QueryFileError, load_qrels, load_queries
@@ -427,8 +427,7 @@ def checksums(urls: list[str]) -> dict[str, str]:
 
 
 def _entry_url(base: Location, entry: dict) -> str:
-    path = entry["path"]
-    return path if "://" in path or path.startswith("/") else base.join(path).url
+    return sets.entry_location(base, entry).url
 
 
 # ---- the stored vectors (worker side) --------------------------------------------------------
@@ -455,11 +454,11 @@ class StoredVectors:
     @classmethod
     def read(cls, set_dir: Location, manifest: dict, kind: str) -> "StoredVectors":
         want = "dense" if kind == "dense" else "tokens"
-        entries = sorted((e for e in manifest["files"] if e["kind"] == want), key=lambda e: e["shard"])
-        progress = Progress(f"read {want}", sum(int(e["rows"]) for e in entries))
+        files = sets.set_files(set_dir, manifest, want)
+        progress = Progress(f"read {want}", sum(f.live_rows for f in files))
         ids, parts = [], []
-        for e in entries:
-            table = schemas.read_table(location(_entry_url(set_dir, e)))
+        for f in files:
+            table = sets.read_live(f)
             ids.append(table.column("id").combine_chunks())
             parts.append(schemas.dense_matrix(table) if kind == "dense" else table)
             progress.update(table.num_rows)
@@ -816,8 +815,8 @@ def _check_ids(set_dir: Location, sm: dict, kind: str, train: list[TrainQuery], 
     judged = pa.array(sorted({d for docs in dev_qrels.values() for d, g in docs.items() if g > 0}), pa.string())
     found_pos = np.zeros(len(pos), bool)
     found_dev = np.zeros(len(judged), bool)
-    for e in (e for e in sm["files"] if e["kind"] == want):
-        ids = schemas.read_table(location(_entry_url(set_dir, e)), ["id"]).column("id").combine_chunks()
+    for f in sets.set_files(set_dir, sm, want):
+        ids = sets.read_live(f, ["id"]).column("id").combine_chunks()
         found_pos |= np.asarray(pc.is_in(pos, value_set=ids).to_numpy(zero_copy_only=False), bool)
         found_dev |= np.asarray(pc.is_in(judged, value_set=ids).to_numpy(zero_copy_only=False), bool)
     if not found_pos.all():

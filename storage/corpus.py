@@ -12,6 +12,7 @@ Errors name the file and the row (0-based row for Parquet, 1-based line for JSON
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -327,3 +328,22 @@ def _to_string(url: str, name: str, col) -> pa.Array:
     if pa.types.is_null(col.type) or pa.types.is_large_string(col.type):
         return pc.cast(col, pa.string())
     raise CorpusError(f"{url}: column {name!r} has type {col.type}, expected string")
+
+
+# ---- content hashes ---------------------------------------------------------------------
+def text_hashes(texts: list) -> list[str]:
+    """sha256 of each text (UTF-8; a null text hashes as the empty string)."""
+    return [hashlib.sha256((t or "").encode("utf-8")).hexdigest() for t in texts]
+
+
+def meta_hashes(table: pa.Table) -> list[str]:
+    """sha256 per row of everything but ``id`` and ``text`` (lang, title, extra columns).
+
+    A canonical JSON of the row (sorted keys, ``str`` for non-JSON values), so the
+    same metadata read from Parquet or JSONL hashes the same. A re-index compares
+    these with the stored ``meta_sha256`` to catch metadata-only edits.
+    """
+    names = [n for n in table.column_names if n not in ("id", "text")]
+    rows = table.select(names).to_pylist() if names else [{} for _ in range(table.num_rows)]
+    return [hashlib.sha256(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
+            .hexdigest() for r in rows]

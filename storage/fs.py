@@ -136,7 +136,14 @@ class Location:
         return posixpath.basename(self.url.rstrip("/"))
 
     def join(self, *parts: str) -> "Location":
-        return Location(posixpath.join(self.url, *parts))
+        """A child location; ``..`` segments are resolved (a later version's manifest
+        names a reused file as ``../v000001/dense/part-00003.parquet``)."""
+        joined = posixpath.join(self.url, *parts)
+        if ".." not in joined.split("/"):
+            return Location(joined)
+        if self.is_remote:
+            return Location("s3://" + posixpath.normpath(joined[len("s3://"):]))
+        return Location(posixpath.normpath(joined))
 
     def relative_to(self, other: "Location") -> str:
         prefix = other.url.rstrip("/") + "/"
@@ -180,6 +187,18 @@ class Location:
             self.fs.invalidate_cache()
         found = retry(lambda: self.fs.glob(full), f"glob {self.url}/{pattern}")
         return sorted(self._child(p) for p in found)
+
+    def find(self) -> list["Location"]:
+        """Every file under this folder, recursively, sorted; empty when it doesn't exist."""
+        if self.is_remote:
+            self.fs.invalidate_cache()
+
+        def _find() -> list[str]:
+            try:
+                return self.fs.find(self.path)
+            except FileNotFoundError:
+                return []
+        return sorted(self._child(p) for p in retry(_find, f"find {self.url}"))
 
     def _child(self, path: str) -> "Location":
         return Location(f"s3://{path}" if self.is_remote else path)

@@ -88,12 +88,30 @@ class Artifact:
     def exists(self) -> bool:
         return self.loc.join(layout.CURRENT).exists() or bool(self.versions())
 
-    def current(self) -> "str | None":
-        """The published version, or None if nothing was published yet."""
+    def pointer(self) -> "dict | None":
+        """The body of ``CURRENT``, or None if nothing was published yet."""
         ptr = self.loc.join(layout.CURRENT)
-        if not ptr.exists():
+        try:
+            return json.loads(ptr.read_text())
+        except FileNotFoundError:
             return None
-        return json.loads(ptr.read_text())["version"]
+
+    def current(self) -> "str | None":
+        """The published version, or None if nothing was published yet.
+
+        An index published together with its set (``tessera reindex``, ``tessera
+        rollback``) is pinned by the set's ``CURRENT`` (its ``indexes`` map): one
+        atomic write moves a set and all its indexes, so a reader never pairs a new
+        set with an old index or the reverse.
+        """
+        body = self.pointer()
+        if body is None:
+            return None
+        if self.kind == "indexes" and body.get("set"):
+            pinned = pinned_index(Artifact(self.root, "sets", body["set"]).pointer(), self.name)
+            if pinned:
+                return pinned
+        return body["version"]
 
     def resolve(self, version: "str | None" = None) -> str:
         """``version`` checked to be committed, or the current one; NotFoundError otherwise."""
@@ -154,11 +172,27 @@ class Artifact:
         logger.info("committed %s/%s %s", self.kind, self.name, v)
         return manifest
 
-    def publish(self, version: str) -> None:
-        """Point ``CURRENT`` at a committed version (one atomic write)."""
+    def publish(self, version: str, *, set_name: "str | None" = None,
+                indexes: "dict[str, str] | None" = None) -> None:
+        """Point ``CURRENT`` at a committed version (one atomic write).
+
+        ``set_name`` (indexes): the set the index belongs to, whose ``CURRENT`` may pin it.
+        ``indexes`` (sets): index name → version, published atomically with the set.
+        """
         v = self.resolve(version)
-        self.loc.join(layout.CURRENT).write_text(dumps({"version": v, "published_at": utcnow()}))
-        logger.info("published %s/%s %s", self.kind, self.name, v)
+        body = {"version": v, "published_at": utcnow()}
+        if set_name is not None:
+            body["set"] = set_name
+        if indexes is not None:
+            body["indexes"] = dict(sorted(indexes.items()))
+        self.loc.join(layout.CURRENT).write_text(dumps(body))
+        logger.info("published %s/%s %s%s", self.kind, self.name, v,
+                    f" with indexes {body['indexes']}" if indexes else "")
+
+
+def pinned_index(set_pointer: "dict | None", index: str) -> "str | None":
+    """The version of ``index`` a set's ``CURRENT`` body pins, if any."""
+    return ((set_pointer or {}).get("indexes") or {}).get(index)
 
 
 def list_names(root: Location, kind: str) -> list[str]:

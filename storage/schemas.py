@@ -1,6 +1,7 @@
 """Parquet schemas of an embedding set, and writing one table as one object.
 
-* ``docs``     id, lang, title, sha256, n_chars, n_tokens, truncated, shard, + the corpus' extra columns
+* ``docs``     id, lang, title, sha256 (of the text), n_chars, n_tokens, truncated, shard,
+               meta_sha256 (of lang, title and the extra columns), + the corpus' extra columns
 * ``dense``    id, vector: fixed_size_list<float16>[dim] (full dimension, unit norm; MRL reads a prefix)
 * ``tokens``   id, codes: list<uint8|16|32> (centroid per token), residuals: binary
                (bit-packed buckets, ``n_vectors × dim·nbits/8`` bytes), n_vectors
@@ -19,6 +20,7 @@ from storage.fs import Location
 DOCS_CORE = pa.schema([
     ("id", pa.string()), ("lang", pa.string()), ("title", pa.string()), ("sha256", pa.string()),
     ("n_chars", pa.int32()), ("n_tokens", pa.int32()), ("truncated", pa.bool_()), ("shard", pa.int32()),
+    ("meta_sha256", pa.string()),
 ])
 SKIPPED = pa.schema([("id", pa.string()), ("reason", pa.string()), ("shard", pa.int32())])
 FILE_KINDS = ("docs", "dense", "tokens", "skipped")

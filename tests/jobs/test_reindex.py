@@ -1,0 +1,219 @@
+"""The nightly re-index end to end on a tiny model: diff, delta embedding, tombstones,
+in-place index updates, atomic publishing, rollback, gc, run reports and exit codes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fixtures_models import MULTILINGUAL_TEXTS
+from jobs import build_index
+from jobs.cli import main as cli
+from jobs.embed import EmbedConfig
+from jobs.embed import run as embed
+from jobs.reindex import NothingToDo, ReindexConfig, Refused, rollback
+from jobs.reindex import run as reindex
+from indexing.searcher import Searcher
+from storage import catalog
+from storage.fs import location
+from storage.manifest import Artifact, NotFoundError
+
+LANGS = ["en", "de", "fr", "es", "ru"]
+QUERIES = ["the weather is nice today", "wie spät ist es", "le chat dort", "una casa grande", "книга на столе"]
+KINDS = {"flat": {}, "ivf": {"nlist": 4, "nprobe": 4}, "hnsw": {}, "int8": {}, "plaid": {}}
+
+
+def texts() -> list[str]:
+    return [t for group in MULTILINGUAL_TEXTS.values() for t in group] \
+        if isinstance(MULTILINGUAL_TEXTS, dict) else list(MULTILINGUAL_TEXTS)
+
+
+def docs(n: int) -> list[dict]:
+    t = texts()
+    return [{"id": f"d{i:04d}", "text": f"{t[i % len(t)]} ({i})", "lang": LANGS[i % len(LANGS)],
+             "year": 2000 + i % 7} for i in range(n)]
+
+
+def write_jsonl(url: str, rows: list[dict]) -> str:
+    location(url).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return url
+
+
+def next_snapshot(rows: list[dict]) -> tuple[list[dict], dict]:
+    """3 texts changed, 1 metadata-only change, 2 deleted, 4 new, 1 turned empty."""
+    t = texts()
+    out = [dict(r) for r in rows]
+    for i in (3, 17, 40):
+        out[i]["text"] = f"rewritten: {t[(i * 7) % len(t)]} [{i}]"
+    out[25]["year"] = 1999
+    out[30]["text"] = "  "
+    deleted = {out[5]["id"], out[44]["id"]}
+    out = [r for r in out if r["id"] not in deleted]
+    out += [{"id": f"n{i}", "text": f"new document {t[i % len(t)]} <{i}>", "lang": LANGS[i % 5], "year": 2024}
+            for i in range(4)]
+    expect = {"new": 4, "changed": 5, "deleted": 2, "unchanged": len(rows) - 2 - 5}
+    return out, expect
+
+
+def setup_set(root, corpus_url: str, model, kinds=KINDS) -> dict:
+    embed(EmbedConfig(corpus=(corpus_url,), model=str(model), set_name="t", root=str(root), rows_per_shard=16,
+                      n_centroids=16, max_batch=8))
+    for kind, extra in kinds.items():
+        build_index.run(build_index.IndexConfig(set_name="t", kind=kind, root=str(root), **extra))
+    return {kind: f"t-{kind}" for kind in kinds}
+
+
+def top10(root, index: str, version=None) -> list[list[str]]:
+    s = Searcher.open(str(root), index, version=version)
+    return [[d for d, _ in hits] for hits in s.search(QUERIES, k=10)]
+
+
+def current_ids(root) -> list[str]:
+    con = catalog.connect(str(root))
+    return [r[0] for r in con.execute("select id from documents where is_current order by id").fetchall()]
+
+
+@pytest.fixture
+def store(ray_local, tiny_model_dir, tmp_path):
+    rows = docs(60)
+    corpus = write_jsonl(str(tmp_path / "snap1.jsonl"), rows)
+    root = tmp_path / "store"
+    names = setup_set(root, corpus, tiny_model_dir)
+    return root, rows, names
+
+
+def test_reindex_end_to_end(store, tiny_model_dir, tmp_path):
+    root, rows, names = store
+    before = {k: top10(root, n) for k, n in names.items()}
+    snap, expect = next_snapshot(rows)
+    url = write_jsonl(str(tmp_path / "snap2.jsonl"), snap)
+    report = reindex(ReindexConfig(set_name="t", corpus=(url,), root=str(root)))
+
+    assert report["status"] == "published" and report["exit_code"] == 0
+    assert report["version"] == "v000002" and report["parent"] == "v000001"
+    c = report["counts"]
+    assert {k: c[k] for k in expect} == expect
+    assert report["decision"]["mode"] == "incremental"
+    assert report["bytes"]["reused"] > 0 and report["bytes"]["written"] > 0
+
+    # DuckDB: exactly the snapshot's non-empty ids, once each; metadata and the empty doc follow the snapshot
+    want = sorted(r["id"] for r in snap if r["text"].strip())
+    assert current_ids(root) == want
+    con = catalog.connect(str(root))
+    assert con.execute("select year from documents where is_current and id = 'd0025'").fetchone()[0] == 1999
+    assert con.execute("select id from skipped where is_current").fetchall() == [("d0030",)]
+    assert con.execute("select count(*) from documents where version = 'v000001'").fetchone()[0] == 60
+    graves = dict(con.execute("select reason, count(*) from tombstones where version = 'v000002' "
+                              "group by reason").fetchall())
+    assert graves == {"changed": 5, "deleted": 2}
+    run_row = con.execute("select job, status, exit_code, new, changed, deleted, unchanged, decision "
+                          "from runs where job = 'reindex'").fetchall()
+    assert run_row == [("reindex", "published", 0, 4, 5, 2, expect["unchanged"], "incremental")]
+
+    # unchanged shards are reused by reference, not copied
+    m = Artifact(location(str(root)), "sets", "t").manifest("v000002")
+    reused = [e for e in m["files"] if e.get("reused")]
+    assert reused and all(e["path"].startswith("../v000001/") for e in reused)
+
+    # every index moved with the set; updated in place where the kind allows it
+    how = {n: r["how"] for n, r in report["indexes"].items()}
+    assert how == {"t-flat": "updated", "t-ivf": "updated", "t-int8": "updated", "t-plaid": "updated",
+                   "t-hnsw": "rebuilt"}
+    after = {k: top10(root, n) for k, n in names.items()}
+    for k, n in names.items():
+        s = Searcher.open(str(root), n)
+        assert s.manifest["source"]["version"] == "v000002"
+        assert sorted(s.doc_ids) == want
+        for hits in after[k]:
+            assert not {"d0005", "d0044", "d0030"} & set(hits)
+    # the in-place updates equal a full rebuild on the same set version
+    for kind in ("flat", "ivf", "plaid", "int8"):
+        fresh = build_index.run(build_index.IndexConfig(set_name="t", kind=kind, root=str(root),
+                                                        name=f"fresh-{kind}", publish=True, **KINDS[kind]))
+        assert top10(root, fresh["name"]) == after[kind], kind
+
+    # an unchanged snapshot: nothing to do, no new version
+    with pytest.raises(NothingToDo):
+        reindex(ReindexConfig(set_name="t", corpus=(url,), root=str(root)))
+    assert Artifact(location(str(root)), "sets", "t").versions() == ["v000001", "v000002"]
+    assert cli(["reindex", "--set", "t", "--corpus", url, "--root", str(root)]) == 4
+
+    # rollback restores the previous results exactly, indexes included
+    rollback(str(root), "t", "v000001")
+    assert current_ids(root) == sorted(r["id"] for r in rows)
+    assert {k: top10(root, n) for k, n in names.items()} == before
+    assert cli(["rollback", "--set", "t", "--to", "v000002", "--root", str(root)]) == 0
+    assert {k: top10(root, n) for k, n in names.items()} == after
+
+    # gc keeps what v000002 references (it reuses v000001's shards) and drops v000001
+    assert cli(["gc", "--set", "t", "--keep", "1", "--root", str(root)]) == 0
+    assert Artifact(location(str(root)), "sets", "t").versions() == ["v000002"]
+    assert current_ids(root) == want
+    assert {k: top10(root, n) for k, n in names.items()} == after
+    assert cli(["rollback", "--set", "t", "--to", "v000001", "--root", str(root)]) == 2
+    with pytest.raises(NotFoundError, match="garbage-collected"):
+        rollback(str(root), "t", "v000001")
+
+
+def test_chained_reindexes_keep_exact_contents(store, tmp_path):
+    root, rows, names = store
+    snap = rows
+    for step in range(3):
+        snap, _ = next_snapshot(snap)
+        for r in snap:  # ids must stay unique across steps
+            if r["id"].startswith("n") and "-" not in r["id"]:
+                r["id"] = f"{r['id']}-{step}"
+        url = write_jsonl(str(tmp_path / f"chain{step}.jsonl"), snap)
+        reindex(ReindexConfig(set_name="t", corpus=(url,), root=str(root)))
+        want = sorted(r["id"] for r in snap if r["text"].strip())
+        assert current_ids(root) == want
+        for n in names.values():
+            assert sorted(Searcher.open(str(root), n).doc_ids) == want
+
+
+def test_other_model_is_refused_without_full(store, tiny_colbert_dir, tmp_path):
+    root, rows, _ = store
+    url = write_jsonl(str(tmp_path / "s.jsonl"), rows[:50])
+    with pytest.raises(Refused, match="--full"):
+        reindex(ReindexConfig(set_name="t", corpus=(url,), root=str(root), model=str(tiny_colbert_dir)))
+    assert cli(["reindex", "--set", "t", "--corpus", url, "--root", str(root), "--model",
+                str(tiny_colbert_dir)]) == 3
+    assert Artifact(location(str(root)), "sets", "t").versions() == ["v000001"]
+
+
+def test_full_reindex_rebuilds_everything(store, tmp_path):
+    root, rows, names = store
+    snap, _ = next_snapshot(rows)
+    url = write_jsonl(str(tmp_path / "s.jsonl"), snap)
+    report = reindex(ReindexConfig(set_name="t", corpus=(url,), root=str(root), full=True))
+    assert report["decision"]["mode"] == "full"
+    assert {r["how"] for r in report["indexes"].values()} == {"rebuilt"}
+    m = Artifact(location(str(root)), "sets", "t").manifest(report["version"])
+    assert not any(e.get("reused") for e in m["files"])
+    assert current_ids(root) == sorted(r["id"] for r in snap if r["text"].strip())
+
+
+def test_drift_thresholds_force_rebuilds(store, tmp_path):
+    root, rows, names = store
+    snap, _ = next_snapshot(rows)
+    url = write_jsonl(str(tmp_path / "s.jsonl"), snap)
+    report = reindex(ReindexConfig(set_name="t", corpus=(url,), root=str(root), max_added_share=0.01,
+                                   max_residual_ratio=0.5, min_drift_values=1))
+    d = report["decision"]
+    assert d["added_share"] > 0.01 and d["residual_ratio"] > 0.5
+    assert d["mode"] == "full" and "codec drift" in d["reason"]
+    assert {r["how"] for r in report["indexes"].values()} == {"rebuilt"}
+
+
+def test_bad_input_publishes_nothing(store, tmp_path):
+    root, rows, _ = store
+    dup = write_jsonl(str(tmp_path / "dup.jsonl"), rows + [rows[3]])
+    assert cli(["reindex", "--set", "t", "--corpus", dup, "--root", str(root)]) == 2
+    nocol = write_jsonl(str(tmp_path / "nocol.jsonl"), [{"id": "x", "body": "no text column"}])
+    assert cli(["reindex", "--set", "t", "--corpus", nocol, "--root", str(root)]) == 2
+    assert cli(["reindex", "--set", "nope", "--corpus", dup, "--root", str(root)]) == 2
+    art = Artifact(location(str(root)), "sets", "t")
+    assert art.versions() == ["v000001"] and art.current() == "v000001"
+    con = catalog.connect(str(root))
+    statuses = [r[0] for r in con.execute("select status from runs order by started_at").fetchall()]
+    assert statuses == ["bad_input"] * 3
