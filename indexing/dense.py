@@ -35,6 +35,12 @@ reproducible, not the graph; ``merge`` accepts a single HNSW part only.
 
 ``int8`` and ``binary`` are quantised flat indexes: ``search`` can rescore their
 first-stage candidates with the float vectors (``vectors=``), and so can ``ivfpq``.
+
+Incremental updates (the nightly re-index) keep positional ids stable: ``remove``
+drops labels and leaves holes (the other labels are never renumbered), and new
+documents are added after the largest label ever given out (the length of the id
+mapping), so a hole is never reused. Every kind but ``hnsw`` supports removal
+(``SUPPORTS_REMOVE``); an HNSW graph is rebuilt.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ KINDS = ("flat", "ivf", "ivfpq", "hnsw", "int8", "binary")
 IVF_KINDS = ("ivf", "ivfpq")
 # Kinds whose first-stage scores are approximate, so float rescoring changes them.
 RESCORED_KINDS = ("ivfpq", "int8", "binary")
+# Kinds whose stored vectors can be removed by label (an HNSW graph cannot).
+SUPPORTS_REMOVE = ("flat", "ivf", "ivfpq", "int8", "binary")
 _TRAINED_KINDS = ("ivf", "ivfpq", "int8")
 # FAISS warns below 39 training points per centroid; the defaults respect it.
 MIN_POINTS_PER_LIST = 39
@@ -551,6 +559,117 @@ def merge_ondisk(trained_empty: faiss.Index, part_paths: list, ivfdata_path: "st
     logger.info("merged %d %s part files into %d vectors at %s", len(paths), kind,
                 merged.ntotal, os.fspath(ivfdata_path))
     return merged
+
+
+# ---------------------------------------------------------------------------
+# Incremental updates: remove labels, list labels
+# ---------------------------------------------------------------------------
+
+
+def _check_labels(ids: np.ndarray) -> np.ndarray:
+    """``ids`` as a C-contiguous 1-d int64 array of labels >= 0; ValueError otherwise."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"ids must be a 1-d array of int64 positional ids, got shape "
+                         f"{arr.shape} dtype {arr.dtype}")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"ids must be >= 0 (positional ids), got {arr.min()}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _on_disk_lists(index: faiss.Index) -> bool:
+    """True when an IVF index reads its inverted lists from a file (``merge_ondisk``)."""
+    invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    return isinstance(invlists, faiss.OnDiskInvertedLists)
+
+
+def remove(index: "faiss.Index | faiss.IndexBinary", ids: np.ndarray) -> int:
+    """Remove the vectors stored under ``ids``, in place; other labels are unchanged.
+
+    Removed labels leave holes: nothing is renumbered, so the positional ids (and
+    their Parquet mapping to the user's ids) of every other document stay valid.
+    Add new documents after the largest label ever given out (the length of the
+    id mapping), not after ``labels(index)[-1]``: that would hand a removed last
+    document's label to a new one.
+
+    Parameters
+    ----------
+    index : faiss.Index or faiss.IndexBinary
+        Built by this module, of a kind in ``SUPPORTS_REMOVE``; modified in place.
+    ids : (m,) int64
+        Labels to remove; may be empty, hold duplicates or labels the index does
+        not store (those are ignored).
+
+    Returns
+    -------
+    int
+        How many stored vectors were removed (0 for an empty ``ids``).
+
+    Raises
+    ------
+    ValueError
+        For an HNSW index (its graph cannot drop nodes: rebuild it), an IVF index
+        whose lists live in a ``.ivfdata`` file (``merge_ondisk``: removing would
+        rewrite that file in place under every other reader of it), or ``ids`` that
+        are not a 1-d array of non-negative integers.
+    """
+    kind = kind_of(index)
+    if kind not in SUPPORTS_REMOVE:
+        raise ValueError("HNSW graphs don't support removal: rebuild the index "
+                         f"(removal works for {', '.join(SUPPORTS_REMOVE)})")
+    if kind in IVF_KINDS and _on_disk_lists(index):
+        raise ValueError(f"the {kind} index reads its inverted lists from a file (merge_ondisk); "
+                         f"removing would rewrite that shared file in place: rebuild or merge "
+                         f"in memory instead")
+    labels_to_drop = _check_labels(ids)
+    if labels_to_drop.size == 0:
+        return 0
+    started = time.perf_counter()
+    # IDSelectorBatch: a hash set (plus a Bloom pre-filter), O(1) per stored vector;
+    # IDSelectorArray would scan all of ``ids`` for each one. The id maps translate
+    # it to their inner index and compact id_map in order; IVF lists drop in place.
+    removed = int(index.remove_ids(faiss.IDSelectorBatch(labels_to_drop)))
+    logger.info("removed %d of %d requested ids from a %s index in %.2f s (%d vectors left)",
+                removed, labels_to_drop.size, kind, time.perf_counter() - started, index.ntotal)
+    return removed
+
+
+def _ivf_labels(index: faiss.Index) -> np.ndarray:
+    """Labels of every inverted list of an IVF index, list after list."""
+    invlists = faiss.extract_index_ivf(index).invlists
+    chunks = [np.empty(0, dtype=np.int64)]
+    for list_no in range(invlists.nlist):
+        size = invlists.list_size(list_no)
+        if size == 0:
+            continue
+        ptr = invlists.get_ids(list_no)
+        try:
+            chunks.append(faiss.rev_swig_ptr(ptr, size).copy())  # copy: ptr is released below
+        finally:
+            invlists.release_ids(list_no, ptr)
+    return np.concatenate(chunks)
+
+
+def labels(index: "faiss.Index | faiss.IndexBinary") -> np.ndarray:
+    """Sorted positional ids the index stores now.
+
+    Parameters
+    ----------
+    index : faiss.Index or faiss.IndexBinary
+        Built by this module, any kind.
+
+    Returns
+    -------
+    (ntotal,) int64
+        Ascending (a label added twice appears twice). After ``remove`` the
+        removed labels are missing and the rest are as they were added.
+    """
+    kind = kind_of(index)
+    if kind in IVF_KINDS:
+        found = _ivf_labels(index)
+    else:
+        found = faiss.vector_to_array(index.id_map)
+    return np.sort(found.astype(np.int64, copy=False))
 
 
 # ---------------------------------------------------------------------------

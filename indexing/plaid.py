@@ -567,6 +567,50 @@ class CentroidIndex:
         part = CentroidIndex.build(self.codec, codes, residuals)
         return CentroidIndex.from_parts(self.codec, [self, part])
 
+    def remove(self, positions: np.ndarray) -> "CentroidIndex":
+        """New index in which the documents at ``positions`` own no tokens.
+
+        Positions are stable: ``n_docs`` is unchanged and every other document
+        keeps its position, tokens and inverted-list entries, so the positional
+        id mapping stays valid. A removed document is never returned by
+        :meth:`search` or :meth:`exact_maxsim` (no tokens, no list entry); new
+        documents go after it with :meth:`append`.
+
+        Parameters
+        ----------
+        positions : numpy.ndarray
+            ``(m,)`` integer document positions in ``[0, n_docs)``; may be
+            empty, hold duplicates or documents that already have no tokens.
+
+        Returns
+        -------
+        CentroidIndex
+            Equal, array for array, to :meth:`build` over the same documents
+            with those at ``positions`` given zero tokens; this index is unchanged.
+        """
+        positions = _int_array(positions, "positions")
+        if positions.size and (positions.min() < 0 or positions.max() >= self.n_docs):
+            raise ValueError(f"positions must lie in [0, {self.n_docs})")
+        dropped = np.zeros(self.n_docs, dtype=bool)
+        dropped[positions.astype(np.int64)] = True
+        lengths = np.where(dropped, 0, self.doc_lengths)
+        kept_tokens = np.repeat(~dropped, self.doc_lengths)
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        # Dropping entries keeps every list sorted; a list's new end is the number
+        # of entries kept before its old end.
+        kept_entries = ~dropped[self.ivf_docs]
+        kept_before = np.concatenate([[0], np.cumsum(kept_entries, dtype=np.int64)])
+        index = CentroidIndex(
+            self.codec, offsets, self.codes[kept_tokens], self.residuals[kept_tokens],
+            kept_before[self.ivf_offsets], self.ivf_docs[kept_entries],
+        )
+        logger.info(
+            "removed %d documents (%d tokens) from a centroid index of %d documents",
+            int(np.count_nonzero(dropped & (self.doc_lengths > 0))),
+            self.n_tokens - index.n_tokens, self.n_docs,
+        )
+        return index
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The index arrays, keyed by :data:`ARRAY_KEYS`, for ``.npy`` storage.
 

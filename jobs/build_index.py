@@ -84,10 +84,10 @@ def run(cfg: IndexConfig) -> dict:
     """Build, commit and (by default) publish the index; return its manifest."""
     timings = Timings()
     root = layout.resolve_root(cfg.root)
-    sets = Artifact(root, "sets", cfg.set_name)
-    set_version = sets.resolve(cfg.set_version)
-    set_manifest = sets.manifest(set_version)
-    set_dir = sets.version_dir(set_version)
+    set_art = Artifact(root, "sets", cfg.set_name)
+    set_version = set_art.resolve(cfg.set_version)
+    set_manifest = set_art.manifest(set_version)
+    set_dir = set_art.version_dir(set_version)
     want = "tokens" if cfg.kind == "plaid" else "dense"
     files = sets.set_files(set_dir, set_manifest, want)
     stored = set_manifest["dims"]["colbert" if cfg.kind == "plaid" else "dense"]

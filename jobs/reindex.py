@@ -408,10 +408,10 @@ def diff_snapshot(snapshot: pa.Table, parent_dir: Location, parent: dict) -> Dif
     con = duckdb.connect()
     con.register("snap", snapshot)
     con.register("old", old)
-    todo = con.execute(_DIFF_SQL).to_arrow_table()
-    deleted = con.execute("""SELECT o.id, o.shard, o."rows", 'deleted' AS reason FROM old o
+    todo = con.sql(_DIFF_SQL).to_arrow_table()
+    deleted = con.sql("""SELECT o.id, o.shard, o."rows", 'deleted' AS reason FROM old o
                              ANTI JOIN snap s ON o.id = s.id ORDER BY o.shard, o.id""").to_arrow_table()
-    changed = con.execute("""SELECT id, old_shard AS shard, old_rows AS "rows", 'changed' AS reason
+    changed = con.sql("""SELECT id, old_shard AS shard, old_rows AS "rows", 'changed' AS reason
                              FROM todo WHERE status = 'changed' ORDER BY shard, id""").to_arrow_table()
     dead = pa.concat_tables([deleted, changed.cast(deleted.schema)])
     return Diff(todo, dead, snapshot.num_rows - todo.num_rows)

@@ -773,9 +773,9 @@ def prepare(cfg: RetuneConfig, root: Location) -> dict:
     src = im.get("source", {})
     if src.get("set") != cfg.set_name:
         raise ValueError(f"index {cfg.index!r} was built from set {src.get('set')!r}, not {cfg.set_name!r}")
-    sets = Artifact(root, "sets", cfg.set_name)
-    set_version = sets.resolve(src["version"])
-    sm = sets.manifest(set_version)
+    set_art = Artifact(root, "sets", cfg.set_name)
+    set_version = set_art.resolve(src["version"])
+    sm = set_art.manifest(set_version)
     kind = "colbert" if im["index_kind"] == "plaid" else "dense"
     dim = _check_vectors(cfg, sm, im, kind)
     choice = choose_query_encoder(root, cfg.index, src, sm["model"], cfg.base)
@@ -784,13 +784,13 @@ def prepare(cfg: RetuneConfig, root: Location) -> dict:
         match_freeze(names, tc.freeze)
     train = load_training(cfg.train, cfg.train_qrels)
     dev, dev_qrels = load_dev(cfg)
-    _check_ids(sets.version_dir(set_version), sm, kind, train, dev_qrels)
+    _check_ids(set_art.version_dir(set_version), sm, kind, train, dev_qrels)
     logger.info("re-tuning %s's query encoder on %d training queries against set %s %s (%s, dim %d); "
                 "%d run(s); %d dev queries", choice.path, len(train), cfg.set_name, set_version, kind, dim,
                 len(cfg.runs()), len(dev))
     return {"index_manifest": im, "set_manifest": sm, "set_version": set_version, "kind": kind, "dim": dim,
             "choice": choice, "train": train, "dev": dev, "dev_qrels": dev_qrels,
-            "set_dir": sets.version_dir(set_version).url}
+            "set_dir": set_art.version_dir(set_version).url}
 
 
 def _check_vectors(cfg: RetuneConfig, sm: dict, im: dict, kind: str) -> int:

@@ -87,7 +87,7 @@ def connect(root: "str | Location", con: "duckdb.DuckDBPyConnection | None" = No
                                 bytes=e["bytes"], sha256=e["sha256"])
                            for m in sets for e in m["files"]], _SHARD_COLUMNS)
     _parquet_view(con, "tombstones", sets, "tombstones",
-                  "id VARCHAR, shard INTEGER, rows VARCHAR, reason VARCHAR, version VARCHAR")
+                  "id VARCHAR, shard INTEGER, rows VARCHAR, reason VARCHAR, tombstoned_in VARCHAR")
     _parquet_view(con, "documents", sets, "docs",
                   "id VARCHAR, lang VARCHAR, title VARCHAR, sha256 VARCHAR, n_chars INTEGER, "
                   "n_tokens INTEGER, truncated BOOLEAN, shard INTEGER, meta_sha256 VARCHAR", dead="docs")

@@ -273,6 +273,7 @@ def _s3_put_if_absent(loc: Location, data: bytes) -> bool:
     bucket, key = loc.path.split("/", 1)
 
     async def _put():
+        await fs.set_session()  # a fresh filesystem has no client until its first call
         client = await fs.get_s3()
         return await client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
 

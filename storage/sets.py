@@ -27,7 +27,7 @@ from storage.fs import Location
 
 TOMBSTONES = "tombstones.parquet"
 TOMBSTONE_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.int32()), ("rows", pa.string()),
-                              ("reason", pa.string()), ("version", pa.string())])
+                              ("reason", pa.string()), ("tombstoned_in", pa.string())])
 ROW_FILES = {"docs": "docs", "dense": "docs", "tokens": "docs", "skipped": "skipped"}
 REASONS = ("deleted", "changed")
 
@@ -63,7 +63,8 @@ class SetFile:
 
 
 def read_tombstones(vdir: Location, manifest: dict) -> pa.Table:
-    """The version's tombstones (``TOMBSTONE_SCHEMA``); empty for a version without any."""
+    """The version's tombstones (``TOMBSTONE_SCHEMA``: id, shard, rows, reason, tombstoned_in);
+    empty for a version without any."""
     entries = [e for e in manifest.get("files", []) if e.get("kind") == "tombstones"]
     if not entries:
         return TOMBSTONE_SCHEMA.empty_table()
@@ -118,5 +119,5 @@ def tombstone_table(ids: list[str], shards: list[int], rows: list[str], reasons:
     n = len(ids)
     return pa.table({"id": pa.array(ids, pa.string()), "shard": pa.array(np.asarray(shards, np.int32)),
                      "rows": pa.array(rows, pa.string()),
-                     "reason": pa.array(reasons, pa.string()), "version": pa.array([version] * n, pa.string())},
+                     "reason": pa.array(reasons, pa.string()), "tombstoned_in": pa.array([version] * n, pa.string())},
                     schema=TOMBSTONE_SCHEMA)
