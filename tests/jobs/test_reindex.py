@@ -217,3 +217,27 @@ def test_bad_input_publishes_nothing(store, tmp_path):
     con = catalog.connect(str(root))
     statuses = [r[0] for r in con.execute("select status from runs order by started_at").fetchall()]
     assert statuses == ["bad_input"] * 3
+
+
+def test_reindex_on_s3(ray_local, tiny_model_dir, s3_bucket):
+    rows = docs(48)
+    root = f"{s3_bucket}/store"
+    corpus = write_jsonl(f"{s3_bucket}/snap1.jsonl", rows)
+    names = setup_set(root, corpus, tiny_model_dir, kinds={"ivf": {"nlist": 4, "nprobe": 4}, "plaid": {}})
+    before = {k: top10(root, n) for k, n in names.items()}
+    snap, expect = next_snapshot(rows)
+    url = write_jsonl(f"{s3_bucket}/snap2.jsonl", snap)
+    assert cli(["reindex", "--set", "t", "--corpus", url, "--root", root, "--keep", "1"]) == 0
+    want = sorted(r["id"] for r in snap if r["text"].strip())
+    assert current_ids(root) == want
+    con = catalog.connect(root)
+    assert con.execute("select new, changed, deleted, status from runs where job = 'reindex'").fetchall() == \
+        [(4, 5, 2, "published")]
+    # --keep 1 dropped v000001's manifest but kept the shards v000002 reuses from it
+    assert Artifact(location(root), "sets", "t").versions() == ["v000002"]
+    after = {k: top10(root, n) for k, n in names.items()}
+    for k, n in names.items():
+        assert sorted(Searcher.open(root, n).doc_ids) == want
+    with pytest.raises(NotFoundError, match="garbage-collected"):
+        rollback(root, "t", "v000001")
+    assert before.keys() == after.keys()
