@@ -189,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     ri.add_argument("--keep", type=int, default=None, help="then keep only the N newest set versions (gc)")
     ri.add_argument("--max-added-share", type=float, default=0.25,
                     help="rebuild indexes when documents added since they were trained exceed this share")
-    ri.add_argument("--max-residual-ratio", type=float, default=1.15,
-                    help="re-fit the codec when new tokens' mean |residual| exceeds this multiple of the codec's")
+    ri.add_argument("--max-residual-ratio", type=float, default=1.25,
+                    help="re-fit the codec when the mean |residual| of tokens added since its fit exceeds this "
+                         "multiple of the codec's ...")
+    ri.add_argument("--min-refit-share", type=float, default=0.05,
+                    help="... and their documents are at least this share of those it was fitted on")
     ri.add_argument("--lease-ttl", type=float, default=120.0, help="seconds a lease outlives a dead run")
     ri.add_argument("--actors", type=int, default=None)
     ri.add_argument("--threads", type=int, default=None)
@@ -407,7 +410,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     cfg = ReindexConfig(set_name=args.set_name, corpus=tuple(args.corpus), root=args.root,
                         model=str(resolve_model(args.model)) if args.model else None, full=args.full,
                         keep=args.keep, max_added_share=args.max_added_share,
-                        max_residual_ratio=args.max_residual_ratio, lease_ttl=args.lease_ttl, actors=args.actors,
+                        max_residual_ratio=args.max_residual_ratio, min_refit_share=args.min_refit_share,
+                        lease_ttl=args.lease_ttl, actors=args.actors,
                         threads=args.threads, device=args.device, publish=args.publish)
     try:
         report = run(cfg)

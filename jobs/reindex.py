@@ -80,8 +80,12 @@ class ReindexConfig:
     keep : after publishing, keep this many newest set versions (None: keep all).
     max_added_share : rebuild indexes (retrain IVF) when documents added since they
         were trained exceed this share of the documents they were trained on.
-    max_residual_ratio : re-fit the codec (re-embed everything) when the new tokens'
-        mean |residual| exceeds this multiple of the codec's own.
+    max_residual_ratio : re-fit the codec (re-embed everything) when the mean |residual|
+        of every token encoded on the codec since it was fitted exceeds this multiple of
+        the codec's own (its held-out fit residual) ...
+    min_refit_share : ... and those documents are at least this share of the documents
+        the codec was fitted on: a handful of off-topic documents does not justify
+        re-encoding the corpus.
     min_drift_values : fewer residual values than this are too few to judge drift.
     lease_ttl : seconds the set's lease lives without a heartbeat.
     """
@@ -93,7 +97,8 @@ class ReindexConfig:
     full: bool = False
     keep: "int | None" = None
     max_added_share: float = 0.25
-    max_residual_ratio: float = 1.15
+    max_residual_ratio: float = 1.25
+    min_refit_share: float = 0.05
     min_drift_values: int = 1 << 16
     lease_ttl: float = 120.0
     rows_per_shard: "int | None" = None
@@ -114,6 +119,8 @@ class ReindexConfig:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
         if not self.max_added_share > 0:
             raise ValueError(f"max_added_share must be > 0, got {self.max_added_share}")
+        if not 0 <= self.min_refit_share <= 1:
+            raise ValueError(f"min_refit_share must be in [0, 1], got {self.min_refit_share}")
         if not self.max_residual_ratio > 0:
             raise ValueError(f"max_residual_ratio must be > 0, got {self.max_residual_ratio}")
         if not self.lease_ttl > 0:
@@ -243,6 +250,8 @@ def _run(cfg: ReindexConfig, root: Location, art: Artifact, lease: Lease, report
         decision = {"mode": "incremental", "reason": "delta"}
     lineage = pm.get("lineage") or {"indexes_trained_on": parent, "documents_then": pm["counts"]["documents"],
                                     "added_since": 0}
+    lineage.setdefault("codec", {"fit_on": parent, "documents_then": pm["counts"]["documents"], "added_since": 0,
+                                 "residual_abs_sum": 0.0, "residual_values": 0})
     added = lineage["added_since"] + counts["new"] + counts["changed"]
     decision["added_share"] = round(added / max(1, lineage["documents_then"]), 6)
     decision["max_added_share"] = cfg.max_added_share
@@ -254,8 +263,9 @@ def _run(cfg: ReindexConfig, root: Location, art: Artifact, lease: Lease, report
                                      decision["rebuild_indexes"], timings)
         decision.update(drift)
         if drift["refit_codec"]:
-            decision.update(mode="full", reason=f"codec drift: residual ratio {drift['residual_ratio']:.3f} > "
-                                                f"{cfg.max_residual_ratio}", rebuild_indexes=True)
+            decision.update(mode="full", reason=f"codec drift: residual ratio {drift['cumulative_ratio']:.3f} > "
+                                                f"{cfg.max_residual_ratio} over {drift['codec_added_share']:.1%} "
+                                                "of the corpus", rebuild_indexes=True)
             version = None
     if decision["mode"] == "full":
         with timings("embed_full"):
@@ -418,13 +428,16 @@ def diff_snapshot(snapshot: pa.Table, parent_dir: Location, parent: dict) -> Dif
 
 
 # ---- the incremental set version ------------------------------------------------------------
-def _run_key(parent: str, model: "embed_job.ModelInfo", ecfg, diff: Diff, what: str) -> str:
+def _run_key(parent: str, model: "embed_job.ModelInfo", ecfg, diff: Diff, what: str,
+             cfg: "ReindexConfig | None" = None) -> str:
     digest = hashlib.sha256()
     for col in ("file", "row", "id", "status"):
         digest.update(json.dumps(diff.todo.column(col).to_pylist()).encode())
     digest.update(json.dumps(diff.dead.column("id").to_pylist()).encode())
     key = {"what": what, "parent": parent, "model": model.fingerprint, "todo": digest.hexdigest(),
-           "corpus": list(ecfg.corpus), "rows_per_shard": ecfg.rows_per_shard}
+           "corpus": list(ecfg.corpus), "rows_per_shard": ecfg.rows_per_shard,
+           "thresholds": None if cfg is None else [cfg.max_added_share, cfg.max_residual_ratio,
+                                                   cfg.min_refit_share, cfg.min_drift_values]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -449,7 +462,7 @@ def embed_delta(cfg: ReindexConfig, ecfg, model, art: Artifact, parent: str, pm:
     (version, drift figures). With ``drift["refit_codec"]`` the version is left
     uncommitted: the caller re-embeds everything instead.
     """
-    run_key = _run_key(parent, model, ecfg, diff, "delta")
+    run_key = _run_key(parent, model, ecfg, diff, "delta", cfg)
     done = committed_with_key(art, run_key)
     if done:
         logger.info("%s %s was committed by an interrupted run of this re-index: resuming after it",
@@ -480,7 +493,7 @@ def embed_delta(cfg: ReindexConfig, ecfg, model, art: Artifact, parent: str, pm:
     if missing:
         raise RuntimeError(f"{len(missing)} delta shard(s) have no finished marker (first: {missing[:5]}); "
                            "run the same command again to finish them")
-    drift = _drift(cfg, codec_url, [stats[p.shard] for p in pieces])
+    drift = _drift(cfg, codec_url, [stats[p.shard] for p in pieces], lineage["codec"])
     if drift["refit_codec"]:
         return version, drift
     with timings("commit"):
@@ -505,24 +518,40 @@ def _encode(ecfg, model, files, pieces, vdir: Location, p, codec_url: "str | Non
         failpoint("reindex.after_shards", i + 1)  # tests: the driver dies with shards half done
 
 
-def _drift(cfg: ReindexConfig, codec_url: "str | None", stats: list[dict]) -> dict:
-    """Residual drift of the new tokens against the codec's own fit."""
+def _drift(cfg: ReindexConfig, codec_url: "str | None", stats: list[dict], since_fit: dict) -> dict:
+    """Residual drift against the codec's own fit, over every token encoded on it since.
+
+    ``residual_ratio``: this run's new tokens; ``cumulative_ratio``: all tokens added
+    since the codec was fitted (gradual drift adds up); ``codec_added_share``: their
+    documents over the documents the codec was fitted on. The codec is re-fitted when
+    the cumulative ratio and the share both pass their thresholds.
+    """
+    total = sum(s.get("residual_abs_sum", 0.0) for s in stats)
+    values = sum(s.get("residual_values", 0) for s in stats)
+    docs = sum(s.get("documents", 0) for s in stats)
+    acc = {"residual_abs_sum": since_fit["residual_abs_sum"] + total,
+           "residual_values": since_fit["residual_values"] + values,
+           "added_since": since_fit["added_since"] + docs}
     if codec_url is None:
-        return {"residual_ratio": None, "refit_codec": False, "residual_values": 0}
+        return {"residual_ratio": None, "refit_codec": False, "residual_values": 0, "codec_lineage": acc}
     from embedding.codec import ResidualCodec
 
     codec = ResidualCodec.from_bytes(Location(codec_url).read_bytes())
-    total = sum(s.get("residual_abs_sum", 0.0) for s in stats)
-    values = sum(s.get("residual_values", 0) for s in stats)
-    mean = total / values if values else None
-    ratio = mean / codec.avg_residual if mean is not None and codec.avg_residual > 0 else None
-    judged = ratio is not None and values >= cfg.min_drift_values
-    refit = bool(judged and ratio > cfg.max_residual_ratio)
-    logger.info("codec drift: new tokens' mean |residual| %s vs the codec's %.5f (ratio %s, %d values%s)",
-                f"{mean:.5f}" if mean is not None else "n/a", codec.avg_residual,
-                f"{ratio:.3f}" if ratio is not None else "n/a", values, "" if judged else ", too few to judge")
-    return {"residual_mean": mean, "codec_avg_residual": codec.avg_residual, "residual_ratio": ratio,
-            "residual_values": values, "max_residual_ratio": cfg.max_residual_ratio, "refit_codec": refit}
+    ref = codec.avg_residual if codec.avg_residual > 0 else None
+    ratio = total / values / ref if values and ref else None
+    cumulative = acc["residual_abs_sum"] / acc["residual_values"] / ref if acc["residual_values"] and ref else None
+    share = acc["added_since"] / max(1, since_fit["documents_then"])
+    judged = cumulative is not None and acc["residual_values"] >= cfg.min_drift_values
+    refit = bool(judged and cumulative > cfg.max_residual_ratio and share >= cfg.min_refit_share)
+    logger.info("codec drift: mean |residual| of this run's tokens %s× the codec's %.5f, of all %d documents "
+                "added since its fit %s× (%.2f%% of the %d it was fitted on)%s",
+                f"{ratio:.3f}" if ratio is not None else "n/a", codec.avg_residual, acc["added_since"],
+                f"{cumulative:.3f}" if cumulative is not None else "n/a", 100 * share, since_fit["documents_then"],
+                "" if judged else "; too few values to judge")
+    return {"codec_avg_residual": codec.avg_residual, "residual_ratio": ratio, "cumulative_ratio": cumulative,
+            "residual_values": values, "codec_added_share": round(share, 6),
+            "max_residual_ratio": cfg.max_residual_ratio, "min_refit_share": cfg.min_refit_share,
+            "refit_codec": refit, "codec_lineage": acc}
 
 
 def _reused_entry(e: dict, pdir: Location, set_dir: Location) -> dict:
@@ -589,6 +618,7 @@ def _delta_manifest(cfg, ecfg, model, art: Artifact, parent: str, pm: dict, pdir
               "deleted": diff.counts()["deleted"], "unchanged": diff.unchanged, "tombstones": graves.num_rows}
     new_lineage = ({"indexes_trained_on": version, "documents_then": counts["documents"], "added_since": 0}
                    if rebuild else {**lineage, "added_since": added})
+    new_lineage["codec"] = {**lineage["codec"], **drift["codec_lineage"]}
     return {
         "config": {**ecfg.to_dict(), "reindex": cfg.to_dict()}, "model": model.to_dict(),
         "modes": pm["modes"], "dims": pm["dims"], "dense_dtype": pm.get("dense_dtype", "float16"),

@@ -243,7 +243,7 @@ class Location:
         s3 uses a conditional put (``If-None-Match: *``); local uses O_EXCL.
         """
         if self.is_remote:
-            return _s3_put_if_absent(self, data)
+            return retry(lambda: _s3_put_if_absent(self, data), f"create {self.url}")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

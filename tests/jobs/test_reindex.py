@@ -197,10 +197,13 @@ def test_drift_thresholds_force_rebuilds(store, tmp_path):
     root, rows, names = store
     snap, _ = next_snapshot(rows)
     url = write_jsonl(str(tmp_path / "s.jsonl"), snap)
+    # the default thresholds keep a small delta incremental
+    base = reindex(ReindexConfig(set_name="t", corpus=(url,), root=str(root), publish=False))
+    assert base["decision"]["mode"] == "incremental" and not base["decision"]["refit_codec"]
     report = reindex(ReindexConfig(set_name="t", corpus=(url,), root=str(root), max_added_share=0.01,
-                                   max_residual_ratio=0.5, min_drift_values=1))
+                                   max_residual_ratio=0.5, min_drift_values=1, min_refit_share=0.0))
     d = report["decision"]
-    assert d["added_share"] > 0.01 and d["residual_ratio"] > 0.5
+    assert d["added_share"] > 0.01 and d["cumulative_ratio"] > 0.5
     assert d["mode"] == "full" and "codec drift" in d["reason"]
     assert {r["how"] for r in report["indexes"].values()} == {"rebuilt"}
 
