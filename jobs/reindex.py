@@ -233,7 +233,7 @@ def _run(cfg: ReindexConfig, root: Location, art: Artifact, lease: Lease, report
                       "vectors from two models cannot share an index. Re-embed everything with --full")
     embed_job.init_ray()
     with timings("scan"):
-        files, _ = embed_job.scan_corpus(ecfg)
+        files, ids_digest = embed_job.scan_corpus(ecfg)
     with timings("hash"):
         snapshot = hash_snapshot(ecfg, files)
     with timings("diff"):
@@ -268,9 +268,14 @@ def _run(cfg: ReindexConfig, root: Location, art: Artifact, lease: Lease, report
                                                 "of the corpus", rebuild_indexes=True)
             version = None
     if decision["mode"] == "full":
-        with timings("embed_full"):
-            m = embed_job.run(dataclasses.replace(ecfg, publish=False, model=model.path))
-        version = m["version"]
+        full_cfg = dataclasses.replace(ecfg, publish=False, model=model.path)
+        version = committed_with_key(art, embed_job._run_key(full_cfg, model, files, ids_digest))
+        if version:
+            logger.info("%s %s was fully re-embedded by an interrupted run of this re-index: resuming after it",
+                        cfg.set_name, version)
+        else:
+            with timings("embed_full"):
+                version = embed_job.run(full_cfg)["version"]
     report.body["version"] = version
     vm = art.manifest(version)
     report.body["bytes"] = _bytes(vm)
