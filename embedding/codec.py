@@ -14,6 +14,7 @@ prefix of the dimensions is therefore a prefix of the bytes whenever
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -35,6 +36,34 @@ _SCORE_BUDGET = 1 << 24
 _ROW_BATCH = 1 << 16
 _FLOAT_KEYS = ("centroids", "bucket_cutoffs", "bucket_weights")
 _REQUIRED_KEYS = frozenset(_FLOAT_KEYS + ("nbits", "avg_residual", "format_version"))
+
+
+def content_keys(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A pseudo-random ``uint64`` per row that depends only on the row's content and ``seed``.
+
+    Everything in a codec fit that would otherwise draw rows at random (the held-out
+    split, the k-means start, subsampling) takes rows in this order instead, so two
+    fits on nearly the same tokens (a snapshot with 1% of its documents changed) give
+    nearly the same codec: a nightly full rebuild then differs from the incrementally
+    updated index by the changed documents, not by a reshuffled k-means.
+    Rows are hashed as float16, so float noise below that precision does not matter.
+    """
+    rows = np.ascontiguousarray(np.asarray(vectors, dtype=np.float16))
+    if rows.ndim != 2:
+        raise ValueError(f"expected (n, dim) vectors, got shape {rows.shape}")
+    salt = int(seed).to_bytes(8, "little", signed=True)
+    records = rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).reshape(len(rows))
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8, salt=salt).digest(), "little")
+         for r in records),
+        dtype=np.uint64, count=len(rows))
+
+
+def content_order(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, sorted keys)``: rows sorted by :func:`content_keys`."""
+    keys = content_keys(vectors, seed)
+    order = np.argsort(keys, kind="stable")
+    return order, keys[order]
 
 
 def default_n_centroids(n_tokens: int) -> int:
@@ -202,7 +231,12 @@ def _nearest_centroids(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray
 def _train_centroids(
     train: np.ndarray, n_centroids: int, seed: int, niter: int
 ) -> np.ndarray:
-    """Spherical k-means; returns ``(n_centroids, dim)`` float32 unit rows."""
+    """Spherical k-means from the first ``n_centroids`` rows; returns float32 unit rows.
+
+    ``train`` comes in content-key order (see :func:`content_keys`), so its first rows
+    are a uniform random sample that moves little when the input moves little. faiss
+    subsamples nothing (that draw would depend on row positions).
+    """
     use_gpu = faiss.get_num_gpus() > 0
     kmeans = faiss.Kmeans(
         train.shape[1],
@@ -212,21 +246,33 @@ def _train_centroids(
         spherical=True,
         gpu=use_gpu,
         verbose=False,
+        max_points_per_centroid=max(256, -(-len(train) // n_centroids) + 1),
     )
-    kmeans.train(train)
+    kmeans.train(train, init_centroids=np.ascontiguousarray(train[:n_centroids], dtype=np.float32))
     return _l2_normalize(np.asarray(kmeans.centroids, dtype=np.float32))
 
 
 def _split_heldout(
     sample: np.ndarray, heldout_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffle and split into (train, heldout); a tiny sample reuses train rows."""
+    """Split into (train, heldout) by content key; a tiny sample reuses train rows.
+
+    Both parts come out in content-key order. The held-out rows are those whose key
+    falls in the lowest ``heldout_fraction`` of the key range, so a row's side of the
+    split does not depend on the other rows.
+    """
     n = len(sample)
-    n_heldout = min(math.ceil(n * heldout_fraction), n - 1)
-    if n_heldout < 1:
+    order, keys = content_order(sample, seed)
+    sample = sample[order]
+    if n < 2 or heldout_fraction <= 0:
         return sample, sample
-    order = np.random.default_rng(seed).permutation(n)
-    return sample[order[n_heldout:]], sample[order[:n_heldout]]
+    held = keys < np.uint64(min(int(heldout_fraction * 2.0**64), 2**64 - 1))
+    n_held = int(held.sum())
+    if n_held < 1 or n_held > n - 1:  # tiny samples: fall back to a count, still in key order
+        n_held = min(max(1, math.ceil(n * heldout_fraction)), n - 1)
+        held = np.zeros(n, bool)
+        held[:n_held] = True
+    return sample[~held], sample[held]
 
 
 def _bucket_stats(residuals: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -405,7 +451,9 @@ class ResidualCodec:
             Number of centroids; default ``default_n_centroids(n)`` capped to the
             number of training rows.
         seed : int
-            Seed for the held-out split and k-means; equal seeds give equal codecs.
+            Salt of the content keys that order the sample for the held-out split
+            and the k-means start; equal seeds and samples give equal codecs, and
+            the codec depends on the sample's rows, not on their order.
         niter : int
             k-means iterations.
         heldout_fraction : float

@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     ri.add_argument("--min-refit-share", type=float, default=0.05,
                     help="... and their documents are at least this share of those it was fitted on")
     ri.add_argument("--lease-ttl", type=float, default=120.0, help="seconds a lease outlives a dead run")
+    ri.add_argument("--local-rows", type=int, default=256,
+                    help="encode a delta of at most this many documents in this process instead of starting a "
+                         "Ray actor pool (0: always Ray)")
     ri.add_argument("--actors", type=int, default=None)
     ri.add_argument("--threads", type=int, default=None)
     ri.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -411,7 +414,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
                         model=str(resolve_model(args.model)) if args.model else None, full=args.full,
                         keep=args.keep, max_added_share=args.max_added_share,
                         max_residual_ratio=args.max_residual_ratio, min_refit_share=args.min_refit_share,
-                        lease_ttl=args.lease_ttl, actors=args.actors,
+                        lease_ttl=args.lease_ttl, local_rows=args.local_rows, actors=args.actors,
                         threads=args.threads, device=args.device, publish=args.publish)
     try:
         report = run(cfg)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedding.codec import ResidualCodec, default_n_centroids
+from embedding.codec import ResidualCodec, content_order, default_n_centroids
 from embedding.model import EncoderSettings, check_model_dir, fingerprint, read_settings
 from jobs import plan as planner
 from jobs.embed_worker import FAILPOINTS_ENV, SAMPLE_CACHE, SampleEncoder, ShardEncoder, WorkerSpec
@@ -167,7 +167,7 @@ def run(cfg: EmbedConfig) -> dict:
         model = describe_model(cfg)
     init_ray()
     with timings("scan"):
-        files, ids_digest = scan_corpus(cfg)
+        files, ids_digest, ids = scan_corpus(cfg)
     pieces = planner.build_pieces([f.n_rows for f in files], cfg.rows_per_shard)
     run_key = _run_key(cfg, model, files, ids_digest)
     version, resumed = art.claim(run_key, {"host": socket.gethostname(), "pid": os.getpid()})
@@ -179,7 +179,7 @@ def run(cfg: EmbedConfig) -> dict:
     codec_info = None
     if cfg.colbert:
         with timings("fit_codec"):
-            codec_info = ensure_codec(cfg, model, files, pieces, vdir, actor_plan)
+            codec_info = ensure_codec(cfg, model, files, pieces, vdir, actor_plan, ids)
     with timings("encode"):
         encode_pieces(cfg, model, files, pieces, vdir, actor_plan, codec_info)
     with timings("commit"):
@@ -193,12 +193,13 @@ def run(cfg: EmbedConfig) -> dict:
 
 
 # ---- scanning -------------------------------------------------------------------------
-def scan_corpus(cfg: EmbedConfig) -> tuple[list[CorpusFile], str]:
+def scan_corpus(cfg: EmbedConfig) -> tuple[list[CorpusFile], str, list]:
     """Scan every corpus file in parallel Ray tasks; raise CorpusError on bad ids.
 
     Returns
     -------
-    (files, ids_digest): the scanned files in order and a sha256 over all ids.
+    (files, ids_digest, ids): the scanned files in order, a sha256 over all ids and
+    the ids themselves (one pyarrow array per file).
     """
     import ray
 
@@ -215,7 +216,7 @@ def scan_corpus(cfg: EmbedConfig) -> tuple[list[CorpusFile], str]:
     for arr in ids:
         for value in arr.to_pylist():
             digest.update(value.encode("utf-8") + b"\n")
-    return files, digest.hexdigest()
+    return files, digest.hexdigest(), ids
 
 
 def _run_key(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], ids_digest: str) -> str:
@@ -263,8 +264,13 @@ def _map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str
 
 # ---- pass 1: the codec ----------------------------------------------------------------
 def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
-                 vdir: Location, p: ActorPlan) -> dict:
-    """Fit (or, on resume, reuse) the residual codec of this version; return its description."""
+                 vdir: Location, p: ActorPlan, ids: "list | None" = None) -> dict:
+    """Fit (or, on resume, reuse) the residual codec of this version; return its description.
+
+    The sample is drawn by document id (``ids``, one array per file) and the fit orders
+    tokens by content, so the codec of a snapshot with a few documents changed is nearly
+    the codec of the snapshot before: see ``jobs.plan.plan_sample``.
+    """
     loc = vdir.join("codec.npz")
     info_loc = vdir.join("_codec.json")
     if loc.exists() and info_loc.exists():
@@ -272,7 +278,8 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
         return json.loads(info_loc.read_text())
     total = sum(pc.rows for pc in pieces)
     n_docs = planner.sample_size(total)
-    sample_plan = planner.plan_sample(pieces, n_docs, cfg.seed)
+    keys = [planner.id_keys(a.to_pylist(), cfg.seed) for a in ids] if ids is not None and n_docs < total else None
+    sample_plan = planner.plan_sample(pieces, n_docs, cfg.seed, keys)
     rows = [{**pieces[s].to_dict(), "rows": json.dumps(r)} for s, r in sorted(sample_plan.items())]
     spec = _spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=True)
     chunks = [b["vector"] for b in _map_pieces(rows, SampleEncoder, spec, p, None)
@@ -297,10 +304,12 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
 
 
 def _subsample(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most ``limit`` rows: those first in content-key order (a draw that moves little
+    when the corpus moves little; see ``embedding.codec.content_keys``)."""
     if len(x) <= limit:
         return x
-    idx = np.sort(np.random.default_rng(seed).choice(len(x), size=limit, replace=False))
-    return x[idx]
+    order, _ = content_order(x, seed)
+    return x[np.sort(order[:limit])]
 
 
 def _fit_remote(train: np.ndarray, nbits: int, k: int, seed: int, niter: int, p: ActorPlan) -> bytes:

@@ -4,6 +4,7 @@ No I/O here; both are checked by invariant tests (tests/jobs/test_plan.py).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -52,8 +53,22 @@ def sample_size(n_docs: int) -> int:
     return min(n_docs, 1 + int(16 * math.sqrt(120 * n_docs))) if n_docs else 0
 
 
-def plan_sample(pieces: list[Piece], n_sample: int, seed: int) -> dict[int, list[int]]:
+def id_keys(ids: list[str], seed: int) -> np.ndarray:
+    """A pseudo-random ``uint64`` per document id, salted with ``seed`` (see :func:`plan_sample`)."""
+    salt = int(seed).to_bytes(8, "little", signed=True)
+    return np.fromiter((int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8, salt=salt).digest(),
+                                       "little") for i in ids), dtype=np.uint64, count=len(ids))
+
+
+def plan_sample(pieces: list[Piece], n_sample: int, seed: int,
+                keys: "list[np.ndarray] | None" = None) -> dict[int, list[int]]:
     """Choose ``n_sample`` rows uniformly without replacement, grouped by shard.
+
+    With ``keys`` (one array per input file, one key per row, e.g. :func:`id_keys`)
+    the rows with the smallest keys are chosen: a document is in the sample or not
+    whatever else the corpus holds, so a snapshot with a few documents changed gets
+    nearly the same sample, hence nearly the same codec. Without, a seeded draw by
+    position.
 
     Returns
     -------
@@ -62,7 +77,14 @@ def plan_sample(pieces: list[Piece], n_sample: int, seed: int) -> dict[int, list
     total = sum(p.rows for p in pieces)
     if not 0 <= n_sample <= total:
         raise ValueError(f"cannot sample {n_sample} rows from {total}")
-    chosen = np.sort(np.random.default_rng(seed).choice(total, size=n_sample, replace=False))
+    if keys is None:
+        chosen = np.sort(np.random.default_rng(seed).choice(total, size=n_sample, replace=False))
+    else:
+        flat = np.concatenate([np.asarray(keys[p.file][p.start:p.end], np.uint64) for p in pieces]) \
+            if pieces else np.zeros(0, np.uint64)
+        if len(flat) != total:
+            raise ValueError(f"keys cover {len(flat)} rows, the pieces {total}")
+        chosen = np.sort(np.argsort(flat, kind="stable")[:n_sample])
     bounds = np.cumsum([0] + [p.rows for p in pieces])
     which = np.searchsorted(bounds, chosen, side="right") - 1
     plan: dict[int, list[int]] = {}

@@ -88,6 +88,10 @@ class ReindexConfig:
         re-encoding the corpus.
     min_drift_values : fewer residual values than this are too few to judge drift.
     lease_ttl : seconds the set's lease lives without a heartbeat.
+    local_rows : a delta of at most this many documents is encoded in this process
+        (the model loaded once, no actor pool to start: for a few hundred documents
+        that start-up costs more than the encoding); larger deltas are sharded over
+        Ray actors like ``tessera embed``. 0: always Ray.
     """
 
     set_name: str
@@ -101,6 +105,7 @@ class ReindexConfig:
     min_refit_share: float = 0.05
     min_drift_values: int = 1 << 16
     lease_ttl: float = 120.0
+    local_rows: int = 256
     rows_per_shard: "int | None" = None
     actors: "int | None" = None
     threads: "int | None" = None
@@ -123,6 +128,8 @@ class ReindexConfig:
             raise ValueError(f"min_refit_share must be in [0, 1], got {self.min_refit_share}")
         if not self.max_residual_ratio > 0:
             raise ValueError(f"max_residual_ratio must be > 0, got {self.max_residual_ratio}")
+        if self.local_rows < 0:
+            raise ValueError(f"local_rows must be >= 0, got {self.local_rows}")
         if not self.lease_ttl > 0:
             raise ValueError(f"lease_ttl must be > 0, got {self.lease_ttl}")
         for name in ("rows_per_shard", "actors", "threads"):
@@ -208,8 +215,18 @@ def run(cfg: ReindexConfig) -> dict:
         report.finish(exit_code_for(err) if isinstance(err, Exception) else EXIT_FAILED, err)
         raise
     finally:
-        if lease is not None:
-            lease.release()
+        _release(lease)
+
+
+def _release(lease: "Lease | None") -> None:
+    """Give the lease back; a failure here must not mask the run's own outcome (it expires anyway)."""
+    if lease is None:
+        return
+    try:
+        lease.release()
+    except Exception as err:  # noqa: BLE001 - the run's result stands; the lease expires after its ttl
+        logger.warning("could not release the lease %s (%s: %s); it expires on its own after %s s",
+                       getattr(lease, "loc", "?"), type(err).__name__, err, getattr(lease, "ttl", "?"))
 
 
 def layout_names(root: Location) -> list[str]:
@@ -233,7 +250,7 @@ def _run(cfg: ReindexConfig, root: Location, art: Artifact, lease: Lease, report
                       "vectors from two models cannot share an index. Re-embed everything with --full")
     embed_job.init_ray()
     with timings("scan"):
-        files, ids_digest = embed_job.scan_corpus(ecfg)
+        files, ids_digest, _ = embed_job.scan_corpus(ecfg)
     with timings("hash"):
         snapshot = hash_snapshot(ecfg, files)
     with timings("diff"):
@@ -492,13 +509,13 @@ def embed_delta(cfg: ReindexConfig, ecfg, model, art: Artifact, parent: str, pm:
     codec_url = sets.entry_location(pdir, {"path": codec_info["file"]}).url if codec_info else None
     actor_plan = embed_job._actor_plan(ecfg)
     with timings("encode"):
-        _encode(ecfg, model, files, pieces, vdir, actor_plan, codec_url)
+        where = _encode(ecfg, model, files, pieces, vdir, actor_plan, codec_url, cfg.local_rows)
     stats = embed_job.done_shards(vdir)
     missing = [p.shard for p in pieces if p.shard not in stats]
     if missing:
         raise RuntimeError(f"{len(missing)} delta shard(s) have no finished marker (first: {missing[:5]}); "
                            "run the same command again to finish them")
-    drift = _drift(cfg, codec_url, [stats[p.shard] for p in pieces], lineage["codec"])
+    drift = {**_drift(cfg, codec_url, [stats[p.shard] for p in pieces], lineage["codec"]), "encoded_in": where}
     if drift["refit_codec"]:
         return version, drift
     with timings("commit"):
@@ -508,19 +525,33 @@ def embed_delta(cfg: ReindexConfig, ecfg, model, art: Artifact, parent: str, pm:
     return version, drift
 
 
-def _encode(ecfg, model, files, pieces, vdir: Location, p, codec_url: "str | None") -> None:
+def _encode(ecfg, model, files, pieces, vdir: Location, p, codec_url: "str | None", local_rows: int) -> str:
+    """Encode the unfinished delta shards; return where: ``driver``, ``ray`` or ``none`` (all done)."""
     done = embed_job.done_shards(vdir)
     todo = [pc.to_dict() for pc in pieces if pc.shard not in done]
     if done:
         logger.info("%d of %d delta shards already finished; encoding the other %d", len(pieces) - len(todo),
                     len(pieces), len(todo))
     if not todo:
-        return
+        return "none"
     spec = embed_job._spec(ecfg, model, files, vdir, p, dense=ecfg.dense, colbert=ecfg.colbert)
-    progress = Progress("re-embed", sum(len(json.loads(t["rows"])) for t in todo))
+    n_rows = sum(len(json.loads(t["rows"])) for t in todo)
+    progress = Progress("re-embed", n_rows)
+    if n_rows <= local_rows:
+        # Same encoder class, same shard files and markers as the actors: only the process differs.
+        threads = ecfg.threads or max(1, os.cpu_count() or 1)
+        logger.info("encoding %d rows in this process (--local-rows %d): an actor pool would cost more to start",
+                    n_rows, local_rows)
+        encoder = ShardEncoder(dataclasses.replace(spec, threads=threads), codec_url)
+        for i, t in enumerate(todo):
+            out = encoder({k: [v] for k, v in t.items()})
+            progress.update(json.loads(out["stats"][0])["rows_in"])
+            failpoint("reindex.after_shards", i + 1)
+        return "driver"
     for i, row in enumerate(embed_job._map_pieces(todo, ShardEncoder, spec, p, codec_url).iter_rows()):
         progress.update(json.loads(row["stats"])["rows_in"])
         failpoint("reindex.after_shards", i + 1)  # tests: the driver dies with shards half done
+    return "ray"
 
 
 def _drift(cfg: ReindexConfig, codec_url: "str | None", stats: list[dict], since_fit: dict) -> dict:
@@ -782,5 +813,4 @@ def rollback(root: "str | None", set_name: str, to: str, lease_ttl: float = 120.
         report.finish(exit_code_for(err) if isinstance(err, Exception) else EXIT_FAILED, err)
         raise
     finally:
-        if lease is not None:
-            lease.release()
+        _release(lease)

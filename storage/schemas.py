@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.fs import Location
+from storage.fs import Location, retry
 
 DOCS_CORE = pa.schema([
     ("id", pa.string()), ("lang", pa.string()), ("title", pa.string()), ("sha256", pa.string()),
@@ -78,5 +78,8 @@ def write_table(loc: Location, table: pa.Table) -> dict:
 
 
 def read_table(loc: Location, columns: "list[str] | None" = None) -> pa.Table:
-    with loc.open("rb") as f:
-        return pq.read_table(f, columns=columns)
+    """Read a Parquet file (only ``columns`` when given), retrying transient store errors."""
+    def read() -> pa.Table:
+        with loc.open("rb") as f:
+            return pq.read_table(f, columns=columns)
+    return retry(read, f"read {loc.url}")

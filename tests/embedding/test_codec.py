@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from embedding.codec import (
     ResidualCodec,
+    content_keys,
     code_dtype,
     default_n_centroids,
     pack_bits,
@@ -261,6 +262,45 @@ def test_fit_is_deterministic_for_a_seed(vectors):
     again = ResidualCodec.fit(sample, 2, 16, seed=11, niter=5)
     assert first == again
     assert first.to_bytes() == again.to_bytes()
+
+
+def test_fit_depends_on_the_rows_not_their_order(vectors):
+    sample = vectors[0][:1500]
+    perm = np.random.default_rng(0).permutation(len(sample))
+    assert ResidualCodec.fit(sample[perm], 2, 16, seed=11, niter=5) == ResidualCodec.fit(sample, 2, 16, seed=11,
+                                                                                          niter=5)
+
+
+def test_fit_barely_moves_when_one_percent_of_the_sample_changes(vectors):
+    """A nightly full rebuild must not reshuffle the codec: 1% of the rows replaced
+    leaves nearly every vector on the same centroid (a seeded positional draw does not)."""
+    sample, evaluation = vectors
+    rng = np.random.default_rng(5)
+    changed = sample.copy()
+    swap = rng.choice(len(sample), size=len(sample) // 100, replace=False)
+    changed[swap] = _clustered(len(swap), DIM, 24, 0.6, seed=99)
+    changed = changed[rng.permutation(len(changed))]   # rows also arrive in another order
+    a = ResidualCodec.fit(sample, 2, N_CENTROIDS, seed=3, niter=4)
+    b = ResidualCodec.fit(changed, 2, N_CENTROIDS, seed=3, niter=4)
+    # Centroid numbers may shift; what matters is that a vector lands on the same point.
+    same = np.sum(a.centroids[a.assign(evaluation)] * b.centroids[b.assign(evaluation)], axis=1) > 0.99
+    assert same.mean() >= 0.95, same.mean()
+    np.testing.assert_allclose(a.bucket_cutoffs, b.bucket_cutoffs, atol=0.02)
+    assert ResidualCodec.fit(sample, 2, N_CENTROIDS, seed=4, niter=4) != a   # the seed still matters
+    # ... as it did before: a positional draw (a shuffled start) moves many vectors.
+    c = ResidualCodec.fit(sample, 2, N_CENTROIDS, seed=4, niter=4)
+    moved = np.sum(a.centroids[a.assign(evaluation)] * c.centroids[c.assign(evaluation)], axis=1) <= 0.99
+    assert moved.mean() > 4 * (1 - same.mean())
+
+
+def test_content_keys_follow_content_and_seed(vectors):
+    x = vectors[0][:50]
+    k = content_keys(x, 0)
+    assert k.dtype == np.uint64 and len(np.unique(k)) == 50
+    np.testing.assert_array_equal(content_keys(x[::-1], 0), k[::-1])
+    np.testing.assert_array_equal(content_keys(x.astype(np.float16), 0), k)   # hashed at float16 precision
+    assert not np.array_equal(content_keys(x, 1), k)
+    assert len(content_keys(np.zeros((0, 8), np.float32))) == 0
 
 
 def test_fit_default_n_centroids_is_capped_by_sample(vectors):

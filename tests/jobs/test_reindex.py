@@ -94,6 +94,7 @@ def test_reindex_end_to_end(store, tiny_model_dir, tmp_path):
     c = report["counts"]
     assert {k: c[k] for k in expect} == expect
     assert report["decision"]["mode"] == "incremental"
+    assert report["decision"]["encoded_in"] == "driver"   # a small delta: no actor pool to start
     assert report["bytes"]["reused"] > 0 and report["bytes"]["written"] > 0
 
     # DuckDB: exactly the snapshot's non-empty ids, once each; metadata and the empty doc follow the snapshot

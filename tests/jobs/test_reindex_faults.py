@@ -122,8 +122,9 @@ def reference(world):
     shutil.copytree(world["template"], root)
     before = all_top10(root)
     report = reindex(ReindexConfig(set_name="t", corpus=(world["corpus2"],), root=str(root),
-                                   max_added_share=MAX_ADDED_SHARE))
+                                   max_added_share=MAX_ADDED_SHARE, local_rows=0))
     assert report["decision"]["mode"] == "incremental" and not report["decision"]["rebuild_indexes"]
+    assert report["decision"]["encoded_in"] == "ray"   # the faults below hit Ray actors
     assert {r["how"] for r in report["indexes"].values()} == {"updated"}
     want = sorted(r["id"] for r in world["snap"] if r["text"].strip())
     ref = {"root": root, "report": report, "before": before, "after": all_top10(root), "want": want,
@@ -144,7 +145,7 @@ def store(world, ray_local, tmp_path):
 
 def _cfg(world, root, **kw) -> ReindexConfig:
     return ReindexConfig(set_name="t", corpus=(world["corpus2"],), root=str(root), max_added_share=MAX_ADDED_SHARE,
-                         **kw)
+                         local_rows=0, **kw)
 
 
 # ---- 1. ray.kill of an encoder actor mid re-index -----------------------------------------------------
@@ -182,7 +183,7 @@ def test_actor_killed_mid_job_then_rerun_resumes(world, reference, store, ray_lo
 # ---- subprocess helpers ------------------------------------------------------------------------------
 def reindex_args(world, root) -> list[str]:
     return ["reindex", "--set", "t", "--corpus", world["corpus2"], "--root", str(root),
-            "--max-added-share", str(MAX_ADDED_SHARE)]
+            "--max-added-share", str(MAX_ADDED_SHARE), "--local-rows", "0"]
 
 
 class Cli:
