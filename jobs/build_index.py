@@ -15,6 +15,7 @@ fingerprint.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -82,6 +83,12 @@ class IndexConfig:
 
 def run(cfg: IndexConfig) -> dict:
     """Build, commit and (by default) publish the index; return its manifest."""
+    set_art = Artifact(layout.resolve_root(cfg.root), "sets", cfg.set_name)
+    with _set_lease(set_art, cfg):
+        return _run(cfg)
+
+
+def _run(cfg: IndexConfig) -> dict:
     timings = Timings()
     root = layout.resolve_root(cfg.root)
     set_art = Artifact(root, "sets", cfg.set_name)
@@ -121,6 +128,31 @@ def run(cfg: IndexConfig) -> dict:
     if cfg.publish:
         publish_index(root, cfg.set_name, set_version, art, version)
     return manifest
+
+
+@contextlib.contextmanager
+def _set_lease(set_art: Artifact, cfg: IndexConfig):
+    """Hold the set's lease while building when publishing will move a pin in its ``CURRENT``.
+
+    A set published by ``tessera reindex`` pins its indexes; moving a pin rewrites the set's
+    ``CURRENT``, so it must not interleave with a re-index, rollback or gc of the set (the
+    later write would drop the other's change). A held lease fails fast (LeaseHeld, exit 5)
+    before anything is built.
+    """
+    if not cfg.publish or "indexes" not in (set_art.pointer() or {}):
+        yield
+        return
+    from storage.lease import Lease
+
+    lease = Lease.acquire(set_art.loc.join(layout.LEASE), {"job": "index", "index": cfg.index_name})
+    lease.start_heartbeat()
+    try:
+        yield
+    finally:
+        try:
+            lease.release()
+        except Exception as err:  # the index is published; the lease expires on its own
+            logger.warning("could not release the lease of set %s: %s", cfg.set_name, err)
 
 
 def publish_index(root: Location, set_name: str, set_version: str, art: Artifact, version: str) -> None:

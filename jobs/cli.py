@@ -571,6 +571,11 @@ def main(argv: "list[str] | None" = None) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI is the one place that turns errors into exit codes
         if args.traceback:
             logger.exception("failed")
+        from storage.lease import LeaseHeld
+
+        if isinstance(err, LeaseHeld):
+            print(f"tessera: busy: {_short(err)}", file=sys.stderr)
+            return 5
         bad = user_error(err)
         if bad is not None:
             print(f"tessera: error: {_short(bad)}", file=sys.stderr)

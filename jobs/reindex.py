@@ -51,7 +51,7 @@ from storage.manifest import Artifact, NotFoundError, dumps, utcnow
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOTHING, EXIT_BUSY = 0, 1, 2, 3, 4, 5
-LEASE = "_lease.json"
+LEASE = layout.LEASE
 RELEASE = "_release.json"
 RUN_STATUS = {EXIT_OK: "published", EXIT_FAILED: "failed", EXIT_BAD_INPUT: "bad_input",
               EXIT_REFUSED: "refused", EXIT_NOTHING: "nothing_to_do", EXIT_BUSY: "busy"}

@@ -97,9 +97,10 @@ def collect(root: Location, set_name: "str | None" = None, *, keep: "int | None"
     out: dict = {"sets": {}, "indexes": {}}
     for name in names:
         art = Artifact(root, "sets", name)
-        held = lease or Lease.acquire(art.loc.join("_lease.json"), {"job": "gc"}, lease_ttl)
+        held = lease or Lease.acquire(art.loc.join(layout.LEASE), {"job": "gc"}, lease_ttl)
         try:
             out["sets"][name], kept = _collect_set(art, keep, stale_hours, dry_run)
+            out["sets"][name]["deleted_markers"] = _sweep_takeover_markers(art, stale_hours, dry_run)
             for index in list_names(root, "indexes"):
                 ia = Artifact(root, "indexes", index)
                 result = _collect_index(ia, name, kept, stale_hours, dry_run)
@@ -109,6 +110,26 @@ def collect(root: Location, set_name: "str | None" = None, *, keep: "int | None"
             if lease is None:
                 held.release()
     return out
+
+
+def _sweep_takeover_markers(art: Artifact, stale_hours: float, dry_run: bool) -> int:
+    """Delete ``_lease.json.takeover-*`` markers older than ``stale_hours``.
+
+    A takeover of an expired lease leaves its marker behind (it is what made the takeover
+    exclusive); once old, no taker can still be racing for it. gc holds the set's lease.
+    """
+    from storage.lease import _age_s
+
+    n = 0
+    for loc in art.loc.list():
+        if not loc.name.startswith(f"{layout.LEASE}.takeover-"):
+            continue
+        age = _age_s(loc)
+        if age is not None and age > stale_hours * 3600:
+            n += 1
+            if not dry_run:
+                loc.delete()
+    return n
 
 
 def _collect_set(art: Artifact, keep: "int | None", stale_hours: float, dry_run: bool) -> tuple[dict, list[str]]:

@@ -3,8 +3,10 @@ in-place index updates, atomic publishing, rollback, gc, run reports and exit co
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+from conftest import ensure_local_ray
 
 from fixtures_models import MULTILINGUAL_TEXTS
 from jobs import build_index
@@ -73,12 +75,23 @@ def current_ids(root) -> list[str]:
     return [r[0] for r in con.execute("select id from documents where is_current order by id").fetchall()]
 
 
-@pytest.fixture
-def store(ray_local, tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def template(ray_session_tmp, s3_server, tiny_model_dir, tmp_path_factory):
+    """The initial set (60 docs, every index kind), embedded and indexed once per module."""
+    ensure_local_ray()
+    base = tmp_path_factory.mktemp("reindex")
     rows = docs(60)
-    corpus = write_jsonl(str(tmp_path / "snap1.jsonl"), rows)
+    corpus = write_jsonl(str(base / "snap1.jsonl"), rows)
+    names = setup_set(base / "store", corpus, tiny_model_dir)
+    return base / "store", rows, names
+
+
+@pytest.fixture
+def store(template, ray_local, tmp_path):
+    """A fresh copy of the initial set for one test (the store holds only relative paths)."""
+    src, rows, names = template
     root = tmp_path / "store"
-    names = setup_set(root, corpus, tiny_model_dir)
+    shutil.copytree(src, root)
     return root, rows, names
 
 
@@ -170,6 +183,30 @@ def test_chained_reindexes_keep_exact_contents(store, tmp_path):
         assert current_ids(root) == want
         for n in names.values():
             assert sorted(Searcher.open(str(root), n).doc_ids) == want
+
+
+def test_index_build_on_a_pinned_set_takes_the_set_lease(store, tmp_path):
+    """After a re-index the set's CURRENT pins its indexes; `tessera index` moving a pin is a
+    write to the set: it waits for no one, fails fast (exit 5) while a run holds the lease."""
+    from storage.lease import Lease
+
+    root, rows, names = store
+    snap, _ = next_snapshot(rows)
+    reindex(ReindexConfig(set_name="t", corpus=(write_jsonl(str(tmp_path / "s.jsonl"), snap),), root=str(root)))
+    sets_art = Artifact(location(str(root)), "sets", "t")
+    assert sets_art.pointer()["indexes"]["t-flat"] == "v000002"
+    args = ["index", "--set", "t", "--kind", "flat", "--name", "t-flat", "--root", str(root)]
+    held = Lease.acquire(sets_art.loc.join("_lease.json"), {"run_id": "nightly"}, ttl_s=60)
+    try:
+        assert cli(args) == 5
+    finally:
+        held.release()
+    assert Artifact(location(str(root)), "indexes", "t-flat").versions() == ["v000001", "v000002"]
+    assert cli(args) == 0
+    ptr = sets_art.pointer()
+    assert ptr["version"] == "v000002" and ptr["indexes"]["t-flat"] == "v000003"
+    assert not sets_art.loc.join("_lease.json").exists()
+    assert sorted(Searcher.open(str(root), "t-flat").doc_ids) == current_ids(root)
 
 
 def test_other_model_is_refused_without_full(store, tiny_colbert_dir, tmp_path):
