@@ -16,6 +16,7 @@ encoder settings: two encoders with the same fingerprint produce the same vector
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -160,15 +161,27 @@ def fingerprint(model_dir: "str | Path", settings: EncoderSettings) -> str:
     str, 64 hex digits.
     """
     d = Path(model_dir)
-    digest = hashlib.sha256()
-    files = weight_files(d) + [d / n for n in TOKENIZER_FILES + ("config.json",) if (d / n).is_file()]
-    for path in sorted(set(files)):
-        digest.update(str(path.relative_to(d)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
+    files = sorted(set(weight_files(d) + [d / n for n in TOKENIZER_FILES + ("config.json",) if (d / n).is_file()]))
+    # The files' part is memoised on (path, size, mtime): a job, a searcher that tries
+    # several settings and an in-process encoder would otherwise re-read the weights
+    # (470 MB for me5-small) once each. Any rewrite of a file changes its key.
+    stats = tuple((str(p.relative_to(d)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    digest = _files_digest(str(d.resolve()), stats).copy()
     digest.update(json.dumps(settings.to_dict(), sort_keys=True).encode())
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _files_digest(model_dir: str, stats: tuple) -> "hashlib._Hash":
+    """sha256 state after every file of ``stats`` (never mutated: callers ``copy()`` it)."""
+    d = Path(model_dir)
+    digest = hashlib.sha256()
+    for rel, _, _ in stats:
+        digest.update(rel.encode() + b"\0")
+        with open(d / rel, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest
 
 
 # ---- loading ------------------------------------------------------------------------

@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOTHING, EXIT_BUSY = 0, 1, 2, 3, 4, 5
 LEASE = layout.LEASE
 RELEASE = "_release.json"
+#: Snapshots of at most this many rows are hashed in the driver (Ray tasks above it).
+LOCAL_HASH_ROWS = 20_000
 RUN_STATUS = {EXIT_OK: "published", EXIT_FAILED: "failed", EXIT_BAD_INPUT: "bad_input",
               EXIT_REFUSED: "refused", EXIT_NOTHING: "nothing_to_do", EXIT_BUSY: "busy"}
 
@@ -341,7 +343,8 @@ def _hash_piece(file: dict, index: int, start: int, end: int, cols: dict) -> pa.
 
 
 def hash_snapshot(ecfg: "embed_job.EmbedConfig", files: list[CorpusFile]) -> pa.Table:
-    """Content hashes of every snapshot row, one Ray task per piece.
+    """Content hashes of every snapshot row: one Ray task per piece, or in this process
+    for a snapshot of at most ``LOCAL_HASH_ROWS`` rows.
 
     Returns
     -------
@@ -350,11 +353,17 @@ def hash_snapshot(ecfg: "embed_job.EmbedConfig", files: list[CorpusFile]) -> pa.
     import ray
 
     pieces = planner.build_pieces([f.n_rows for f in files], ecfg.rows_per_shard)
-    task = ray.remote(num_cpus=0.5, max_retries=3)(_hash_piece)
     cols = dataclasses.asdict(ecfg.columns)
-    refs = [task.remote(files[p.file].to_dict(), p.file, p.start, p.end, cols) for p in pieces]
     progress = Progress("hash", sum(p.rows for p in pieces))
     parts = []
+    if sum(p.rows for p in pieces) <= LOCAL_HASH_ROWS:
+        # Hashing a few thousand rows takes milliseconds; a Ray task's start-up about a second.
+        for p in pieces:
+            parts.append(_hash_piece(files[p.file].to_dict(), p.file, p.start, p.end, cols))
+            progress.update(p.rows)
+        return pa.concat_tables(parts) if parts else _hash_piece_schema().empty_table()
+    task = ray.remote(num_cpus=0.5, max_retries=3)(_hash_piece)
+    refs = [task.remote(files[p.file].to_dict(), p.file, p.start, p.end, cols) for p in pieces]
     for p, ref in zip(pieces, refs):
         parts.append(ray.get(ref))
         progress.update(p.rows)

@@ -15,5 +15,5 @@ fi
 python -m pip install --quiet --upgrade pip >/dev/null
 python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then FAISS=gpu; else FAISS=cpu; fi
-python -m pip install --quiet -e ".[${FAISS},dev]"
+python -m pip install --quiet -c scripts/constraints.txt -e ".[${FAISS},dev]"
 echo "tessera installed in $(pwd)/.venv (faiss: ${FAISS})" >&2

@@ -282,3 +282,21 @@ def test_reindex_on_s3(ray_local, tiny_model_dir, s3_bucket):
     with pytest.raises(NotFoundError, match="garbage-collected"):
         rollback(root, "t", "v000001")
     assert before.keys() == after.keys()
+
+
+def test_snapshot_hashes_equal_in_driver_and_in_ray_tasks(ray_local, tmp_path, monkeypatch):
+    """Small snapshots are hashed in the driver, large ones in Ray tasks: the same table either way."""
+    from jobs import reindex as reindex_mod
+    from jobs.embed import scan_corpus
+
+    rows, _ = next_snapshot(docs(60))
+    corpus = write_jsonl(str(tmp_path / "snap.jsonl"), rows)
+    ecfg = EmbedConfig(corpus=(corpus,), model="unused", set_name="t", root=str(tmp_path / "s"), rows_per_shard=16)
+    files = scan_corpus(ecfg)[0]
+    local = reindex_mod.hash_snapshot(ecfg, files)
+    monkeypatch.setattr(reindex_mod, "LOCAL_HASH_ROWS", 0)
+    remote = reindex_mod.hash_snapshot(ecfg, files)
+    assert local.num_rows == len(rows) == remote.num_rows
+    assert local.equals(remote)
+    assert local.column("id").to_pylist() == [r["id"] for r in rows]
+    assert local.column("empty").to_pylist() == [not r["text"].strip() for r in rows]
