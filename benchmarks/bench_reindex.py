@@ -163,11 +163,10 @@ def main(argv=None) -> int:
                       "overlap_vs_rebuild_same_set": overlap(inc, same_set),
                       "how": report["indexes"][f"xq-{kind}"]["how"]}
         if kind == "plaid":
+            inc_deep = top10(store1, "xq-plaid", queries, PLAID_DEEP)
             rows["plaid-deep"] = {
-                "overlap_vs_full_rebuild": overlap(top10(store1, "xq-plaid", queries, PLAID_DEEP),
-                                                   top10(store2, "xq-plaid", queries, PLAID_DEEP)),
-                "overlap_vs_rebuild_same_set": overlap(top10(store1, "xq-plaid", queries, PLAID_DEEP),
-                                                       top10(store1, fresh["name"], queries, PLAID_DEEP)),
+                "overlap_vs_full_rebuild": overlap(inc_deep, top10(store2, "xq-plaid", queries, PLAID_DEEP)),
+                "overlap_vs_rebuild_same_set": overlap(inc_deep, top10(store1, fresh["name"], queries, PLAID_DEEP)),
                 "how": rows["plaid"]["how"], "params": PLAID_DEEP}
     con = catalog.connect(str(store1))
     n_current = con.execute("select count(*), count(distinct id) from documents where is_current").fetchone()

@@ -246,13 +246,19 @@ def test_drift_thresholds_force_rebuilds(store, tmp_path):
     assert {r["how"] for r in report["indexes"].values()} == {"rebuilt"}
 
 
-def test_bad_input_publishes_nothing(store, tmp_path):
+def test_bad_input_publishes_nothing(store, tmp_path, capsys):
     root, rows, _ = store
     dup = write_jsonl(str(tmp_path / "dup.jsonl"), rows + [rows[3]])
     assert cli(["reindex", "--set", "t", "--corpus", dup, "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "dup.jsonl" in err and repr(rows[3]["id"]) in err, err      # names the file and the id
     nocol = write_jsonl(str(tmp_path / "nocol.jsonl"), [{"id": "x", "body": "no text column"}])
     assert cli(["reindex", "--set", "t", "--corpus", nocol, "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "nocol.jsonl" in err and "text" in err, err
     assert cli(["reindex", "--set", "nope", "--corpus", dup, "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "'nope'" in err and "tessera embed" in err, err
     art = Artifact(location(str(root)), "sets", "t")
     assert art.versions() == ["v000001"] and art.current() == "v000001"
     con = catalog.connect(str(root))
