@@ -13,5 +13,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_USAGE_
 # Ray start-up, so two workers on 2 cores take ~20 min instead of ~25. TESSERA_TEST_WORKERS=0
 # runs it in one process.
 WORKERS=${TESSERA_TEST_WORKERS:-2}
-if [ "$WORKERS" = "0" ]; then DIST=(); else DIST=(-n "$WORKERS" --dist loadfile); fi
+if [ "$WORKERS" = "0" ]; then DIST=(); else DIST=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder); fi
 python -m pytest -q -p no:cacheprovider "${DIST[@]}" "$@"

@@ -80,10 +80,11 @@ from fixtures_models import (  # noqa: E402
 # --------------------------------------------------------------------------- markers
 
 
-#: The longest modules first (seconds on 2 cores, sequential run): with pytest-xdist's
-#: ``--dist loadfile`` (scripts/test.sh) each module runs on one worker, so starting
-#: the long ones first keeps both workers busy to the end instead of one finishing
-#: a long module alone.
+#: The longest modules first: with pytest-xdist's ``--dist loadfile --no-loadscope-reorder``
+#: (scripts/test.sh) each module runs on one worker in collection order, so starting the
+#: long ones first keeps both workers busy to the end instead of one finishing a long
+#: module alone (xdist's own reorder puts the modules with the most tests first, and
+#: these have few, slow ones).
 HEAVY_MODULES = ("jobs/test_reindex_faults.py", "jobs/test_cli.py", "jobs/test_reindex.py", "jobs/test_embed.py",
                  "jobs/test_retune.py", "jobs/test_build_index.py", "jobs/test_cluster.py",
                  "indexing/test_searcher.py", "test_fixtures.py")
