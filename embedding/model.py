@@ -165,7 +165,7 @@ def fingerprint(model_dir: "str | Path", settings: EncoderSettings) -> str:
     # The files' part is memoised on (path, size, mtime): a job, a searcher that tries
     # several settings and an in-process encoder would otherwise re-read the weights
     # (470 MB for me5-small) once each. Any rewrite of a file changes its key.
-    stats = tuple((str(p.relative_to(d)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    stats = tuple((str(p.relative_to(d)), st.st_size, st.st_mtime_ns) for p in files for st in (p.stat(),))
     digest = _files_digest(str(d.resolve()), stats).copy()
     digest.update(json.dumps(settings.to_dict(), sort_keys=True).encode())
     return digest.hexdigest()

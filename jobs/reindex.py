@@ -354,18 +354,18 @@ def hash_snapshot(ecfg: "embed_job.EmbedConfig", files: list[CorpusFile]) -> pa.
 
     pieces = planner.build_pieces([f.n_rows for f in files], ecfg.rows_per_shard)
     cols = dataclasses.asdict(ecfg.columns)
-    progress = Progress("hash", sum(p.rows for p in pieces))
-    parts = []
-    if sum(p.rows for p in pieces) <= LOCAL_HASH_ROWS:
+    total = sum(p.rows for p in pieces)
+    progress = Progress("hash", total)
+    if total <= LOCAL_HASH_ROWS:
         # Hashing a few thousand rows takes milliseconds; a Ray task's start-up about a second.
-        for p in pieces:
-            parts.append(_hash_piece(files[p.file].to_dict(), p.file, p.start, p.end, cols))
-            progress.update(p.rows)
-        return pa.concat_tables(parts) if parts else _hash_piece_schema().empty_table()
-    task = ray.remote(num_cpus=0.5, max_retries=3)(_hash_piece)
-    refs = [task.remote(files[p.file].to_dict(), p.file, p.start, p.end, cols) for p in pieces]
-    for p, ref in zip(pieces, refs):
-        parts.append(ray.get(ref))
+        results = (_hash_piece(files[p.file].to_dict(), p.file, p.start, p.end, cols) for p in pieces)
+    else:
+        task = ray.remote(num_cpus=0.5, max_retries=3)(_hash_piece)
+        refs = [task.remote(files[p.file].to_dict(), p.file, p.start, p.end, cols) for p in pieces]
+        results = (ray.get(ref) for ref in refs)
+    parts = []
+    for p, part in zip(pieces, results):
+        parts.append(part)
         progress.update(p.rows)
     return pa.concat_tables(parts) if parts else _hash_piece_schema().empty_table()
 

@@ -10,7 +10,7 @@ python -m jobs.cli -q model fetch me5-small >/dev/null || echo "warning: could n
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 # Two pytest workers, one module each at a time (module fixtures stay on one worker; each
 # worker starts its own local Ray and S3 server): the suite waits a lot on subprocesses and
-# Ray start-up, so two workers on 2 cores take ~20 min instead of ~25. TESSERA_TEST_WORKERS=0
+# Ray start-up, so two workers on 2 cores take ~16 min instead of ~25. TESSERA_TEST_WORKERS=0
 # runs it in one process.
 WORKERS=${TESSERA_TEST_WORKERS:-2}
 if [ "$WORKERS" = "0" ]; then DIST=(); else DIST=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder); fi
