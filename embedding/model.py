@@ -21,6 +21,9 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "added_tokens.json",
                    "merges.txt", "vocab.json")
 SETTINGS_FILE = "tessera_encoder.json"
+CACHE_DIR_ENV = "TESSERA_CACHE_DIR"
+TOKENIZER_CACHE_ENV = "TESSERA_TOKENIZER_CACHE"
+#: bumped when the snapshot's content changes meaning
+TOKENIZER_SNAPSHOT_FORMAT = 1
+#: texts a tokenizer snapshot must tokenize like the tokenizer it was taken from
+TOKENIZER_PROBES = (
+    "query: how many people live in Berlin?", "passage: The 2015 season ended early.",
+    "Привет, мир! Как дела?", "東京は日本の首都です。", "مرحبا بالعالم", "नमस्ते दुनिया",
+    "Γειά σου Κόσμε", "สวัสดีชาวโลก", "Xin chào thế giới", "İstanbul'da hava güzel.",
+    "  leading and trailing   spaces \t tabs\nnewlines  ", "",
+    "ünïcödé ß ﬁ ½ ™ 🙂 e\u0301", "<s> </s> <unk> <pad> <mask> [CLS] [SEP] [MASK] [Q] [D]",
+)
 
 
 class ModelError(ValueError):
@@ -209,13 +224,13 @@ def load_model(model_dir: "str | Path", settings: "EncoderSettings | None" = Non
     device : "cpu", "cuda", ... ; default cuda when available.
     half : fp16/bf16 weights; default True on CUDA, False on CPU.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     d = check_model_dir(model_dir)
     settings = settings or read_settings(d)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        tokenizer = load_tokenizer(d)
         model = AutoModel.from_pretrained(str(d), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"model folder {d} could not be loaded: {err}") from err
@@ -231,6 +246,82 @@ def load_model(model_dir: "str | Path", settings: "EncoderSettings | None" = Non
     fp = fingerprint(d, settings)
     logger.info("loaded %s on %s (%s), fingerprint %s", d, dev, dtype, fp[:12])
     return LoadedModel(d, model, tokenizer, projection, settings, fp, dev)
+
+
+def tokenizer_cache_dir() -> "Path | None":
+    """Where :func:`load_tokenizer` keeps its snapshots: ``$TESSERA_CACHE_DIR/tokenizers``
+    (default ``~/.cache/tessera/tokenizers``); None when ``$TESSERA_TOKENIZER_CACHE`` is ``off``."""
+    if os.environ.get(TOKENIZER_CACHE_ENV, "").strip().lower() in ("off", "0", "false", "no"):
+        return None
+    base = os.environ.get(CACHE_DIR_ENV)
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "tessera") / "tokenizers"
+
+
+def _tokenizer_key(d: Path) -> str:
+    """sha256 over the tokenizer files' bytes, the folder and the library versions."""
+    import tokenizers
+    import transformers
+
+    digest = hashlib.sha256(f"{d.resolve()}\0{transformers.__version__}\0{tokenizers.__version__}\0"
+                            f"{sys.version}\0{TOKENIZER_SNAPSHOT_FORMAT}".encode())
+    for name in TOKENIZER_FILES:
+        path = d / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _same_tokenization(a, b) -> bool:
+    return a(list(TOKENIZER_PROBES))["input_ids"] == b(list(TOKENIZER_PROBES))["input_ids"] \
+        and a.all_special_ids == b.all_special_ids and len(a) == len(b)
+
+
+def load_tokenizer(model_dir: "str | Path"):
+    """The folder's tokenizer (``AutoTokenizer``), through a local snapshot cache.
+
+    ``AutoTokenizer.from_pretrained`` re-parses ``tokenizer.json`` in Python and
+    rebuilds the vocabulary on every call: 4.6 s for XLM-R's 17 MB file, paid by
+    every process that starts an encoder (each actor, each re-index driver, each
+    ``tessera search``). The first load pickles the loaded tokenizer to
+    :func:`tokenizer_cache_dir`; later loads unpickle it (1.2 s for XLM-R). The
+    snapshot is the loaded object itself, so it tokenizes identically; it is
+    written only after a round trip gave the same ids on probe texts in several
+    scripts, and keyed on the tokenizer files' bytes and the library versions, so
+    an edited file or an upgrade loads afresh. A snapshot that fails to load is
+    replaced. The cache holds pickles: like the model folder, it must be writable
+    only by you. ``TESSERA_TOKENIZER_CACHE=off`` turns it off.
+    """
+    from transformers import AutoTokenizer
+
+    d = Path(model_dir)
+    cache = tokenizer_cache_dir()
+    path = cache / f"{_tokenizer_key(d)}.pkl" if cache is not None else None
+    if path is not None and path.is_file():
+        try:
+            tokenizer = pickle.loads(path.read_bytes())
+            tokenizer.name_or_path = str(d)
+            return tokenizer
+        except Exception as err:  # noqa: BLE001 - any unreadable snapshot is rebuilt
+            logger.warning("tokenizer snapshot %s unreadable (%s: %s); loading %s afresh",
+                           path, type(err).__name__, err, d)
+    tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    if path is not None:
+        _save_snapshot(tokenizer, path, d)
+    return tokenizer
+
+
+def _save_snapshot(tokenizer, path: Path, d: Path) -> None:
+    try:
+        data = pickle.dumps(tokenizer, protocol=pickle.HIGHEST_PROTOCOL)
+        if not _same_tokenization(tokenizer, pickle.loads(data)):
+            logger.warning("tokenizer of %s does not survive a pickle round trip: not cached", d)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # concurrent writers (actors starting together) write the same bytes
+    except Exception as err:  # noqa: BLE001 - a cache that can't be written only costs time
+        logger.warning("tokenizer snapshot for %s not written to %s: %s: %s", d, path, type(err).__name__, err)
 
 
 def _check_markers(d: Path, tokenizer, settings: EncoderSettings) -> None:

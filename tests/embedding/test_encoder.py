@@ -105,3 +105,111 @@ def test_model_without_weights_is_refused(tiny_model_no_weights_dir, tmp_path):
         load_model(tiny_model_no_weights_dir)
     with pytest.raises(ModelError, match="does not exist"):
         load_model(tmp_path / "missing")
+
+
+# ---- tokenizer snapshots --------------------------------------------------------------
+def _snapshots(cache) -> list:
+    return sorted((cache / "tokenizers").glob("*.pkl"))
+
+
+def _fresh(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def test_tokenizer_snapshot_is_reused_and_tokenizes_identically(tiny_model_dir, tmp_path, monkeypatch):
+    import transformers
+
+    from embedding import model as model_mod
+
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
+    first = model_mod.load_tokenizer(tiny_model_dir)
+    (snap,) = _snapshots(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("AutoTokenizer.from_pretrained called although a snapshot exists")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    second = model_mod.load_tokenizer(tiny_model_dir)
+    monkeypatch.undo()
+    fresh = _fresh(tiny_model_dir)
+    texts = TEXTS + list(model_mod.TOKENIZER_PROBES)
+    assert second is not first and type(second) is type(fresh)
+    assert second(texts)["input_ids"] == fresh(texts)["input_ids"] == first(texts)["input_ids"]
+    assert second.name_or_path == str(tiny_model_dir)
+    assert _snapshots(tmp_path) == [snap]
+
+
+def test_tokenizer_snapshot_follows_the_files(tiny_model_dir, tmp_path, monkeypatch):
+    """An edited tokenizer file gets a snapshot of its own; the old one is not used for it."""
+    from embedding import model as model_mod
+
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path / "cache"))
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    before = model_mod.load_tokenizer(d)
+    cfg_path = d / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_max_length"] = 77
+    cfg_path.write_text(json.dumps(cfg))
+    after = model_mod.load_tokenizer(d)
+    assert before.model_max_length != 77 and after.model_max_length == 77
+    assert len(_snapshots(tmp_path / "cache")) == 2
+
+
+def test_unreadable_tokenizer_snapshot_is_replaced(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    from embedding import model as model_mod
+
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
+    model_mod.load_tokenizer(tiny_model_dir)
+    (snap,) = _snapshots(tmp_path)
+    snap.write_bytes(b"not a pickle")
+    with caplog.at_level("WARNING", logger="embedding.model"):
+        tok = model_mod.load_tokenizer(tiny_model_dir)
+    assert "unreadable" in caplog.text and str(snap) in caplog.text
+    assert tok(TEXTS)["input_ids"] == _fresh(tiny_model_dir)(TEXTS)["input_ids"]
+    assert snap.read_bytes() != b"not a pickle"
+    assert model_mod.load_tokenizer(tiny_model_dir)(TEXTS)["input_ids"] == tok(TEXTS)["input_ids"]
+
+
+def test_tokenizer_cache_can_be_turned_off(tiny_model_dir, tmp_path, monkeypatch):
+    from embedding import model as model_mod
+
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TESSERA_TOKENIZER_CACHE", "off")
+    assert model_mod.tokenizer_cache_dir() is None
+    load_model(tiny_model_dir, device="cpu")
+    assert not (tmp_path / "tokenizers").exists()
+
+
+def test_unwritable_tokenizer_cache_only_costs_time(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    from embedding import model as model_mod
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(blocker))
+    with caplog.at_level("WARNING", logger="embedding.model"):
+        tok = model_mod.load_tokenizer(tiny_model_dir)
+    assert "not written" in caplog.text
+    assert tok(TEXTS)["input_ids"] == _fresh(tiny_model_dir)(TEXTS)["input_ids"]
+
+
+def test_me5_tokenizer_snapshot_gives_the_same_ids_on_xquad(me5_small_dir, shared_data_dir, tmp_path, monkeypatch):
+    """The real XLM-R tokenizer: a snapshot-loaded copy tokenizes every XQuAD paragraph and
+    question of all 12 languages like a fresh ``AutoTokenizer`` load (vectors depend on it)."""
+    from embedding import model as model_mod
+
+    texts = []
+    for path in sorted((shared_data_dir / "xquad").glob("xquad.*.json")):
+        for article in json.loads(path.read_text(encoding="utf-8"))["data"]:
+            for para in article["paragraphs"]:
+                texts.append(para["context"])
+                texts += [qa["question"] for qa in para["qas"]]
+    assert len(texts) > 10_000
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
+    model_mod.load_tokenizer(me5_small_dir)
+    cached = model_mod.load_tokenizer(me5_small_dir)
+    fresh = _fresh(me5_small_dir)
+    assert cached(texts, truncation=True, max_length=512)["input_ids"] == \
+        fresh(texts, truncation=True, max_length=512)["input_ids"]

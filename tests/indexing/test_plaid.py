@@ -116,10 +116,10 @@ def test_maxsim_definition():
 @pytest.mark.parametrize(
     "k, expected",
     [
-        (1, (1, 0.5, 256)),
-        (10, (1, 0.5, 256)),
-        (11, (2, 0.45, 1024)),
-        (100, (2, 0.45, 1024)),
+        (1, (4, 0.5, 256)),
+        (10, (4, 0.5, 256)),
+        (11, (4, 0.45, 1024)),
+        (100, (4, 0.45, 1024)),
         (101, (4, 0.4, 4096)),
         (1024, (4, 0.4, 4096)),
         (2000, (4, 0.4, 8000)),
@@ -472,3 +472,35 @@ def test_a_narrow_filter_still_returns_k_results(index, corpus):
     _, ids = index.search(queries, 5, SearchParams(ncells=1, centroid_score_threshold=0.5, ndocs=256),
                           allowed=allowed)
     assert (ids >= 0).all() and np.isin(ids, allowed).all()
+
+
+def test_a_filter_widens_the_probe_to_the_exact_stage_size(index, corpus, monkeypatch):
+    """Under a filter the probe widens until it holds ``max(k, ndocs // 4)`` allowed documents
+    (or all of them): the exact stage then sees the allowed documents nearest each query."""
+    queries = corpus["queries"]
+    allowed = np.arange(0, N_DOCS, 5, dtype=np.int64)  # 60 documents
+    params = SearchParams(ncells=1, centroid_score_threshold=0.5, ndocs=128)
+    seen = []
+    original = CentroidIndex._candidates
+
+    def spy(self, scores, ncells, mask):
+        docs = original(self, scores, ncells, mask)
+        seen.append((ncells, len(docs)))
+        return docs
+
+    monkeypatch.setattr(CentroidIndex, "_candidates", spy)
+    scores, ids = index.search(queries, 5, params, allowed=allowed)
+    monkeypatch.undo()
+    assert np.isin(ids, allowed).all()
+    finals, n = [], 0
+    for ncells, got in seen:  # one probe series per query: ncells restarts at 1
+        if ncells == 1 and n:
+            finals.append(prev)
+        prev, n = (ncells, got), n + 1
+    finals.append(prev)
+    assert len(finals) == len(queries)
+    assert all(got >= 32 or ncells >= N_CENTROIDS for ncells, got in finals)
+    assert any(ncells > 1 for ncells, _ in finals)
+    _, ref_ids = index.exact_maxsim(queries, 5, allowed=allowed)
+    agreement = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids.tolist(), ref_ids.tolist())])
+    assert agreement >= 0.9, agreement
