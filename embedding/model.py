@@ -248,13 +248,18 @@ def load_model(model_dir: "str | Path", settings: "EncoderSettings | None" = Non
     return LoadedModel(d, model, tokenizer, projection, settings, fp, dev)
 
 
+def cache_root() -> Path:
+    """Tessera's local cache folder: ``$TESSERA_CACHE_DIR``, default ``~/.cache/tessera``."""
+    base = os.environ.get(CACHE_DIR_ENV)
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "tessera"
+
+
 def tokenizer_cache_dir() -> "Path | None":
-    """Where :func:`load_tokenizer` keeps its snapshots: ``$TESSERA_CACHE_DIR/tokenizers``
-    (default ``~/.cache/tessera/tokenizers``); None when ``$TESSERA_TOKENIZER_CACHE`` is ``off``."""
+    """Where :func:`load_tokenizer` keeps its snapshots: ``cache_root() / "tokenizers"``;
+    None when ``$TESSERA_TOKENIZER_CACHE`` is ``off``."""
     if os.environ.get(TOKENIZER_CACHE_ENV, "").strip().lower() in ("off", "0", "false", "no"):
         return None
-    base = os.environ.get(CACHE_DIR_ENV)
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "tessera") / "tokenizers"
+    return cache_root() / "tokenizers"
 
 
 def _tokenizer_key(d: Path) -> str:

@@ -52,7 +52,7 @@ import pyarrow.compute as pc
 
 from embedding.codec import ResidualCodec
 from embedding.encoder import Encoder
-from embedding.model import (EncoderSettings, ModelError, check_model_dir, fingerprint, load_model,
+from embedding.model import (EncoderSettings, ModelError, cache_root, check_model_dir, fingerprint, load_model,
                              read_settings)
 from embedding.mrl import truncate
 from indexing import dense
@@ -70,7 +70,6 @@ DENSE_OVERRIDES = ("nprobe", "ef_search", "rescore")
 PLAID_OVERRIDES = ("ncells", "centroid_score_threshold", "ndocs")
 _FP_SHOWN = 16
 #: Environment variable naming the local cache root (default ``~/.cache/tessera``).
-CACHE_ENV = "TESSERA_CACHE_DIR"
 _ENCODER_REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127}?)(?:[@:](?P<version>v?\d+))?$")
 
 
@@ -166,8 +165,7 @@ def parse_encoder_ref(value: str) -> "tuple[str, str | None] | None":
 
 def encoder_cache_dir() -> Path:
     """Local folder holding downloaded query-encoder versions, by fingerprint."""
-    base = os.environ.get(CACHE_ENV)
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "tessera") / "encoders"
+    return cache_root() / "encoders"
 
 
 def query_encoder_dir(root: "str | Location", query_encoder: str) -> "tuple[Path, dict | None]":
