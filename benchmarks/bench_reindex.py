@@ -19,7 +19,7 @@ Prints a table and writes JSON. Usage::
 
     python benchmarks/prepare_data.py --xquad ../shared/data/xquad --out bench-data
     python benchmarks/bench_reindex.py --data bench-data --model ~/.cache/tessera/models/me5-small \
-        --work /tmp/bench-reindex [--docs-per-lang 100] [--change 0.01]
+        --work /tmp/bench-reindex [--docs-per-lang 100] [--change 0.01] [--nbits 4]
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indexing.searcher import Searcher  # noqa: E402
 from jobs import build_index, reindex  # noqa: E402
-from jobs.embed import EmbedConfig  # noqa: E402
+from jobs.embed import DEFAULT_NBITS, EmbedConfig  # noqa: E402
 from jobs.embed import run as embed  # noqa: E402
 from storage import catalog  # noqa: E402
 
@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--change", type=float, default=0.01, help="share of documents changed")
     p.add_argument("--queries-per-lang", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nbits", type=int, default=DEFAULT_NBITS, help="ColBERT residual bits of the set (default: tessera's)")
     p.add_argument("--out", default="benchmarks/results/reindex_xquad")
     return p.parse_args(argv)
 
@@ -97,10 +98,10 @@ def snapshots(corpus: list[dict], per_lang: int, change: float, seed: int) -> tu
     return a, b, {"documents": len(a), "changed": n_mod, "deleted": n_del, "new": n_new}
 
 
-def build_store(root: Path, corpus_url: str, model: str) -> dict:
+def build_store(root: Path, corpus_url: str, model: str, nbits: int) -> dict:
     """Full embed + index builds; returns stage seconds."""
     t0 = time.perf_counter()
-    embed(EmbedConfig(corpus=(corpus_url,), model=model, set_name="xq", root=str(root)))
+    embed(EmbedConfig(corpus=(corpus_url,), model=model, set_name="xq", root=str(root), nbits=nbits))
     t1 = time.perf_counter()
     for kind, extra in KINDS.items():
         build_index.run(build_index.IndexConfig(set_name="xq", kind=kind, root=str(root), **extra))
@@ -166,13 +167,13 @@ def main(argv=None) -> int:
 
     store1, store2 = work / "incremental", work / "full"
     logger.info("store 1: full build of snapshot A (%d documents)", len(a))
-    build_a = build_store(store1, url_a, args.model)
+    build_a = build_store(store1, url_a, args.model, args.nbits)
     logger.info("store 1: re-index A → B (%s)", plan)
     t0 = time.perf_counter()
     report = reindex.run(reindex.ReindexConfig(set_name="xq", corpus=(url_b,), root=str(store1)))
     t_re = time.perf_counter() - t0
     logger.info("store 2: full build of snapshot B (%d documents)", len(b))
-    build_b = build_store(store2, url_b, args.model)
+    build_b = build_store(store2, url_b, args.model, args.nbits)
 
     rows = {}
     for kind in KINDS:
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     n_current = con.execute("select count(*), count(distinct id) from documents where is_current").fetchone()
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": False},
-        "model": args.model, "snapshot": plan, "queries": len(queries),
+        "model": args.model, "nbits": args.nbits, "snapshot": plan, "queries": len(queries),
         "full_build_A": build_a, "full_build_B": build_b, "reindex_seconds": t_re,
         "reindex_stages": report.get("timings"), "reindex_counts": report["counts"],
         "reindex_bytes": report["bytes"], "decision": report["decision"],
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     lines = [
         f"re-index of {plan['documents']} XQuAD paragraphs, {args.change:.0%} changed "
         f"({plan['changed']} rewritten, {plan['deleted']} deleted, {plan['new']} new); "
-        f"{os.cpu_count()} CPUs, no GPU; {len(queries)} XQuAD questions; delta encoded in: "
+        f"{os.cpu_count()} CPUs, no GPU; nbits {args.nbits}; {len(queries)} XQuAD questions; delta encoded in: "
         f"{report['decision'].get('encoded_in')}",
         f"full embed of B: {build_b['embed']:.1f} s (+ {build_b['indexes']:.1f} s indexes); "
         f"re-index A→B: {t_re:.1f} s (stages {report.get('timings')})",

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="set_name", default="sample", help="embedding set name (default: sample)")
     _root_arg(e)
     e.add_argument("--mode", choices=("dense", "colbert", "both"), default="both")
-    e.add_argument("--nbits", type=int, default=2, help="ColBERT residual bits: 1, 2 or 4 (default 2)")
+    e.add_argument("--nbits", type=int, default=None,
+                   help="ColBERT residual bits: 1, 2 or 4 (default 4: jobs.embed.DEFAULT_NBITS)")
     for role in ("id", "text", "lang", "title"):
         e.add_argument(f"--{role}-column", default=role, help=f"corpus column holding the {role}")
     e.add_argument("--rows-per-shard", type=int, default=1024)
@@ -235,12 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- commands -------------------------------------------------------------------------
 def cmd_embed(args: argparse.Namespace) -> int:
-    from jobs.embed import EmbedConfig, run
+    from jobs.embed import DEFAULT_NBITS, EmbedConfig, run
     from jobs.model_fetch import resolve_model
 
     cfg = EmbedConfig(
         corpus=tuple(args.corpus), model=str(resolve_model(args.model)), set_name=args.set_name,
-        root=args.root, mode=args.mode, nbits=args.nbits, id_column=args.id_column,
+        root=args.root, mode=args.mode, nbits=DEFAULT_NBITS if args.nbits is None else args.nbits, id_column=args.id_column,
         text_column=args.text_column, lang_column=args.lang_column, title_column=args.title_column,
         rows_per_shard=args.rows_per_shard, n_centroids=args.n_centroids, kmeans_iters=args.kmeans_iters,
         max_sample_tokens=args.max_sample_tokens, seed=args.seed, max_batch=args.max_batch,

@@ -38,6 +38,13 @@ logger = logging.getLogger(__name__)
 
 MODES = ("dense", "colbert", "both")
 NBITS = (1, 2, 4)
+# 4 bits per residual dimension by default (FastPlaid's default as well). Against 2 bits
+# it doubles the token bytes (194 vs 98 per 384-d token) and costs ~1.4x PLAID search time
+# at equal settings, for reconstruction cosine 0.997 vs 0.987 and rankings that survive a
+# codec re-fit: exact-MaxSim top-10 of an index updated in place vs a full rebuild of a
+# 1%-changed XQuAD snapshot agreed at 0.985-0.989 over three codec seeds, 0.948-0.967 at
+# 2 bits (benchmarks/bench_reindex.py). --nbits 2 (or 1) remains for storage-bound sets.
+DEFAULT_NBITS = 4
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class EmbedConfig:
     set_name : the embedding set to write a new version of.
     root : the store root (None: $TESSERA_ROOT or ./tessera-data).
     mode : "dense", "colbert" or "both".
-    nbits : residual bits per dimension for ColBERT tokens (1, 2 or 4).
+    nbits : residual bits per dimension for ColBERT tokens (1, 2 or 4; default 4).
     """
 
     corpus: tuple[str, ...]
@@ -59,7 +66,7 @@ class EmbedConfig:
     set_name: str
     root: "str | None" = None
     mode: str = "both"
-    nbits: int = 2
+    nbits: int = DEFAULT_NBITS
     id_column: str = "id"
     text_column: str = "text"
     lang_column: str = "lang"
