@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -37,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_reindex import mrr10, overlap, read_jsonl, read_qrels, snapshots  # noqa: E402
+from bench_reindex import mrr10, overlap, read_jsonl, read_qrels, snapshots, write_results  # noqa: E402
 from embedding.codec import ResidualCodec, default_n_centroids  # noqa: E402
 from indexing.plaid import CentroidIndex, SearchParams  # noqa: E402
 
@@ -143,9 +142,6 @@ def main(argv=None) -> int:
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": False},
               "model": args.model, "snapshot": plan, "queries": len(queries), "kmeans_iters": args.kmeans_iters,
               "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"codec re-fit on {plan['documents']} XQuAD paragraphs, {args.change:.0%} changed; {len(queries)} "
              f"questions; {os.cpu_count()} CPUs, no GPU; top-10 of B compressed with A's codec (updated in place) "
              "vs with B's own codec (full rebuild)",
@@ -160,9 +156,7 @@ def main(argv=None) -> int:
         lines.append(f"nbits {nbits}: PLAID overlap mean {np.mean([r['plaid_overlap'] for r in sel]):.4f} "
                      f"(min {min(r['plaid_overlap'] for r in sel):.4f}), exact mean "
                      f"{np.mean([r['exact_overlap'] for r in sel]):.4f}")
-    text = "\n".join(lines)
-    out.with_suffix(".txt").write_text(text + "\n")
-    print(text)
+    write_results(args.out, result, lines)
     return 0
 
 

@@ -143,6 +143,16 @@ def overlap(a: list[list[str]], b: list[list[str]]) -> float:
     return float(np.mean([len(set(x) & set(y)) / max(1, len(y)) for x, y in zip(a, b)]))
 
 
+def write_results(out: "str | Path", result: dict, lines: list[str]) -> None:
+    """``out``.json (the figures) and ``out``.txt (the table), and the table on stdout."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+    text = "\n".join(lines)
+    out.with_suffix(".txt").write_text(text + "\n")
+    print(text)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -198,9 +208,6 @@ def main(argv=None) -> int:
         "ratio_reindex_vs_full_embed_and_index": t_re / build_b["total"],
         "current_documents": list(n_current), "indexes": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     lines = [
         f"re-index of {plan['documents']} XQuAD paragraphs, {args.change:.0%} changed "
         f"({plan['changed']} rewritten, {plan['deleted']} deleted, {plan['new']} new); "
@@ -221,9 +228,7 @@ def main(argv=None) -> int:
                      f"{r['overlap_vs_rebuild_same_set']:>24.4f} {r['mrr10_incremental']:>19.4f} "
                      f"{r['mrr10_full_rebuild']:>13.4f}")
     lines.append("(plaid-exact: brute-force MaxSim over each index's compressed vectors instead of the PLAID search)")
-    text = "\n".join(lines)
-    out.with_suffix(".txt").write_text(text + "\n")
-    print(text)
+    write_results(args.out, result, lines)
     return 0
 
 
