@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_reindex import mrr10, overlap, read_jsonl, read_qrels, snapshots, write_results  # noqa: E402
+from bench_reindex import mrr10, overlap, pick_queries, read_jsonl, snapshots, write_results  # noqa: E402
 from embedding.codec import ResidualCodec, default_n_centroids  # noqa: E402
 from indexing.plaid import CentroidIndex, SearchParams  # noqa: E402
 
@@ -106,14 +106,7 @@ def main(argv=None) -> int:
                         stream=sys.stderr)
     data = Path(args.data)
     a, b, plan = snapshots(read_jsonl(data / "corpus.jsonl"), args.docs_per_lang, args.change, args.seed)
-    queries, qids, per = [], [], {}
-    for q in read_jsonl(data / "queries.jsonl"):
-        if per.get(q["lang"], 0) < args.queries_per_lang:
-            per[q["lang"]] = per.get(q["lang"], 0) + 1
-            queries.append(q["text"])
-            qids.append(q["id"])
-    gold = read_qrels(data / "qrels_same.tsv")
-    gold_rows = [gold.get(q, set()) for q in qids]
+    queries, gold_rows = pick_queries(data, args.queries_per_lang)
 
     key = lambda d: (d["id"], d["text"])  # noqa: E731
     texts = sorted({key(d) for d in a + b})

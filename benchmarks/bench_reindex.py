@@ -123,6 +123,19 @@ def top10(root: Path, index: str, queries: list[str], exact: bool = False) -> li
     return out
 
 
+def pick_queries(data: Path, per_lang: int) -> tuple[list[str], list[set[str]]]:
+    """The first ``per_lang`` XQuAD questions of each language and their same-language gold paragraphs."""
+    queries, qids = [], []
+    per: dict[str, int] = {}
+    for q in read_jsonl(data / "queries.jsonl"):
+        if per.get(q["lang"], 0) < per_lang:
+            per[q["lang"]] = per.get(q["lang"], 0) + 1
+            queries.append(q["text"])
+            qids.append(q["id"])
+    gold = read_qrels(data / "qrels_same.tsv")
+    return queries, [gold.get(q, set()) for q in qids]
+
+
 def read_qrels(path: Path) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -165,15 +178,8 @@ def main(argv=None) -> int:
         shutil.rmtree(work)
     a, b, plan = snapshots(read_jsonl(data / "corpus.jsonl"), args.docs_per_lang, args.change, args.seed)
     url_a, url_b = write_jsonl(work / "snap_a.jsonl", a), write_jsonl(work / "snap_b.jsonl", b)
-    queries, qids = [], []
-    per: dict[str, int] = {}
-    for q in read_jsonl(data / "queries.jsonl"):
-        if per.get(q["lang"], 0) < args.queries_per_lang:
-            per[q["lang"]] = per.get(q["lang"], 0) + 1
-            queries.append(q["text"])
-            qids.append(q["id"])
-    gold = read_qrels(data / "qrels_same.tsv")
-    mrr = lambda tops: mrr10(tops, [gold.get(q, set()) for q in qids])  # noqa: E731
+    queries, gold = pick_queries(data, args.queries_per_lang)
+    mrr = lambda tops: mrr10(tops, gold)  # noqa: E731
 
     store1, store2 = work / "incremental", work / "full"
     logger.info("store 1: full build of snapshot A (%d documents)", len(a))
