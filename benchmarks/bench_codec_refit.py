@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_reindex import mrr10, overlap, pick_queries, read_jsonl, snapshots, write_results  # noqa: E402
-from embedding.codec import ResidualCodec, default_n_centroids  # noqa: E402
+from embedding.codec import ResidualCodec  # noqa: E402
 from indexing.plaid import CentroidIndex, SearchParams  # noqa: E402
 
 logger = logging.getLogger("bench_codec_refit")
@@ -76,8 +76,8 @@ def encode(model: str, texts: list[str], queries: list[str], threads: int) -> tu
 
 
 def fit(tokens: list[np.ndarray], nbits: int, seed: int, niter: int) -> ResidualCodec:
-    x = np.concatenate(tokens).astype(np.float32)
-    return ResidualCodec.fit(x, nbits, default_n_centroids(len(x)), seed=seed, niter=niter)
+    """The codec the embed job fits at this size: every token, ``default_n_centroids`` centroids."""
+    return ResidualCodec.fit(np.concatenate(tokens).astype(np.float32), nbits, seed=seed, niter=niter)
 
 
 def build(codec: ResidualCodec, tokens: list[np.ndarray]) -> CentroidIndex:

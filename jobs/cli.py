@@ -241,7 +241,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     cfg = EmbedConfig(
         corpus=tuple(args.corpus), model=str(resolve_model(args.model)), set_name=args.set_name,
-        root=args.root, mode=args.mode, nbits=DEFAULT_NBITS if args.nbits is None else args.nbits, id_column=args.id_column,
+        root=args.root, mode=args.mode, nbits=DEFAULT_NBITS if args.nbits is None else args.nbits,
+        id_column=args.id_column,
         text_column=args.text_column, lang_column=args.lang_column, title_column=args.title_column,
         rows_per_shard=args.rows_per_shard, n_centroids=args.n_centroids, kmeans_iters=args.kmeans_iters,
         max_sample_tokens=args.max_sample_tokens, seed=args.seed, max_batch=args.max_batch,

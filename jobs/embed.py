@@ -43,7 +43,8 @@ NBITS = (1, 2, 4)
 # at equal settings, for reconstruction cosine 0.997 vs 0.987 and rankings that survive a
 # codec re-fit: exact-MaxSim top-10 of an index updated in place vs a full rebuild of a
 # 1%-changed XQuAD snapshot agreed at 0.985-0.989 over three codec seeds, 0.948-0.967 at
-# 2 bits (benchmarks/bench_codec_refit.py, bench_reindex.py). --nbits 2 (or 1) remains for storage-bound sets.
+# 2 bits (benchmarks/bench_codec_refit.py, bench_reindex.py). --nbits 2 (or 1) remains for
+# storage-bound sets.
 DEFAULT_NBITS = 4
 
 
