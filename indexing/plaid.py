@@ -26,18 +26,26 @@ lives next to the index file (see DESIGN.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import InitVar, dataclass, replace
 from typing import Iterator
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from embedding.codec import ResidualCodec
 
 logger = logging.getLogger(__name__)
 
 ARRAY_KEYS = ("doc_offsets", "codes", "residuals", "ivf_offsets", "ivf_docs")
+#: Arrays derived from the inverted file and stored beside it, so that a loaded
+#: index is memory-mapped and never rebuilt: every document's sorted distinct
+#: centroids (the inverted file transposed). Older index files lack them; they are
+#: then computed at load.
+DERIVED_KEYS = ("doc_cell_offsets", "doc_cells")
 # Tokens decompressed at once by the brute-force scorer, and float32 entries of
 # one (tokens, query vectors) score block (64 MiB).
 _TOKEN_BATCH = 1 << 16
@@ -426,6 +434,18 @@ class CentroidIndex:
     ivf_docs : numpy.ndarray
         ``(nnz,)`` int32 sorted unique positions of the documents having a token
         assigned to each centroid.
+    doc_cell_offsets : numpy.ndarray
+        ``(n_docs + 1,)`` int64; document ``i`` has its distinct centroids in
+        ``doc_cells[doc_cell_offsets[i]:doc_cell_offsets[i + 1]]``. Derived from
+        the inverted file when not given.
+    doc_cells : numpy.ndarray
+        ``(nnz,)`` ``codec.code_dtype`` sorted distinct centroids of every document.
+        The centroid stages of search read these instead of the tokens' codes: a
+        document's centroid-interaction score depends only on its set of centroids.
+    check : bool
+        Check the arrays' contents (ranges, order). False checks only shapes and
+        dtypes: for arrays read back from files whose sha256 the manifest vouches
+        for, so that memory-mapped arrays are not read whole at load.
     """
 
     codec: ResidualCodec
@@ -434,10 +454,16 @@ class CentroidIndex:
     residuals: np.ndarray
     ivf_offsets: np.ndarray
     ivf_docs: np.ndarray
+    doc_cell_offsets: "np.ndarray | None" = None
+    doc_cells: "np.ndarray | None" = None
+    check: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check: bool) -> None:
         if not isinstance(self.codec, ResidualCodec):
             raise ValueError(f"codec must be a ResidualCodec, got {type(self.codec).__name__}")
+        if not check:
+            self._adopt_trusted()
+            return
         codes = _check_codes(self.codes, self.codec)
         doc_offsets = _check_offsets(self.doc_offsets, len(codes), "doc_offsets")
         if len(doc_offsets) - 1 > _MAX_DOCS:
@@ -459,6 +485,54 @@ class CentroidIndex:
         }
         for name, array in checked.items():
             object.__setattr__(self, name, _frozen(array))
+        self._set_doc_cells(check=True)
+        object.__setattr__(self, "_centroid_cache", {})
+
+    def _adopt_trusted(self) -> None:
+        """Store the arrays as given after shape and dtype checks only (no scan)."""
+        n_docs = len(self.doc_offsets) - 1
+        rb = self.codec.residual_bytes
+        problems = [
+            (self.doc_offsets.ndim == 1 and n_docs >= 0, "doc_offsets must be 1-D"),
+            (self.codes.ndim == 1 and self.codes.dtype == self.codec.code_dtype,
+             f"codes must be 1-D {self.codec.code_dtype}"),
+            (self.residuals.dtype == np.uint8 and self.residuals.shape == (len(self.codes), rb),
+             f"residuals must be uint8 of shape ({len(self.codes)}, {rb})"),
+            (len(self.ivf_offsets) == self.codec.n_centroids + 1,
+             f"ivf_offsets must have {self.codec.n_centroids + 1} entries"),
+            (self.ivf_docs.ndim == 1 and self.ivf_docs.dtype == np.int32, "ivf_docs must be 1-D int32"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise ValueError(message)
+        if int(self.doc_offsets[-1]) != len(self.codes) or int(self.ivf_offsets[-1]) != len(self.ivf_docs):
+            raise ValueError("doc_offsets / ivf_offsets do not end at the number of codes / entries")
+        for name in ARRAY_KEYS:
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+        self._set_doc_cells(check=False)
+        object.__setattr__(self, "_centroid_cache", {})
+
+    def _set_doc_cells(self, check: bool) -> None:
+        """Adopt the given ``doc_cells`` arrays (shape-checked) or derive them."""
+        n_docs = len(self.doc_offsets) - 1
+        offsets, cells = self.doc_cell_offsets, self.doc_cells
+        if offsets is None or cells is None:
+            offsets, cells = _transpose_ivf(self.ivf_offsets, self.ivf_docs, n_docs, self.codec.code_dtype)
+        else:
+            offsets, cells = np.asarray(offsets), np.asarray(cells)
+            if (offsets.shape != (n_docs + 1,) or cells.shape != self.ivf_docs.shape
+                    or cells.dtype != self.codec.code_dtype or not np.issubdtype(offsets.dtype, np.integer)
+                    or int(offsets[-1]) != len(cells)):
+                raise ValueError(
+                    f"doc_cell_offsets / doc_cells must have shapes ({n_docs + 1},) / "
+                    f"{self.ivf_docs.shape} and doc_cells dtype {self.codec.code_dtype}"
+                )
+            if check:
+                expected = _transpose_ivf(self.ivf_offsets, self.ivf_docs, n_docs, self.codec.code_dtype)
+                if not (np.array_equal(offsets, expected[0]) and np.array_equal(cells, expected[1])):
+                    raise ValueError("doc_cell_offsets / doc_cells do not match the inverted file")
+        object.__setattr__(self, "doc_cell_offsets", _frozen(offsets))
+        object.__setattr__(self, "doc_cells", _frozen(cells))
 
     # -- construction -------------------------------------------------------
 
@@ -623,15 +697,29 @@ class CentroidIndex:
         return index
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The index arrays, keyed by :data:`ARRAY_KEYS`, for ``.npy`` storage.
+        """The index arrays, keyed by :data:`ARRAY_KEYS` and :data:`DERIVED_KEYS`,
+        for ``.npy`` storage.
 
         The codec is stored separately (:meth:`ResidualCodec.to_bytes`).
         """
-        return {key: getattr(self, key) for key in ARRAY_KEYS}
+        return {key: getattr(self, key) for key in ARRAY_KEYS + DERIVED_KEYS}
 
     @classmethod
-    def from_arrays(cls, codec: ResidualCodec, arrays: dict[str, np.ndarray]) -> "CentroidIndex":
-        """Inverse of :meth:`to_arrays`; checks every array.
+    def from_arrays(
+        cls, codec: ResidualCodec, arrays: dict[str, np.ndarray], *, check: bool = True
+    ) -> "CentroidIndex":
+        """Inverse of :meth:`to_arrays`.
+
+        Parameters
+        ----------
+        codec : ResidualCodec
+        arrays : dict
+            The :data:`ARRAY_KEYS` arrays, and optionally the :data:`DERIVED_KEYS`
+            ones (derived when absent). Arrays may be memory-mapped (``np.load(...,
+            mmap_mode="r")``); they are used as they are, not copied.
+        check : bool
+            Check every array's contents (default). False checks shapes and dtypes
+            only, for files verified against their manifest's sha256.
 
         Raises
         ------
@@ -639,13 +727,14 @@ class CentroidIndex:
             On missing or unknown keys, or inconsistent arrays.
         """
         missing = set(ARRAY_KEYS) - set(arrays)
-        unknown = set(arrays) - set(ARRAY_KEYS)
+        unknown = set(arrays) - set(ARRAY_KEYS + DERIVED_KEYS)
         if missing or unknown:
             raise ValueError(
-                f"index arrays must have keys {list(ARRAY_KEYS)}; missing "
-                f"{sorted(missing)}, unknown {sorted(unknown)}"
+                f"index arrays must have keys {list(ARRAY_KEYS)} (and optionally "
+                f"{list(DERIVED_KEYS)}); missing {sorted(missing)}, unknown {sorted(unknown)}"
             )
-        return cls(codec, **{key: arrays[key] for key in ARRAY_KEYS})
+        given = {key: arrays[key] for key in ARRAY_KEYS + DERIVED_KEYS if key in arrays}
+        return cls(codec, **given, check=check)
 
     # -- sizes ---------------------------------------------------------------
 
@@ -666,7 +755,7 @@ class CentroidIndex:
 
     def nbytes(self) -> int:
         """Total bytes of the index arrays (the codec not included)."""
-        return int(sum(getattr(self, key).nbytes for key in ARRAY_KEYS))
+        return int(sum(getattr(self, key).nbytes for key in ARRAY_KEYS + DERIVED_KEYS))
 
     def __repr__(self) -> str:
         return (
@@ -683,6 +772,7 @@ class CentroidIndex:
         params: SearchParams | None = None,
         *,
         allowed: np.ndarray | None = None,
+        threads: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """PLAID search: candidate generation, two centroid stages, exact MaxSim.
 
@@ -698,6 +788,10 @@ class CentroidIndex:
             None fields take :func:`plaid_defaults` for ``k``.
         allowed : numpy.ndarray, optional
             ``(m,)`` integer document positions; only these can be returned.
+        threads : int, optional
+            CPU threads for this call: the BLAS threads of the centroid scoring,
+            and as many queries of a batch searched at once. None leaves the
+            process's BLAS setting as it is and searches one query at a time.
 
         Returns
         -------
@@ -709,13 +803,27 @@ class CentroidIndex:
             no tokens are never returned. Equal scores rank the lower position first.
         """
         k = _check_k(k)
+        threads = _check_threads(threads)
         params = (params or SearchParams()).resolved(k)
         dim = self._prefix_dim(params.dim)
         queries = _prepare_queries(Q, self.codec.dim, dim)
         mask = self._allowed_mask(allowed)
-        centroids = _prefix(self.codec.centroids, dim)
         n_searchable = len(self._searchable_docs(mask))
-        results = [self._search_one(q, centroids, params, k, dim, mask, n_searchable) for q in queries]
+        centroids = self._centroids(dim)
+        nq, lq = queries.shape[:2]
+        results: list[tuple[np.ndarray, np.ndarray]] = []
+        with _thread_limit(threads), _query_pool(threads, nq) as pool:
+            # Centroid scores for a block of queries in one matrix product (BLAS
+            # is most efficient on many rows); the later stages go query by query.
+            block = max(1, _SCORE_BUDGET // max(1, lq * len(centroids)))
+            for begin in range(0, nq, block):
+                part = queries[begin : begin + block]
+                scores = (part.reshape(-1, dim) @ centroids.T).reshape(len(part), lq, -1)
+                args = [(q, s, params, k, dim, mask, n_searchable) for q, s in zip(part, scores)]
+                if pool is None:
+                    results += [self._search_one(*a) for a in args]
+                else:
+                    results += list(pool.map(lambda a: self._search_one(*a), args))
         return _stack_padded(results, k)
 
     def exact_maxsim(
@@ -795,10 +903,18 @@ class CentroidIndex:
         tokens = self._token_ids(docs)
         return self.codec.decompress(self.codes[tokens], self.residuals[tokens], dim=dim)
 
+    def _centroids(self, dim: int) -> np.ndarray:
+        """``(n_centroids, dim)`` float32 centroids of the prefix ``dim`` (cached)."""
+        cached = self._centroid_cache.get(dim)
+        if cached is None:
+            cached = _frozen(_prefix(self.codec.centroids, dim))
+            self._centroid_cache[dim] = cached
+        return cached
+
     def _search_one(
         self,
         q: np.ndarray,
-        centroids: np.ndarray,
+        centroid_scores: np.ndarray,
         params: SearchParams,
         k: int,
         dim: int,
@@ -807,14 +923,16 @@ class CentroidIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` (scores, positions) of one ``(Lq, dim)`` query.
 
+        ``centroid_scores`` is ``(Lq, n_centroids)`` ``q @ centroids.T``;
         ``n_searchable`` counts the allowed documents with tokens.
         """
-        q = q[np.any(q != 0, axis=1)]
+        live = np.any(q != 0, axis=1)
+        if not live.all():
+            q, centroid_scores = q[live], centroid_scores[live]
         if len(q) == 0:
             # Every document scores 0 against an all-padding query.
             docs = self._searchable_docs(mask)[:k]
             return np.zeros(len(docs), dtype=np.float32), docs
-        centroid_scores = q @ centroids.T  # (Lq, n_centroids)
         ncells = params.ncells
         docs = self._candidates(centroid_scores, ncells, mask)
         # The exact stage scores max(k, ndocs // 4) documents. A filter (or a small index)
@@ -835,6 +953,7 @@ class CentroidIndex:
             "plaid query: %d candidates, %d after centroid stages, %d/%d centroids kept",
             n_candidates, len(docs), int(kept.sum()), len(kept),
         )
+        # Only these final candidates are decompressed.
         scores = _segment_maxsum(q @ self._decompress(docs, dim).T, self.doc_lengths[docs])
         return _top_k(scores, docs, k)
 
@@ -846,12 +965,15 @@ class CentroidIndex:
         if ncells >= n_centroids:
             cells = np.arange(n_centroids)
         else:
-            best = np.argpartition(-centroid_scores, ncells - 1, axis=1)[:, :ncells]
-            cells = np.unique(best)
+            cells = np.unique(_best_cells(centroid_scores, ncells))
         starts = self.ivf_offsets[cells]
-        docs = np.unique(self.ivf_docs[_ranges(starts, self.ivf_offsets[cells + 1] - starts)])
-        docs = docs.astype(np.int64)
-        return docs if mask is None else docs[mask[docs]]
+        entries = self.ivf_docs[_ranges(starts, self.ivf_offsets[cells + 1] - starts)]
+        # A mark per document instead of a sort of the (overlapping) lists.
+        hit = np.zeros(self.n_docs, dtype=bool)
+        hit[entries] = True
+        if mask is not None:
+            hit &= mask
+        return np.flatnonzero(hit)
 
     def _centroid_filter(
         self,
@@ -864,36 +986,127 @@ class CentroidIndex:
         if len(docs) <= n_keep:
             return docs
         budget = max(1, _SCORE_BUDGET // centroid_scores.shape[0])
-        lengths = self.doc_lengths[docs]
+        starts = self.doc_cell_offsets[docs]
+        lengths = self.doc_cell_offsets[docs + 1] - starts
         scores = np.concatenate([
-            self._centroid_interaction(docs[chunk], lengths[chunk], centroid_scores, kept)
+            self._centroid_interaction(starts[chunk], lengths[chunk], centroid_scores, kept)
             for chunk in _doc_chunks(lengths, budget)
         ])
         return _top_k(scores, docs, n_keep)[1]
 
     def _centroid_interaction(
         self,
-        docs: np.ndarray,
+        starts: np.ndarray,
         lengths: np.ndarray,
         centroid_scores: np.ndarray,
         kept: np.ndarray | None,
     ) -> np.ndarray:
-        """``(len(docs),)`` float32 MaxSim with each token replaced by its centroid.
+        """MaxSim with every token replaced by its centroid, over documents' distinct cells.
 
-        With ``kept`` (``(n_centroids,)`` bool) tokens on other centroids are
-        ignored; a document left with no token scores ``-inf`` (ranked last).
+        Parameters
+        ----------
+        starts, lengths : numpy.ndarray
+            ``(n,)`` where each document's cells start in :attr:`doc_cells`, and how
+            many there are.
+        centroid_scores : numpy.ndarray
+            ``(Lq, n_centroids)`` float32.
+        kept : numpy.ndarray, optional
+            ``(n_centroids,)`` bool: only these cells count (centroid pruning); a
+            document left with none scores ``-inf`` (ranked last).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n,)`` float32. Equal to the score over the documents' tokens: a
+            token's score is its centroid's, so repeated centroids add nothing.
         """
-        codes = self.codes[self._token_ids(docs)]
+        cells = self.doc_cells[_ranges(starts, lengths)]
         if kept is None:
-            return _segment_maxsum(np.take(centroid_scores, codes, axis=1), lengths)
-        token_kept = kept[codes]
-        kept_lengths = np.add.reduceat(token_kept.astype(np.int64), _segment_starts(lengths))
-        scores = np.full(len(docs), -np.inf, dtype=np.float32)
-        has_tokens = kept_lengths > 0
-        if has_tokens.any():
-            token_scores = np.take(centroid_scores, codes[token_kept], axis=1)
-            scores[has_tokens] = _segment_maxsum(token_scores, kept_lengths[has_tokens])
+            cell_kept = np.ones(len(cells), dtype=bool)
+        else:
+            cell_kept = kept[cells]
+            cells = cells[cell_kept]
+        kept_lengths = np.zeros(len(lengths), dtype=np.int64)
+        nonempty = lengths > 0
+        if nonempty.any():
+            kept_lengths[nonempty] = np.add.reduceat(
+                cell_kept, _segment_starts(lengths[nonempty]), dtype=np.int64
+            )
+        scores = np.full(len(lengths), -np.inf, dtype=np.float32)
+        has_cells = kept_lengths > 0
+        if has_cells.any():
+            token_scores = np.take(centroid_scores, cells, axis=1)
+            scores[has_cells] = _segment_maxsum(token_scores, kept_lengths[has_cells])
         return scores
+
+
+def _transpose_ivf(
+    ivf_offsets: np.ndarray, ivf_docs: np.ndarray, n_docs: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every document's sorted distinct centroids from the inverted lists.
+
+    Returns
+    -------
+    doc_cell_offsets : numpy.ndarray
+        ``(n_docs + 1,)`` int64.
+    doc_cells : numpy.ndarray
+        ``(nnz,)`` ``dtype``.
+    """
+    n_centroids = len(ivf_offsets) - 1
+    cells = np.repeat(np.arange(n_centroids, dtype=dtype), np.diff(ivf_offsets))
+    # A stable sort by document keeps each document's cells in increasing order.
+    order = np.argsort(ivf_docs, kind="stable")
+    counts = np.bincount(ivf_docs, minlength=n_docs) if len(ivf_docs) else np.zeros(n_docs, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return offsets, cells[order]
+
+
+def _best_cells(centroid_scores: np.ndarray, ncells: int) -> np.ndarray:
+    """``(Lq, ncells)`` the best centroids of every query token (any order within a row).
+
+    A full partition of every row costs ``Lq * n_centroids``. A row's best cells
+    score at least its ``ncells``-th best score among any subset of columns, so
+    only columns whose maximum over the query tokens reaches the lowest such bound
+    can hold them: partition those columns only (exact, and far fewer).
+    """
+    n_centroids = centroid_scores.shape[1]
+    column_max = centroid_scores.max(axis=0)
+    probe = min(n_centroids, max(4 * ncells, 64))
+    top_columns = np.argpartition(column_max, n_centroids - probe)[n_centroids - probe :]
+    sub = centroid_scores[:, top_columns]
+    bound = np.partition(sub, probe - ncells, axis=1)[:, probe - ncells].min()
+    columns = np.flatnonzero(column_max >= bound)
+    sub = centroid_scores[:, columns]
+    best = np.argpartition(sub, len(columns) - ncells, axis=1)[:, len(columns) - ncells :]
+    return columns[best]
+
+
+def _check_threads(threads: int | None) -> int | None:
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+    return int(threads)
+
+
+@contextlib.contextmanager
+def _thread_limit(threads: int | None) -> Iterator[None]:
+    """Limit the BLAS thread pool to ``threads`` for the duration (None: as it is)."""
+    if threads is None:
+        yield
+        return
+    with threadpool_limits(limits=threads, user_api="blas"):
+        yield
+
+
+@contextlib.contextmanager
+def _query_pool(threads: int | None, nq: int) -> Iterator["ThreadPoolExecutor | None"]:
+    """A pool searching ``threads`` queries at once (numpy releases the GIL), or None."""
+    if threads is None or threads < 2 or nq < 2:
+        yield None
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, nq), thread_name_prefix="plaid") as pool:
+        yield pool
 
 
 def _merge_ivfs(

@@ -384,12 +384,50 @@ def _read_codec(set_dir: Location, set_manifest: dict) -> ResidualCodec:
 
 
 def _plaid_arrays(vdir: Location, manifest: dict) -> dict[str, np.ndarray]:
-    """``{key: array}`` from the ``plaid/<key>.npy`` files (no pickle)."""
+    """``{key: array}`` from the ``plaid/<key>.npy`` files (no pickle), memory-mapped.
+
+    Every file is checked against its manifest sha256 (streamed, not held in
+    memory). A local file is mapped where it lies; a remote one is copied once to
+    ``$TESSERA_CACHE_DIR/indexes/<sha256>.npy`` and mapped from there, so that
+    opening the index again reads nothing from the store but the hashes' inputs.
+    """
     arrays = {}
     for entry in _entries(manifest, PLAID):
         key = posixpath.basename(entry["path"]).removesuffix(".npy")
-        arrays[key] = np.load(io.BytesIO(_read_checked(vdir, entry)), allow_pickle=False)
+        arrays[key] = np.load(_local_npy(vdir, entry), mmap_mode="r", allow_pickle=False)
     return arrays
+
+
+def _local_npy(base: Location, entry: dict) -> str:
+    """A local path holding the bytes of ``entry``, checked against its sha256."""
+    loc = _file_loc(base, entry["path"])
+    expected = entry.get("sha256")
+    if not expected:
+        raise ValueError(f"{loc.url}: the manifest records no sha256 for this index file")
+    if not loc.is_remote:
+        if loc.sha256() != expected:
+            raise ValueError(f"{loc.url}: sha256 does not match the manifest (corrupt or replaced file)")
+        return loc.path
+    cached = cache_root() / "indexes" / f"{expected}.npy"
+    if cached.exists():
+        if Location(str(cached)).sha256() == expected:
+            return str(cached)
+        logger.warning("cached copy of %s is corrupt; downloading it again", loc.url)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.partial")
+    try:
+        digest = hashlib.sha256()
+        with loc.open("rb") as src, open(tmp, "wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 22), b""):
+                digest.update(chunk)
+                dst.write(chunk)
+        if digest.hexdigest() != expected:
+            raise ValueError(f"{loc.url}: sha256 does not match the manifest (corrupt or replaced file)")
+        os.replace(tmp, cached)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("cached %s locally as %s", loc.url, cached)
+    return str(cached)
 
 
 # ---- the two index families -----------------------------------------------------------
@@ -426,6 +464,7 @@ class _PlaidBackend:
 
     def __init__(self, index: CentroidIndex, dim: int) -> None:
         self.index, self.dim = index, dim
+        self.threads: "int | None" = None
 
     def encode(self, encoder: Encoder, texts: list[str]) -> np.ndarray:
         """``(n, query_maxlen, colbert_dim)`` float32 query matrices."""
@@ -434,7 +473,7 @@ class _PlaidBackend:
     def search(self, q: np.ndarray, k: int, allowed: "np.ndarray | None",
                overrides: "dict | None") -> tuple[np.ndarray, np.ndarray]:
         params = SearchParams(dim=self.dim, **_check_overrides(overrides, PLAID_OVERRIDES, PLAID))
-        return self.index.search(q, k, params, allowed=allowed)
+        return self.index.search(q, k, params, allowed=allowed, threads=self.threads)
 
 
 def _check_count(vdir: Location, what: str, got: int, n_docs: int) -> None:
@@ -449,7 +488,9 @@ def _load_backend(manifest: dict, vdir: Location, labels: pa.StringArray, set_ma
     n_docs = len(labels) - labels.null_count
     if kind == PLAID:
         codec = _read_codec(set_dir, set_manifest)
-        index = CentroidIndex.from_arrays(codec, _plaid_arrays(vdir, manifest))
+        # The files passed their manifest sha256: only shapes are checked, so the
+        # memory-mapped arrays are not read whole at load.
+        index = CentroidIndex.from_arrays(codec, _plaid_arrays(vdir, manifest), check=False)
         _check_count(vdir, "the plaid index (labels)", index.n_docs, len(labels))
         return _PlaidBackend(index, dim), codec.nbits
     params = dense.DenseIndexParams.from_dict(manifest["params"])
@@ -506,7 +547,8 @@ class Searcher:
 
     @classmethod
     def open(cls, root: "str | Location", index: str, *, version: "str | None" = None,
-             query_encoder: "str | None" = None, device: str = "cpu") -> "Searcher":
+             query_encoder: "str | None" = None, device: str = "cpu",
+             threads: "int | None" = None) -> "Searcher":
         """Load an index version, its id map, and a query encoder compatible with it.
 
         Parameters
@@ -518,6 +560,9 @@ class Searcher:
             version ``NAME``, ``NAME@vN`` or ``NAME:vN`` (see the module docstring);
             default the model the set was embedded with (``model.path`` in the set manifest).
         device : torch device of the query encoder.
+        threads : CPU threads a plaid search may use (BLAS threads of the centroid
+            scoring, queries of a batch searched at once); None leaves the process's
+            settings alone. Dense kinds ignore it.
 
         Raises
         ------
@@ -535,6 +580,11 @@ class Searcher:
         vdir = art.version_dir(manifest["version"])
         ids = read_ids(vdir, manifest)
         backend, nbits = _load_backend(manifest, vdir, ids, set_manifest, set_dir)
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+            if isinstance(backend, _PlaidBackend):
+                backend.threads = threads
         lm = load_model(choice.path, choice.settings, device=device)
         assert lm.fingerprint == choice.fingerprint, "model changed while loading"
         logger.info("opened index %s %s (%s, dim %d, %d documents) of set %s %s", index, manifest["version"],

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a query-encoder folder or registered version (must match the set)")
     se.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="search parameter: nprobe, ef_search, rescore, ncells, centroid_score_threshold, ndocs")
+    se.add_argument("--threads", type=int, default=None,
+                    help="CPU threads of a plaid search (default: the process's BLAS setting)")
     _root_arg(se)
     _json_arg(se)
 
@@ -289,7 +291,8 @@ def _params(pairs: list[str]) -> dict:
 def cmd_search(args: argparse.Namespace) -> int:
     from indexing.searcher import Searcher
 
-    searcher = Searcher.open(_root_str(args), args.index, version=args.version, query_encoder=args.query_encoder)
+    searcher = Searcher.open(_root_str(args), args.index, version=args.version, query_encoder=args.query_encoder,
+                             threads=args.threads)
     results = searcher.search(args.query, args.k, lang=args.lang, where=args.where, params=_params(args.param) or None)
     if args.json:
         _print_json([{"query": q, "results": [{"id": d, "score": s} for d, s in hits]}
