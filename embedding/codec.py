@@ -595,14 +595,39 @@ class ResidualCodec:
         """
         d = self._check_prefix_dim(dim)
         codes, residuals = self._check_encoded(codes, residuals)
-        # Only the bytes covering the first d dimensions need unpacking.
-        n_bytes = math.ceil(d * self.nbits / 8)
-        table = self._byte_weights
         out = np.empty((len(codes), d), dtype=np.float32)
         for rows in _row_batches(len(codes), _ROW_BATCH):
-            values = table[residuals[rows, :n_bytes]].reshape(-1, n_bytes * table.shape[1])
-            out[rows] = self.centroids[codes[rows], :d] + values[:, :d]
+            out[rows] = self.residual_vectors(residuals[rows], d)
+            out[rows] += np.take(self.centroids[:, :d], codes[rows], axis=0)
         return _l2_normalize(out) if normalize else out
+
+    def residual_vectors(self, residuals: np.ndarray, dim: int | None = None) -> np.ndarray:
+        """Decoded residuals, without their centroids and without normalising.
+
+        Parameters
+        ----------
+        residuals : numpy.ndarray
+            ``(n, residual_bytes)`` uint8 as returned by :meth:`compress`.
+        dim : int, optional
+            Keep the first ``dim`` dimensions; default all.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n, dim)`` float32 ``bucket_weights[buckets]``.
+
+        Notes
+        -----
+        One decoded row per stored byte, gathered with ``np.take`` (about 10x faster
+        than fancy indexing for these small rows); only the bytes covering the
+        first ``dim`` dimensions are read.
+        """
+        d = self._check_prefix_dim(dim)
+        residuals = np.asarray(residuals)
+        n_bytes = math.ceil(d * self.nbits / 8)
+        table = self._byte_weights
+        values = np.take(table, residuals[:, :n_bytes], axis=0).reshape(len(residuals), -1)
+        return values if values.shape[1] == d else np.ascontiguousarray(values[:, :d])
 
     def _check_prefix_dim(self, dim: int | None) -> int:
         if dim is None:
