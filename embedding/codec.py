@@ -626,7 +626,8 @@ class ResidualCodec:
         residuals = np.asarray(residuals)
         n_bytes = math.ceil(d * self.nbits / 8)
         table = self._byte_weights
-        values = np.take(table, residuals[:, :n_bytes], axis=0).reshape(len(residuals), -1)
+        values = np.take(table, residuals[:, :n_bytes], axis=0)
+        values = values.reshape(len(residuals), n_bytes * table.shape[1])
         return values if values.shape[1] == d else np.ascontiguousarray(values[:, :d])
 
     def _check_prefix_dim(self, dim: int | None) -> int:

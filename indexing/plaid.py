@@ -41,11 +41,11 @@ from embedding.codec import ResidualCodec
 logger = logging.getLogger(__name__)
 
 ARRAY_KEYS = ("doc_offsets", "codes", "residuals", "ivf_offsets", "ivf_docs")
-#: Arrays derived from the inverted file and stored beside it, so that a loaded
-#: index is memory-mapped and never rebuilt: every document's sorted distinct
-#: centroids (the inverted file transposed). Older index files lack them; they are
-#: then computed at load.
-DERIVED_KEYS = ("doc_cell_offsets", "doc_cells")
+#: Arrays derived from the others and stored beside them, so that a loaded index
+#: is memory-mapped and never rebuilt: every document's sorted distinct centroids
+#: (the inverted file transposed) and every token's inverse reconstruction norm.
+#: Older index files lack them; they are then computed at load.
+DERIVED_KEYS = ("doc_cell_offsets", "doc_cells", "token_inv_norms")
 # Tokens decompressed at once by the brute-force scorer, and float32 entries of
 # one (tokens, query vectors) score block (64 MiB).
 _TOKEN_BATCH = 1 << 16
@@ -442,6 +442,10 @@ class CentroidIndex:
         ``(nnz,)`` ``codec.code_dtype`` sorted distinct centroids of every document.
         The centroid stages of search read these instead of the tokens' codes: a
         document's centroid-interaction score depends only on its set of centroids.
+    token_inv_norms : numpy.ndarray
+        ``(n_tokens,)`` float32 ``1 / ||centroid + residual||`` of every token, so
+        that the exact stage scores ``(q . centroid + q . residual) / norm`` from the
+        centroid scores it already has, without rebuilding the vectors.
     check : bool
         Check the arrays' contents (ranges, order). False checks only shapes and
         dtypes: for arrays read back from files whose sha256 the manifest vouches
@@ -456,6 +460,7 @@ class CentroidIndex:
     ivf_docs: np.ndarray
     doc_cell_offsets: "np.ndarray | None" = None
     doc_cells: "np.ndarray | None" = None
+    token_inv_norms: "np.ndarray | None" = None
     check: InitVar[bool] = True
 
     def __post_init__(self, check: bool) -> None:
@@ -486,6 +491,7 @@ class CentroidIndex:
         for name, array in checked.items():
             object.__setattr__(self, name, _frozen(array))
         self._set_doc_cells(check=True)
+        self._set_inv_norms(check=True)
         object.__setattr__(self, "_centroid_cache", {})
 
     def _adopt_trusted(self) -> None:
@@ -510,6 +516,7 @@ class CentroidIndex:
         for name in ARRAY_KEYS:
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         self._set_doc_cells(check=False)
+        self._set_inv_norms(check=False)
         object.__setattr__(self, "_centroid_cache", {})
 
     def _set_doc_cells(self, check: bool) -> None:
@@ -533,6 +540,21 @@ class CentroidIndex:
                     raise ValueError("doc_cell_offsets / doc_cells do not match the inverted file")
         object.__setattr__(self, "doc_cell_offsets", _frozen(offsets))
         object.__setattr__(self, "doc_cells", _frozen(cells))
+
+    def _set_inv_norms(self, check: bool) -> None:
+        """Adopt the given ``token_inv_norms`` (shape-checked) or compute them."""
+        given = self.token_inv_norms
+        if given is None:
+            norms = _inv_norms(self.codec, self.codes, self.residuals)
+        else:
+            norms = np.asarray(given)
+            if norms.shape != (self.n_tokens,) or norms.dtype != np.float32:
+                raise ValueError(f"token_inv_norms must be float32 of shape ({self.n_tokens},), "
+                                 f"got {norms.dtype} {norms.shape}")
+            if check and not np.allclose(norms, _inv_norms(self.codec, self.codes, self.residuals),
+                                         rtol=1e-5, atol=0):
+                raise ValueError("token_inv_norms do not match the codes and residuals")
+        object.__setattr__(self, "token_inv_norms", _frozen(norms))
 
     # -- construction -------------------------------------------------------
 
@@ -632,7 +654,8 @@ class CentroidIndex:
             [np.empty((0, codec.residual_bytes), np.uint8)] + [p.residuals for p in parts]
         )
         ivf_offsets, ivf_docs = _merge_ivfs(parts, doc_shift, codec.n_centroids)
-        return cls(codec, offsets, codes, residuals, ivf_offsets, ivf_docs)
+        norms = np.concatenate([np.empty(0, np.float32)] + [p.token_inv_norms for p in parts])
+        return cls(codec, offsets, codes, residuals, ivf_offsets, ivf_docs, token_inv_norms=norms)
 
     def append(self, codes: list[np.ndarray], residuals: list[np.ndarray]) -> "CentroidIndex":
         """New index with more documents on the same centroids.
@@ -688,6 +711,7 @@ class CentroidIndex:
         index = CentroidIndex(
             self.codec, offsets, self.codes[kept_tokens], self.residuals[kept_tokens],
             kept_before[self.ivf_offsets], self.ivf_docs[kept_entries],
+            token_inv_norms=self.token_inv_norms[kept_tokens],
         )
         logger.info(
             "removed %d documents (%d tokens) from a centroid index of %d documents",
@@ -953,9 +977,27 @@ class CentroidIndex:
             "plaid query: %d candidates, %d after centroid stages, %d/%d centroids kept",
             n_candidates, len(docs), int(kept.sum()), len(kept),
         )
-        # Only these final candidates are decompressed.
-        scores = _segment_maxsum(q @ self._decompress(docs, dim).T, self.doc_lengths[docs])
-        return _top_k(scores, docs, k)
+        return _top_k(self._exact_scores(q, centroid_scores, docs, dim), docs, k)
+
+    def _exact_scores(
+        self, q: np.ndarray, centroid_scores: np.ndarray, docs: np.ndarray, dim: int
+    ) -> np.ndarray:
+        """``(len(docs),)`` float32 MaxSim of ``q`` against the decompressed ``docs``.
+
+        At the full dimension a token's score is ``(q . c + q . r) / ||c + r||``:
+        ``q . c`` is a column of ``centroid_scores`` (unit centroids), ``q . r`` one
+        product with the decoded residuals, and the inverse norm is stored, so no
+        vector is rebuilt or normalised. A Matryoshka prefix re-normalises the
+        prefix, and decompresses.
+        """
+        lengths = self.doc_lengths[docs]
+        if dim != self.codec.dim:
+            return _segment_maxsum(q @ self._decompress(docs, dim).T, lengths)
+        tokens = self._token_ids(docs)
+        token_scores = q @ self.codec.residual_vectors(self.residuals[tokens]).T
+        token_scores += np.take(centroid_scores, self.codes[tokens], axis=1)
+        token_scores *= self.token_inv_norms[tokens]
+        return _segment_maxsum(token_scores, lengths)
 
     def _candidates(
         self, centroid_scores: np.ndarray, ncells: int, mask: np.ndarray | None
@@ -1059,6 +1101,17 @@ def _transpose_ivf(
     counts = np.bincount(ivf_docs, minlength=n_docs) if len(ivf_docs) else np.zeros(n_docs, np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return offsets, cells[order]
+
+
+def _inv_norms(codec: ResidualCodec, codes: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    """``(n,)`` float32 inverse norms of the reconstructed tokens (0 for a zero vector)."""
+    out = np.empty(len(codes), dtype=np.float32)
+    for begin in range(0, len(codes), _TOKEN_BATCH):
+        rows = slice(begin, begin + _TOKEN_BATCH)
+        vectors = codec.decompress(codes[rows], residuals[rows], normalize=False)
+        norms = np.linalg.norm(vectors, axis=1)
+        out[rows] = np.where(norms > 0, 1.0 / np.maximum(norms, np.finfo(np.float32).tiny), 0.0)
+    return out
 
 
 def _best_cells(centroid_scores: np.ndarray, ncells: int) -> np.ndarray:
