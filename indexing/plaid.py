@@ -526,7 +526,7 @@ class CentroidIndex:
         if offsets is None or cells is None:
             offsets, cells = _transpose_ivf(self.ivf_offsets, self.ivf_docs, n_docs, self.codec.code_dtype)
         else:
-            offsets, cells = np.asarray(offsets), np.asarray(cells)
+            offsets, cells = np.asanyarray(offsets), np.asanyarray(cells)
             if (offsets.shape != (n_docs + 1,) or cells.shape != self.ivf_docs.shape
                     or cells.dtype != self.codec.code_dtype or not np.issubdtype(offsets.dtype, np.integer)
                     or int(offsets[-1]) != len(cells)):
@@ -547,7 +547,7 @@ class CentroidIndex:
         if given is None:
             norms = _inv_norms(self.codec, self.codes, self.residuals)
         else:
-            norms = np.asarray(given)
+            norms = np.asanyarray(given)
             if norms.shape != (self.n_tokens,) or norms.dtype != np.float32:
                 raise ValueError(f"token_inv_norms must be float32 of shape ({self.n_tokens},), "
                                  f"got {norms.dtype} {norms.shape}")

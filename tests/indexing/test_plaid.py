@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 from embedding.codec import ResidualCodec
 from indexing.plaid import (
     ARRAY_KEYS,
+    DERIVED_KEYS,
     CentroidIndex,
     SearchParams,
     maxsim,
     plaid_defaults,
+    _best_cells,
     _build_ivf,
 )
 
@@ -94,7 +96,7 @@ def _assert_same_results(a, b):
 
 
 def _assert_same_index(a: CentroidIndex, b: CentroidIndex):
-    for key in ARRAY_KEYS:
+    for key in ARRAY_KEYS + DERIVED_KEYS:
         x, y = getattr(a, key), getattr(b, key)
         assert x.dtype == y.dtype, key
         np.testing.assert_array_equal(x, y, err_msg=key)
@@ -504,3 +506,74 @@ def test_a_filter_widens_the_probe_to_the_exact_stage_size(index, corpus, monkey
     _, ref_ids = index.exact_maxsim(queries, 5, allowed=allowed)
     agreement = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids.tolist(), ref_ids.tolist())])
     assert agreement >= 0.9, agreement
+
+
+# -- derived arrays, trusted loading, threads -------------------------------------------
+
+
+def test_derived_arrays_match_their_definitions(index):
+    for doc in range(0, index.n_docs, 7):
+        tokens = index.codes[index.doc_offsets[doc] : index.doc_offsets[doc + 1]]
+        cells = index.doc_cells[index.doc_cell_offsets[doc] : index.doc_cell_offsets[doc + 1]]
+        assert cells.tolist() == sorted(set(tokens.tolist()))
+    vectors = index.codec.decompress(index.codes, index.residuals, normalize=False)
+    np.testing.assert_allclose(index.token_inv_norms, 1 / np.linalg.norm(vectors, axis=1), rtol=1e-6)
+
+
+def test_arrays_without_derived_keys_load_to_the_same_index(index, corpus):
+    primary = {key: np.array(index.to_arrays()[key]) for key in ARRAY_KEYS}
+    loaded = CentroidIndex.from_arrays(index.codec, primary)
+    for key in ARRAY_KEYS + DERIVED_KEYS:
+        np.testing.assert_array_equal(getattr(loaded, key), getattr(index, key))
+    queries = corpus["queries"][:4]
+    _assert_same_results(loaded.search(queries, 10), index.search(queries, 10))
+
+
+def test_trusted_load_checks_shapes_and_checked_load_checks_contents(index):
+    arrays = {key: np.array(value) for key, value in index.to_arrays().items()}
+    trusted = CentroidIndex.from_arrays(index.codec, arrays, check=False)
+    assert trusted.n_tokens == index.n_tokens
+    with pytest.raises(ValueError, match="token_inv_norms"):
+        CentroidIndex.from_arrays(index.codec, dict(arrays, token_inv_norms=arrays["token_inv_norms"][:-1]),
+                                  check=False)
+    with pytest.raises(ValueError, match="residuals"):
+        CentroidIndex.from_arrays(index.codec, dict(arrays, residuals=arrays["residuals"][:, :-1]), check=False)
+    shuffled = arrays["doc_cells"].copy()
+    shuffled[:2] = shuffled[1::-1]
+    with pytest.raises(ValueError, match="do not match the inverted file"):
+        CentroidIndex.from_arrays(index.codec, dict(arrays, doc_cells=shuffled))
+    with pytest.raises(ValueError, match="do not match the codes"):
+        CentroidIndex.from_arrays(index.codec, dict(arrays, token_inv_norms=arrays["token_inv_norms"] * 2))
+
+
+def test_memory_mapped_arrays_search_like_in_memory_ones(index, corpus, tmp_path):
+    for key, array in index.to_arrays().items():
+        np.save(tmp_path / f"{key}.npy", array, allow_pickle=False)
+    arrays = {key: np.load(tmp_path / f"{key}.npy", mmap_mode="r") for key in ARRAY_KEYS + DERIVED_KEYS}
+    mapped = CentroidIndex.from_arrays(index.codec, arrays, check=False)
+    assert isinstance(mapped.residuals.base, np.memmap) or isinstance(mapped.residuals, np.memmap)
+    queries = corpus["queries"]
+    _assert_same_results(mapped.search(queries, 10), index.search(queries, 10))
+
+
+def test_batched_threaded_and_single_searches_agree(index, corpus):
+    queries = corpus["queries"]
+    single = [index.search(q[None], 10) for q in queries]
+    expected = (np.concatenate([s for s, _ in single]), np.concatenate([i for _, i in single]))
+    _assert_same_results(index.search(queries, 10), expected)
+    _assert_same_results(index.search(queries, 10, threads=2), expected)
+    _assert_same_results(index.search(queries, 10, threads=1), expected)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            index.search(queries, 10, threads=bad)
+
+
+def test_best_cells_equal_a_full_partition(index, corpus):
+    for q in corpus["queries"]:
+        scores = q @ index.codec.centroids.T
+        for ncells in (1, 2, 4, 16, N_CENTROIDS - 1):
+            got = np.sort(_best_cells(scores, ncells), axis=1)
+            full = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :ncells], axis=1)
+            # equal score sets (ties may pick other cells of the same score)
+            np.testing.assert_array_equal(np.take_along_axis(scores, got, 1).round(6),
+                                          np.take_along_axis(scores, full, 1).round(6))

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedding.codec import ResidualCodec
-from indexing.plaid import ARRAY_KEYS, CentroidIndex, SearchParams
+from indexing.plaid import ARRAY_KEYS, DERIVED_KEYS, CentroidIndex, SearchParams
 
 DIM = 32
 N_DOCS = 120
@@ -97,7 +97,7 @@ def _zeroed(codec, encoded, positions) -> tuple[list[np.ndarray], list[np.ndarra
 
 def _assert_same_index(a: CentroidIndex, b: CentroidIndex) -> None:
     assert a.codec == b.codec
-    for key in ARRAY_KEYS:
+    for key in ARRAY_KEYS + DERIVED_KEYS:
         x, y = getattr(a, key), getattr(b, key)
         assert x.dtype == y.dtype, key
         np.testing.assert_array_equal(x, y, err_msg=key)

@@ -224,6 +224,60 @@ def test_search_from_an_s3_root(store, s3_bucket):
     assert hits[0][0][0] == rows[10]["id"] and all(d.startswith("de-") for d, _ in hits[0])
 
 
+def _plaid_index(searcher: Searcher) -> CentroidIndex:
+    return searcher._backend.index
+
+
+def test_plaid_index_is_memory_mapped_and_searches_like_in_memory(store):
+    searcher = Searcher.open(store["root"], "t-plaid", threads=2)
+    index = _plaid_index(searcher)
+    for key in ("codes", "residuals", "ivf_docs", "doc_cells", "token_inv_norms"):
+        array = getattr(index, key)
+        assert isinstance(array, np.memmap) or isinstance(array.base, np.memmap), key
+    in_memory = CentroidIndex.from_arrays(index.codec, {k: np.array(v) for k, v in index.to_arrays().items()})
+    q = np.random.default_rng(0).standard_normal((3, 8, index.codec.dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    got, want = index.search(q, 5, threads=2), in_memory.search(q, 5)
+    np.testing.assert_array_equal(got[1], want[1])
+    texts = [r["text"] for r in store["rows"][:6]]
+    assert searcher.search(texts, k=5) == Searcher.open(store["root"], "t-plaid").search(texts, k=5)
+    with pytest.raises(ValueError, match="threads"):
+        Searcher.open(store["root"], "t-plaid", threads=0)
+
+
+def test_a_corrupt_plaid_file_is_refused(store, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(store["root"].path, root)
+    (path,) = root.glob("indexes/t-plaid/v*/plaid/residuals.npy")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="residuals.npy: sha256 does not match"):
+        Searcher.open(str(root), "t-plaid")
+
+
+def test_plaid_index_on_s3_is_cached_locally_once(store, s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path / "cache"))
+    root = Location(f"{s3_bucket}/store")
+    root.fs.put(store["root"].path + "/", root.path, recursive=True)
+    texts = [r["text"] for r in store["rows"][:4]]
+    expected = Searcher.open(store["root"], "t-plaid").search(texts, k=3)
+    assert Searcher.open(root, "t-plaid").search(texts, k=3) == expected
+    cached = sorted((tmp_path / "cache" / "indexes").glob("*.npy"))
+    index_files = [e for e in Searcher.open(root, "t-plaid").manifest["files"] if e["kind"] == "plaid"]
+    assert {p.stem for p in cached} == {e["sha256"] for e in index_files}
+    # The second open maps the cached copies; reading the store's copy again would fail.
+    opened = []
+    real_open = Location.open
+    monkeypatch.setattr(Location, "open", lambda self, mode="rb": opened.append(self.url) or real_open(self, mode))
+    assert Searcher.open(root, "t-plaid").search(texts, k=3) == expected
+    assert not [u for u in opened if "/plaid/" in u]
+    # A damaged cached copy is noticed and replaced.
+    cached[0].write_bytes(b"garbage")
+    assert Searcher.open(root, "t-plaid").search(texts, k=3) == expected
+    assert hashlib.sha256(cached[0].read_bytes()).hexdigest() == cached[0].stem
+
+
 # ---- query encoder compatibility -------------------------------------------------------
 def test_wrong_query_encoder_is_refused(store, other_model_dir):
     with pytest.raises(IncompatibleEncoderError, match="refusing") as err:
