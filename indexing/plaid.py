@@ -655,7 +655,8 @@ class CentroidIndex:
         )
         ivf_offsets, ivf_docs = _merge_ivfs(parts, doc_shift, codec.n_centroids)
         norms = np.concatenate([np.empty(0, np.float32)] + [p.token_inv_norms for p in parts])
-        return cls(codec, offsets, codes, residuals, ivf_offsets, ivf_docs, token_inv_norms=norms)
+        # Parts are checked indexes and the merge keeps their invariants: no rescan.
+        return cls(codec, offsets, codes, residuals, ivf_offsets, ivf_docs, token_inv_norms=norms, check=False)
 
     def append(self, codes: list[np.ndarray], residuals: list[np.ndarray]) -> "CentroidIndex":
         """New index with more documents on the same centroids.
@@ -711,7 +712,7 @@ class CentroidIndex:
         index = CentroidIndex(
             self.codec, offsets, self.codes[kept_tokens], self.residuals[kept_tokens],
             kept_before[self.ivf_offsets], self.ivf_docs[kept_entries],
-            token_inv_norms=self.token_inv_norms[kept_tokens],
+            token_inv_norms=self.token_inv_norms[kept_tokens], check=False,
         )
         logger.info(
             "removed %d documents (%d tokens) from a centroid index of %d documents",

@@ -283,7 +283,9 @@ def _build_plaid(set_manifest: dict, set_dir: Location, files: list, vdir: Locat
     codec_bytes = set_dir.join(codec_info["file"]).read_bytes()
     codec = ResidualCodec.from_bytes(codec_bytes)
     task = ray.remote(num_cpus=1)(_plaid_part)
-    parts = [CentroidIndex.from_arrays(codec, a) for a in ray.get([task.remote(codec_bytes, f) for f in files])]
+    # The parts were built and checked by from_flat in the tasks: no second scan here.
+    parts = [CentroidIndex.from_arrays(codec, a, check=False)
+             for a in ray.get([task.remote(codec_bytes, f) for f in files])]
     index = CentroidIndex.from_parts(codec, parts)
     entries = write_plaid(index, vdir)
     n_bytes = sum(e["bytes"] for e in entries)
