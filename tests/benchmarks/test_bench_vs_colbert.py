@@ -1,0 +1,49 @@
+"""Pure helpers of benchmarks/bench_vs_colbert.py (no colbert-ai needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.bench_vs_colbert import maxsim_topk, ndcg_at_k, pick_queries, to_ids, trim_padding
+from indexing.plaid import maxsim
+
+
+def test_pick_queries_keeps_indexed_gold_per_language_in_file_order():
+    rows = [{"id": f"q{i}-{lang}", "text": f"t{i}{lang}", "lang": lang} for i in range(4) for lang in ("de", "en")]
+    qrels = {"q0-de": {"d0"}, "q1-de": {"missing"}, "q2-de": {"d2"}, "q3-de": {"d3"},
+             "q0-en": {"e0"}, "q2-en": {"e2"}}
+    qids, texts, gold = pick_queries(rows, qrels, {"d0", "d2", "d3", "e0", "e2"}, per_lang=2)
+    assert qids == ["q0-de", "q0-en", "q2-de", "q2-en"]
+    assert texts == ["t0de", "t0en", "t2de", "t2en"]
+    assert gold == [{"d0"}, {"e0"}, {"d2"}, {"e2"}]
+
+
+def test_ndcg_binary_relevance():
+    assert ndcg_at_k([["a", "b"]], [{"a"}]) == 1.0
+    assert ndcg_at_k([["x", "a"]], [{"a"}]) == pytest.approx(1 / np.log2(3))
+    assert ndcg_at_k([["x"] * 10 + ["a"]], [{"a"}]) == 0.0
+    assert ndcg_at_k([["b", "x", "a"]], [{"a", "b"}]) == pytest.approx((1 + 0.5) / (1 + 1 / np.log2(3)))
+
+
+def test_to_ids_drops_padding():
+    assert to_ids(np.array([[2, 0, -1]]), ["a", "b", "c"]) == [["c", "a"]]
+
+
+def test_trim_padding_keeps_at_least_one_row():
+    q = np.zeros((4, 3), np.float32)
+    q[1, 0] = 1
+    assert trim_padding(q).shape == (2, 3)
+    assert trim_padding(np.zeros((4, 3))).shape == (1, 3)
+
+
+def test_maxsim_topk_matches_maxsim_and_ignores_padding_rows():
+    rng = np.random.default_rng(0)
+    lengths = np.array([3, 0, 5, 1, 4])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    vectors = rng.standard_normal((offsets[-1] + 7, 8)).astype(np.float32)  # 7 padding rows
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    live = [i for i in range(len(lengths)) if lengths[i]]
+    scores = {i: maxsim(q, vectors[offsets[i]:offsets[i + 1]]) for i in live}
+    expected = sorted(live, key=lambda i: -scores[i])[:3]
+    assert maxsim_topk(q, vectors, offsets, k=3).tolist() == expected
