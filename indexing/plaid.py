@@ -51,6 +51,8 @@ DERIVED_KEYS = ("doc_cell_offsets", "doc_cells", "token_inv_norms")
 _TOKEN_BATCH = 1 << 16
 _SCORE_BUDGET = 1 << 24
 _MAX_DOCS = np.iinfo(np.int32).max
+# Up to this many cells per query token, _best_cells scans with argmax.
+_ARGMAX_CELLS = 8
 
 
 # ---------------------------------------------------------------------------
@@ -995,10 +997,13 @@ class CentroidIndex:
         if dim != self.codec.dim:
             return _segment_maxsum(q @ self._decompress(docs, dim).T, lengths)
         tokens = self._token_ids(docs)
-        token_scores = q @ self.codec.residual_vectors(self.residuals[tokens]).T
-        token_scores += np.take(centroid_scores, self.codes[tokens], axis=1)
-        token_scores *= self.token_inv_norms[tokens]
-        return _segment_maxsum(token_scores, lengths)
+        # (T, Lq) layout: the product with the residuals as the left operand is ~1.5x
+        # faster in BLAS, and np.take of whole rows beats fancy indexing.
+        residuals = self.codec.residual_vectors(np.take(self.residuals, tokens, axis=0))
+        token_scores = residuals @ q.T
+        token_scores += np.take(np.ascontiguousarray(centroid_scores.T), np.take(self.codes, tokens), axis=0)
+        token_scores *= np.take(self.token_inv_norms, tokens)[:, None]
+        return _segment_maxsum(token_scores.T, lengths)
 
     def _candidates(
         self, centroid_scores: np.ndarray, ncells: int, mask: np.ndarray | None
@@ -1118,21 +1123,19 @@ def _inv_norms(codec: ResidualCodec, codes: np.ndarray, residuals: np.ndarray) -
 def _best_cells(centroid_scores: np.ndarray, ncells: int) -> np.ndarray:
     """``(Lq, ncells)`` the best centroids of every query token (any order within a row).
 
-    A full partition of every row costs ``Lq * n_centroids``. A row's best cells
-    score at least its ``ncells``-th best score among any subset of columns, so
-    only columns whose maximum over the query tokens reaches the lowest such bound
-    can hold them: partition those columns only (exact, and far fewer).
+    For a few cells, repeated row-wise ``argmax`` (a vectorised scan) beats a
+    partition of every row by about 4x on 4,096 centroids; for many, partition.
     """
     n_centroids = centroid_scores.shape[1]
-    column_max = centroid_scores.max(axis=0)
-    probe = min(n_centroids, max(4 * ncells, 64))
-    top_columns = np.argpartition(column_max, n_centroids - probe)[n_centroids - probe :]
-    sub = centroid_scores[:, top_columns]
-    bound = np.partition(sub, probe - ncells, axis=1)[:, probe - ncells].min()
-    columns = np.flatnonzero(column_max >= bound)
-    sub = centroid_scores[:, columns]
-    best = np.argpartition(sub, len(columns) - ncells, axis=1)[:, len(columns) - ncells :]
-    return columns[best]
+    if ncells > _ARGMAX_CELLS:
+        return np.argpartition(centroid_scores, n_centroids - ncells, axis=1)[:, n_centroids - ncells :]
+    scores = np.array(centroid_scores, dtype=np.float32, copy=True)
+    rows = np.arange(len(scores))
+    best = np.empty((len(scores), ncells), dtype=np.int64)
+    for j in range(ncells):
+        best[:, j] = scores.argmax(axis=1)
+        scores[rows, best[:, j]] = -np.inf
+    return best
 
 
 def _check_threads(threads: int | None) -> int | None:
