@@ -34,12 +34,9 @@ against their sha256, to ``$TESSERA_CACHE_DIR/encoders/<fingerprint>/``
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import logging
 import os
-import posixpath
 import re
 import shutil
 import uuid
@@ -50,21 +47,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedding.codec import ResidualCodec
 from embedding.encoder import Encoder
 from embedding.model import (EncoderSettings, ModelError, cache_root, check_model_dir, fingerprint, load_model,
                              read_settings)
 from embedding.mrl import truncate
 from indexing import dense
+from indexing.index_files import PLAID
+from indexing.index_files import entries as _entries
+from indexing.index_files import file_location as _file_loc
+from indexing.index_files import index_manifest as _index_manifest
+from indexing.index_files import plaid_arrays as _plaid_arrays
+from indexing.index_files import read_checked as _read_checked
+from indexing.index_files import read_codec as _read_codec
+from indexing.index_files import source_set as _source_set
 from indexing.plaid import CentroidIndex, SearchParams
 from storage import layout, schemas, sets
 from storage.fs import Location
-from storage.manifest import Artifact, NotFoundError
+from storage.manifest import Artifact
 
 logger = logging.getLogger(__name__)
 
-PLAID = "plaid"
-INDEX_KINDS = dense.KINDS + (PLAID,)
 #: Search parameters a caller may override per call, by index family.
 DENSE_OVERRIDES = ("nprobe", "ef_search", "rescore")
 PLAID_OVERRIDES = ("ncells", "centroid_score_threshold", "ndocs")
@@ -278,52 +280,6 @@ def _default_model_dir(path: str, source: dict) -> Path:
 
 
 # ---- reading an index version ---------------------------------------------------------
-def _file_loc(base: Location, path: str) -> Location:
-    """A manifest file entry's location: relative to ``base`` unless absolute or a URL."""
-    return Location(path) if "://" in path or path.startswith("/") else base.join(path)
-
-
-def _entries(manifest: dict, kind: str) -> list[dict]:
-    return [e for e in manifest.get("files", []) if e.get("kind") == kind]
-
-
-def _read_checked(base: Location, entry: dict) -> bytes:
-    """The bytes of a manifest file entry, checked against its recorded sha256."""
-    loc = _file_loc(base, entry["path"])
-    data = loc.read_bytes()
-    expected = entry.get("sha256")
-    if expected and hashlib.sha256(data).hexdigest() != expected:
-        raise ValueError(f"{loc.url}: sha256 does not match the manifest (corrupt or replaced file)")
-    return data
-
-
-def _index_manifest(art: Artifact, version: "str | None") -> dict:
-    m = art.manifest(version)
-    kind = m.get("index_kind")
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"index {art.name!r} {m.get('version')}: unknown index_kind {kind!r}; "
-                         f"expected one of {', '.join(INDEX_KINDS)}")
-    for key in ("source", "dim", "files"):
-        if key not in m:
-            raise ValueError(f"index {art.name!r} {m.get('version')}: manifest lacks {key!r}")
-    return m
-
-
-def _source_set(root: Location, source: dict) -> tuple[dict, Location]:
-    """The source set's manifest and version folder (under ``root``, else ``source["dir"]``)."""
-    art = Artifact(root, "sets", source["set"])
-    try:
-        version = art.resolve(source["version"])
-        return art.manifest(version), art.version_dir(version)
-    except NotFoundError:
-        folder = Location(source["dir"]) if source.get("dir") else None
-        if folder is None or not folder.join(layout.MANIFEST).exists():
-            raise
-    logger.info("set %s %s is not under %s; reading it from %s", source["set"], source["version"],
-                root.url, folder.url)
-    return json.loads(folder.join(layout.MANIFEST).read_text()), folder
-
-
 def read_ids(vdir: Location, manifest: dict) -> pa.StringArray:
     """Document ids by label, ``(n_labels,)``, from the version's ``ids.parquet``.
 
@@ -373,61 +329,6 @@ def read_dense_vectors(set_dir: Location, set_manifest: dict,
     have = ~np.isnan(where.astype(np.float64))
     out[have] = mats[where[have].astype(np.int64)]
     return out
-
-
-def _read_codec(set_dir: Location, set_manifest: dict) -> ResidualCodec:
-    name = (set_manifest.get("codec") or {}).get("file")
-    if name is None:
-        raise ValueError(f"set {set_manifest.get('name')!r} {set_manifest.get('version')} has no "
-                         "ColBERT codec: a plaid index needs a set embedded with mode colbert or both")
-    return ResidualCodec.from_bytes(set_dir.join(name).read_bytes())
-
-
-def _plaid_arrays(vdir: Location, manifest: dict) -> dict[str, np.ndarray]:
-    """``{key: array}`` from the ``plaid/<key>.npy`` files (no pickle), memory-mapped.
-
-    Every file is checked against its manifest sha256 (streamed, not held in
-    memory). A local file is mapped where it lies; a remote one is copied once to
-    ``$TESSERA_CACHE_DIR/indexes/<sha256>.npy`` and mapped from there, so that
-    opening the index again reads nothing from the store but the hashes' inputs.
-    """
-    arrays = {}
-    for entry in _entries(manifest, PLAID):
-        key = posixpath.basename(entry["path"]).removesuffix(".npy")
-        arrays[key] = np.load(_local_npy(vdir, entry), mmap_mode="r", allow_pickle=False)
-    return arrays
-
-
-def _local_npy(base: Location, entry: dict) -> str:
-    """A local path holding the bytes of ``entry``, checked against its sha256."""
-    loc = _file_loc(base, entry["path"])
-    expected = entry.get("sha256")
-    if not expected:
-        raise ValueError(f"{loc.url}: the manifest records no sha256 for this index file")
-    if not loc.is_remote:
-        if loc.sha256() != expected:
-            raise ValueError(f"{loc.url}: sha256 does not match the manifest (corrupt or replaced file)")
-        return loc.path
-    cached = cache_root() / "indexes" / f"{expected}.npy"
-    if cached.exists():
-        if Location(str(cached)).sha256() == expected:
-            return str(cached)
-        logger.warning("cached copy of %s is corrupt; downloading it again", loc.url)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.partial")
-    try:
-        digest = hashlib.sha256()
-        with loc.open("rb") as src, open(tmp, "wb") as dst:
-            for chunk in iter(lambda: src.read(1 << 22), b""):
-                digest.update(chunk)
-                dst.write(chunk)
-        if digest.hexdigest() != expected:
-            raise ValueError(f"{loc.url}: sha256 does not match the manifest (corrupt or replaced file)")
-        os.replace(tmp, cached)
-    finally:
-        tmp.unlink(missing_ok=True)
-    logger.info("cached %s locally as %s", loc.url, cached)
-    return str(cached)
 
 
 # ---- the two index families -----------------------------------------------------------

@@ -58,7 +58,8 @@ def update(root: Location, name: str, im: dict, set_name: str, version: str, vm:
            run_key: str) -> dict:
     """A new version of index ``name``: tombstoned labels out, the new shards in; committed, not published."""
     from jobs.build_index import put_file, read_dense, read_tokens, write_ids, write_plaid
-    from indexing.searcher import _plaid_arrays, _read_checked, read_ids
+    from indexing.index_files import plaid_arrays, read_checked
+    from indexing.searcher import read_ids
 
     started = time.perf_counter()
     ia = Artifact(root, "indexes", name)
@@ -77,7 +78,7 @@ def update(root: Location, name: str, im: dict, set_name: str, version: str, vm:
         from indexing.plaid import CentroidIndex
 
         codec = ResidualCodec.from_bytes(set_dir.join(vm["codec"]["file"]).read_bytes())
-        index = CentroidIndex.from_arrays(codec, _plaid_arrays(pdir, im)).remove(removed)
+        index = CentroidIndex.from_arrays(codec, plaid_arrays(pdir, im)).remove(removed)
         parts = [index] + [CentroidIndex.from_flat(codec, *read_tokens(f, codec)) for f in new_files]
         index = CentroidIndex.from_parts(codec, parts)
         entries = write_plaid(index, vdir)
@@ -86,7 +87,7 @@ def update(root: Location, name: str, im: dict, set_name: str, version: str, vm:
         from indexing import dense
 
         entries_in = [e for e in im["files"] if e["kind"] == "index"]
-        index = dense.from_bytes(_read_checked(pdir, entries_in[0]), kind)
+        index = dense.from_bytes(read_checked(pdir, entries_in[0]), kind)
         dense.remove(index, removed)
         added = 0
         for f in new_files:

@@ -12,6 +12,9 @@ import io
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +26,7 @@ from embedding.codec import ResidualCodec
 from embedding.mrl import truncate
 from fixtures_models import MULTILINGUAL_TEXTS
 from indexing import dense
+from indexing.index_files import open_centroid_index
 from indexing.plaid import CentroidIndex
 from indexing.searcher import IncompatibleEncoderError, Searcher, is_registered
 from jobs.embed import EmbedConfig
@@ -243,6 +247,25 @@ def test_plaid_index_is_memory_mapped_and_searches_like_in_memory(store):
     assert searcher.search(texts, k=5) == Searcher.open(store["root"], "t-plaid").search(texts, k=5)
     with pytest.raises(ValueError, match="threads"):
         Searcher.open(store["root"], "t-plaid", threads=0)
+
+
+def test_open_centroid_index_serves_without_torch(store):
+    """A process serving pre-encoded queries maps the index and never imports torch."""
+    code = (
+        "import sys, numpy as np\n"
+        "from indexing.index_files import open_centroid_index\n"
+        f"index, manifest = open_centroid_index({store['root'].url!r}, 't-plaid')\n"
+        "q = np.ones((1, 4, index.codec.dim), np.float32) / np.sqrt(index.codec.dim)\n"
+        "scores, ids = index.search(q, 3)\n"
+        "assert (ids >= 0).all() and manifest['index_kind'] == 'plaid'\n"
+        "assert isinstance(index.residuals.base, np.memmap) or isinstance(index.residuals, np.memmap)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    assert out.stdout.strip() == "False"
+    with pytest.raises(ValueError, match="not plaid"):
+        open_centroid_index(store["root"], "t-flat")
 
 
 def test_a_corrupt_plaid_file_is_refused(store, tmp_path):
