@@ -4,9 +4,10 @@ Documents are stored as the residual-codec encoding of their token vectors
 (:class:`embedding.codec.ResidualCodec`): one centroid code and one packed
 residual per token, concatenated over documents in positional order. An inverted
 file maps every centroid to the sorted positions of the documents that have at
-least one token assigned to it.
+least one token assigned to it; its transpose (every document's distinct
+centroids) and every token's inverse reconstruction norm are stored beside it.
 
-Search follows PLAID (Santhanam et al., 2022), one query at a time:
+Search follows PLAID (Santhanam et al., 2022):
 
 1. candidate generation: the ``ncells`` best centroids of every query token,
    and the union of their inverted lists;
@@ -15,7 +16,17 @@ Search follows PLAID (Santhanam et al., 2022), one query at a time:
    ``centroid_score_threshold`` against every query token are dropped; keep the
    best ``ndocs`` documents;
 3. full centroid interaction (no pruning); keep the best ``max(k, ndocs // 4)``;
-4. decompress those documents and rank them by exact MaxSim.
+4. exact MaxSim over those documents' decompressed tokens.
+
+How it is fast in numpy (no compiled code of our own): the centroid scores of a
+batch of queries are one BLAS product; stages 2-3 score each document's distinct
+centroids (a token's centroid score does not depend on which of the document's
+tokens carries it), with ``np.take`` gathers and ``np.maximum.reduceat`` segment
+maxima; stage 4 never rebuilds a vector: a token scores
+``(q . c + q . r) * inv_norm``, with ``q . c`` taken from the centroid scores,
+``q . r`` one BLAS product with the decoded residuals, and the stored inverse
+norm. Index arrays may be memory-mapped (:mod:`indexing.index_files`); a search
+touches only the inverted lists and the tokens of its final candidates.
 
 A Matryoshka prefix ``dim`` truncates queries, centroids and decompressed
 vectors to their first ``dim`` dimensions and re-normalises them.
