@@ -3,15 +3,26 @@
 Prints a table and writes JSON:
 
 * documents/s and tokens/s of ``jobs.embed.run`` (scan, Ray Data actor pool, encoding,
-  compression, Parquet writes, manifest) against ``Encoder.forward_only`` over the same
-  texts with the same tokenizer limits, batching and torch threads, in one run;
-* bytes per ColBERT token stored at nbits 1/2/4 against raw float16;
-* mean cosine of decompressed to original token vectors at each nbits.
+  codec fit, compression, Parquet writes, manifest) against ``Encoder.forward_only``
+  over the same texts with the same tokenizer limits, batching and torch threads, in
+  one process, alternating (forward, job per mode) for ``--repeats`` rounds; the
+  ratios are medians over the rounds;
+* the ratio with the fixed start-up costs (Ray start, model fingerprint, actor pools'
+  start-up and model load; the reference's own model load) and without them (steady);
+* the model share: the actors' own tokenise + forward seconds over the job's steady
+  seconds, measured inside the same run, so load that other users put on a shared
+  machine between the two sides of the side-by-side cancels out;
+* the job's stage timings (sample pass, k-means, encode pass; inside the actors:
+  tokenise, forward, pooling/projection, compression, writes), from which the GPU
+  projection is made;
+* bytes per ColBERT token stored at nbits 1/2/4 against raw float16 and the mean
+  cosine of decompressed to original token vectors (``--codec-docs`` > 0).
 
 Usage::
 
-    python benchmarks/bench_embed.py --xquad ../shared/data/xquad \
-        --model ~/.cache/tessera/models/me5-small [--docs-per-lang 240] [--mode dense]
+    python benchmarks/bench_embed.py --tatoeba ../shared/data/tatoeba \
+        --model ~/.cache/tessera/models/me5-small --docs 12000 --modes dense both --repeats 3
+    python benchmarks/bench_embed.py --xquad ../shared/data/xquad --model ... --docs 720
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -30,47 +42,57 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prepare_data import build_xquad, write_jsonl  # noqa: E402
+from prepare_data import build_tatoeba, build_xquad, write_jsonl  # noqa: E402
 
 logger = logging.getLogger("bench_embed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--xquad", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--xquad", help="XQuAD folder: long paragraphs, 12 languages")
+    src.add_argument("--tatoeba", help="Tatoeba folder: short sentences, 13 languages")
     p.add_argument("--model", required=True)
-    p.add_argument("--docs-per-lang", type=int, default=240)
-    p.add_argument("--mode", choices=("dense", "colbert", "both"), default="dense")
+    p.add_argument("--docs", type=int, default=12000, help="documents (at most what the source holds)")
+    p.add_argument("--modes", nargs="+", choices=("dense", "colbert", "both"), default=["dense", "both"])
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nbits", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--codec-docs", type=int, default=120, help="documents encoded for the codec figures")
+    p.add_argument("--codec-docs", type=int, default=0, help="documents encoded for the codec figures (0: none)")
     p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--out", default="bench-out/embed.json")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/embed_<source>_<n>docs.json)")
     return p.parse_args(argv)
 
 
-def corpus_subset(xquad: str, per_lang: int) -> list[dict]:
-    docs = build_xquad(xquad).corpus
-    seen: dict[str, int] = {}
-    out = []
-    for d in docs:
-        if seen.get(d["lang"], 0) < per_lang:
-            seen[d["lang"]] = seen.get(d["lang"], 0) + 1
-            out.append(d)
-    return out
+def load_docs(args: argparse.Namespace) -> tuple[str, list[dict]]:
+    """(source name, documents): Tatoeba interleaves each pair's foreign and English
+    sentences (short multilingual text); XQuAD takes paragraphs round-robin by language."""
+    if args.tatoeba:
+        bench = build_tatoeba(Path(args.tatoeba))
+        docs = [{"id": d["id"], "text": d["text"], "lang": d["lang"]}
+                for pair in zip(bench.queries, bench.corpus) for d in pair]
+        return "tatoeba", docs[: args.docs]
+    docs = build_xquad(Path(args.xquad)).corpus
+    return "xquad", docs[: args.docs]
 
 
-def time_forward(model_dir: str, texts: list[str], threads: int, max_batch: int) -> dict:
+def load_reference(model_dir: str, threads: int, max_batch: int):
     import torch
 
     from embedding.encoder import Encoder
     from embedding.model import load_model
 
     torch.set_num_threads(threads)
-    lm = load_model(model_dir, device="cpu")
-    enc = Encoder(lm, max_batch=max_batch)
-    inputs = [lm.settings.passage_prefix + t for t in texts]
     start = time.perf_counter()
-    tokens = enc.forward_only(inputs, lm.settings.max_length)
+    lm = load_model(model_dir, device="cpu")
+    return Encoder(lm, max_batch=max_batch), time.perf_counter() - start
+
+
+def time_forward(enc, texts: list[str]) -> dict:
+    """The model's own speed: tokenise and run the bare forward over the same passages
+    (prefix, dense ``max_length``), batched by length over the whole list."""
+    inputs = [enc.s.passage_prefix + t for t in texts]
+    start = time.perf_counter()
+    tokens = enc.forward_only(inputs, enc.s.max_length)
     return {"seconds": time.perf_counter() - start, "tokens": tokens, "documents": len(texts)}
 
 
@@ -84,11 +106,26 @@ def time_job(corpus: str, model_dir: str, root: str, mode: str, max_batch: int) 
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "documents": manifest["counts"]["documents"],
             "tokens": manifest["counts"]["input_tokens"], "timings": manifest["timings"],
-            "workers": manifest["workers"]}
+            "workers": manifest["workers"], "codec": {k: v for k, v in (manifest.get("codec") or {}).items()
+                                                     if not k.startswith("bucket_")}}
+
+
+def job_fixed_seconds(job: dict) -> float:
+    """Start-up the job pays whatever the corpus size: the model fingerprint and the
+    actors' model loads on the critical path (Ray's own start is added by the caller)."""
+    t = job["timings"]
+    return t.get("model", 0.0) + t.get("actor_start", 0.0)
+
+
+def model_seconds(job: dict) -> float:
+    """Seconds the job's actors spent tokenising and in the model forward (both passes)."""
+    t = job["timings"]
+    return sum(t.get(f"{p}{s}", 0.0) for p in ("sample_", "worker_") for s in ("tokenize", "forward"))
 
 
 def codec_figures(model_dir: str, texts: list[str], nbits_list: list[int]) -> list[dict]:
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from embedding.codec import ResidualCodec, default_n_centroids
     from embedding.encoder import Encoder
@@ -110,8 +147,6 @@ def codec_figures(model_dir: str, texts: list[str], nbits_list: list[int]) -> li
         table = schemas.tokens_table([str(i) for i in range(len(tokens))], np.split(codes, splits),
                                      np.split(residuals, splits), codec.code_dtype)
         sink = pa.BufferOutputStream()
-        import pyarrow.parquet as pq
-
         pq.write_table(table, sink, compression="zstd")
         parquet_bytes = len(sink.getvalue())
         rows.append({"nbits": nbits, "centroids": k, "tokens": int(len(allv)),
@@ -121,41 +156,98 @@ def codec_figures(model_dir: str, texts: list[str], nbits_list: list[int]) -> li
     return rows
 
 
+def summarise(mode: str, pairs: list[tuple[dict, dict]], ray_start: float, ref_load: float) -> dict:
+    """Median ratios over the rounds of one mode, with and without fixed start-up costs."""
+    steady, with_fixed, share = [], [], []
+    for fwd, job in pairs:
+        share.append(model_seconds(job) / (job["seconds"] - job_fixed_seconds(job)))
+        fwd_rate = fwd["documents"] / fwd["seconds"]
+        steady_s = job["seconds"] - job_fixed_seconds(job)
+        steady.append(job["documents"] / steady_s / fwd_rate)
+        with_fixed.append((job["documents"] / (job["seconds"] + ray_start))
+                          / (fwd["documents"] / (fwd["seconds"] + ref_load)))
+    return {"mode": mode, "ratio_steady": statistics.median(steady), "ratio_with_fixed": statistics.median(with_fixed),
+            "model_share": statistics.median(share),
+            "ratios_steady": steady, "ratios_with_fixed": with_fixed, "model_shares": share,
+            "forward_seconds": statistics.median(f["seconds"] for f, _ in pairs),
+            "job_seconds": statistics.median(j["seconds"] for _, j in pairs),
+            "stages": _median_stages([j["timings"] for _, j in pairs])}
+
+
+def _median_stages(timings: list[dict]) -> dict:
+    keys = sorted({k for t in timings for k in t})
+    return {k: round(statistics.median(t.get(k, 0.0) for t in timings), 3) for k in keys}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from jobs.runtime import init_ray
+    from jobs.runtime import init_ray, plan_actors
 
-    docs = corpus_subset(args.xquad, args.docs_per_lang)
+    source, docs = load_docs(args)
     texts = [d["text"] for d in docs]
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"embed_{source}_{len(docs)}docs.json")
+    rounds: dict[str, list] = {m: [] for m in args.modes}
     with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp:
         corpus = os.path.join(tmp, "corpus.jsonl")
         write_jsonl(Path(corpus), docs)
+        start = time.perf_counter()
         init_ray()
-        job = time_job(corpus, args.model, os.path.join(tmp, "store"), args.mode, args.max_batch)
-        fwd = time_forward(args.model, texts, job["workers"]["threads"], args.max_batch)
-    codec = codec_figures(args.model, texts[:: max(1, len(texts) // args.codec_docs)][: args.codec_docs], args.nbits)
+        ray_start = time.perf_counter() - start
+        threads = plan_actors(os.cpu_count() or 1, 0).threads  # what the job's CPU actors run
+        enc, ref_load = load_reference(args.model, threads, args.max_batch)
+        for r in range(args.repeats):
+            for mode in args.modes:
+                fwd = time_forward(enc, texts)
+                job = time_job(corpus, args.model, os.path.join(tmp, f"store-{mode}-{r}"), mode, args.max_batch)
+                if job["documents"] != fwd["documents"]:
+                    raise RuntimeError(f"job embedded {job['documents']} documents, forward {fwd['documents']}")
+                rounds[mode].append((fwd, job))
+                logger.info("round %d %s: forward %.1fs, job %.1fs", r, mode, fwd["seconds"], job["seconds"])
+    codec = codec_figures(args.model, texts[:: max(1, len(texts) // args.codec_docs)][: args.codec_docs],
+                          args.nbits) if args.codec_docs else []
+    summary = [summarise(m, rounds[m], ray_start, ref_load) for m in args.modes]
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": False},
-        "documents": len(docs), "mode": args.mode, "job": job, "forward": fwd,
-        "ratio_docs_per_s": (job["documents"] / job["seconds"]) / (fwd["documents"] / fwd["seconds"]),
-        "ratio_tokens_per_s": (job["tokens"] / job["seconds"]) / (fwd["tokens"] / fwd["seconds"]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "gpu": False, "torch_threads": threads},
+        "source": source, "documents": len(docs), "repeats": args.repeats,
+        "fixed": {"ray_start_seconds": ray_start, "reference_model_load_seconds": ref_load},
+        "summary": summary,
+        "rounds": {m: [{"forward": f, "job": j} for f, j in rounds[m]] for m in args.modes},
         "codec": codec,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"embed benchmark: {len(docs)} XQuAD paragraphs, mode {args.mode}, {result['machine']['cpus']} CPUs")
-    print(f"{'':<22}{'seconds':>10}{'docs/s':>10}{'tokens/s':>12}")
-    for name, r in (("whole job", job), ("model forward only", fwd)):
-        print(f"{name:<22}{r['seconds']:>10.1f}{r['documents'] / r['seconds']:>10.2f}{r['tokens'] / r['seconds']:>12.1f}")
-    print(f"ratio job/forward: docs/s {result['ratio_docs_per_s']:.3f}, tokens/s {result['ratio_tokens_per_s']:.3f}")
-    print(f"{'nbits':>5}{'B/token fp16':>14}{'B/token codec':>15}{'B/token parquet':>17}{'x vs fp16':>11}{'cosine':>9}")
-    for r in codec:
-        print(f"{r['nbits']:>5}{r['bytes_per_token_raw_fp16']:>14}{r['bytes_per_token_codec']:>15}"
-              f"{r['bytes_per_token_parquet']:>17.1f}{r['compression_vs_fp16']:>11.2f}{r['mean_cosine']:>9.4f}")
-    print(f"written to {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    table = render(result)
+    out.with_suffix(".txt").write_text(table)
+    print(table, end="")
+    print(f"written to {out}")
     return 0
+
+
+def render(result: dict) -> str:
+    lines = [f"embed benchmark: {result['documents']} {result['source']} documents, {result['machine']['cpus']} CPUs, "
+             f"{result['machine']['torch_threads']} torch threads, median of {result['repeats']} rounds",
+             f"fixed: Ray start {result['fixed']['ray_start_seconds']:.1f}s, "
+             f"reference model load {result['fixed']['reference_model_load_seconds']:.1f}s",
+             "steady, with fixed: docs/s of the job over docs/s of the bare forward, side by side (wall clock);",
+             "model share: the actors' tokenise + forward seconds over the job's steady seconds, same run "
+             "(immune to load that changes between the two sides)",
+             f"{'mode':<7}{'forward s':>11}{'job s':>9}{'steady':>9}{'with fixed':>12}{'model share':>13}"]
+    for s in result["summary"]:
+        lines.append(f"{s['mode']:<7}{s['forward_seconds']:>11.1f}{s['job_seconds']:>9.1f}"
+                     f"{s['ratio_steady']:>9.3f}{s['ratio_with_fixed']:>12.3f}{s['model_share']:>13.3f}")
+    for s in result["summary"]:
+        lines.append(f"  {s['mode']} stages (s, median): " + ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items()))
+    if result["codec"]:
+        lines.append(f"{'nbits':>5}{'B/token fp16':>14}{'B/token codec':>15}{'B/token parquet':>17}"
+                     f"{'x vs fp16':>11}{'cosine':>9}")
+        for r in result["codec"]:
+            lines.append(f"{r['nbits']:>5}{r['bytes_per_token_raw_fp16']:>14}{r['bytes_per_token_codec']:>15}"
+                         f"{r['bytes_per_token_parquet']:>17.1f}{r['compression_vs_fp16']:>11.2f}"
+                         f"{r['mean_cosine']:>9.4f}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -8,36 +8,19 @@ from __future__ import annotations
 
 import logging
 import string
-from dataclasses import dataclass
+import time
 
 import numpy as np
 import torch
 
 from embedding.batching import length_buckets
+from embedding.vectors import DocumentVectors  # noqa: F401  (re-exported: callers import it from here)
 from embedding.model import LoadedModel
 
 logger = logging.getLogger(__name__)
 
 #: Punctuation whose tokens ColBERT drops from documents (its skiplist), plus common non-ASCII marks.
 PUNCTUATION = string.punctuation + "。，、！？；：「」『』（）《》…—–«»“”‘’¿¡·"
-
-
-@dataclass
-class DocumentVectors:
-    """Encoded documents, in input order.
-
-    Attributes
-    ----------
-    dense : (n, H) float32 unit rows, or None.
-    tokens : list of n arrays (t_i, dim) float32 unit rows, or None.
-    n_tokens : (n,) int32, tokens of the full text (with special tokens), before truncation.
-    truncated : (n,) bool, some text did not reach a stored vector.
-    """
-
-    dense: "np.ndarray | None"
-    tokens: "list[np.ndarray] | None"
-    n_tokens: np.ndarray
-    truncated: np.ndarray
 
 
 def truncate_ids(ids: list[int], special: list[int], limit: int, marker: "int | None") -> tuple[list[int], int]:
@@ -84,6 +67,14 @@ class Encoder:
         self._q_marker = tok.convert_tokens_to_ids(self.s.query_marker) if self.s.query_marker else None
         self._d_marker = tok.convert_tokens_to_ids(self.s.doc_marker) if self.s.doc_marker else None
         self._skip = self._skiplist() if self.s.skip_punctuation else np.zeros(0, np.int64)
+        #: seconds spent per stage ("tokenize", "forward", "post"), summed over calls; the
+        #: embed job reports them so a run shows what is the model and what is not
+        self.stage_seconds: dict[str, float] = {}
+
+    def _add_time(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now - since
+        return now
 
     # ---- public -----------------------------------------------------------------------
     def encode_queries(self, texts: list[str]) -> np.ndarray:
@@ -159,16 +150,26 @@ class Encoder:
                        colbert_limit: int) -> None:
         lengths = np.array([len(x) for x in ids])
         for batch in length_buckets(lengths, self.max_batch, self.max_tokens):
+            t = time.perf_counter()
             hidden, mask = self._forward([ids[i] for i in batch])
-            if pool:
-                out.dense[batch] = self._pool(hidden, mask)
-            if colbert_limit:
-                h = hidden[:, :colbert_limit]
-                keep = mask[:, :colbert_limit].bool() & ~self._skip_mask(batch, ids, h.shape[1])
-                vecs = self._project(h).float().cpu().numpy()
-                keep_np = keep.cpu().numpy()
-                for row, i in enumerate(batch):
-                    out.tokens[i] = np.ascontiguousarray(vecs[row][keep_np[row]])
+            if hidden.is_cuda:
+                torch.cuda.synchronize()
+            t = self._add_time("forward", t)
+            self._post(batch, ids, hidden, mask, out, pool, colbert_limit)
+            self._add_time("post", t)
+
+    def _post(self, batch: np.ndarray, ids: list[list[int]], hidden: torch.Tensor, mask: torch.Tensor,
+              out: DocumentVectors, pool: bool, colbert_limit: int) -> None:
+        """Pooling and ColBERT projection of one batch's hidden states into ``out``."""
+        if pool:
+            out.dense[batch] = self._pool(hidden, mask)
+        if colbert_limit:
+            h = hidden[:, :colbert_limit]
+            keep = mask[:, :colbert_limit].bool() & ~self._skip_mask(batch, ids, h.shape[1])
+            vecs = self._project(h).float().cpu().numpy()
+            keep_np = keep.cpu().numpy()
+            for row, i in enumerate(batch):
+                out.tokens[i] = np.ascontiguousarray(vecs[row][keep_np[row]])
 
     def _skip_mask(self, batch: np.ndarray, ids: list[list[int]], width: int) -> torch.Tensor:
         mask = np.zeros((len(batch), width), bool)
@@ -187,12 +188,14 @@ class Encoder:
         ids : list of n lists of int, each at most ``limit`` long.
         full : (n,) int32, length of the untruncated encoding (marker included).
         """
+        start = time.perf_counter()
         enc = self.lm.tokenizer(texts, add_special_tokens=True, truncation=False,
                                 return_special_tokens_mask=True, verbose=False)
         ids_out, full = [], np.zeros(len(texts), np.int32)
         for k, (ids, special) in enumerate(zip(enc["input_ids"], enc["special_tokens_mask"])):
             kept, full[k] = truncate_ids(ids, special, limit, marker)
             ids_out.append(kept)
+        self._add_time("tokenize", start)
         return ids_out, full
 
     @torch.inference_mode()

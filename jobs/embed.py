@@ -5,29 +5,37 @@ Flow (each step is skipped when a resumed run already finished it):
 1. scan the corpus files in parallel Ray tasks: columns, ids, piece offsets;
    duplicate or null ids stop the job before anything is written;
 2. claim a version of the set (a resumed run gets its unfinished version back);
-3. ColBERT: encode a PLAID-sized sample, fit the residual codec, write ``codec.npz``;
+3. ColBERT: encode a PLAID-sized sample, caching each shard's encodings under
+   ``_sample/`` (a resumed run reads the cached shards back instead of encoding them
+   again), fit the residual codec (faiss k-means on all the actor's threads, on a GPU
+   when there is one), write ``codec.npz``;
 4. Ray Data ``map_batches`` over the pieces with an actor pool: each actor holds
-   one model, writes its shards, then the shard's marker;
+   one model (loaded on first use: sampled documents come from the cache, so a
+   small corpus never loads it twice), writes its shards, then the shard's marker;
 5. the manifest (every file with rows, bytes, sha256), then ``CURRENT``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from embedding.codec import ResidualCodec, content_order, default_n_centroids
 from embedding.model import EncoderSettings, check_model_dir, fingerprint, read_settings
 from jobs import plan as planner
-from jobs.embed_worker import FAILPOINTS_ENV, SAMPLE_CACHE, SampleEncoder, ShardEncoder, WorkerSpec
-from jobs.runtime import ActorPlan, init_ray, plan_actors
+from jobs.embed_worker import (FAILPOINTS_ENV, SAMPLE_CACHE, SampleEncoder, ShardEncoder, WorkerSpec,
+                               failpoint, read_cache_tokens, sample_cache)
+from jobs.runtime import ActorPlan, init_ray, plan_actors, thread_env
 from jobs.timing import Progress, Timings
 from storage import layout
 from storage.corpus import ColumnMap, CorpusError, CorpusFile, expand, find_duplicates, scan_file
@@ -187,9 +195,9 @@ def run(cfg: EmbedConfig) -> dict:
     codec_info = None
     if cfg.colbert:
         with timings("fit_codec"):
-            codec_info = ensure_codec(cfg, model, files, pieces, vdir, actor_plan, ids)
+            codec_info = ensure_codec(cfg, model, files, pieces, vdir, actor_plan, ids, timings)
     with timings("encode"):
-        encode_pieces(cfg, model, files, pieces, vdir, actor_plan, codec_info)
+        encode_pieces(cfg, model, files, pieces, vdir, actor_plan, codec_info, timings)
     with timings("commit"):
         manifest = _manifest(cfg, model, files, pieces, vdir, codec_info, actor_plan, run_key,
                              art, timings)
@@ -260,9 +268,10 @@ def _map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    extra = {}
+    env = thread_env(p)
     if os.environ.get(FAILPOINTS_ENV):  # fault-injection tests reach the workers this way
-        extra["runtime_env"] = {"env_vars": {FAILPOINTS_ENV: os.environ[FAILPOINTS_ENV]}}
+        env[FAILPOINTS_ENV] = os.environ[FAILPOINTS_ENV]
+    extra = {"runtime_env": {"env_vars": env}}
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     return ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
                           fn_constructor_kwargs={"spec": spec, "codec_url": codec_url},
@@ -272,7 +281,8 @@ def _map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str
 
 # ---- pass 1: the codec ----------------------------------------------------------------
 def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
-                 vdir: Location, p: ActorPlan, ids: "list | None" = None) -> dict:
+                 vdir: Location, p: ActorPlan, ids: "list | None" = None,
+                 timings: "Timings | None" = None) -> dict:
     """Fit (or, on resume, reuse) the residual codec of this version; return its description.
 
     The sample is drawn by document id (``ids``, one array per file) and the fit orders
@@ -289,10 +299,25 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     keys = [planner.id_keys(a.to_pylist(), cfg.seed) for a in ids] if ids is not None and n_docs < total else None
     sample_plan = planner.plan_sample(pieces, n_docs, cfg.seed, keys)
     rows = [{**pieces[s].to_dict(), "rows": json.dumps(r)} for s, r in sorted(sample_plan.items())]
-    spec = _spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=True)
-    chunks = [b["vector"] for b in _map_pieces(rows, SampleEncoder, spec, p, None)
-              .iter_batches(batch_size=None, batch_format="numpy")]
+    # A run killed during this pass left the shards it finished in the sample cache:
+    # their tokens are read back, never encoded again.
+    cached = {loc.name for loc in vdir.join(SAMPLE_CACHE).glob("*.parquet")}
+    todo = [r for r in rows if layout.shard_name(r["shard"]) not in cached]
+    rows_by_shard = {r["shard"]: r["rows"] for r in rows}
+    chunks = [read_cache_tokens(sample_cache(vdir, r["shard"]), model.colbert_dim) for r in rows
+              if layout.shard_name(r["shard"]) in cached]
+    if chunks:
+        logger.info("codec sample: %d of %d shards already encoded by the interrupted run", len(chunks), len(rows))
+    if todo:
+        spec = _spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=True)
+        progress = Progress("codec sample", sum(len(json.loads(r["rows"])) for r in todo))
+        for stats in run_pool(todo, SampleEncoder, spec, p, None, timings):
+            progress.update(len(json.loads(rows_by_shard[stats["shard"]])))
+            if timings is not None:
+                add_worker_stages(timings, stats, "sample_")
+            chunks.append(read_cache_tokens(sample_cache(vdir, stats["shard"]), model.colbert_dim))
     sample = np.concatenate(chunks) if chunks else np.zeros((0, model.colbert_dim), np.float16)
+    failpoint("embed.codec_fit", 1)
     if not len(sample):
         raise CorpusError("no non-empty document in the codec sample: is every text empty?")
     est_tokens = int(len(sample) / max(n_docs, 1) * total)
@@ -301,11 +326,13 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     logger.info("fitting the codec: %d centroids, nbits %d, on %d of %d sampled token vectors "
                 "(%d sampled documents, ~%d corpus tokens)", k, cfg.nbits, len(train), len(sample),
                 n_docs, est_tokens)
-    codec_bytes = _fit_remote(train, cfg.nbits, k, cfg.seed, cfg.kmeans_iters, p)
+    with timings("kmeans") if timings is not None else contextlib.nullcontext():
+        codec_bytes = _fit_remote(train, cfg.nbits, k, cfg.seed, cfg.kmeans_iters, p)
     codec = ResidualCodec.from_bytes(codec_bytes)
     loc.write_bytes(codec_bytes)
     info = {"file": "codec.npz", "sha256": hashlib.sha256(codec_bytes).hexdigest(), "bytes": len(codec_bytes),
             "sample_documents": n_docs, "sample_tokens": int(len(sample)), "train_tokens": int(len(train)),
+            "sample_shards": len(rows), "sample_shards_reused": len(rows) - len(todo),
             "estimated_corpus_tokens": est_tokens, "kmeans_iters": cfg.kmeans_iters, **codec.params()}
     info_loc.write_text(dumps(info))
     return info
@@ -324,7 +351,12 @@ def _fit_remote(train: np.ndarray, nbits: int, k: int, seed: int, niter: int, p:
     """k-means on a worker (a GPU one when the cluster has GPUs)."""
     import ray
 
+    threads = p.threads
+
     def fit(x: np.ndarray) -> bytes:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)  # Ray gave this task OMP_NUM_THREADS=1 (see thread_env)
         return ResidualCodec.fit(x, nbits, k, seed=seed, niter=niter).to_bytes()
 
     task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(fit)
@@ -333,7 +365,8 @@ def _fit_remote(train: np.ndarray, nbits: int, k: int, seed: int, niter: int, p:
 
 # ---- pass 2: encode everything --------------------------------------------------------
 def encode_pieces(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
-                  vdir: Location, p: ActorPlan, codec_info: "dict | None") -> None:
+                  vdir: Location, p: ActorPlan, codec_info: "dict | None",
+                  timings: "Timings | None" = None) -> None:
     """Encode every piece without a finished-shard marker."""
     done = done_shards(vdir)
     todo = [pc.to_dict() for pc in pieces if pc.shard not in done]
@@ -344,8 +377,39 @@ def encode_pieces(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], p
     spec = _spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=cfg.colbert)
     codec_url = vdir.join(codec_info["file"]).url if codec_info else None
     progress = Progress("embed", sum(pc["end"] - pc["start"] for pc in todo))
-    for row in _map_pieces(todo, ShardEncoder, spec, p, codec_url).iter_rows():
-        progress.update(json.loads(row["stats"])["rows_in"])
+    for stats in run_pool(todo, ShardEncoder, spec, p, codec_url, timings):
+        progress.update(stats["rows_in"])
+
+
+WORKER_STAGES = ("load", "read", "tokenize", "forward", "post", "compress", "write")
+
+
+def add_worker_stages(timings: Timings, stats: dict, prefix: str) -> None:
+    """Add a shard's in-actor seconds per stage to ``timings`` as ``<prefix><stage>``."""
+    for stage in WORKER_STAGES:
+        if f"{stage}_seconds" in stats:
+            timings.add(prefix + stage, stats[f"{stage}_seconds"])
+
+
+def run_pool(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | None",
+             timings: "Timings | None" = None) -> Iterator[dict]:
+    """Map the piece rows over an actor pool; yield each shard's statistics as it finishes.
+
+    ``timings["actor_start"]`` gets the pool's start-up: from the launch to the start of
+    the first shard's work, plus that shard's model load (actor processes, imports, the
+    model). The run pays it once whatever the corpus size; benchmarks report it apart
+    from the steady state. (Measured from the shards' own start times: Ray Data may hold
+    finished results back, so the arrival of the first one says little.)
+    """
+    launched = time.time()
+    first = None
+    for row in _map_pieces(rows, actor_cls, spec, p, codec_url).iter_rows():
+        stats = json.loads(row["stats"])
+        if "started_at" in stats and (first is None or stats["started_at"] < first["started_at"]):
+            first = stats
+        yield stats
+    if timings is not None and first is not None:
+        timings.add("actor_start", max(0.0, first["started_at"] - launched) + first.get("load_seconds", 0.0))
 
 
 def done_shards(vdir: Location) -> dict[int, dict]:
@@ -388,7 +452,15 @@ def _manifest(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], piece
         "parent": art.current(),
         "run_key": run_key,
         "workers": p.to_dict(),
-        "timings": {**timings.to_dict(),
+        "timings": {**timings.to_dict(), **_worker_timings(shard_stats),
                     "encode_worker_seconds": round(sum(s["encode_seconds"] for s in shard_stats), 3)},
         "created_at": utcnow(),
     }
+
+
+def _worker_timings(shard_stats: list[dict]) -> dict:
+    """In-actor seconds per stage of the encode pass, summed over its shards (``worker_<stage>``)."""
+    t = Timings()
+    for stats in shard_stats:
+        add_worker_stages(t, stats, "worker_")
+    return t.to_dict()

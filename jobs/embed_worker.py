@@ -19,8 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedding.codec import ResidualCodec
-from embedding.encoder import DocumentVectors, Encoder
-from embedding.model import EncoderSettings, load_model
+from embedding.vectors import DocumentVectors
 from storage import layout, schemas
 from storage.corpus import ColumnMap, CorpusFile, meta_hashes, read_rows, text_hashes
 from storage.fs import Location
@@ -52,28 +51,69 @@ class WorkerSpec:
 
 
 class EncoderActor:
-    """Loads the model once; ``__call__`` handles one batch of piece rows."""
+    """Holds one model, loaded on first use; ``__call__`` handles one batch of piece rows.
+
+    The model is loaded lazily: a shard whose every document the codec-sample pass
+    already encoded is compressed and written without it, so the second pass over a
+    small corpus (PLAID's sample is all of it) never loads the model at all.
+    """
 
     def __init__(self, spec: WorkerSpec, codec_url: "str | None" = None) -> None:
-        import torch
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()  # no per-actor load reports in the job log
-        transformers.utils.logging.disable_progress_bar()
-        if spec.device == "cpu":
-            torch.set_num_threads(spec.threads)
+        # torch, transformers and the model are imported and loaded on first use (the
+        # ``lm`` property): an actor with nothing to encode starts in a fraction of the time.
         self.spec = spec
-        self.lm = load_model(spec.model_dir, EncoderSettings(**spec.settings), device=spec.device)
-        if self.lm.fingerprint != spec.fingerprint:
-            raise RuntimeError(f"model at {spec.model_dir} on this worker has fingerprint "
-                               f"{self.lm.fingerprint[:12]}, the job expects {spec.fingerprint[:12]}: "
-                               "every node must see the same model files")
-        self.encoder = Encoder(self.lm, max_batch=spec.max_batch, max_tokens=spec.max_tokens)
+        self._lm = None
+        self._encoder = None
+        self._load_s = 0.0  # model load seconds not yet reported in a shard's stats
         self.files = [CorpusFile.from_dict(f) for f in spec.files]
         self.cols = ColumnMap(**spec.columns)
         self.vdir = Location(spec.version_dir)
         self.codec = ResidualCodec.from_bytes(Location(codec_url).read_bytes()) if codec_url else None
         self._residual_stats: dict = {}
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            start = time.perf_counter()
+            import torch
+            import transformers
+
+            from embedding.model import EncoderSettings, load_model
+
+            if self.spec.device == "cpu":
+                torch.set_num_threads(self.spec.threads)
+            transformers.utils.logging.set_verbosity_error()  # no per-actor load reports in the job log
+            transformers.utils.logging.disable_progress_bar()
+            spec = self.spec
+            lm = load_model(spec.model_dir, EncoderSettings(**spec.settings), device=spec.device)
+            if lm.fingerprint != spec.fingerprint:
+                raise RuntimeError(f"model at {spec.model_dir} on this worker has fingerprint "
+                                   f"{lm.fingerprint[:12]}, the job expects {spec.fingerprint[:12]}: "
+                                   "every node must see the same model files")
+            self._lm = lm
+            self._load_s += time.perf_counter() - start
+        return self._lm
+
+    @property
+    def encoder(self) -> "Encoder":
+        if self._encoder is None:
+            from embedding.encoder import Encoder
+
+            self._encoder = Encoder(self.lm, max_batch=self.spec.max_batch, max_tokens=self.spec.max_tokens)
+        return self._encoder
+
+    def _stage_seconds(self) -> dict[str, float]:
+        return dict(self._encoder.stage_seconds) if self._encoder is not None else {}
+
+    @staticmethod
+    def _stage_delta(before: dict, after: dict) -> dict[str, float]:
+        """The encoder's seconds per stage spent between two snapshots, as stats keys."""
+        return {f"{k}_seconds": round(v - before.get(k, 0.0), 3) for k, v in after.items()}
+
+    def _take_load_seconds(self) -> float:
+        """Model load seconds spent since the last call (reported once, by one shard)."""
+        out, self._load_s = self._load_s, 0.0
+        return round(out, 3)
 
     def _read(self, row: dict) -> pa.Table:
         f = self.files[int(row["file"])]
@@ -100,11 +140,13 @@ class ShardEncoder(EncoderActor):
         return {"stats": np.array(stats, dtype=object)}
 
     def write_shard(self, row: dict) -> dict:
-        start = time.perf_counter()
+        started_at, start = time.time(), time.perf_counter()
         shard = int(row["shard"])
         failpoint("embed.shard", shard)
         self._residual_stats = {}
+        stages = self._stage_seconds()
         table = self._read(row)
+        read_s = time.perf_counter() - start
         if row.get("rows"):  # a re-index delta shard: only these rows of the range changed
             table = table.take(pa.array(json.loads(str(row["rows"])), pa.int64()))
         texts = pc.fill_null(table.column("text"), "").to_pylist()
@@ -117,11 +159,14 @@ class ShardEncoder(EncoderActor):
         ids = kept.column("id").to_pylist()
         entries = []
         write = lambda kind, tbl: entries.append(self._write(kind, shard, tbl))  # noqa: E731
+        t0 = time.perf_counter()
+        tokens = self._tokens_table(ids, enc.tokens) if enc is not None and self.spec.colbert else None
+        compress_s = time.perf_counter() - t0
         write("docs", self._docs_table(kept, kept_texts, enc, shard))
         if enc is not None and self.spec.dense:
             write("dense", schemas.dense_table(ids, enc.dense))
-        if enc is not None and self.spec.colbert:
-            write("tokens", self._tokens_table(ids, enc.tokens))
+        if tokens is not None:
+            write("tokens", tokens)
         if not keep.all():
             skipped = table.filter(pa.array(~keep)).column("id")
             write("skipped", pa.table({"id": skipped, "reason": pa.array(["empty_text"] * len(skipped)),
@@ -132,8 +177,12 @@ class ShardEncoder(EncoderActor):
                  "tokens": int(sum(len(t) for t in enc.tokens)) if enc is not None and enc.tokens else 0,
                  "input_tokens": int(enc.n_tokens.sum()) if enc is not None else 0,
                  "truncated": int(enc.truncated.sum()) if enc is not None else 0,
-                 "encode_seconds": round(encode_s, 3), **self._residual_stats,
-                 "seconds": round(time.perf_counter() - start, 3), "files": entries}
+                 "encode_seconds": round(encode_s, 3), "load_seconds": self._take_load_seconds(),
+                 "read_seconds": round(read_s, 3), "compress_seconds": round(compress_s, 3),
+                 **self._stage_delta(stages, self._stage_seconds()), **self._residual_stats,
+                 "write_seconds": round(time.perf_counter() - t0 - compress_s, 3),
+                 "seconds": round(time.perf_counter() - start, 3), "started_at": round(started_at, 3),
+                 "files": entries}
         marker = self.vdir.join(layout.SHARD_MARKERS, f"{shard:05d}.json")
         marker.write_text(json.dumps(stats))  # last: the shard is done
         return stats
@@ -141,15 +190,15 @@ class ShardEncoder(EncoderActor):
     def _encode(self, shard: int, offsets: np.ndarray, texts: list[str]) -> DocumentVectors:
         """Encode the kept rows, taking those pass 1 already encoded from the sample cache."""
         cache_loc = sample_cache(self.vdir, shard)
-        cached = read_cache(cache_loc, self.lm.colbert_dim, self.lm.hidden_size) \
-            if self.spec.colbert and cache_loc.exists() else {}
+        cached = read_cache(cache_loc, self.codec.dim) if self.spec.colbert and cache_loc.exists() else {}
         todo = [i for i, o in enumerate(offsets) if int(o) not in cached]
         fresh = self.encoder.encode_documents([texts[i] for i in todo], dense=self.spec.dense,
                                               colbert=self.spec.colbert) if todo else None
         if not cached:
             return fresh
         n = len(texts)
-        out = DocumentVectors(np.zeros((n, self.lm.hidden_size), np.float32) if self.spec.dense else None,
+        hidden = len(next(iter(cached.values()))[0]) if self.spec.dense else 0
+        out = DocumentVectors(np.zeros((n, hidden), np.float32) if self.spec.dense else None,
                               [None] * n, np.zeros(n, np.int32), np.zeros(n, bool))
         for j, i in enumerate(todo):
             self._put(out, i, fresh.dense[j] if fresh.dense is not None else None, fresh.tokens[j],
@@ -195,7 +244,8 @@ class ShardEncoder(EncoderActor):
     def _tokens_table(self, ids: list[str], tokens: list[np.ndarray]) -> pa.Table:
         lengths = [len(t) for t in tokens]
         allv = np.concatenate(tokens) if sum(lengths) else np.zeros((0, self.codec.dim), np.float32)
-        codes, residuals = self.codec.compress(allv)
+        # On a GPU encoder the nearest-centroid search runs on the GPU, off the CPU threads.
+        codes, residuals = self.codec.compress(allv, device="cuda" if self.spec.device == "cuda" else None)
         self._residual_stats = residual_stats(self.codec, allv, codes)
         splits = np.cumsum(lengths)[:-1]
         return schemas.tokens_table(ids, np.split(codes, splits), np.split(residuals, splits),
@@ -233,36 +283,46 @@ def failpoint(name: str, value: int) -> None:
 
 
 class SampleEncoder(EncoderActor):
-    """Pass 1: encode the sampled rows, keep their vectors for pass 2, return their tokens.
+    """Pass 1: encode the sampled rows of a shard and cache their vectors under ``_sample/``.
 
     The sampled documents' full encodings (dense vector, raw token vectors) are cached
-    under ``_sample/`` so pass 2 never runs the model on them again: on a small corpus,
-    where PLAID's sample is most of it, the job still encodes every document once.
+    so that pass 2 never runs the model on them again (on a small corpus, where PLAID's
+    sample is most of it, the job still encodes every document once), and so that a
+    run killed during this pass keeps the shards it finished. The driver reads the
+    token vectors for the codec fit back from the cache; the actor returns statistics.
     """
 
     def __call__(self, batch: dict) -> dict:
         out = []
         for i in range(len(batch["shard"])):
             row = {k: batch[k][i] for k in ("shard", "file", "start", "end")}
+            started_at, start = time.time(), time.perf_counter()
+            stages = self._stage_seconds()
+            failpoint("embed.sample", int(row["shard"]))
             table = self._read(row)
             texts = pc.fill_null(table.column("text"), "").to_pylist()
             offsets = [o for o in json.loads(batch["rows"][i]) if texts[o].strip()]
-            if not offsets:
-                continue
-            enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense, colbert=True)
-            cache = sample_cache(self.vdir, int(row["shard"]))
-            schemas.write_table(cache, _cache_table(offsets, enc))
-            out.extend(enc.tokens)
-        dim = self.lm.colbert_dim
-        vectors = np.concatenate(out).astype(np.float16) if out else np.zeros((0, dim), np.float16)
-        return {"vector": vectors}
+            enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense,
+                                                colbert=True) if offsets else None
+            t0 = time.perf_counter()
+            schemas.write_table(sample_cache(self.vdir, int(row["shard"])), _cache_table(offsets, enc))
+            out.append(json.dumps({"shard": int(row["shard"]), "documents": len(offsets),
+                                   "load_seconds": self._take_load_seconds(),
+                                   "write_seconds": round(time.perf_counter() - t0, 3),
+                                   **self._stage_delta(stages, self._stage_seconds()),
+                                   "seconds": round(time.perf_counter() - start, 3),
+                                   "started_at": round(started_at, 3)}))
+        return {"stats": np.array(out, dtype=object)}
 
 
 def sample_cache(vdir: Location, shard: int) -> Location:
     return vdir.join(SAMPLE_CACHE, layout.shard_name(shard))
 
 
-def _cache_table(offsets: list[int], enc: DocumentVectors) -> pa.Table:
+def _cache_table(offsets: list[int], enc: "DocumentVectors | None") -> pa.Table:
+    if enc is None:  # no non-empty sampled row: an empty cache still marks the shard done
+        return pa.table({"row": pa.array([], pa.int32()), "n_tokens": pa.array([], pa.int32()),
+                         "truncated": pa.array([], pa.bool_()), "tokens": pa.array([], pa.binary())})
     cols = {"row": pa.array(offsets, pa.int32()), "n_tokens": pa.array(enc.n_tokens, pa.int32()),
             "truncated": pa.array(enc.truncated, pa.bool_()),
             "tokens": pa.array([np.ascontiguousarray(t, np.float16).tobytes() for t in enc.tokens], pa.binary())}
@@ -271,9 +331,19 @@ def _cache_table(offsets: list[int], enc: DocumentVectors) -> pa.Table:
     return pa.table(cols)
 
 
-def read_cache(loc: Location, dim: int, hidden: int) -> dict[int, tuple]:
-    """{row offset: (dense (H,) or None, tokens (t, dim) float32, n_tokens, truncated)}."""
+def read_cache(loc: Location, dim: int) -> dict[int, tuple]:
+    """{row offset: (dense (H,) float32 or None, tokens (t, dim) float32, n_tokens, truncated)}."""
     table = schemas.read_table(loc).to_pylist()
     return {r["row"]: (np.frombuffer(r["dense"], np.float32) if r.get("dense") is not None else None,
                        np.frombuffer(r["tokens"], np.float16).reshape(-1, dim).astype(np.float32),
                        r["n_tokens"], r["truncated"]) for r in table}
+
+
+def read_cache_tokens(loc: Location, dim: int) -> np.ndarray:
+    """Every token vector of one shard's sample cache, ``(t, dim)`` float16."""
+    col = schemas.read_table(loc, columns=["tokens"]).column("tokens").combine_chunks()
+    if not len(col):
+        return np.zeros((0, dim), np.float16)
+    offsets = np.frombuffer(col.buffers()[1], np.int32)[col.offset:col.offset + len(col) + 1]
+    data = np.frombuffer(col.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+    return data.view(np.float16).reshape(-1, dim)

@@ -25,6 +25,10 @@ class Timings:
             self.seconds[stage] = round(self.seconds.get(stage, 0.0) + spent, 3)
             logger.info("stage %s: %.1fs", stage, spent)
 
+    def add(self, stage: str, seconds: float) -> None:
+        """Add seconds measured elsewhere (e.g. inside the actors) to ``stage``."""
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 3)
+
     def to_dict(self) -> dict[str, float]:
         return dict(self.seconds)
 

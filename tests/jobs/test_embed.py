@@ -223,6 +223,9 @@ def test_sampled_documents_are_encoded_once_and_match(ray_local, tiny_model_dir,
     manifest = run(_cfg(corpus, tiny_model_dir, root, mode="both"))
     assert manifest["codec"]["sample_documents"] == 40          # PLAID's sample is the whole small corpus
     assert not (root / "sets" / "t" / "v000001" / "_sample").exists()   # cache removed after commit
+    t = manifest["timings"]
+    assert t["sample_load"] > 0 and t["worker_load"] == 0      # pass 2 compressed the cache, loaded no model
+    assert t["sample_forward"] > 0 and "worker_forward" not in t and "worker_compress" in t
     con = catalog.connect(str(root))
     files = [r[0] for r in con.execute("select path from shards where kind = 'dense' order by shard").fetchall()]
     table = pa.concat_tables([schemas.read_table(location(f)) for f in files])
@@ -234,6 +237,36 @@ def test_sampled_documents_are_encoded_once_and_match(ray_local, tiny_model_dir,
     n_tok = con.execute("select sum(n_tokens) from documents").fetchone()[0]
     assert n_tok == int(enc.n_tokens.sum())
     assert manifest["counts"]["tokens"] == sum(len(t) for t in enc.tokens)
+
+
+def test_kill_during_or_after_the_codec_sample_pass_encodes_the_sample_once(ray_local, tiny_model_dir, tmp_path,
+                                                                           monkeypatch):
+    """A run killed in the sample pass keeps the shards it cached; one killed in the fit keeps them
+    all: the resumed runs read them back instead of encoding them, and fit the same codec."""
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), _docs(64))        # 4 shards, all sampled
+    root = tmp_path / "s"
+    cfg = _cfg(corpus, tiny_model_dir, root, mode="both", actors=1)
+    monkeypatch.setenv("TESSERA_FAILPOINTS", "embed.sample=2")
+    with pytest.raises(Exception, match="failpoint embed.sample=2"):
+        run(cfg)
+    cache = root / "sets" / "t" / "v000001" / "_sample"
+    first = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.parquet")}
+    assert {"part-00000.parquet", "part-00001.parquet"} <= set(first) and "part-00002.parquet" not in first
+
+    monkeypatch.setenv("TESSERA_FAILPOINTS", "embed.codec_fit=1")     # dies after the sample pass
+    with pytest.raises(Exception, match="failpoint embed.codec_fit=1"):
+        run(cfg)
+    after = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.parquet")}
+    assert len(after) == 4 and all(after[name] == t for name, t in first.items())  # not re-encoded
+
+    monkeypatch.delenv("TESSERA_FAILPOINTS")
+    manifest = run(cfg)
+    assert manifest["codec"]["sample_shards"] == manifest["codec"]["sample_shards_reused"] == 4
+    fresh = run(_cfg(corpus, tiny_model_dir, tmp_path / "fresh", mode="both", actors=1))
+    assert manifest["codec"]["sha256"] == fresh["codec"]["sha256"]   # the same sample, the same codec
+    con = catalog.connect(str(root))
+    assert con.execute("select count(*), sum(n_tokens) from documents").fetchone() == \
+        catalog.connect(str(tmp_path / "fresh")).execute("select count(*), sum(n_tokens) from documents").fetchone()
 
 
 def test_colbert_checkpoint_with_projection(ray_local, tiny_colbert_dir, tmp_path):

@@ -67,3 +67,15 @@ def test_sample_keys_must_cover_the_pieces():
         plan_sample(build_pieces([5], 2), 2, 0, [np.zeros(4, np.uint64)])
     with pytest.raises(ValueError, match="cannot sample"):
         plan_sample(build_pieces([5], 2), 6, 0)
+
+
+@pytest.mark.parametrize("cpus,threads", [(1, 1), (2, 2), (16, 16)])
+def test_cpu_pool_leaves_a_cpu_and_gives_blas_the_actor_threads(cpus, threads):
+    """One CPU stays unreserved for Ray Data; OpenMP/BLAS (faiss k-means, numpy's centroid
+    search) get the actor's torch threads, not the 1 Ray would set from the reservation."""
+    from jobs.runtime import plan_actors, thread_env
+
+    p = plan_actors(cpus, 0)
+    assert p.actors == 1 and p.threads == threads and p.device == "cpu"
+    assert p.num_cpus * p.actors <= max(cpus - 1, 0.5)
+    assert thread_env(p)["OMP_NUM_THREADS"] == str(threads) == thread_env(p)["OPENBLAS_NUM_THREADS"]
