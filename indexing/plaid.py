@@ -114,9 +114,9 @@ def plaid_defaults(k: int) -> dict:
     Returns
     -------
     dict
-        ``ncells``, ``centroid_score_threshold`` and ``ndocs``: (4, 0.5, 256)
-        for ``k <= 10``, (4, 0.45, 1024) for ``k <= 100``, else
-        (4, 0.4, ``max(4 * k, 4096)``).
+        ``ncells``, ``centroid_score_threshold``, ``ndocs`` and ``exact_tokens``:
+        (4, 0.5, 256, 8192) for ``k <= 10``, (4, 0.45, 1024, 32768) for ``k <= 100``,
+        else (4, 0.4, ``max(4 * k, 4096)``, 65536).
 
     Notes
     -----
@@ -128,13 +128,20 @@ def plaid_defaults(k: int) -> dict:
     top-10 agreed with exact MaxSim over the same vectors at 0.925 with
     ``ncells=1``, 0.964 with 2 and 0.988 with 4, in the same 70 ms a query. The
     later stages, bounded by ``ndocs``, hold the extra candidates' cost in check.
+
+    ``exact_tokens`` sizes the exact stage in tokens as well as documents: it scores
+    at least ``exact_tokens / mean document length`` documents. On paragraphs (170
+    tokens each) ``ndocs // 4`` already covers it; on 12,000 Tatoeba sentences (11
+    tokens each) the centroid stages cannot tell near-duplicate short documents apart,
+    and 64 exact documents agreed with exact MaxSim at 0.74, 256 at 0.92 and 1,024 at
+    0.98; 8,192 tokens (~740 sentences) cost about what 64 paragraphs do.
     """
     k = _check_k(k)
     if k <= 10:
-        return {"ncells": 4, "centroid_score_threshold": 0.5, "ndocs": 256}
+        return {"ncells": 4, "centroid_score_threshold": 0.5, "ndocs": 256, "exact_tokens": 8192}
     if k <= 100:
-        return {"ncells": 4, "centroid_score_threshold": 0.45, "ndocs": 1024}
-    return {"ncells": 4, "centroid_score_threshold": 0.4, "ndocs": max(4 * k, 4096)}
+        return {"ncells": 4, "centroid_score_threshold": 0.45, "ndocs": 1024, "exact_tokens": 32768}
+    return {"ncells": 4, "centroid_score_threshold": 0.4, "ndocs": max(4 * k, 4096), "exact_tokens": 65536}
 
 
 def _check_positive_int(value: int | None, name: str) -> None:
@@ -157,6 +164,9 @@ class SearchParams:
     ndocs : int, optional
         Documents kept after the approximate stage; ``ndocs // 4`` (at least
         ``k``) are kept after the full centroid stage.
+    exact_tokens : int, optional
+        The exact stage scores at least ``exact_tokens / mean document length``
+        documents (and the earlier stages keep at least as many).
     dim : int, optional
         Matryoshka prefix of the token vectors (``<= codec.dim``); None = full.
     """
@@ -165,10 +175,12 @@ class SearchParams:
     centroid_score_threshold: float | None = None
     ndocs: int | None = None
     dim: int | None = None
+    exact_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _check_positive_int(self.ncells, "ncells")
         _check_positive_int(self.ndocs, "ndocs")
+        _check_positive_int(self.exact_tokens, "exact_tokens")
         _check_positive_int(self.dim, "dim")
         threshold = self.centroid_score_threshold
         if threshold is not None and (
@@ -847,6 +859,7 @@ class CentroidIndex:
         queries = _prepare_queries(Q, self.codec.dim, dim)
         mask = self._allowed_mask(allowed)
         n_searchable = len(self._searchable_docs(mask))
+        n_exact = self._n_exact(params, k)
         centroids_t = self._centroids_t(dim)
         nq, lq = queries.shape[:2]
         results: list[tuple[np.ndarray, np.ndarray]] = []
@@ -857,7 +870,7 @@ class CentroidIndex:
             for begin in range(0, nq, block):
                 part = queries[begin : begin + block]
                 scores = (part.reshape(-1, dim) @ centroids_t).reshape(len(part), lq, -1)
-                args = [(q, s, params, k, dim, mask, n_searchable) for q, s in zip(part, scores)]
+                args = [(q, s, params, k, dim, mask, n_searchable, n_exact) for q, s in zip(part, scores)]
                 if pool is None:
                     results += [self._search_one(*a) for a in args]
                 else:
@@ -941,6 +954,13 @@ class CentroidIndex:
         tokens = self._token_ids(docs)
         return self.codec.decompress(self.codes[tokens], self.residuals[tokens], dim=dim)
 
+    def _n_exact(self, params: SearchParams, k: int) -> int:
+        """Documents scored exactly: ``max(k, ndocs // 4, exact_tokens / mean length)``."""
+        n_with_tokens = int(np.count_nonzero(self.doc_lengths))
+        mean_length = self.n_tokens / max(1, n_with_tokens)
+        by_tokens = int(params.exact_tokens / mean_length) if mean_length > 0 else 0
+        return max(k, params.ndocs // 4, by_tokens)
+
     def _centroids_t(self, dim: int) -> np.ndarray:
         """``(dim, n_centroids)`` float32 transposed centroids of the prefix ``dim`` (cached).
 
@@ -962,11 +982,13 @@ class CentroidIndex:
         dim: int,
         mask: np.ndarray | None,
         n_searchable: int,
+        n_exact: int,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` (scores, positions) of one ``(Lq, dim)`` query.
 
         ``centroid_scores`` is ``(Lq, n_centroids)`` ``q @ centroids.T``;
-        ``n_searchable`` counts the allowed documents with tokens.
+        ``n_searchable`` counts the allowed documents with tokens; ``n_exact``
+        documents reach the exact stage.
         """
         live = np.any(q != 0, axis=1)
         if not live.all():
@@ -983,14 +1005,14 @@ class CentroidIndex:
         # it reaches that many (or every allowed document). A language filter on 1/12 of
         # XQuAD lifted top-10 agreement with exact MaxSim from 0.91 to 0.98 at ncells=4
         # (from 0.67 to 0.98 at ncells=1).
-        want = min(max(k, params.ndocs // 4), n_searchable)
+        want = min(n_exact, n_searchable)
         while len(docs) < want and ncells < centroid_scores.shape[1]:
             ncells *= 2
             docs = self._candidates(centroid_scores, ncells, mask)
         kept = centroid_scores.max(axis=0) >= params.centroid_score_threshold
         n_candidates = len(docs)
-        docs = self._centroid_filter(docs, centroid_scores, kept, max(k, params.ndocs))
-        docs = self._centroid_filter(docs, centroid_scores, None, max(k, params.ndocs // 4))
+        docs = self._centroid_filter(docs, centroid_scores, kept, max(params.ndocs, n_exact))
+        docs = self._centroid_filter(docs, centroid_scores, None, n_exact)
         logger.debug(
             "plaid query: %d candidates, %d after centroid stages, %d/%d centroids kept",
             n_candidates, len(docs), int(kept.sum()), len(kept),

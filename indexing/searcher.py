@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 #: Search parameters a caller may override per call, by index family.
 DENSE_OVERRIDES = ("nprobe", "ef_search", "rescore")
-PLAID_OVERRIDES = ("ncells", "centroid_score_threshold", "ndocs")
+PLAID_OVERRIDES = ("ncells", "centroid_score_threshold", "ndocs", "exact_tokens")
 _FP_SHOWN = 16
 #: Environment variable naming the local cache root (default ``~/.cache/tessera``).
 _ENCODER_REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127}?)(?:[@:](?P<version>v?\d+))?$")

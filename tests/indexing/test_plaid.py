@@ -138,7 +138,7 @@ def test_plaid_defaults(k, expected):
 
 def test_resolved_keeps_explicit_values():
     params = SearchParams(ncells=3, dim=16).resolved(5)
-    assert params == SearchParams(ncells=3, centroid_score_threshold=0.5, ndocs=256, dim=16)
+    assert params == SearchParams(ncells=3, centroid_score_threshold=0.5, ndocs=256, dim=16, exact_tokens=8192)
 
 
 # -- exactness ---------------------------------------------------------------
