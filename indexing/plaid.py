@@ -61,6 +61,11 @@ DERIVED_KEYS = ("doc_cell_offsets", "doc_cells", "token_inv_norms")
 # one (tokens, query vectors) score block (64 MiB).
 _TOKEN_BATCH = 1 << 16
 _SCORE_BUDGET = 1 << 24
+# The same for the per-query stages of search (4 MiB blocks; tokens of one exact-stage
+# block): large enough for BLAS and numpy to run at full speed, small enough that a
+# serving process's temporaries stay a few MiB instead of the index's own size.
+_STAGE_BUDGET = 1 << 20
+_EXACT_TOKENS = 4096
 _MAX_DOCS = np.iinfo(np.int32).max
 # Up to this many cells per query token, _best_cells scans with argmax.
 _ARGMAX_CELLS = 8
@@ -866,7 +871,7 @@ class CentroidIndex:
         with _thread_limit(threads), _query_pool(threads, nq) as pool:
             # Centroid scores for a block of queries in one matrix product (BLAS
             # is most efficient on many rows); the later stages go query by query.
-            block = max(1, _SCORE_BUDGET // max(1, lq * centroids_t.shape[1]))
+            block = max(1, _STAGE_BUDGET // max(1, lq * centroids_t.shape[1]))
             for begin in range(0, nq, block):
                 part = queries[begin : begin + block]
                 scores = (part.reshape(-1, dim) @ centroids_t).reshape(len(part), lq, -1)
@@ -1033,12 +1038,22 @@ class CentroidIndex:
         lengths = self.doc_lengths[docs]
         if dim != self.codec.dim:
             return _segment_maxsum(q @ self._decompress(docs, dim).T, lengths)
+        scores_t = np.ascontiguousarray(centroid_scores.T)
+        return np.concatenate([np.empty(0, np.float32)] + [
+            self._exact_block(q, scores_t, docs[chunk], lengths[chunk])
+            for chunk in _doc_chunks(lengths, _EXACT_TOKENS)
+        ])
+
+    def _exact_block(
+        self, q: np.ndarray, scores_t: np.ndarray, docs: np.ndarray, lengths: np.ndarray
+    ) -> np.ndarray:
+        """Exact MaxSim of a few documents at the full dimension (``scores_t``: (C, Lq))."""
         tokens = self._token_ids(docs)
         # (T, Lq) layout: the product with the residuals as the left operand is ~1.5x
         # faster in BLAS, and np.take of whole rows beats fancy indexing.
         residuals = self.codec.residual_vectors(np.take(self.residuals, tokens, axis=0))
         token_scores = residuals @ q.T
-        token_scores += np.take(np.ascontiguousarray(centroid_scores.T), np.take(self.codes, tokens), axis=0)
+        token_scores += np.take(scores_t, np.take(self.codes, tokens), axis=0)
         token_scores *= np.take(self.token_inv_norms, tokens)[:, None]
         return _segment_maxsum(token_scores.T, lengths)
 
@@ -1070,7 +1085,7 @@ class CentroidIndex:
         """The ``n_keep`` best ``docs`` by centroid interaction (pruned when ``kept`` is given)."""
         if len(docs) <= n_keep:
             return docs
-        budget = max(1, _SCORE_BUDGET // centroid_scores.shape[0])
+        budget = max(1, _STAGE_BUDGET // centroid_scores.shape[0])
         starts = self.doc_cell_offsets[docs]
         lengths = self.doc_cell_offsets[docs + 1] - starts
         scores = np.concatenate([
