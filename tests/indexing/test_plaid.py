@@ -577,3 +577,13 @@ def test_best_cells_equal_a_full_partition(index, corpus):
             # equal score sets (ties may pick other cells of the same score)
             np.testing.assert_array_equal(np.take_along_axis(scores, got, 1).round(6),
                                           np.take_along_axis(scores, full, 1).round(6))
+
+
+def test_one_stage_when_pruning_drops_nothing_gives_the_two_stage_result(index, corpus, monkeypatch):
+    queries = corpus["queries"]
+    params = SearchParams(ncells=2, centroid_score_threshold=-1.0, ndocs=64, exact_tokens=1)
+    one_stage = index.search(queries, 10, params)
+    calls = []
+    monkeypatch.setattr(CentroidIndex, "_prunes_nothing", lambda self, docs, kept: calls.append(1) and False)
+    _assert_same_results(index.search(queries, 10, params), one_stage)
+    assert len(calls) == len(queries)
