@@ -466,7 +466,7 @@ def main(argv=None) -> int:
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": False,
                     "threads": args.threads},
-        "index": args.index, "set": source, "nbits": nbits, "queries": len(qids), "rounds": args.rounds,
+        "tessera_commit": tessera_commit(), "index": args.index, "set": source, "nbits": nbits, "queries": len(qids), "rounds": args.rounds,
         "query_shape": list(Q.shape),
         "tessera": {"n_docs": cindex.n_docs, "n_tokens": cindex.n_tokens, "n_centroids": cindex.codec.n_centroids,
                     "params": dataclasses.asdict(SearchParams().resolved(K)), "index_bytes": cindex.nbytes(),
@@ -491,6 +491,19 @@ def main(argv=None) -> int:
                        "overlap": t["overlap_exact"] >= GOALS["overlap_min"]}
     write_results(args.out or f"benchmarks/results/vs_colbert_{nbits}bit", result, table(result))
     return 0
+
+
+def tessera_commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes to indexing/ or embedding/)."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "indexing", "embedding"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def colbert_version() -> str:
