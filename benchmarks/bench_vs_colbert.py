@@ -189,10 +189,10 @@ def ru_maxrss_mb() -> float:
 def pin_threads(n: int) -> None:
     """Same thread count for torch, BLAS/OpenMP (threadpoolctl) and faiss."""
     import faiss
-    import torch
     from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(n)
+    if "torch" in sys.modules:  # a Tessera serving process never imports it
+        sys.modules["torch"].set_num_threads(n)
     faiss.omp_set_num_threads(n)
     threadpool_limits(n)
 
@@ -203,24 +203,19 @@ def dir_bytes(path: Path) -> int:
 
 # ---- Tessera ---------------------------------------------------------------------------
 def load_tessera(root: str, index: str):
-    """The plaid index (a ``CentroidIndex``), ids by position and the index manifest.
+    """The plaid index (a ``CentroidIndex``, memory-mapped), ids by position and the manifest.
 
-    Loaded as ``indexing.searcher.Searcher.open`` loads it, without the query encoder.
+    ``indexing.index_files.open_centroid_index``: what a process serving pre-encoded
+    queries uses (no query encoder, no torch).
     """
-    from indexing.searcher import PLAID, _index_manifest, _load_backend, _source_set, read_ids
+    from indexing.index_files import open_centroid_index
+    from indexing.searcher import read_ids
     from storage import layout
     from storage.manifest import Artifact
 
-    loc = layout.resolve_root(root)
-    art = Artifact(loc, "indexes", index)
-    manifest = _index_manifest(art, None)
-    if manifest["index_kind"] != PLAID:
-        raise ValueError(f"index {index!r} is a {manifest['index_kind']} index, not plaid")
-    set_manifest, set_dir = _source_set(loc, manifest["source"])
-    vdir = art.version_dir(manifest["version"])
-    ids = read_ids(vdir, manifest)
-    backend, _ = _load_backend(manifest, vdir, ids, set_manifest, set_dir)
-    return backend.index, ids.to_pylist(), manifest
+    cindex, manifest = open_centroid_index(root, index)
+    vdir = Artifact(layout.resolve_root(root), "indexes", index).version_dir(manifest["version"])
+    return cindex, read_ids(vdir, manifest).to_pylist(), manifest
 
 
 def encode_queries(root: str, index: str, texts: list[str]) -> np.ndarray:
@@ -342,12 +337,14 @@ def colbert_exact(scorer, Q: np.ndarray) -> list[list[int]]:
 # ---- serving subprocess (memory) -------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
     """Load one engine's index and answer every query once; write RSS figures as JSON."""
-    import torch  # noqa: F401  (both engines import it; counted in the post-import RSS)
-
+    # Each engine imports what it needs to serve pre-encoded queries: colbert-ai its
+    # torch-based scorer, Tessera its numpy index (no torch).
     if args.serve == "colbert":
+        import torch  # noqa: F401
+
         from colbert.search.index_storage import IndexScorer  # noqa: F401
     else:
-        from indexing import plaid, searcher  # noqa: F401
+        from indexing import index_files, plaid  # noqa: F401
     pin_threads(args.threads)
     work = Path(args.work)
     Q = np.load(work / "queries.npy")
