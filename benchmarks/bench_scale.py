@@ -210,6 +210,7 @@ def run_cli(args: list[str]) -> tuple[dict, float, float]:
     t.join()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}")
+    logger.info("tessera %s: %.1f s, driver peak RSS %.0f MiB", args[0], wall, peak[0])
     return json.loads(out), wall, peak[0]
 
 
