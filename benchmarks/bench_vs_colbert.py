@@ -208,8 +208,7 @@ def load_tessera(root: str, index: str):
     ``indexing.index_files.open_centroid_index``: what a process serving pre-encoded
     queries uses (no query encoder, no torch).
     """
-    from indexing.index_files import open_centroid_index
-    from indexing.searcher import read_ids
+    from indexing.index_files import open_centroid_index, read_ids
     from storage import layout
     from storage.manifest import Artifact
 

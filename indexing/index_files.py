@@ -24,11 +24,12 @@ import posixpath
 import uuid
 
 import numpy as np
+import pyarrow as pa
 
 from embedding.codec import ResidualCodec
 from indexing import dense
 from indexing.plaid import CentroidIndex
-from storage import layout
+from storage import layout, schemas
 from storage.fs import Location
 from storage.manifest import Artifact, NotFoundError
 
@@ -144,6 +145,30 @@ def local_npy(base: Location, entry: dict) -> str:
         tmp.unlink(missing_ok=True)
     logger.info("cached %s locally as %s", loc.url, cached)
     return str(cached)
+
+
+def read_ids(vdir: Location, manifest: dict) -> pa.StringArray:
+    """Document ids by label, ``(n_labels,)``, from the version's ``ids.parquet``.
+
+    A full build labels its documents ``0..n-1``. An index updated in place by a
+    re-index keeps every surviving document's label, so removed documents leave
+    holes (null ids) and new ones are labelled from ``n_labels`` of the parent on.
+    """
+    entry = (entries(manifest, "ids") or [{"path": "ids.parquet"}])[0]
+    table = schemas.read_table(file_location(vdir, entry["path"]), columns=["pos", "id"]).sort_by("pos")
+    pos = table.column("pos").to_numpy()
+    n_docs = manifest.get("n_docs")
+    if n_docs is not None and n_docs != len(pos):
+        raise ValueError(f"{vdir.url}: ids.parquet has {len(pos)} rows, the manifest says {n_docs} documents")
+    n_labels = int(manifest.get("n_labels", len(pos)))
+    if len(pos) and (pos[0] < 0 or pos[-1] >= n_labels or np.any(np.diff(pos) <= 0)):
+        raise ValueError(f"{vdir.url}/ids.parquet: labels are not unique values in 0..{n_labels - 1}")
+    ids = table.column("id").combine_chunks()
+    if len(pos) == n_labels:
+        return ids
+    out = np.full(n_labels, None, dtype=object)
+    out[pos] = ids.to_numpy(zero_copy_only=False)
+    return pa.array(out, pa.string())
 
 
 def open_centroid_index(root: "str | Location", index: str, version: "str | None" = None

@@ -52,9 +52,8 @@ from embedding.model import (EncoderSettings, ModelError, cache_root, check_mode
                              read_settings)
 from embedding.mrl import truncate
 from indexing import dense
-from indexing.index_files import PLAID
+from indexing.index_files import PLAID, read_ids
 from indexing.index_files import entries as _entries
-from indexing.index_files import file_location as _file_loc
 from indexing.index_files import index_manifest as _index_manifest
 from indexing.index_files import plaid_arrays as _plaid_arrays
 from indexing.index_files import read_checked as _read_checked
@@ -280,30 +279,6 @@ def _default_model_dir(path: str, source: dict) -> Path:
 
 
 # ---- reading an index version ---------------------------------------------------------
-def read_ids(vdir: Location, manifest: dict) -> pa.StringArray:
-    """Document ids by label, ``(n_labels,)``, from the version's ``ids.parquet``.
-
-    A full build labels its documents ``0..n-1``. An index updated in place by a
-    re-index keeps every surviving document's label, so removed documents leave
-    holes (null ids) and new ones are labelled from ``n_labels`` of the parent on.
-    """
-    entry = (_entries(manifest, "ids") or [{"path": "ids.parquet"}])[0]
-    table = schemas.read_table(_file_loc(vdir, entry["path"]), columns=["pos", "id"]).sort_by("pos")
-    pos = table.column("pos").to_numpy()
-    n_docs = manifest.get("n_docs")
-    if n_docs is not None and n_docs != len(pos):
-        raise ValueError(f"{vdir.url}: ids.parquet has {len(pos)} rows, the manifest says {n_docs} documents")
-    n_labels = int(manifest.get("n_labels", len(pos)))
-    if len(pos) and (pos[0] < 0 or pos[-1] >= n_labels or np.any(np.diff(pos) <= 0)):
-        raise ValueError(f"{vdir.url}/ids.parquet: labels are not unique values in 0..{n_labels - 1}")
-    ids = table.column("id").combine_chunks()
-    if len(pos) == n_labels:
-        return ids
-    out = np.full(n_labels, None, dtype=object)
-    out[pos] = ids.to_numpy(zero_copy_only=False)
-    return pa.array(out, pa.string())
-
-
 def read_dense_vectors(set_dir: Location, set_manifest: dict,
                        labels: "pa.StringArray | None" = None) -> np.ndarray:
     """The set's live float16 dense vectors, ``(n, D)``.

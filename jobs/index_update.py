@@ -58,8 +58,7 @@ def update(root: Location, name: str, im: dict, set_name: str, version: str, vm:
            run_key: str) -> dict:
     """A new version of index ``name``: tombstoned labels out, the new shards in; committed, not published."""
     from jobs.build_index import put_file, read_dense, read_tokens, write_ids, write_plaid
-    from indexing.index_files import plaid_arrays, read_checked
-    from indexing.searcher import read_ids
+    from indexing.index_files import plaid_arrays, read_checked, read_ids
 
     started = time.perf_counter()
     ia = Artifact(root, "indexes", name)
