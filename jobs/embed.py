@@ -304,10 +304,9 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     cached = {loc.name for loc in vdir.join(SAMPLE_CACHE).glob("*.parquet")}
     todo = [r for r in rows if layout.shard_name(r["shard"]) not in cached]
     rows_by_shard = {r["shard"]: r["rows"] for r in rows}
-    chunks = [read_cache_tokens(sample_cache(vdir, r["shard"]), model.colbert_dim) for r in rows
-              if layout.shard_name(r["shard"]) in cached]
-    if chunks:
-        logger.info("codec sample: %d of %d shards already encoded by the interrupted run", len(chunks), len(rows))
+    n_reused = len(rows) - len(todo)
+    if n_reused:
+        logger.info("codec sample: %d of %d shards already encoded by the interrupted run", n_reused, len(rows))
     if todo:
         spec = _spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=True)
         progress = Progress("codec sample", sum(len(json.loads(r["rows"])) for r in todo))
@@ -315,25 +314,24 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
             progress.update(len(json.loads(rows_by_shard[stats["shard"]])))
             if timings is not None:
                 add_worker_stages(timings, stats, "sample_")
-            chunks.append(read_cache_tokens(sample_cache(vdir, stats["shard"]), model.colbert_dim))
-    sample = np.concatenate(chunks) if chunks else np.zeros((0, model.colbert_dim), np.float16)
     failpoint("embed.codec_fit", 1)
-    if not len(sample):
-        raise CorpusError("no non-empty document in the codec sample: is every text empty?")
-    est_tokens = int(len(sample) / max(n_docs, 1) * total)
-    k = cfg.n_centroids or min(default_n_centroids(est_tokens), len(sample))
-    train = _subsample(sample, cfg.max_sample_tokens, cfg.seed).astype(np.float32)
-    logger.info("fitting the codec: %d centroids, nbits %d, on %d of %d sampled token vectors "
-                "(%d sampled documents, ~%d corpus tokens)", k, cfg.nbits, len(train), len(sample),
-                n_docs, est_tokens)
+    # The sample's token vectors are read and fitted on a worker: the driver holds ids
+    # and the codec's bytes, never the sample (at 30k Tatoeba sentences it peaked at
+    # 2.2 GB when it gathered them).
+    caches = [sample_cache(vdir, r["shard"]).url for r in rows]
     with timings("kmeans") if timings is not None else contextlib.nullcontext():
-        codec_bytes = _fit_remote(train, cfg.nbits, k, cfg.seed, cfg.kmeans_iters, p)
+        codec_bytes, fit = _fit_remote(caches, model.colbert_dim, n_docs, total, cfg, p)
+    if not fit["sample_tokens"]:
+        raise CorpusError("no non-empty document in the codec sample: is every text empty?")
+    logger.info("fitted the codec: %d centroids, nbits %d, on %d of %d sampled token vectors "
+                "(%d sampled documents, ~%d corpus tokens)", fit["k"], cfg.nbits, fit["train_tokens"],
+                fit["sample_tokens"], n_docs, fit["est_tokens"])
     codec = ResidualCodec.from_bytes(codec_bytes)
     loc.write_bytes(codec_bytes)
     info = {"file": "codec.npz", "sha256": hashlib.sha256(codec_bytes).hexdigest(), "bytes": len(codec_bytes),
-            "sample_documents": n_docs, "sample_tokens": int(len(sample)), "train_tokens": int(len(train)),
-            "sample_shards": len(rows), "sample_shards_reused": len(rows) - len(todo),
-            "estimated_corpus_tokens": est_tokens, "kmeans_iters": cfg.kmeans_iters, **codec.params()}
+            "sample_documents": n_docs, "sample_tokens": fit["sample_tokens"], "train_tokens": fit["train_tokens"],
+            "sample_shards": len(rows), "sample_shards_reused": n_reused,
+            "estimated_corpus_tokens": fit["est_tokens"], "kmeans_iters": cfg.kmeans_iters, **codec.params()}
     info_loc.write_text(dumps(info))
     return info
 
@@ -347,20 +345,37 @@ def _subsample(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return x[np.sort(order[:limit])]
 
 
-def _fit_remote(train: np.ndarray, nbits: int, k: int, seed: int, niter: int, p: ActorPlan) -> bytes:
-    """k-means on a worker (a GPU one when the cluster has GPUs)."""
+def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: EmbedConfig,
+                p: ActorPlan) -> tuple[bytes, dict]:
+    """Read the sample cache and fit k-means on a worker (a GPU one when the cluster has GPUs).
+
+    Returns the codec's bytes and ``sample_tokens``, ``train_tokens``, ``k``,
+    ``est_tokens`` (``sample_tokens == 0``: nothing fitted, empty bytes).
+    """
     import ray
 
-    threads = p.threads
+    threads, nbits, n_centroids = p.threads, cfg.nbits, cfg.n_centroids
+    limit, seed, niter = cfg.max_sample_tokens, cfg.seed, cfg.kmeans_iters
 
-    def fit(x: np.ndarray) -> bytes:
+    def fit() -> tuple[bytes, dict]:
         import faiss
 
         faiss.omp_set_num_threads(threads)  # Ray gave this task OMP_NUM_THREADS=1 (see thread_env)
-        return ResidualCodec.fit(x, nbits, k, seed=seed, niter=niter).to_bytes()
+        chunks = [read_cache_tokens(Location(url), dim) for url in caches]
+        sample = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float16)
+        del chunks
+        stats = {"sample_tokens": int(len(sample)), "train_tokens": 0, "k": 0, "est_tokens": 0}
+        if not len(sample):
+            return b"", stats
+        est_tokens = int(len(sample) / max(n_docs, 1) * total)
+        k = n_centroids or min(default_n_centroids(est_tokens), len(sample))
+        train = _subsample(sample, limit, seed).astype(np.float32)
+        del sample
+        stats.update(train_tokens=int(len(train)), k=int(k), est_tokens=est_tokens)
+        return ResidualCodec.fit(train, nbits, k, seed=seed, niter=niter).to_bytes(), stats
 
     task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(fit)
-    return ray.get(task.remote(train))
+    return ray.get(task.remote())
 
 
 # ---- pass 2: encode everything --------------------------------------------------------

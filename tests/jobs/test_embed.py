@@ -276,3 +276,23 @@ def test_colbert_checkpoint_with_projection(ray_local, tiny_colbert_dir, tmp_pat
     assert manifest["dims"] == {"dense": None, "colbert": 16}
     assert manifest["model"]["projection"] is True and manifest["codec"]["dim"] == 16
     assert manifest["model"]["settings"]["doc_marker"] == "[unused1]"
+
+
+def test_the_driver_never_reads_the_codec_sample(ray_local, tiny_model_dir, tmp_path, monkeypatch):
+    """The sample's token vectors go from the actors' cache to the k-means worker: the
+    driver holds ids and the codec bytes only (it used to gather the whole sample)."""
+    read_in_driver = []
+    original = schemas.read_table
+
+    def spy(loc, *args, **kwargs):
+        if "_sample" in str(loc):
+            read_in_driver.append(str(loc))
+        return original(loc, *args, **kwargs)
+
+    monkeypatch.setattr(schemas, "read_table", spy)
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), _docs(40))
+    manifest = run(_cfg(corpus, tiny_model_dir, tmp_path / "s", mode="both"))
+    assert read_in_driver == []
+    codec = manifest["codec"]
+    assert codec["sample_documents"] == 40 and codec["sample_tokens"] == manifest["counts"]["tokens"]
+    assert codec["train_tokens"] == codec["sample_tokens"] and codec["n_centroids"] == 16
