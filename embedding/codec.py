@@ -658,10 +658,26 @@ class ResidualCodec:
         d = self._check_prefix_dim(dim)
         residuals = np.asarray(residuals)
         n_bytes = math.ceil(d * self.nbits / 8)
-        table = self._byte_weights
-        values = np.take(table, residuals[:, :n_bytes], axis=0)
-        values = values.reshape(len(residuals), n_bytes * table.shape[1])
+        if self.nbits == 4 and n_bytes % 2 == 0:
+            # Two dimensions a byte: gather one decoded row per byte pair instead (a
+            # 1 MiB table; half the gathers, ~1.5x faster; no gain at 2 bits).
+            pairs = np.ascontiguousarray(residuals[:, :n_bytes]).view("<u2")
+            table = self._pair_weights
+            values = np.take(table, pairs, axis=0).reshape(len(residuals), (n_bytes // 2) * table.shape[1])
+        else:
+            table = self._byte_weights
+            values = np.take(table, residuals[:, :n_bytes], axis=0)
+            values = values.reshape(len(residuals), n_bytes * table.shape[1])
         return values if values.shape[1] == d else np.ascontiguousarray(values[:, :d])
+
+    @cached_property
+    def _pair_weights(self) -> np.ndarray:
+        """``(65536, 2 * (8 // nbits))`` float32: decoded values of every little-endian byte pair."""
+        pair = np.arange(1 << 16)
+        table = self._byte_weights
+        out = np.ascontiguousarray(np.concatenate([table[pair & 0xFF], table[pair >> 8]], axis=1))
+        out.setflags(write=False)
+        return out
 
     def _check_prefix_dim(self, dim: int | None) -> int:
         if dim is None:

@@ -451,3 +451,15 @@ def test_with_nbits_keeps_centroids_and_improves_with_bits():
     assert cos[1] < cos[2] < cos[4]
     with pytest.raises(ValueError):
         base.with_nbits(3, x)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+def test_residual_vectors_equal_the_bucket_weights_of_the_unpacked_bits(codecs, nbits):
+    codec = codecs[nbits]
+    rng = np.random.default_rng(nbits)
+    packed = rng.integers(0, 256, (37, codec.residual_bytes)).astype(np.uint8)
+    expected = codec.bucket_weights[unpack_bits(packed, nbits, codec.dim)].astype(np.float32)
+    np.testing.assert_array_equal(codec.residual_vectors(packed), expected)
+    for dim in (1, codec.dim // 2 + 1, codec.dim - 1):  # odd byte counts take the byte-wise path
+        np.testing.assert_array_equal(codec.residual_vectors(packed, dim), expected[:, :dim])
+    assert codec.residual_vectors(packed[:0]).shape == (0, codec.dim)
