@@ -226,23 +226,18 @@ def file_bytes(manifest: dict) -> dict[str, int]:
 # ---- the serving subprocess -----------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
     """Load only the PLAID index; answer every query one at a time; write figures as JSON."""
+    from indexing.index_files import open_centroid_index, read_ids
     from indexing.plaid import SearchParams
-    from indexing.searcher import PLAID, _index_manifest, _load_backend, _source_set, read_ids
     from storage import layout
     from storage.manifest import Artifact
 
     Q = np.load(args.serve_queries)
     after_import = _status_mb("self", "VmRSS")
     t0 = time.perf_counter()
-    loc = layout.resolve_root(args.root)
-    art = Artifact(loc, "indexes", args.serve)
-    manifest = _index_manifest(art, None)
-    assert manifest["index_kind"] == PLAID, manifest["index_kind"]
-    set_manifest, set_dir = _source_set(loc, manifest["source"])
-    vdir = art.version_dir(manifest["version"])
-    ids = read_ids(vdir, manifest)
-    backend, _ = _load_backend(manifest, vdir, ids, set_manifest, set_dir)
-    index = backend.index
+    # What a process serving pre-encoded queries does: the index memory-mapped, no torch.
+    index, manifest = open_centroid_index(args.root, args.serve)
+    ids = read_ids(Artifact(layout.resolve_root(args.root), "indexes", args.serve).version_dir(manifest["version"]),
+                   manifest)
     load_s = time.perf_counter() - t0
     after_load = _status_mb("self", "VmRSS")
     params = SearchParams()
