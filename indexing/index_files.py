@@ -191,8 +191,12 @@ def open_centroid_index(root: "str | Location", index: str, version: "str | None
     if manifest["index_kind"] != PLAID:
         raise ValueError(f"index {index!r} is a {manifest['index_kind']} index, not {PLAID}")
     set_manifest, set_dir = source_set(art.root, manifest["source"])
+    return load_centroid_index(art.version_dir(manifest["version"]), manifest, set_dir, set_manifest), manifest
+
+
+def load_centroid_index(vdir: Location, manifest: dict, set_dir: Location, set_manifest: dict) -> CentroidIndex:
+    """The PLAID index of version folder ``vdir``, memory-mapped, with its set's codec."""
     codec = read_codec(set_dir, set_manifest)
-    vdir = art.version_dir(manifest["version"])
     # The files passed their manifest sha256: only shapes are checked, so the
     # memory-mapped arrays are not read whole at load.
-    return CentroidIndex.from_arrays(codec, plaid_arrays(vdir, manifest), check=False), manifest
+    return CentroidIndex.from_arrays(codec, plaid_arrays(vdir, manifest), check=False)

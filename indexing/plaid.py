@@ -522,7 +522,7 @@ class CentroidIndex:
             object.__setattr__(self, name, _frozen(array))
         self._set_doc_cells(check=True)
         self._set_inv_norms(check=True)
-        object.__setattr__(self, "_centroid_cache", {})
+        object.__setattr__(self, "_cache", {})
 
     def _adopt_trusted(self) -> None:
         """Store the arrays as given after shape and dtype checks only (no scan)."""
@@ -547,7 +547,7 @@ class CentroidIndex:
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         self._set_doc_cells(check=False)
         self._set_inv_norms(check=False)
-        object.__setattr__(self, "_centroid_cache", {})
+        object.__setattr__(self, "_cache", {})
 
     def _set_doc_cells(self, check: bool) -> None:
         """Adopt the given ``doc_cells`` arrays (shape-checked) or derive them."""
@@ -858,7 +858,7 @@ class CentroidIndex:
             no tokens are never returned. Equal scores rank the lower position first.
         """
         k = _check_k(k)
-        threads = _check_threads(threads)
+        threads = check_threads(threads)
         params = (params or SearchParams()).resolved(k)
         dim = self._prefix_dim(params.dim)
         queries = _prepare_queries(Q, self.codec.dim, dim)
@@ -961,10 +961,16 @@ class CentroidIndex:
 
     def _n_exact(self, params: SearchParams, k: int) -> int:
         """Documents scored exactly: ``max(k, ndocs // 4, exact_tokens / mean length)``."""
-        n_with_tokens = int(np.count_nonzero(self.doc_lengths))
-        mean_length = self.n_tokens / max(1, n_with_tokens)
+        mean_length = self._cache.get("mean_length")
+        if mean_length is None:  # the index is immutable: one pass over the offsets, once
+            mean_length = self.n_tokens / max(1, int(np.count_nonzero(self.doc_lengths)))
+            self._cache["mean_length"] = mean_length
         by_tokens = int(params.exact_tokens / mean_length) if mean_length > 0 else 0
         return max(k, params.ndocs // 4, by_tokens)
+
+    def _lengths(self, docs: np.ndarray) -> np.ndarray:
+        """``(len(docs),)`` int64 tokens of ``docs`` (not the whole ``doc_lengths``)."""
+        return self.doc_offsets[docs + 1] - self.doc_offsets[docs]
 
     def _centroids_t(self, dim: int) -> np.ndarray:
         """``(dim, n_centroids)`` float32 transposed centroids of the prefix ``dim`` (cached).
@@ -972,10 +978,10 @@ class CentroidIndex:
         Contiguous in this layout, ``q @ centroids_t`` runs ~1.4x faster in BLAS than
         ``q @ centroids.T``.
         """
-        cached = self._centroid_cache.get(dim)
+        cached = self._cache.get(("centroids_t", dim))
         if cached is None:
             cached = _frozen(np.ascontiguousarray(_prefix(self.codec.centroids, dim).T))
-            self._centroid_cache[dim] = cached
+            self._cache[("centroids_t", dim)] = cached
         return cached
 
     def _search_one(
@@ -1036,12 +1042,12 @@ class CentroidIndex:
         """``(len(docs),)`` float32 MaxSim of ``q`` against the decompressed ``docs``.
 
         At the full dimension a token's score is ``(q . c + q . r) / ||c + r||``:
-        ``q . c`` is a column of ``centroid_scores`` (unit centroids), ``q . r`` one
+        ``q . c`` is a column of ``centroid_scores``, ``q . r`` one
         product with the decoded residuals, and the inverse norm is stored, so no
         vector is rebuilt or normalised. A Matryoshka prefix re-normalises the
         prefix, and decompresses.
         """
-        lengths = self.doc_lengths[docs]
+        lengths = self._lengths(docs)
         if dim != self.codec.dim:
             return _segment_maxsum(q @ self._decompress(docs, dim).T, lengths)
         scores_t = np.ascontiguousarray(centroid_scores.T)
@@ -1203,12 +1209,10 @@ def _best_cells(centroid_scores: np.ndarray, ncells: int) -> np.ndarray:
     return best
 
 
-def _check_threads(threads: int | None) -> int | None:
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
-    return int(threads)
+def check_threads(threads: int | None) -> int | None:
+    """``threads`` as an int (None stays None); ValueError unless an integer >= 1."""
+    _check_positive_int(threads, "threads")
+    return None if threads is None else int(threads)
 
 
 @contextlib.contextmanager

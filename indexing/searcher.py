@@ -52,14 +52,12 @@ from embedding.model import (EncoderSettings, ModelError, cache_root, check_mode
                              read_settings)
 from embedding.mrl import truncate
 from indexing import dense
-from indexing.index_files import PLAID, read_ids
+from indexing.index_files import PLAID, load_centroid_index, read_ids
 from indexing.index_files import entries as _entries
 from indexing.index_files import index_manifest as _index_manifest
-from indexing.index_files import plaid_arrays as _plaid_arrays
 from indexing.index_files import read_checked as _read_checked
-from indexing.index_files import read_codec as _read_codec
 from indexing.index_files import source_set as _source_set
-from indexing.plaid import CentroidIndex, SearchParams
+from indexing.plaid import CentroidIndex, SearchParams, check_threads
 from storage import layout, schemas, sets
 from storage.fs import Location
 from storage.manifest import Artifact
@@ -363,12 +361,9 @@ def _load_backend(manifest: dict, vdir: Location, labels: pa.StringArray, set_ma
     kind, dim = manifest["index_kind"], int(manifest["dim"])
     n_docs = len(labels) - labels.null_count
     if kind == PLAID:
-        codec = _read_codec(set_dir, set_manifest)
-        # The files passed their manifest sha256: only shapes are checked, so the
-        # memory-mapped arrays are not read whole at load.
-        index = CentroidIndex.from_arrays(codec, _plaid_arrays(vdir, manifest), check=False)
+        index = load_centroid_index(vdir, manifest, set_dir, set_manifest)
         _check_count(vdir, "the plaid index (labels)", index.n_docs, len(labels))
-        return _PlaidBackend(index, dim), codec.nbits
+        return _PlaidBackend(index, dim), index.codec.nbits
     params = dense.DenseIndexParams.from_dict(manifest["params"])
     if params.kind != kind or params.dim != dim:
         raise ValueError(f"{vdir.url}: params describe a {params.kind} index of dim {params.dim}, "
@@ -456,11 +451,8 @@ class Searcher:
         vdir = art.version_dir(manifest["version"])
         ids = read_ids(vdir, manifest)
         backend, nbits = _load_backend(manifest, vdir, ids, set_manifest, set_dir)
-        if threads is not None:
-            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-                raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
-            if isinstance(backend, _PlaidBackend):
-                backend.threads = threads
+        if check_threads(threads) is not None and isinstance(backend, _PlaidBackend):
+            backend.threads = threads
         lm = load_model(choice.path, choice.settings, device=device)
         assert lm.fingerprint == choice.fingerprint, "model changed while loading"
         logger.info("opened index %s %s (%s, dim %d, %d documents) of set %s %s", index, manifest["version"],
