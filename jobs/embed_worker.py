@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,9 @@ from storage import layout, schemas
 from storage.corpus import ColumnMap, CorpusFile, meta_hashes, read_rows, text_hashes
 from storage.fs import Location
 from storage.manifest import file_entry
+
+if TYPE_CHECKING:  # imported on first use at run time: torch loads only when a model does
+    from embedding.encoder import Encoder
 
 logger = logging.getLogger(__name__)
 
