@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finish-by", help="UTC HH:MM: skip a size that, extrapolated linearly from the "
                    "largest size done, would not finish by then (checked once the lock is held)")
     p.add_argument("--out", default="benchmarks/results/scale_tatoeba")
+    p.add_argument("--merge", action="store_true",
+                   help="start from the sizes already in --out's JSON (a later run adds a size to the table)")
     p.add_argument("--serve", help=argparse.SUPPRESS)  # internal: index name to serve
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--serve-queries", help=argparse.SUPPRESS)
@@ -416,13 +418,17 @@ def main(argv=None) -> int:
     order = document_order(pairs)
     sizes = args.sizes  # run in the given order (e.g. 10000 100000 30000 when time is short)
     logger.info("%d distinct sentences in %d languages; sizes %s", len(order), len(pairs), sizes)
-    queries, gold = pick_queries(pairs, corpus(order, min(sizes)), args.queries)
-    work = Path(args.work)
-    shutil.rmtree(work / "root", ignore_errors=True)
     out_json, out_txt = Path(args.out + ".json"), Path(args.out + ".txt")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     skipped: dict[str, str] = {}
+    if args.merge and out_json.exists():
+        results = {k: v for k, v in json.loads(out_json.read_text())["sizes"].items() if int(k) not in sizes}
+        logger.info("kept sizes %s from %s", sorted(results, key=int), out_json)
+    # the same queries at every size: picked from the smallest corpus, merged sizes included
+    queries, gold = pick_queries(pairs, corpus(order, min([*sizes, *map(int, results)])), args.queries)
+    work = Path(args.work)
+    shutil.rmtree(work / "root", ignore_errors=True)
     for n in sizes:
         t0 = time.perf_counter()
         try:
