@@ -22,16 +22,17 @@ import logging
 import os
 import posixpath
 import uuid
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from embedding.codec import ResidualCodec
 from indexing import dense
-from indexing.plaid import CentroidIndex
+from indexing.plaid import ARRAY_KEYS, DERIVED_KEYS, CentroidIndex
 from storage import layout, schemas
 from storage.fs import Location
-from storage.manifest import Artifact, NotFoundError
+from storage.manifest import Artifact, NotFoundError, file_entry
 
 logger = logging.getLogger(__name__)
 
@@ -200,3 +201,147 @@ def load_centroid_index(vdir: Location, manifest: dict, set_dir: Location, set_m
     # The files passed their manifest sha256: only shapes are checked, so the
     # memory-mapped arrays are not read whole at load.
     return CentroidIndex.from_arrays(codec, plaid_arrays(vdir, manifest), check=False)
+
+
+# ---- writing a version ---------------------------------------------------------------------
+_CHUNK_BYTES = 1 << 24  # bytes per streamed write
+_IVF_BLOCK = 1 << 22  # inverted-list entries merged at a time
+
+
+def put_file(vdir: Location, path: str, data: bytes, kind: str, rows: int) -> dict:
+    """Write ``data`` to ``vdir/path``; its manifest entry."""
+    loc = vdir.join(path)
+    loc.write_bytes(data)
+    return file_entry(loc, vdir, kind=kind, rows=rows, nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def write_ids(ids: pa.StringArray, vdir: Location, labels: "np.ndarray | None" = None) -> dict:
+    """``ids.parquet``: label → document id (labels ``0..n-1`` unless given)."""
+    pos = np.arange(len(ids), dtype=np.int64) if labels is None else np.asarray(labels, np.int64)
+    table = pa.table({"pos": pa.array(pos), "id": ids})
+    info = schemas.write_table(vdir.join("ids.parquet"), table)
+    return file_entry(vdir.join("ids.parquet"), vdir, kind="ids", rows=info["rows"], nbytes=info["bytes"],
+                      sha256=info["sha256"])
+
+
+def write_plaid(index: CentroidIndex, vdir: Location) -> list[dict]:
+    """``plaid/<key>.npy`` files of a centroid index (no pickle); their manifest entries."""
+    return write_plaid_parts([index.to_arrays()], vdir)
+
+
+def write_plaid_parts(parts: "list[dict[str, np.ndarray]]", vdir: Location) -> list[dict]:
+    """The ``plaid/<key>.npy`` files of the concatenation of ``parts``, streamed.
+
+    ``parts`` are :meth:`CentroidIndex.to_arrays` of indexes built with one codec
+    (e.g. one per shard, memory-mapped or in Ray's object store); the files hold
+    exactly the arrays of :meth:`CentroidIndex.from_parts` over them, but no merged
+    array is ever built: each file is written part by part (the inverted lists a
+    block of centroids at a time), so memory stays bounded by a part, not the corpus.
+    """
+    if not parts:
+        raise ValueError("no index parts to write")
+    missing = [(i, k) for i, p in enumerate(parts) for k in ARRAY_KEYS + DERIVED_KEYS if k not in p]
+    if missing:
+        raise ValueError(f"index parts lack arrays (part, key): {missing[:5]}")
+    n_docs = [len(p["doc_offsets"]) - 1 for p in parts]
+    doc_shift = np.cumsum([0] + n_docs, dtype=np.int64)
+    if doc_shift[-1] > np.iinfo(np.int32).max:
+        raise ValueError(f"at most {np.iinfo(np.int32).max} documents per index, got {doc_shift[-1]}")
+    token_shift = np.cumsum([0] + [len(p["codes"]) for p in parts], dtype=np.int64)
+    cell_shift = np.cumsum([0] + [len(p["doc_cells"]) for p in parts], dtype=np.int64)
+    streams = {
+        "doc_offsets": _offsets_stream(parts, "doc_offsets", token_shift),
+        "doc_cell_offsets": _offsets_stream(parts, "doc_cell_offsets", cell_shift),
+        "ivf_offsets": _whole(sum(np.asarray(p["ivf_offsets"], np.int64) for p in parts)),
+        "ivf_docs": _ivf_docs_stream(parts, doc_shift),
+    }
+    for key in ("codes", "residuals", "doc_cells", "token_inv_norms"):
+        streams[key] = _concat_stream(parts, key)
+    out = []
+    for key in ARRAY_KEYS + DERIVED_KEYS:
+        dtype, shape, chunks = streams[key]
+        loc = vdir.join(f"{PLAID}/{key}.npy")
+        header = _npy_header(dtype, shape)
+        nbytes, sha = loc.write_stream(lambda: _as_bytes(header, chunks()))
+        out.append(file_entry(loc, vdir, kind=PLAID, rows=shape[0], nbytes=nbytes, sha256=sha))
+    return out
+
+
+def _npy_header(dtype: np.dtype, shape: tuple) -> bytes:
+    """The header ``np.save`` writes for an array of ``dtype`` and ``shape``."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _as_bytes(header: bytes, arrays) -> "Iterator[bytes]":
+    yield header
+    for arr in arrays:
+        arr = np.ascontiguousarray(arr)
+        flat = arr.reshape(-1).view(np.uint8) if arr.size else np.empty(0, np.uint8)
+        for lo in range(0, len(flat), _CHUNK_BYTES):
+            yield flat[lo:lo + _CHUNK_BYTES].tobytes()
+
+
+def _row_slices(n: int, row_bytes: int) -> "Iterator[slice]":
+    step = max(1, _CHUNK_BYTES // max(1, row_bytes))
+    for lo in range(0, n, step):
+        yield slice(lo, min(n, lo + step))
+
+
+def _whole(arr: np.ndarray):
+    return arr.dtype, arr.shape, lambda: iter([arr])
+
+
+def _concat_stream(parts, key: str):
+    first = np.asarray(parts[0][key])
+    dtypes = {np.asarray(p[key]).dtype for p in parts}
+    if len(dtypes) > 1:
+        raise ValueError(f"index parts disagree on the dtype of {key!r}: {sorted(map(str, dtypes))}")
+    shape = (sum(len(p[key]) for p in parts),) + first.shape[1:]
+
+    def chunks():
+        for p in parts:
+            arr = p[key]
+            row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+            for sl in _row_slices(len(arr), row):
+                yield arr[sl]
+    return first.dtype, shape, chunks
+
+
+def _offsets_stream(parts, key: str, shift: np.ndarray):
+    n = sum(len(p[key]) - 1 for p in parts) + 1
+
+    def chunks():
+        yield np.zeros(1, np.int64)
+        for p, s in zip(parts, shift):
+            tail = p[key][1:]
+            for sl in _row_slices(len(tail), 8):
+                yield np.asarray(tail[sl], np.int64) + s
+    return np.dtype(np.int64), (n,), chunks
+
+
+def _ivf_docs_stream(parts, doc_shift: np.ndarray):
+    """Merged inverted lists: list ``c`` is every part's list ``c`` in part order (positions shifted)."""
+    offsets = [np.asarray(p["ivf_offsets"], np.int64) for p in parts]
+    merged = sum(offsets)
+    n_centroids = len(merged) - 1
+
+    def chunks():
+        c0 = 0
+        while c0 < n_centroids:
+            c1 = int(np.searchsorted(merged, merged[c0] + _IVF_BLOCK, side="right")) - 1
+            c1 = min(n_centroids, max(c0 + 1, c1))
+            cells, docs = [], []
+            for p, off, s in zip(parts, offsets, doc_shift):
+                counts = np.diff(off[c0:c1 + 1])
+                cells.append(np.repeat(np.arange(c0, c1, dtype=np.int64), counts))
+                docs.append(np.asarray(p["ivf_docs"][off[c0]:off[c1]], np.int64) + s)
+            cells_a, docs_a = np.concatenate(cells), np.concatenate(docs)
+            # Parts hold increasing position ranges: a stable sort by cell keeps every list sorted.
+            yield docs_a[np.argsort(cells_a, kind="stable")].astype(np.int32)
+            c0 = c1
+    return np.dtype(np.int32), (int(merged[-1]),), chunks

@@ -16,20 +16,19 @@ fingerprint.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import socket
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from jobs.runtime import init_ray
+from indexing.index_files import put_file, write_ids
 from jobs.timing import Timings
 from storage import layout, schemas, sets
 from storage.fs import Location
-from storage.manifest import Artifact, NotFoundError, file_entry, utcnow
+from storage.manifest import Artifact, NotFoundError, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -178,18 +177,6 @@ def publish_index(root: Location, set_name: str, set_version: str, art: Artifact
                        art.name, pinned_index(ptr, art.name))
 
 
-def put_file(vdir: Location, path: str, data: bytes, kind: str, rows: int) -> dict:
-    return _put(vdir, path, data, kind, rows)
-
-
-def _put(vdir: Location, path: str, data: bytes, kind: str, rows: int) -> dict:
-    import hashlib
-
-    loc = vdir.join(path)
-    loc.write_bytes(data)
-    return file_entry(loc, vdir, kind=kind, rows=rows, nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-
 # ---- dense ------------------------------------------------------------------------------
 def read_dense(f: sets.SetFile, dim: int) -> np.ndarray:
     """The live vectors of one ``dense`` file, truncated to ``dim`` (float32, unit rows)."""
@@ -214,9 +201,13 @@ def _add_shards(trained: bytes, kind: str, params: dict, files: list, starts: li
     return dense.to_bytes(index)
 
 
-def _train(params_dict: dict, sample: np.ndarray) -> bytes:
+def _train(params_dict: dict, sample_refs: list) -> bytes:
+    """Ray task: train the empty index on the shards' samples."""
+    import ray
+
     from indexing import dense
 
+    sample = np.concatenate(ray.get(sample_refs))
     return dense.to_bytes(dense.train(dense.DenseIndexParams.from_dict(params_dict), sample))
 
 
@@ -224,33 +215,42 @@ def _build_dense(cfg: IndexConfig, dim: int, files: list, rows: list[int], vdir:
                  timings: Timings) -> tuple[list[dict], dict, int]:
     import ray
 
-    from indexing import dense
-
     total = sum(rows)
     params = cfg.dense_params(dim)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    with timings("sample"):
+    with timings("sample"):  # the sample stays in the object store: the driver holds no vectors
         share = min(1.0, cfg.train_size / max(total, 1))
+        takes = [max(1, int(round(r * share))) for r in rows]
         task = ray.remote(num_cpus=0.5)(_sample_shard)
-        parts = ray.get([task.remote(u, dim, max(1, int(round(r * share))), cfg.seed + i)
-                         for i, (u, r) in enumerate(zip(files, rows))])
-        sample = np.concatenate(parts)
-    params = params.resolved(total, n_train=len(sample))
+        parts = [task.remote(u, dim, t, cfg.seed + i) for i, (u, t) in enumerate(zip(files, takes))]
+        ray.wait(parts, num_returns=len(parts), fetch_local=False)
+    params = params.resolved(total, n_train=sum(min(t, r) for t, r in zip(takes, rows)))
     with timings("train"):
-        trained = ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(_train).remote(params.to_dict(), sample))
+        trained = ray.remote(num_cpus=1, num_gpus=gpus)(_train).remote(params.to_dict(), parts)
+        ray.wait([trained], fetch_local=False)
     starts = list(np.cumsum([0] + rows[:-1]).astype(int))
     add = ray.remote(num_cpus=1)(_add_shards)
     with timings("add"):
         if cfg.kind == "hnsw":  # graphs don't merge: one task, shards in order
-            blobs = ray.get([add.remote(trained, cfg.kind, params.to_dict(), files, starts, dim)])
+            blobs = [add.remote(trained, cfg.kind, params.to_dict(), files, starts, dim)]
         else:
-            blobs = ray.get([add.remote(trained, cfg.kind, params.to_dict(), [f], [s], dim)
-                             for f, s in zip(files, starts)])
+            blobs = [add.remote(trained, cfg.kind, params.to_dict(), [f], [s], dim)
+                     for f, s in zip(files, starts)]
+        ray.wait(blobs, num_returns=len(blobs), fetch_local=False)
     with timings("merge"):
-        index = dense.merge([dense.from_bytes(b, cfg.kind) for b in blobs])
-        data = dense.to_bytes(index)
-    logger.info("%s index over %d vectors at dim %d: %.1f MB", cfg.kind, total, dim, len(data) / 1e6)
-    return [_put(vdir, "index.faiss", data, "index", total)], params.to_dict(), len(data)
+        entry = ray.get(ray.remote(num_cpus=1)(_merge_dense).remote(cfg.kind, blobs, vdir, total))
+    logger.info("%s index over %d vectors at dim %d: %.1f MB", cfg.kind, total, dim, entry["bytes"] / 1e6)
+    return [entry], params.to_dict(), entry["bytes"]
+
+
+def _merge_dense(kind: str, blob_refs: list, vdir: Location, total: int) -> dict:
+    """Ray task: merge the shards' indexes and write ``index.faiss`` (the driver holds no vectors)."""
+    import ray
+
+    from indexing import dense
+
+    index = dense.merge([dense.from_bytes(b, kind) for b in ray.get(blob_refs)])
+    return put_file(vdir, "index.faiss", dense.to_bytes(index), "index", total)
 
 
 # ---- plaid ------------------------------------------------------------------------------
@@ -272,43 +272,33 @@ def _plaid_part(codec_bytes: bytes, f: sets.SetFile) -> dict:
     return CentroidIndex.from_flat(codec, *read_tokens(f, codec)).to_arrays()
 
 
+def _write_plaid(part_refs: list, vdir: Location) -> tuple[list[dict], int, int]:
+    """Ray task: stream the shards' index parts (zero-copy from the object store) into ``vdir``."""
+    import ray
+
+    from indexing.index_files import write_plaid_parts
+
+    parts = ray.get(part_refs)
+    return (write_plaid_parts(parts, vdir), sum(len(p["doc_offsets"]) - 1 for p in parts),
+            sum(len(p["codes"]) for p in parts))
+
+
 def _build_plaid(set_manifest: dict, set_dir: Location, files: list, vdir: Location
                  ) -> tuple[list[dict], dict, int]:
+    """One index part per ``tokens`` shard, each in its own task, then one task streams
+    them into the version's files: the driver never holds a vector or an index array."""
     import ray
 
     from embedding.codec import ResidualCodec
-    from indexing.plaid import CentroidIndex
 
     codec_info = set_manifest["codec"]
     codec_bytes = set_dir.join(codec_info["file"]).read_bytes()
     codec = ResidualCodec.from_bytes(codec_bytes)
     task = ray.remote(num_cpus=1)(_plaid_part)
-    # The parts were built and checked by from_flat in the tasks: no second scan here.
-    parts = [CentroidIndex.from_arrays(codec, a, check=False)
-             for a in ray.get([task.remote(codec_bytes, f) for f in files])]
-    index = CentroidIndex.from_parts(codec, parts)
-    entries = write_plaid(index, vdir)
+    # The parts were built and checked by from_flat in their tasks: no second scan.
+    refs = [task.remote(codec_bytes, f) for f in files]
+    entries, n_docs, n_tokens = ray.get(ray.remote(num_cpus=1)(_write_plaid).remote(refs, vdir))
     n_bytes = sum(e["bytes"] for e in entries)
-    logger.info("centroid index: %d documents, %d tokens, %d centroids, %.1f MB", index.n_docs, index.n_tokens,
+    logger.info("centroid index: %d documents, %d tokens, %d centroids, %.1f MB", n_docs, n_tokens,
                 codec.n_centroids, n_bytes / 1e6)
     return entries, {"nbits": codec.nbits, "n_centroids": codec.n_centroids}, n_bytes
-
-
-def write_plaid(index, vdir: Location) -> list[dict]:
-    """``plaid/<key>.npy`` files of a centroid index (no pickle); their manifest entries."""
-    entries = []
-    for name, arr in index.to_arrays().items():
-        buf = io.BytesIO()
-        np.save(buf, arr, allow_pickle=False)
-        entries.append(_put(vdir, f"plaid/{name}.npy", buf.getvalue(), "plaid", len(arr)))
-    return entries
-
-
-# ---- ids ----------------------------------------------------------------------------------
-def write_ids(ids: pa.StringArray, vdir: Location, labels: "np.ndarray | None" = None) -> dict:
-    """``ids.parquet``: label → document id (labels ``0..n-1`` unless given)."""
-    pos = np.arange(len(ids), dtype=np.int64) if labels is None else np.asarray(labels, np.int64)
-    table = pa.table({"pos": pa.array(pos), "id": ids})
-    info = schemas.write_table(vdir.join("ids.parquet"), table)
-    return file_entry(vdir.join("ids.parquet"), vdir, kind="ids", rows=info["rows"], nbytes=info["bytes"],
-                      sha256=info["sha256"])

@@ -57,8 +57,8 @@ def _new_files(set_dir: Location, vm: dict, kind: str) -> list[sets.SetFile]:
 def update(root: Location, name: str, im: dict, set_name: str, version: str, vm: dict, diff,
            run_key: str) -> dict:
     """A new version of index ``name``: tombstoned labels out, the new shards in; committed, not published."""
-    from jobs.build_index import put_file, read_dense, read_tokens, write_ids, write_plaid
-    from indexing.index_files import plaid_arrays, read_checked, read_ids
+    from indexing.index_files import plaid_arrays, put_file, read_checked, read_ids, write_ids, write_plaid
+    from jobs.build_index import read_dense, read_tokens
 
     started = time.perf_counter()
     ia = Artifact(root, "indexes", name)

@@ -15,7 +15,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 
@@ -236,6 +236,43 @@ class Location:
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
+
+    def write_stream(self, chunks: Callable[[], Iterable[bytes]]) -> tuple[int, str]:
+        """Write the bytes ``chunks()`` yields without holding them all; return (bytes, sha256).
+
+        ``chunks`` is called again when a transient error restarts the write. s3: a
+        multipart upload, visible only once complete. Local: a temporary sibling,
+        fsync, rename. Either way a reader never sees a partial object.
+        """
+        def _write() -> tuple[int, str]:
+            digest, n = hashlib.sha256(), 0
+            if self.is_remote:
+                with self.fs.open(self.path, "wb") as f:
+                    for chunk in chunks():
+                        digest.update(chunk)
+                        f.write(chunk)
+                        n += len(chunk)
+                return n, digest.hexdigest()
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    for chunk in chunks():
+                        digest.update(chunk)
+                        f.write(chunk)
+                        n += len(chunk)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except OSError as err:
+                if err.filename is None:  # e.g. ENOSPC: name the file
+                    raise OSError(err.errno, f"{err.strerror}: writing {self.url}") from err
+                raise
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return n, digest.hexdigest()
+        return retry(_write, f"write {self.url}")
 
     def write_if_absent(self, data: bytes) -> bool:
         """Create the object only if it does not exist; return whether we created it.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import math
 
 import numpy as np
@@ -587,3 +589,31 @@ def test_one_stage_when_pruning_drops_nothing_gives_the_two_stage_result(index, 
     monkeypatch.setattr(CentroidIndex, "_prunes_nothing", lambda self, docs, kept: calls.append(1) and False)
     _assert_same_results(index.search(queries, 10, params), one_stage)
     assert len(calls) == len(queries)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_streamed_parts_write_the_same_files_as_from_parts(index, codec, encoded, tmp_path, monkeypatch,
+                                                            request, where):
+    """write_plaid_parts streams shards into the version files without a merged array:
+    the files must hold exactly the arrays (and bytes) np.save writes for from_parts."""
+    from indexing import index_files
+    from storage.fs import Location
+
+    codes, residuals = encoded
+    cuts = [0, 97, 97, 210, N_DOCS]  # one empty part on purpose
+    parts = [CentroidIndex.build(codec, codes[a:b], residuals[a:b]).to_arrays() for a, b in zip(cuts, cuts[1:])]
+    # tiny blocks and chunks: every part and the inverted lists are written in many pieces
+    monkeypatch.setattr(index_files, "_IVF_BLOCK", 7)
+    monkeypatch.setattr(index_files, "_CHUNK_BYTES", 100)
+    base = Location(request.getfixturevalue("s3_bucket") + "/v1") if where == "s3" else Location(str(tmp_path))
+    entries = index_files.write_plaid_parts(parts, base)
+    expected = index.to_arrays()
+    assert sorted(e["path"] for e in entries) == sorted(f"plaid/{k}.npy" for k in expected)
+    for e in entries:
+        key = e["path"].removeprefix("plaid/").removesuffix(".npy")
+        data = base.join(e["path"]).read_bytes()
+        buf = io.BytesIO()
+        np.save(buf, expected[key], allow_pickle=False)
+        assert data == buf.getvalue(), key
+        assert e["bytes"] == len(data) and e["rows"] == len(expected[key])
+        assert e["sha256"] == hashlib.sha256(data).hexdigest()

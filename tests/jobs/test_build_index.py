@@ -90,3 +90,47 @@ def test_index_on_s3(ray_local, tiny_model_dir, s3_bucket):
         m = build(IndexConfig(set_name="t", kind=kind, root=root, nlist=4))
         assert m["n_docs"] == 80
         assert Artifact(location(root), "indexes", m["name"]).current() == m["version"]
+
+
+@pytest.mark.parametrize("kind", ["plaid", "ivfpq", "hnsw"])
+def test_the_driver_holds_only_ids(ray_local, tiny_set, monkeypatch, kind):
+    """Shards are read, merged and written in Ray tasks: the driver reads no vector column
+    and never receives a vector, an index part or a merged index (it used to merge in memory)."""
+    import ray
+
+    from indexing.plaid import CentroidIndex
+    from storage import sets
+
+    columns, got = [], []
+    read_live, get = sets.read_live, ray.get
+
+    def spy_read(f, cols=None, *a, **kw):
+        columns.append(tuple(cols or ()))
+        return read_live(f, cols, *a, **kw)
+
+    def spy_get(refs, *a, **kw):
+        out = get(refs, *a, **kw)
+        got.append(out)
+        return out
+
+    def refuse(*a, **kw):
+        raise AssertionError("merged in the driver")
+
+    monkeypatch.setattr(sets, "read_live", spy_read)
+    monkeypatch.setattr(ray, "get", spy_get)
+    monkeypatch.setattr(CentroidIndex, "from_parts", refuse)
+    monkeypatch.setattr(dense, "merge", refuse)
+    m = build(IndexConfig(set_name="t", kind=kind, root=tiny_set, dim=16 if kind == "ivfpq" else None,
+                          nlist=8, pq_m=4, pq_nbits=4, train_size=200, name=f"t-{kind}-lean"))
+    assert m["n_docs"] == 300
+    assert columns and set(columns) == {("id",)}
+
+    def arrays(x):
+        if isinstance(x, (np.ndarray, bytes)):
+            return [type(x).__name__]
+        if isinstance(x, dict):
+            return [a for v in x.values() for a in arrays(v)]
+        if isinstance(x, (list, tuple)):
+            return [a for v in x for a in arrays(v)]
+        return []
+    assert [a for out in got for a in arrays(out)] == []
