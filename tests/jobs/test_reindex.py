@@ -116,7 +116,8 @@ def test_reindex_end_to_end(store, tiny_model_dir, tmp_path):
     con = catalog.connect(str(root))
     assert con.execute("select year from documents where is_current and id = 'd0025'").fetchone()[0] == 1999
     assert con.execute("select id from skipped where is_current").fetchall() == [("d0030",)]
-    assert con.execute("select count(*) from documents where version = 'v000001'").fetchone()[0] == 60
+    assert con.execute("select count(*) from documents_all where version = 'v000001'").fetchone()[0] == 60
+    assert con.execute("select count(*) from documents where version = 'v000001'").fetchone()[0] == 0  # not current
     graves = dict(con.execute("select reason, count(*) from tombstones where version = 'v000002' "
                               "group by reason").fetchall())
     assert graves == {"changed": 5, "deleted": 2}
