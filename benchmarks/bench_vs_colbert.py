@@ -25,6 +25,11 @@ index exactly the float token vectors Tessera stores for a set:
    after the imports (torch, faiss, the engine), then the index is loaded and every query
    answered once; the peak (``VmHWM``) minus the post-import RSS is the index's own share.
 
+7. ``--curve``: Tessera's speed/quality trade-off, every ``SearchParams`` setting given
+   (default a grid over ``ndocs`` and ``exact_tokens``) interleaved query by query with
+   colbert-ai at its defaults; the table names the fastest setting whose overlap and
+   nDCG@10 are at least colbert-ai's (equal quality) and the fastest at overlap >= 0.95.
+
 Writes ``benchmarks/results/vs_colbert_<nbits>bit.json`` and ``.txt`` and prints the table.
 Goals of the engine: Tessera median <= 0.5x colbert-ai, peak RSS <= colbert-ai's, top-10
 overlap with exact MaxSim >= 0.95.
@@ -94,6 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="timed passes over the queries")
     p.add_argument("--seed", type=int, default=12345, help="colbert-ai's sampling and k-means seed")
     p.add_argument("--out", help="output stem (default benchmarks/results/vs_colbert_<nbits>bit)")
+    p.add_argument("--curve", nargs="*", metavar="NAME=V[,NAME=V]",
+                   help="also sweep Tessera's speed/quality curve: SearchParams settings (e.g. "
+                        "'ndocs=128,exact_tokens=4096'; none given: a default grid over ndocs and "
+                        "exact_tokens), interleaved query by query with colbert-ai at its defaults; reports "
+                        "the fastest setting at colbert-ai's quality and at overlap >= 0.95")
     p.add_argument("--serve", choices=("tessera", "colbert"), help=argparse.SUPPRESS)
     p.add_argument("--serve-out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -406,6 +416,89 @@ def interleaved_latency(cindex, scorer, config, Q: np.ndarray, rounds: int):
     return times, tops
 
 
+CURVE_GRID = [f"ndocs={n},exact_tokens={t}" for n in (256, 128, 96, 64) for t in (8192, 4096, 2048)]
+
+
+def parse_point(text: str) -> dict:
+    """``"ndocs=128,exact_tokens=4096"`` -> ``{"ndocs": 128, "exact_tokens": 4096}`` (SearchParams fields)."""
+    from indexing.plaid import SearchParams
+
+    fields = {f.name: f for f in dataclasses.fields(SearchParams)}
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name not in fields:
+            raise ValueError(f"--curve: unknown search parameter {name!r} in {text!r}; known: {sorted(fields)}")
+        out[name] = float(value) if name == "centroid_score_threshold" else int(value)
+    SearchParams(**out)  # checks the values
+    return out
+
+
+def interleaved(engines: dict, n: int, rounds: int) -> tuple[dict, dict]:
+    """Seconds per query of each engine (``name -> fn(i) -> top ids``), the engines' order
+    rotating query by query, and the first round's tops."""
+    names = list(engines)
+    times = {e: [] for e in names}
+    tops = {e: [] for e in names}
+    for e in names:
+        engines[e](0)  # warm-up
+    for r in range(rounds):
+        for i in range(n):
+            shift = (i + r) % len(names)
+            for e in names[shift:] + names[:shift]:
+                t0 = time.perf_counter()
+                top = engines[e](i)
+                times[e].append(time.perf_counter() - t0)
+                if r == 0:
+                    tops[e].append(list(top))
+    return times, tops
+
+
+def speed_quality_curve(cindex, scorer, config, Q: np.ndarray, points: list[str], rounds: int, ids: list,
+                        gold: list, t_exact: list, c_exact: list) -> dict:
+    """Tessera at each SearchParams point next to colbert-ai at its defaults, interleaved."""
+    from bench_reindex import overlap
+
+    from indexing.plaid import SearchParams
+
+    cq = colbert_queries(Q)
+    params = {p: SearchParams(**parse_point(p)) for p in points}
+    engines = {"colbert-ai": lambda i: colbert_search(scorer, config, cq[i])}
+    for p, sp in params.items():
+        engines[p] = (lambda sp: lambda i: cindex.search(Q[i][None], K, sp)[1][0])(sp)
+    times, tops = interleaved(engines, len(Q), rounds)
+    rows = {}
+    for e in engines:
+        top_ids = to_ids(tops[e], ids)
+        rows[e] = {"median_ms": float(np.median(times[e]) * 1e3), "ndcg10": ndcg_at_k(top_ids, gold),
+                   "overlap_exact": overlap(top_ids, c_exact if e == "colbert-ai" else t_exact)}
+    ref = rows["colbert-ai"]
+    for e in params:
+        rows[e]["ratio"] = rows[e]["median_ms"] / ref["median_ms"]
+
+    def fastest(ok):
+        good = [e for e in params if ok(rows[e])]
+        return min(good, key=lambda e: rows[e]["median_ms"]) if good else None
+
+    same = fastest(lambda r: r["overlap_exact"] >= ref["overlap_exact"] and r["ndcg10"] >= ref["ndcg10"])
+    goal = fastest(lambda r: r["overlap_exact"] >= GOALS["overlap_min"])
+    return {"rounds": rounds, "points": rows, "at_colbert_quality": same, "at_overlap_goal": goal}
+
+
+def curve_table(curve: dict) -> list[str]:
+    lines = ["", f"speed/quality curve ({curve['rounds']} round(s), every point interleaved with colbert-ai "
+             "at its defaults):", f"{'setting':<34} {'ms':>7} {'ratio':>6} {'nDCG@10':>8} {'overlap':>8}"]
+    for name, r in curve["points"].items():
+        ratio = f"{r['ratio']:>6.2f}" if "ratio" in r else f"{'':>6}"
+        lines.append(f"{name:<34} {r['median_ms']:>7.1f} {ratio} {r['ndcg10']:>8.4f} {r['overlap_exact']:>8.4f}")
+    for key, what in (("at_colbert_quality", "at colbert-ai's quality (overlap and nDCG@10 >= its own)"),
+                      ("at_overlap_goal", "at overlap with exact >= 0.95")):
+        best = curve[key]
+        lines.append(f"fastest {what}: " + (f"{best}, ratio {curve['points'][best]['ratio']:.2f}" if best
+                                            else "none"))
+    return lines
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -453,6 +546,10 @@ def main(argv=None) -> int:
     c_ids = to_ids(tops["colbert"], ids)
     t_exact = to_ids(cindex.exact_maxsim(Q, K)[1], ids)
     c_exact = to_ids(colbert_exact(scorer, Q), ids)
+    curve = None
+    if args.curve is not None:
+        curve = speed_quality_curve(cindex, scorer, config, Q, args.curve or CURVE_GRID, args.rounds, ids,
+                                    gold, t_exact, c_exact)
     del scorer
     memory = {e: measure_memory(args, e) for e in ("tessera", "colbert")}
 
@@ -485,7 +582,10 @@ def main(argv=None) -> int:
     result["goals"] = {"latency": result["ratios"]["median_ms"] <= GOALS["latency_ratio_max"],
                        "peak_rss": result["ratios"]["peak_rss"] <= 1.0,
                        "overlap": t["overlap_exact"] >= GOALS["overlap_min"]}
-    write_results(args.out or f"benchmarks/results/vs_colbert_{nbits}bit", result, table(result))
+    if curve is not None:
+        result["curve"] = curve
+    write_results(args.out or f"benchmarks/results/vs_colbert_{nbits}bit", result,
+                  table(result) + (curve_table(curve) if curve else []))
     return 0
 
 

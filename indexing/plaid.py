@@ -40,12 +40,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import InitVar, dataclass, replace
 from typing import Iterator
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from embedding.codec import ResidualCodec
 
@@ -1221,8 +1222,22 @@ def _thread_limit(threads: int | None) -> Iterator[None]:
     if threads is None:
         yield
         return
-    with threadpool_limits(limits=threads, user_api="blas"):
+    with _blas_controller().limit(limits=threads, user_api="blas"):
         yield
+
+
+_CONTROLLER: "tuple[int, ThreadpoolController] | None" = None
+
+
+def _blas_controller() -> ThreadpoolController:
+    """The process's thread pools, found once: a scan of the loaded libraries reads
+    ``/proc/self/maps`` (about 1 ms, as long as a small search). Rescanned when modules
+    were imported since (a newly imported extension may bring its own BLAS)."""
+    global _CONTROLLER
+    n_modules = len(sys.modules)
+    if _CONTROLLER is None or _CONTROLLER[0] != n_modules:
+        _CONTROLLER = (n_modules, ThreadpoolController())
+    return _CONTROLLER[1]
 
 
 @contextlib.contextmanager

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.bench_vs_colbert import maxsim_topk, ndcg_at_k, pick_queries, to_ids, trim_padding
+from benchmarks.bench_vs_colbert import (
+    interleaved,
+    maxsim_topk,
+    ndcg_at_k,
+    parse_point,
+    pick_queries,
+    to_ids,
+    trim_padding,
+)
 from indexing.plaid import maxsim
 
 
@@ -47,3 +55,23 @@ def test_maxsim_topk_matches_maxsim_and_ignores_padding_rows():
     scores = {i: maxsim(q, vectors[offsets[i]:offsets[i + 1]]) for i in live}
     expected = sorted(live, key=lambda i: -scores[i])[:3]
     assert maxsim_topk(q, vectors, offsets, k=3).tolist() == expected
+
+
+def test_parse_point_names_search_params_and_checks_values():
+    assert parse_point("ndocs=128,exact_tokens=4096") == {"ndocs": 128, "exact_tokens": 4096}
+    assert parse_point("centroid_score_threshold=0.4") == {"centroid_score_threshold": 0.4}
+    with pytest.raises(ValueError, match="unknown search parameter 'nprobe'"):
+        parse_point("nprobe=3")
+    with pytest.raises(ValueError, match="ndocs"):
+        parse_point("ndocs=0")
+
+
+def test_interleaved_rotates_the_engines_and_keeps_first_round_tops():
+    calls = []
+    engines = {name: (lambda name: lambda i: calls.append((name, i)) or [name, i])(name) for name in "abc"}
+    times, tops = interleaved(engines, n=3, rounds=2)
+    assert calls[:3] == [("a", 0), ("b", 0), ("c", 0)]  # warm-up
+    timed = calls[3:]
+    assert [e for e, i in timed[:9]] == list("abc" + "bca" + "cab")  # the first engine rotates
+    assert all(len(t) == 6 for t in times.values())
+    assert tops["b"] == [["b", 0], ["b", 1], ["b", 2]]
