@@ -568,11 +568,14 @@ def _short(err: BaseException) -> str:
 def main(argv: "list[str] | None" = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args)
+    from jobs.runtime import handle_interrupts
+
+    handle_interrupts()  # SIGTERM unwinds like Ctrl+C: leases released, Ray shut down, exit 143
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        logger.error("interrupted")
-        return 130
+    except KeyboardInterrupt as err:  # jobs.runtime.Terminated too
+        logger.error("%s", str(err) or "interrupted")
+        return getattr(err, "exit_code", 130)
     except Exception as err:  # noqa: BLE001 - the CLI is the one place that turns errors into exit codes
         if args.traceback:
             logger.exception("failed")

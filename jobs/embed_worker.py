@@ -270,7 +270,8 @@ def failpoint(name: str, value: int) -> None:
     """Fault injection for tests: ``TESSERA_FAILPOINTS="embed.shard=3"`` fails shard 3.
 
     ``embed.shard=3:crash`` kills the worker process instead of raising;
-    ``embed.shard=3:kill`` has Ray kill the worker's actor (``ray.kill``).
+    ``embed.shard=3:kill`` has Ray kill the worker's actor (``ray.kill``);
+    ``embed.shard=3:hang`` blocks it for an hour (a job to kill while its actors run).
     """
     for item in filter(None, os.environ.get(FAILPOINTS_ENV, "").split(",")):
         key, _, target = item.partition("=")
@@ -283,6 +284,8 @@ def failpoint(name: str, value: int) -> None:
 
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
                 time.sleep(60)  # the kill lands while we wait
+            if how == "hang":
+                time.sleep(3600)
             raise RuntimeError(f"failpoint {name}={value} triggered")
 
 

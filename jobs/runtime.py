@@ -1,36 +1,132 @@
-"""Ray: connecting, and sizing actor pools so reads and writes are never starved."""
+"""Ray: connecting, stopping with the driver, and sizing actor pools so reads and writes are never starved."""
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+#: Marks the processes of a local Ray started by ``init_ray`` (see jobs/watchdog.py).
+OWNER_ENV = "TESSERA_LOCAL_RAY"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the driver: the job unwinds as on Ctrl+C, and the CLI exits with 143.
+
+    A ``KeyboardInterrupt`` so that whatever cleans up after an interrupt (a lease's
+    release, a run report, Ray's own ``ray.get``) does so for SIGTERM too; claimed
+    versions and finished shards stay, and the same command resumes them.
+    """
+
+    exit_code = 128 + signal.SIGTERM
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM handler: the first signal raises in the main thread, a second exits at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.raised:  # cleanup hangs or the user insists: go now; the watchdog stops a local Ray
+            os._exit(128 + signum)
+        self.raised = True
+        if signum == signal.SIGTERM:
+            raise Terminated("terminated by SIGTERM")
+        raise KeyboardInterrupt
+
+
+def handle_interrupts() -> None:
+    """SIGTERM raises ``Terminated`` and SIGINT ``KeyboardInterrupt`` (main thread only).
+
+    The CLI calls it first; ``init_ray`` keeps it across ``ray.init`` (which installs a
+    SIGTERM handler of its own that exits with code 15). Ignored signals stay ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = _Interrupt()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, handler)
+
 
 def init_ray(num_cpus: "int | None" = None) -> None:
-    """Join ``$RAY_ADDRESS`` if set, else start a local Ray; no-op when already connected."""
+    """Join ``$RAY_ADDRESS`` if set, else start a local Ray; no-op when already connected.
+
+    A local Ray is the driver's own: ``ray.shutdown`` stops it when the driver exits (Ray's
+    atexit hook, also after SIGTERM/SIGINT with ``handle_interrupts``), and a watchdog
+    stops what is left of it if the driver is killed (SIGKILL, OOM). A cluster at
+    ``$RAY_ADDRESS`` is only joined: nothing here ever stops it.
+    """
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # ray.init replaces the SIGTERM handler (in the main thread); ours is put back after it.
+    main = threading.current_thread() is threading.main_thread()
+    interrupts = signal.getsignal(signal.SIGTERM) if main else None
     address = os.environ.get("RAY_ADDRESS")
-    if address:
-        logger.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        cpus = num_cpus or os.cpu_count() or 1
-        # Ray starts workers at nice 15. Here the actors are the job's critical path (the
-        # model forward), so on a machine shared with other work they would yield to all
-        # of it while the job waits; at nice 0 they run like any foreground process.
-        # RAY_worker_niceness set by the user wins; a cluster (RAY_ADDRESS) keeps its own.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        logger.info("starting a local Ray with %d CPUs", cpus)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    try:
+        if address:
+            logger.info("connecting to the Ray cluster at %s", address)
+            ray.init(address=address, log_to_driver=True)
+        else:
+            cpus = num_cpus or os.cpu_count() or 1
+            # Ray starts workers at nice 15. Here the actors are the job's critical path (the
+            # model forward), so on a machine shared with other work they would yield to all
+            # of it while the job waits; at nice 0 they run like any foreground process.
+            # RAY_worker_niceness set by the user wins; a cluster (RAY_ADDRESS) keeps its own.
+            os.environ.setdefault("RAY_worker_niceness", "0")
+            logger.info("starting a local Ray with %d CPUs", cpus)
+            token = start_watchdog()
+            # Only the processes started now inherit the marker (the raylet passes it on to
+            # its agents and workers); later children of the driver don't.
+            if token:
+                os.environ[OWNER_ENV] = token
+            try:
+                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+            finally:
+                os.environ.pop(OWNER_ENV, None)
+    except SystemExit as err:  # Ray's own SIGTERM handler, while ray.init ran
+        if isinstance(interrupts, _Interrupt) and err.code == signal.SIGTERM:
+            raise Terminated("terminated by SIGTERM") from None
+        raise
+    finally:
+        if isinstance(interrupts, _Interrupt):
+            signal.signal(signal.SIGTERM, interrupts)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def start_watchdog() -> "str | None":
+    """Start jobs/watchdog.py for this driver; return the marker token for the local Ray's processes.
+
+    None where it can't work (no /proc: not Linux) or fails to start (the job goes on:
+    Ray's own fate-sharing still stops everything but the raylet's agents).
+    """
+    if not os.path.isdir("/proc/self"):
+        return None
+    token = f"{os.getpid()}-{uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
+    try:
+        # Its own session: a kill of the driver's process group must not take it along.
+        subprocess.Popen([sys.executable, "-I", str(Path(__file__).with_name("watchdog.py")),
+                          str(os.getpid()), token], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError as err:
+        logger.warning("no watchdog for the local Ray (%s): a killed driver may leave Ray's agents "
+                       "running for a minute", err)
+        return None
+    return token
 
 
 @dataclass(frozen=True)
