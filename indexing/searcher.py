@@ -478,7 +478,8 @@ class Searcher:
         queries : n non-empty texts.
         k : results per query, >= 1 (fewer when fewer documents match).
         lang : only documents of this language (the ``lang`` column of ``documents``).
-        where : a SQL predicate over the ``documents`` view columns, e.g. ``"year > 2005"``.
+        where : one boolean expression over the ``documents`` view columns, e.g. ``"year > 2005"``
+            (no subquery or table function: see :func:`storage.catalog.check_filter`).
         params : per-call search knobs: ``nprobe``, ``ef_search``, ``rescore`` for dense
             kinds; ``ncells``, ``centroid_score_threshold``, ``ndocs`` for plaid.
 
@@ -505,32 +506,46 @@ class Searcher:
 
     def allowed_positions(self, *, lang: "str | None" = None,
                           where: "str | None" = None) -> "np.ndarray | None":
-        """Sorted int64 positions of the documents passing the filters; None without filters."""
+        """Sorted int64 positions of the documents passing the filters; None without filters.
+
+        ``where`` is checked by :func:`storage.catalog.check_filter` (one boolean expression
+        over the ``documents`` columns) and runs on the catalog's read-only connection,
+        over the rows of the set version this index was built from.
+        """
+        from storage.catalog import check_filter, view_columns
+
         lang, where = _check_text(lang, "lang"), _check_text(where, "where")
         if lang is None and where is None:
             return None
-        sql = "SELECT id FROM documents WHERE set_name = ? AND version = ?"
+        sql = "SELECT id FROM documents_all WHERE set_name = ? AND version = ?"
         args = [self.manifest["source"]["set"], self.manifest["source"]["version"]]
         if lang is not None:
             sql += " AND lang = ?"
             args.append(lang)
         if where is not None:
-            sql += f" AND ({where})"
+            con = self._catalog()
+            sql += f" AND ({check_filter(where, view_columns(con, 'documents_all'), con)})"
         matched = self._query_ids(sql, args, where)
         found = pc.index_in(matched, value_set=self._id_array).drop_null()
         positions = np.unique(found.to_numpy(zero_copy_only=False).astype(np.int64))
         logger.debug("filter lang=%r where=%r: %d of %d documents", lang, where, len(positions), self.n_docs)
         return positions
 
-    def _query_ids(self, sql: str, args: list, where: "str | None") -> pa.Array:
-        import duckdb
-
+    def _catalog(self):
+        """The catalog's read-only DuckDB connection, opened once."""
         from storage.catalog import connect
 
         if self._con is None:
             self._con = connect(self.root)
+        return self._con
+
+    def _query_ids(self, sql: str, args: list, where: "str | None") -> pa.Array:
+        import duckdb
+
+        from storage.catalog import CatalogError, one_line
+
         try:
-            table = self._con.sql(sql, params=args).to_arrow_table()
+            table = self._catalog().sql(sql, params=args).to_arrow_table()
         except duckdb.Error as err:
-            raise ValueError(f"invalid filter: {where!r}: {err}") from err
+            raise CatalogError(f"invalid filter {where!r}: {one_line(err)}") from err
         return table.column("id").combine_chunks().cast(pa.string())

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     _root_arg(s)
     _json_arg(s)
 
-    q = sub.add_parser("sql", help="run SQL over the catalog (views: documents, embedding_sets, shards, ...)")
+    q = sub.add_parser("sql", help="run one read-only SELECT over the catalog views (documents: each set's current "
+                                   "version; documents_all: every version; embedding_sets, shards, ...)")
     q.add_argument("query", help='e.g. "select lang, count(*) from documents group by lang"')
     _root_arg(q)
     _json_arg(q)
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("query", nargs="+", help="one or more query texts")
     se.add_argument("--k", "-k", type=int, default=10)
     se.add_argument("--lang", default=None, help="only documents in this language")
-    se.add_argument("--where", default=None, help='SQL predicate over the documents view, e.g. "year > 2005"')
+    se.add_argument("--where", default=None,
+                    help='one boolean expression over the documents view\'s columns, e.g. "year > 2005"')
     se.add_argument("--version", default=None, help="index version (default: current)")
     se.add_argument("--query-encoder", default=None,
                     help="a query-encoder folder or registered version (must match the set)")
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ev.add_argument("--lang", default=None, help="only documents in this language (e.g. en for X->English)")
-    ev.add_argument("--where", default=None, help="SQL predicate over the documents view")
+    ev.add_argument("--where", default=None, help="one boolean expression over the documents view's columns")
     ev.add_argument("--same-language", action="store_true",
                     help="each query searches the documents of its own language")
     _root_arg(ev)
@@ -166,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--mine-k", type=int, default=50, help="mine hard negatives from this many results")
     rt.add_argument("--skip-top", type=int, default=3, help="skip this many top ranks (likely unjudged positives)")
     rt.add_argument("--negatives-lang", default=None, help="mine only documents in this language")
-    rt.add_argument("--negatives-where", default=None, help="mine only documents matching this SQL predicate")
+    rt.add_argument("--negatives-where", default=None,
+                    help="mine only documents matching this boolean expression over the documents view's columns")
     rt.add_argument("--max-regression", type=float, default=0.5, help="nDCG@10 points any language may lose")
     rt.add_argument("--tolerance", type=float, default=0.0, help="nDCG@10 points the overall score may lose")
     rt.add_argument("--force", action="store_true", help="publish even if the gate refuses (recorded)")
@@ -290,7 +293,10 @@ def _params(pairs: list[str]) -> dict:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from indexing.searcher import Searcher
+    from storage.catalog import check_filter
 
+    if args.where is not None:
+        check_filter(args.where)  # its syntax before the model loads; its columns when it runs
     searcher = Searcher.open(_root_str(args), args.index, version=args.version, query_encoder=args.query_encoder,
                              threads=args.threads)
     results = searcher.search(args.query, args.k, lang=args.lang, where=args.where, params=_params(args.param) or None)

@@ -22,6 +22,7 @@ from indexing.report import write_report
 from indexing.searcher import Searcher
 from jobs.timing import Progress, Timings
 from storage import layout
+from storage.catalog import check_filter
 from storage.fs import Location, location
 from storage.queries import Query, load_qrels, load_queries
 
@@ -59,7 +60,7 @@ class EvalConfig:
     batch_size: int = 64
     device: str = "cpu"
     lang: "str | None" = None          # only documents in this language (e.g. "en" for X→English)
-    where: "str | None" = None         # SQL predicate over the documents view
+    where: "str | None" = None         # one boolean expression over the documents view (check_filter)
     same_language: bool = False        # each query searches the documents of its own language
 
     def __post_init__(self) -> None:
@@ -82,6 +83,8 @@ class EvalConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.where is not None:
+            check_filter(self.where)  # its syntax now; its columns against each index's set when searched
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 
 from jobs.timing import Progress, Timings
 from storage import layout, schemas, sets
+from storage.catalog import check_filter
 from storage.fs import Location, location
 from storage.manifest import Artifact, NotFoundError, committed_manifests, file_entry, utcnow
 from storage.queries import Query, QueryFileError, load_qrels, load_queries
@@ -172,6 +173,8 @@ class RetuneConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.negatives_where is not None:
+            check_filter(self.negatives_where)  # its syntax now; its columns when the searcher mines
         self.runs()  # every learning rate > 0, every other training knob valid
 
     @property

@@ -263,7 +263,7 @@ def query(root: "str | Location", sql: str) -> tuple[list[str], list[tuple]]:
     try:
         cur = con.execute(sql)
     except duckdb.Error as err:
-        raise CatalogError(f"SQL error: {_one_line(err)}") from err
+        raise CatalogError(f"SQL error: {one_line(err)}") from err
     columns = [d[0] for d in cur.description] if cur.description else []
     return columns, cur.fetchall()
 
@@ -272,7 +272,10 @@ def view_columns(con: duckdb.DuckDBPyConnection, view: str = "documents") -> lis
     """Column names of a catalog view (``documents``: its metadata columns included)."""
     if view not in VIEWS:
         raise ValueError(f"unknown catalog view {view!r}")
-    return [d[0] for d in con.execute(f'SELECT * FROM "{view}" LIMIT 0').description]
+    cur = con.execute(f'SELECT * FROM "{view}" LIMIT 0')
+    names = [d[0] for d in cur.description]
+    cur.fetchall()  # DuckDB keeps a connection busy until its result is read
+    return names
 
 
 # ---- checking statements and filters with DuckDB's parser ------------------------------------
@@ -332,7 +335,7 @@ def check_select(sql: str, con: "duckdb.DuckDBPyConnection | None" = None) -> No
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as err:
-        raise CatalogError(f"SQL syntax error: {_one_line(err)}") from err
+        raise CatalogError(f"SQL syntax error: {one_line(err)}") from err
     refused = [st for st in statements if st.type != duckdb.StatementType.SELECT]
     if refused:
         raise CatalogError(f"the catalog is read-only: {_statement_word(refused[0])} statements are not allowed "
@@ -387,16 +390,17 @@ def check_filter(where: str, columns: "list[str] | None" = None,
     refused = _refused_expression(node["where_clause"], allowed)
     if refused:
         raise CatalogError(f"invalid filter {shown}: {refused}")
-    text = con.execute("SELECT json_deserialize_sql(?)", [json.dumps(tree)]).fetchone()[0]
+    _unqualify(node["where_clause"])
+    text = con.execute("SELECT json_deserialize_sql(?)", [json.dumps(tree)]).fetchall()[0][0]
     assert text.startswith(_FILTER_PREFIX), text
     return text[len(_FILTER_PREFIX):]
 
 
 def _syntax_tree(sql: str, con: duckdb.DuckDBPyConnection, what: str = "SQL") -> dict:
     """DuckDB's syntax tree of ``sql`` (``json_serialize_sql``); CatalogError when it has none."""
-    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
     if tree.get("error"):
-        message = _one_line(tree.get("error_message", "not a SELECT"))
+        message = one_line(tree.get("error_message", "not a SELECT"))
         if tree.get("error_type") == "not implemented":
             message = f"only a plain SELECT can run here ({message}; PIVOT/UNPIVOT statements are not supported)"
         raise CatalogError(f"{what}: {message}" if what != "SQL" else f"SQL error: {message}")
@@ -498,6 +502,19 @@ def _refused_expression(expr, allowed: "set[str] | None") -> "str | None":
     return None
 
 
+def _unqualify(expr) -> None:
+    """``documents.year`` → ``year`` in place: the caller may run the filter on another view
+    with the same columns (``documents_all``, a subquery)."""
+    if isinstance(expr, list):
+        for child in expr:
+            _unqualify(child)
+    elif isinstance(expr, dict):
+        if expr.get("class") == "COLUMN_REF" and len(expr.get("column_names", [])) == 2:
+            expr["column_names"] = expr["column_names"][1:]
+        for value in expr.values():
+            _unqualify(value)
+
+
 def _statement_word(statement) -> str:
     """``COPY``, ``ATTACH``, ``INSTALL``, ... : the statement's first word, or its type."""
     words = statement.query.strip().split(None, 1)
@@ -512,7 +529,7 @@ def _shown(text: str, limit: int = 200) -> str:
     return shown if len(shown) <= limit else shown[:limit - 4] + "...'"
 
 
-def _one_line(err: "BaseException | str") -> str:
+def one_line(err: "BaseException | str") -> str:
     """A DuckDB message on one line (its ``LINE 1: ... ^`` pointer dropped)."""
     lines = []
     for line in str(err).splitlines():

@@ -204,6 +204,34 @@ def test_invalid_filter_and_params(flat):
         flat.search(["question"], k=0)
 
 
+@pytest.mark.parametrize("where, named", [
+    ("cast((select content from read_text('/etc/hostname')) as int) = 1", "a subquery is not allowed"),
+    ("1=1) union select 1 --", 'syntax error at or near ")"'),
+    ("year > 0; select 1", "';'"),
+    ("year > 0 -- comment", "comments are not allowed"),
+    ("id in (select id from documents_all)", "a subquery is not allowed"),
+    ("exists (from read_csv('/etc/passwd'))", "a subquery is not allowed"),
+    ("no_such_column > 1", "unknown column 'no_such_column'"),
+])
+def test_filter_injection_is_refused_before_it_runs(flat, where, named):
+    """Issue 14 item 2: a filter is one expression over the documents columns, named when refused."""
+    from storage.catalog import CatalogError
+
+    with pytest.raises(CatalogError) as err:
+        flat.search(["question"], where=where)
+    message = str(err.value)
+    assert named in message and "\n" not in message, message
+    assert open("/etc/hostname").read().strip() not in message.replace("/etc/hostname", "")
+
+
+def test_filter_runs_on_the_locked_catalog_of_the_index_set_version(flat):
+    con = flat._catalog()
+    with pytest.raises(Exception, match="disabled by configuration"):
+        con.execute("select * from read_text('/etc/hostname')").fetchall()
+    # documents_all: an index built on a set version that is no longer current still filters its own rows
+    assert flat.allowed_positions(where="documents.year >= 2000").size == flat.n_docs
+
+
 def test_empty_query_is_refused_with_its_position(flat):
     with pytest.raises(ValueError, match="query 1 is empty"):
         flat.search(["a real question", "   "])

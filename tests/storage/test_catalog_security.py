@@ -273,7 +273,7 @@ def test_check_filter_refuses_and_names_the_part(attack):
     ("title like '%a%' or title ilike 'b%' or title is null", None),
     ("cast(year as varchar) = '2001' and lower(lang) <> 'x' and coalesce(title, '') = ''", None),
     ("json_extract_string(meta, '$.a') = 'x' or meta->>'b' = 'y'", None),
-    ("documents.year >= 2001 and not (id = 'd0')", None),
+    ("documents.year >= 2001 and not (id = 'd0')", "((\"year\" >= 2001) AND (NOT (id = 'd0')))"),
     ("title = '-- not a comment; nor a separator'", None),
     ("case when year > 2001 then true else false end", None),
 ])
