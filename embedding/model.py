@@ -26,8 +26,10 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where a model is loaded: checking a folder needs no torch
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +226,7 @@ def load_model(model_dir: "str | Path", settings: "EncoderSettings | None" = Non
     device : "cpu", "cuda", ... ; default cuda when available.
     half : fp16/bf16 weights; default True on CUDA, False on CPU.
     """
+    import torch
     from transformers import AutoModel
 
     d = check_model_dir(model_dir)
@@ -339,6 +342,8 @@ def _check_markers(d: Path, tokenizer, settings: EncoderSettings) -> None:
 
 
 def _load_projection(d: Path, hidden: int) -> "torch.nn.Linear | None":
+    import torch
+
     weight = _stanford_linear(d)
     if weight is None:
         weight = _pylate_linear(d)
@@ -355,6 +360,7 @@ def _load_projection(d: Path, hidden: int) -> "torch.nn.Linear | None":
 
 
 def _stanford_linear(d: Path) -> "torch.Tensor | None":
+    import torch
     from safetensors import safe_open
 
     for path in sorted(d.glob("*.safetensors")):
@@ -369,6 +375,7 @@ def _stanford_linear(d: Path) -> "torch.Tensor | None":
 
 
 def _pylate_linear(d: Path) -> "torch.Tensor | None":
+    import torch
     from safetensors import safe_open
 
     for module in _read_json_list(d / "modules.json"):

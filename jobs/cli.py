@@ -236,16 +236,28 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name", help="e.g. me5-small")
     f.add_argument("--dir", default=None, help="target folder (default ~/.cache/tessera/models/NAME)")
     f.add_argument("--force", action="store_true")
+    for p in [*sub.choices.values(), f]:  # `tessera embed ... --traceback` works too
+        p.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                       help="show the Python traceback on errors")
     return parser
 
 
 # ---- commands -------------------------------------------------------------------------
 def cmd_embed(args: argparse.Namespace) -> int:
-    from jobs.embed import DEFAULT_NBITS, EmbedConfig, run
+    from jobs import preflight
     from jobs.model_fetch import resolve_model
+    from storage.corpus import ColumnMap
+    from storage.layout import check_name
+
+    check_name(args.set_name, "set name")
+    model = resolve_model(args.model)
+    # Bad input fails here, in a second: before the job's imports (torch), Ray and the model.
+    preflight.embed(args.corpus, model, ColumnMap(args.id_column, args.text_column, args.lang_column,
+                                                  args.title_column))
+    from jobs.embed import DEFAULT_NBITS, EmbedConfig, run
 
     cfg = EmbedConfig(
-        corpus=tuple(args.corpus), model=str(resolve_model(args.model)), set_name=args.set_name,
+        corpus=tuple(args.corpus), model=str(model), set_name=args.set_name,
         root=args.root, mode=args.mode, nbits=DEFAULT_NBITS if args.nbits is None else args.nbits,
         id_column=args.id_column,
         text_column=args.text_column, lang_column=args.lang_column, title_column=args.title_column,
@@ -267,6 +279,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from jobs import preflight
+    from storage.layout import check_name, resolve_root
+
+    preflight.artifact(resolve_root(args.root), "sets", args.set_name, args.set_version)
+    if args.name is not None:
+        check_name(args.name, "index name")
     from jobs.build_index import IndexConfig, run
 
     keys = ("set_name", "kind", "dim", "name", "set_version", "nlist", "pq_m", "pq_nbits", "hnsw_m",
@@ -285,9 +303,13 @@ def _params(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
             raise ValueError(f"--param expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = float(value) if "." in value else int(value)
+        try:
+            out[key] = float(value) if "." in value else int(value)
+        except ValueError:
+            raise ValueError(f"--param {key}: expected a number, got {value!r}") from None
     return out
 
 
@@ -312,6 +334,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from jobs import preflight
+    from storage.layout import resolve_root
+
+    preflight.evaluation(resolve_root(args.root), args.index, args.queries, args.qrels)  # before torch loads
     from jobs.evaluate import EvalConfig, run
 
     result = run(EvalConfig(index=tuple(args.index), queries=args.queries, qrels=args.qrels, root=args.root,
@@ -332,7 +358,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sets(args: argparse.Namespace) -> int:
+    from jobs import preflight
     from storage.catalog import query
+    from storage.layout import resolve_root
+
+    preflight.store(resolve_root(args.root))  # a mistyped --root or bucket is an error, not "(0 rows)"
 
     cols, rows = query(_root_str(args), "SELECT set_name, version, is_current, documents, skipped_empty, tokens, "
                                         "dense_dim, colbert_dim, nbits, committed_at FROM embedding_sets "
@@ -358,6 +388,12 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_retune(args: argparse.Namespace) -> int:
+    from jobs import preflight
+    from storage.layout import resolve_root
+
+    preflight.retune(resolve_root(args.root), args.set_name, args.index,
+                     {"training file": args.train, "training qrels": args.train_qrels,
+                      "dev queries": args.dev_queries, "dev qrels": args.dev_qrels}, args.index_version)
     from jobs.retune import EXIT_REFUSED, GateRefused, RetuneConfig, languages_table, run, runs_table
 
     def split(text: str) -> list[str]:
@@ -400,8 +436,11 @@ def cmd_retune(args: argparse.Namespace) -> int:
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
+    from jobs import preflight
     from storage.layout import resolve_root
     from storage.manifest import committed_manifests
+
+    preflight.store(resolve_root(args.root))
 
     cols = ["name", "version", "is_current", "set", "set_version", "index", "lr", "freeze", "forced",
             "ndcg_before", "ndcg_after", "fingerprint", "base_fingerprint", "committed_at"]
@@ -418,11 +457,16 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
+    from jobs import preflight
     from jobs.model_fetch import resolve_model
+    from storage.layout import resolve_root
+
+    model = resolve_model(args.model) if args.model else None
+    preflight.reindex(resolve_root(args.root), args.set_name, args.corpus, model)  # before torch, Ray, the model
     from jobs.reindex import ReindexConfig, exit_code_for, run
 
     cfg = ReindexConfig(set_name=args.set_name, corpus=tuple(args.corpus), root=args.root,
-                        model=str(resolve_model(args.model)) if args.model else None, full=args.full,
+                        model=str(model) if model else None, full=args.full,
                         keep=args.keep, max_added_share=args.max_added_share,
                         max_residual_ratio=args.max_residual_ratio, min_refit_share=args.min_refit_share,
                         lease_ttl=args.lease_ttl, local_rows=args.local_rows, actors=args.actors,
@@ -535,40 +579,20 @@ def _configure_logging(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        pass
-
-
-def user_error(err: BaseException) -> "BaseException | None":
-    """The user-facing error inside ``err``'s chain (Ray wraps worker errors), or None."""
-    from embedding.model import ModelError
-    from storage.corpus import CorpusError
-    from storage.manifest import NotFoundError
-
-    seen = set()
-    stack = [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, (CorpusError, ModelError, NotFoundError, FileNotFoundError, ValueError)):
-            return e
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-    return None
+    # transformers reads these when (and where: Ray workers too) it is imported; importing it
+    # here to say so took seconds, before a bad argument could even be reported.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # The first failed Ray task is the error reported (one line); Ray would print the others'
+    # tracebacks as "Unhandled error" when their results are dropped.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
 
 
 def _short(err: BaseException) -> str:
-    text = str(err).strip()
-    # Ray prefixes worker errors with a traceback; the last line carries the message.
-    if "Traceback (most recent call last)" in text:
-        text = [line for line in text.splitlines() if line.strip()][-1]
-    return text
+    """``err``'s message as one line, out of Ray's wrappers (see jobs.errors)."""
+    from jobs.errors import one_line, unwrap
+
+    return one_line(unwrap(err))
 
 
 def main(argv: "list[str] | None" = None) -> int:
@@ -585,17 +609,11 @@ def main(argv: "list[str] | None" = None) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI is the one place that turns errors into exit codes
         if args.traceback:
             logger.exception("failed")
-        from storage.lease import LeaseHeld
+        from jobs.errors import describe
 
-        if isinstance(err, LeaseHeld):
-            print(f"tessera: busy: {_short(err)}", file=sys.stderr)
-            return 5
-        bad = user_error(err)
-        if bad is not None:
-            print(f"tessera: error: {_short(bad)}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        print(f"tessera: failed: {type(err).__name__}: {_short(err)}", file=sys.stderr)
-        return EXIT_FAILED
+        code, line = describe(err)  # Ray's wrappers unwrapped, one line, no ANSI codes
+        print(f"tessera: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ import numpy as np
 from embedding.codec import ResidualCodec, content_order, default_n_centroids
 from embedding.model import EncoderSettings, check_model_dir, fingerprint, read_settings
 from jobs import plan as planner
+from jobs import preflight
 from jobs.embed_worker import (FAILPOINTS_ENV, SAMPLE_CACHE, SampleEncoder, ShardEncoder, WorkerSpec,
                                failpoint, read_cache_tokens, sample_cache)
+from jobs.errors import bad_input, quiet_ray_failure_logs, unwrap
 from jobs.runtime import ActorPlan, init_ray, plan_actors, thread_env
 from jobs.timing import Progress, Timings
 from storage import layout
@@ -179,14 +181,27 @@ def run(cfg: EmbedConfig) -> dict:
     timings = Timings()
     root = layout.resolve_root(cfg.root)
     art = Artifact(root, "sets", cfg.set_name)
+    with timings("check"):
+        urls = preflight.embed(cfg.corpus, cfg.model, cfg.columns)  # in a second, before Ray and the model
     with timings("model"):
         model = describe_model(cfg)
     init_ray()
     with timings("scan"):
-        files, ids_digest, ids = scan_corpus(cfg)
-    pieces = planner.build_pieces([f.n_rows for f in files], cfg.rows_per_shard)
+        files, ids_digest, ids = scan_corpus(cfg, urls)
     run_key = _run_key(cfg, model, files, ids_digest)
     version, resumed = art.claim(run_key, {"host": socket.gethostname(), "pid": os.getpid()})
+    try:
+        return _write_version(cfg, art, version, resumed, model, files, ids, run_key, timings)
+    except Exception as err:
+        if not resumed and bad_input(unwrap(err)) is not None:
+            discard_version(art, version)  # bad input leaves nothing behind (a failure stays resumable)
+        raise
+
+
+def _write_version(cfg: EmbedConfig, art: Artifact, version: str, resumed: bool, model: ModelInfo,
+                   files: list[CorpusFile], ids: list, run_key: str, timings: Timings) -> dict:
+    """Everything after the claim: codec, shards, manifest, CURRENT."""
+    pieces = planner.build_pieces([f.n_rows for f in files], cfg.rows_per_shard)
     vdir = art.version_dir(version)
     logger.info("%s %s/%s (%d documents in %d shards from %d files)",
                 "resuming" if resumed else "writing", cfg.set_name, version,
@@ -201,6 +216,9 @@ def run(cfg: EmbedConfig) -> dict:
     with timings("commit"):
         manifest = _manifest(cfg, model, files, pieces, vdir, codec_info, actor_plan, run_key,
                              art, timings)
+        if not manifest["counts"]["documents"]:
+            raise CorpusError(f"every text in the corpus is empty ({manifest['counts']['input_rows']} rows in "
+                              f"{len(files)} file(s), column {cfg.text_column!r}): nothing to embed")
         manifest = art.commit(version, manifest)
         if cfg.publish:
             art.publish(version)
@@ -209,8 +227,10 @@ def run(cfg: EmbedConfig) -> dict:
 
 
 # ---- scanning -------------------------------------------------------------------------
-def scan_corpus(cfg: EmbedConfig) -> tuple[list[CorpusFile], str, list]:
+def scan_corpus(cfg: EmbedConfig, urls: "list[str] | None" = None) -> tuple[list[CorpusFile], str, list]:
     """Scan every corpus file in parallel Ray tasks; raise CorpusError on bad ids.
+
+    ``urls``: the corpus files, when :func:`jobs.preflight.corpus` already expanded them.
 
     Returns
     -------
@@ -219,12 +239,12 @@ def scan_corpus(cfg: EmbedConfig) -> tuple[list[CorpusFile], str, list]:
     """
     import ray
 
-    urls = [loc.url for loc in expand(list(cfg.corpus))]
+    urls = urls or [loc.url for loc in expand(list(cfg.corpus))]
     task = ray.remote(num_cpus=0.5, max_retries=2, retry_exceptions=False)(scan_file)
     results = ray.get([task.remote(u, cfg.columns, cfg.rows_per_shard) for u in urls])
     files = [r[0] for r in results]
     ids = [r[1] for r in results]
-    dups = find_duplicates(files, ids)
+    dups = find_duplicates(files, ids, cols=cfg.columns)
     if dups:
         n = sum(len(a) for a in ids) - len(set().union(*[set(a.to_pylist()) for a in ids]))
         raise CorpusError(f"{n} duplicate id(s) in the corpus, first: " + ", ".join(dups))
@@ -233,6 +253,15 @@ def scan_corpus(cfg: EmbedConfig) -> tuple[list[CorpusFile], str, list]:
         for value in arr.to_pylist():
             digest.update(value.encode("utf-8") + b"\n")
     return files, digest.hexdigest(), ids
+
+
+def discard_version(art: Artifact, version: str) -> None:
+    """Delete an uncommitted version (and the set's folder when nothing else is in it), so a
+    run refused for its input leaves no trace: no folder, no name in "known:" lists."""
+    art.version_dir(version).delete(recursive=True)
+    if not art.loc.list():
+        art.loc.delete(recursive=True)
+    logger.info("removed the unfinished %s/%s %s", art.kind, art.name, version)
 
 
 def _run_key(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], ids_digest: str) -> str:
@@ -268,6 +297,11 @@ def _map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    # The actor's own exception (a ShardError naming shard, file and records) reaches the
+    # driver instead of Ray Data's UserCodeException, whose cause does not survive pickling;
+    # Ray Data's console report of it is dropped (the CLI prints one line).
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+    quiet_ray_failure_logs()
     env = thread_env(p)
     if os.environ.get(FAILPOINTS_ENV):  # fault-injection tests reach the workers this way
         env[FAILPOINTS_ENV] = os.environ[FAILPOINTS_ENV]
@@ -322,7 +356,11 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     with timings("kmeans") if timings is not None else contextlib.nullcontext():
         codec_bytes, fit = _fit_remote(caches, model.colbert_dim, n_docs, total, cfg, p)
     if not fit["sample_tokens"]:
-        raise CorpusError("no non-empty document in the codec sample: is every text empty?")
+        if n_docs == total:
+            raise CorpusError(f"every text in the corpus is empty ({total} rows in {len(files)} file(s), "
+                              f"column {cfg.text_column!r}): nothing to embed")
+        raise CorpusError(f"no non-empty text among the {n_docs} documents sampled for the codec "
+                          f"(of {total}, column {cfg.text_column!r}): is nearly every text empty?")
     logger.info("fitted the codec: %d centroids, nbits %d, on %d of %d sampled token vectors "
                 "(%d sampled documents, ~%d corpus tokens)", fit["k"], cfg.nbits, fit["train_tokens"],
                 fit["sample_tokens"], n_docs, fit["est_tokens"])

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from embedding.codec import ResidualCodec
 from embedding.vectors import DocumentVectors
 from storage import layout, schemas
-from storage.corpus import ColumnMap, CorpusFile, meta_hashes, read_rows, text_hashes
+from storage.corpus import ColumnMap, CorpusError, CorpusFile, meta_hashes, read_rows, text_hashes
 from storage.fs import Location
 from storage.manifest import file_entry
 
@@ -52,6 +52,29 @@ class WorkerSpec:
     device: str
     max_batch: int
     max_tokens: int
+
+
+class ShardError(RuntimeError):
+    """A shard failed on a worker: the message names the shard, its file and records.
+
+    One message argument and no ``__init__`` of its own, so it pickles back to the
+    driver whole (Ray does not carry ``__cause__`` across; the message does).
+    """
+
+
+class ShardInputError(ShardError, CorpusError):
+    """A shard failed on its input (a :class:`CorpusError`): the user's to fix (exit 2)."""
+
+
+def shard_error(err: Exception, shard: int, url: str, start: int, end: int) -> ShardError:
+    """``err`` raised while working on rows ``[start, end)`` of ``url`` as shard ``shard``,
+    as a :class:`ShardError` (a :class:`ShardInputError` for bad input) to raise ``from err``."""
+    if isinstance(err, ShardError):
+        return err
+    where = f"shard {shard} ({url}, records {start + 1}-{end})"
+    if isinstance(err, CorpusError):
+        return ShardInputError(f"{err} ({where})")
+    return ShardError(f"{where}: {type(err).__name__}: {err}")
 
 
 class EncoderActor:
@@ -120,12 +143,11 @@ class EncoderActor:
         return round(out, 3)
 
     def _read(self, row: dict) -> pa.Table:
-        f = self.files[int(row["file"])]
-        try:
-            return read_rows(f, int(row["start"]), int(row["end"]), self.cols)
-        except Exception as err:
-            raise RuntimeError(f"shard {int(row['shard'])}: reading {f.url} rows "
-                               f"{int(row['start'])}-{int(row['end'])} failed: {err}") from err
+        return read_rows(self.files[int(row["file"])], int(row["start"]), int(row["end"]), self.cols)
+
+    def _failed(self, row: dict, err: Exception) -> "ShardError":
+        return shard_error(err, int(row["shard"]), self.files[int(row["file"])].url, int(row["start"]),
+                           int(row["end"]))
 
 
 class ShardEncoder(EncoderActor):
@@ -138,9 +160,7 @@ class ShardEncoder(EncoderActor):
             try:
                 stats.append(json.dumps(self.write_shard(row)))
             except Exception as err:
-                f = self.files[int(row["file"])]
-                raise RuntimeError(f"shard {int(row['shard'])} ({f.url} rows {int(row['start'])}-"
-                                   f"{int(row['end'])}) failed: {type(err).__name__}: {err}") from err
+                raise self._failed(row, err) from err
         return {"stats": np.array(stats, dtype=object)}
 
     def write_shard(self, row: dict) -> dict:
@@ -303,23 +323,30 @@ class SampleEncoder(EncoderActor):
         out = []
         for i in range(len(batch["shard"])):
             row = {k: batch[k][i] for k in ("shard", "file", "start", "end")}
-            started_at, start = time.time(), time.perf_counter()
-            stages = self._stage_seconds()
-            failpoint("embed.sample", int(row["shard"]))
-            table = self._read(row)
-            texts = pc.fill_null(table.column("text"), "").to_pylist()
-            offsets = [o for o in json.loads(batch["rows"][i]) if texts[o].strip()]
-            enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense,
-                                                colbert=True) if offsets else None
-            t0 = time.perf_counter()
-            schemas.write_table(sample_cache(self.vdir, int(row["shard"])), _cache_table(offsets, enc))
-            out.append(json.dumps({"shard": int(row["shard"]), "documents": len(offsets),
-                                   "load_seconds": self._take_load_seconds(),
-                                   "write_seconds": round(time.perf_counter() - t0, 3),
-                                   **self._stage_delta(stages, self._stage_seconds()),
-                                   "seconds": round(time.perf_counter() - start, 3),
-                                   "started_at": round(started_at, 3)}))
+            try:
+                out.append(self.sample_shard(row, json.loads(batch["rows"][i])))
+            except Exception as err:
+                raise self._failed(row, err) from err
         return {"stats": np.array(out, dtype=object)}
+
+    def sample_shard(self, row: dict, rows: list[int]) -> str:
+        """Encode the sampled ``rows`` (offsets in the piece) of one shard into its cache; JSON stats."""
+        started_at, start = time.time(), time.perf_counter()
+        stages = self._stage_seconds()
+        failpoint("embed.sample", int(row["shard"]))
+        table = self._read(row)
+        texts = pc.fill_null(table.column("text"), "").to_pylist()
+        offsets = [o for o in rows if texts[o].strip()]
+        enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense,
+                                            colbert=True) if offsets else None
+        t0 = time.perf_counter()
+        schemas.write_table(sample_cache(self.vdir, int(row["shard"])), _cache_table(offsets, enc))
+        return json.dumps({"shard": int(row["shard"]), "documents": len(offsets),
+                           "load_seconds": self._take_load_seconds(),
+                           "write_seconds": round(time.perf_counter() - t0, 3),
+                           **self._stage_delta(stages, self._stage_seconds()),
+                           "seconds": round(time.perf_counter() - start, 3),
+                           "started_at": round(started_at, 3)})
 
 
 def sample_cache(vdir: Location, shard: int) -> Location:

@@ -40,7 +40,9 @@ import pyarrow as pa
 
 from jobs import embed as embed_job
 from jobs import plan as planner
+from jobs import preflight
 from jobs.embed_worker import ShardEncoder, failpoint
+from jobs.errors import unwrap
 from jobs.timing import Progress, Timings
 from storage import layout, sets
 from storage.corpus import ColumnMap, CorpusFile, meta_hashes, read_rows, text_hashes
@@ -180,6 +182,7 @@ def exit_code_for(err: BaseException) -> int:
     from embedding.model import ModelError
     from storage.corpus import CorpusError
 
+    err = unwrap(err)  # a worker's own exception, out of Ray's wrappers
     if isinstance(err, LeaseHeld):
         return EXIT_BUSY
     if isinstance(err, Refused):
@@ -243,6 +246,8 @@ def _run(cfg: ReindexConfig, root: Location, art: Artifact, lease: Lease, report
     parent = art.resolve()
     pm = art.manifest(parent)
     ecfg = embed_config(cfg, pm)
+    with timings("check"):
+        urls = preflight.embed(ecfg.corpus, ecfg.model, ecfg.columns)  # before the model's hash and Ray
     with timings("model"):
         model = embed_job.describe_model(ecfg)
     report.body.update(parent=parent, model=model.fingerprint)
@@ -252,7 +257,7 @@ def _run(cfg: ReindexConfig, root: Location, art: Artifact, lease: Lease, report
                       "vectors from two models cannot share an index. Re-embed everything with --full")
     embed_job.init_ray()
     with timings("scan"):
-        files, ids_digest, _ = embed_job.scan_corpus(ecfg)
+        files, ids_digest, _ = embed_job.scan_corpus(ecfg, urls)
     with timings("hash"):
         snapshot = hash_snapshot(ecfg, files)
     with timings("diff"):

@@ -9,6 +9,8 @@ Two steps, both streaming so nothing ever holds the whole corpus:
   table with canonical column names.
 
 Errors name the file and the row (0-based row for Parquet, 1-based line for JSONL).
+:func:`check_first_file` checks the columns of one file from its first line or its
+schema, so a job can refuse a bad corpus before it starts Ray or loads a model.
 """
 from __future__ import annotations
 
@@ -83,7 +85,16 @@ def file_format(url: str) -> str:
         return "parquet"
     if low.endswith(JSONL_EXT):
         return "jsonl"
-    raise CorpusError(f"{url}: unknown corpus format (expected {PARQUET_EXT + JSONL_EXT})")
+    raise CorpusError(f"{url}: unsupported format {_extension(url)} ({SUPPORTED})")
+
+
+SUPPORTED = "a corpus is Parquet (.parquet, .pq) or JSONL (.jsonl, .json, .ndjson)"
+
+
+def _extension(url: str) -> str:
+    """``.csv`` for ``data.csv``; ``(no extension)`` when there is none."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[-1].lower() if "." in name.lstrip(".") else "(no extension)"
 
 
 def expand(urls: "list[str] | tuple[str, ...] | str") -> list[Location]:
@@ -97,15 +108,21 @@ def expand(urls: "list[str] | tuple[str, ...] | str") -> list[Location]:
             base, pattern = _split_glob(loc)
             matches = base.glob(pattern)
         elif loc.fs.isdir(loc.path):
-            matches = [c for c in loc.glob("**") if _is_corpus_file(c)]
+            matches = loc.glob("**")
         elif loc.exists():
+            file_format(loc.url)  # a single file of another format: say which
             matches = [loc]
         else:
             raise CorpusError(f"{url}: no such file or directory")
-        matches = [m for m in matches if _is_corpus_file(m)]
-        if not matches:
+        corpus = [m for m in matches if _is_corpus_file(m)]
+        if not corpus:
+            others = sorted({_extension(m.url) for m in matches
+                             if not m.name.startswith((".", "_")) and not m.fs.isdir(m.path)})
+            if others:
+                raise CorpusError(f"{url}: unsupported format {', '.join(others)}: no Parquet or JSONL "
+                                  f"files found ({SUPPORTED})")
             raise CorpusError(f"{url}: no Parquet or JSONL files found")
-        found.extend(matches)
+        found.extend(corpus)
     unique = sorted({m.url: m for m in found}.values(), key=lambda m: m.url)
     return unique
 
@@ -177,7 +194,7 @@ def _scan_jsonl(loc: Location, cols: ColumnMap, stride: int) -> tuple[CorpusFile
             ids.append(_line_id(loc.url, lineno, obj, cols))
             if cols.text not in obj:
                 raise CorpusError(f"{loc.url}: line {lineno}: missing text column {cols.text!r} "
-                                  f"(keys: {sorted(obj)[:10]})")
+                                  f"(keys: {sorted(obj)[:10]}; map it with --text-column)")
     if not ids:
         raise CorpusError(f"{loc.url}: empty file (no JSON lines)")
     return (CorpusFile(loc.url, "jsonl", len(ids), stride, tuple(offsets), tuple(columns)),
@@ -186,22 +203,64 @@ def _scan_jsonl(loc: Location, cols: ColumnMap, stride: int) -> tuple[CorpusFile
 
 def _parse_line(url: str, lineno: int, raw: bytes) -> dict:
     try:
+        return _parse(raw)
+    except CorpusError as err:
+        raise CorpusError(f"{url}: line {lineno}: {err}") from err.__cause__
+
+
+def _parse(raw: bytes) -> dict:
+    """One JSONL line as a dict; CorpusError says what is wrong (the caller names where)."""
+    try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise CorpusError(f"{url}: line {lineno}: not valid UTF-8 (byte {err.start}: "
-                          f"{raw[err.start:err.start + 4]!r})") from err
+        raise CorpusError(f"not valid UTF-8 (byte {err.start}: {raw[err.start:err.start + 4]!r})") from err
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        raise CorpusError(f"{url}: line {lineno}: invalid JSON: {err.msg} at column {err.colno}") from err
+        raise CorpusError(f"invalid JSON: {json_error(err)}") from err
     if not isinstance(obj, dict):
-        raise CorpusError(f"{url}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        raise CorpusError(f"expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def json_error(err: json.JSONDecodeError) -> str:
+    """``Expecting value at column 3``; ``Unterminated string starting at column 9`` (the
+    decoder's message may itself end in "at")."""
+    msg = err.msg.rstrip()
+    return f"{msg} column {err.colno}" if msg.endswith(" at") else f"{msg} at column {err.colno}"
+
+
+def check_first_file(url: str, cols: ColumnMap) -> None:
+    """Check one corpus file's columns cheaply: a Parquet schema, or a JSONL file's first line.
+
+    Catches a wrong column mapping, an empty file and a file that isn't JSON before a job
+    spends anything on it; :func:`scan_file` still checks every row.
+    """
+    loc = location(url)
+    if file_format(url) == "parquet":
+        try:
+            with loc.open("rb") as f:
+                names = pq.ParquetFile(f).schema_arrow.names
+        except (pa.ArrowInvalid, OSError) as err:
+            raise CorpusError(f"{url}: unreadable Parquet file: {err}") from err
+        _require_columns(url, names, cols)
+        return
+    with loc.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                obj = _parse_line(url, lineno, raw)
+                _line_id(url, lineno, obj, cols)
+                if cols.text not in obj:
+                    raise CorpusError(f"{url}: line {lineno}: missing text column {cols.text!r} "
+                                      f"(keys: {sorted(obj)[:10]}; map it with --text-column)")
+                return
+    raise CorpusError(f"{url}: empty file (no JSON lines)")
 
 
 def _line_id(url: str, lineno: int, obj: dict, cols: ColumnMap) -> str:
     if cols.id not in obj:
-        raise CorpusError(f"{url}: line {lineno}: missing id column {cols.id!r} (keys: {sorted(obj)[:10]})")
+        raise CorpusError(f"{url}: line {lineno}: missing id column {cols.id!r} (keys: {sorted(obj)[:10]}; "
+                          "map it with --id-column)")
     value = obj[cols.id]
     if value is None or value == "":
         raise CorpusError(f"{url}: line {lineno}: null or empty id")
@@ -231,8 +290,13 @@ def _ids_as_strings(url: str, ids: pa.Array, first_row: int, cols: ColumnMap) ->
     return ids
 
 
-def find_duplicates(files: list[CorpusFile], ids: list[pa.Array], limit: int = 5) -> list[str]:
-    """Describe up to ``limit`` duplicated ids with the file and row of each occurrence."""
+def find_duplicates(files: list[CorpusFile], ids: list[pa.Array], limit: int = 5,
+                    cols: "ColumnMap | None" = None) -> list[str]:
+    """Describe up to ``limit`` duplicated ids with the file and row of each occurrence.
+
+    Parquet: the 0-based row; JSONL: the 1-based line (the file is read again for those:
+    blank lines are not rows, so a row's position is not its line).
+    """
     all_ids = pa.chunked_array(ids, type=pa.string()) if ids else pa.chunked_array([], pa.string())
     counts = pc.value_counts(all_ids)
     dup_mask = pc.greater(counts.field("counts"), 1)
@@ -242,11 +306,31 @@ def find_duplicates(files: list[CorpusFile], ids: list[pa.Array], limit: int = 5
     wanted = set(dups)
     where: dict[str, list[str]] = {d: [] for d in dups}
     for f, arr in zip(files, ids):
-        unit = "line" if f.format == "jsonl" else "row"
-        for row, value in enumerate(arr.to_pylist()):
-            if value in wanted and len(where[value]) < 3:
-                where[value].append(f"{f.url} {unit} {row}")
+        rows = [row for row, value in enumerate(arr.to_pylist()) if value in wanted]
+        if not rows:
+            continue
+        lines = _row_lines(f, set(rows)) if f.format == "jsonl" else {}
+        for row in rows:
+            value = arr[row].as_py()
+            if len(where[value]) < 3:
+                where[value].append(f"{f.url} line {lines[row]}" if row in lines else f"{f.url} row {row}")
     return [f"{d!r} ({'; '.join(where[d])})" for d in dups]
+
+
+def _row_lines(file: CorpusFile, rows: set[int]) -> dict[int, int]:
+    """{row: 1-based line} of a JSONL file for the given 0-based rows (non-blank lines)."""
+    out: dict[int, int] = {}
+    row = 0
+    with location(file.url).open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            if row in rows:
+                out[row] = lineno
+                if len(out) == len(rows):
+                    break
+            row += 1
+    return out
 
 
 # ---- reading a piece ----------------------------------------------------------------
@@ -287,19 +371,30 @@ def _read_jsonl_rows(file: CorpusFile, start: int, end: int, cols: ColumnMap) ->
     rows: list[dict] = []
     if start == end:
         return pa.table({})
+    pos = file.offsets[start // file.stride]
     with location(file.url).open("rb") as f:
-        f.seek(file.offsets[start // file.stride])
-        lineno = None  # line numbers are unknown after a seek; name the row instead
+        f.seek(pos)
         for raw in f:
+            here, pos = pos, pos + len(raw)
             if not raw.strip():
                 continue
-            rows.append(_parse_line(file.url, lineno or start + len(rows), raw))
+            try:
+                rows.append(_parse(raw))
+            except CorpusError as err:  # the file changed since the scan: count the lines before it
+                raise CorpusError(f"{file.url}: line {_line_at(file.url, here)}: {err}") from err.__cause__
             if len(rows) == end - start:
                 break
     try:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         raise CorpusError(f"{file.url}: rows {start}-{end}: inconsistent column types: {err}") from err
+
+
+def _line_at(url: str, offset: int) -> int:
+    """The 1-based line number of the line starting at byte ``offset`` (error path only)."""
+    with location(url).open("rb") as f:
+        head = f.read(offset)
+    return head.count(b"\n") + 1
 
 
 def _canonicalise(url: str, table: pa.Table, cols: ColumnMap) -> pa.Table:

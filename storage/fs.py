@@ -54,8 +54,18 @@ def filesystem(protocol: str) -> fsspec.AbstractFileSystem:
     raise ValueError(f"unsupported URL scheme {protocol!r}: use a local path or s3://")
 
 
+class StorageUnavailable(ConnectionError):
+    """The store kept failing with transient errors until :func:`retry` gave up.
+
+    The message names the operation and URL and the last error; it is not transient
+    itself, so an outer retry does not start over.
+    """
+
+
 def is_transient(err: BaseException) -> bool:
     """Whether ``err`` looks like a passing network or server fault."""
+    if isinstance(err, StorageUnavailable):
+        return False
     names = {type(e).__name__ for e in _chain(err)}
     text = str(err)
     return any(n in names or n in text for n in _TRANSIENT_NAMES) or \
@@ -76,8 +86,11 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float =
         try:
             return fn()
         except Exception as err:  # noqa: BLE001 - filtered by is_transient
-            if attempt == attempts or not is_transient(err):
+            if not is_transient(err):
                 raise
+            if attempt == attempts:
+                raise StorageUnavailable(f"{what}: gave up after {attempts} attempts: "
+                                         f"{type(err).__name__}: {err}") from err
             delay = base_delay * 2 ** (attempt - 1) * (1 + random.random())
             logger.warning("transient storage error on %s (attempt %d/%d), retrying in %.1fs: %s",
                            what, attempt, attempts, delay, type(err).__name__)
@@ -230,6 +243,10 @@ class Location:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+        except OSError as err:
+            if err.filename is None:
+                raise _naming(err, self.url) from err
+            raise
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -286,8 +303,14 @@ class Location:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as err:  # e.g. disk full: leave no empty claim behind
+            os.remove(self.path)
+            if err.filename is None:
+                raise _naming(err, self.url) from err
+            raise
         return True
 
     def makedirs(self) -> None:
@@ -301,6 +324,11 @@ class Location:
             except FileNotFoundError:
                 pass
         retry(_rm, f"delete {self.url}")
+
+
+def _naming(err: OSError, url: str) -> OSError:
+    """``err`` (which names no file: a full disk's ENOSPC) naming the file being written."""
+    return OSError(err.errno, f"{err.strerror or err}: writing {url}")
 
 
 def _s3_put_if_absent(loc: Location, data: bytes) -> bool:

@@ -19,6 +19,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.corpus import json_error
 from storage.fs import Location, location
 
 logger = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def _qrels_from_trec(loc: Location) -> Iterator[tuple[str, str, str, int]]:
         else:
             raise QueryFileError(f"{loc.url}: line {lineno}: expected 'qid 0 docid rel' or "
                                  f"'qid docid rel', got {len(fields)} field(s): {line.strip()[:100]!r}")
-        if lineno == 1 and _is_header(rel):
+        if lineno == 1 and _is_header(qid, docid, rel):
             continue
         where = f"line {lineno}"
         yield where, _as_id(loc.url, where, "qid", qid), _as_id(loc.url, where, "docid", docid), \
@@ -238,11 +239,14 @@ def _collect_qrels(url: str, triples: Iterator[tuple[str, str, str, int]]) -> di
     return qrels
 
 
-def _is_header(value: str) -> bool:
+def _is_header(qid: str, docid: str, rel: str) -> bool:
+    """A first line that names the columns (BEIR's ``query-id corpus-id score``), not a
+    malformed judgement: a non-numeric relevance alone does not make a header."""
     try:
-        float(value)
+        float(rel)
     except ValueError:
-        return True
+        names = [v.strip().lower() for v in (qid, docid, rel)]
+        return all(n in QRELS_COLUMNS[role] for n, role in zip(names, ("query_id", "doc_id", "relevance")))
     return False
 
 
@@ -298,8 +302,7 @@ def _jsonl_objects(loc: Location) -> Iterator[tuple[int, dict]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise QueryFileError(f"{loc.url}: line {lineno}: invalid JSON: {err.msg} "
-                                 f"at column {err.colno}") from err
+            raise QueryFileError(f"{loc.url}: line {lineno}: invalid JSON: {json_error(err)}") from err
         if not isinstance(obj, dict):
             raise QueryFileError(f"{loc.url}: line {lineno}: expected a JSON object, "
                                  f"got {type(obj).__name__}")
