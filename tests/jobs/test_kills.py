@@ -1,0 +1,227 @@
+"""A killed driver leaves no process of its run behind (issue 14, item 5).
+
+Each test runs ``tessera embed`` in a subprocess with a Ray temp dir of its own and a
+shard that hangs (failpoint ``embed.shard=0:hang``), waits until its encoder actor runs,
+notes every process the driver started (its descendants, with their start times:
+gcs_server, raylet, ``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``, workers, the
+watchdog), then signals the driver. Processes are identified by that tree and by the
+run's Ray temp dir (in an environment or an open file), never by name: other Ray
+clusters run on the machine meanwhile.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import _RAY_STATE, REPO_ROOT, _mkdtemp_short
+
+SAMPLE = REPO_ROOT / "jobs" / "data" / "sample_corpus.jsonl"
+RAY_UP = ("raylet", "ray::DashboardA", "ray::RuntimeEnv", "ray::MapWorker(")   # /proc comm: 15 chars
+START_S = 300     # the job starts Ray and its actor (30 s on 2 idle cores; far more under load)
+GONE_S = 20       # after SIGKILL, everything is gone in ~3 s
+
+
+# ---- processes, from /proc ---------------------------------------------------------------------------
+def _stat(pid: int) -> "tuple[str, int] | None":
+    """(comm, start time) of a live process; None when it is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    comm = raw[raw.index(b"(") + 1:raw.rindex(b")")].decode(errors="replace")
+    fields = raw[raw.rindex(b")") + 2:].split()
+    return None if fields[0] in (b"Z", b"X") else (comm, int(fields[19]))
+
+
+def tree(pid: int) -> dict[int, tuple[str, int]]:
+    """``pid`` and its descendants: pid -> (comm, start time)."""
+    found: dict[int, tuple[str, int]] = {}
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        st = _stat(p)
+        if st is None or p in found:
+            continue
+        found[p] = st
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return found
+
+
+def still_alive(procs: dict[int, tuple[str, int]]) -> dict[int, str]:
+    """The processes of ``procs`` that live on (same pid, same start time)."""
+    return {p: comm for p, (comm, t) in procs.items() if (_stat(p) or (None, None))[1] == t}
+
+
+def using_dir(ray_dir: str) -> dict[int, str]:
+    """Live processes whose environment names ``ray_dir`` or that hold a file open under it."""
+    env_entry = f"RAY_TMPDIR={ray_dir}".encode()
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        pid = int(name)
+        try:
+            hit = env_entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if not hit:
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    try:
+                        if os.readlink(fd).startswith(ray_dir + "/"):
+                            hit = True
+                            break
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+        st = _stat(pid)
+        if hit and st is not None:
+            found[pid] = st[0]
+    return found
+
+
+def wait_until(cond, timeout: float, step: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+# ---- the job ------------------------------------------------------------------------------------------
+class Job:
+    """``tessera embed`` of the sample corpus (dense, tiny model) whose shard 0 hangs."""
+
+    def __init__(self, model: Path, tmp_path: Path, **env: str) -> None:
+        self.ray_dir = _mkdtemp_short()               # Ray's unix sockets need a short path
+        self.store = tmp_path / "store"
+        self.log = tmp_path / "job.log"
+        full = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_TMPDIR": self.ray_dir,
+                "TESSERA_FAILPOINTS": "embed.shard=0:hang", **env}
+        if "RAY_ADDRESS" not in env:
+            full.pop("RAY_ADDRESS", None)
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "jobs.cli", "embed", "--corpus", str(SAMPLE), "--model", str(model),
+                 "--mode", "dense", "--set", "k", "--root", str(self.store)],
+                cwd=str(tmp_path), env=full, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.seen: dict[int, tuple[str, int]] = {}
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, comms: tuple[str, ...]) -> dict[int, tuple[str, int]]:
+        """Wait until the driver's tree holds a process of every name in ``comms``; return the tree."""
+        def ready():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the job ended (exit {self.proc.returncode}) before its Ray was up:\n"
+                            + self.output()[-4000:])
+            procs = tree(self.proc.pid)
+            self.seen.update(procs)
+            names = {c for c, _ in procs.values()}
+            return procs if all(any(n.startswith(c) for n in names) for c in comms) else None
+
+        procs = wait_until(ready, START_S, step=0.5)
+        assert procs, f"no {comms} after {START_S}s:\n" + self.output()[-4000:]
+        return procs
+
+    def cleanup(self) -> None:
+        """Whatever happened, leave nothing running (a failed test must not leak either)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        for pid, comm in still_alive(self.seen).items():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def job_factory(ray_session_tmp, tiny_model_dir, tmp_path):
+    jobs: list[Job] = []
+
+    def make(**env: str) -> Job:
+        jobs.append(Job(tiny_model_dir, tmp_path, **env))
+        return jobs[-1]
+
+    yield make
+    for j in jobs:
+        j.cleanup()
+
+
+def version_dir(store: Path) -> Path:
+    return store / "sets" / "k" / "v000001"
+
+
+# ---- the tests ----------------------------------------------------------------------------------------
+def test_sigkill_of_the_driver_leaves_no_process(job_factory):
+    job = job_factory()
+    procs = job.wait_for(RAY_UP)
+    assert using_dir(job.ray_dir)                            # the check below can see the run's Ray
+    os.kill(job.proc.pid, signal.SIGKILL)
+    assert job.proc.wait(30) == -signal.SIGKILL
+
+    left = wait_until(lambda: not still_alive(procs) and not using_dir(job.ray_dir), GONE_S)
+    assert left, (f"{GONE_S}s after kill -9 of the driver these live on: {still_alive(procs)}, "
+                  f"using {job.ray_dir}: {using_dir(job.ray_dir)}")
+    # the run stays resumable: its claimed version is there, uncommitted
+    assert (version_dir(job.store) / "_claim.json").exists()
+    assert not (version_dir(job.store) / "manifest.json").exists()
+
+
+def test_sigterm_shuts_ray_down_and_the_rerun_resumes(job_factory, ray_local):
+    job = job_factory()
+    procs = job.wait_for(RAY_UP)
+    os.kill(job.proc.pid, signal.SIGTERM)
+    try:
+        code = job.proc.wait(120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("SIGTERM did not stop the job within 120 s:\n" + job.output()[-4000:])
+    out = job.output()
+    assert code == 143, out[-4000:]
+    assert "terminated by SIGTERM" in out and "Traceback" not in out and "SIGTERM received" not in out
+    # ray.shutdown ran before the exit; the watchdog found nothing to do and went too
+    assert wait_until(lambda: not still_alive(procs) and not using_dir(job.ray_dir), 10), \
+        f"after the exit: {still_alive(procs)}, using {job.ray_dir}: {using_dir(job.ray_dir)}"
+    assert (version_dir(job.store) / "_claim.json").exists()
+    assert not (version_dir(job.store) / "manifest.json").exists()
+
+    # the same command resumes the claimed version (on the session's Ray: faster than a new one)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": _RAY_STATE["local_address"]}
+    env.pop("TESSERA_FAILPOINTS", None)
+    rerun = subprocess.run(job.proc.args, cwd=str(job.store.parent), env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert "resuming k/v000001" in rerun.stderr
+    assert (version_dir(job.store) / "manifest.json").exists()
+
+
+def test_a_joined_cluster_survives_the_kill_of_its_driver(job_factory, ray_local):
+    ray = ray_local
+    cluster = tree(os.getpid())       # this process started the session's Ray: its tree
+    job = job_factory(RAY_ADDRESS=_RAY_STATE["local_address"])
+    assert wait_until(lambda: "encoder pool" in job.output() or job.proc.poll() is not None, START_S, 0.5)
+    assert job.proc.poll() is None and "encoder pool" in job.output(), job.output()[-4000:]
+    time.sleep(2)                     # its actor starts on the cluster
+    assert not any(c.startswith(("gcs_server", "raylet")) for c, _ in tree(job.proc.pid).values())
+    os.kill(job.proc.pid, signal.SIGKILL)
+    job.proc.wait(30)
+    time.sleep(3)                     # what a watchdog would have done by now
+    lost = {p: c for p, (c, t) in cluster.items() if p != os.getpid() and c in ("gcs_server", "raylet")
+            and (_stat(p) or (None, None))[1] != t}
+    assert not lost, f"the cluster lost {lost}"
+
+    @ray.remote
+    def ping() -> int:
+        return 1
+
+    assert ray.get(ping.remote(), timeout=60) == 1
