@@ -15,6 +15,9 @@ logger = logging.getLogger(__name__)
 
 #: Marks the processes of a local Ray started by ``init_ray`` (see jobs/watchdog.py).
 OWNER_ENV = "TESSERA_LOCAL_RAY"
+#: The watchdogs this process started. They run until it exits, so their Popen objects are
+#: kept for as long (a dropped one warns "subprocess ... is still running").
+_WATCHDOGS: "list[subprocess.Popen]" = []
 
 
 class Terminated(KeyboardInterrupt):
@@ -119,9 +122,10 @@ def start_watchdog() -> "str | None":
     env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
     try:
         # Its own session: a kill of the driver's process group must not take it along.
-        subprocess.Popen([sys.executable, "-I", str(Path(__file__).with_name("watchdog.py")),
-                          str(os.getpid()), token], env=env, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        _WATCHDOGS.append(subprocess.Popen(
+            [sys.executable, "-I", str(Path(__file__).with_name("watchdog.py")), str(os.getpid()), token],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True))
     except OSError as err:
         logger.warning("no watchdog for the local Ray (%s): a killed driver may leave Ray's agents "
                        "running for a minute", err)

@@ -162,7 +162,52 @@ def version_dir(store: Path) -> Path:
     return store / "sets" / "k" / "v000001"
 
 
-# ---- the tests ----------------------------------------------------------------------------------------
+# ---- the watchdog alone, on stand-ins (seconds, no Ray) -----------------------------------------------
+FAKE_DRIVER = """
+import os, subprocess, sys, time
+from jobs.runtime import OWNER_ENV, start_watchdog
+token = start_watchdog()
+# the 'raylet': started with the marker, like everything ray.init starts
+raylet = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**os.environ, OWNER_ENV: token})
+other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])   # not Ray's
+print(raylet.pid, other.pid, flush=True)
+time.sleep(300)
+"""
+# the 'agent' no longer shows the marker (Ray's agents overwrite their environment with their title)
+# and ignores SIGTERM
+FAKE_RAYLET = """
+import os, subprocess, sys, time
+env = {k: v for k, v in os.environ.items() if k != "TESSERA_LOCAL_RAY"}
+subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "time.sleep(300)"], env=env)
+time.sleep(300)
+"""
+
+
+def test_watchdog_stops_the_marked_tree_only(tmp_path):
+    driver = subprocess.Popen([sys.executable, "-c", FAKE_DRIVER, FAKE_RAYLET], cwd=str(tmp_path),
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE, text=True)
+    seen: dict = {}
+    try:
+        raylet, other = map(int, driver.stdout.readline().split())
+        assert wait_until(lambda: len(tree(raylet)) == 2, 30), "the stand-in agent did not start"
+        seen = tree(driver.pid)
+        assert len(seen) == 5                      # driver, watchdog, raylet, agent, other
+        time.sleep(2)                              # the watchdog looks at the tree every second
+        ray_procs = {p: v for p, v in seen.items() if p in tree(raylet)}
+        driver.kill()
+        driver.wait(10)
+        assert wait_until(lambda: not still_alive(ray_procs), 15), f"left: {still_alive(ray_procs)}"
+        assert still_alive({other: seen[other]})   # the driver's other child is none of its business
+        watchdog = {p: v for p, v in seen.items() if p not in ray_procs and p not in (driver.pid, other)}
+        assert wait_until(lambda: not still_alive(watchdog), 10), "the watchdog did not exit"
+    finally:
+        driver.kill()
+        for pid in still_alive(seen):
+            os.kill(pid, signal.SIGKILL)
+
+
+# ---- tessera embed ------------------------------------------------------------------------------------
 def test_sigkill_of_the_driver_leaves_no_process(job_factory):
     job = job_factory()
     procs = job.wait_for(RAY_UP)
