@@ -314,6 +314,11 @@ def _params(pairs: list[str]) -> dict:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from jobs import preflight
+    from storage.layout import resolve_root
+
+    params = _params(args.param) or None  # bad input fails before the imports (torch) and the model
+    preflight.artifact(resolve_root(args.root), "indexes", args.index, args.version)
     from indexing.searcher import Searcher
     from storage.catalog import check_filter
 
@@ -321,7 +326,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         check_filter(args.where)  # its syntax before the model loads; its columns when it runs
     searcher = Searcher.open(_root_str(args), args.index, version=args.version, query_encoder=args.query_encoder,
                              threads=args.threads)
-    results = searcher.search(args.query, args.k, lang=args.lang, where=args.where, params=_params(args.param) or None)
+    results = searcher.search(args.query, args.k, lang=args.lang, where=args.where, params=params)
     if args.json:
         _print_json([{"query": q, "results": [{"id": d, "score": s} for d, s in hits]}
                      for q, hits in zip(args.query, results)])
@@ -586,6 +591,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
     # The first failed Ray task is the error reported (one line); Ray would print the others'
     # tracebacks as "Unhandled error" when their results are dropped.
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # workers' forwarded lines without ANSI codes
 
 
 def _short(err: BaseException) -> str:
@@ -609,9 +615,10 @@ def main(argv: "list[str] | None" = None) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI is the one place that turns errors into exit codes
         if args.traceback:
             logger.exception("failed")
-        from jobs.errors import describe
+        from jobs.errors import describe, mute_worker_logs
 
         code, line = describe(err)  # Ray's wrappers unwrapped, one line, no ANSI codes
+        mute_worker_logs()  # the error is the last line, not the other workers' retries
         print(f"tessera: {line}", file=sys.stderr)
         return code
 

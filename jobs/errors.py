@@ -134,3 +134,12 @@ def quiet_ray_failure_logs() -> None:
             continue
         if not any(isinstance(f, _RayDataFailureFilter) for f in handler.filters):
             handler.addFilter(_RayDataFailureFilter())
+
+
+def mute_worker_logs() -> None:
+    """Stop printing Ray workers' forwarded log lines: once a job has failed, lines still in
+    flight (retry warnings of the other workers) would come after the one-line error. The
+    switch Ray's own debugger uses (``ray.util.rpdb``); a no-op without Ray."""
+    worker = sys.modules.get("ray._private.worker")
+    if worker is not None and hasattr(worker, "_worker_logs_enabled"):
+        worker._worker_logs_enabled = False

@@ -75,7 +75,7 @@ def _bucket_exists(root: Location, bucket: str) -> bool:
         return await client.head_bucket(Bucket=bucket)
 
     try:
-        retry(lambda: sync(fs.loop, head), f"check bucket {bucket}")
+        retry(lambda: sync(fs.loop, head), f"check s3://{bucket}")
     except botocore.exceptions.ClientError as err:
         code = str(err.response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchBucket", "NotFound"):

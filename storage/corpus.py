@@ -107,7 +107,7 @@ def expand(urls: "list[str] | tuple[str, ...] | str") -> list[Location]:
         if any(ch in url for ch in "*?["):
             base, pattern = _split_glob(loc)
             matches = base.glob(pattern)
-        elif loc.fs.isdir(loc.path):
+        elif retry(lambda: loc.fs.isdir(loc.path), f"list {loc.url}"):
             matches = loc.glob("**")
         elif loc.exists():
             file_format(loc.url)  # a single file of another format: say which
@@ -345,7 +345,7 @@ def read_rows(file: CorpusFile, start: int, end: int, cols: ColumnMap) -> pa.Tab
     if not 0 <= start <= end <= file.n_rows:
         raise ValueError(f"{file.url}: row range [{start}, {end}) outside 0..{file.n_rows}")
     read = _read_parquet_rows if file.format == "parquet" else _read_jsonl_rows
-    table = retry(lambda: read(file, start, end, cols), f"read {file.url} rows {start}-{end}")
+    table = retry(lambda: read(file, start, end, cols), f"read {file.url} records {start + 1}-{end}")
     return _canonicalise(file.url, table, cols)
 
 
