@@ -217,7 +217,9 @@ def run(cfg: ReindexConfig) -> dict:
         return report.finish(EXIT_OK)
     except BaseException as err:
         report.body["timings"] = timings.to_dict()
-        report.finish(exit_code_for(err) if isinstance(err, Exception) else EXIT_FAILED, err)
+        report.finish(exit_code_for(err) if isinstance(err, Exception)
+                      else getattr(err, "exit_code", 130) if isinstance(err, KeyboardInterrupt)  # 143: SIGTERM
+                      else EXIT_FAILED, err)
         raise
     finally:
         _release(lease)
@@ -824,7 +826,9 @@ def rollback(root: "str | None", set_name: str, to: str, lease_ttl: float = 120.
         logger.info("rolled %s back from %s to %s (indexes %s)", set_name, previous, version, pins or "none")
         return report.finish(EXIT_OK)
     except BaseException as err:
-        report.finish(exit_code_for(err) if isinstance(err, Exception) else EXIT_FAILED, err)
+        report.finish(exit_code_for(err) if isinstance(err, Exception)
+                      else getattr(err, "exit_code", 130) if isinstance(err, KeyboardInterrupt)  # 143: SIGTERM
+                      else EXIT_FAILED, err)
         raise
     finally:
         _release(lease)
