@@ -270,3 +270,6 @@ def test_a_joined_cluster_survives_the_kill_of_its_driver(job_factory, ray_local
         return 1
 
     assert ray.get(ping.remote(), timeout=60) == 1
+    # and Ray ended the dead driver's job: its (hanging) actor gave its CPU back
+    assert wait_until(lambda: ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"], 60, 1), \
+        ray.available_resources()
