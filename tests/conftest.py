@@ -86,6 +86,7 @@ from fixtures_models import (  # noqa: E402
 #: module alone (xdist's own reorder puts the modules with the most tests first, and
 #: these have few, slow ones).
 HEAVY_MODULES = ("jobs/test_reindex_faults.py", "jobs/test_cli.py", "jobs/test_reindex.py", "jobs/test_embed.py",
+                 "jobs/test_cli_errors.py",
                  "jobs/test_retune.py", "jobs/test_build_index.py", "jobs/test_cluster.py",
                  "indexing/test_searcher.py", "test_fixtures.py")
 

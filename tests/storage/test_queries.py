@@ -157,3 +157,34 @@ def test_qrels_invalid_utf8_and_empty(tmp_path):
     path.write_text("\n\n")
     with pytest.raises(QueryFileError, match="no relevance judgements"):
         load_qrels(str(path))
+
+
+@pytest.mark.parametrize("header", ["query-id\tcorpus-id\tscore", "qid docid rel", "query_id 0 doc_id relevance",
+                                    "Query-ID\tCorpus-ID\tScore"])
+def test_qrels_header_naming_the_columns_is_skipped(tmp_path, header):
+    path = tmp_path / "qrels.tsv"
+    path.write_text(header + "\nq1\td1\t1\nq2\td2\t2\n")
+    assert load_qrels(str(path)) == {"q1": {"d1": 1}, "q2": {"d2": 2}}
+
+
+@pytest.mark.parametrize("first, match", [
+    ("q1 0 d1 high", r"qrels\.txt: line 1: relevance must be an integer grade, got 'high'"),
+    ("q1\td1\tyes", r"line 1: relevance must be an integer grade, got 'yes'"),
+    ("query-id corpus-id relevant", r"line 1: relevance must be an integer grade, got 'relevant'"),
+])
+def test_malformed_first_qrels_line_is_an_error_not_a_header(tmp_path, first, match):
+    """A first line was skipped as a "header" whenever its relevance was not a number: eval then
+    scored fewer queries and exited 0."""
+    path = tmp_path / "qrels.txt"
+    path.write_text(first + "\nq2 0 d2 1\n")
+    with pytest.raises(QueryFileError, match=match):
+        load_qrels(str(path))
+
+
+def test_invalid_json_message_has_no_doubled_at(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "open\n')
+    with pytest.raises(QueryFileError, match=r"line 2: invalid JSON: Unterminated string starting at column 21$") \
+            as err:
+        load_queries(str(path))
+    assert "at at" not in str(err.value)

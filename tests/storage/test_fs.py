@@ -1,0 +1,78 @@
+"""Storage errors a user can act on: the path being written, the URL that stopped answering."""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+
+import pytest
+
+from storage import fs
+from storage.fs import Location, StorageUnavailable, is_transient, retry
+
+
+def _disk_full(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")   # as the kernel reports it: no file name
+
+
+def test_disk_full_names_the_file_being_written(tmp_path, monkeypatch):
+    target = Location(str(tmp_path / "v1" / "manifest.json"))
+    monkeypatch.setattr(fs.os, "fsync", _disk_full)
+    with pytest.raises(OSError) as err:
+        target.write_bytes(b"{}")
+    assert err.value.errno == errno.ENOSPC
+    assert str(err.value) == f"[Errno 28] No space left on device: writing {target.url}"
+    assert os.listdir(tmp_path / "v1") == []                 # no temporary file left behind
+
+
+def test_disk_full_on_a_claim_leaves_no_empty_claim(tmp_path, monkeypatch):
+    claim = Location(str(tmp_path / "v1" / "_claim.json"))
+
+    class FullFile:
+        def __init__(self, fd, mode):
+            os.close(fd)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        write = staticmethod(_disk_full)
+
+    monkeypatch.setattr(fs.os, "fdopen", FullFile)
+    with pytest.raises(OSError, match=f"No space left on device: writing {claim.url}$"):
+        claim.write_if_absent(b"{}")
+    assert not claim.exists()                                # a later run can claim the version
+
+
+def test_an_error_that_names_its_file_is_left_alone(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError) as err:                      # a folder where a file is
+        Location(str(blocker / "sub" / "a.json")).write_bytes(b"{}")
+    assert err.value.filename is not None and "writing" not in str(err.value)
+
+
+def test_retry_gives_up_naming_the_url_and_the_last_error(monkeypatch):
+    monkeypatch.setattr(fs.time, "sleep", lambda s: None)
+    calls = []
+
+    def unreachable():
+        calls.append(1)
+        raise ConnectionError('Could not connect to the endpoint URL: "http://127.0.0.1:9/b/k"')
+
+    with pytest.raises(StorageUnavailable) as err:
+        retry(unreachable, "write s3://b/k", attempts=3)
+    assert len(calls) == 3
+    assert str(err.value) == ('write s3://b/k: gave up after 3 attempts: ConnectionError: Could not connect '
+                              'to the endpoint URL: "http://127.0.0.1:9/b/k"')
+    assert not is_transient(err.value)                       # an outer retry does not start over
+    back = pickle.loads(pickle.dumps(err.value))             # crosses from a Ray worker intact
+    assert type(back) is StorageUnavailable and str(back) == str(err.value)
+
+
+def test_retry_raises_other_errors_unchanged(monkeypatch):
+    monkeypatch.setattr(fs.time, "sleep", lambda s: None)
+    with pytest.raises(FileNotFoundError, match="gone"):
+        retry(lambda: (_ for _ in ()).throw(FileNotFoundError("gone")), "read x")
