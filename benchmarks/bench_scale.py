@@ -327,7 +327,7 @@ def run_size(args: argparse.Namespace, n: int, rows: list[dict], queries: list[s
             raise Skipped(f"estimated {need:.0f} s (linear from the largest size done), {left:.0f} s left "
                           f"before --finish-by {args.finish_by}")
         emb, emb_wall, emb_rss = run_cli(["embed", "--corpus", *paths, "--set", name, "--root", str(root),
-                                          "--model", args.model, "--mode", "both"])
+                                          "--model", args.model, "--mode", "both", "--force"])  # timed even if done
     out = {"documents": emb["counts"]["documents"], "tokens": emb["counts"]["tokens"],
            "embed": {"wall_s": emb_wall, "driver_peak_rss_mb": emb_rss, "timings": emb["timings"],
                      "bytes": file_bytes(emb), "workers": emb.get("workers"),

@@ -3,7 +3,8 @@
 Logs and progress go to stderr; ``--json`` prints exactly one JSON document on stdout.
 Exit codes: 0 success, 1 failure, 2 bad input (a clear message, nothing published),
 3 refused (a re-tuned query encoder by its gate; a re-index with another model without --full),
-4 nothing to do (a re-index of an unchanged snapshot), 5 busy (another run holds the set's lease).
+4 nothing to do (a re-index of an unchanged snapshot, an embed of an unchanged corpus), 5 busy (another run
+holds the set's lease).
 """
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--query-maxlen", type=int, default=None, help="ColBERT query length")
     e.add_argument("--no-publish", dest="publish", action="store_false",
                    help="commit the version but leave CURRENT where it is")
+    e.add_argument("--force", action="store_true",
+                   help="embed even when the set's current version has the same corpus files, model and "
+                        "settings (otherwise: nothing to do, exit 4, nothing written)")
     _json_arg(e)
 
     s = sub.add_parser("sets", help="list embedding sets and their versions")
@@ -254,7 +258,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     # Bad input fails here, in a second: before the job's imports (torch), Ray and the model.
     preflight.embed(args.corpus, model, ColumnMap(args.id_column, args.text_column, args.lang_column,
                                                   args.title_column))
-    from jobs.embed import DEFAULT_NBITS, EmbedConfig, run
+    from jobs.embed import DEFAULT_NBITS, EmbedConfig, Unchanged, run
+    from jobs.reindex import EXIT_NOTHING
 
     cfg = EmbedConfig(
         corpus=tuple(args.corpus), model=str(model), set_name=args.set_name,
@@ -266,8 +271,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, actors=args.actors, threads=args.threads, device=args.device,
         pooling=args.pooling, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
         max_length=args.max_length, doc_maxlen=args.doc_maxlen, query_maxlen=args.query_maxlen,
-        publish=args.publish)
-    manifest = run(cfg)
+        publish=args.publish, force=args.force)
+    try:
+        manifest = run(cfg)
+    except Unchanged as same:
+        print(f"tessera: {RUN_WORDS[EXIT_NOTHING]}: {same}", file=sys.stderr)
+        return EXIT_NOTHING
     if args.json:
         _print_json(manifest)
     else:

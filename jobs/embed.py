@@ -2,6 +2,10 @@
 
 Flow (each step is skipped when a resumed run already finished it):
 
+0. the input record: every corpus file's size and content (sha256; the ETag on s3), the
+   model's fingerprint and the settings, hashed into one key before Ray starts; when the
+   set's current version has the same key, the run stops with :class:`Unchanged` (the
+   CLI's exit 4) and writes nothing, unless ``force``;
 1. scan the corpus files in parallel Ray tasks: columns, ids, piece offsets;
    duplicate or null ids stop the job before anything is written;
 2. claim a version of the set (a resumed run gets its unfinished version back);
@@ -41,7 +45,7 @@ from jobs.runtime import ActorPlan, init_ray, plan_actors, thread_env
 from jobs.timing import Progress, Timings
 from storage import layout
 from storage.corpus import ColumnMap, CorpusError, CorpusFile, expand, find_duplicates, scan_file
-from storage.fs import Location
+from storage.fs import Location, retry
 from storage.manifest import Artifact, dumps, utcnow
 
 logger = logging.getLogger(__name__)
@@ -56,6 +60,13 @@ NBITS = (1, 2, 4)
 # 2 bits (benchmarks/bench_codec_refit.py, bench_reindex.py). --nbits 2 (or 1) remains for
 # storage-bound sets.
 DEFAULT_NBITS = 4
+#: EmbedConfig fields that change neither the documents nor their vectors: out of the run and input keys.
+RUNTIME_FIELDS = ("root", "actors", "threads", "device", "max_batch", "max_tokens", "publish", "force")
+
+
+class Unchanged(RuntimeError):
+    """The set's current version was embedded from the same corpus files (byte for byte),
+    model and settings: a new version would duplicate it (``force`` embeds it anyway)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,8 @@ class EmbedConfig:
     root : the store root (None: $TESSERA_ROOT or ./tessera-data).
     mode : "dense", "colbert" or "both".
     nbits : residual bits per dimension for ColBERT tokens (1, 2 or 4; default 4).
+    force : write a new version even when the set's current one has the same input
+        (see :func:`input_record`); otherwise such a run raises :class:`Unchanged`.
     """
 
     corpus: tuple[str, ...]
@@ -99,6 +112,7 @@ class EmbedConfig:
     doc_maxlen: "int | None" = None
     query_maxlen: "int | None" = None
     publish: bool = True
+    force: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.corpus, str):
@@ -185,13 +199,17 @@ def run(cfg: EmbedConfig) -> dict:
         urls = preflight.embed(cfg.corpus, cfg.model, cfg.columns)  # in a second, before Ray and the model
     with timings("model"):
         model = describe_model(cfg)
+    with timings("input"):
+        source = input_record(cfg, model, urls)
+    if not cfg.force:
+        check_unchanged(art, source)
     init_ray()
     with timings("scan"):
         files, ids_digest, ids = scan_corpus(cfg, urls)
     run_key = _run_key(cfg, model, files, ids_digest)
     version, resumed = art.claim(run_key, {"host": socket.gethostname(), "pid": os.getpid()})
     try:
-        return _write_version(cfg, art, version, resumed, model, files, ids, run_key, timings)
+        return _write_version(cfg, art, version, resumed, model, files, ids, run_key, timings, source)
     except Exception as err:
         if not resumed and bad_input(unwrap(err)) is not None:
             discard_version(art, version)  # bad input leaves nothing behind (a failure stays resumable)
@@ -199,7 +217,7 @@ def run(cfg: EmbedConfig) -> dict:
 
 
 def _write_version(cfg: EmbedConfig, art: Artifact, version: str, resumed: bool, model: ModelInfo,
-                   files: list[CorpusFile], ids: list, run_key: str, timings: Timings) -> dict:
+                   files: list[CorpusFile], ids: list, run_key: str, timings: Timings, source: dict) -> dict:
     """Everything after the claim: codec, shards, manifest, CURRENT."""
     pieces = planner.build_pieces([f.n_rows for f in files], cfg.rows_per_shard)
     vdir = art.version_dir(version)
@@ -215,7 +233,7 @@ def _write_version(cfg: EmbedConfig, art: Artifact, version: str, resumed: bool,
         encode_pieces(cfg, model, files, pieces, vdir, actor_plan, codec_info, timings)
     with timings("commit"):
         manifest = _manifest(cfg, model, files, pieces, vdir, codec_info, actor_plan, run_key,
-                             art, timings)
+                             art, timings, source)
         if not manifest["counts"]["documents"]:
             raise CorpusError(f"every text in the corpus is empty ({manifest['counts']['input_rows']} rows in "
                               f"{len(files)} file(s), column {cfg.text_column!r}): nothing to embed")
@@ -266,11 +284,53 @@ def discard_version(art: Artifact, version: str) -> None:
 
 def _run_key(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], ids_digest: str) -> str:
     """Same key ⇔ same input, model and settings: a rerun resumes instead of starting over."""
-    relevant = {k: v for k, v in cfg.to_dict().items()
-                if k not in ("root", "actors", "threads", "device", "max_batch", "max_tokens", "publish")}
+    relevant = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
     key = {"cfg": relevant, "model": model.fingerprint, "ids": ids_digest,
            "files": [(f.url, f.n_rows) for f in files]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+# ---- the input record: is this run a duplicate of the current version? ---------------------
+def input_record(cfg: EmbedConfig, model: ModelInfo, urls: "list[str] | None" = None) -> dict:
+    """What a version is embedded from, and its sha256 ``key``.
+
+    Every corpus file's URL, size and content tag (the sha256 of a local file's bytes,
+    hashed in a few threads; an s3 object's ETag, which S3 changes with every write, so
+    no s3 object is read), the model's fingerprint (weights, tokenizer, encoder settings)
+    and the settings that shape the documents or their vectors (not root, threads,
+    batch sizes, publish, force). Computed before Ray starts and the model loads.
+
+    Returns
+    -------
+    ``{"key": sha256 hex, "files": [{"url", "bytes", "sha256" | "etag"}, ...]}``
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    urls = list(urls) if urls else [loc.url for loc in expand(list(cfg.corpus))]
+    with ThreadPoolExecutor(max(1, min(8, len(urls)))) as pool:
+        files = list(pool.map(_content_tag, urls))
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS + ("corpus", "set_name")}
+    key = {"settings": settings, "model": model.fingerprint, "files": files}
+    return {"key": hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(), "files": files}
+
+
+def _content_tag(url: str) -> dict:
+    loc = Location(url)
+    info = retry(lambda: loc.fs.info(loc.path), f"stat {url}")
+    etag = str(info.get("ETag") or "").strip('"') if loc.is_remote else ""
+    tag = {"etag": etag} if etag else {"sha256": loc.sha256()}
+    return {"url": url, "bytes": int(info["size"]), **tag}
+
+
+def check_unchanged(art: Artifact, source: dict) -> None:
+    """Raise :class:`Unchanged` when the set's current version has ``source``'s input key."""
+    current = art.current()
+    if current is None:
+        return
+    if (art.manifest(current).get("input") or {}).get("key") == source["key"]:
+        n = len(source["files"])
+        raise Unchanged(f"set {art.name!r} {current} was embedded from the same {n} corpus file{'s' * (n != 1)} "
+                        "(byte for byte), model and settings: nothing to embed (--force embeds it again)")
 
 
 def _actor_plan(cfg: EmbedConfig) -> ActorPlan:
@@ -476,7 +536,8 @@ def done_shards(vdir: Location) -> dict[int, dict]:
 
 # ---- the manifest ---------------------------------------------------------------------
 def _manifest(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list, vdir: Location,
-              codec_info: "dict | None", p: ActorPlan, run_key: str, art: Artifact, timings: Timings) -> dict:
+              codec_info: "dict | None", p: ActorPlan, run_key: str, art: Artifact, timings: Timings,
+              source: dict) -> dict:
     stats = done_shards(vdir)
     missing = [pc.shard for pc in pieces if pc.shard not in stats]
     if missing:
@@ -504,6 +565,7 @@ def _manifest(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], piece
         "files": entries,
         "parent": art.current(),
         "run_key": run_key,
+        "input": source,
         "workers": p.to_dict(),
         "timings": {**timings.to_dict(), **_worker_timings(shard_stats),
                     "encode_worker_seconds": round(sum(s["encode_seconds"] for s in shard_stats), 3)},

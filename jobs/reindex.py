@@ -294,7 +294,7 @@ def _run(cfg: ReindexConfig, root: Location, art: Artifact, lease: Lease, report
                                                 "of the corpus", rebuild_indexes=True)
             version = None
     if decision["mode"] == "full":
-        full_cfg = dataclasses.replace(ecfg, publish=False, model=model.path)
+        full_cfg = dataclasses.replace(ecfg, publish=False, model=model.path, force=True)  # --full: even if unchanged
         version = committed_with_key(art, embed_job._run_key(full_cfg, model, files, ids_digest))
         if version:
             logger.info("%s %s was fully re-embedded by an interrupted run of this re-index: resuming after it",

@@ -40,6 +40,24 @@ def test_cli_embed_sets_sql(tiny_model_dir, tmp_path):
     sets = tessera("sets", cwd=tmp_path)
     assert sets.returncode == 0 and "demo" in sets.stdout and "v000001" in sets.stdout
 
+    # the same embed again (the README quick start run twice): nothing to do, exit 4, one line,
+    # no new version, and the quick start's query counts every document once
+    again = tessera("embed", "--corpus", str(SAMPLE), "--model", str(tiny_model_dir), "--set", "demo",
+                    "--mode", "dense", "--json", cwd=tmp_path)
+    assert again.returncode == 4, again.stderr[-3000:]
+    assert again.stderr.strip().splitlines()[-1] == (
+        "tessera: nothing to do: set 'demo' v000001 was embedded from the same 1 corpus file (byte for byte), "
+        "model and settings: nothing to embed (--force embeds it again)") and again.stdout == ""
+    assert "ray" not in again.stderr.lower()            # decided before Ray starts
+    assert not (tmp_path / "tessera-data" / "sets" / "demo" / "v000002").exists()
+    forced = tessera("embed", "--corpus", str(SAMPLE), "--model", str(tiny_model_dir), "--set", "demo",
+                     "--mode", "dense", "--force", cwd=tmp_path)
+    assert forced.returncode == 0 and "demo v000002: 48 documents" in forced.stdout, forced.stderr[-3000:]
+    sql = tessera("sql", "select lang, count(*) as n from documents group by lang", "--json", cwd=tmp_path)
+    assert sum(r["n"] for r in json.loads(sql.stdout)) == 48
+    sql = tessera("sql", "select count(*) as n from documents_all", "--json", cwd=tmp_path)
+    assert json.loads(sql.stdout) == [{"n": 96}]
+
 
 def test_cli_bad_input_is_a_clear_error(tiny_model_dir, tmp_path):
     bad = tmp_path / "dup.jsonl"
@@ -129,3 +147,19 @@ def test_cli_index_search_eval(tiny_model_dir, tmp_path):
     assert bad.returncode == 2 and "nope" in bad.stderr
     empty = tessera("search", "--index", "s-flat", "--root", root, " ", cwd=tmp_path)
     assert empty.returncode == 2 and "empty" in empty.stderr
+
+    # issue 14 item 2: a --where filter is one expression over the documents columns; the issue's two
+    # attacks and more are refused before anything runs: exit 2, one line naming the part, no file content
+    hostname = Path("/etc/hostname").read_text().strip()
+    for where, named in (("cast((select content from read_text('/etc/hostname')) as int) = 1",
+                          "a subquery is not allowed"),
+                         ("1=1) union select 1 --", 'syntax error at or near ")"'),
+                         ("lang = 'de'; select 1", "';'"),
+                         ("nope > 1", "unknown column 'nope'")):
+        out = tessera("-q", "search", "--index", "s-flat", "--root", root, "--where", where, "q", cwd=tmp_path)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and named in lines[0], (where, out.stderr[-2000:])
+        assert hostname not in out.stderr.replace("/etc/hostname", "") and out.stdout == ""
+    out = tessera("search", "--index", "s-flat", "--root", root, "--json", "--where", "lang = 'de' and n_chars > 0",
+                  text, cwd=tmp_path)
+    assert out.returncode == 0 and all(h["id"].startswith("de-") for h in json.loads(out.stdout)[0]["results"])

@@ -10,7 +10,7 @@ import pytest
 
 from embedding.codec import ResidualCodec
 from fixtures_models import MULTILINGUAL_TEXTS, build_tiny_model
-from jobs.embed import EmbedConfig, run
+from jobs.embed import EmbedConfig, Unchanged, run
 from storage import catalog, schemas
 from storage.corpus import CorpusError
 from storage.fs import location
@@ -137,6 +137,49 @@ def test_embed_s3_end_to_end(ray_local, tiny_model_dir, s3_bucket):
     rows_by_version = catalog.query(root, "select version, count(*) from documents_all group by version order by version")[1]
     assert rows_by_version == [("v000001", 40), ("v000002", 25)]
     assert catalog.query(root, "select version, count(*) from documents group by version")[1] == [("v000002", 25)]
+    # the same run again: the objects' ETags match the current version's record; nothing is written
+    with pytest.raises(Unchanged, match="'t' v000002 was embedded from the same 1 corpus file"):
+        run(_cfg([f"{s3_bucket}/corpus/part-1.jsonl"], tiny_model_dir, root, nbits=1))
+    assert Artifact(location(root), "sets", "t").versions() == ["v000001", "v000002"]
+    write_jsonl(corpus, rows[:24] + [{**rows[24], "text": rows[24]["text"][:-1] + "!"}])   # same size, new bytes
+    assert run(_cfg([f"{s3_bucket}/corpus/part-1.jsonl"], tiny_model_dir, root, nbits=1))["version"] == "v000003"
+
+
+def test_rerun_on_an_unchanged_corpus_writes_nothing(ray_local, tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 14 item 7: the same set, corpus bytes, model and settings again is Unchanged (the
+    CLI's exit 4), decided before Ray starts; any change of those, or force, embeds again."""
+    import jobs.embed as embed_job
+
+    rows = _docs(20)
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), rows)
+    root = tmp_path / "s"
+    first = run(_cfg(corpus, tiny_model_dir, root, mode="dense"))
+    assert first["input"]["files"] == [{"url": corpus, "bytes": (tmp_path / "c.jsonl").stat().st_size,
+                                        "sha256": location(corpus).sha256()}]
+
+    def no_ray():
+        raise AssertionError("Ray was started for an unchanged corpus")
+
+    with monkeypatch.context() as m:
+        m.setattr(embed_job, "init_ray", no_ray)
+        for same in (_cfg(corpus, tiny_model_dir, root, mode="dense"),
+                     _cfg(corpus, tiny_model_dir, root, mode="dense", actors=1, max_batch=4, publish=False)):
+            with pytest.raises(Unchanged, match=r"set 't' v000001 was embedded from the same 1 corpus file .*--force"):
+                run(same)
+    art = Artifact(location(str(root)), "sets", "t")
+    assert art.versions() == ["v000001"] and not (root / "sets" / "t" / "v000002").exists()
+
+    forced = run(_cfg(corpus, tiny_model_dir, root, mode="dense", force=True))
+    assert forced["version"] == "v000002" and forced["input"] == first["input"]
+    # another setting, or the same file rewritten with other bytes of the same size: a new version
+    assert run(_cfg(corpus, tiny_model_dir, root, mode="dense", rows_per_shard=8))["version"] == "v000003"
+    rows[3]["text"] = rows[3]["text"].upper()
+    write_jsonl(corpus, rows)
+    assert (tmp_path / "c.jsonl").stat().st_size == first["input"]["files"][0]["bytes"]
+    assert run(_cfg(corpus, tiny_model_dir, root, mode="dense", rows_per_shard=8))["version"] == "v000004"
+    # documents counts the current version only; documents_all every version
+    assert catalog.query(str(root), "select count(*) from documents")[1] == [(20,)]
+    assert catalog.query(str(root), "select count(*) from documents_all")[1] == [(80,)]
 
 
 def test_duplicate_ids_are_refused_before_writing(ray_local, tiny_model_dir, tmp_path):
