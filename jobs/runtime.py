@@ -49,8 +49,9 @@ class _Interrupt:
 def handle_interrupts() -> None:
     """SIGTERM raises ``Terminated`` and SIGINT ``KeyboardInterrupt`` (main thread only).
 
-    The CLI calls it first; ``init_ray`` keeps it across ``ray.init`` (which installs a
-    SIGTERM handler of its own that exits with code 15). Ignored signals stay ignored.
+    The CLI calls it first; ``init_ray`` puts it back after ``ray.init``, which replaces it
+    (its core worker's handler dumps a stack trace and aborts: no cleanup, exit 134).
+    Ignored signals stay ignored.
     """
     if threading.current_thread() is not threading.main_thread():
         return
