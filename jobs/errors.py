@@ -3,8 +3,8 @@
 Errors raised on a Ray worker reach the driver wrapped (``RayTaskError``, whose
 ``str`` is the worker's whole traceback with ANSI colours; Ray Data adds its own
 ``UserCodeException``). :func:`unwrap` digs out the exception the worker raised,
-:func:`one_line` turns any message into one plain line, and :func:`exit_code`
-maps the result to the CLI's codes. Nothing here imports Ray: a Ray exception can
+:func:`one_line` turns any message into one plain line, and :func:`describe`
+gives the CLI's exit code and line for a failure. Nothing here imports Ray: a Ray exception can
 only exist once Ray is imported, so ``sys.modules`` is asked instead.
 """
 from __future__ import annotations
@@ -17,8 +17,7 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY = 1, 2, 5
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 #: the last line of a Python traceback: ``package.module.Error: message``
-_EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt|Warning)|\w+Error)"
-                       r"(?:\((?:[\w.]+)\))?: (.+)$")
+_EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
 #: what Ray Data appends to a failed task's exception (``_annotate_exception_with_retry_context``)
 _RAY_SUFFIX = re.compile(r"^(Failed to .+ after \d+/\d+ attempts|To change retry attempts|"
                          r"This looks like an AWS S3 permissions error)")

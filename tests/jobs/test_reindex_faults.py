@@ -488,6 +488,9 @@ def test_s3_endpoint_stops_mid_write(world, reference, ray_local, s3_server, s3_
             code, log = proc.finish(300)                 # fails, does not hang
             assert code != 0, log[-4000:]
             assert "EndpointConnectionError" in log, log[-4000:]
+            errors = [line for line in log.splitlines() if line.startswith("tessera:")]   # one line, the last,
+            assert errors == [log.strip().splitlines()[-1]], log[-4000:]                 # naming the URL
+            assert f"{s3_bucket}/" in errors[0] and "Traceback" not in log and "ray::" not in log, log[-4000:]
             _clear_s3fs_instance_cache()
             assert Artifact(location(root), "sets", "t").current() == "v000001"     # nothing published
             assert all_top10(root) == reference["before"]
