@@ -138,7 +138,7 @@ class Job:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
-        for pid, comm in still_alive(self.seen).items():
+        for pid in still_alive(self.seen):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -203,8 +203,13 @@ def test_watchdog_stops_the_marked_tree_only(tmp_path):
         assert wait_until(lambda: not still_alive(watchdog), 10), "the watchdog did not exit"
     finally:
         driver.kill()
+        driver.wait()
+        driver.stdout.close()
         for pid in still_alive(seen):
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # ---- tessera embed ------------------------------------------------------------------------------------
