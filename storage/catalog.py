@@ -421,7 +421,7 @@ def _check_tables(node, ctes: frozenset, views: set) -> None:
     kind = node.get("type")
     if kind == "BASE_TABLE":
         name = str(node.get("table_name", ""))
-        if name.lower() not in ctes and name not in views:
+        if name.lower() not in ctes and name.lower() not in views:
             name = ".".join((node.get("qualified_name") or {}).get("path") or [name])
             raise CatalogError(f"unknown table {_shown(name)}: tessera sql reads only the catalog views "
                                f"({', '.join(VIEWS)})")
@@ -432,7 +432,7 @@ def _check_tables(node, ctes: frozenset, views: set) -> None:
                                f"({', '.join(VIEWS)})")
     elif kind == "SHOW_REF" and node.get("table_name"):
         name = str(node["table_name"])
-        if name not in _SHOW_SPECIAL and name.lower() not in ctes and name not in views:
+        if name not in _SHOW_SPECIAL and name.lower() not in ctes and name.lower() not in views:
             raise CatalogError(f"unknown table {_shown(name)}: tessera sql reads only the catalog views "
                                f"({', '.join(VIEWS)})")
     for value in node.values():

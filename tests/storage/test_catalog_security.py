@@ -177,6 +177,7 @@ def test_sql_refuses_anything_but_a_select_over_the_views(store, tmp_path, attac
     "summarize documents",
     "show tables",
     "from documents select id limit 1",
+    "SELECT COUNT(*) FROM Documents JOIN DOCUMENTS_ALL USING (id, version)",
     "select id from documents where id in (select id from documents_all where version = 'v000001')",
     "select * from (values (1), (2)) v(x)",
     "/* a comment */ select 1 -- and another",
