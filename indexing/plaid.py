@@ -40,15 +40,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import InitVar, dataclass, replace
 from typing import Iterator
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from embedding.codec import ResidualCodec
+from indexing.threads import check_threads, controller  # noqa: F401  (check_threads: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -845,9 +844,9 @@ class CentroidIndex:
         allowed : numpy.ndarray, optional
             ``(m,)`` integer document positions; only these can be returned.
         threads : int, optional
-            CPU threads for this call: the BLAS threads of the centroid scoring,
-            and as many queries of a batch searched at once. None leaves the
-            process's BLAS setting as it is and searches one query at a time.
+            CPU threads for this call: as many queries of a batch searched at once,
+            each with one BLAS thread. None leaves the process's BLAS setting as it
+            is and searches one query at a time.
 
         Returns
         -------
@@ -1210,34 +1209,19 @@ def _best_cells(centroid_scores: np.ndarray, ncells: int) -> np.ndarray:
     return best
 
 
-def check_threads(threads: int | None) -> int | None:
-    """``threads`` as an int (None stays None); ValueError unless an integer >= 1."""
-    _check_positive_int(threads, "threads")
-    return None if threads is None else int(threads)
-
-
 @contextlib.contextmanager
 def _thread_limit(threads: int | None) -> Iterator[None]:
-    """Limit the BLAS thread pool to ``threads`` for the duration (None: as it is)."""
+    """BLAS at one thread for the duration (None: as it is).
+
+    The products of one query are small, and numpy's OpenBLAS workers busy-wait about
+    0.1 s after each call they serve, competing with whatever runs next (the query
+    pool's other searches, the query encoder): a batch is spread over queries instead.
+    """
     if threads is None:
         yield
         return
-    with _blas_controller().limit(limits=threads, user_api="blas"):
+    with controller().limit(limits=1, user_api="blas"):
         yield
-
-
-_CONTROLLER: "tuple[int, ThreadpoolController] | None" = None
-
-
-def _blas_controller() -> ThreadpoolController:
-    """The process's thread pools, found once: a scan of the loaded libraries reads
-    ``/proc/self/maps`` (about 1 ms, as long as a small search). Rescanned when modules
-    were imported since (a newly imported extension may bring its own BLAS)."""
-    global _CONTROLLER
-    n_modules = len(sys.modules)
-    if _CONTROLLER is None or _CONTROLLER[0] != n_modules:
-        _CONTROLLER = (n_modules, ThreadpoolController())
-    return _CONTROLLER[1]
 
 
 @contextlib.contextmanager

@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,8 @@ from indexing.index_files import entries as _entries
 from indexing.index_files import index_manifest as _index_manifest
 from indexing.index_files import read_checked as _read_checked
 from indexing.index_files import source_set as _source_set
-from indexing.plaid import CentroidIndex, SearchParams, check_threads
+from indexing.plaid import CentroidIndex, SearchParams
+from indexing.threads import ThreadBudget
 from storage import layout, schemas, sets
 from storage.fs import Location
 from storage.manifest import Artifact
@@ -402,11 +404,15 @@ class Searcher:
 
     Build it with :meth:`open`. Attributes describe the index: ``name``,
     ``version``, ``kind``, ``dim``, ``nbits`` (plaid: the codec's, else None),
-    ``manifest``, ``set_manifest``, ``encoder`` (the accepted :class:`EncoderChoice`).
+    ``manifest``, ``set_manifest``, ``encoder`` (the accepted :class:`EncoderChoice`),
+    ``budget`` (the :class:`~indexing.threads.ThreadBudget` every search runs under),
+    ``batch_size``, ``load_seconds`` (``{"index": s, "model": s}`` spent in :meth:`open`)
+    and ``search_seconds`` (``{"encode": s, "retrieve": s}`` summed over searches).
     """
 
     def __init__(self, root: Location, manifest: dict, set_manifest: dict, backend, nbits: "int | None",
-                 ids: pa.StringArray, encoder: Encoder, choice: EncoderChoice) -> None:
+                 ids: pa.StringArray, encoder: Encoder, choice: EncoderChoice, *,
+                 budget: "ThreadBudget | None" = None, load_seconds: "dict | None" = None) -> None:
         self.root, self.manifest, self.set_manifest = root, manifest, set_manifest
         self.name, self.version = manifest["name"], manifest["version"]
         self.kind, self.dim, self.nbits = manifest["index_kind"], int(manifest["dim"]), nbits
@@ -415,11 +421,15 @@ class Searcher:
         self._id_array = ids
         self._ids: list[str] = ids.to_pylist()
         self._con = None
+        self.budget = budget or ThreadBudget()
+        self.batch_size = encoder.max_batch
+        self.load_seconds = dict(load_seconds or {})
+        self.search_seconds = {"encode": 0.0, "retrieve": 0.0}
 
     @classmethod
     def open(cls, root: "str | Location", index: str, *, version: "str | None" = None,
              query_encoder: "str | None" = None, device: str = "cpu",
-             threads: "int | None" = None) -> "Searcher":
+             threads: "int | None" = None, batch_size: int = 64) -> "Searcher":
         """Load an index version, its id map, and a query encoder compatible with it.
 
         Parameters
@@ -431,9 +441,12 @@ class Searcher:
             version ``NAME``, ``NAME@vN`` or ``NAME:vN`` (see the module docstring);
             default the model the set was embedded with (``model.path`` in the set manifest).
         device : torch device of the query encoder.
-        threads : CPU threads a plaid search may use (BLAS threads of the centroid
-            scoring, queries of a batch searched at once); None leaves the process's
-            settings alone. Dense kinds ignore it.
+        threads : the process's CPU thread budget, shared by query encoding (torch's
+            threads) and retrieval (faiss's OpenMP threads and plaid's queries searched
+            at once, BLAS at one thread), one phase at a time so that the pools of one
+            never spin against the other; default the CPUs the process may run on.
+            See :mod:`indexing.threads`.
+        batch_size : queries encoded and retrieved together by :meth:`search`, >= 1.
 
         Raises
         ------
@@ -442,6 +455,10 @@ class Searcher:
         IncompatibleEncoderError
             The query encoder does not match the set the index was built from.
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        budget = ThreadBudget(threads)
+        start = time.perf_counter()
         root = layout.resolve_root(root)
         art = Artifact(root, "indexes", layout.check_name(index, "index name"))
         manifest = _index_manifest(art, version)
@@ -451,13 +468,18 @@ class Searcher:
         vdir = art.version_dir(manifest["version"])
         ids = read_ids(vdir, manifest)
         backend, nbits = _load_backend(manifest, vdir, ids, set_manifest, set_dir)
-        if check_threads(threads) is not None and isinstance(backend, _PlaidBackend):
-            backend.threads = threads
-        lm = load_model(choice.path, choice.settings, device=device)
+        if isinstance(backend, _PlaidBackend):
+            backend.threads = budget.threads
+        loaded = time.perf_counter()
+        with budget.encoding():
+            lm = load_model(choice.path, choice.settings, device=device)
         assert lm.fingerprint == choice.fingerprint, "model changed while loading"
-        logger.info("opened index %s %s (%s, dim %d, %d documents) of set %s %s", index, manifest["version"],
-                    manifest["index_kind"], int(manifest["dim"]), len(ids), source["set"], source["version"])
-        return cls(root, manifest, set_manifest, backend, nbits, ids, Encoder(lm), choice)
+        seconds = {"index": loaded - start, "model": time.perf_counter() - loaded}
+        logger.info("opened index %s %s (%s, dim %d, %d documents) of set %s %s in %.2f s, query encoder in "
+                    "%.2f s; %d threads", index, manifest["version"], manifest["index_kind"], int(manifest["dim"]),
+                    len(ids), source["set"], source["version"], seconds["index"], seconds["model"], budget.threads)
+        return cls(root, manifest, set_manifest, backend, nbits, ids, Encoder(lm, max_batch=batch_size), choice,
+                   budget=budget, load_seconds=seconds)
 
     @property
     def n_docs(self) -> int:
@@ -475,7 +497,8 @@ class Searcher:
 
         Parameters
         ----------
-        queries : n non-empty texts.
+        queries : n non-empty texts, encoded and searched ``batch_size`` (see :meth:`open`)
+            at a time: one forward pass and one vectorised index search per batch.
         k : results per query, >= 1 (fewer when fewer documents match).
         lang : only documents of this language (the ``lang`` column of ``documents``).
         where : one boolean expression over the ``documents`` view columns, e.g. ``"year > 2005"``
@@ -499,8 +522,22 @@ class Searcher:
         allowed = self.allowed_positions(lang=lang, where=where)
         if not texts or (allowed is not None and allowed.size == 0):
             return [[] for _ in texts]
-        q = self._backend.encode(self._encoder, texts)
-        scores, ids = self._backend.search(q, int(k), allowed, params)
+        out: list[list[tuple[str, float]]] = []
+        for begin in range(0, len(texts), self.batch_size):
+            out += self._search_batch(texts[begin:begin + self.batch_size], int(k), allowed, params)
+        return out
+
+    def _search_batch(self, texts: list[str], k: int, allowed: "np.ndarray | None",
+                      params: "dict | None") -> list[list[tuple[str, float]]]:
+        """Encode ``texts`` at once, then search their query matrix at once, each phase under the budget."""
+        start = time.perf_counter()
+        with self.budget.encoding():
+            q = self._backend.encode(self._encoder, texts)
+        encoded = time.perf_counter()
+        with self.budget.retrieval(len(texts)):
+            scores, ids = self._backend.search(q, k, allowed, params)
+        self.search_seconds["encode"] += encoded - start
+        self.search_seconds["retrieve"] += time.perf_counter() - encoded
         return [[(self._ids[p], float(s)) for s, p in zip(srow, prow) if p >= 0]
                 for srow, prow in zip(scores, ids)]
 
