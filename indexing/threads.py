@@ -14,7 +14,7 @@ a query ran 3.3x slower right after a plaid search on 2 cores). Environment vari
 too late for a library, so the budget uses runtime controls:
 
 * torch's intra-op pool gets the whole budget during encoding;
-* retrieval runs with every BLAS library at one thread, so numpy's OpenBLAS never
+* retrieval runs with numpy's OpenBLAS (pthreads) at one thread, so it never
   wakes its workers (the products of one query are small; a batch is spread over its
   queries instead: faiss's OpenMP over the rows of the query matrix, plaid's query pool);
 * OpenMP (faiss; torch's libgomp serves it once torch is loaded) gets
@@ -93,6 +93,9 @@ class ThreadBudget:
     @contextlib.contextmanager
     def retrieval(self, nq: int) -> Iterator[None]:
         """Search ``nq`` queries: BLAS at one thread, OpenMP at ``min(threads, nq)``.
+
+        faiss's OpenBLAS runs on OpenMP (its threading layer) and follows the OpenMP
+        limit; numpy's, on pthreads, is the one whose workers spin for long.
 
         The OpenMP limit covers every libgomp loaded: faiss's wheel brings its own, but
         with torch imported first faiss's OpenMP calls resolve to torch's (one pool).

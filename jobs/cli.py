@@ -105,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("search", help="search an index with the set's query encoder")
     se.add_argument("--index", required=True)
-    se.add_argument("query", nargs="+", help="one or more query texts")
+    se.add_argument("query", nargs="*", help="one or more query texts (or --queries FILE)")
+    se.add_argument("--queries", default=None, metavar="FILE",
+                    help="many queries in one process: JSONL/Parquet with id, text, optional lang, or plain text "
+                         "(one query a line, id = line number); results as JSONL lines "
+                         "{query_id, rank, doc_id, score}")
+    se.add_argument("--out", default=None, metavar="FILE", help="with --queries: write the JSONL here, not stdout")
+    se.add_argument("--batch-size", type=int, default=64, help="queries encoded and searched together")
+    se.add_argument("--same-language", action="store_true",
+                    help="with --queries: each query searches the documents of its own language (its lang)")
     se.add_argument("--k", "-k", type=int, default=10)
     se.add_argument("--lang", default=None, help="only documents in this language")
     se.add_argument("--where", default=None,
@@ -116,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="search parameter: nprobe, ef_search, rescore, ncells, centroid_score_threshold, ndocs")
     se.add_argument("--threads", type=int, default=None,
-                    help="CPU threads of a plaid search (default: the process's BLAS setting)")
+                    help="CPU threads shared by query encoding and retrieval (default: the CPUs available)")
     _root_arg(se)
     _json_arg(se)
 
@@ -322,11 +330,73 @@ def _params(pairs: list[str]) -> dict:
     return out
 
 
+def _search_queries(args: argparse.Namespace) -> list:
+    """The queries of ``tessera search`` (storage.queries.Query), checked before torch loads."""
+    from indexing.threads import check_threads
+    from storage.queries import Query, load_search_queries
+
+    check_threads(args.threads)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.queries is None:
+        for flag in ("out", "same_language"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} goes with --queries FILE")
+        if not args.query:
+            raise ValueError("give query texts or --queries FILE")
+        return [Query(str(i), text) for i, text in enumerate(args.query, 1)]
+    if args.query:
+        raise ValueError("give query texts or --queries FILE, not both")
+    if args.same_language and args.lang is not None:
+        raise ValueError("--same-language and --lang exclude each other")
+    if args.out is not None and not Path(args.out).expanduser().resolve().parent.is_dir():
+        raise ValueError(f"--out {args.out}: no such folder {Path(args.out).expanduser().resolve().parent}")
+    return load_search_queries(args.queries)
+
+
+def _run_searches(searcher, queries: list, args: argparse.Namespace, params: "dict | None") -> list:
+    """Hits of every query, in order; with --same-language one search per language."""
+    groups: dict = {}
+    for i, q in enumerate(queries):
+        groups.setdefault(q.lang if args.same_language else args.lang, []).append(i)
+    results: list = [None] * len(queries)
+    for lang, rows in groups.items():
+        hits = searcher.search([queries[i].text for i in rows], args.k, lang=lang, where=args.where, params=params)
+        for i, h in zip(rows, hits):
+            results[i] = h
+    return results
+
+
+def _write_hits(queries: list, results: list, out: "str | None") -> None:
+    """One JSON line per hit: query_id, rank (1-based), doc_id, score."""
+    stream = open(Path(out).expanduser(), "w", encoding="utf-8") if out else sys.stdout
+    try:
+        for q, hits in zip(queries, results):
+            for rank, (doc, score) in enumerate(hits, 1):
+                stream.write(json.dumps({"query_id": q.id, "rank": rank, "doc_id": doc, "score": score},
+                                        ensure_ascii=False) + "\n")
+    finally:
+        if out:
+            stream.close()
+
+
+def _search_timings(searcher, n: int, seconds: float) -> str:
+    load, spent = searcher.load_seconds, searcher.search_seconds
+    per = 1e3 / max(1, n)
+    return (f"search: index loaded in {load['index']:.2f} s, query encoder in {load['model']:.2f} s; "
+            f"{n} quer{'y' if n == 1 else 'ies'} in {seconds:.3f} s ({seconds * per:.1f} ms/query: encoding "
+            f"{spent['encode'] * per:.1f}, retrieval {spent['retrieve'] * per:.1f}; {n / max(seconds, 1e-9):.1f} "
+            f"queries/s; {searcher.budget.threads} threads, batches of {searcher.batch_size})")
+
+
 def cmd_search(args: argparse.Namespace) -> int:
+    import time
+
     from jobs import preflight
     from storage.layout import resolve_root
 
     params = _params(args.param) or None  # bad input fails before the imports (torch) and the model
+    queries = _search_queries(args)
     preflight.artifact(resolve_root(args.root), "indexes", args.index, args.version)
     from indexing.searcher import Searcher
     from storage.catalog import check_filter
@@ -334,8 +404,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.where is not None:
         check_filter(args.where)  # its syntax before the model loads; its columns when it runs
     searcher = Searcher.open(_root_str(args), args.index, version=args.version, query_encoder=args.query_encoder,
-                             threads=args.threads)
-    results = searcher.search(args.query, args.k, lang=args.lang, where=args.where, params=params)
+                             threads=args.threads, batch_size=args.batch_size)
+    start = time.perf_counter()
+    results = _run_searches(searcher, queries, args, params)
+    if not args.quiet:  # load and per-query times apart: what a warm index costs per query
+        print(_search_timings(searcher, len(queries), time.perf_counter() - start), file=sys.stderr)
+    if args.queries is not None:
+        _write_hits(queries, results, args.out)
+        return EXIT_OK
     if args.json:
         _print_json([{"query": q, "results": [{"id": d, "score": s} for d, s in hits]}
                      for q, hits in zip(args.query, results)])

@@ -1,6 +1,7 @@
 """Evaluation inputs: query files and relevance judgements (qrels), local or s3://.
 
-* :func:`load_queries` reads queries from Parquet or JSONL (chosen by extension).
+* :func:`load_queries` reads queries from Parquet or JSONL (chosen by extension);
+  :func:`load_search_queries` also takes plain text, one query per line.
 * :func:`load_qrels` reads judgements from TREC text (``qid 0 docid rel`` or
   ``qid docid rel``, whitespace or tab separated), Parquet or JSONL.
 
@@ -96,6 +97,27 @@ def load_queries(url: "str | Location", *, id_column: str = "id", text_column: s
         raise QueryFileError(f"{loc.url}: no queries in file")
     _check_unique_ids(loc.url, queries)
     logger.info("loaded %d queries from %s", len(queries), loc.url)
+    return queries
+
+
+def load_search_queries(url: "str | Location") -> list[Query]:
+    """Queries to search: a Parquet or JSONL file (see :func:`load_queries`), else plain text.
+
+    A plain text file (any other extension) holds one query per line; its id is the
+    1-based line number and blank lines are skipped.
+
+    Raises
+    ------
+    QueryFileError
+        As :func:`load_queries`; for text, a line that is not UTF-8 (named) or no query at all.
+    """
+    loc = location(url)
+    if _file_format(loc, allow_text=True) != "trec":
+        return load_queries(loc)
+    queries = [Query(str(lineno), line.strip()) for lineno, line in _text_lines(loc) if line.strip()]
+    if not queries:
+        raise QueryFileError(f"{loc.url}: no queries in file")
+    logger.info("loaded %d queries (one a line) from %s", len(queries), loc.url)
     return queries
 
 

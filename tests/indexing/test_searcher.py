@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -79,11 +80,11 @@ def _commit_index(root: Location, name: str, set_manifest: dict, set_dir: Locati
 
 
 def _build_dense(root: Location, name: str, set_manifest: dict, set_dir: Location, kind: str,
-                 dim: int) -> None:
+                 dim: int, pq_nbits: int = 8) -> None:
     tables = _set_files(set_dir, set_manifest, "dense")
     ids = [i for t in tables for i in t.column("id").to_pylist()]
     vectors = truncate(np.concatenate([schemas.dense_matrix(t) for t in tables]), dim)
-    params = dense.DenseIndexParams(kind, dim).resolved(len(ids))
+    params = dense.DenseIndexParams(kind, dim, pq_nbits=pq_nbits).resolved(len(ids))
     index = dense.train(params, vectors)
     dense.add(index, vectors, 0)
     _commit_index(root, name, set_manifest, set_dir, kind=kind, dim=dim, params=params.to_dict(),
@@ -419,3 +420,83 @@ def test_restrict_qrels_to_the_queries_file():
     assert kept == {"a": {"d1": 1}, "c": {"d3": 1}} and ignored == 1
     with pytest.raises(ValueError, match="no query of the queries file has judgements"):
         restrict_qrels({"a": {"d1": 1}}, {"z"})
+
+
+# ---- thread budget and batches (issue 17) -----------------------------------------------
+_KINDS = ("flat", "ivf", "ivfpq", "hnsw", "int8", "binary", "plaid")
+
+
+def _index_of_kind(store, kind: str) -> str:
+    """``t-<kind>``: the store's own for flat/int8/plaid, built here (dim 32) for the others."""
+    name = {"flat": "t-flat", "int8": "t-int8", "plaid": "t-plaid"}.get(kind, f"t-{kind}")
+    if not Artifact(store["root"], "indexes", name).exists():
+        set_dir = Artifact(store["root"], "sets", "t").version_dir(store["set"]["version"])
+        _build_dense(store["root"], name, store["set"], set_dir, kind, 32, pq_nbits=4)  # 16 <= 36 documents
+    return name
+
+
+def _pool_threads(user_api: str, layer: "str | None" = None) -> set[int]:
+    from threadpoolctl import threadpool_info
+
+    return {p["num_threads"] for p in threadpool_info()
+            if p["user_api"] == user_api and layer in (None, p.get("threading_layer"))}
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "plaid"])
+def test_thread_budget_is_applied_in_each_phase(store, kind, monkeypatch):
+    import torch
+
+    searcher = Searcher.open(store["root"], _index_of_kind(store, kind), threads=3)
+    assert searcher.budget.threads == 3
+    backend, seen = searcher._backend, {}
+    encode, search = backend.encode, backend.search
+
+    def spy_encode(*args):
+        seen["encode"] = torch.get_num_threads()
+        return encode(*args)
+
+    def spy_search(q, *args):
+        # numpy's OpenBLAS (pthreads) at one thread; faiss's (OpenMP layer) follows OpenMP
+        seen["search"] = (len(q), _pool_threads("blas", "pthreads"), _pool_threads("openmp"),
+                          max(_pool_threads("blas")))
+        return search(q, *args)
+
+    monkeypatch.setattr(backend, "encode", spy_encode)
+    monkeypatch.setattr(backend, "search", spy_search)
+    torch.set_num_threads(1)
+    try:
+        searcher.search(["one query"], k=3)
+        assert seen["encode"] == 3                                  # torch's pool: the budget
+        assert seen["search"] == (1, {1}, {1}, 1)                   # BLAS 1, OpenMP min(3, nq)
+        searcher.search([r["text"] for r in store["rows"][:5]], k=3)
+        assert seen["search"] == (5, {1}, {3}, 3)
+        assert torch.get_num_threads() == 1                         # the caller's setting is put back
+    finally:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    if kind == "plaid":
+        assert backend.index is not None and searcher._backend.threads == 3   # the query pool's size
+
+
+def test_default_thread_budget_is_the_available_cpus(flat):
+    assert flat.budget.threads == len(os.sched_getaffinity(0))
+    assert flat.batch_size == 64
+    assert set(flat.load_seconds) == {"index", "model"} and all(v > 0 for v in flat.load_seconds.values())
+    with pytest.raises(ValueError, match="threads"):
+        Searcher.open(flat.root, "t-flat", threads=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        Searcher.open(flat.root, "t-flat", batch_size=0)
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+def test_batched_search_returns_what_one_at_a_time_returns(store, kind):
+    name = _index_of_kind(store, kind)
+    texts = [r["text"] for r in store["rows"]]
+    batched = Searcher.open(store["root"], name, batch_size=8)   # 36 queries: 5 batches, the last short
+    many = batched.search(texts, k=5)
+    assert batched.search_seconds["encode"] > 0 and batched.search_seconds["retrieve"] > 0
+    single = Searcher.open(store["root"], name, batch_size=1)
+    one = [single.search([t], k=5)[0] for t in texts]
+    assert len(many) == len(one) == len(texts)
+    for got, want in zip(many, one):
+        assert [d for d, _ in got] == [d for d, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], rel=1e-4, abs=1e-4)
