@@ -245,6 +245,8 @@ FILTER_ATTACKS = {
     "exists (select 1)": "a subquery is not allowed",
     "year in (select * from read_csv('/etc/passwd'))": "a subquery is not allowed",
     "(select count(*) from glob('/etc/*')) > 0": "a subquery is not allowed",
+    "lang = read_text('/etc/hostname')": "function read_text() is not allowed",
+    "lang = (from glob('/etc/*'))": "a subquery is not allowed",
     "nope > 1": "unknown column 'nope'",
     "\"/etc/passwd\" is null": "unknown column '/etc/passwd'",
     "x.year > 1": "column 'x.year'",
