@@ -97,6 +97,22 @@ def test_select_negatives_skips_top_ranks_and_positives():
     assert negs == ["a", "p", "b"] and info["best_positive_rank"] is None
 
 
+@pytest.mark.parametrize("where, named", [
+    ("cast((select content from read_text('/etc/hostname')) as int) = 1", "a subquery is not allowed"),
+    ("1=1) union select 1 --", 'syntax error at or near ")"'),
+    ("lang = 'de' -- and more", "comments are not allowed"),
+])
+def test_negatives_where_is_one_expression_checked_before_anything_runs(tmp_path, where, named):
+    """Issue 14 item 2: --negatives-where goes through storage.catalog.check_filter in the config."""
+    store = {"train": str(tmp_path / "t.jsonl"), "root": str(tmp_path), "dev_queries": "d.jsonl", "dev_qrels": "d.tsv"}
+    with pytest.raises(ValueError, match="invalid filter") as err:
+        _cfg(store, negatives_where=where)
+    assert named in str(err.value)
+    assert _cfg(store, negatives_where="lang in ('de', 'fr')").negatives_where == "lang in ('de', 'fr')"
+    with pytest.raises(ValueError, match="invalid filter"):        # eval --where: the same check
+        EvalConfig(index="t-flat", queries="q.jsonl", qrels="q.tsv", where=where)
+
+
 def test_gate_points_tolerance_and_regression():
     before = {"overall": {"nDCG@10": 0.60}, "per_language": {"en": {"nDCG@10": 0.70}, "de": {"nDCG@10": 0.50}}}
     better = {"overall": {"nDCG@10": 0.62}, "per_language": {"en": {"nDCG@10": 0.75}, "de": {"nDCG@10": 0.496}}}
