@@ -5,8 +5,10 @@ A missing corpus path used to fail after the model's fingerprint and Ray's start
 their formats are supported, the first corpus file has the id and text columns, the
 model folder has a config, the named set/index exists. They raise the jobs' usual
 bad-input errors (``CorpusError``, ``ModelError``, ``NotFoundError``,
-``FileNotFoundError``: exit 2 from the CLI). Each job's ``run`` calls its check first;
-the CLI calls it before importing the job, whose imports (torch) alone take seconds.
+``FileNotFoundError``: exit 2 from the CLI). The CLI calls them before importing a job,
+whose imports (torch) alone take seconds; embed and reindex also call :func:`embed` in
+their ``run`` before the model's hash and Ray (reindex only there, after its run report
+is started, so the ``runs`` view records a refused run).
 
 Only light imports here (pyarrow, fsspec): no torch, no Ray.
 """
@@ -89,23 +91,6 @@ def embed(corpus_urls, model: "str | Path", cols: ColumnMap) -> list[str]:
     """``tessera embed``: the corpus and the model folder. Returns the corpus file URLs."""
     urls = corpus(corpus_urls, cols)
     model_folder(model)
-    return urls
-
-
-def reindex(root: Location, set_name: str, corpus_urls, model: "str | Path | None") -> list[str]:
-    """``tessera reindex``: the set, the snapshot (with the set's column mapping), the model."""
-    art = Artifact(root, "sets", layout.check_name(set_name, "set name"))
-    if not art.exists():
-        from storage.manifest import list_names
-
-        known = ", ".join(list_names(root, "sets")) or "none"
-        raise NotFoundError(f"no embedding set {set_name!r} under {root.url} (known: {known}); "
-                            "create it with `tessera embed` first")
-    config = art.manifest().get("config", {})
-    cols = ColumnMap(*(config.get(f"{role}_column", role) for role in ("id", "text", "lang", "title")))
-    urls = corpus(corpus_urls, cols)
-    if model is not None:
-        model_folder(model)
     return urls
 
 

@@ -63,9 +63,10 @@ def tessera(*args: str, cwd: Path, env: "dict | None" = None, timeout: float = 6
                           text=True, timeout=timeout)
 
 
-def _fake_store(root: Path) -> None:
+def _fake_store(root: Path, model: Path) -> None:
     """A set ``t`` and an index ``t-flat`` as far as the early checks read them."""
-    for kind, name, body in (("sets", "t", {"config": {"id_column": "id", "text_column": "text"}}),
+    for kind, name, body in (("sets", "t", {"config": {"id_column": "id", "text_column": "text"},
+                                            "model": {"path": str(model)}}),
                              ("indexes", "t-flat", {"source": {"set": "t", "version": "v000001"}})):
         d = root / kind / name
         (d / "v000001").mkdir(parents=True)
@@ -76,9 +77,10 @@ def _fake_store(root: Path) -> None:
 # ---- item 4: bad input is refused before Ray starts or a model loads ---------------------------
 def test_bad_input_fails_in_a_second_without_importing_ray_or_torch(tiny_model_dir, tmp_path):
     """Every case runs in one fresh interpreter that must end without having imported ray or
-    torch: the check comes before Ray's start-up and the model (15-23 s before the fix)."""
+    torch: the check comes before Ray's start-up and the model (15-23 s before the fix). A
+    refused re-index is still recorded in the runs view."""
     root = tmp_path / "store"
-    _fake_store(root)
+    _fake_store(root, tiny_model_dir)
     (tmp_path / "c.csv").write_text("id,text\na,b\n")
     (tmp_path / "csvs").mkdir()
     (tmp_path / "csvs" / "part-0.csv").write_text("id,text\na,b\n")
@@ -135,10 +137,13 @@ def test_bad_input_fails_in_a_second_without_importing_ray_or_torch(tiny_model_d
     result = json.loads(proc.stdout)
     for (argv, needle), run in zip(cases, result["runs"]):
         assert run["code"] == 2, (argv, run)
-        assert run["stderr"].count("\n") == 1, (argv, run)            # stderr is that one line
+        if argv[0] != "reindex":                                        # it logs its lease and run report
+            assert run["stderr"].count("\n") == 1, (argv, run)        # stderr is that one line
         assert_one_line_error(run["stderr"], "tessera: error: ", needle)
         assert run["seconds"] < 5, (argv, run)                          # ~0.1 s on a quiet machine
     assert not result["ray"] and not result["torch"], result           # neither started nor imported
+    reports = [json.loads(p.read_text()) for p in (root / "runs").glob("*.json")]
+    assert sorted(r["status"] for r in reports) == ["bad_input"] * 3, reports
 
 
 def test_missing_corpus_through_the_cli_starts_no_ray(tiny_model_dir, tmp_path):
