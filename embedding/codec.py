@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterator
 
-import faiss
 import numpy as np
 
+from embedding.faiss_import import import_faiss
+
+faiss = import_faiss()  # a missing faiss names the extras that install it
 logger = logging.getLogger(__name__)
 
 SUPPORTED_NBITS = (1, 2, 4)
@@ -248,6 +250,10 @@ def _train_centroids(
         gpu=use_gpu,
         verbose=False,
         max_points_per_centroid=max(256, -(-len(train) // n_centroids) + 1),
+        # n_centroids is ours (default_n_centroids, capped to the sample): faiss's advice to
+        # train on 39 points per centroid would be printed on every small fit. The setting
+        # only gates that warning; the clustering is the same.
+        min_points_per_centroid=1,
     )
     kmeans.train(train, init_centroids=np.ascontiguousarray(train[:n_centroids], dtype=np.float32))
     return _l2_normalize(np.asarray(kmeans.centroids, dtype=np.float32))

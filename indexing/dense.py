@@ -52,11 +52,12 @@ import os
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
+from embedding.faiss_import import import_faiss
 from embedding.mrl import truncate
 
+faiss = import_faiss()  # a missing faiss names the extras that install it
 logger = logging.getLogger(__name__)
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw", "int8", "binary")

@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +36,7 @@ from typing import Iterator
 import numpy as np
 
 from embedding.codec import ResidualCodec, content_order, default_n_centroids
+from embedding.faiss_import import import_faiss
 from embedding.model import EncoderSettings, check_model_dir, fingerprint, read_settings
 from jobs import plan as planner
 from jobs import preflight
@@ -367,10 +369,19 @@ def _map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str
         env[FAILPOINTS_ENV] = os.environ[FAILPOINTS_ENV]
     extra = {"runtime_env": {"env_vars": env}}
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    return ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
-                          fn_constructor_kwargs={"spec": spec, "codec_url": codec_url},
-                          compute=ActorPoolStrategy(min_size=1, max_size=p.actors),
-                          num_cpus=p.num_cpus, num_gpus=p.num_gpus, **extra)
+    # max_restarts=0: a dead encoder actor fails the job (one line, exit 1), and the same
+    # command resumes from the shards already written. Ray Data's default (restart forever,
+    # retry its tasks forever) would loop on a shard that crashes its worker, and makes Ray
+    # log a core_worker.cc error on every run: Ray Data passes every actor its constructor
+    # arguments (ours and its own) through the object store, which a restart may not find.
+    # Ray 2.60 warns that actor options passed this way are deprecated, but has no named
+    # parameter for max_restarts yet.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
+                              fn_constructor_kwargs={"spec": spec, "codec_url": codec_url},
+                              compute=ActorPoolStrategy(min_size=1, max_size=p.actors),
+                              num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=0, **extra)
 
 
 # ---- pass 1: the codec ----------------------------------------------------------------
@@ -404,6 +415,8 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     if todo:
         spec = _spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=True)
         progress = Progress("codec sample", sum(len(json.loads(r["rows"])) for r in todo))
+        # Until the first shard is done (actors load the model first) this is the only line.
+        logger.info("codec sample: encoding %d of %d documents from %d shard(s)", progress.total, total, len(todo))
         for stats in run_pool(todo, SampleEncoder, spec, p, None, timings):
             progress.update(len(json.loads(rows_by_shard[stats["shard"]])))
             if timings is not None:
@@ -456,7 +469,7 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
     limit, seed, niter = cfg.max_sample_tokens, cfg.seed, cfg.kmeans_iters
 
     def fit() -> tuple[bytes, dict]:
-        import faiss
+        faiss = import_faiss()
 
         faiss.omp_set_num_threads(threads)  # Ray gave this task OMP_NUM_THREADS=1 (see thread_env)
         chunks = [read_cache_tokens(Location(url), dim) for url in caches]

@@ -75,6 +75,7 @@ def one_line(err: "BaseException | str") -> str:
 
 def bad_input(err: BaseException) -> "BaseException | None":
     """The exception in ``err``'s chain that says the user's input is at fault, or None."""
+    from embedding.faiss_import import FaissMissing
     from storage.manifest import NotFoundError
 
     seen: set[int] = set()
@@ -84,7 +85,7 @@ def bad_input(err: BaseException) -> "BaseException | None":
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (ValueError, NotFoundError, FileNotFoundError)):
+        if isinstance(e, (ValueError, NotFoundError, FileNotFoundError, FaissMissing)):
             return e  # CorpusError, ModelError, QueryFileError are ValueErrors
         stack.extend([e.__cause__, e.__context__])
     return None

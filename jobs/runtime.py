@@ -72,8 +72,11 @@ def init_ray(num_cpus: "int | None" = None) -> None:
     import ray
 
     if ray.is_initialized():
+        quiet_ray_console()
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's own INFO lines ("Started a local Ray instance") only with -v; its log files keep them.
+    level = logging.INFO if logger.isEnabledFor(logging.DEBUG) else logging.WARNING
     # ray.init replaces the SIGTERM handler (in the main thread); ours is put back after it.
     main = threading.current_thread() is threading.main_thread()
     interrupts = signal.getsignal(signal.SIGTERM) if main else None
@@ -81,7 +84,7 @@ def init_ray(num_cpus: "int | None" = None) -> None:
     try:
         if address:
             logger.info("connecting to the Ray cluster at %s", address)
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, logging_level=level)
         else:
             cpus = num_cpus or os.cpu_count() or 1
             # Ray starts workers at nice 15. Here the actors are the job's critical path (the
@@ -96,7 +99,7 @@ def init_ray(num_cpus: "int | None" = None) -> None:
             if token:
                 os.environ[OWNER_ENV] = token
             try:
-                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, logging_level=level)
             finally:
                 os.environ.pop(OWNER_ENV, None)
     except SystemExit as err:  # Ray's own SIGTERM handler, while ray.init ran
@@ -109,6 +112,29 @@ def init_ray(num_cpus: "int | None" = None) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_console()
+
+
+class _RayDataConsoleFilter(logging.Filter):
+    """Ray Data's console lines that say nothing to a Tessera user: its INFO records
+    ("Starting execution of Dataset", "Execution plan", "execution finished") unless the
+    CLI runs with -v, and the warning that its progress bars are off (jobs.timing reports
+    progress instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Progress bars disabled"):
+            return False
+        return record.levelno >= logging.WARNING or logger.isEnabledFor(logging.DEBUG)
+
+
+def quiet_ray_console() -> None:
+    """Keep Ray Data's chatter off stderr; its log file (``logs/ray-data`` in Ray's session
+    folder) still gets every record. Idempotent."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if "File" in type(handler).__name__:
+            continue
+        if not any(isinstance(f, _RayDataConsoleFilter) for f in handler.filters):
+            handler.addFilter(_RayDataConsoleFilter())
 
 
 def start_watchdog() -> "str | None":

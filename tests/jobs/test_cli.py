@@ -81,6 +81,49 @@ def test_cli_bad_input_is_a_clear_error(tiny_model_dir, tmp_path):
     assert sql.returncode == 2 and "SQL error" in sql.stderr
 
 
+#: what a clean run must not print (issue 14, item 8): Ray's and Ray Data's INFO lines, Ray's
+#: core_worker.cc error about actor constructor arguments, faiss's training-size warning,
+#: setuptools' and Ray's deprecation warnings
+NOISE = ("core_worker.cc", "please provide at least", "Progress bars", "Starting execution",
+         "Execution plan", "execution finished", "Started a local Ray", "Deprecat")
+
+
+def test_clean_embed_prints_only_tesseras_progress(tiny_model_dir, tmp_path):
+    out = tessera("embed", "--corpus", str(SAMPLE), "--model", str(tiny_model_dir), "--set", "quiet",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for noise in NOISE:
+        assert noise not in out.stderr, f"{noise!r} on stderr:\n{out.stderr}"
+    # the sample pass says it started and how far it got, then the encode pass
+    assert "codec sample: encoding 48 of 48 documents" in out.stderr
+    assert "codec sample: 48/48 rows (100%)" in out.stderr and "embed: 48/48 rows (100%)" in out.stderr
+    assert "fitted the codec" in out.stderr
+    lines = out.stderr.strip().splitlines()
+    # every line is Tessera's own ("HH:MM:SS LEVEL logger: message"), none forwarded from a worker
+    assert all(line[:8].count(":") == 2 and " INFO " in line[:16] for line in lines), out.stderr
+
+
+def test_missing_faiss_names_the_extras(tiny_model_dir, tmp_path):
+    """``pip install tessera`` without the cpu/gpu extra: one line naming them, exit 2, nothing
+    written; a command that needs no faiss is not refused."""
+    shim = "import sys; sys.modules['faiss'] = None; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", shim, *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    out = run("embed", "--corpus", str(SAMPLE), "--model", str(tiny_model_dir), "--set", "x")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "tessera: error: faiss is not installed: pip install 'tessera[cpu]' "
+        "(or 'tessera[gpu]' on a CUDA machine)"], out.stderr
+    assert out.stdout == "" and not (tmp_path / "tessera-data" / "sets" / "x").exists()
+    sets = run("sets")                                 # needs no faiss: its own answer (an empty root)
+    assert "not installed" not in sets.stderr and "nothing was written there yet" in sets.stderr, sets.stderr
+
+
 @pytest.mark.slow
 def test_real_multilingual_model_on_the_sample(me5_small_dir, tmp_path):
     """multilingual-e5-small through the CLI: counts per language, and cross-language retrieval works."""
