@@ -264,11 +264,12 @@ def read_tokens(f: sets.SetFile, codec) -> tuple[np.ndarray, np.ndarray, np.ndar
     return codes.astype(codec.code_dtype), residuals, lengths
 
 
-def _plaid_part(codec_bytes: bytes, f: sets.SetFile) -> dict:
+def _plaid_part(codec_url: str, f: sets.SetFile) -> dict:
+    """Ray task: one ``tokens`` shard as centroid-index arrays (the task reads the codec itself)."""
     from embedding.codec import ResidualCodec
     from indexing.plaid import CentroidIndex
 
-    codec = ResidualCodec.from_bytes(codec_bytes)
+    codec = ResidualCodec.from_bytes(Location(codec_url).read_bytes())
     return CentroidIndex.from_flat(codec, *read_tokens(f, codec)).to_arrays()
 
 
@@ -289,16 +290,15 @@ def _build_plaid(set_manifest: dict, set_dir: Location, files: list, vdir: Locat
     them into the version's files: the driver never holds a vector or an index array."""
     import ray
 
-    from embedding.codec import ResidualCodec
-
     codec_info = set_manifest["codec"]
-    codec_bytes = set_dir.join(codec_info["file"]).read_bytes()
-    codec = ResidualCodec.from_bytes(codec_bytes)
+    codec_url = set_dir.join(codec_info["file"]).url
     task = ray.remote(num_cpus=1)(_plaid_part)
     # The parts were built and checked by from_flat in their tasks: no second scan.
-    refs = [task.remote(codec_bytes, f) for f in files]
+    # Each task reads the codec (tens of MB at 16k centroids) itself: passed as an
+    # argument, the driver would put a copy of it in the object store per shard.
+    refs = [task.remote(codec_url, f) for f in files]
     entries, n_docs, n_tokens = ray.get(ray.remote(num_cpus=1)(_write_plaid).remote(refs, vdir))
     n_bytes = sum(e["bytes"] for e in entries)
     logger.info("centroid index: %d documents, %d tokens, %d centroids, %.1f MB", n_docs, n_tokens,
-                codec.n_centroids, n_bytes / 1e6)
-    return entries, {"nbits": codec.nbits, "n_centroids": codec.n_centroids}, n_bytes
+                codec_info["n_centroids"], n_bytes / 1e6)
+    return entries, {"nbits": codec_info["nbits"], "n_centroids": codec_info["n_centroids"]}, n_bytes

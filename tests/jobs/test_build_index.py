@@ -116,6 +116,16 @@ def test_the_driver_holds_only_ids(ray_local, tiny_set, monkeypatch, kind):
     def refuse(*a, **kw):
         raise AssertionError("merged in the driver")
 
+    from storage.fs import Location
+
+    read_bytes, blobs = Location.read_bytes, []
+
+    def spy_bytes(loc):
+        data = read_bytes(loc)
+        blobs.append((loc.url, len(data)))
+        return data
+
+    monkeypatch.setattr(Location, "read_bytes", spy_bytes)
     monkeypatch.setattr(sets, "read_live", spy_read)
     monkeypatch.setattr(ray, "get", spy_get)
     monkeypatch.setattr(CentroidIndex, "from_parts", refuse)
@@ -124,6 +134,8 @@ def test_the_driver_holds_only_ids(ray_local, tiny_set, monkeypatch, kind):
                           nlist=8, pq_m=4, pq_nbits=4, train_size=200, name=f"t-{kind}-lean"))
     assert m["n_docs"] == 300
     assert columns and set(columns) == {("id",)}
+    # nor the codec: passed to every shard task it was put in the object store once per shard
+    assert [u for u, _ in blobs if "codec" in u] == []
 
     def arrays(x):
         if isinstance(x, (np.ndarray, bytes)):
