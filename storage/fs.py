@@ -235,21 +235,7 @@ class Location:
         if self.is_remote:
             retry(lambda: self.fs.pipe_file(self.path, data), f"write {self.url}")
             return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except OSError as err:
-            if err.filename is None:
-                raise _naming(err, self.url) from err
-            raise
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        self._write_local([data])
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
@@ -262,34 +248,42 @@ class Location:
         fsync, rename. Either way a reader never sees a partial object.
         """
         def _write() -> tuple[int, str]:
-            digest, n = hashlib.sha256(), 0
+            digest, size = hashlib.sha256(), [0]
+
+            def counted():
+                for chunk in chunks():
+                    digest.update(chunk)
+                    size[0] += len(chunk)
+                    yield chunk
             if self.is_remote:
                 with self.fs.open(self.path, "wb") as f:
-                    for chunk in chunks():
-                        digest.update(chunk)
+                    for chunk in counted():
                         f.write(chunk)
-                        n += len(chunk)
-                return n, digest.hexdigest()
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
-            try:
-                with open(tmp, "wb") as f:
-                    for chunk in chunks():
-                        digest.update(chunk)
-                        f.write(chunk)
-                        n += len(chunk)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except OSError as err:
-                if err.filename is None:  # e.g. ENOSPC: name the file
-                    raise OSError(err.errno, f"{err.strerror}: writing {self.url}") from err
-                raise
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            return n, digest.hexdigest()
+            else:
+                self._write_local(counted())
+            return size[0], digest.hexdigest()
         return retry(_write, f"write {self.url}")
+
+    def _write_local(self, chunks: Iterable[bytes]) -> None:
+        """Write ``chunks`` to a temporary sibling, fsync, rename over this path. A failure
+        leaves no partial file; an error that names no file (a full disk's ENOSPC) is
+        raised naming this one."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as err:
+            if err.filename is None:
+                raise _naming(err, self.url) from err
+            raise
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def write_if_absent(self, data: bytes) -> bool:
         """Create the object only if it does not exist; return whether we created it.
