@@ -17,7 +17,7 @@ from pathlib import Path
 
 logger = logging.getLogger("tessera")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from jobs.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOTHING, EXIT_OK, EXIT_REFUSED, RUN_WORDS, exit_code
 SAMPLE_CORPUS = Path(__file__).parent / "data" / "sample_corpus.jsonl"
 
 
@@ -267,7 +267,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     preflight.embed(args.corpus, model, ColumnMap(args.id_column, args.text_column, args.lang_column,
                                                   args.title_column))
     from jobs.embed import DEFAULT_NBITS, EmbedConfig, Unchanged, run
-    from jobs.reindex import EXIT_NOTHING
 
     cfg = EmbedConfig(
         corpus=tuple(args.corpus), model=str(model), set_name=args.set_name,
@@ -484,7 +483,7 @@ def cmd_retune(args: argparse.Namespace) -> int:
     preflight.retune(resolve_root(args.root), args.set_name, args.index,
                      {"training file": args.train, "training qrels": args.train_qrels,
                       "dev queries": args.dev_queries, "dev qrels": args.dev_qrels}, args.index_version)
-    from jobs.retune import EXIT_REFUSED, GateRefused, RetuneConfig, languages_table, run, runs_table
+    from jobs.retune import GateRefused, RetuneConfig, languages_table, run, runs_table
 
     def split(text: str) -> list[str]:
         return [v.strip() for v in text.split(",") if v.strip()]
@@ -548,7 +547,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
 def cmd_reindex(args: argparse.Namespace) -> int:
     from jobs.model_fetch import resolve_model
-    from jobs.reindex import ReindexConfig, exit_code_for, run
+    from jobs.reindex import ReindexConfig, run
 
     # The run checks the snapshot before the model's hash and Ray (jobs.preflight), after its
     # run report is started: the runs view records a refused nightly run too.
@@ -563,7 +562,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     try:
         report = run(cfg)
     except Exception as err:  # noqa: BLE001 - the report is written; map the outcome to its exit code
-        code = exit_code_for(err)
+        code = exit_code(err)
         if code == EXIT_FAILED:
             raise
         print(f"tessera: {'error' if code == EXIT_BAD_INPUT else RUN_WORDS[code]}: {_short(err)}", file=sys.stderr)
@@ -582,16 +581,13 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-RUN_WORDS = {3: "refused", 4: "nothing to do", 5: "busy"}
-
-
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from jobs.reindex import exit_code_for, rollback
+    from jobs.reindex import rollback
 
     try:
         report = rollback(args.root, args.set_name, args.to)
     except Exception as err:  # noqa: BLE001
-        code = exit_code_for(err)
+        code = exit_code(err)
         if code == EXIT_FAILED:
             raise
         print(f"tessera: {'error' if code == EXIT_BAD_INPUT else RUN_WORDS[code]}: {_short(err)}", file=sys.stderr)
@@ -695,7 +691,7 @@ def main(argv: "list[str] | None" = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt as err:  # jobs.runtime.Terminated too
         logger.error("%s", str(err) or "interrupted")
-        return getattr(err, "exit_code", 130)
+        return exit_code(err)
     except Exception as err:  # noqa: BLE001 - the CLI is the one place that turns errors into exit codes
         if args.traceback:
             logger.exception("failed")

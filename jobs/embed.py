@@ -42,7 +42,7 @@ from jobs import plan as planner
 from jobs import preflight
 from jobs.embed_worker import (FAILPOINTS_ENV, SAMPLE_CACHE, SampleEncoder, ShardEncoder, WorkerSpec,
                                failpoint, read_cache_tokens, sample_cache)
-from jobs.errors import bad_input, quiet_ray_failure_logs, unwrap
+from jobs.errors import NothingToDo, bad_input, quiet_ray_failure_logs, unwrap
 from jobs.runtime import ActorPlan, init_ray, plan_actors, thread_env
 from jobs.timing import Progress, Timings
 from storage import layout
@@ -66,7 +66,7 @@ DEFAULT_NBITS = 4
 RUNTIME_FIELDS = ("root", "actors", "threads", "device", "max_batch", "max_tokens", "publish", "force")
 
 
-class Unchanged(RuntimeError):
+class Unchanged(NothingToDo):
     """The set's current version was embedded from the same corpus files (byte for byte),
     model and settings: a new version would duplicate it (``force`` embeds it anyway)."""
 

@@ -4,7 +4,8 @@ Errors raised on a Ray worker reach the driver wrapped (``RayTaskError``, whose
 ``str`` is the worker's whole traceback with ANSI colours; Ray Data adds its own
 ``UserCodeException``). :func:`unwrap` digs out the exception the worker raised,
 :func:`one_line` turns any message into one plain line, and :func:`describe`
-gives the CLI's exit code and line for a failure. Nothing here imports Ray: a Ray exception can
+gives the CLI's exit code and line for a failure. This module is the one home of the exit
+codes (and of the run outcomes they stand for); nothing else defines one. Nothing here imports Ray: a Ray exception can
 only exist once Ray is imported, so ``sys.modules`` is asked instead.
 """
 from __future__ import annotations
@@ -13,7 +14,14 @@ import logging
 import re
 import sys
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY = 1, 2, 5
+#: The CLI's exit codes. 130/143 (interrupted, terminated) come from ``jobs.runtime``.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOTHING, EXIT_BUSY = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
+#: The word the CLI prints before the message of a run that stopped without failing.
+RUN_WORDS = {EXIT_REFUSED: "refused", EXIT_NOTHING: "nothing to do", EXIT_BUSY: "busy"}
+#: A run report's ``status`` for each exit code.
+RUN_STATUS = {EXIT_OK: "published", EXIT_FAILED: "failed", EXIT_BAD_INPUT: "bad_input",
+              EXIT_REFUSED: "refused", EXIT_NOTHING: "nothing_to_do", EXIT_BUSY: "busy"}
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 #: the last line of a Python traceback: ``package.module.Error: message``
@@ -22,6 +30,15 @@ _EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
 _RAY_SUFFIX = re.compile(r"^(Failed to .+ after \d+/\d+ attempts|To change retry attempts|"
                          r"This looks like an AWS S3 permissions error)")
 _MAX_CHARS = 600
+
+
+class Refused(RuntimeError):
+    """A run that would change what a set means and was not asked to (exit 3): a re-index with
+    another model without ``--full``; a re-tuned query encoder refused by its gate."""
+
+
+class NothingToDo(RuntimeError):
+    """The input equals what is already stored (exit 4): an unchanged snapshot or corpus."""
 
 
 def unwrap(err: BaseException) -> BaseException:
@@ -91,13 +108,26 @@ def bad_input(err: BaseException) -> "BaseException | None":
     return None
 
 
+def exit_code(err: BaseException) -> int:
+    """The exit code of a failed run: 3 refused, 4 nothing to do, 5 busy, 2 bad input, 1 anything
+    else; 130/143 for an interrupt (``KeyboardInterrupt``, ``jobs.runtime.Terminated``)."""
+    if isinstance(err, KeyboardInterrupt):
+        return getattr(err, "exit_code", EXIT_INTERRUPTED)
+    return describe(err)[0]
+
+
 def describe(err: BaseException) -> tuple[int, str]:
-    """(exit code, one line) for a failed command: 2 bad input, 5 busy, 1 anything else."""
+    """(exit code, one line) for a failed command: 3 refused, 4 nothing to do, 5 busy,
+    2 bad input, 1 anything else."""
     from storage.lease import LeaseHeld
 
     inner = unwrap(err)
     if isinstance(inner, LeaseHeld):
         return EXIT_BUSY, f"busy: {one_line(inner)}"
+    if isinstance(inner, Refused):
+        return EXIT_REFUSED, f"refused: {one_line(inner)}"
+    if isinstance(inner, NothingToDo):
+        return EXIT_NOTHING, f"nothing to do: {one_line(inner)}"
     bad = bad_input(inner)
     if bad is not None:
         return EXIT_BAD_INPUT, f"error: {one_line(unwrap(bad))}"

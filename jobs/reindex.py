@@ -42,31 +42,20 @@ from jobs import embed as embed_job
 from jobs import plan as planner
 from jobs import preflight
 from jobs.embed_worker import ShardEncoder, failpoint
-from jobs.errors import unwrap
+from jobs.errors import EXIT_OK, RUN_STATUS, NothingToDo, Refused, exit_code
 from jobs.timing import Progress, Timings
 from storage import layout, sets
 from storage.corpus import ColumnMap, CorpusFile, meta_hashes, read_rows, text_hashes
 from storage.fs import Location
-from storage.lease import Lease, LeaseHeld
+from storage.lease import Lease
 from storage.manifest import Artifact, NotFoundError, dumps, utcnow
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOTHING, EXIT_BUSY = 0, 1, 2, 3, 4, 5
 LEASE = layout.LEASE
 RELEASE = "_release.json"
 #: Snapshots of at most this many rows are hashed in the driver (Ray tasks above it).
 LOCAL_HASH_ROWS = 20_000
-RUN_STATUS = {EXIT_OK: "published", EXIT_FAILED: "failed", EXIT_BAD_INPUT: "bad_input",
-              EXIT_REFUSED: "refused", EXIT_NOTHING: "nothing_to_do", EXIT_BUSY: "busy"}
-
-
-class Refused(RuntimeError):
-    """The run would change what the set means (another model) and ``--full`` was not given."""
-
-
-class NothingToDo(RuntimeError):
-    """The snapshot equals the set's current version."""
 
 
 @dataclass(frozen=True)
@@ -177,27 +166,10 @@ class RunReport:
         return self.body
 
 
-def exit_code_for(err: BaseException) -> int:
-    """The exit code of a failed run (shared with the CLI)."""
-    from embedding.model import ModelError
-    from storage.corpus import CorpusError
-
-    err = unwrap(err)  # a worker's own exception, out of Ray's wrappers
-    if isinstance(err, LeaseHeld):
-        return EXIT_BUSY
-    if isinstance(err, Refused):
-        return EXIT_REFUSED
-    if isinstance(err, NothingToDo):
-        return EXIT_NOTHING
-    if isinstance(err, (CorpusError, ModelError, NotFoundError, ValueError, FileNotFoundError)):
-        return EXIT_BAD_INPUT
-    return EXIT_FAILED
-
-
 def run(cfg: ReindexConfig) -> dict:
     """Run the re-index; return the run report (``status``, ``exit_code``, counts, ...).
 
-    Raises the run's error after writing its report (``exit_code_for`` maps it).
+    Raises the run's error after writing its report (``jobs.errors.exit_code`` maps it).
     """
     root = layout.resolve_root(cfg.root)
     report = RunReport(root, "reindex", cfg.set_name, cfg.to_dict())
@@ -217,9 +189,7 @@ def run(cfg: ReindexConfig) -> dict:
         return report.finish(EXIT_OK)
     except BaseException as err:
         report.body["timings"] = timings.to_dict()
-        report.finish(exit_code_for(err) if isinstance(err, Exception)
-                      else getattr(err, "exit_code", 130) if isinstance(err, KeyboardInterrupt)  # 143: SIGTERM
-                      else EXIT_FAILED, err)
+        report.finish(exit_code(err), err)  # 143 for SIGTERM
         raise
     finally:
         _release(lease)
@@ -826,9 +796,7 @@ def rollback(root: "str | None", set_name: str, to: str, lease_ttl: float = 120.
         logger.info("rolled %s back from %s to %s (indexes %s)", set_name, previous, version, pins or "none")
         return report.finish(EXIT_OK)
     except BaseException as err:
-        report.finish(exit_code_for(err) if isinstance(err, Exception)
-                      else getattr(err, "exit_code", 130) if isinstance(err, KeyboardInterrupt)  # 143: SIGTERM
-                      else EXIT_FAILED, err)
+        report.finish(exit_code(err), err)  # 143 for SIGTERM
         raise
     finally:
         _release(lease)

@@ -48,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.errors import Refused
 from jobs.timing import Progress, Timings
 from storage import layout, schemas, sets
 from storage.catalog import check_filter
@@ -57,8 +58,6 @@ from storage.queries import Query, QueryFileError, load_qrels, load_queries
 
 logger = logging.getLogger(__name__)
 
-#: CLI exit status of a version refused by the gate.
-EXIT_REFUSED = 3
 DEVICES = ("auto", "cpu", "cuda")
 #: Results per dev query (R@100 needs 100).
 EVAL_K = 100
@@ -68,7 +67,7 @@ ID_COLUMNS = ("id", "query_id", "qid")
 _LISTED = 5
 
 
-class GateRefused(RuntimeError):
+class GateRefused(Refused):
     """No run of the sweep passed the gate; ``report`` holds the evaluation and the runs."""
 
     def __init__(self, message: str, report: dict) -> None:
