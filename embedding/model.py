@@ -238,7 +238,7 @@ def load_model(model_dir: "str | Path", settings: "EncoderSettings | None" = Non
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"model folder {d} could not be loaded: {err}") from err
     _check_markers(d, tokenizer, settings)
-    projection = _load_projection(d, int(model.config.hidden_size))
+    projection = load_projection(d, int(model.config.hidden_size))
     model.eval()
     use_half = dev.type == "cuda" if half is None else half
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
@@ -341,7 +341,7 @@ def _check_markers(d: Path, tokenizer, settings: EncoderSettings) -> None:
             raise ModelError(f"model folder {d}: marker token {marker!r} is not in the vocabulary")
 
 
-def _load_projection(d: Path, hidden: int) -> "torch.nn.Linear | None":
+def load_projection(d: Path, hidden: int) -> "torch.nn.Linear | None":
     import torch
 
     weight = _stanford_linear(d)

@@ -53,7 +53,7 @@ from storage.manifest import Artifact, NotFoundError, dumps, utcnow
 logger = logging.getLogger(__name__)
 
 LEASE = layout.LEASE
-RELEASE = "_release.json"
+RELEASE = layout.RELEASE
 #: Snapshots of at most this many rows are hashed in the driver (Ray tasks above it).
 LOCAL_HASH_ROWS = 20_000
 

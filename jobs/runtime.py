@@ -187,6 +187,10 @@ def thread_env(p: ActorPlan) -> dict[str, str]:
     return {"OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
 
+#: Where a job's encoders run: ``auto`` takes the GPUs when the cluster has them.
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def plan_actors(cpus: float, gpus: float, *, device: str = "auto", actors: "int | None" = None,
                 threads: "int | None" = None, cpus_per_node: "int | None" = None) -> ActorPlan:
     """Size the encoder pool (pure; see tests/jobs/test_plan.py).
@@ -196,7 +200,7 @@ def plan_actors(cpus: float, gpus: float, *, device: str = "auto", actors: "int 
     CPUs shared between the actors on it), and at least one CPU stays unreserved
     so Ray Data's read, write and collect tasks always find a slot.
     """
-    if device not in ("auto", "cpu", "cuda"):
+    if device not in DEVICES:
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     use_gpu = gpus >= 1 and device in ("auto", "cuda")
     if device == "cuda" and gpus < 1:

@@ -118,13 +118,13 @@ def _sweep_takeover_markers(art: Artifact, stale_hours: float, dry_run: bool) ->
     A takeover of an expired lease leaves its marker behind (it is what made the takeover
     exclusive); once old, no taker can still be racing for it. gc holds the set's lease.
     """
-    from storage.lease import _age_s
+    from storage.lease import age_s
 
     n = 0
     for loc in art.loc.list():
         if not loc.name.startswith(f"{layout.LEASE}.takeover-"):
             continue
-        age = _age_s(loc)
+        age = age_s(loc)
         if age is not None and age > stale_hours * 3600:
             n += 1
             if not dry_run:

@@ -23,6 +23,7 @@ from storage.fs import Location, location
 KINDS = ("sets", "indexes", "encoders")
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+RELEASE = "_release.json"  # a set version's index pins (reindex publishes, rollback restores)
 LEASE = "_lease.json"  # one writer per set: reindex, rollback, gc, index pin moves
 CLAIM = "_claim.json"
 SHARD_MARKERS = "_shards"

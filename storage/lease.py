@@ -344,7 +344,7 @@ def _read_stored(loc: Location) -> _Stored | None:
     return _Stored(None, "unreadable-" + hashlib.sha256(raw).hexdigest()[:16])
 
 
-def _age_s(loc: Location) -> float | None:
+def age_s(loc: Location) -> float | None:
     """Seconds since the object was last written (None when it is gone)."""
     def _info() -> dict | None:
         if loc.is_remote:
@@ -375,7 +375,7 @@ def _pid_alive(pid: int) -> bool:
 def _takeover_reason(loc: Location, stored: _Stored, ttl_s: float) -> str | None:
     """Why ``stored`` may be taken over, or None while it is valid."""
     if stored.body is None:
-        age = _age_s(loc)
+        age = age_s(loc)
         if age is None or age > ttl_s:
             return f"its body is unreadable and {age or 0:.0f}s old"
         return None
@@ -399,7 +399,7 @@ def _claim_takeover(loc: Location, stored: _Stored, token: str, ttl_s: float) ->
         marker = Location(base if n == 0 else f"{base}.{n}")
         if _write_if_absent(marker, marker_body):
             return True
-        age = _age_s(marker)
+        age = age_s(marker)
         if age is not None and age < stale_s:
             return False
         logger.warning("takeover marker %s is %.0fs old: its taker died mid-takeover; "
