@@ -10,6 +10,8 @@ Model folders (session scope, built in a few seconds, treat them as read-only):
     me5_small_dir             the real multilingual-e5-small folder, or skip
     shared_data_dir           ../shared/data relative to the repo root, or skip
   The builders live in tests/fixtures_models.py (plain functions, usable from benchmarks).
+  Plain helpers (free_port, mkdtemp_short, RAY_STATE, sample_docs, ...) live in
+  tests/helpers.py: import them from there (``from tests.helpers import ...``).
 
 S3:
     s3_server   (session)  moto ThreadedMotoServer on 127.0.0.1:<free port>; sets AWS_ENDPOINT_URL,
@@ -44,10 +46,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 import tempfile
-import types
 import uuid
 from pathlib import Path
 
@@ -75,6 +75,14 @@ from fixtures_models import (  # noqa: E402
     build_tiny_model,
     build_tiny_model_no_weights,
     build_tiny_pylate,
+)
+
+from tests.helpers import (  # noqa: E402
+    RAY_STATE,
+    RAY_TEMP_DIR_MAX,
+    clear_s3fs_instance_cache,
+    free_port,
+    mkdtemp_short,
 )
 
 # --------------------------------------------------------------------------- markers
@@ -179,12 +187,6 @@ def me5_small_dir() -> Path:
 # --------------------------------------------------------------------------- S3 (moto)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 S3_TEST_KEY = "testing"
 S3_TEST_SECRET = "testing"
 S3_TEST_REGION = "us-east-1"
@@ -227,7 +229,7 @@ def s3_server():
     for k in _AWS_VARS_TO_HIDE:
         os.environ.pop(k, None)
     os.environ.update(new_env)
-    _clear_s3fs_instance_cache()
+    clear_s3fs_instance_cache()
     try:
         yield endpoint
     finally:
@@ -236,18 +238,8 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        _clear_s3fs_instance_cache()
+        clear_s3fs_instance_cache()
         server.stop()
-
-
-def _clear_s3fs_instance_cache() -> None:
-    # fsspec caches filesystem instances (and their listings) per process; a cached
-    # S3FileSystem may point at an old endpoint or hold stale listings.
-    try:
-        import s3fs
-    except ImportError:  # pragma: no cover
-        return
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture
@@ -264,60 +256,29 @@ def s3_bucket(s3_server):
         region_name=S3_TEST_REGION,
     )
     client.create_bucket(Bucket=name)
-    _clear_s3fs_instance_cache()
+    clear_s3fs_instance_cache()
     yield f"s3://{name}"
-    _clear_s3fs_instance_cache()
+    clear_s3fs_instance_cache()
 
 
 # --------------------------------------------------------------------------- Ray
-
-# Unix socket paths are limited to ~107 bytes and Ray puts its sockets at
-# <temp_dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store.N (about 65
-# bytes after <temp_dir>), so Ray's temp dirs must stay short.
-_RAY_TEMP_DIR_MAX = 40
-
-# pytest imports this file as "tests.conftest" while test modules doing
-# ``from conftest import start_two_node_cluster`` get a second copy named "conftest";
-# both must see the same Ray state, so it lives in one process-wide registry module.
-_SHARED = sys.modules.get("_tessera_tests_shared")
-if _SHARED is None:
-    _SHARED = types.ModuleType("_tessera_tests_shared")
-    _SHARED.ray_state = {
-        "mode": None,  # "local" | "cluster" | None
-        "local_address": None,  # GCS address of the session's local instance
-        "root": None,  # short session dir, exported as RAY_TMPDIR
-        "temp_dir": None,  # <root>/ray: the local instance's temp dir
-        "owned_dirs": [],  # dirs created outside pytest's basetemp: removed at the end
-    }
-    sys.modules["_tessera_tests_shared"] = _SHARED
-_RAY_STATE: dict = _SHARED.ray_state
-
-
-def _mkdtemp_short() -> str:
-    """A fresh short dir: under the session's Ray root if that stays short, else /tmp."""
-    root = _RAY_STATE["root"]
-    if root is not None and len(root) + 10 <= _RAY_TEMP_DIR_MAX:
-        return tempfile.mkdtemp(prefix="r", dir=root)  # <root>/rXXXXXXXX
-    d = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    _RAY_STATE["owned_dirs"].append(d)
-    return d
 
 
 def _short_ray_temp_dir(preferred: Path | str | None) -> str:
     """``preferred`` if short enough for Ray's sockets, else a fresh short dir."""
     if preferred is not None:
         p = Path(preferred).resolve()
-        if len(str(p)) <= _RAY_TEMP_DIR_MAX:
+        if len(str(p)) <= RAY_TEMP_DIR_MAX:
             p.mkdir(parents=True, exist_ok=True)
             return str(p)
-    return _mkdtemp_short()
+    return mkdtemp_short()
 
 
 def ray_temp_dir() -> str:
     """Temp dir of the session's local Ray instance (created on first use)."""
-    if _RAY_STATE["temp_dir"] is None:
-        _RAY_STATE["temp_dir"] = _short_ray_temp_dir(None)
-    return _RAY_STATE["temp_dir"]
+    if RAY_STATE["temp_dir"] is None:
+        RAY_STATE["temp_dir"] = _short_ray_temp_dir(None)
+    return RAY_STATE["temp_dir"]
 
 
 def _ensure_default_ray_dir() -> None:
@@ -352,7 +313,7 @@ def ensure_local_ray(num_cpus: int = 2):
     """
     import ray
 
-    if ray.is_initialized() and _RAY_STATE["mode"] == "local" and _connected_to(_RAY_STATE["local_address"]):
+    if ray.is_initialized() and RAY_STATE["mode"] == "local" and _connected_to(RAY_STATE["local_address"]):
         return ray
     shutdown_ray()
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -363,8 +324,8 @@ def ensure_local_ray(num_cpus: int = 2):
         log_to_driver=False,
         ignore_reinit_error=True,
     )
-    _RAY_STATE["mode"] = "local"
-    _RAY_STATE["local_address"] = ray.get_runtime_context().gcs_address
+    RAY_STATE["mode"] = "local"
+    RAY_STATE["local_address"] = ray.get_runtime_context().gcs_address
     _quiet_ray_data()
     return ray
 
@@ -374,8 +335,8 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-    _RAY_STATE["mode"] = None
-    _RAY_STATE["local_address"] = None
+    RAY_STATE["mode"] = None
+    RAY_STATE["local_address"] = None
 
 
 def _rmtree_retry(path: str) -> None:
@@ -399,15 +360,15 @@ def ray_session_tmp(tmp_path_factory):
     Yields the root.
     """
     basetemp = str(tmp_path_factory.getbasetemp().resolve())
-    if len(basetemp) <= _RAY_TEMP_DIR_MAX - 8:
+    if len(basetemp) <= RAY_TEMP_DIR_MAX - 8:
         root = basetemp
     else:
         root = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-        _RAY_STATE["owned_dirs"].append(root)
+        RAY_STATE["owned_dirs"].append(root)
     saved_tmpdir = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = root
-    _RAY_STATE["root"] = root
-    _RAY_STATE["temp_dir"] = _short_ray_temp_dir(Path(root) / "ray")
+    RAY_STATE["root"] = root
+    RAY_STATE["temp_dir"] = _short_ray_temp_dir(Path(root) / "ray")
     try:
         yield Path(root)
     finally:
@@ -417,10 +378,10 @@ def ray_session_tmp(tmp_path_factory):
         else:
             os.environ["RAY_TMPDIR"] = saved_tmpdir
         if not os.environ.get("TESSERA_KEEP_RAY_TMP"):
-            for d in reversed(_RAY_STATE["owned_dirs"]):
+            for d in reversed(RAY_STATE["owned_dirs"]):
                 _rmtree_retry(d)
-            _RAY_STATE["owned_dirs"].clear()
-        _RAY_STATE["root"] = _RAY_STATE["temp_dir"] = None
+            RAY_STATE["owned_dirs"].clear()
+        RAY_STATE["root"] = RAY_STATE["temp_dir"] = None
 
 
 @pytest.fixture
@@ -468,7 +429,7 @@ def start_two_node_cluster(tmp_dir):
         shutdown_ray()
         cluster.shutdown()
         raise
-    _RAY_STATE["mode"] = "cluster"
+    RAY_STATE["mode"] = "cluster"
     _quiet_ray_data()
     return cluster
 

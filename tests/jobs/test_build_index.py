@@ -10,7 +10,7 @@ from jobs.embed import EmbedConfig, run as embed
 from storage import schemas
 from storage.fs import location
 from storage.manifest import Artifact, NotFoundError
-from tests.jobs.test_embed import _docs, write_jsonl
+from tests.helpers import sample_docs, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def tiny_set(tmp_path_factory, tiny_model_dir):
 
     ensure_local_ray()
     tmp = tmp_path_factory.mktemp("idx")
-    corpus = write_jsonl(str(tmp / "c.jsonl"), _docs(300))
+    corpus = write_jsonl(str(tmp / "c.jsonl"), sample_docs(300))
     root = str(tmp / "store")
     embed(EmbedConfig(corpus=(corpus,), model=str(tiny_model_dir), set_name="t", root=root, rows_per_shard=64,
                       n_centroids=32, mode="both", nbits=2))
@@ -82,7 +82,7 @@ def test_bad_index_requests(ray_local, tiny_set):
 
 
 def test_index_on_s3(ray_local, tiny_model_dir, s3_bucket):
-    corpus = write_jsonl(f"{s3_bucket}/c.jsonl", _docs(80))
+    corpus = write_jsonl(f"{s3_bucket}/c.jsonl", sample_docs(80))
     root = f"{s3_bucket}/store"
     embed(EmbedConfig(corpus=(corpus,), model=str(tiny_model_dir), set_name="t", root=root, rows_per_shard=32,
                       n_centroids=16))

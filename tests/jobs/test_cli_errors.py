@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _RAY_STATE, free_port
+from tests.helpers import RAY_STATE, free_port
 from jobs.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -211,7 +211,7 @@ def test_worker_failure_through_the_cli_is_one_line_naming_shard_file_and_record
     session's Ray): exit 1, the last line names the shard, the file and its records."""
     out = tessera("embed", "--model", str(tiny_model_dir), "--set", "f", "--root", str(tmp_path / "s"),
                   "--mode", "dense", "--rows-per-shard", "24", cwd=tmp_path,
-                  env={"TESSERA_FAILPOINTS": "embed.shard=1", "RAY_ADDRESS": _RAY_STATE["local_address"]})
+                  env={"TESSERA_FAILPOINTS": "embed.shard=1", "RAY_ADDRESS": RAY_STATE["local_address"]})
     assert out.returncode == 1, out.stderr[-4000:]
     assert_one_line_error(out.stderr, f"tessera: failed: ShardError: shard 1 ({SAMPLE}, records 25-48): "
                                       "RuntimeError: failpoint embed.shard=1 triggered")
@@ -221,7 +221,7 @@ def test_bad_json_inside_ray_through_the_cli(ray_local, tiny_model_dir, tmp_path
     path = tmp_path / "bad.jsonl"
     path.write_text(GOOD + "\n" + GOOD.replace('"a"', '"b"') + "\n{oops\n")
     out = tessera("embed", "--corpus", str(path), "--model", str(tiny_model_dir), "--root", str(tmp_path / "s"),
-                  "--mode", "dense", cwd=tmp_path, env={"RAY_ADDRESS": _RAY_STATE["local_address"]})
+                  "--mode", "dense", cwd=tmp_path, env={"RAY_ADDRESS": RAY_STATE["local_address"]})
     assert out.returncode == 2
     assert_one_line_error(out.stderr, f"tessera: error: {path}: line 3: invalid JSON: Expecting property name "
                                       "enclosed in double quotes at column 2")

@@ -1,34 +1,21 @@
 """End-to-end tests of the embed job on a tiny model: local root, s3:// root, bad input, resume."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from embedding.codec import ResidualCodec
-from fixtures_models import MULTILINGUAL_TEXTS, build_tiny_model
+from fixtures_models import build_tiny_model
 from jobs.embed import EmbedConfig, Unchanged, run
 from storage import catalog, schemas
 from storage.corpus import CorpusError
 from storage.fs import location
 from storage.manifest import Artifact
+from tests.helpers import sample_docs, write_jsonl
 
 LANGS = ["en", "de", "fr", "es", "ru"]
-
-
-def _docs(n: int, prefix: str = "d") -> list[dict]:
-    texts = [t for group in MULTILINGUAL_TEXTS.values() for t in group] \
-        if isinstance(MULTILINGUAL_TEXTS, dict) else list(MULTILINGUAL_TEXTS)
-    return [{"id": f"{prefix}{i:04d}", "text": f"{texts[i % len(texts)]} ({i})", "lang": LANGS[i % len(LANGS)],
-             "title": f"title {i}", "source": "unit-test", "year": 2000 + i % 7} for i in range(n)]
-
-
-def write_jsonl(loc_url: str, rows: list[dict]) -> str:
-    location(loc_url).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return loc_url
 
 
 def write_parquet(loc_url: str, rows: list[dict]) -> str:
@@ -47,7 +34,7 @@ def _cfg(corpus, model, root, **kw) -> EmbedConfig:
 
 @pytest.fixture
 def corpus_local(tmp_path):
-    rows = _docs(50)
+    rows = sample_docs(50)
     rows[7]["text"] = "   "          # empty text: skipped and counted
     a = write_jsonl(str(tmp_path / "in" / "a.jsonl"), rows[:30])
     b = write_parquet(str(tmp_path / "in" / "b.parquet"), rows[30:])
@@ -108,7 +95,7 @@ def test_same_vectors_as_direct_encoding(ray_local, tiny_model_dir, tmp_path):
     from embedding.encoder import Encoder
     from embedding.model import load_model
 
-    rows = _docs(20)
+    rows = sample_docs(20)
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), rows)
     manifest = run(_cfg(corpus, tiny_model_dir, tmp_path / "s", mode="dense"))
     con = catalog.connect(str(tmp_path / "s"))
@@ -122,7 +109,7 @@ def test_same_vectors_as_direct_encoding(ray_local, tiny_model_dir, tmp_path):
 
 
 def test_embed_s3_end_to_end(ray_local, tiny_model_dir, s3_bucket):
-    rows = _docs(40)
+    rows = sample_docs(40)
     corpus = write_jsonl(f"{s3_bucket}/corpus/part-1.jsonl", rows[:25])
     write_parquet(f"{s3_bucket}/corpus/part-2.parquet", rows[25:])
     root = f"{s3_bucket}/store"
@@ -150,7 +137,7 @@ def test_rerun_on_an_unchanged_corpus_writes_nothing(ray_local, tiny_model_dir, 
     CLI's exit 4), decided before Ray starts; any change of those, or force, embeds again."""
     import jobs.embed as embed_job
 
-    rows = _docs(20)
+    rows = sample_docs(20)
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), rows)
     root = tmp_path / "s"
     first = run(_cfg(corpus, tiny_model_dir, root, mode="dense"))
@@ -183,7 +170,7 @@ def test_rerun_on_an_unchanged_corpus_writes_nothing(ray_local, tiny_model_dir, 
 
 
 def test_duplicate_ids_are_refused_before_writing(ray_local, tiny_model_dir, tmp_path):
-    rows = _docs(12)
+    rows = sample_docs(12)
     rows[9]["id"] = rows[2]["id"]
     corpus = write_jsonl(str(tmp_path / "dup.jsonl"), rows)
     with pytest.raises(CorpusError) as err:
@@ -238,7 +225,7 @@ def test_bad_config_and_model(tiny_model_dir, tiny_model_no_weights_dir, tmp_pat
 
 
 def test_failed_run_publishes_nothing_and_rerun_resumes(ray_local, tiny_model_dir, tmp_path, monkeypatch):
-    rows = _docs(48)
+    rows = sample_docs(48)
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), rows)
     root = tmp_path / "s"
     monkeypatch.setenv("TESSERA_FAILPOINTS", "embed.shard=2")
@@ -261,7 +248,7 @@ def test_sampled_documents_are_encoded_once_and_match(ray_local, tiny_model_dir,
     from embedding.encoder import Encoder
     from embedding.model import load_model
 
-    rows = _docs(40)
+    rows = sample_docs(40)
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), rows)
     root = tmp_path / "s"
     manifest = run(_cfg(corpus, tiny_model_dir, root, mode="both"))
@@ -287,7 +274,7 @@ def test_kill_during_or_after_the_codec_sample_pass_encodes_the_sample_once(ray_
                                                                            monkeypatch):
     """A run killed in the sample pass keeps the shards it cached; one killed in the fit keeps them
     all: the resumed runs read them back instead of encoding them, and fit the same codec."""
-    corpus = write_jsonl(str(tmp_path / "c.jsonl"), _docs(64))        # 4 shards, all sampled
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(64))        # 4 shards, all sampled
     root = tmp_path / "s"
     cfg = _cfg(corpus, tiny_model_dir, root, mode="both", actors=1)
     monkeypatch.setenv("TESSERA_FAILPOINTS", "embed.sample=2")
@@ -315,7 +302,7 @@ def test_kill_during_or_after_the_codec_sample_pass_encodes_the_sample_once(ray_
 
 def test_colbert_checkpoint_with_projection(ray_local, tiny_colbert_dir, tmp_path):
     """A Stanford-ColBERT folder: tokens go through its linear layer (dim 16), markers inserted."""
-    corpus = write_jsonl(str(tmp_path / "c.jsonl"), _docs(20))
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(20))
     manifest = run(_cfg(corpus, tiny_colbert_dir, tmp_path / "s", mode="colbert", nbits=4))
     assert manifest["dims"] == {"dense": None, "colbert": 16}
     assert manifest["model"]["projection"] is True and manifest["codec"]["dim"] == 16
@@ -334,7 +321,7 @@ def test_the_driver_never_reads_the_codec_sample(ray_local, tiny_model_dir, tmp_
         return original(loc, *args, **kwargs)
 
     monkeypatch.setattr(schemas, "read_table", spy)
-    corpus = write_jsonl(str(tmp_path / "c.jsonl"), _docs(40))
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(40))
     manifest = run(_cfg(corpus, tiny_model_dir, tmp_path / "s", mode="both"))
     assert read_in_driver == []
     codec = manifest["codec"]

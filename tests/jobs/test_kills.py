@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import _RAY_STATE, REPO_ROOT, _mkdtemp_short
+from tests.helpers import RAY_STATE, REPO_ROOT, mkdtemp_short
 
 SAMPLE = REPO_ROOT / "jobs" / "data" / "sample_corpus.jsonl"
 RAY_UP = ("raylet", "ray::DashboardA", "ray::RuntimeEnv", "ray::MapWorker(")   # /proc comm: 15 chars
@@ -101,7 +101,7 @@ class Job:
     """``tessera embed`` of the sample corpus (dense, tiny model) whose shard 0 hangs."""
 
     def __init__(self, model: Path, tmp_path: Path, **env: str) -> None:
-        self.ray_dir = _mkdtemp_short()               # Ray's unix sockets need a short path
+        self.ray_dir = mkdtemp_short()               # Ray's unix sockets need a short path
         self.store = tmp_path / "store"
         self.log = tmp_path / "job.log"
         full = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_TMPDIR": self.ray_dir,
@@ -246,7 +246,7 @@ def test_sigterm_shuts_ray_down_and_the_rerun_resumes(job_factory, ray_local):
     assert not (version_dir(job.store) / "manifest.json").exists()
 
     # the same command resumes the claimed version (on the session's Ray: faster than a new one)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": _RAY_STATE["local_address"]}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": RAY_STATE["local_address"]}
     env.pop("TESSERA_FAILPOINTS", None)
     rerun = subprocess.run(job.proc.args, cwd=str(job.store.parent), env=env, capture_output=True, text=True,
                            timeout=300)
@@ -258,7 +258,7 @@ def test_sigterm_shuts_ray_down_and_the_rerun_resumes(job_factory, ray_local):
 def test_a_joined_cluster_survives_the_kill_of_its_driver(job_factory, ray_local):
     ray = ray_local
     cluster = tree(os.getpid())       # this process started the session's Ray: its tree
-    job = job_factory(RAY_ADDRESS=_RAY_STATE["local_address"])
+    job = job_factory(RAY_ADDRESS=RAY_STATE["local_address"])
     assert wait_until(lambda: "encoder pool" in job.output() or job.proc.poll() is not None, START_S, 0.5)
     assert job.proc.poll() is None and "encoder pool" in job.output(), job.output()[-4000:]
     time.sleep(2)                     # its actor starts on the cluster

@@ -23,14 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import (
-    _RAY_STATE,
-    REPO_ROOT,
-    _clear_s3fs_instance_cache,
-    _mkdtemp_short,
-    ensure_local_ray,
-    free_port,
-)
+from conftest import ensure_local_ray
 
 from indexing.searcher import Searcher
 from jobs.cli import main as cli
@@ -40,6 +33,7 @@ from storage import catalog
 from storage.fs import location
 from storage.lease import Lease
 from storage.manifest import Artifact
+from tests.helpers import RAY_STATE, REPO_ROOT, clear_s3fs_instance_cache, free_port, mkdtemp_short
 from tests.jobs.test_reindex import (
     QUERIES,
     docs,
@@ -227,7 +221,7 @@ class Cli:
 
 def joined(**env) -> dict:
     """Env for a CLI that joins the session's Ray instead of starting its own (saves ~10 s)."""
-    return {"RAY_ADDRESS": _RAY_STATE["local_address"], **env}
+    return {"RAY_ADDRESS": RAY_STATE["local_address"], **env}
 
 
 def cli_inproc(args: list[str]) -> tuple[int, str]:
@@ -463,13 +457,13 @@ def test_s3_endpoint_stops_mid_write(world, reference, ray_local, s3_server, s3_
     """
     root = f"{s3_bucket}/store"
     upload(world["template"], root)
-    _clear_s3fs_instance_cache()
+    clear_s3fs_instance_cache()
     assert all_top10(root) == reference["before"]
     session = s3_client(s3_server)
     s3 = StoppableS3()
     s3.start()
     env = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_MAX_ATTEMPTS": "1", "RAY_ADDRESS": None,
-           "RAY_TMPDIR": _mkdtemp_short()}
+           "RAY_TMPDIR": mkdtemp_short()}
     try:
         assert s3_client(s3.endpoint).list_objects_v2(Bucket=s3_bucket[len("s3://"):])["KeyCount"] > 0
         proc = Cli(reindex_args(world, root), **env)
@@ -491,7 +485,7 @@ def test_s3_endpoint_stops_mid_write(world, reference, ray_local, s3_server, s3_
             errors = [line for line in log.splitlines() if line.startswith("tessera:")]   # one line, the last,
             assert errors == [log.strip().splitlines()[-1]], log[-4000:]                 # naming the URL
             assert f"{s3_bucket}/" in errors[0] and "Traceback" not in log and "ray::" not in log, log[-4000:]
-            _clear_s3fs_instance_cache()
+            clear_s3fs_instance_cache()
             assert Artifact(location(root), "sets", "t").current() == "v000001"     # nothing published
             assert all_top10(root) == reference["before"]
             assert sorted(current_counts(root)) == sorted(r["id"] for r in world["rows"])
@@ -500,7 +494,7 @@ def test_s3_endpoint_stops_mid_write(world, reference, ray_local, s3_server, s3_
             assert code == 0, log[-4000:]
     finally:
         s3.stop()
-    _clear_s3fs_instance_cache()
+    clear_s3fs_instance_cache()
     after = s3_markers(session, root)
     assert sorted(after) == reference["shards"]
     assert all(after[name] == v for name, v in done.items())       # finished shards not re-encoded
