@@ -24,11 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.fs import Location, location, retry
+from storage.input_files import JSONL_EXT, PARQUET_EXT, LineError, parse_line, parse_line_at
+from storage.input_files import file_format as input_format
 
 logger = logging.getLogger(__name__)
 
-PARQUET_EXT = (".parquet", ".pq")
-JSONL_EXT = (".jsonl", ".json", ".ndjson")
 CANONICAL = ("id", "text", "lang", "title")
 
 
@@ -80,11 +80,10 @@ class CorpusFile:
 
 # ---- finding files ------------------------------------------------------------------
 def file_format(url: str) -> str:
-    low = url.lower()
-    if low.endswith(PARQUET_EXT):
-        return "parquet"
-    if low.endswith(JSONL_EXT):
-        return "jsonl"
+    """``"parquet"`` or ``"jsonl"``; CorpusError naming the extension for anything else."""
+    fmt = input_format(url)
+    if fmt is not None:
+        return fmt
     raise CorpusError(f"{url}: unsupported format {_extension(url)} ({SUPPORTED})")
 
 
@@ -186,7 +185,7 @@ def _scan_jsonl(loc: Location, cols: ColumnMap, stride: int) -> tuple[CorpusFile
             start, pos = pos, pos + len(raw)
             if not raw.strip():
                 continue
-            obj = _parse_line(loc.url, lineno, raw)
+            obj = parse_line_at(loc.url, lineno, raw, CorpusError)
             if len(ids) % stride == 0:
                 offsets.append(start)
             for key in obj:
@@ -199,35 +198,6 @@ def _scan_jsonl(loc: Location, cols: ColumnMap, stride: int) -> tuple[CorpusFile
         raise CorpusError(f"{loc.url}: empty file (no JSON lines)")
     return (CorpusFile(loc.url, "jsonl", len(ids), stride, tuple(offsets), tuple(columns)),
             pa.array(ids, type=pa.string()))
-
-
-def _parse_line(url: str, lineno: int, raw: bytes) -> dict:
-    try:
-        return _parse(raw)
-    except CorpusError as err:
-        raise CorpusError(f"{url}: line {lineno}: {err}") from err.__cause__
-
-
-def _parse(raw: bytes) -> dict:
-    """One JSONL line as a dict; CorpusError says what is wrong (the caller names where)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"not valid UTF-8 (byte {err.start}: {raw[err.start:err.start + 4]!r})") from err
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise CorpusError(f"invalid JSON: {json_error(err)}") from err
-    if not isinstance(obj, dict):
-        raise CorpusError(f"expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def json_error(err: json.JSONDecodeError) -> str:
-    """``Expecting value at column 3``; ``Unterminated string starting at column 9`` (the
-    decoder's message may itself end in "at")."""
-    msg = err.msg.rstrip()
-    return f"{msg} column {err.colno}" if msg.endswith(" at") else f"{msg} at column {err.colno}"
 
 
 def check_first_file(url: str, cols: ColumnMap) -> None:
@@ -248,7 +218,7 @@ def check_first_file(url: str, cols: ColumnMap) -> None:
     with loc.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if raw.strip():
-                obj = _parse_line(url, lineno, raw)
+                obj = parse_line_at(url, lineno, raw, CorpusError)
                 _line_id(url, lineno, obj, cols)
                 if cols.text not in obj:
                     raise CorpusError(f"{url}: line {lineno}: missing text column {cols.text!r} "
@@ -379,8 +349,8 @@ def _read_jsonl_rows(file: CorpusFile, start: int, end: int, cols: ColumnMap) ->
             if not raw.strip():
                 continue
             try:
-                rows.append(_parse(raw))
-            except CorpusError as err:  # the file changed since the scan: count the lines before it
+                rows.append(parse_line(raw))
+            except LineError as err:  # the file changed since the scan: count the lines before it
                 raise CorpusError(f"{file.url}: line {_line_at(file.url, here)}: {err}") from err.__cause__
             if len(rows) == end - start:
                 break

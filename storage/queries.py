@@ -11,22 +11,14 @@ are read whole. Errors name the file and the row (0-based, Parquet) or line
 """
 from __future__ import annotations
 
-import io
-import json
 import logging
 from dataclasses import dataclass
 from typing import Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from storage.corpus import json_error
 from storage.fs import Location, location
+from storage.input_files import JSONL_EXT, PARQUET_EXT, file_format, jsonl_objects, read_parquet, text_lines
 
 logger = logging.getLogger(__name__)
-
-PARQUET_EXT = (".parquet", ".pq")
-JSONL_EXT = (".jsonl", ".json", ".ndjson")
 
 #: Accepted names for the three qrels columns, in order of preference
 #: (Tessera's own, short TREC-ish names, BEIR's TSV header).
@@ -114,7 +106,7 @@ def load_search_queries(url: "str | Location") -> list[Query]:
     loc = location(url)
     if _file_format(loc, allow_text=True) != "trec":
         return load_queries(loc)
-    queries = [Query(str(lineno), line.strip()) for lineno, line in _text_lines(loc) if line.strip()]
+    queries = [Query(str(lineno), line.strip()) for lineno, line in text_lines(loc, QueryFileError) if line.strip()]
     if not queries:
         raise QueryFileError(f"{loc.url}: no queries in file")
     logger.info("loaded %d queries (one a line) from %s", len(queries), loc.url)
@@ -123,7 +115,7 @@ def load_search_queries(url: "str | Location") -> list[Query]:
 
 def _parquet_rows(loc: Location, columns: tuple[str, str, str]) -> Iterator[tuple[str, dict]]:
     id_column, text_column, lang_column = columns
-    table = _read_parquet(loc)
+    table = read_parquet(loc, QueryFileError)
     _require(loc.url, table.column_names, [id_column, text_column])
     wanted = [c for c in columns if c in table.column_names]
     for i, row in enumerate(table.select(wanted).to_pylist()):
@@ -132,7 +124,7 @@ def _parquet_rows(loc: Location, columns: tuple[str, str, str]) -> Iterator[tupl
 
 def _jsonl_rows(loc: Location, columns: tuple[str, str, str]) -> Iterator[tuple[str, dict]]:
     id_column, text_column, _ = columns
-    for lineno, obj in _jsonl_objects(loc):
+    for lineno, obj in jsonl_objects(loc, QueryFileError):
         _require(loc.url, list(obj), [id_column, text_column], where=f"line {lineno}")
         yield f"line {lineno}", obj
 
@@ -193,7 +185,7 @@ def load_qrels(url: "str | Location") -> dict[str, dict[str, int]]:
     if fmt == "parquet":
         triples = _qrels_from_records(loc.url, _parquet_records(loc), "row")
     elif fmt == "jsonl":
-        triples = _qrels_from_records(loc.url, _jsonl_objects(loc), "line")
+        triples = _qrels_from_records(loc.url, jsonl_objects(loc, QueryFileError), "line")
     else:
         triples = _qrels_from_trec(loc)
     qrels = _collect_qrels(loc.url, triples)
@@ -205,7 +197,7 @@ def load_qrels(url: "str | Location") -> dict[str, dict[str, int]]:
 
 
 def _qrels_from_trec(loc: Location) -> Iterator[tuple[str, str, str, int]]:
-    for lineno, line in _text_lines(loc):
+    for lineno, line in text_lines(loc, QueryFileError):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = [f.strip() for f in line.split("\t")] if "\t" in line else line.split()
@@ -274,61 +266,19 @@ def _is_header(qid: str, docid: str, rel: str) -> bool:
 
 # ---- reading files ------------------------------------------------------------------
 def _file_format(loc: Location, allow_text: bool = False) -> str:
-    low = loc.url.lower()
-    if low.endswith(PARQUET_EXT):
-        return "parquet"
-    if low.endswith(JSONL_EXT):
-        return "jsonl"
+    fmt = file_format(loc.url)
+    if fmt is not None:
+        return fmt
     if allow_text:
         return "trec"
     raise QueryFileError(f"{loc.url}: unknown file format (expected one of {PARQUET_EXT + JSONL_EXT})")
 
 
-def _read_parquet(loc: Location) -> pa.Table:
-    try:
-        return pq.read_table(io.BytesIO(loc.read_bytes()))
-    except FileNotFoundError as err:
-        raise QueryFileError(f"{loc.url}: no such file") from err
-    except (pa.ArrowInvalid, OSError) as err:
-        raise QueryFileError(f"{loc.url}: unreadable Parquet file: {err}") from err
-
-
 def _parquet_records(loc: Location) -> Iterator[tuple[int, dict]]:
-    table = _read_parquet(loc)
+    table = read_parquet(loc, QueryFileError)
     if table.num_rows:
         _qrels_names(loc.url, table.column_names, "schema")
     return enumerate(table.to_pylist())
-
-
-def _read_raw(loc: Location) -> bytes:
-    try:
-        return loc.read_bytes()
-    except FileNotFoundError as err:
-        raise QueryFileError(f"{loc.url}: no such file") from err
-
-
-def _text_lines(loc: Location) -> Iterator[tuple[int, str]]:
-    """Decoded lines with 1-based line numbers; invalid UTF-8 names its line."""
-    for lineno, raw in enumerate(_read_raw(loc).splitlines(), start=1):
-        try:
-            yield lineno, raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise QueryFileError(f"{loc.url}: line {lineno}: not valid UTF-8 (byte {err.start}: "
-                                 f"{raw[err.start:err.start + 4]!r})") from err
-
-
-def _jsonl_objects(loc: Location) -> Iterator[tuple[int, dict]]:
-    for lineno, line in _text_lines(loc):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QueryFileError(f"{loc.url}: line {lineno}: invalid JSON: {json_error(err)}") from err
-        if not isinstance(obj, dict):
-            raise QueryFileError(f"{loc.url}: line {lineno}: expected a JSON object, "
-                                 f"got {type(obj).__name__}")
-        yield lineno, obj
 
 
 # ---- values -------------------------------------------------------------------------

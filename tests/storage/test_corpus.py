@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.corpus import (ColumnMap, CorpusError, check_first_file, expand, file_format, find_duplicates,
-                            json_error, read_rows, scan_file)
+                            read_rows, scan_file)
+from storage.input_files import json_error
 
 COLS = ColumnMap()
 
