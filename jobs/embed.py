@@ -17,38 +17,36 @@ Flow (each step is skipped when a resumed run already finished it):
    one model (loaded on first use: sampled documents come from the cache, so a
    small corpus never loads it twice), writes its shards, then the shard's marker;
 5. the manifest (every file with rows, bytes, sha256), then ``CURRENT``.
+
+This module is the driver. Pass 1 lives in ``jobs.embed_codec``, the actor pool in
+``jobs.embed_pool``, the actors in ``jobs.embed_worker``; :func:`encode_shards` is the
+encode pass that a re-index (``jobs.reindex``) runs on its delta as well.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import socket
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
-from embedding.codec import ResidualCodec, content_order, default_n_centroids
-from embedding.faiss_import import import_faiss
 from embedding.model import EncoderSettings, check_model_dir, fingerprint, read_settings
 from jobs import plan as planner
 from jobs import preflight
-from jobs.embed_worker import (FAILPOINTS_ENV, SAMPLE_CACHE, SampleEncoder, ShardEncoder, WorkerSpec,
-                               failpoint, read_cache_tokens, sample_cache)
-from jobs.errors import NothingToDo, bad_input, quiet_ray_failure_logs, unwrap
-from jobs.runtime import ActorPlan, init_ray, plan_actors, thread_env
+from jobs.embed_codec import ensure_codec
+from jobs.embed_pool import actor_plan, add_worker_stages, done_shards, run_pool, worker_spec
+from jobs.embed_worker import SAMPLE_CACHE, ShardEncoder
+from jobs.errors import NothingToDo, bad_input, unwrap
+from jobs.runtime import ActorPlan, init_ray
 from jobs.timing import Progress, Timings
 from storage import layout
 from storage.corpus import ColumnMap, CorpusError, CorpusFile, expand, find_duplicates, scan_file
 from storage.fs import Location, retry
-from storage.manifest import Artifact, dumps, utcnow
+from storage.manifest import Artifact, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +206,7 @@ def run(cfg: EmbedConfig) -> dict:
     init_ray()
     with timings("scan"):
         files, ids_digest, ids = scan_corpus(cfg, urls)
-    run_key = _run_key(cfg, model, files, ids_digest)
+    run_key = resume_key(cfg, model, files, ids_digest)
     version, resumed = art.claim(run_key, {"host": socket.gethostname(), "pid": os.getpid()})
     try:
         return _write_version(cfg, art, version, resumed, model, files, ids, run_key, timings, source)
@@ -226,15 +224,15 @@ def _write_version(cfg: EmbedConfig, art: Artifact, version: str, resumed: bool,
     logger.info("%s %s/%s (%d documents in %d shards from %d files)",
                 "resuming" if resumed else "writing", cfg.set_name, version,
                 sum(f.n_rows for f in files), len(pieces), len(files))
-    actor_plan = _actor_plan(cfg)
+    p = actor_plan(cfg)
     codec_info = None
     if cfg.colbert:
         with timings("fit_codec"):
-            codec_info = ensure_codec(cfg, model, files, pieces, vdir, actor_plan, ids, timings)
+            codec_info = ensure_codec(cfg, model, files, pieces, vdir, p, ids, timings)
     with timings("encode"):
-        encode_pieces(cfg, model, files, pieces, vdir, actor_plan, codec_info, timings)
+        encode_pieces(cfg, model, files, pieces, vdir, p, codec_info, timings)
     with timings("commit"):
-        manifest = _manifest(cfg, model, files, pieces, vdir, codec_info, actor_plan, run_key,
+        manifest = _manifest(cfg, model, files, pieces, vdir, codec_info, p, run_key,
                              art, timings, source)
         if not manifest["counts"]["documents"]:
             raise CorpusError(f"every text in the corpus is empty ({manifest['counts']['input_rows']} rows in "
@@ -284,8 +282,12 @@ def discard_version(art: Artifact, version: str) -> None:
     logger.info("removed the unfinished %s/%s %s", art.kind, art.name, version)
 
 
-def _run_key(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], ids_digest: str) -> str:
-    """Same key ⇔ same input, model and settings: a rerun resumes instead of starting over."""
+def resume_key(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], ids_digest: str) -> str:
+    """The run key of an embed run (its manifest's ``run_key``, its version's claim).
+
+    Same key ⇔ same input (scanned ``files`` and the sha256 over their ids, from
+    :func:`scan_corpus`), model and settings: a rerun resumes instead of starting over.
+    """
     relevant = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
     key = {"cfg": relevant, "model": model.fingerprint, "ids": ids_digest,
            "files": [(f.url, f.n_rows) for f in files]}
@@ -335,160 +337,6 @@ def check_unchanged(art: Artifact, source: dict) -> None:
                         "(byte for byte), model and settings: nothing to embed (--force embeds it again)")
 
 
-def _actor_plan(cfg: EmbedConfig) -> ActorPlan:
-    import ray
-
-    res = ray.cluster_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    per_node = max((int(n["Resources"].get("CPU", 0)) for n in nodes), default=None)
-    p = plan_actors(res.get("CPU", 1), res.get("GPU", 0), device=cfg.device, actors=cfg.actors,
-                    threads=cfg.threads, cpus_per_node=per_node)
-    logger.info("encoder pool: %d actor(s) on %s, %d thread(s) each", p.actors, p.device, p.threads)
-    return p
-
-
-def _spec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], vdir: Location,
-          p: ActorPlan, dense: bool, colbert: bool):
-    return WorkerSpec(model.path, model.settings.to_dict(), model.fingerprint, [f.to_dict() for f in files],
-                      dataclasses.asdict(cfg.columns), vdir.url, dense, colbert, p.threads, p.device,
-                      cfg.max_batch, cfg.max_tokens)
-
-
-def _map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | None"):
-    """Ray Data: one row per piece → actor pool → whatever the actors return."""
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
-    # The actor's own exception (a ShardError naming shard, file and records) reaches the
-    # driver instead of Ray Data's UserCodeException, whose cause does not survive pickling;
-    # Ray Data's console report of it is dropped (the CLI prints one line).
-    ray.data.DataContext.get_current().raise_original_map_exception = True
-    quiet_ray_failure_logs()
-    env = thread_env(p)
-    if os.environ.get(FAILPOINTS_ENV):  # fault-injection tests reach the workers this way
-        env[FAILPOINTS_ENV] = os.environ[FAILPOINTS_ENV]
-    extra = {"runtime_env": {"env_vars": env}}
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    # max_restarts=0: a dead encoder actor fails the job (one line, exit 1), and the same
-    # command resumes from the shards already written. Ray Data's default (restart forever,
-    # retry its tasks forever) would loop on a shard that crashes its worker, and makes Ray
-    # log a core_worker.cc error on every run: Ray Data passes every actor its constructor
-    # arguments (ours and its own) through the object store, which a restart may not find.
-    # Ray 2.60 warns that actor options passed this way are deprecated, but has no named
-    # parameter for max_restarts yet.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
-                              fn_constructor_kwargs={"spec": spec, "codec_url": codec_url},
-                              compute=ActorPoolStrategy(min_size=1, max_size=p.actors),
-                              num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=0, **extra)
-
-
-# ---- pass 1: the codec ----------------------------------------------------------------
-def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
-                 vdir: Location, p: ActorPlan, ids: "list | None" = None,
-                 timings: "Timings | None" = None) -> dict:
-    """Fit (or, on resume, reuse) the residual codec of this version; return its description.
-
-    The sample is drawn by document id (``ids``, one array per file) and the fit orders
-    tokens by content, so the codec of a snapshot with a few documents changed is nearly
-    the codec of the snapshot before: see ``jobs.plan.plan_sample``.
-    """
-    loc = vdir.join("codec.npz")
-    info_loc = vdir.join("_codec.json")
-    if loc.exists() and info_loc.exists():
-        logger.info("reusing the codec fitted by the interrupted run")
-        return json.loads(info_loc.read_text())
-    total = sum(pc.rows for pc in pieces)
-    n_docs = planner.sample_size(total)
-    keys = [planner.id_keys(a.to_pylist(), cfg.seed) for a in ids] if ids is not None and n_docs < total else None
-    sample_plan = planner.plan_sample(pieces, n_docs, cfg.seed, keys)
-    rows = [{**pieces[s].to_dict(), "rows": json.dumps(r)} for s, r in sorted(sample_plan.items())]
-    # A run killed during this pass left the shards it finished in the sample cache:
-    # their tokens are read back, never encoded again.
-    cached = {loc.name for loc in vdir.join(SAMPLE_CACHE).glob("*.parquet")}
-    todo = [r for r in rows if layout.shard_name(r["shard"]) not in cached]
-    rows_by_shard = {r["shard"]: r["rows"] for r in rows}
-    n_reused = len(rows) - len(todo)
-    if n_reused:
-        logger.info("codec sample: %d of %d shards already encoded by the interrupted run", n_reused, len(rows))
-    if todo:
-        spec = _spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=True)
-        progress = Progress("codec sample", sum(len(json.loads(r["rows"])) for r in todo))
-        # Until the first shard is done (actors load the model first) this is the only line.
-        logger.info("codec sample: encoding %d of %d documents from %d shard(s)", progress.total, total, len(todo))
-        for stats in run_pool(todo, SampleEncoder, spec, p, None, timings):
-            progress.update(len(json.loads(rows_by_shard[stats["shard"]])))
-            if timings is not None:
-                add_worker_stages(timings, stats, "sample_")
-    failpoint("embed.codec_fit", 1)
-    # The sample's token vectors are read and fitted on a worker: the driver holds ids
-    # and the codec's bytes, never the sample (at 30k Tatoeba sentences it peaked at
-    # 2.2 GB when it gathered them).
-    caches = [sample_cache(vdir, r["shard"]).url for r in rows]
-    with timings("kmeans") if timings is not None else contextlib.nullcontext():
-        codec_bytes, fit = _fit_remote(caches, model.colbert_dim, n_docs, total, cfg, p)
-    if not fit["sample_tokens"]:
-        if n_docs == total:
-            raise CorpusError(f"every text in the corpus is empty ({total} rows in {len(files)} file(s), "
-                              f"column {cfg.text_column!r}): nothing to embed")
-        raise CorpusError(f"no non-empty text among the {n_docs} documents sampled for the codec "
-                          f"(of {total}, column {cfg.text_column!r}): is nearly every text empty?")
-    logger.info("fitted the codec: %d centroids, nbits %d, on %d of %d sampled token vectors "
-                "(%d sampled documents, ~%d corpus tokens)", fit["k"], cfg.nbits, fit["train_tokens"],
-                fit["sample_tokens"], n_docs, fit["est_tokens"])
-    codec = ResidualCodec.from_bytes(codec_bytes)
-    loc.write_bytes(codec_bytes)
-    info = {"file": "codec.npz", "sha256": hashlib.sha256(codec_bytes).hexdigest(), "bytes": len(codec_bytes),
-            "sample_documents": n_docs, "sample_tokens": fit["sample_tokens"], "train_tokens": fit["train_tokens"],
-            "sample_shards": len(rows), "sample_shards_reused": n_reused,
-            "estimated_corpus_tokens": fit["est_tokens"], "kmeans_iters": cfg.kmeans_iters, **codec.params()}
-    info_loc.write_text(dumps(info))
-    return info
-
-
-def _subsample(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """At most ``limit`` rows: those first in content-key order (a draw that moves little
-    when the corpus moves little; see ``embedding.codec.content_keys``)."""
-    if len(x) <= limit:
-        return x
-    order, _ = content_order(x, seed)
-    return x[np.sort(order[:limit])]
-
-
-def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: EmbedConfig,
-                p: ActorPlan) -> tuple[bytes, dict]:
-    """Read the sample cache and fit k-means on a worker (a GPU one when the cluster has GPUs).
-
-    Returns the codec's bytes and ``sample_tokens``, ``train_tokens``, ``k``,
-    ``est_tokens`` (``sample_tokens == 0``: nothing fitted, empty bytes).
-    """
-    import ray
-
-    threads, nbits, n_centroids = p.threads, cfg.nbits, cfg.n_centroids
-    limit, seed, niter = cfg.max_sample_tokens, cfg.seed, cfg.kmeans_iters
-
-    def fit() -> tuple[bytes, dict]:
-        faiss = import_faiss()
-
-        faiss.omp_set_num_threads(threads)  # Ray gave this task OMP_NUM_THREADS=1 (see thread_env)
-        chunks = [read_cache_tokens(Location(url), dim) for url in caches]
-        sample = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float16)
-        del chunks
-        stats = {"sample_tokens": int(len(sample)), "train_tokens": 0, "k": 0, "est_tokens": 0}
-        if not len(sample):
-            return b"", stats
-        est_tokens = int(len(sample) / max(n_docs, 1) * total)
-        k = n_centroids or min(default_n_centroids(est_tokens), len(sample))
-        train = _subsample(sample, limit, seed).astype(np.float32)
-        del sample
-        stats.update(train_tokens=int(len(train)), k=int(k), est_tokens=est_tokens)
-        return ResidualCodec.fit(train, nbits, k, seed=seed, niter=niter).to_bytes(), stats
-
-    task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(fit)
-    return ray.get(task.remote())
-
-
 # ---- pass 2: encode everything --------------------------------------------------------
 def encode_pieces(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
                   vdir: Location, p: ActorPlan, codec_info: "dict | None",
@@ -500,51 +348,43 @@ def encode_pieces(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], p
         logger.info("%d of %d shards already finished; encoding the other %d", len(done), len(pieces), len(todo))
     if not todo:
         return
-    spec = _spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=cfg.colbert)
     codec_url = vdir.join(codec_info["file"]).url if codec_info else None
     progress = Progress("embed", sum(pc["end"] - pc["start"] for pc in todo))
-    for stats in run_pool(todo, ShardEncoder, spec, p, codec_url, timings):
+    for stats in encode_shards(cfg, model, files, todo, vdir, p, codec_url, timings=timings):
         progress.update(stats["rows_in"])
 
 
-WORKER_STAGES = ("load", "read", "tokenize", "forward", "post", "compress", "write")
+def encode_shards(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], rows: list[dict],
+                  vdir: Location, p: ActorPlan, codec_url: "str | None", *, in_process: bool = False,
+                  timings: "Timings | None" = None) -> Iterator[dict]:
+    """Encode piece rows into shards of the version folder ``vdir``; yield each shard's
+    statistics as it finishes (its files and its finished-shard marker are written by then).
 
+    The embed job's encode pass, and a re-index's delta, go through here.
 
-def add_worker_stages(timings: Timings, stats: dict, prefix: str) -> None:
-    """Add a shard's in-actor seconds per stage to ``timings`` as ``<prefix><stage>``."""
-    for stage in WORKER_STAGES:
-        if f"{stage}_seconds" in stats:
-            timings.add(prefix + stage, stats[f"{stage}_seconds"])
-
-
-def run_pool(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | None",
-             timings: "Timings | None" = None) -> Iterator[dict]:
-    """Map the piece rows over an actor pool; yield each shard's statistics as it finishes.
-
-    ``timings["actor_start"]`` gets the pool's start-up: from the launch to the start of
-    the first shard's work, plus that shard's model load (actor processes, imports, the
-    model). The run pays it once whatever the corpus size; benchmarks report it apart
-    from the steady state. (Measured from the shards' own start times: Ray Data may hold
-    finished results back, so the arrival of the first one says little.)
+    Parameters
+    ----------
+    cfg, model : the run's settings and :func:`describe_model`'s description of its model.
+    files : the scanned corpus files (:func:`scan_corpus`); a row's ``file`` indexes them.
+    rows : ``Piece.to_dict()`` rows (shard, file, start, end); a re-index's delta rows
+        also carry ``rows``, the JSON list of the offsets in the range to encode.
+    p : the encoder pool (``jobs.embed_pool.actor_plan``); also sizes the threads.
+    codec_url : the residual codec that compresses the ColBERT tokens (None: dense only).
+    in_process : encode here, one shard after the other, instead of on the actor pool:
+        the same encoder class writing the same files and markers, with the model
+        loaded once in this process on ``cfg.threads`` (default every CPU). For a few
+        hundred documents an actor pool costs more to start than the encoding.
+    timings : gets the pool's start-up as ``actor_start`` (see ``jobs.embed_pool.run_pool``).
     """
-    launched = time.time()
-    first = None
-    for row in _map_pieces(rows, actor_cls, spec, p, codec_url).iter_rows():
-        stats = json.loads(row["stats"])
-        if "started_at" in stats and (first is None or stats["started_at"] < first["started_at"]):
-            first = stats
-        yield stats
-    if timings is not None and first is not None:
-        timings.add("actor_start", max(0.0, first["started_at"] - launched) + first.get("load_seconds", 0.0))
-
-
-def done_shards(vdir: Location) -> dict[int, dict]:
-    """Statistics of the shards whose marker exists, by shard number."""
-    out = {}
-    for loc in vdir.join(layout.SHARD_MARKERS).glob("*.json"):
-        stats = json.loads(loc.read_text())
-        out[int(stats["shard"])] = stats
-    return out
+    spec = worker_spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=cfg.colbert)
+    if not in_process:
+        yield from run_pool(rows, ShardEncoder, spec, p, codec_url, timings)
+        return
+    threads = cfg.threads or max(1, os.cpu_count() or 1)
+    encoder = ShardEncoder(dataclasses.replace(spec, threads=threads), codec_url)
+    for row in rows:
+        out = encoder({k: [v] for k, v in row.items()})
+        yield json.loads(out["stats"][0])
 
 
 # ---- the manifest ---------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""Pass 1 of the embed job: the residual codec of a version.
+
+A PLAID-sized sample of documents, drawn by id (``jobs.plan.plan_sample``), is
+encoded on the actor pool into a per-shard cache under ``_sample/`` (a resumed run
+reads finished shards back instead of encoding them again; pass 2 takes those
+documents' encodings from the cache too); the codec is then fitted with faiss
+k-means on a worker (a GPU one when the cluster has GPUs), never in the driver, and
+written as ``codec.npz`` with its description in ``_codec.json``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from embedding.codec import ResidualCodec, content_order, default_n_centroids
+from embedding.faiss_import import import_faiss
+from jobs import plan as planner
+from jobs.embed_pool import add_worker_stages, run_pool, worker_spec
+from jobs.embed_worker import SAMPLE_CACHE, SampleEncoder, failpoint, read_cache_tokens, sample_cache
+from jobs.runtime import ActorPlan
+from jobs.timing import Progress, Timings
+from storage import layout
+from storage.corpus import CorpusError, CorpusFile
+from storage.fs import Location
+from storage.manifest import dumps
+
+if TYPE_CHECKING:
+    from jobs.embed import EmbedConfig, ModelInfo
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
+                 vdir: Location, p: ActorPlan, ids: "list | None" = None,
+                 timings: "Timings | None" = None) -> dict:
+    """Fit (or, on resume, reuse) the residual codec of this version; return its description.
+
+    The sample is drawn by document id (``ids``, one array per file) and the fit orders
+    tokens by content, so the codec of a snapshot with a few documents changed is nearly
+    the codec of the snapshot before: see ``jobs.plan.plan_sample``.
+    """
+    loc = vdir.join("codec.npz")
+    info_loc = vdir.join("_codec.json")
+    if loc.exists() and info_loc.exists():
+        logger.info("reusing the codec fitted by the interrupted run")
+        return json.loads(info_loc.read_text())
+    total = sum(pc.rows for pc in pieces)
+    n_docs = planner.sample_size(total)
+    keys = [planner.id_keys(a.to_pylist(), cfg.seed) for a in ids] if ids is not None and n_docs < total else None
+    sample_plan = planner.plan_sample(pieces, n_docs, cfg.seed, keys)
+    rows = [{**pieces[s].to_dict(), "rows": json.dumps(r)} for s, r in sorted(sample_plan.items())]
+    # A run killed during this pass left the shards it finished in the sample cache:
+    # their tokens are read back, never encoded again.
+    cached = {loc.name for loc in vdir.join(SAMPLE_CACHE).glob("*.parquet")}
+    todo = [r for r in rows if layout.shard_name(r["shard"]) not in cached]
+    rows_by_shard = {r["shard"]: r["rows"] for r in rows}
+    n_reused = len(rows) - len(todo)
+    if n_reused:
+        logger.info("codec sample: %d of %d shards already encoded by the interrupted run", n_reused, len(rows))
+    if todo:
+        spec = worker_spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=True)
+        progress = Progress("codec sample", sum(len(json.loads(r["rows"])) for r in todo))
+        # Until the first shard is done (actors load the model first) this is the only line.
+        logger.info("codec sample: encoding %d of %d documents from %d shard(s)", progress.total, total, len(todo))
+        for stats in run_pool(todo, SampleEncoder, spec, p, None, timings):
+            progress.update(len(json.loads(rows_by_shard[stats["shard"]])))
+            if timings is not None:
+                add_worker_stages(timings, stats, "sample_")
+    failpoint("embed.codec_fit", 1)
+    # The sample's token vectors are read and fitted on a worker: the driver holds ids
+    # and the codec's bytes, never the sample (at 30k Tatoeba sentences it peaked at
+    # 2.2 GB when it gathered them).
+    caches = [sample_cache(vdir, r["shard"]).url for r in rows]
+    with timings("kmeans") if timings is not None else contextlib.nullcontext():
+        codec_bytes, fit = _fit_remote(caches, model.colbert_dim, n_docs, total, cfg, p)
+    if not fit["sample_tokens"]:
+        if n_docs == total:
+            raise CorpusError(f"every text in the corpus is empty ({total} rows in {len(files)} file(s), "
+                              f"column {cfg.text_column!r}): nothing to embed")
+        raise CorpusError(f"no non-empty text among the {n_docs} documents sampled for the codec "
+                          f"(of {total}, column {cfg.text_column!r}): is nearly every text empty?")
+    logger.info("fitted the codec: %d centroids, nbits %d, on %d of %d sampled token vectors "
+                "(%d sampled documents, ~%d corpus tokens)", fit["k"], cfg.nbits, fit["train_tokens"],
+                fit["sample_tokens"], n_docs, fit["est_tokens"])
+    codec = ResidualCodec.from_bytes(codec_bytes)
+    loc.write_bytes(codec_bytes)
+    info = {"file": "codec.npz", "sha256": hashlib.sha256(codec_bytes).hexdigest(), "bytes": len(codec_bytes),
+            "sample_documents": n_docs, "sample_tokens": fit["sample_tokens"], "train_tokens": fit["train_tokens"],
+            "sample_shards": len(rows), "sample_shards_reused": n_reused,
+            "estimated_corpus_tokens": fit["est_tokens"], "kmeans_iters": cfg.kmeans_iters, **codec.params()}
+    info_loc.write_text(dumps(info))
+    return info
+
+
+def _subsample(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most ``limit`` rows: those first in content-key order (a draw that moves little
+    when the corpus moves little; see ``embedding.codec.content_keys``)."""
+    if len(x) <= limit:
+        return x
+    order, _ = content_order(x, seed)
+    return x[np.sort(order[:limit])]
+
+
+def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: EmbedConfig,
+                p: ActorPlan) -> tuple[bytes, dict]:
+    """Read the sample cache and fit k-means on a worker (a GPU one when the cluster has GPUs).
+
+    Returns the codec's bytes and ``sample_tokens``, ``train_tokens``, ``k``,
+    ``est_tokens`` (``sample_tokens == 0``: nothing fitted, empty bytes).
+    """
+    import ray
+
+    threads, nbits, n_centroids = p.threads, cfg.nbits, cfg.n_centroids
+    limit, seed, niter = cfg.max_sample_tokens, cfg.seed, cfg.kmeans_iters
+
+    def fit() -> tuple[bytes, dict]:
+        faiss = import_faiss()
+
+        faiss.omp_set_num_threads(threads)  # Ray gave this task OMP_NUM_THREADS=1 (see thread_env)
+        chunks = [read_cache_tokens(Location(url), dim) for url in caches]
+        sample = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float16)
+        del chunks
+        stats = {"sample_tokens": int(len(sample)), "train_tokens": 0, "k": 0, "est_tokens": 0}
+        if not len(sample):
+            return b"", stats
+        est_tokens = int(len(sample) / max(n_docs, 1) * total)
+        k = n_centroids or min(default_n_centroids(est_tokens), len(sample))
+        train = _subsample(sample, limit, seed).astype(np.float32)
+        del sample
+        stats.update(train_tokens=int(len(train)), k=int(k), est_tokens=est_tokens)
+        return ResidualCodec.fit(train, nbits, k, seed=seed, niter=niter).to_bytes(), stats
+
+    task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(fit)
+    return ray.get(task.remote())

@@ -1,0 +1,121 @@
+"""The encoder actor pool of the embed job (and of a re-index's delta).
+
+How many actors, on which device, with how many threads (:func:`actor_plan`); what
+each actor is given, as plain data (:func:`worker_spec`); Ray Data's ``map_batches``
+of piece rows over the pool (:func:`run_pool`, which yields each shard's statistics
+as it finishes); and the finished-shard markers that tell a resumed run what is
+done (:func:`done_shards`). The actors themselves are ``jobs.embed_worker``'s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import warnings
+from typing import TYPE_CHECKING, Iterator
+
+from jobs.embed_worker import FAILPOINTS_ENV, WorkerSpec
+from jobs.errors import quiet_ray_failure_logs
+from jobs.runtime import ActorPlan, plan_actors, thread_env
+from jobs.timing import Timings
+from storage import layout
+from storage.corpus import CorpusFile
+from storage.fs import Location
+
+if TYPE_CHECKING:
+    from jobs.embed import EmbedConfig, ModelInfo
+
+logger = logging.getLogger(__name__)
+
+
+def actor_plan(cfg: EmbedConfig) -> ActorPlan:
+    """The encoder pool for ``cfg`` on the cluster Ray is connected to (logged)."""
+    import ray
+
+    res = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    per_node = max((int(n["Resources"].get("CPU", 0)) for n in nodes), default=None)
+    p = plan_actors(res.get("CPU", 1), res.get("GPU", 0), device=cfg.device, actors=cfg.actors,
+                    threads=cfg.threads, cpus_per_node=per_node)
+    logger.info("encoder pool: %d actor(s) on %s, %d thread(s) each", p.actors, p.device, p.threads)
+    return p
+
+
+def worker_spec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], vdir: Location,
+                p: ActorPlan, dense: bool, colbert: bool) -> WorkerSpec:
+    """What every encoder actor of the pool gets: the model, the corpus files, the version folder."""
+    return WorkerSpec(model.path, model.settings.to_dict(), model.fingerprint, [f.to_dict() for f in files],
+                      dataclasses.asdict(cfg.columns), vdir.url, dense, colbert, p.threads, p.device,
+                      cfg.max_batch, cfg.max_tokens)
+
+
+def map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | None"):
+    """Ray Data: one row per piece → actor pool → whatever the actors return."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    # The actor's own exception (a ShardError naming shard, file and records) reaches the
+    # driver instead of Ray Data's UserCodeException, whose cause does not survive pickling;
+    # Ray Data's console report of it is dropped (the CLI prints one line).
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+    quiet_ray_failure_logs()
+    env = thread_env(p)
+    if os.environ.get(FAILPOINTS_ENV):  # fault-injection tests reach the workers this way
+        env[FAILPOINTS_ENV] = os.environ[FAILPOINTS_ENV]
+    extra = {"runtime_env": {"env_vars": env}}
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    # max_restarts=0: a dead encoder actor fails the job (one line, exit 1), and the same
+    # command resumes from the shards already written. Ray Data's default (restart forever,
+    # retry its tasks forever) would loop on a shard that crashes its worker, and makes Ray
+    # log a core_worker.cc error on every run: Ray Data passes every actor its constructor
+    # arguments (ours and its own) through the object store, which a restart may not find.
+    # Ray 2.60 warns that actor options passed this way are deprecated, but has no named
+    # parameter for max_restarts yet.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
+                              fn_constructor_kwargs={"spec": spec, "codec_url": codec_url},
+                              compute=ActorPoolStrategy(min_size=1, max_size=p.actors),
+                              num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=0, **extra)
+
+
+WORKER_STAGES = ("load", "read", "tokenize", "forward", "post", "compress", "write")
+
+
+def add_worker_stages(timings: Timings, stats: dict, prefix: str) -> None:
+    """Add a shard's in-actor seconds per stage to ``timings`` as ``<prefix><stage>``."""
+    for stage in WORKER_STAGES:
+        if f"{stage}_seconds" in stats:
+            timings.add(prefix + stage, stats[f"{stage}_seconds"])
+
+
+def run_pool(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | None",
+             timings: "Timings | None" = None) -> Iterator[dict]:
+    """Map the piece rows over an actor pool; yield each shard's statistics as it finishes.
+
+    ``timings["actor_start"]`` gets the pool's start-up: from the launch to the start of
+    the first shard's work, plus that shard's model load (actor processes, imports, the
+    model). The run pays it once whatever the corpus size; benchmarks report it apart
+    from the steady state. (Measured from the shards' own start times: Ray Data may hold
+    finished results back, so the arrival of the first one says little.)
+    """
+    launched = time.time()
+    first = None
+    for row in map_pieces(rows, actor_cls, spec, p, codec_url).iter_rows():
+        stats = json.loads(row["stats"])
+        if "started_at" in stats and (first is None or stats["started_at"] < first["started_at"]):
+            first = stats
+        yield stats
+    if timings is not None and first is not None:
+        timings.add("actor_start", max(0.0, first["started_at"] - launched) + first.get("load_seconds", 0.0))
+
+
+def done_shards(vdir: Location) -> dict[int, dict]:
+    """Statistics of the shards whose marker exists, by shard number."""
+    out = {}
+    for loc in vdir.join(layout.SHARD_MARKERS).glob("*.json"):
+        stats = json.loads(loc.read_text())
+        out[int(stats["shard"])] = stats
+    return out
