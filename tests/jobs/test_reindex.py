@@ -293,7 +293,7 @@ def test_reindex_on_s3(ray_local, tiny_model_dir, s3_bucket):
 
 def test_snapshot_hashes_equal_in_driver_and_in_ray_tasks(ray_local, tmp_path, monkeypatch):
     """Small snapshots are hashed in the driver, large ones in Ray tasks: the same table either way."""
-    from jobs import reindex as reindex_mod
+    from jobs import reindex_worker as reindex_mod
     from jobs.embed import scan_corpus
 
     rows, _ = next_snapshot(docs(60))
