@@ -3,17 +3,24 @@
 Documents are encoded once; when the dense and ColBERT inputs are the same text
 (no ColBERT document marker) one forward pass feeds both. Batches are bucketed
 by token length to cut padding.
+
+X-MOD models (per-language adapters, e.g. ColBERT-XM) take each text's language
+(``langs``): texts are grouped by adapter first, then bucketed by length, so every
+forward pass runs one adapter (:mod:`embedding.languages` plans the routing). Queries
+without a language get the encoder's detector's guess, else the fallback adapter.
 """
 from __future__ import annotations
 
 import logging
 import string
 import time
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from embedding.batching import length_buckets
+from embedding.languages import Routing, route_languages
 from embedding.vectors import DocumentVectors  # noqa: F401  (re-exported: callers import it from here)
 from embedding.model import LoadedModel
 
@@ -54,10 +61,14 @@ class Encoder:
     ----------
     max_batch : most sequences per forward pass.
     max_tokens : most padded tokens per forward pass (bounds memory).
+    detector : X-MOD models: text -> language code (or None) for queries given without
+        a language (:func:`embedding.languages.make_detector`); None sends them to the fallback.
     """
 
-    def __init__(self, lm: LoadedModel, *, max_batch: int = 64, max_tokens: int = 16384) -> None:
+    def __init__(self, lm: LoadedModel, *, max_batch: int = 64, max_tokens: int = 16384,
+                 detector: "Callable[[str], str | None] | None" = None) -> None:
         self.lm = lm
+        self.detector = detector
         self.s = lm.settings
         self.max_batch = max_batch
         self.max_tokens = max_tokens
@@ -77,41 +88,105 @@ class Encoder:
         return now
 
     # ---- public -----------------------------------------------------------------------
-    def encode_queries(self, texts: list[str]) -> np.ndarray:
-        """Dense query vectors, (n, H) float32 unit rows."""
+    def encode_queries(self, texts: list[str], langs: "Sequence[str | None] | None" = None) -> np.ndarray:
+        """Dense query vectors, (n, H) float32 unit rows.
+
+        ``langs``: each query's language (X-MOD models; None entries are detected).
+        """
+        routing = self.route(self.query_languages(texts, langs), what="queries")
         ids = self._tokenize([self.s.query_prefix + t for t in texts], self.s.max_length)[0]
         out = np.zeros((len(texts), self.lm.hidden_size), np.float32)
-        for batch in length_buckets(np.array([len(x) for x in ids]), self.max_batch, self.max_tokens):
-            hidden, mask = self._forward([ids[i] for i in batch])
+        for batch, lang_id in self._batches(ids, routing):
+            hidden, mask = self._forward([ids[i] for i in batch], lang_id=lang_id)
             out[batch] = self._pool(hidden, mask)
         return out
 
-    def encode_queries_colbert(self, texts: list[str]) -> np.ndarray:
+    def encode_queries_colbert(self, texts: list[str], langs: "Sequence[str | None] | None" = None) -> np.ndarray:
         """ColBERT query matrices, (n, query_maxlen, dim) float32; rows unit or zero.
 
         With query augmentation the padding is replaced by mask tokens, whose
         output vectors take part in scoring (ColBERT's query expansion).
+        ``langs`` as in :meth:`encode_queries`.
         """
+        routing = self.route(self.query_languages(texts, langs), what="queries")
         lq = self.s.query_maxlen
         ids = self._tokenize([self.s.query_prefix + t for t in texts], lq, self._q_marker)[0]
         out = np.zeros((len(texts), lq, self.lm.colbert_dim), np.float32)
         augment = self.s.query_augmentation and self._mask is not None
-        for batch in length_buckets(np.array([len(x) for x in ids]), self.max_batch, self.max_tokens):
+        for batch, lang_id in self._batches(ids, routing):
             seqs = [ids[i] for i in batch]
             if augment:
                 hidden, mask = self._forward(seqs, pad_to=lq, pad_id=self._mask,
-                                             attend_pad=self.s.attend_to_mask_tokens)
+                                             attend_pad=self.s.attend_to_mask_tokens, lang_id=lang_id)
                 mask = torch.ones_like(mask)  # every position, expansion tokens included, scores
             else:
-                hidden, mask = self._forward(seqs, pad_to=lq)
+                hidden, mask = self._forward(seqs, pad_to=lq, lang_id=lang_id)
             vecs = self._project(hidden) * mask.unsqueeze(-1)
             out[batch] = vecs.float().cpu().numpy()
         return out
 
-    def encode_documents(self, texts: list[str], *, dense: bool = True, colbert: bool = False) -> DocumentVectors:
-        """Encode passages for storage (prefix, markers, truncation, skiplist applied)."""
+    def encode_query_tokens(self, texts: list[str], langs: "Sequence[str | None] | None" = None, *,
+                            dense: bool = True, colbert: bool = True) -> DocumentVectors:
+        """Queries as passage augmentation (xQG): dense vectors and content token vectors.
+
+        Encoded as queries are (query prefix, query marker, the query's adapter), so the
+        vectors are those a search would compare: dense exactly :meth:`encode_queries`;
+        ColBERT the real tokens of :meth:`encode_queries_colbert` (no ``[MASK]``
+        expansion, which is a query-time device), without the special tokens and the
+        marker (the passage has its own) and without punctuation (the document
+        skiplist: these vectors are stored as document tokens). One forward pass feeds
+        both when the query has no marker.
+
+        Returns
+        -------
+        DocumentVectors: dense (n, H) float32 unit rows or None; tokens n arrays
+        (t_i, dim) float32 unit rows (t_i may be 0) or None; n_tokens / truncated of
+        the ColBERT input (query_maxlen).
+        """
         if not (dense or colbert):
             raise ValueError("nothing to encode: dense and colbert are both off")
+        langs = self.query_languages(texts, langs)
+        routing = self.route(langs, what="queries")
+        inputs = [self.s.query_prefix + t for t in texts]
+        n = len(texts)
+        out = DocumentVectors(None, None, np.zeros(n, np.int32), np.zeros(n, bool))
+        if not colbert:
+            out.dense = self.encode_queries(texts, langs)
+            return out
+        # Like encode_documents: with no query marker the dense input (cut at max_length)
+        # starts with the ColBERT input (cut at query_maxlen), so one forward feeds both.
+        shared = dense and self._q_marker is None and self.s.query_maxlen <= self.s.max_length
+        limit = self.s.max_length if shared else self.s.query_maxlen
+        ids, full = self._tokenize(inputs, limit, None if shared else self._q_marker)
+        out.n_tokens[:] = full
+        out.truncated[:] = full > self.s.query_maxlen
+        out.tokens = [None] * n  # type: ignore[list-item]
+        if dense:
+            out.dense = np.zeros((n, self.lm.hidden_size), np.float32) if shared else self.encode_queries(texts, langs)
+        drop = np.union1d(self._skip, [t for t in [*self.lm.tokenizer.all_special_ids, self._q_marker]
+                                       if t is not None]).astype(np.int64)
+        for batch, lang_id in self._batches(ids, routing):
+            hidden, mask = self._forward([ids[i] for i in batch], lang_id=lang_id)
+            if shared:
+                out.dense[batch] = self._pool(hidden, mask)
+            width = min(hidden.shape[1], self.s.query_maxlen)
+            keep = mask[:, :width].bool() & ~self._skip_mask(batch, ids, width, drop)
+            vecs = self._project(hidden[:, :width]).float().cpu().numpy()
+            keep_np = keep.cpu().numpy()
+            for row, i in enumerate(batch):
+                out.tokens[i] = np.ascontiguousarray(vecs[row][keep_np[row]])
+        return out
+
+    def encode_documents(self, texts: list[str], *, dense: bool = True, colbert: bool = False,
+                         langs: "Sequence[str | None] | None" = None) -> DocumentVectors:
+        """Encode passages for storage (prefix, markers, truncation, skiplist applied).
+
+        ``langs``: each document's language; an X-MOD model encodes each with its
+        language's adapter (the fallback adapter where it has none; see :meth:`route`).
+        """
+        if not (dense or colbert):
+            raise ValueError("nothing to encode: dense and colbert are both off")
+        routing = self.route(langs if langs is not None else [None] * len(texts), what="documents")
         inputs = [self.s.passage_prefix + t for t in texts]
         shared = dense and colbert and self._d_marker is None and self.s.doc_maxlen <= self.s.max_length
         n = len(texts)
@@ -124,34 +199,68 @@ class Encoder:
             if shared:
                 out.tokens = [None] * n  # type: ignore[list-item]
                 out.truncated |= full > self.s.doc_maxlen
-            self._run_documents(ids, out, pool=True, colbert_limit=self.s.doc_maxlen if shared else 0)
+            self._run_documents(ids, out, routing, pool=True, colbert_limit=self.s.doc_maxlen if shared else 0)
         if colbert and not shared:
             ids, full = self._tokenize(inputs, self.s.doc_maxlen, self._d_marker)
             out.n_tokens[:] = np.maximum(out.n_tokens, full)
             out.truncated |= full > self.s.doc_maxlen
             out.tokens = [None] * n  # type: ignore[list-item]
-            self._run_documents(ids, out, pool=False, colbert_limit=self.s.doc_maxlen)
+            self._run_documents(ids, out, routing, pool=False, colbert_limit=self.s.doc_maxlen)
         return out
 
-    def forward_only(self, texts: list[str], max_length: int) -> int:
+    def forward_only(self, texts: list[str], max_length: int,
+                     langs: "Sequence[str | None] | None" = None) -> int:
         """Tokenize and run the bare model forward (no pooling, no copies); returns tokens seen.
 
         The benchmark's reference point for pipeline overhead.
         """
+        routing = self.route(langs if langs is not None else [None] * len(texts))
         ids, _ = self._tokenize(texts, max_length)
         seen = 0
-        for batch in length_buckets(np.array([len(x) for x in ids]), self.max_batch, self.max_tokens):
-            hidden, mask = self._forward([ids[i] for i in batch])
+        for batch, lang_id in self._batches(ids, routing):
+            hidden, mask = self._forward([ids[i] for i in batch], lang_id=lang_id)
             seen += int(mask.sum())
         return seen
 
-    # ---- internals --------------------------------------------------------------------
-    def _run_documents(self, ids: list[list[int]], out: DocumentVectors, *, pool: bool,
-                       colbert_limit: int) -> None:
+    # ---- language adapters ------------------------------------------------------------
+    def route(self, langs: "Sequence[str | None]", *, what: str = "texts") -> "Routing | None":
+        """Which adapter encodes each text (X-MOD models); None for a model without adapters.
+
+        Raises
+        ------
+        embedding.languages.LanguageError
+            A language without an adapter and no ``adapter_fallback`` setting.
+        """
+        if self.lm.adapters is None:
+            return None
+        return route_languages(langs, self.lm.adapters, self.s.adapter_fallback, what=what)
+
+    def query_languages(self, texts: list[str], langs: "Sequence[str | None] | None") -> list:
+        """Each query's language: the given one, else the detector's guess (X-MOD models only)."""
+        given = list(langs) if langs is not None else [None] * len(texts)
+        if len(given) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(given)} languages")
+        if self.lm.adapters is None or self.detector is None:
+            return given
+        return [lang if lang else self.detector(text) for text, lang in zip(texts, given)]
+
+    def _batches(self, ids: list[list[int]], routing: "Routing | None") -> Iterator[tuple[np.ndarray, "int | None"]]:
+        """Length-bucketed batches, one adapter each: ``(positions, adapter index or None)``."""
         lengths = np.array([len(x) for x in ids])
-        for batch in length_buckets(lengths, self.max_batch, self.max_tokens):
+        if routing is None:
+            for batch in length_buckets(lengths, self.max_batch, self.max_tokens):
+                yield batch, None
+            return
+        for lang_id, positions in routing.groups():
+            for part in length_buckets(lengths[positions], self.max_batch, self.max_tokens):
+                yield positions[part], lang_id
+
+    # ---- internals --------------------------------------------------------------------
+    def _run_documents(self, ids: list[list[int]], out: DocumentVectors, routing: "Routing | None", *,
+                       pool: bool, colbert_limit: int) -> None:
+        for batch, lang_id in self._batches(ids, routing):
             t = time.perf_counter()
-            hidden, mask = self._forward([ids[i] for i in batch])
+            hidden, mask = self._forward([ids[i] for i in batch], lang_id=lang_id)
             if hidden.is_cuda:
                 torch.cuda.synchronize()
             t = self._add_time("forward", t)
@@ -171,12 +280,15 @@ class Encoder:
             for row, i in enumerate(batch):
                 out.tokens[i] = np.ascontiguousarray(vecs[row][keep_np[row]])
 
-    def _skip_mask(self, batch: np.ndarray, ids: list[list[int]], width: int) -> torch.Tensor:
+    def _skip_mask(self, batch: np.ndarray, ids: list[list[int]], width: int,
+                   skip: "np.ndarray | None" = None) -> torch.Tensor:
+        """(b, width) bool: positions holding a token of ``skip`` (default the punctuation skiplist)."""
+        skip = self._skip if skip is None else skip
         mask = np.zeros((len(batch), width), bool)
-        if len(self._skip):
+        if len(skip):
             for row, i in enumerate(batch):
                 seq = np.asarray(ids[i][:width])
-                mask[row, :len(seq)] = np.isin(seq, self._skip)
+                mask[row, :len(seq)] = np.isin(seq, skip)
         return torch.from_numpy(mask).to(self.lm.device)
 
     def _tokenize(self, texts: list[str], limit: int, marker: "int | None" = None
@@ -200,7 +312,8 @@ class Encoder:
 
     @torch.inference_mode()
     def _forward(self, seqs: list[list[int]], *, pad_to: "int | None" = None, pad_id: "int | None" = None,
-                 attend_pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 attend_pad: bool = False, lang_id: "int | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states and mask of one batch; ``lang_id``: the X-MOD adapter of every row."""
         width = pad_to or max(len(s) for s in seqs)
         fill = self._pad if pad_id is None else pad_id
         input_ids = torch.full((len(seqs), width), fill, dtype=torch.long)
@@ -210,7 +323,12 @@ class Encoder:
             mask[row, :len(seq)] = 1
         attn = torch.ones_like(mask) if attend_pad else mask
         dev = self.lm.device
-        hidden = self.lm.model(input_ids=input_ids.to(dev), attention_mask=attn.to(dev)).last_hidden_state
+        if lang_id is None:
+            hidden = self.lm.model(input_ids=input_ids.to(dev), attention_mask=attn.to(dev)).last_hidden_state
+        else:
+            lang_ids = torch.full((len(seqs),), lang_id, dtype=torch.long, device=dev)
+            hidden = self.lm.model(input_ids=input_ids.to(dev), attention_mask=attn.to(dev),
+                                   lang_ids=lang_ids).last_hidden_state
         return hidden, mask.to(dev)
 
     @torch.inference_mode()

@@ -8,7 +8,11 @@ optional files to learn a checkpoint's conventions:
   and pooling of sentence-transformers (and PyLate) folders;
 * ``artifact.metadata``: a Stanford ColBERT checkpoint's markers and lengths;
 * a ColBERT projection: ``linear.weight`` inside the weights (Stanford ColBERT) or
-  a PyLate ``Dense`` module listed in ``modules.json``.
+  a PyLate ``Dense`` module listed in ``modules.json``;
+* ``config.json`` with ``"model_type": "xmod"``: an X-MOD encoder (ColBERT-XM) with one
+  adapter per language (``config.languages``); :func:`adapter_languages` reads them
+  without torch, and the encoder routes each text to its language's adapter
+  (:mod:`embedding.languages`), unknown languages to ``adapter_fallback``.
 
 The fingerprint is a sha256 over the weights, the tokenizer files and the
 encoder settings: two encoders with the same fingerprint produce the same vectors.
@@ -52,6 +56,12 @@ TOKENIZER_PROBES = (
 )
 
 
+#: settings that :meth:`EncoderSettings.to_dict` omits while None (see there)
+OPTIONAL_SETTINGS = ("adapter_fallback",)
+#: ``config.json`` ``model_type`` of X-MOD encoders (per-language adapters)
+XMOD_MODEL_TYPE = "xmod"
+
+
 class ModelError(ValueError):
     """A model folder that can't be used; the message names the folder and what is wrong."""
 
@@ -70,6 +80,8 @@ class EncoderSettings:
     attend_to_mask_tokens : let the augmentation tokens be attended to.
     skip_punctuation : drop punctuation tokens from ColBERT documents.
     query_marker, doc_marker : tokens inserted after the first special token, or None.
+    adapter_fallback : X-MOD models only: the adapter (name or language code) of texts whose
+        language has none; None makes such a text an error.
     """
 
     pooling: str = "mean"
@@ -83,6 +95,7 @@ class EncoderSettings:
     skip_punctuation: bool = True
     query_marker: "str | None" = None
     doc_marker: "str | None" = None
+    adapter_fallback: "str | None" = None
 
     def __post_init__(self) -> None:
         if self.pooling not in ("mean", "cls"):
@@ -92,7 +105,13 @@ class EncoderSettings:
                 raise ValueError(f"{name} must be >= 4, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        # Left out when unset: the dict is hashed into the fingerprint, and every set
+        # embedded before the setting existed must keep its fingerprint.
+        for name in OPTIONAL_SETTINGS:
+            if out[name] is None:
+                del out[name]
+        return out
 
     def replace(self, **changes) -> "EncoderSettings":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -109,6 +128,8 @@ class LoadedModel:
     settings: EncoderSettings
     fingerprint: str
     device: torch.device
+    #: X-MOD adapter names in ``lang_ids`` order; None for a model without adapters
+    adapters: "tuple[str, ...] | None" = None
 
     @property
     def hidden_size(self) -> int:
@@ -159,6 +180,46 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"{path}: invalid JSON: {err}") from err
+
+
+def adapter_languages(model_dir: "str | Path") -> "tuple[str, ...] | None":
+    """The language adapters of an X-MOD folder, in ``lang_ids`` order; None for other models.
+
+    Read from ``config.json`` alone (no torch), so a job can check languages and the
+    fallback before it starts workers. The order is the config's: X-MOD builds its
+    adapter ``ModuleDict`` from ``config.languages`` and indexes it by position.
+    """
+    config = _read_json(Path(model_dir) / "config.json")
+    if config.get("model_type") != XMOD_MODEL_TYPE:
+        return None
+    languages = config.get("languages") or ["en_XX"]  # XmodConfig's default
+    if not isinstance(languages, list) or not all(isinstance(x, str) and x for x in languages):
+        raise ModelError(f"{Path(model_dir) / 'config.json'}: 'languages' must be a list of adapter names, "
+                         f"got {languages!r}")
+    return tuple(languages)
+
+
+def check_adapter_settings(model_dir: "str | Path", settings: EncoderSettings) -> "tuple[str, ...] | None":
+    """The folder's adapters, after checking ``settings.adapter_fallback`` against them.
+
+    Raises
+    ------
+    ModelError
+        A fallback for a model without adapters, or one that names no adapter.
+    """
+    from embedding.languages import LanguageError, check_fallback
+
+    adapters = adapter_languages(model_dir)
+    if settings.adapter_fallback is None:
+        return adapters
+    if adapters is None:
+        raise ModelError(f"model folder {model_dir}: adapter_fallback={settings.adapter_fallback!r} given, "
+                         "but the model has no language adapters (not an X-MOD model)")
+    try:
+        check_fallback(settings.adapter_fallback, adapters)
+    except LanguageError as err:
+        raise ModelError(f"model folder {model_dir}: {err}") from err
+    return adapters
 
 
 # ---- fingerprint --------------------------------------------------------------------
@@ -231,6 +292,7 @@ def load_model(model_dir: "str | Path", settings: "EncoderSettings | None" = Non
 
     d = check_model_dir(model_dir)
     settings = settings or read_settings(d)
+    adapters = check_adapter_settings(d, settings)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         tokenizer = load_tokenizer(d)
@@ -248,7 +310,18 @@ def load_model(model_dir: "str | Path", settings: "EncoderSettings | None" = Non
         projection.to(dev, dtype=dtype)
     fp = fingerprint(d, settings)
     logger.info("loaded %s on %s (%s), fingerprint %s", d, dev, dtype, fp[:12])
-    return LoadedModel(d, model, tokenizer, projection, settings, fp, dev)
+    if adapters is not None:
+        _check_adapters(d, model, adapters)
+    return LoadedModel(d, model, tokenizer, projection, settings, fp, dev, adapters)
+
+
+def _check_adapters(d: Path, model, adapters: tuple[str, ...]) -> None:
+    """The loaded model's adapters are the config's, in the same order (``lang_ids``)."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    found = tuple(layers[0].output.adapter_modules.keys()) if layers else None
+    if found != adapters:
+        raise ModelError(f"model folder {d}: X-MOD config lists adapters {list(adapters)}, "
+                         f"the loaded model has {list(found) if found is not None else 'none'}")
 
 
 def cache_root() -> Path:

@@ -16,6 +16,9 @@ Public functions (plain functions so that benchmarks can call them too):
 - ``build_tiny_colbert(out_dir, *, dim=16, hidden=32)``  Stanford ColBERT style.
 - ``build_tiny_pylate(out_dir, *, dim=16, hidden=32)``   PyLate style.
 - ``build_tiny_model_no_weights(out_dir, *, hidden=32)`` config + tokenizer only.
+- ``build_tiny_xmod(out_dir, *, languages=("en_XX", "de_DE"), colbert_dim=None, hidden=32)``
+  X-MOD encoder with one adapter per language (ColBERT-XM style with ``colbert_dim``).
+- ``build_tiny_seq2seq(out_dir, *, hidden=32)``          T5 query generator.
 - ``build_tokenizer(*, extra_special_tokens=())``        the tokenizer alone.
 - ``MULTILINGUAL_TEXTS`` / ``ALL_TEXTS``                 sample sentences (9 languages).
 
@@ -494,6 +497,88 @@ def build_tiny_pylate(out_dir: os.PathLike | str, *, dim: int = 16, hidden: int 
     return out
 
 
+XMOD_LANGUAGES = ("en_XX", "de_DE")
+
+
+def build_tiny_xmod(
+    out_dir: os.PathLike | str,
+    *,
+    languages: Sequence[str] = XMOD_LANGUAGES,
+    colbert_dim: int | None = None,
+    hidden: int = 32,
+    adapter_scale: float = 20.0,
+) -> Path:
+    """Tiny random X-MOD encoder (transformers' ``XmodModel``, 2 layers) with one adapter per language.
+
+    ``config.json`` has ``model_type "xmod"`` and ``languages`` (the adapters, in
+    ``lang_ids`` order); the tokenizer is the WordPiece one of :func:`build_tokenizer`
+    (pad id 0, so ``pad_token_id=0``). The adapters' up-projections (``dense2``) are
+    scaled by ``adapter_scale`` after the random init: X-MOD initialises them with std
+    0.02, which leaves the adapters' effect on a 2-layer model close to float noise,
+    and tests want each language's output to be visibly its adapter's.
+    ``colbert_dim`` adds a Stanford-ColBERT ``linear.weight`` (ColBERT-XM's projection)
+    and ColBERT markers.
+    """
+    import torch
+    from transformers import XmodConfig, XmodModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(extra_special_tokens=COLBERT_MARKERS if colbert_dim else ())
+    tokenizer.save_pretrained(str(out))
+    _write_vocab_txt(tokenizer, out)
+    config = XmodConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=MODEL_MAX_LENGTH + 2, pad_token_id=0,
+        languages=list(languages), default_language=None,
+    )
+    torch.manual_seed(0)
+    model = XmodModel(config)
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            for adapter in layer.output.adapter_modules.values():
+                adapter.dense2.weight.mul_(adapter_scale)
+    model.eval()
+    if colbert_dim is None:
+        model.save_pretrained(str(out))
+        return out
+    config.save_pretrained(str(out))
+    tensors = _state_dict(model, prefix="roberta.")
+    tensors["linear.weight"] = _linear_weight(colbert_dim, hidden)
+    _save_safetensors(tensors, out / "model.safetensors")
+    metadata = {"query_token_id": COLBERT_MARKERS[0], "doc_token_id": COLBERT_MARKERS[1],
+                "dim": colbert_dim, "query_maxlen": 32, "doc_maxlen": 180}
+    (out / "artifact.metadata").write_text(json.dumps(metadata, indent=2))
+    return out
+
+
+def build_tiny_seq2seq(out_dir: os.PathLike | str, *, hidden: int = 32) -> Path:
+    """Tiny random T5 (``T5ForConditionalGeneration``, 2+2 layers) with the WordPiece tokenizer.
+
+    A query generator folder for tests: ``is_encoder_decoder`` true, ``pad_token_id`` 0
+    (``[PAD]``, also the decoder start), ``eos_token_id`` 3 (``[SEP]``). Random weights
+    generate random word pieces, which is all the generation path needs.
+    """
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(str(out))
+    _write_vocab_txt(tokenizer, out)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=2,
+        num_decoder_layers=2, num_heads=2, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.sep_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config)
+    model.eval()
+    model.save_pretrained(str(out))
+    return out
+
+
 def build_tiny_model_no_weights(out_dir: os.PathLike | str, *, hidden: int = 32) -> Path:
     """Config + tokenizer, no weight file: loading the model must fail."""
     return build_tiny_model(out_dir, hidden=hidden, weights=False)
@@ -509,6 +594,8 @@ __all__ = [
     "build_tiny_model",
     "build_tiny_model_no_weights",
     "build_tiny_pylate",
+    "build_tiny_seq2seq",
+    "build_tiny_xmod",
     "build_tokenizer",
     "train_wordpiece_vocab",
 ]
