@@ -114,9 +114,9 @@ def top10(root: Path, index: str, queries: list[str], exact: bool = False) -> li
     vectors instead of the PLAID search (plaid only)."""
     s = Searcher.open(str(root), index)
     if exact:
-        q = s._backend.encode(s._encoder, queries)
-        _, pos = s._backend.index.exact_maxsim(q, 10)
-        return [[s._ids[p] for p in row if p >= 0] for row in pos]
+        q = s.encode_queries(queries)
+        _, pos = s.backend.index.exact_maxsim(q, 10)
+        return [[s.ids[p] for p in row if p >= 0] for row in pos]
     out = []
     for lo in range(0, len(queries), 64):
         out += [[d for d, _ in hits] for hits in s.search(queries[lo:lo + 64], k=10)]

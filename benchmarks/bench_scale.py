@@ -289,7 +289,7 @@ def encode_queries(root: Path, index: str, texts: list[str]) -> np.ndarray:
     from indexing.searcher import Searcher
 
     s = Searcher.open(str(root), index)
-    return s._backend.encode(s._encoder, texts)
+    return s.encode_queries(texts)
 
 
 # ---- one size -------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def _worker(src: str, root: str, indexes: list[str], texts: list[str]) -> None:
     encoded = {}
     for name, s in searchers.items():  # warm up; pre-encoded queries for the retrieval-only timing
         s.search(texts[:2], 10)
-        encoded[name] = [s._backend.encode(s._encoder, [t]) for t in texts]
+        encoded[name] = [s.encode_queries([t]) for t in texts]
     print(json.dumps({"ready": True, "threads": getattr(getattr(s, "budget", None), "threads", None)}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -57,20 +57,20 @@ def _worker(src: str, root: str, indexes: list[str], texts: list[str]) -> None:
             for q in encoded[name][lo:hi]:
                 start = time.perf_counter()
                 if budget is None:
-                    s._backend.search(q, 10, None, None)
+                    s.retrieve(q, 10)
                 else:
                     with budget.retrieval(1):
-                        s._backend.search(q, 10, None, None)
+                        s.retrieve(q, 10)
                 out.append(time.perf_counter() - start)
         elif cmd["mode"] == "encode":
             budget = getattr(s, "budget", None)
             for t in texts[lo:hi]:
                 start = time.perf_counter()
                 if budget is None:
-                    s._backend.encode(s._encoder, [t])
+                    s.encode_queries([t])
                 else:
                     with budget.encoding():
-                        s._backend.encode(s._encoder, [t])
+                        s.encode_queries([t])
                 out.append(time.perf_counter() - start)
         else:  # batch
             start = time.perf_counter()

@@ -232,7 +232,7 @@ def encode_queries(root: str, index: str, texts: list[str]) -> np.ndarray:
     from indexing.searcher import Searcher
 
     s = Searcher.open(root, index)
-    return s._backend.encode(s._encoder, texts)
+    return s.encode_queries(texts)
 
 
 def tessera_search(cindex, q: np.ndarray) -> np.ndarray:

@@ -16,6 +16,8 @@ et al.: tiny learning rates keep what the model knew about other languages).
   InfoNCE: each (query, positive) example scores its positive against its mined
   hard negatives and the other examples' positives in the batch (in-batch
   negatives), divided by a temperature.
+* :class:`TrainConfig` (one run's settings and their defaults) lives in
+  :mod:`embedding.tuning_config`, which imports no torch; it is importable from here.
 * :func:`save_query_encoder` writes a Hugging Face folder that ``transformers``
   loads as is: the base folder's files with the tuned tensors swapped in.
 
@@ -33,7 +35,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,71 +44,12 @@ import torch
 from embedding.codec import ResidualCodec
 from embedding.encoder import truncate_ids
 from embedding.model import SETTINGS_FILE, EncoderSettings, LoadedModel, ModelError, weight_files
+from embedding.tuning_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 #: Examples (at most) on which the loss is measured before and after training, in eval mode.
 LOSS_SAMPLE = 512
-
-
-# ---- configuration ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainConfig:
-    """One tuning run.
-
-    Attributes
-    ----------
-    lr : peak AdamW learning rate; "adiabatic" values for multilingual-e5 are 2e-8..6e-8
-        (about 1.3e-7 with the FFN output projections frozen).
-    weight_decay : AdamW decoupled weight decay.
-    warmup_ratio : share of the steps with a linear warm-up from 0; then linear decay to 0.
-    epochs : passes over the examples (ignored when ``steps`` is set).
-    steps : optimizer steps (the examples are cycled, reshuffled each pass).
-    batch_size : examples per step; each is also an in-batch negative for the others.
-    clip : gradient-norm clipping (0 = off).
-    seed : shuffling and dropout.
-    temperature : InfoNCE temperature on cosine / mean-MaxSim scores.
-    freeze : glob patterns over parameter names (``fnmatch``, ``*`` crosses dots).
-    in_batch : use the other examples' positives as negatives.
-    """
-
-    lr: float = 5e-8
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    epochs: int = 1
-    steps: "int | None" = None
-    batch_size: int = 32
-    clip: float = 1.0
-    seed: int = 0
-    temperature: float = 0.05
-    freeze: tuple[str, ...] = ()
-    in_batch: bool = True
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "freeze", tuple(self.freeze))
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.clip < 0:
-            raise ValueError(f"clip must be >= 0 (0 = off), got {self.clip}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for pattern in self.freeze:
-            if not isinstance(pattern, str) or not pattern.strip():
-                raise ValueError(f"freeze patterns must be non-empty strings, got {pattern!r}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["freeze"] = list(self.freeze)
-        return d
 
 
 # ---- parameters -------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -52,17 +53,14 @@ from embedding.encoder import Encoder
 from embedding.model import (EncoderSettings, ModelError, cache_root, check_model_dir, fingerprint, load_model,
                              read_settings)
 from embedding.mrl import truncate
-from indexing import dense
+from indexing import dense, index_files
 from indexing.index_files import PLAID, load_centroid_index, read_ids
-from indexing.index_files import entries as _entries
-from indexing.index_files import index_manifest as _index_manifest
-from indexing.index_files import read_checked as _read_checked
-from indexing.index_files import source_set as _source_set
 from indexing.plaid import CentroidIndex, SearchParams
 from indexing.threads import ThreadBudget
-from storage import layout, schemas, sets
+from storage import layout
 from storage.fs import Location
 from storage.manifest import Artifact
+from storage.vectors import read_dense
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +246,7 @@ def _download_encoder(vdir: Location, manifest: dict, folder: Path) -> None:
         for entry in entries:
             target = tmp / entry["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(_read_checked(vdir, entry))
+            target.write_bytes(index_files.read_checked(vdir, entry))
         if folder.exists():  # a stale or damaged copy: replaced whole
             shutil.rmtree(folder)
         try:
@@ -278,34 +276,6 @@ def _default_model_dir(path: str, source: dict) -> Path:
                          "embedded with: pass query_encoder= to use a copy of it elsewhere") from err
 
 
-# ---- reading an index version ---------------------------------------------------------
-def read_dense_vectors(set_dir: Location, set_manifest: dict,
-                       labels: "pa.StringArray | None" = None) -> np.ndarray:
-    """The set's live float16 dense vectors, ``(n, D)``.
-
-    Without ``labels``: in the concatenation order of the live rows of the ``dense``
-    files sorted by shard (the positions of a full index build). With ``labels``
-    (ids by label, nulls for holes): row ``i`` is the vector of ``labels[i]``, zeros
-    for a hole.
-    """
-    files = sets.set_files(set_dir, set_manifest, "dense")
-    if not files:
-        raise ValueError(f"set {set_manifest.get('name')!r} {set_manifest.get('version')} has no dense "
-                         "vectors (embedded with mode colbert?)")
-    tables = [sets.read_live(f, ["id", "vector"]) for f in files]
-    mats = np.concatenate([schemas.dense_matrix(t) for t in tables]).astype(np.float16, copy=False)
-    if labels is None:
-        return mats
-    ids = pa.concat_arrays([t.column("id").combine_chunks() for t in tables])
-    if ids.equals(labels):
-        return mats
-    where = pc.index_in(labels, value_set=ids).to_numpy(zero_copy_only=False)
-    out = np.zeros((len(labels), mats.shape[1]), np.float16)
-    have = ~np.isnan(where.astype(np.float64))
-    out[have] = mats[where[have].astype(np.int64)]
-    return out
-
-
 # ---- the two index families -----------------------------------------------------------
 def _check_overrides(params: "dict | None", allowed: tuple[str, ...], kind: str) -> dict:
     if params is None:
@@ -318,7 +288,29 @@ def _check_overrides(params: "dict | None", allowed: tuple[str, ...], kind: str)
     return dict(params)
 
 
-class _DenseBackend:
+class Backend(Protocol):
+    """What :class:`Searcher` needs of an index family (:class:`DenseBackend`, :class:`PlaidBackend`).
+
+    ``index`` is the loaded index (a FAISS index, a :class:`~indexing.plaid.CentroidIndex`).
+    """
+
+    index: object
+
+    def encode(self, encoder: Encoder, texts: list[str]) -> np.ndarray:
+        """The query representation this family searches with (rows in the order of ``texts``)."""
+        ...
+
+    def search(self, q: np.ndarray, k: int, allowed: "np.ndarray | None",
+               overrides: "dict | None") -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, positions)``, both ``(n, k)``, best first; position -1 pads a short row.
+
+        ``allowed``: sorted int64 positions a result may take (None: any); ``overrides``:
+        per-call search knobs of the family (``DENSE_OVERRIDES`` / ``PLAID_OVERRIDES``).
+        """
+        ...
+
+
+class DenseBackend:
     """FAISS search over Matryoshka-truncated single vectors."""
 
     def __init__(self, index, params: dense.DenseIndexParams, vectors: "np.ndarray | None") -> None:
@@ -335,7 +327,7 @@ class _DenseBackend:
         return dense.search(self.index, params, q, k, vectors=self.vectors, allowed=allowed)
 
 
-class _PlaidBackend:
+class PlaidBackend:
     """PLAID search over residual-compressed ColBERT token vectors."""
 
     def __init__(self, index: CentroidIndex, dim: int) -> None:
@@ -358,27 +350,27 @@ def _check_count(vdir: Location, what: str, got: int, n_docs: int) -> None:
 
 
 def _load_backend(manifest: dict, vdir: Location, labels: pa.StringArray, set_manifest: dict,
-                  set_dir: Location):
+                  set_dir: Location) -> "tuple[Backend, int | None]":
     """The index ready to search, and the codec's nbits (None for dense kinds)."""
     kind, dim = manifest["index_kind"], int(manifest["dim"])
     n_docs = len(labels) - labels.null_count
     if kind == PLAID:
         index = load_centroid_index(vdir, manifest, set_dir, set_manifest)
         _check_count(vdir, "the plaid index (labels)", index.n_docs, len(labels))
-        return _PlaidBackend(index, dim), index.codec.nbits
+        return PlaidBackend(index, dim), index.codec.nbits
     params = dense.DenseIndexParams.from_dict(manifest["params"])
     if params.kind != kind or params.dim != dim:
         raise ValueError(f"{vdir.url}: params describe a {params.kind} index of dim {params.dim}, "
                          f"the manifest a {kind} index of dim {dim}")
-    entries = _entries(manifest, "index")
+    entries = index_files.entries(manifest, "index")
     if len(entries) != 1:
         raise ValueError(f"{vdir.url}: expected one 'index' file in the manifest, found {len(entries)}")
-    index = dense.from_bytes(_read_checked(vdir, entries[0]), kind)
+    index = dense.from_bytes(index_files.read_checked(vdir, entries[0]), kind)
     _check_count(vdir, "index.faiss", int(index.ntotal), n_docs)
     vectors = None
     if kind in dense.RESCORED_KINDS:
-        vectors = read_dense_vectors(set_dir, set_manifest, labels)
-    return _DenseBackend(index, params, vectors), None
+        vectors = read_dense(set_dir, set_manifest, labels)
+    return DenseBackend(index, params, vectors), None
 
 
 # ---- the searcher ---------------------------------------------------------------------
@@ -410,7 +402,7 @@ class Searcher:
     and ``search_seconds`` (``{"encode": s, "retrieve": s}`` summed over searches).
     """
 
-    def __init__(self, root: Location, manifest: dict, set_manifest: dict, backend, nbits: "int | None",
+    def __init__(self, root: Location, manifest: dict, set_manifest: dict, backend: Backend, nbits: "int | None",
                  ids: pa.StringArray, encoder: Encoder, choice: EncoderChoice, *,
                  budget: "ThreadBudget | None" = None, load_seconds: "dict | None" = None) -> None:
         self.root, self.manifest, self.set_manifest = root, manifest, set_manifest
@@ -419,7 +411,7 @@ class Searcher:
         self.encoder = choice
         self._backend, self._encoder = backend, encoder
         self._id_array = ids
-        self._ids: list[str] = ids.to_pylist()
+        self._ids: "tuple[str | None, ...]" = tuple(ids.to_pylist())
         self._con = None
         self.budget = budget or ThreadBudget()
         self.batch_size = encoder.max_batch
@@ -461,14 +453,14 @@ class Searcher:
         start = time.perf_counter()
         root = layout.resolve_root(root)
         art = Artifact(root, "indexes", layout.check_name(index, "index name"))
-        manifest = _index_manifest(art, version)
+        manifest = index_files.index_manifest(art, version)
         source = manifest["source"]
-        set_manifest, set_dir = _source_set(root, source)
+        set_manifest, set_dir = index_files.source_set(root, source)
         choice = choose_query_encoder(root, index, source, set_manifest["model"], query_encoder)
         vdir = art.version_dir(manifest["version"])
         ids = read_ids(vdir, manifest)
         backend, nbits = _load_backend(manifest, vdir, ids, set_manifest, set_dir)
-        if isinstance(backend, _PlaidBackend):
+        if isinstance(backend, PlaidBackend):
             backend.threads = budget.threads
         loaded = time.perf_counter()
         with budget.encoding():
@@ -490,6 +482,37 @@ class Searcher:
     def doc_ids(self) -> list[str]:
         """Ids of the documents in the index, by label (a copy; holes left by removed documents skipped)."""
         return [d for d in self._ids if d is not None]
+
+    @property
+    def ids(self) -> "tuple[str | None, ...]":
+        """The document id of every label (position) of the index, None for a hole: ``ids[p]``
+        is the document at position ``p`` of :meth:`retrieve`'s results."""
+        return self._ids
+
+    @property
+    def backend(self) -> Backend:
+        """The loaded index family (:class:`DenseBackend` or :class:`PlaidBackend`); ``backend.index``
+        is the index itself."""
+        return self._backend
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """The texts encoded as this index searches them: ``(n, dim)`` float32 unit vectors (dense
+        kinds) or ``(n, query_maxlen, colbert_dim)`` float32 matrices (plaid).
+
+        Runs in the caller's thread settings; :meth:`search` runs it under ``budget.encoding()``.
+        """
+        return self._backend.encode(self._encoder, texts)
+
+    def retrieve(self, q: np.ndarray, k: int, allowed: "np.ndarray | None" = None,
+                 params: "dict | None" = None) -> tuple[np.ndarray, np.ndarray]:
+        """Search encoded queries (:meth:`encode_queries`): ``(scores, positions)``, ``(n, k)`` each,
+        best first, position -1 for none; ``ids[p]`` names position ``p``.
+
+        ``allowed``: sorted int64 positions (:meth:`allowed_positions`), None for all; ``params``
+        as in :meth:`search`. Runs in the caller's thread settings; :meth:`search` runs it under
+        ``budget.retrieval()``.
+        """
+        return self._backend.search(q, k, allowed, params)
 
     def search(self, queries: list[str], k: int = 10, *, lang: "str | None" = None,
                where: "str | None" = None, params: "dict | None" = None) -> list[list[tuple[str, float]]]:
@@ -532,10 +555,10 @@ class Searcher:
         """Encode ``texts`` at once, then search their query matrix at once, each phase under the budget."""
         start = time.perf_counter()
         with self.budget.encoding():
-            q = self._backend.encode(self._encoder, texts)
+            q = self.encode_queries(texts)
         encoded = time.perf_counter()
         with self.budget.retrieval(len(texts)):
-            scores, ids = self._backend.search(q, k, allowed, params)
+            scores, ids = self.retrieve(q, k, allowed, params)
         self.search_seconds["encode"] += encoded - start
         self.search_seconds["retrieve"] += time.perf_counter() - encoded
         return [[(self._ids[p], float(s)) for s, p in zip(srow, prow) if p >= 0]
@@ -560,7 +583,7 @@ class Searcher:
             sql += " AND lang = ?"
             args.append(lang)
         if where is not None:
-            con = self._catalog()
+            con = self.catalog()
             sql += f" AND ({check_filter(where, view_columns(con, 'documents_all'), con)})"
         matched = self._query_ids(sql, args, where)
         found = pc.index_in(matched, value_set=self._id_array).drop_null()
@@ -568,7 +591,7 @@ class Searcher:
         logger.debug("filter lang=%r where=%r: %d of %d documents", lang, where, len(positions), self.n_docs)
         return positions
 
-    def _catalog(self):
+    def catalog(self):
         """The catalog's read-only DuckDB connection, opened once."""
         from storage.catalog import connect
 
@@ -582,7 +605,7 @@ class Searcher:
         from storage.catalog import CatalogError, one_line
 
         try:
-            table = self._catalog().sql(sql, params=args).to_arrow_table()
+            table = self.catalog().sql(sql, params=args).to_arrow_table()
         except duckdb.Error as err:
             raise CatalogError(f"invalid filter {where!r}: {one_line(err)}") from err
         return table.column("id").combine_chunks().cast(pa.string())

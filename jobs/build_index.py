@@ -26,7 +26,7 @@ import numpy as np
 from jobs.runtime import init_ray
 from indexing.index_files import put_file, write_ids
 from jobs.timing import Timings
-from storage import layout, schemas, sets
+from storage import layout, sets, vectors
 from storage.fs import Location
 from storage.manifest import Artifact, NotFoundError, utcnow
 
@@ -182,7 +182,7 @@ def read_dense(f: sets.SetFile, dim: int) -> np.ndarray:
     """The live vectors of one ``dense`` file, truncated to ``dim`` (float32, unit rows)."""
     from embedding.mrl import truncate
 
-    return truncate(schemas.dense_matrix(sets.read_live(f, ["vector"])), dim)
+    return truncate(vectors.dense_file(f)[1], dim)
 
 
 def _sample_shard(f: sets.SetFile, dim: int, take: int, seed: int) -> np.ndarray:
@@ -256,12 +256,7 @@ def _merge_dense(kind: str, blob_refs: list, vdir: Location, total: int) -> dict
 # ---- plaid ------------------------------------------------------------------------------
 def read_tokens(f: sets.SetFile, codec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The live documents of one ``tokens`` file: flat codes (T,), residuals (T, bytes), lengths (n,)."""
-    table = sets.read_live(f, ["codes", "residuals", "n_vectors"])
-    codes = table.column("codes").combine_chunks().values.to_numpy(zero_copy_only=False)
-    residuals = np.frombuffer(b"".join(v.as_py() for v in table.column("residuals")), np.uint8)
-    lengths = np.asarray(table.column("n_vectors").to_numpy(), np.int64)
-    residuals = residuals.reshape(int(lengths.sum()), codec.residual_bytes)
-    return codes.astype(codec.code_dtype), residuals, lengths
+    return vectors.token_file(f, codec.residual_bytes, codec.code_dtype)[1:]
 
 
 def _plaid_part(codec_url: str, f: sets.SetFile) -> dict:

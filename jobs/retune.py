@@ -28,42 +28,49 @@ than ``max_regression``. Evaluation is exact (inner product over the dense vecto
 the training dimension, or MaxSim over every decompressed token matrix), the same
 for base and tuned: it measures the encoder, not the index's approximations. A
 refused version is not written; the CLI exits with 3 and prints the table.
+
+Modules: this one is the driver (config, checks, checksums, commit);
+:mod:`jobs.retune_data` reads the training and dev queries, :mod:`jobs.retune_worker`
+is the Ray task, :mod:`jobs.retune_gate` the gate and its tables.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
 import os
 import socket
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from embedding.tuning_config import TrainConfig
 from jobs.errors import Refused
-from jobs.timing import Progress, Timings
-from storage import layout, schemas, sets
+from jobs.retune_data import TrainQuery, load_dev, load_training
+from jobs.retune_gate import best_refused, languages_table, refusal_message, runs_table
+from jobs.retune_worker import EVAL_K, Plan, tune
+from jobs.runtime import DEVICES, init_ray
+from jobs.timing import Timings
+from storage import layout, sets
 from storage.catalog import check_filter
 from storage.fs import Location, location
-from storage.manifest import Artifact, NotFoundError, committed_manifests, file_entry, utcnow
-from storage.queries import Query, QueryFileError, load_qrels, load_queries
+from storage.manifest import Artifact, NotFoundError, committed_manifests, utcnow
+
+if TYPE_CHECKING:
+    from indexing.searcher import EncoderChoice
+
+#: The CLI imports these from here (it prints the gate's tables).
+__all__ = ["GateRefused", "Prepared", "RetuneConfig", "checksums", "languages_table", "prepare", "remote_tune",
+           "run", "runs_table", "set_file_urls"]
 
 logger = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
-#: Results per dev query (R@100 needs 100).
-EVAL_K = 100
-TEXT_COLUMNS = ("text", "query")
-POSITIVE_COLUMNS = ("positives", "positive", "doc_ids", "doc_id", "pos")
-ID_COLUMNS = ("id", "query_id", "qid")
 _LISTED = 5
 
 
@@ -97,6 +104,10 @@ class RetuneConfig:
         restrict the mined documents (Searcher filters).
     max_regression, tolerance : gate, in nDCG@10 points (see the module docstring).
     force : publish even when the gate refuses (recorded as ``forced`` in the manifest).
+
+    The training knobs (``lr``, ``freeze``, ``epochs``, ``steps``, ``batch_size``,
+    ``warmup_ratio``, ``weight_decay``, ``clip``, ``seed``, ``temperature``, ``in_batch``)
+    default to :class:`embedding.tuning_config.TrainConfig`'s, their one definition.
     """
 
     set_name: str
@@ -110,19 +121,19 @@ class RetuneConfig:
     base: "str | None" = None
     index_version: "str | None" = None
     dim: "int | None" = None
-    lr: float = 5e-8
+    lr: float = TrainConfig.lr
     sweep_lr: tuple[float, ...] = ()
-    freeze: tuple[str, ...] = ()
+    freeze: tuple[str, ...] = TrainConfig.freeze
     sweep_freeze: tuple[tuple[str, ...], ...] = ()
-    epochs: int = 1
-    steps: "int | None" = None
-    batch_size: int = 32
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    seed: int = 0
-    temperature: float = 0.05
-    in_batch: bool = True
+    epochs: int = TrainConfig.epochs
+    steps: "int | None" = TrainConfig.steps
+    batch_size: int = TrainConfig.batch_size
+    warmup_ratio: float = TrainConfig.warmup_ratio
+    weight_decay: float = TrainConfig.weight_decay
+    clip: float = TrainConfig.clip
+    seed: int = TrainConfig.seed
+    temperature: float = TrainConfig.temperature
+    in_batch: bool = TrainConfig.in_batch
     negatives: int = 7
     mine_k: int = 50
     skip_top: int = 3
@@ -180,10 +191,8 @@ class RetuneConfig:
     def encoder_name(self) -> str:
         return self.name or f"{self.set_name}-query"
 
-    def runs(self) -> list:
+    def runs(self) -> list[TrainConfig]:
         """The training runs, learning rate outer, freeze setting inner."""
-        from embedding.tuning import TrainConfig
-
         common = dict(weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio, epochs=self.epochs,
                       steps=self.steps, batch_size=self.batch_size, clip=self.clip, seed=self.seed,
                       temperature=self.temperature, in_batch=self.in_batch)
@@ -197,527 +206,32 @@ class RetuneConfig:
         return d
 
 
-# ---- training and dev data ----------------------------------------------------------------
 @dataclass(frozen=True)
-class TrainQuery:
-    """One training query and the ids of its relevant documents."""
-
-    id: str
-    text: str
-    lang: "str | None"
-    positives: tuple[str, ...]
-
-
-def load_training(train: str, qrels: "str | None" = None) -> list[TrainQuery]:
-    """Training queries with positives, from pairs or from queries + qrels.
-
-    Raises
-    ------
-    QueryFileError
-        Unreadable file, missing columns, empty text or no positive, naming the file and row.
-    """
-    if qrels is not None:
-        judged = load_qrels(qrels)
-        queries = load_queries(train)
-        out = [TrainQuery(q.id, q.text, q.lang, tuple(sorted(d for d, g in judged.get(q.id, {}).items() if g > 0)))
-               for q in queries]
-        dropped = [q.id for q in out if not q.positives]
-        if dropped:
-            logger.warning("%d training queries have no positive judgement and are skipped, e.g. %s",
-                           len(dropped), dropped[:_LISTED])
-        out = [q for q in out if q.positives]
-        if not out:
-            raise QueryFileError(f"{location(qrels).url}: judges none of the {len(queries)} training queries "
-                                 f"of {location(train).url} as relevant")
-        return out
-    return _group_pairs(location(train).url, _pair_rows(location(train)))
-
-
-def _pair_rows(loc: Location) -> list[tuple[str, dict]]:
-    low = loc.url.lower()
-    if low.endswith((".parquet", ".pq")):
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(io.BytesIO(loc.read_bytes()))
-        except FileNotFoundError as err:
-            raise QueryFileError(f"{loc.url}: no such file") from err
-        return [(f"row {i}", r) for i, r in enumerate(table.to_pylist())]
-    if not low.endswith((".jsonl", ".json", ".ndjson")):
-        raise QueryFileError(f"{loc.url}: training pairs must be Parquet or JSONL (or queries + --train-qrels)")
-    try:
-        raw = loc.read_bytes()
-    except FileNotFoundError as err:
-        raise QueryFileError(f"{loc.url}: no such file") from err
-    rows = []
-    for lineno, line in enumerate(raw.decode("utf-8", errors="strict").splitlines(), start=1):
-        if line.strip():
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise QueryFileError(f"{loc.url}: line {lineno}: invalid JSON: {err.msg}") from err
-            if not isinstance(obj, dict):
-                raise QueryFileError(f"{loc.url}: line {lineno}: expected a JSON object")
-            rows.append((f"line {lineno}", obj))
-    return rows
-
-
-def _column(url: str, where: str, row: dict, names: tuple[str, ...], required: bool = True):
-    for name in names:
-        if name in row and row[name] is not None:
-            return row[name]
-    if required:
-        raise QueryFileError(f"{url}: {where}: no {names[0]!r} column (tried {list(names)}); "
-                             f"keys: {sorted(row)[:10]}")
-    return None
-
-
-def _group_pairs(url: str, rows: list[tuple[str, dict]]) -> list[TrainQuery]:
-    """Rows (one per pair, or one per query with a list of positives) grouped by query id or text."""
-    if not rows:
-        raise QueryFileError(f"{url}: no training pairs in file")
-    groups: dict[str, dict] = {}
-    for where, row in rows:
-        text = _column(url, where, row, TEXT_COLUMNS)
-        if not isinstance(text, str) or not text.strip():
-            raise QueryFileError(f"{url}: {where}: empty or non-text query")
-        pos = _column(url, where, row, POSITIVE_COLUMNS)
-        pos = [pos] if isinstance(pos, (str, int)) else list(pos) if isinstance(pos, (list, tuple)) else None
-        if not pos or any(not str(p).strip() for p in pos):
-            raise QueryFileError(f"{url}: {where}: no positive document id")
-        qid = _column(url, where, row, ID_COLUMNS, required=False)
-        key = str(qid) if qid is not None else text
-        g = groups.setdefault(key, {"text": text, "lang": row.get("lang"), "pos": []})
-        if g["text"] != text:
-            raise QueryFileError(f"{url}: {where}: query id {key!r} appears with two different texts")
-        g["pos"].extend(str(p).strip() for p in pos)
-    return [TrainQuery(k if k != g["text"] else f"train-{i}", g["text"], g["lang"], tuple(dict.fromkeys(g["pos"])))
-            for i, (k, g) in enumerate(groups.items())]
-
-
-def load_dev(cfg: RetuneConfig) -> tuple[list[Query], dict[str, dict[str, int]]]:
-    """Dev queries that have judgements, and their qrels; ValueError when none has any."""
-    if cfg.dev_queries is None:
-        return [], {}
-    queries, qrels = load_queries(cfg.dev_queries), load_qrels(cfg.dev_qrels)
-    judged = [q for q in queries if any(g > 0 for g in qrels.get(q.id, {}).values())]
-    if not judged:
-        raise QueryFileError(f"{location(cfg.dev_qrels).url} judges none of the {len(queries)} dev queries of "
-                             f"{location(cfg.dev_queries).url} relevant: the gate has nothing to measure")
-    if len(judged) < len(queries):
-        logger.warning("%d of %d dev queries have no judgement and are left out", len(queries) - len(judged),
-                       len(queries))
-    return judged, {q.id: qrels[q.id] for q in judged}
-
-
-# ---- pure planners: negatives and the gate --------------------------------------------------
-def select_negatives(ranked: list[str], positives: "set[str]", n: int, skip_top: int) -> tuple[list[str], dict]:
-    """Hard negatives from one ranked list: ranks after ``skip_top`` that are not positives.
-
-    Returns
-    -------
-    (negatives, info): at most ``n`` ids, best first; info = ``{"best_positive_rank"
-    (1-based, None if absent), "skipped_non_positive"}``.
-    """
-    ranks = [r for r, d in enumerate(ranked, 1) if d in positives]
-    negatives = [d for r, d in enumerate(ranked, 1) if r > skip_top and d not in positives][:n]
-    skipped = sum(1 for d in ranked[:skip_top] if d not in positives)
-    return negatives, {"best_positive_rank": ranks[0] if ranks else None, "skipped_non_positive": skipped}
-
-
-def negatives_stats(mined: list[list[str]], infos: list[dict], cfg: RetuneConfig) -> dict:
-    """What mining found, for the manifest."""
-    counts = np.array([len(m) for m in mined])
-    ranks = [i["best_positive_rank"] for i in infos if i["best_positive_rank"] is not None]
-    return {"queries": len(mined), "per_query": cfg.negatives, "mine_k": cfg.mine_k, "skip_top": cfg.skip_top,
-            "filters": {"lang": cfg.negatives_lang, "where": cfg.negatives_where},
-            "mined_mean": float(counts.mean()), "mined_min": int(counts.min()), "mined_total": int(counts.sum()),
-            "queries_short": int((counts < cfg.negatives).sum()),
-            "unique_documents": len({d for m in mined for d in m}),
-            "positive_in_top_k_share": len(ranks) / len(mined),
-            "positive_at_rank_1_share": sum(r == 1 for r in ranks) / len(mined),
-            "positive_in_skipped_ranks_share": sum(r <= cfg.skip_top for r in ranks) / len(mined),
-            "mean_best_positive_rank": float(np.mean(ranks)) if ranks else None,
-            "skipped_non_positive": int(sum(i["skipped_non_positive"] for i in infos)),
-            "in_batch": cfg.in_batch}
-
-
-def points(x: float) -> float:
-    return 100.0 * x
-
-
-def gate(before: dict, after: dict, tolerance: float, max_regression: float) -> dict:
-    """Whether ``after`` may replace ``before`` (both ``{"overall", "per_language"}`` of nDCG@10 means).
-
-    Returns
-    -------
-    ``{"passed", "overall_delta", "per_language_delta", "worst_language", "worst_delta", "reasons"}``,
-    deltas in nDCG@10 points.
-    """
-    delta = points(after["overall"]["nDCG@10"] - before["overall"]["nDCG@10"])
-    per = {lang: points(after["per_language"].get(lang, {}).get("nDCG@10", 0.0) - v["nDCG@10"])
-           for lang, v in before["per_language"].items()}
-    reasons = []
-    if delta < -tolerance - 1e-9:
-        reasons.append(f"overall nDCG@10 {delta:+.2f} points (tolerance {tolerance:.2f})")
-    for lang, d in sorted(per.items()):
-        if d < -max_regression - 1e-9:
-            reasons.append(f"{lang} nDCG@10 {d:+.2f} points (max regression {max_regression:.2f})")
-    worst = min(per, key=per.get) if per else None
-    return {"passed": not reasons, "overall_delta": delta, "per_language_delta": per, "worst_language": worst,
-            "worst_delta": per[worst] if worst else None, "reasons": reasons,
-            "tolerance": tolerance, "max_regression": max_regression}
-
-
-def choose_run(rows: list[dict], force: bool) -> "int | None":
-    """Index of the run to publish: the best dev nDCG@10 among those that passed the gate;
-    with ``force`` and none passing, the best overall (without dev: the lowest training loss)."""
-    def key(i: int):
-        r = rows[i]
-        return (r["ndcg_after"] if r["ndcg_after"] is not None else -r["loss_after"], -i)
-    passed = [i for i, r in enumerate(rows) if r["passed"]]
-    if passed:
-        return max(passed, key=key)
-    return max(range(len(rows)), key=key) if force and rows else None
-
-
-# ---- tables (the CLI prints them; the refusal message carries them) -------------------------
-def runs_table(rows: list[dict]) -> str:
-    lines = [f"{'run':>3}  {'lr':>8}  {'freeze':<24} {'steps':>5}  {'loss before→after':>19}  "
-             f"{'nDCG@10 before→after':>20}  {'Δ pts':>6}  {'worst lang (Δ)':<16} gate"]
-    for i, r in enumerate(rows, 1):
-        freeze = "+".join(r["freeze"]) or "none"
-        ndcg = (f"{r['ndcg_before']:.4f}→{r['ndcg_after']:.4f}" if r["ndcg_after"] is not None else "n/a")
-        delta = f"{r['delta']:+.2f}" if r["delta"] is not None else "n/a"
-        worst = f"{r['worst_language']} ({r['worst_delta']:+.2f})" if r["worst_language"] else "n/a"
-        verdict = "pass" if r["passed"] else "no dev" if r["passed"] is None else "REFUSED"
-        lines.append(f"{i:>3}  {r['lr']:>8.2g}  {freeze[:24]:<24} {r['steps']:>5}  "
-                     f"{r['loss_before']:>8.4f}→{r['loss_after']:<9.4f}  {ndcg:>20}  {delta:>6}  {worst:<16} "
-                     f"{verdict}")
-    return "\n".join(lines)
-
-
-def languages_table(before: dict, after: dict) -> str:
-    lines = [f"{'lang':<8} {'queries':>7}  {'before':>7}  {'after':>7}  {'Δ pts':>6}"]
-    rows = [(lang, v) for lang, v in sorted(before["per_language"].items())] + [("overall", before["overall"])]
-    for lang, v in rows:
-        a = after["overall"] if lang == "overall" else after["per_language"].get(lang, {"nDCG@10": 0.0})
-        lines.append(f"{lang:<8} {int(v['queries']):>7}  {v['nDCG@10']:>7.4f}  {a['nDCG@10']:>7.4f}  "
-                     f"{points(a['nDCG@10'] - v['nDCG@10']):>+6.2f}")
-    return "\n".join(lines)
-
-
-# ---- immutability ----------------------------------------------------------------------------
-def set_file_urls(root: Location, set_name: str, set_version: str) -> list[str]:
-    """Every file of the set version and of every committed index built on it (manifests included)."""
-    art = Artifact(root, "sets", set_name)
-    vdir = art.version_dir(set_version)
-    m = art.manifest(set_version)
-    urls = [vdir.join(layout.MANIFEST).url] + [_entry_url(vdir, e) for e in m["files"]]
-    for im in committed_manifests(root, "indexes"):
-        src = im.get("source", {})
-        if src.get("set") == set_name and src.get("version") == set_version:
-            idir = location(im["_dir"])
-            urls += [idir.join(layout.MANIFEST).url] + [_entry_url(idir, e) for e in im.get("files", [])]
-    return sorted(set(urls))
-
-
-def checksums(urls: list[str]) -> dict[str, str]:
-    """``{url: sha256}``, a few files at a time (object stores reward parallel reads)."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return dict(zip(urls, pool.map(lambda u: location(u).sha256(), urls)))
-
-
-def _entry_url(base: Location, entry: dict) -> str:
-    return sets.entry_location(base, entry).url
-
-
-# ---- the stored vectors (worker side) --------------------------------------------------------
-@dataclass
-class StoredVectors:
-    """A set's vectors of one kind, read shard by shard and kept compact.
+class Prepared:
+    """What :func:`prepare` checked: the run key, the worker's :class:`~jobs.retune_worker.Plan`
+    and the manifest are made of it.
 
     Attributes
     ----------
-    ids : (n,) document ids in positional order.
-    dense : (n, D) float16 as stored (kind "dense").
-    codec, codes (T,), residuals (T, bytes), lengths (n,) : compressed tokens (kind "colbert").
+    index_manifest, set_manifest : the index version's manifest and its set version's.
+    set_version, set_dir : that set version (``vNNNNNN``) and its folder's URL.
+    kind : ``dense``, or ``colbert`` for a plaid index: the stored vectors trained against.
+    dim : the training and evaluation dimension.
+    choice : the base encoder, checked against the set's fingerprint.
+    train : training queries with positives (:class:`~jobs.retune_data.TrainQuery`).
+    dev, dev_qrels : the judged dev queries and their qrels (empty without a dev set).
     """
 
-    kind: str
-    ids: pa.StringArray
-    dense: "np.ndarray | None" = None
-    codec: object = None
-    codes: "np.ndarray | None" = None
-    residuals: "np.ndarray | None" = None
-    lengths: "np.ndarray | None" = None
-    _index: object = field(default=None, repr=False)
-
-    @classmethod
-    def read(cls, set_dir: Location, manifest: dict, kind: str) -> "StoredVectors":
-        want = "dense" if kind == "dense" else "tokens"
-        files = sets.set_files(set_dir, manifest, want)
-        progress = Progress(f"read {want}", sum(f.live_rows for f in files))
-        ids, parts = [], []
-        for f in files:
-            table = sets.read_live(f)
-            ids.append(table.column("id").combine_chunks())
-            parts.append(schemas.dense_matrix(table) if kind == "dense" else table)
-            progress.update(table.num_rows)
-        all_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
-        if kind == "dense":
-            return cls(kind, all_ids, dense=np.concatenate(parts))
-        return cls._tokens(all_ids, parts, set_dir.join(manifest["codec"]["file"]).read_bytes())
-
-    @classmethod
-    def _tokens(cls, ids: pa.StringArray, tables: list[pa.Table], codec_bytes: bytes) -> "StoredVectors":
-        from embedding.codec import ResidualCodec
-
-        codec = ResidualCodec.from_bytes(codec_bytes)
-        table = pa.concat_tables(tables)
-        codes = table.column("codes").combine_chunks().values.to_numpy(zero_copy_only=False)
-        residuals = np.frombuffer(b"".join(v.as_py() for v in table.column("residuals")), np.uint8)
-        lengths = np.asarray(table.column("n_vectors").to_numpy(), np.int64)
-        return cls("colbert", ids, codec=codec, codes=codes.astype(codec.code_dtype),
-                   residuals=residuals.reshape(int(lengths.sum()), codec.residual_bytes), lengths=lengths)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def rows(self, doc_ids: list[str]) -> np.ndarray:
-        """Positions of ``doc_ids`` (int64, -1 where absent)."""
-        found = pc.index_in(pa.array(doc_ids, pa.string()), value_set=self.ids)
-        return np.asarray(found.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
-
-    def lookup(self, rows: np.ndarray, dim: int, device: str):
-        """The training-side lookup over ``rows`` (its own row i = ``rows[i]``)."""
-        from embedding.mrl import truncate
-        from embedding.tuning import DenseDocs, TokenDocs
-
-        if self.kind == "dense":
-            return DenseDocs(truncate(self.dense[rows], dim), device)
-        offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        tokens = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in rows])
-        return TokenDocs(self.codec, self.codes[tokens], self.residuals[tokens], self.lengths[rows], dim, device)
-
-    def search(self, queries: np.ndarray, k: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` (scores, positions), best first: inner product or MaxSim."""
-        if self.kind == "dense":
-            return _dense_topk(self.dense, queries, k, dim)
-        if self._index is None:
-            from indexing.plaid import CentroidIndex
-
-            self._index = CentroidIndex.from_flat(self.codec, self.codes, self.residuals, self.lengths)
-        return self._index.exact_maxsim(queries, k, dim=dim)
-
-
-def _dense_topk(stored: np.ndarray, q: np.ndarray, k: int, dim: int,
-                chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
-    from embedding.mrl import truncate
-
-    best_s = np.zeros((len(q), 0), np.float32)
-    best_i = np.zeros((len(q), 0), np.int64)
-    for start in range(0, len(stored), chunk):
-        block = q @ truncate(stored[start:start + chunk], dim).T
-        s = np.concatenate([best_s, block], axis=1)
-        i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + block.shape[1]), block.shape)], axis=1)
-        keep = np.argsort(-s, axis=1, kind="stable")[:, :k]   # ties: the lower position first
-        best_s, best_i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
-    return best_s, best_i
-
-
-# ---- the worker -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Plan:
-    """What the driver checked and the worker needs (sent to the Ray task)."""
-
-    cfg: RetuneConfig
-    root: str
-    index_version: str
+    index_manifest: dict
+    set_manifest: dict
+    set_version: str
     kind: str
     dim: int
-    set_dir: str
-    set_manifest: dict
-    base_path: str
-    base_settings: dict
-    base_fingerprint: str
+    choice: "EncoderChoice"
     train: list
     dev: list
     dev_qrels: dict
-    version_dir: str
-    device: str
-
-
-def evaluate_encoder(lm, vectors: StoredVectors, plan: Plan) -> dict:
-    """Exact retrieval of the dev queries; ``{"overall", "per_language"}`` (EvalResult, no per-query)."""
-    from embedding.encoder import Encoder
-    from embedding.mrl import truncate
-    from indexing.metrics import evaluate
-
-    enc = Encoder(lm, max_batch=plan.cfg.query_batch)
-    texts = [q.text for q in plan.dev]
-    if plan.kind == "dense":
-        q = truncate(enc.encode_queries(texts), plan.dim)
-    else:
-        q = enc.encode_queries_colbert(texts)
-    scores, pos = vectors.search(q, min(EVAL_K, len(vectors)), plan.dim)
-    ids = vectors.ids
-    run = {d.id: [(ids[int(p)].as_py(), float(s)) for s, p in zip(srow, prow) if p >= 0]
-           for d, srow, prow in zip(plan.dev, scores, pos)}
-    result = evaluate(run, plan.dev_qrels, {d.id: d.lang for d in plan.dev}).to_dict()
-    return {"overall": result["overall"], "per_language": result["per_language"]}
-
-
-def mine(plan: Plan) -> tuple[list[list[str]], dict]:
-    """Hard negatives of every training query from the index, with the base encoder."""
-    from indexing.searcher import Searcher
-
-    cfg = plan.cfg
-    searcher = Searcher.open(plan.root, cfg.index, version=plan.index_version, query_encoder=cfg.base,
-                             device=plan.device)
-    mined, infos = [], []
-    progress = Progress("mine negatives", len(plan.train))
-    for start in range(0, len(plan.train), cfg.query_batch):
-        batch = plan.train[start:start + cfg.query_batch]
-        hits = searcher.search([q.text for q in batch], cfg.mine_k, lang=cfg.negatives_lang,
-                               where=cfg.negatives_where)
-        for q, h in zip(batch, hits):
-            negs, info = select_negatives([d for d, _ in h], set(q.positives), cfg.negatives, cfg.skip_top)
-            mined.append(negs)
-            infos.append(info)
-        progress.update(len(batch))
-    return mined, negatives_stats(mined, infos, cfg)
-
-
-def training_data(plan: Plan, vectors: StoredVectors, mined: list[list[str]]):
-    """(TrainingData over compact rows, the lookup of those rows)."""
-    from embedding.tuning import TrainingData
-
-    wanted = sorted({d for q in plan.train for d in q.positives} | {d for m in mined for d in m})
-    rows = vectors.rows(wanted)
-    assert (rows >= 0).all(), "positives were checked; negatives come from the index of this set"
-    local = {d: i for i, d in enumerate(wanted)}
-    data = TrainingData([q.text for q in plan.train],
-                        [np.array([local[d] for d in q.positives], np.int64) for q in plan.train],
-                        [np.array([local[d] for d in m], np.int64) for m in mined])
-    return data, vectors.lookup(rows, plan.dim, plan.device)
-
-
-def _run_row(tc, stats: dict, changes: dict, before: "dict | None", after: "dict | None", verdict: "dict | None"):
-    return {"lr": tc.lr, "freeze": list(tc.freeze), "steps": stats["steps"], "loss_before": stats["loss_before"],
-            "loss_after": stats["loss_after"], "tensors_changed": changes["tensors_changed"],
-            "max_abs_change": changes["max_abs_change"],
-            "ndcg_before": before["overall"]["nDCG@10"] if before else None,
-            "ndcg_after": after["overall"]["nDCG@10"] if after else None,
-            "delta": verdict["overall_delta"] if verdict else None,
-            "worst_language": verdict["worst_language"] if verdict else None,
-            "worst_delta": verdict["worst_delta"] if verdict else None,
-            "passed": verdict["passed"] if verdict else None, "reasons": verdict["reasons"] if verdict else [],
-            "per_language_after": after["per_language"] if after else None}
-
-
-def tune(plan: Plan) -> dict:
-    """The Ray task: mine, read, evaluate the base, train and gate every run, write the chosen one."""
-    import torch
-
-    from embedding.model import EncoderSettings, default_threads, load_model
-
-    torch.set_num_threads(plan.cfg.threads or default_threads())
-    _quiet_transformers()
-    timings = Timings()
-    with timings("mine"):
-        mined, neg_stats = mine(plan)
-    with timings("read_vectors"):
-        vectors = StoredVectors.read(location(plan.set_dir), plan.set_manifest, plan.kind)
-        data, docs = training_data(plan, vectors, mined)
-    settings = EncoderSettings(**plan.base_settings)
-    base_path = _worker_base(plan)
-    lm = load_model(base_path, settings, device=plan.device, half=False)
-    if lm.fingerprint != plan.base_fingerprint:
-        raise RuntimeError(f"the base encoder at {base_path} on this worker has fingerprint {lm.fingerprint[:16]}, "
-                           f"the driver checked {plan.base_fingerprint[:16]}")
-    with timings("evaluate"):
-        before = evaluate_encoder(lm, vectors, plan) if plan.dev else None
-    base = {n: p.detach().to("cpu", copy=True) for n, p in lm.model.named_parameters()}
-    rows, results, best_state = [], [], None
-    for i, tc in enumerate(plan.cfg.runs()):
-        logger.info("run %d: lr %.3g, freeze %s", i + 1, tc.lr, list(tc.freeze) or "none")
-        row, state, result = _one_run(plan, lm, base, data, docs, vectors, tc, before, timings)
-        rows.append(row)
-        results.append(result)
-        chosen = choose_run(rows, plan.cfg.force)
-        if chosen == i:
-            best_state = state
-    chosen = choose_run(rows, plan.cfg.force)
-    out = {"negatives": neg_stats, "runs": rows, "chosen": chosen, "before": before,
-           "device": plan.device, "threads": torch.get_num_threads(), "documents": len(vectors)}
-    if chosen is not None:
-        with timings("save"):
-            lm.model.load_state_dict(best_state, strict=False)
-            out.update(results[chosen])
-            out.update(write_encoder(plan, base_path, lm.model, settings,
-                                     set(results[chosen]["changes"]["changed"])))
-    out["timings"] = timings.to_dict()
-    return out
-
-
-def _worker_base(plan: Plan) -> str:
-    """The base folder on this worker: a registered base is fetched here (the driver's cache may be elsewhere)."""
-    if plan.cfg.base is None:
-        return plan.base_path
-    from indexing.searcher import query_encoder_dir
-
-    return str(query_encoder_dir(plan.root, plan.cfg.base)[0])
-
-
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # no weight-loading bars in the worker's output
-
-
-def _one_run(plan: Plan, lm, base: dict, data, docs, vectors: StoredVectors, tc, before, timings: Timings):
-    import torch
-
-    from embedding.tuning import parameter_changes, train_query_encoder
-
-    with torch.no_grad():
-        for n, p in lm.model.named_parameters():
-            p.copy_(base[n])
-    with timings("train"):
-        model, stats = train_query_encoder(lm, data, docs, tc, n_negatives=plan.cfg.negatives, dim=plan.dim)
-    changes = parameter_changes(model, base)
-    after = verdict = None
-    if before is not None:
-        with timings("evaluate"):
-            after = evaluate_encoder(lm, vectors, plan)
-        verdict = gate(before, after, plan.cfg.tolerance, plan.cfg.max_regression)
-    row = _run_row(tc, stats, changes, before, after, verdict)
-    logger.info("run: loss %.4f -> %.4f; dev nDCG@10 %s; gate %s", stats["loss_before"], stats["loss_after"],
-                row["ndcg_after"], row["passed"])
-    state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
-    return row, state, {"train_config": tc.to_dict(), "train_stats": stats, "changes": changes,
-                        "after": after, "gate": verdict}
-
-
-def write_encoder(plan: Plan, base_path: str, model, settings, changed: set[str]) -> dict:
-    """Save the folder locally, fingerprint it, copy every file into the claimed version."""
-    from embedding.model import fingerprint
-    from embedding.tuning import save_query_encoder
-
-    vdir = location(plan.version_dir)
-    with tempfile.TemporaryDirectory(prefix="tessera-retune-") as tmp:
-        folder = save_query_encoder(base_path, model, settings, Path(tmp) / "encoder", required=changed)
-        fp = fingerprint(folder, settings)
-        entries = []
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            data = path.read_bytes()
-            loc = vdir.join(path.relative_to(folder).as_posix())
-            loc.write_bytes(data)
-            entries.append(file_entry(loc, vdir, kind="model", rows=0, nbytes=len(data),
-                                      sha256=hashlib.sha256(data).hexdigest()))
-    logger.info("wrote %d files of the tuned encoder (fingerprint %s) to %s", len(entries), fp[:12], vdir.url)
-    return {"fingerprint": fp, "files": entries}
+    set_dir: str
 
 
 # ---- the driver ------------------------------------------------------------------------------
@@ -733,39 +247,37 @@ def run(cfg: RetuneConfig) -> dict:
     RuntimeError
         A file of the set or of its indexes changed while the job ran.
     """
-    from jobs.runtime import init_ray
-
     timings = Timings()
     root = layout.resolve_root(cfg.root)
     with timings("check"):
-        plan_parts = prepare(cfg, root)
+        prep = prepare(cfg, root)
     with timings("checksums"):
-        urls = set_file_urls(root, cfg.set_name, plan_parts["set_version"])
+        urls = set_file_urls(root, cfg.set_name, prep.set_version)
         before_sums = checksums(urls)
     art = Artifact(root, "encoders", cfg.encoder_name)
-    version, _ = art.claim(_run_key(cfg, plan_parts), {"host": socket.gethostname(), "pid": os.getpid()})
+    version, _ = art.claim(_run_key(cfg, prep), {"host": socket.gethostname(), "pid": os.getpid()})
     init_ray()
-    plan = _plan(cfg, root, plan_parts, art.version_dir(version).url)
+    plan = _plan(cfg, root, prep, art.version_dir(version).url)
     with timings("worker"):
-        result = _remote_tune(plan)
+        result = remote_tune(plan)
     with timings("checksums"):
         after_sums = checksums(urls)
     changed = sorted(u for u in urls if before_sums[u] != after_sums.get(u))
     if changed:
         raise RuntimeError(f"{len(changed)} file(s) of set {cfg.set_name} or its indexes changed while re-tuning "
                            f"(first: {changed[:3]}); nothing was committed")
-    report = _report(cfg, plan_parts, result)
+    report = _report(cfg, prep, result)
     if result["chosen"] is None:
         art.version_dir(version).delete(recursive=True)
-        raise GateRefused(_refusal_message(report), report)
-    manifest = _manifest(cfg, plan_parts, result, report, before_sums, after_sums, timings)
+        raise GateRefused(refusal_message(report), report)
+    manifest = _manifest(cfg, prep, result, report, before_sums, after_sums, timings)
     manifest = art.commit(version, manifest)
     if cfg.publish:
         art.publish(version)
     return manifest
 
 
-def prepare(cfg: RetuneConfig, root: Location) -> dict:
+def prepare(cfg: RetuneConfig, root: Location) -> Prepared:
     """Every check that can fail on input, before training; returns what the plan needs."""
     from embedding.tuning import match_freeze, parameter_names
     from indexing.searcher import choose_query_encoder
@@ -785,14 +297,13 @@ def prepare(cfg: RetuneConfig, root: Location) -> dict:
     for tc in cfg.runs():
         match_freeze(names, tc.freeze)
     train = load_training(cfg.train, cfg.train_qrels)
-    dev, dev_qrels = load_dev(cfg)
+    dev, dev_qrels = load_dev(cfg.dev_queries, cfg.dev_qrels)
     _check_ids(set_art.version_dir(set_version), sm, kind, train, dev_qrels)
     logger.info("re-tuning %s's query encoder on %d training queries against set %s %s (%s, dim %d); "
                 "%d run(s); %d dev queries", choice.path, len(train), cfg.set_name, set_version, kind, dim,
                 len(cfg.runs()), len(dev))
-    return {"index_manifest": im, "set_manifest": sm, "set_version": set_version, "kind": kind, "dim": dim,
-            "choice": choice, "train": train, "dev": dev, "dev_qrels": dev_qrels,
-            "set_dir": set_art.version_dir(set_version).url}
+    return Prepared(index_manifest=im, set_manifest=sm, set_version=set_version, kind=kind, dim=dim, choice=choice,
+                    train=train, dev=dev, dev_qrels=dev_qrels, set_dir=set_art.version_dir(set_version).url)
 
 
 def _check_vectors(cfg: RetuneConfig, sm: dict, im: dict, kind: str) -> int:
@@ -830,29 +341,29 @@ def _check_ids(set_dir: Location, sm: dict, kind: str, train: list[TrainQuery], 
                        int((~found_dev).sum()))
 
 
-def _run_key(cfg: RetuneConfig, parts: dict) -> str:
+def _run_key(cfg: RetuneConfig, prep: Prepared) -> str:
     key = {"cfg": {k: v for k, v in cfg.to_dict().items() if k not in ("root", "threads", "device", "publish")},
-           "set": parts["set_manifest"]["model"]["fingerprint"], "base": parts["choice"].fingerprint,
-           "train": [dataclasses.astuple(q) for q in parts["train"]]}
+           "set": prep.set_manifest["model"]["fingerprint"], "base": prep.choice.fingerprint,
+           "train": [dataclasses.astuple(q) for q in prep.train]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _plan(cfg: RetuneConfig, root: Location, parts: dict, version_dir: str) -> Plan:
+def _plan(cfg: RetuneConfig, root: Location, prep: Prepared, version_dir: str) -> Plan:
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.device == "cuda" and gpus < 1:
         raise ValueError("device 'cuda' was asked for but the Ray cluster has no GPU")
     device = "cuda" if gpus >= 1 and cfg.device != "cpu" else "cpu"
-    choice = parts["choice"]
-    return Plan(cfg, root.url, parts["index_manifest"]["version"], parts["kind"], parts["dim"], parts["set_dir"],
-                parts["set_manifest"], str(choice.path), choice.settings.to_dict(), choice.fingerprint,
-                parts["train"], parts["dev"],
-                parts["dev_qrels"], version_dir, device)
+    choice = prep.choice
+    return Plan(cfg, root.url, prep.index_manifest["version"], prep.kind, prep.dim, prep.set_dir,
+                prep.set_manifest, str(choice.path), choice.settings.to_dict(), choice.fingerprint,
+                prep.train, prep.dev, prep.dev_qrels, version_dir, device)
 
 
-def _remote_tune(plan: Plan) -> dict:
-    """One Ray task: a GPU worker when ``plan.device`` is cuda, else one CPU slot (threads: the node's)."""
+def remote_tune(plan: Plan) -> dict:
+    """:func:`jobs.retune_worker.tune` in one Ray task: a GPU worker when ``plan.device`` is cuda,
+    else one CPU slot (threads: the node's)."""
     import ray
 
     task = ray.remote(num_cpus=1, num_gpus=1 if plan.device == "cuda" else 0, max_retries=0)(tune)
@@ -860,59 +371,37 @@ def _remote_tune(plan: Plan) -> dict:
 
 
 # ---- reporting --------------------------------------------------------------------------------
-def _report(cfg: RetuneConfig, parts: dict, result: dict) -> dict:
+def _report(cfg: RetuneConfig, prep: Prepared, result: dict) -> dict:
     chosen = result["chosen"]
     return {"runs": result["runs"], "chosen": chosen, "before": result["before"], "after": result.get("after"),
-            "negatives": result["negatives"], "set": cfg.set_name, "set_version": parts["set_version"],
-            "best_refused": _best_refused(result) if chosen is None else None}
+            "negatives": result["negatives"], "set": cfg.set_name, "set_version": prep.set_version,
+            "best_refused": best_refused(result) if chosen is None else None}
 
 
-def _best_refused(result: dict) -> "dict | None":
-    rows = result["runs"]
-    if not rows or rows[0]["ndcg_after"] is None:
-        return None
-    i = max(range(len(rows)), key=lambda j: rows[j]["ndcg_after"])
-    return {"run": i + 1, "after": {"overall": {"nDCG@10": rows[i]["ndcg_after"]},
-                                    "per_language": rows[i]["per_language_after"]}}
-
-
-def _refusal_message(report: dict) -> str:
-    text = [f"the gate refused every run ({len(report['runs'])}): nothing was published (use --force to "
-            "publish anyway)", "", runs_table(report["runs"])]
-    best = report.get("best_refused")
-    if best and report["before"]:
-        after = {"overall": {**report["before"]["overall"], **best["after"]["overall"]},
-                 "per_language": best["after"]["per_language"]}
-        text += ["", f"run {best['run']} per language:", languages_table(report["before"], after)]
-        reasons = report["runs"][best["run"] - 1]["reasons"]
-        text += ["", "reasons: " + "; ".join(reasons)]
-    return "\n".join(text)
-
-
-def _manifest(cfg: RetuneConfig, parts: dict, result: dict, report: dict, before_sums: dict,
+def _manifest(cfg: RetuneConfig, prep: Prepared, result: dict, report: dict, before_sums: dict,
               after_sums: dict, timings: Timings) -> dict:
-    sm, im, choice = parts["set_manifest"], parts["index_manifest"], parts["choice"]
-    compat = {"set": cfg.set_name, "version": parts["set_version"], "fingerprint": sm["model"]["fingerprint"]}
+    sm, im, choice = prep.set_manifest, prep.index_manifest, prep.choice
+    compat = {"set": cfg.set_name, "version": prep.set_version, "fingerprint": sm["model"]["fingerprint"]}
     verdict = result.get("gate")
     evaluation = None
     if result["before"] is not None:
-        evaluation = {"method": "exact", "k": EVAL_K, "dim": parts["dim"], "before": result["before"],
+        evaluation = {"method": "exact", "k": EVAL_K, "dim": prep.dim, "before": result["before"],
                       "after": result["after"], "delta_points": {
                           "overall": verdict["overall_delta"], "per_language": verdict["per_language_delta"]},
                       "gate": verdict, "dev": {"queries": location(cfg.dev_queries).url,
                                                "qrels": location(cfg.dev_qrels).url,
-                                               "judged_queries": len(parts["dev"])}}
+                                               "judged_queries": len(prep.dev)}}
     return {
         "fingerprint": result["fingerprint"], "base_fingerprint": choice.fingerprint,
         "base": {"path": str(choice.path), "registered": choice.registered, "ref": cfg.base},
         "settings": choice.settings.to_dict(), "compatible_with": compat, "source": dict(compat),
         "index": {"name": cfg.index, "version": im["version"], "kind": im["index_kind"], "dim": im["dim"]},
-        "vectors": {"kind": parts["kind"], "dim": parts["dim"], "documents": result["documents"]},
+        "vectors": {"kind": prep.kind, "dim": prep.dim, "documents": result["documents"]},
         "training": {**result["train_config"], "stats": result["train_stats"],
                      "parameter_changes": {k: v for k, v in result["changes"].items() if k != "changed"},
                      "train": location(cfg.train).url,
                      "train_qrels": location(cfg.train_qrels).url if cfg.train_qrels else None,
-                     "queries": len(parts["train"]),
+                     "queries": len(prep.train),
                      "device": result["device"], "threads": result["threads"]},
         "negatives": result["negatives"], "evaluation": evaluation,
         "forced": not (verdict or {}).get("passed", False), "runs": result["runs"], "chosen_run": result["chosen"] + 1,
@@ -922,3 +411,29 @@ def _manifest(cfg: RetuneConfig, parts: dict, result: dict, report: dict, before
         "timings": {**timings.to_dict(), **{f"worker_{k}": v for k, v in result["timings"].items()}},
         "created_at": utcnow(),
     }
+
+
+# ---- immutability ----------------------------------------------------------------------------
+def set_file_urls(root: Location, set_name: str, set_version: str) -> list[str]:
+    """Every file of the set version and of every committed index built on it (manifests included)."""
+    art = Artifact(root, "sets", set_name)
+    vdir = art.version_dir(set_version)
+    m = art.manifest(set_version)
+    urls = [vdir.join(layout.MANIFEST).url] + [_entry_url(vdir, e) for e in m["files"]]
+    for im in committed_manifests(root, "indexes"):
+        src = im.get("source", {})
+        if src.get("set") == set_name and src.get("version") == set_version:
+            idir = location(im["_dir"])
+            urls += [idir.join(layout.MANIFEST).url] + [_entry_url(idir, e) for e in im.get("files", [])]
+    return sorted(set(urls))
+
+
+def checksums(urls: list[str]) -> dict[str, str]:
+    """``{url: sha256}``, a few files at a time (object stores reward parallel reads)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(zip(urls, pool.map(lambda u: location(u).sha256(), urls)))
+
+
+def _entry_url(base: Location, entry: dict) -> str:
+    return sets.entry_location(base, entry).url
+

@@ -226,7 +226,7 @@ def test_filter_injection_is_refused_before_it_runs(flat, where, named):
 
 
 def test_filter_runs_on_the_locked_catalog_of_the_index_set_version(flat):
-    con = flat._catalog()
+    con = flat.catalog()
     with pytest.raises(Exception, match="disabled by configuration"):
         con.execute("select * from read_text('/etc/hostname')").fetchall()
     # documents_all: an index built on a set version that is no longer current still filters its own rows
@@ -258,7 +258,7 @@ def test_search_from_an_s3_root(store, s3_bucket):
 
 
 def _plaid_index(searcher: Searcher) -> CentroidIndex:
-    return searcher._backend.index
+    return searcher.backend.index
 
 
 def test_plaid_index_is_memory_mapped_and_searches_like_in_memory(store):
@@ -448,7 +448,7 @@ def test_thread_budget_is_applied_in_each_phase(store, kind, monkeypatch):
 
     searcher = Searcher.open(store["root"], _index_of_kind(store, kind), threads=3)
     assert searcher.budget.threads == 3
-    backend, seen = searcher._backend, {}
+    backend, seen = searcher.backend, {}
     encode, search = backend.encode, backend.search
 
     def spy_encode(*args):
@@ -474,7 +474,7 @@ def test_thread_budget_is_applied_in_each_phase(store, kind, monkeypatch):
     finally:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     if kind == "plaid":
-        assert backend.index is not None and searcher._backend.threads == 3   # the query pool's size
+        assert backend.index is not None and searcher.backend.threads == 3   # the query pool's size
 
 
 def test_default_thread_budget_is_the_available_cpus(flat):

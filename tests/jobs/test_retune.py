@@ -21,7 +21,10 @@ from jobs.embed import EmbedConfig
 from jobs.embed import run as embed
 from jobs.evaluate import EvalConfig
 from jobs.evaluate import run as evaluate_run
-from jobs.retune import (GateRefused, RetuneConfig, choose_run, gate, load_training, run, select_negatives)
+from jobs.retune import GateRefused, RetuneConfig, run
+from jobs.retune_data import load_training
+from jobs.retune_gate import choose_run, gate
+from jobs.retune_worker import select_negatives
 from storage import catalog
 from storage.fs import Location
 from storage.manifest import Artifact, NotFoundError
@@ -146,6 +149,31 @@ def test_training_formats(tmp_path):
         load_training(_jsonl(tmp_path / "b.jsonl", [{"text": "x", "doc_id": []}]))
 
 
+def test_training_defaults_are_train_configs():
+    """One source of the training defaults (lr, temperature, ...): embedding.tuning_config.TrainConfig."""
+    from embedding.tuning_config import TrainConfig
+
+    ours = RetuneConfig.__dataclass_fields__
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        assert ours[name].default == f.default, name
+
+
+def test_training_file_errors_name_the_file_and_line(tmp_path):
+    """Invalid UTF-8 or JSON in a training file is a QueryFileError naming the file and line, not a bare
+    UnicodeDecodeError (the JSONL reader of storage.input_files, shared with corpus and query files)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok", "doc_id": "d1"}\n{"text": "caf\xe9", "doc_id": "d2"}\n')
+    with pytest.raises(QueryFileError, match=r"bad\.jsonl: line 2: not valid UTF-8 \(byte 13"):
+        load_training(str(bad))
+    bad.write_bytes(b'{"text": "ok", "doc_id": "d1"}\n\n{"text": "x", "doc_id": \n')
+    with pytest.raises(QueryFileError, match=r"bad\.jsonl: line 3: invalid JSON: Expecting value at column"):
+        load_training(str(bad))
+    with pytest.raises(QueryFileError, match=r"nope\.jsonl: no such file"):
+        load_training(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(QueryFileError, match=r"pairs\.csv: training pairs must be Parquet or JSONL"):
+        load_training(str(tmp_path / "pairs.csv"))
+
+
 # ---- the job ---------------------------------------------------------------------------------
 def test_harmless_version_is_published_and_used_by_search(store, tmp_path):
     before = _tree_digest(Path(store["root"]) / "sets") | _tree_digest(Path(store["root"]) / "indexes")
@@ -240,7 +268,7 @@ def test_bad_input_fails_before_training(store, tmp_path, monkeypatch):
     def no_training(plan):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(retune_mod, "_remote_tune", no_training)
+    monkeypatch.setattr(retune_mod, "remote_tune", no_training)
     with pytest.raises(ValueError, match="learning rate must be > 0"):
         _cfg(store, lr=0.0)
     with pytest.raises(ValueError, match="learning rate must be > 0"):
@@ -277,7 +305,7 @@ def test_a_changed_set_file_fails_the_job(store, tmp_path, monkeypatch):
 
     root = tmp_path / "store"
     shutil.copytree(store["root"], root)
-    real = retune_mod._remote_tune
+    real = retune_mod.remote_tune
 
     def tamper(plan):
         out = real(plan)
@@ -285,7 +313,7 @@ def test_a_changed_set_file_fails_the_job(store, tmp_path, monkeypatch):
         ids.write_bytes(ids.read_bytes() + b"\0")
         return out
 
-    monkeypatch.setattr(retune_mod, "_remote_tune", tamper)
+    monkeypatch.setattr(retune_mod, "remote_tune", tamper)
     with pytest.raises(RuntimeError, match="changed while re-tuning"):
         run(_cfg(store, root=str(root), name="t-tamper", steps=1))
     assert Artifact(Location(str(root)), "encoders", "t-tamper").versions() == []
