@@ -32,7 +32,7 @@ from indexing import dense
 from indexing.plaid import ARRAY_KEYS, DERIVED_KEYS, CentroidIndex
 from storage import layout, schemas
 from storage.fs import Location
-from storage.manifest import Artifact, NotFoundError, file_entry
+from storage.manifest import Artifact, FileEntry, IndexManifest, IndexSource, NotFoundError, SetManifest, file_entry
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +52,11 @@ def file_location(base: Location, path: str) -> Location:
     return Location(path) if "://" in path or path.startswith("/") else base.join(path)
 
 
-def entries(manifest: dict, kind: str) -> list[dict]:
+def entries(manifest: "SetManifest | IndexManifest", kind: str) -> list[FileEntry]:
     return [e for e in manifest.get("files", []) if e.get("kind") == kind]
 
 
-def read_checked(base: Location, entry: dict) -> bytes:
+def read_checked(base: Location, entry: FileEntry) -> bytes:
     """The bytes of a manifest file entry, checked against its recorded sha256."""
     loc = file_location(base, entry["path"])
     data = loc.read_bytes()
@@ -66,7 +66,7 @@ def read_checked(base: Location, entry: dict) -> bytes:
     return data
 
 
-def index_manifest(art: Artifact, version: "str | None") -> dict:
+def index_manifest(art: Artifact, version: "str | None") -> IndexManifest:
     m = art.manifest(version)
     kind = m.get("index_kind")
     if kind not in INDEX_KINDS:
@@ -78,7 +78,7 @@ def index_manifest(art: Artifact, version: "str | None") -> dict:
     return m
 
 
-def source_set(root: Location, source: dict) -> tuple[dict, Location]:
+def source_set(root: Location, source: IndexSource) -> tuple[SetManifest, Location]:
     """The source set's manifest and version folder (under ``root``, else ``source["dir"]``)."""
     art = Artifact(root, "sets", source["set"])
     try:
@@ -93,7 +93,7 @@ def source_set(root: Location, source: dict) -> tuple[dict, Location]:
     return json.loads(folder.join(layout.MANIFEST).read_text()), folder
 
 
-def read_codec(set_dir: Location, set_manifest: dict) -> ResidualCodec:
+def read_codec(set_dir: Location, set_manifest: SetManifest) -> ResidualCodec:
     name = (set_manifest.get("codec") or {}).get("file")
     if name is None:
         raise ValueError(f"set {set_manifest.get('name')!r} {set_manifest.get('version')} has no "
@@ -101,7 +101,7 @@ def read_codec(set_dir: Location, set_manifest: dict) -> ResidualCodec:
     return ResidualCodec.from_bytes(set_dir.join(name).read_bytes())
 
 
-def plaid_arrays(vdir: Location, manifest: dict) -> dict[str, np.ndarray]:
+def plaid_arrays(vdir: Location, manifest: IndexManifest) -> dict[str, np.ndarray]:
     """``{key: array}`` from the ``plaid/<key>.npy`` files (no pickle), memory-mapped.
 
     Every file is checked against its manifest sha256 (streamed, not held in
@@ -116,7 +116,7 @@ def plaid_arrays(vdir: Location, manifest: dict) -> dict[str, np.ndarray]:
     return arrays
 
 
-def local_npy(base: Location, entry: dict) -> str:
+def local_npy(base: Location, entry: FileEntry) -> str:
     """A local path holding the bytes of ``entry``, checked against its sha256."""
     loc = file_location(base, entry["path"])
     expected = entry.get("sha256")
@@ -148,7 +148,7 @@ def local_npy(base: Location, entry: dict) -> str:
     return str(cached)
 
 
-def read_ids(vdir: Location, manifest: dict) -> pa.StringArray:
+def read_ids(vdir: Location, manifest: IndexManifest) -> pa.StringArray:
     """Document ids by label, ``(n_labels,)``, from the version's ``ids.parquet``.
 
     A full build labels its documents ``0..n-1``. An index updated in place by a
@@ -173,7 +173,7 @@ def read_ids(vdir: Location, manifest: dict) -> pa.StringArray:
 
 
 def open_centroid_index(root: "str | Location", index: str, version: "str | None" = None
-                        ) -> tuple[CentroidIndex, dict]:
+                        ) -> tuple[CentroidIndex, IndexManifest]:
     """The PLAID index of a committed version, memory-mapped, with no query encoder.
 
     Parameters
@@ -184,7 +184,7 @@ def open_centroid_index(root: "str | Location", index: str, version: "str | None
 
     Returns
     -------
-    (CentroidIndex, dict)
+    (CentroidIndex, IndexManifest)
         The index (positions are the labels of ``ids.parquet``) and its manifest.
     """
     art = Artifact(layout.resolve_root(root), "indexes", layout.check_name(index, "index name"))
@@ -195,7 +195,8 @@ def open_centroid_index(root: "str | Location", index: str, version: "str | None
     return load_centroid_index(art.version_dir(manifest["version"]), manifest, set_dir, set_manifest), manifest
 
 
-def load_centroid_index(vdir: Location, manifest: dict, set_dir: Location, set_manifest: dict) -> CentroidIndex:
+def load_centroid_index(vdir: Location, manifest: IndexManifest, set_dir: Location,
+                        set_manifest: SetManifest) -> CentroidIndex:
     """The PLAID index of version folder ``vdir``, memory-mapped, with its set's codec."""
     codec = read_codec(set_dir, set_manifest)
     # The files passed their manifest sha256: only shapes are checked, so the
@@ -208,14 +209,14 @@ _CHUNK_BYTES = 1 << 24  # bytes per streamed write
 _IVF_BLOCK = 1 << 22  # inverted-list entries merged at a time
 
 
-def put_file(vdir: Location, path: str, data: bytes, kind: str, rows: int) -> dict:
+def put_file(vdir: Location, path: str, data: bytes, kind: str, rows: int) -> FileEntry:
     """Write ``data`` to ``vdir/path``; its manifest entry."""
     loc = vdir.join(path)
     loc.write_bytes(data)
     return file_entry(loc, vdir, kind=kind, rows=rows, nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
-def write_ids(ids: pa.StringArray, vdir: Location, labels: "np.ndarray | None" = None) -> dict:
+def write_ids(ids: pa.StringArray, vdir: Location, labels: "np.ndarray | None" = None) -> FileEntry:
     """``ids.parquet``: label → document id (labels ``0..n-1`` unless given)."""
     pos = np.arange(len(ids), dtype=np.int64) if labels is None else np.asarray(labels, np.int64)
     table = pa.table({"pos": pa.array(pos), "id": ids})
@@ -224,12 +225,12 @@ def write_ids(ids: pa.StringArray, vdir: Location, labels: "np.ndarray | None" =
                       sha256=info["sha256"])
 
 
-def write_plaid(index: CentroidIndex, vdir: Location) -> list[dict]:
+def write_plaid(index: CentroidIndex, vdir: Location) -> list[FileEntry]:
     """``plaid/<key>.npy`` files of a centroid index (no pickle); their manifest entries."""
     return write_plaid_parts([index.to_arrays()], vdir)
 
 
-def write_plaid_parts(parts: "list[dict[str, np.ndarray]]", vdir: Location) -> list[dict]:
+def write_plaid_parts(parts: "list[dict[str, np.ndarray]]", vdir: Location) -> list[FileEntry]:
     """The ``plaid/<key>.npy`` files of the concatenation of ``parts``, streamed.
 
     ``parts`` are :meth:`CentroidIndex.to_arrays` of indexes built with one codec
