@@ -289,7 +289,7 @@ def _new_body(token: str, owner: dict, ttl_s: float) -> dict:
     now = time.time()
     return {"token": token, "owner": dict(owner), "acquired_at": _iso(now),
             "expires_at": now + float(ttl_s), "ttl_s": float(ttl_s),
-            "host": socket.gethostname(), "pid": os.getpid(), "pid_ns": _pid_ns()}
+            "host": socket.gethostname(), "pid": os.getpid(), "pid_ns": pid_ns()}
 
 
 def _dumps(body: dict) -> bytes:
@@ -300,7 +300,8 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
-def _pid_ns() -> str | None:
+def pid_ns() -> str | None:
+    """This process's pid namespace (Linux), or None: a lease's pid names a process only within it."""
     try:
         return os.readlink("/proc/self/ns/pid")
     except OSError:  # not Linux: fall back to comparing hostnames only
@@ -383,7 +384,7 @@ def _takeover_reason(loc: Location, stored: _Stored, ttl_s: float) -> str | None
     if body["expires_at"] < now:
         return f"it expired {now - body['expires_at']:.1f}s ago"
     pid = body.get("pid")
-    if body.get("host") == socket.gethostname() and body.get("pid_ns") in (None, _pid_ns()) \
+    if body.get("host") == socket.gethostname() and body.get("pid_ns") in (None, pid_ns()) \
             and isinstance(pid, int) and pid > 0 and not _pid_alive(pid):
         return f"its process {pid} on this host no longer exists"
     return None

@@ -51,7 +51,7 @@ def _write_body(loc: Location, run_id: str = "other-run", expires_in: float = 60
     body = {"token": uuid.uuid4().hex, "owner": {"run_id": run_id},
             "acquired_at": "2026-01-01T00:00:00+00:00", "expires_at": now + expires_in,
             "ttl_s": 60.0, "host": socket.gethostname(), "pid": os.getpid(),
-            "pid_ns": lease_mod._pid_ns(), **fields}
+            "pid_ns": lease_mod.pid_ns(), **fields}
     loc.write_text(json.dumps(body))
     return body
 
