@@ -12,7 +12,6 @@ refuses bad input before it encodes or publishes anything.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -20,10 +19,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from storage.corpus import JSONL_EXT, PARQUET_EXT, json_error
 from storage.fs import Location, location
+from storage.input_files import JSONL_EXT, PARQUET_EXT, file_format, json_error, jsonl_objects, read_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +97,10 @@ def load_augment_queries(url: "str | Location", *, known_ids: "Iterable[str] | N
     """
     loc = location(url)
     columns = (passage_column, text_column, lang_column)
-    low = loc.url.lower()
-    if low.endswith(PARQUET_EXT):
+    fmt = file_format(loc.url)
+    if fmt == "parquet":
         rows = _parquet_rows(loc, columns)
-    elif low.endswith(JSONL_EXT):
+    elif fmt == "jsonl":
         rows = _jsonl_rows(loc, columns)
     else:
         raise AugmentQueryError(f"{loc.url}: unknown file format (expected one of {PARQUET_EXT + JSONL_EXT})")
@@ -132,7 +130,7 @@ def queries_from_column(ids: Sequence[str], values: Sequence, *, column: str, wh
     where : per document ``"<url>: line 3"`` / ``"<url>: row 2"``.
     """
     out = AugmentQueries()
-    cols = ("id", column, "lang")
+    cols = ("id", "text", "lang")
     for pid, value, at in zip(ids, values, where):
         if value is None:
             continue
@@ -178,18 +176,8 @@ def _add(out: AugmentQueries, at: str, pid, text, lang, columns: tuple[str, str,
     out.where.append(at)
 
 
-def _read_bytes(loc: Location) -> bytes:
-    try:
-        return loc.read_bytes()
-    except FileNotFoundError as err:
-        raise AugmentQueryError(f"{loc.url}: no such file") from err
-
-
 def _parquet_rows(loc: Location, columns: tuple[str, str, str]) -> Iterator[tuple[str, dict]]:
-    try:
-        table = pq.read_table(io.BytesIO(_read_bytes(loc)))
-    except (pa.ArrowInvalid, OSError) as err:
-        raise AugmentQueryError(f"{loc.url}: unreadable Parquet file: {err}") from err
+    table = read_parquet(loc, AugmentQueryError)
     _require(loc.url, table.column_names, columns[:2])
     wanted = [c for c in columns if c in table.column_names]
     for i, row in enumerate(table.select(wanted).to_pylist()):
@@ -197,19 +185,7 @@ def _parquet_rows(loc: Location, columns: tuple[str, str, str]) -> Iterator[tupl
 
 
 def _jsonl_rows(loc: Location, columns: tuple[str, str, str]) -> Iterator[tuple[str, dict]]:
-    for lineno, raw in enumerate(_read_bytes(loc).splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise AugmentQueryError(f"{loc.url}: line {lineno}: not valid UTF-8 (byte {err.start})") from err
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AugmentQueryError(f"{loc.url}: line {lineno}: invalid JSON: {json_error(err)}") from err
-        if not isinstance(obj, dict):
-            raise AugmentQueryError(f"{loc.url}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+    for lineno, obj in jsonl_objects(loc, AugmentQueryError):
         _require(loc.url, list(obj), columns[:2], f"line {lineno}")
         yield f"line {lineno}", obj
 
