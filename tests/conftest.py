@@ -76,7 +76,6 @@ from fixtures_models import (  # noqa: E402
     build_tiny_model_no_weights,
     build_tiny_pylate,
 )
-
 from tests.helpers import (  # noqa: E402
     RAY_STATE,
     RAY_TEMP_DIR_MAX,
@@ -96,7 +95,7 @@ from tests.helpers import (  # noqa: E402
 HEAVY_MODULES = ("jobs/test_reindex_faults.py", "jobs/test_cli.py", "jobs/test_reindex.py", "jobs/test_embed.py",
                  "jobs/test_cli_errors.py",
                  "jobs/test_retune.py", "jobs/test_build_index.py", "jobs/test_cluster.py",
-                 "indexing/test_searcher.py", "test_fixtures.py")
+                 "indexing/test_searcher.py", "test_fixtures.py", "storage/test_manifest_types.py")
 
 
 def _module_rank(item) -> int:

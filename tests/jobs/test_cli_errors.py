@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RAY_STATE, free_port
 from jobs.cli import main
+from tests.helpers import RAY_STATE, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "jobs" / "data" / "sample_corpus.jsonl"

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tests.helpers import RAY_STATE, REPO_ROOT, mkdtemp_short
 
 SAMPLE = REPO_ROOT / "jobs" / "data" / "sample_corpus.jsonl"

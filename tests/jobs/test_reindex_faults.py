@@ -23,8 +23,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ensure_local_ray
 
+from conftest import ensure_local_ray
 from indexing.searcher import Searcher
 from jobs.cli import main as cli
 from jobs.reindex import LEASE, ReindexConfig, rollback
