@@ -32,7 +32,7 @@ A Matryoshka prefix ``dim`` truncates queries, centroids and decompressed
 vectors to their first ``dim`` dimensions and re-normalises them.
 
 Positional document ids are the only ids here; their mapping to the user's ids
-lives next to the index file (see DESIGN.md).
+lives next to the index files (``ids.parquet``, :mod:`indexing.index_files`).
 """
 
 from __future__ import annotations

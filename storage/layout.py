@@ -4,14 +4,17 @@
 
     <root>/
       sets/<name>/CURRENT                      {"version": "v000002", ...}  (moved atomically)
+      sets/<name>/_lease.json                  one writer per set (reindex, rollback, gc, index pins)
       sets/<name>/v000002/_claim.json          who is writing this version (run key)
       sets/<name>/v000002/_shards/00017.json   a finished shard (resume skips it)
       sets/<name>/v000002/{docs,dense,tokens,skipped}/part-00017.parquet
       sets/<name>/v000002/codec.npz            residual codec (numpy, no pickle)
-      sets/<name>/v000002/manifest.json        written last: the version exists
-      indexes/<name>/v000001/...               same protocol
-      encoders/<name>/v000001/...              query encoders (Hugging Face folders)
-      runs/<run id>.json                       one report per job run
+      sets/<name>/v000002/tombstones.parquet   re-indexed versions: replaced and deleted rows
+      sets/<name>/v000002/_release.json        the index versions released with this set version
+      sets/<name>/v000002/manifest.json        written last: the version exists (storage.manifest.SetManifest)
+      indexes/<name>/v000001/...               same protocol (IndexManifest)
+      encoders/<name>/v000001/...              query encoders, Hugging Face folders (EncoderManifest)
+      runs/<run id>.json                       one report per reindex/rollback run (RunReportRecord)
 """
 from __future__ import annotations
 

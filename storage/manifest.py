@@ -410,7 +410,7 @@ class NegativeFilters(TypedDict):
 
 
 class NegativesRecord(TypedDict):
-    """What hard-negative mining found (``jobs.retune.negatives_stats``)."""
+    """What hard-negative mining found (the retune job's statistics over the mined lists)."""
 
     queries: int
     per_query: int  # negatives wanted per query
@@ -451,7 +451,7 @@ class RunRow(TypedDict):
 
 
 class GateVerdict(TypedDict):
-    """``jobs.retune.gate``: may the tuned encoder replace the base? Deltas in nDCG@10 points."""
+    """The retune gate's verdict: may the tuned encoder replace the base? Deltas in nDCG@10 points."""
 
     passed: bool
     overall_delta: float
