@@ -130,7 +130,7 @@ class QueryTower:
         self._marker = tok.convert_tokens_to_ids(self.s.query_marker) if colbert and self.s.query_marker else None
 
     def inputs(self, texts: list[str]) -> QueryBatch:
-        """Tokenize like ``Encoder._tokenize`` and pad like ``Encoder._forward``."""
+        """Tokenize and pad exactly as :meth:`embedding.encoder.Encoder.encode_queries` does."""
         limit = self.s.query_maxlen if self.colbert else self.s.max_length
         seqs = [_truncate(ids, special, limit, self._marker) for ids, special in
                 _encode(self.lm.tokenizer, [self.s.query_prefix + t for t in texts])]
