@@ -50,8 +50,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedding.encoder import Encoder
-from embedding.model import (EncoderSettings, ModelError, cache_root, check_model_dir, fingerprint, load_model,
-                             read_settings)
+from embedding.model import (
+    EncoderSettings,
+    ModelError,
+    cache_root,
+    check_model_dir,
+    fingerprint,
+    load_model,
+    read_settings,
+)
 from embedding.mrl import truncate
 from indexing import dense, index_files
 from indexing.index_files import PLAID, load_centroid_index, read_ids

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from storage import schemas, sets
 from storage.fs import Location
 
+
 def dense_file(f: sets.SetFile) -> tuple[pa.StringArray, np.ndarray]:
     """The live rows of one ``dense`` file: ids ``(n,)`` and float16 vectors ``(n, D)``."""
     table = sets.read_live(f, ["id", "vector"])

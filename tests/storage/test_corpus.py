@@ -9,8 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.corpus import (ColumnMap, CorpusError, check_first_file, expand, file_format, find_duplicates,
-                            read_rows, scan_file)
+from storage.corpus import (
+    ColumnMap,
+    CorpusError,
+    check_first_file,
+    expand,
+    file_format,
+    find_duplicates,
+    read_rows,
+    scan_file,
+)
 from storage.input_files import json_error
 
 COLS = ColumnMap()
