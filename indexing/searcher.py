@@ -407,6 +407,10 @@ class Searcher:
     ``budget`` (the :class:`~indexing.threads.ThreadBudget` every search runs under),
     ``batch_size``, ``load_seconds`` (``{"index": s, "model": s}`` spent in :meth:`open`)
     and ``search_seconds`` (``{"encode": s, "retrieve": s}`` summed over searches).
+
+    :meth:`search` is two phases, each public for callers that time or reuse them
+    (benchmarks): :meth:`encode_queries` then :meth:`retrieve`, whose positions
+    :attr:`ids` names; :attr:`backend` is the loaded index family (a :class:`Backend`).
     """
 
     def __init__(self, root: Location, manifest: dict, set_manifest: dict, backend: Backend, nbits: "int | None",
