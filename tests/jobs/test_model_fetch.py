@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from jobs import model_fetch
+from jobs.e5s1 import parse_e5s1
 from jobs.model_fetch import (
     ENCODER_SETTINGS_FILE,
     KNOWN_MODELS,
@@ -69,9 +70,21 @@ def test_default_model_dir_uses_env(models_dir):
 
 def test_default_model_dir_falls_back_to_home_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("TESSERA_MODELS_DIR", raising=False)
+    monkeypatch.delenv("TESSERA_CACHE_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     expected = tmp_path / ".cache" / "tessera" / "models" / "me5-small"
     assert default_model_dir("me5-small") == expected
+
+
+def test_default_model_dir_is_in_the_cache_dir(tmp_path, monkeypatch):
+    """Without $TESSERA_MODELS_DIR models live in Tessera's cache folder, $TESSERA_CACHE_DIR
+    when it is set (like tokenizers, encoders and index copies); $TESSERA_MODELS_DIR wins."""
+    monkeypatch.delenv("TESSERA_MODELS_DIR", raising=False)
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_model_dir("me5-small") == tmp_path / "cache" / "models" / "me5-small"
+    monkeypatch.setenv("TESSERA_MODELS_DIR", str(tmp_path / "models"))
+    assert default_model_dir("me5-small") == tmp_path / "models" / "me5-small"
 
 
 # --------------------------------------------------------------- resolve
@@ -324,7 +337,7 @@ def test_corrupt_wheel_file_is_refused(tmp_path, tiny_model, monkeypatch):
 
 def test_parse_rejects_other_files():
     with pytest.raises(ValueError, match="E5S1"):
-        model_fetch.parse_e5s1(b"GGUF" + bytes(64))
+        parse_e5s1(b"GGUF" + bytes(64))
 
 
 # ------------------------------------------------------------- real build
