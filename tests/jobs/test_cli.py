@@ -206,3 +206,90 @@ def test_cli_index_search_eval(tiny_model_dir, tmp_path):
     out = tessera("search", "--index", "s-flat", "--root", root, "--json", "--where", "lang = 'de' and n_chars > 0",
                   text, cwd=tmp_path)
     assert out.returncode == 0 and all(h["id"].startswith("de-") for h in json.loads(out.stdout)[0]["results"])
+
+
+# ---- options, defaults and choices: one home each ----------------------------------------------
+def _parse(*argv: str):
+    from jobs.cli import build_parser
+
+    return build_parser().parse_args(list(argv))
+
+
+def test_left_out_options_take_the_job_configs_defaults(tmp_path):
+    """An option left out is not passed: the config dataclass's own default applies (lr 5e-8,
+    temperature 0.05, nbits, ... are written only there); a given option is passed as given."""
+    from jobs.build_index import IndexConfig
+    from jobs.commands import embed, evaluate, index, reindex, retune
+    from jobs.embed import EmbedConfig
+    from jobs.evaluate import EvalConfig
+    from jobs.reindex import ReindexConfig
+    from jobs.retune import RetuneConfig
+
+    assert embed.to_config(_parse("embed"), tmp_path) == EmbedConfig(
+        corpus=(str(SAMPLE),), model=str(tmp_path), set_name="sample")
+    assert index.to_config(_parse("index", "--set", "s", "--kind", "hnsw")) == IndexConfig(set_name="s", kind="hnsw")
+    assert evaluate.to_config(_parse("eval", "--index", "a", "b", "--queries", "q", "--qrels", "r")) == \
+        EvalConfig(index=("a", "b"), queries="q", qrels="r")
+    assert retune.to_config(_parse("retune", "--set", "s", "--index", "i", "--train", "t", "--force")) == \
+        RetuneConfig(set_name="s", index="i", train="t", force=True)
+    assert reindex.to_config(_parse("reindex", "--set", "s", "--corpus", "c")) == \
+        ReindexConfig(set_name="s", corpus=("c",))
+
+    given = embed.to_config(_parse("embed", "--nbits", "2", "--no-publish", "--id-column", "key", "--force",
+                                   "--batch-size", "8"), tmp_path)
+    assert (given.nbits, given.publish, given.id_column, given.force, given.max_batch) == (2, False, "key", True, 8)
+    tuned = retune.to_config(_parse("retune", "--set", "s", "--index", "i", "--train", "t", "--force",
+                                    "--lr", "1e-7", "--no-in-batch", "--freeze", "a*", "--sweep-freeze", "none,b+c"))
+    assert (tuned.lr, tuned.in_batch, tuned.freeze, tuned.sweep_freeze) == (1e-7, False, ("a*",), ((), ("b", "c")))
+
+
+def test_help_quotes_the_configs_defaults(capsys):
+    import dataclasses
+
+    from jobs.cli import main
+    from jobs.commands.common import plain
+    from jobs.embed import DEFAULT_NBITS
+    from jobs.retune import RetuneConfig
+
+    lr = next(f.default for f in dataclasses.fields(RetuneConfig) if f.name == "lr")
+    for argv, quoted in ((["retune", "--help"], f"(default {plain(lr)}, adiabatic)"),
+                         (["embed", "--help"], f"1, 2 or 4 (default {DEFAULT_NBITS}: jobs.embed.DEFAULT_NBITS)")):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+        assert quoted in " ".join(capsys.readouterr().out.split())
+    assert plain(5e-8) == "5e-8" and plain(0.05) == "0.05" and plain(4) == "4"
+
+
+def test_choices_match_their_homes():
+    """argparse needs choices when an option is added; their homes import faiss or torch."""
+    from embedding.model import EncoderSettings
+    from indexing.index_files import INDEX_KINDS
+    from jobs import embed, evaluate
+    from jobs.commands import common
+
+    assert common.MODES == embed.MODES and common.INDEX_KINDS == INDEX_KINDS
+    assert common.EVAL_DEVICES == evaluate.DEVICES
+    for pooling in common.POOLINGS:
+        EncoderSettings(pooling=pooling)
+    with pytest.raises(ValueError, match="pooling"):
+        EncoderSettings(pooling="max")
+
+
+def test_parsing_imports_no_job():
+    """Parsing any command's options (and building its parser) imports neither numpy, faiss,
+    torch, Ray nor a job module: ``--help`` and bad-input errors stay fast, and work without faiss."""
+    script = (
+        "import sys; sys.modules['faiss'] = None\n"
+        "from jobs.cli import build_parser\n"
+        "p = build_parser()\n"
+        "for argv in (['embed', '--mode', 'dense', '--nbits', '2'], ['index', '--set', 's', '--kind', 'plaid'],\n"
+        "             ['search', '--index', 'i', 'q'], ['eval', '--index', 'i', '--queries', 'q', '--qrels', 'r'],\n"
+        "             ['retune', '--set', 's', '--index', 'i', '--train', 't'], ['reindex', '--set', 's', '--corpus', 'c'],\n"
+        "             ['gc'], ['rollback', '--set', 's', '--to', 'v000001'], ['model', 'fetch', 'me5-small']):\n"
+        "    p.parse_args(argv)\n"
+        "heavy = ('numpy', 'torch', 'ray', 'pyarrow', 'jobs.embed', 'jobs.retune', 'jobs.reindex', 'jobs.evaluate')\n"
+        "print([m for m in heavy if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
