@@ -1,7 +1,7 @@
 """The ``tessera`` command line. It only parses arguments into job configs and prints results.
 
 Logs and progress go to stderr; ``--json`` prints exactly one JSON document on stdout.
-Exit codes: 0 success, 1 failure, 2 bad input (a clear message, nothing published),
+Exit codes (``jobs.errors``): 0 success, 1 failure, 2 bad input (a clear message, nothing published),
 3 refused (a re-tuned query encoder by its gate; a re-index with another model without --full),
 4 nothing to do (a re-index of an unchanged snapshot, an embed of an unchanged corpus), 5 busy (another run
 holds the set's lease).

@@ -108,7 +108,7 @@ def print_result(manifest: dict, published: bool, as_json: bool) -> None:
     if as_json:
         print_json(manifest)
         return
-    from jobs.retune import languages_table, runs_table
+    from jobs.retune_gate import languages_table, runs_table
 
     print(runs_table(manifest["runs"]))
     ev = manifest["evaluation"]
