@@ -13,16 +13,7 @@ import logging
 import os
 import sys
 
-from jobs.commands import (
-    catalog,
-    embed,
-    evaluate,
-    index,
-    model,
-    reindex,
-    retune,
-    search,
-)
+from jobs.commands import catalog, embed, evaluate, index, model, reindex, retune, search
 from jobs.commands.common import traceback_arg
 from jobs.errors import exit_code
 

@@ -3,14 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.commands.common import (
-    EVAL_DEVICES,
-    Command,
-    config_from,
-    json_arg,
-    print_json,
-    root_arg,
-)
+from jobs.commands.common import EVAL_DEVICES, Command, config_from, json_arg, print_json, root_arg
 from jobs.errors import EXIT_OK
 
 

@@ -6,15 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.commands.common import (
-    Command,
-    config_from,
-    given,
-    json_arg,
-    print_json,
-    root_arg,
-    short,
-)
+from jobs.commands.common import Command, config_from, given, json_arg, print_json, root_arg, short
 from jobs.errors import (
     EXIT_BAD_INPUT,
     EXIT_BUSY,
@@ -144,7 +136,8 @@ def gc(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     for kind in ("sets", "indexes"):
         for name, r in sorted(result[kind].items()):
-            print(f"{kind[:-1] if kind == 'sets' else 'index'} {name}: dropped {', '.join(r['dropped_versions']) or 'no versions'}; "
+            dropped = ", ".join(r["dropped_versions"]) or "no versions"
+            print(f"{kind[:-1] if kind == 'sets' else 'index'} {name}: dropped {dropped}; "
                   f"{verb} {r['deleted_files']} files ({r['freed_bytes'] / 1e6:.1f} MB)")
     return EXIT_OK
 

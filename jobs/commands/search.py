@@ -7,14 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.commands.common import (
-    Command,
-    given,
-    json_arg,
-    print_json,
-    root_arg,
-    root_str,
-)
+from jobs.commands.common import Command, given, json_arg, print_json, root_arg, root_str
 from jobs.errors import EXIT_OK
 
 
