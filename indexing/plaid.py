@@ -67,7 +67,7 @@ _SCORE_BUDGET = 1 << 24
 _STAGE_BUDGET = 1 << 20
 _EXACT_TOKENS = 4096
 _MAX_DOCS = np.iinfo(np.int32).max
-# Up to this many cells per query token, _best_cells scans with argmax.
+# Up to this many cells per query token, best_cells scans with argmax.
 _ARGMAX_CELLS = 8
 
 
@@ -389,7 +389,7 @@ def _check_ivf_docs(ivf_docs: np.ndarray, ivf_offsets: np.ndarray, n_docs: int) 
     return ivf_docs.astype(np.int32, copy=False)
 
 
-def _build_ivf(
+def build_ivf(
     codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Inverted lists: for each centroid, the sorted documents with a token on it.
@@ -643,7 +643,7 @@ class CentroidIndex:
         offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
         if offsets[-1] != len(codes):
             raise ValueError(f"doc_lengths sum to {offsets[-1]}, but there are {len(codes)} codes")
-        ivf_offsets, ivf_docs = _build_ivf(codes, offsets, codec.n_centroids)
+        ivf_offsets, ivf_docs = build_ivf(codes, offsets, codec.n_centroids)
         index = cls(codec, offsets, codes, residuals, ivf_offsets, ivf_docs)
         logger.info(
             "built centroid index: %d documents, %d tokens, %d inverted entries, %.1f MiB",
@@ -1009,7 +1009,7 @@ class CentroidIndex:
             docs = self._searchable_docs(mask)[:k]
             return np.zeros(len(docs), dtype=np.float32), docs
         ncells = params.ncells
-        docs = self._candidates(centroid_scores, ncells, mask)
+        docs = self.candidates(centroid_scores, ncells, mask)
         # The exact stage scores max(k, ndocs // 4) documents. A filter (or a small index)
         # can leave the probed cells with fewer allowed candidates than that, and then the
         # best cells of the allowed documents were never looked at: widen the probe until
@@ -1019,17 +1019,17 @@ class CentroidIndex:
         want = min(n_exact, n_searchable)
         while len(docs) < want and ncells < centroid_scores.shape[1]:
             ncells *= 2
-            docs = self._candidates(centroid_scores, ncells, mask)
+            docs = self.candidates(centroid_scores, ncells, mask)
         kept = centroid_scores.max(axis=0) >= params.centroid_score_threshold
         n_candidates = len(docs)
         if self._prunes_nothing(docs, kept):
             # Pruning would score every candidate as the full stage does (common with
             # vectors whose centroid scores are all high: on me5-small 4,090 of 4,096
             # centroids pass 0.5): one stage gives the same documents.
-            docs = self._centroid_filter(docs, centroid_scores, None, n_exact)
+            docs = self.centroid_filter(docs, centroid_scores, None, n_exact)
         else:
-            docs = self._centroid_filter(docs, centroid_scores, kept, max(params.ndocs, n_exact))
-            docs = self._centroid_filter(docs, centroid_scores, None, n_exact)
+            docs = self.centroid_filter(docs, centroid_scores, kept, max(params.ndocs, n_exact))
+            docs = self.centroid_filter(docs, centroid_scores, None, n_exact)
         logger.debug(
             "plaid query: %d candidates, %d after centroid stages, %d/%d centroids kept",
             n_candidates, len(docs), int(kept.sum()), len(kept),
@@ -1076,7 +1076,7 @@ class CentroidIndex:
         starts = self.doc_cell_offsets[docs]
         return bool(kept[self.doc_cells[_ranges(starts, self.doc_cell_offsets[docs + 1] - starts)]].all())
 
-    def _candidates(
+    def candidates(
         self, centroid_scores: np.ndarray, ncells: int, mask: np.ndarray | None
     ) -> np.ndarray:
         """Sorted documents in the inverted lists of each query token's best cells."""
@@ -1084,7 +1084,7 @@ class CentroidIndex:
         if ncells >= n_centroids:
             cells = np.arange(n_centroids)
         else:
-            cells = np.unique(_best_cells(centroid_scores, ncells))
+            cells = np.unique(best_cells(centroid_scores, ncells))
         starts = self.ivf_offsets[cells]
         entries = self.ivf_docs[_ranges(starts, self.ivf_offsets[cells + 1] - starts)]
         # A mark per document instead of a sort of the (overlapping) lists.
@@ -1094,7 +1094,7 @@ class CentroidIndex:
             hit &= mask
         return np.flatnonzero(hit)
 
-    def _centroid_filter(
+    def centroid_filter(
         self,
         docs: np.ndarray,
         centroid_scores: np.ndarray,
@@ -1191,7 +1191,7 @@ def _inv_norms(codec: ResidualCodec, codes: np.ndarray, residuals: np.ndarray) -
     return out
 
 
-def _best_cells(centroid_scores: np.ndarray, ncells: int) -> np.ndarray:
+def best_cells(centroid_scores: np.ndarray, ncells: int) -> np.ndarray:
     """``(Lq, ncells)`` the best centroids of every query token (any order within a row).
 
     For a few cells, repeated row-wise ``argmax`` (a vectorised scan) beats a

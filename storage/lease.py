@@ -177,6 +177,11 @@ class Lease:
             self.body = body
             self._renew_error = None
 
+    @property
+    def lost(self) -> "LeaseLost | None":
+        """What the heartbeat found when it lost the lease (None while the lease holds)."""
+        return self._lost
+
     def check(self) -> None:
         """Raise :class:`LeaseLost` unless the stored lease is still ours and unexpired.
 

@@ -20,8 +20,8 @@ from indexing.plaid import (
     SearchParams,
     maxsim,
     plaid_defaults,
-    _best_cells,
-    _build_ivf,
+    best_cells,
+    build_ivf,
 )
 
 DIM = 32
@@ -230,12 +230,12 @@ def test_approximate_stages_match_loops(index, corpus, ncells, threshold):
     q = corpus["queries"][3]
     q = q[np.any(q != 0, axis=1)]
     scores = q @ index.codec.centroids.T  # (Lq, n_centroids)
-    docs = index._candidates(scores, ncells, None)
+    docs = index.candidates(scores, ncells, None)
     assert docs.tolist() == _loop_candidates(index, scores, ncells)
     kept = scores.max(axis=0) >= threshold
     for mask in (kept, np.ones_like(kept)):
         expected = sorted(docs, key=lambda d: -_loop_centroid_score(index, scores, d, mask))[:20]
-        found = index._centroid_filter(docs, scores, mask if mask is kept else None, 20)
+        found = index.centroid_filter(docs, scores, mask if mask is kept else None, 20)
         assert sorted(found.tolist()) == sorted(expected)
 
 
@@ -459,7 +459,7 @@ def test_build_ivf_invariants(lengths, n_centroids, seed):
     rng = np.random.default_rng(seed)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     codes = rng.integers(0, n_centroids, offsets[-1]).astype(np.uint8)
-    ivf_offsets, ivf_docs = _build_ivf(codes, offsets, n_centroids)
+    ivf_offsets, ivf_docs = build_ivf(codes, offsets, n_centroids)
     assert ivf_offsets.shape == (n_centroids + 1,) and ivf_offsets[-1] == len(ivf_docs)
     for cell in range(n_centroids):
         listed = ivf_docs[ivf_offsets[cell] : ivf_offsets[cell + 1]].tolist()
@@ -485,18 +485,18 @@ def test_a_filter_widens_the_probe_to_the_exact_stage_size(index, corpus, monkey
     allowed = np.arange(0, N_DOCS, 5, dtype=np.int64)  # 60 documents
     params = SearchParams(ncells=1, centroid_score_threshold=0.5, ndocs=128)
     seen = []
-    original = CentroidIndex._candidates
+    original = CentroidIndex.candidates
 
     def spy(self, scores, ncells, mask):
         docs = original(self, scores, ncells, mask)
         seen.append((ncells, len(docs)))
         return docs
 
-    monkeypatch.setattr(CentroidIndex, "_candidates", spy)
+    monkeypatch.setattr(CentroidIndex, "candidates", spy)
     scores, ids = index.search(queries, 5, params, allowed=allowed)
     monkeypatch.undo()
     assert np.isin(ids, allowed).all()
-    finals, n = [], 0
+    finals, n, prev = [], 0, None
     for ncells, got in seen:  # one probe series per query: ncells restarts at 1
         if ncells == 1 and n:
             finals.append(prev)
@@ -574,7 +574,7 @@ def test_best_cells_equal_a_full_partition(index, corpus):
     for q in corpus["queries"]:
         scores = q @ index.codec.centroids.T
         for ncells in (1, 2, 4, 16, N_CENTROIDS - 1):
-            got = np.sort(_best_cells(scores, ncells), axis=1)
+            got = np.sort(best_cells(scores, ncells), axis=1)
             full = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :ncells], axis=1)
             # equal score sets (ties may pick other cells of the same score)
             np.testing.assert_array_equal(np.take_along_axis(scores, got, 1).round(6),

@@ -263,7 +263,7 @@ def test_heartbeat_remembers_loss(loc):
     lease.start_heartbeat(interval_s=0.05)
     other = _write_body(loc, run_id="usurper")
     deadline = time.time() + 5
-    while lease._lost is None and time.time() < deadline:
+    while lease.lost is None and time.time() < deadline:
         time.sleep(0.02)
     with pytest.raises(LeaseLost, match="usurper"):
         lease.check()
