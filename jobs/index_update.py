@@ -57,7 +57,7 @@ def _new_files(set_dir: Location, vm: dict, kind: str) -> list[sets.SetFile]:
 def update(root: Location, name: str, im: dict, set_name: str, version: str, vm: dict, diff,
            run_key: str) -> dict:
     """A new version of index ``name``: tombstoned labels out, the new shards in; committed, not published."""
-    from indexing.index_files import plaid_arrays, put_file, read_checked, read_ids, write_ids, write_plaid
+    from indexing.index_files import plaid_arrays, put_file, read_checked, read_ids, write_ids, write_plaid_parts
     from jobs.build_index import read_dense, read_tokens
 
     started = time.perf_counter()
@@ -77,11 +77,15 @@ def update(root: Location, name: str, im: dict, set_name: str, version: str, vm:
         from indexing.plaid import CentroidIndex
 
         codec = ResidualCodec.from_bytes(set_dir.join(vm["codec"]["file"]).read_bytes())
-        index = CentroidIndex.from_arrays(codec, plaid_arrays(pdir, im)).remove(removed)
-        parts = [index] + [CentroidIndex.from_flat(codec, *read_tokens(f, codec)) for f in new_files]
-        index = CentroidIndex.from_parts(codec, parts)
-        entries = write_plaid(index, vdir)
-        added = index.n_docs - start
+        parent = CentroidIndex.from_arrays(codec, plaid_arrays(pdir, im), check=False)  # files sha256-checked
+        if len(removed):
+            parent = parent.remove(removed)  # one copy of the kept tokens; none when nothing is removed
+        parts = [parent.to_arrays()]
+        for f in new_files:
+            parts.append(CentroidIndex.from_flat(codec, *read_tokens(f, codec)).to_arrays())
+        # Streamed part by part: the merged index (parent + new shards) is never built in memory.
+        entries = write_plaid_parts(parts, vdir)
+        added = sum(len(p["doc_offsets"]) - 1 for p in parts[1:])
     else:
         from indexing import dense
 
