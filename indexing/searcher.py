@@ -17,7 +17,12 @@
     <root>/indexes/<name>/vNNNNNN/ids.parquet     pos (int64) -> id (string)
 
 The codec of a plaid index is the source set's ``codec.npz``; ``int8``, ``binary``
-and ``ivfpq`` rescore their candidates with the set's float16 dense vectors.
+and ``ivfpq`` rescore their candidates with the set's float16 dense vectors (its
+xQG-augmented ones for an index built with ``vectors="augmented"``).
+
+X-MOD query encoders (language adapters) encode each query with its language's
+adapter: ``search(..., langs=[...])``, else the ``detector`` given to :meth:`Searcher.open`
+(``"script"``, ``"module:function"``), else the set's fallback adapter.
 
 Vectors are immutable, so the query encoder must be the one the documents were
 encoded with (same fingerprint), or a query encoder registered as compatible with
@@ -50,6 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedding.encoder import Encoder
+from embedding.languages import make_detector
 from embedding.model import (
     EncoderSettings,
     ModelError,
@@ -303,8 +309,9 @@ class Backend(Protocol):
 
     index: object
 
-    def encode(self, encoder: Encoder, texts: list[str]) -> np.ndarray:
-        """The query representation this family searches with (rows in the order of ``texts``)."""
+    def encode(self, encoder: Encoder, texts: list[str], langs: "list | None" = None) -> np.ndarray:
+        """The query representation this family searches with (rows in the order of ``texts``);
+        ``langs``: each query's language (X-MOD encoders), None entries detected."""
         ...
 
     def search(self, q: np.ndarray, k: int, allowed: "np.ndarray | None",
@@ -323,9 +330,9 @@ class DenseBackend:
     def __init__(self, index, params: dense.DenseIndexParams, vectors: "np.ndarray | None") -> None:
         self.index, self.params, self.vectors = index, params, vectors
 
-    def encode(self, encoder: Encoder, texts: list[str]) -> np.ndarray:
+    def encode(self, encoder: Encoder, texts: list[str], langs: "list | None" = None) -> np.ndarray:
         """``(n, dim)`` float32 unit query vectors."""
-        return truncate(encoder.encode_queries(texts), self.params.dim)
+        return truncate(encoder.encode_queries(texts, langs), self.params.dim)
 
     def search(self, q: np.ndarray, k: int, allowed: "np.ndarray | None",
                overrides: "dict | None") -> tuple[np.ndarray, np.ndarray]:
@@ -341,9 +348,9 @@ class PlaidBackend:
         self.index, self.dim = index, dim
         self.threads: "int | None" = None
 
-    def encode(self, encoder: Encoder, texts: list[str]) -> np.ndarray:
+    def encode(self, encoder: Encoder, texts: list[str], langs: "list | None" = None) -> np.ndarray:
         """``(n, query_maxlen, colbert_dim)`` float32 query matrices."""
-        return encoder.encode_queries_colbert(texts)
+        return encoder.encode_queries_colbert(texts, langs)
 
     def search(self, q: np.ndarray, k: int, allowed: "np.ndarray | None",
                overrides: "dict | None") -> tuple[np.ndarray, np.ndarray]:
@@ -376,7 +383,7 @@ def _load_backend(manifest: dict, vdir: Location, labels: pa.StringArray, set_ma
     _check_count(vdir, "index.faiss", int(index.ntotal), n_docs)
     vectors = None
     if kind in dense.RESCORED_KINDS:
-        vectors = read_dense(set_dir, set_manifest, labels)
+        vectors = read_dense(set_dir, set_manifest, labels, manifest.get("vectors", "plain"))
     return DenseBackend(index, params, vectors), None
 
 
@@ -432,7 +439,8 @@ class Searcher:
     @classmethod
     def open(cls, root: "str | Location", index: str, *, version: "str | None" = None,
              query_encoder: "str | None" = None, device: str = "cpu",
-             threads: "int | None" = None, batch_size: int = 64) -> "Searcher":
+             threads: "int | None" = None, batch_size: int = 64,
+             detector: "str | None" = None) -> "Searcher":
         """Load an index version, its id map, and a query encoder compatible with it.
 
         Parameters
@@ -450,6 +458,9 @@ class Searcher:
             never spin against the other; default the CPUs the process may run on.
             See :mod:`indexing.threads`.
         batch_size : queries encoded and retrieved together by :meth:`search`, >= 1.
+        detector : X-MOD encoders: the language of a query given without one: ``"none"``
+            (default: the set's fallback adapter), ``"script"`` or ``"module:function"``
+            (:func:`embedding.languages.make_detector`).
 
         Raises
         ------
@@ -461,6 +472,7 @@ class Searcher:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         budget = ThreadBudget(threads)
+        detect = make_detector(detector)  # a bad name fails before anything loads
         start = time.perf_counter()
         root = layout.resolve_root(root)
         art = Artifact(root, "indexes", layout.check_name(index, "index name"))
@@ -481,8 +493,8 @@ class Searcher:
         logger.info("opened index %s %s (%s, dim %d, %d documents) of set %s %s in %.2f s, query encoder in "
                     "%.2f s; %d threads", index, manifest["version"], manifest["index_kind"], int(manifest["dim"]),
                     len(ids), source["set"], source["version"], seconds["index"], seconds["model"], budget.threads)
-        return cls(root, manifest, set_manifest, backend, nbits, ids, Encoder(lm, max_batch=batch_size), choice,
-                   budget=budget, load_seconds=seconds)
+        return cls(root, manifest, set_manifest, backend, nbits, ids,
+                   Encoder(lm, max_batch=batch_size, detector=detect), choice, budget=budget, load_seconds=seconds)
 
     @property
     def n_docs(self) -> int:
@@ -506,13 +518,14 @@ class Searcher:
         is the index itself."""
         return self._backend
 
-    def encode_queries(self, texts: list[str]) -> np.ndarray:
+    def encode_queries(self, texts: list[str], langs: "list | None" = None) -> np.ndarray:
         """The texts encoded as this index searches them: ``(n, dim)`` float32 unit vectors (dense
-        kinds) or ``(n, query_maxlen, colbert_dim)`` float32 matrices (plaid).
+        kinds) or ``(n, query_maxlen, colbert_dim)`` float32 matrices (plaid). ``langs``: each
+        text's language, for X-MOD encoders (None entries: detected, else the fallback adapter).
 
         Runs in the caller's thread settings; :meth:`search` runs it under ``budget.encoding()``.
         """
-        return self._backend.encode(self._encoder, texts)
+        return self._backend.encode(self._encoder, texts, langs)
 
     def retrieve(self, q: np.ndarray, k: int, allowed: "np.ndarray | None" = None,
                  params: "dict | None" = None) -> tuple[np.ndarray, np.ndarray]:
@@ -526,7 +539,8 @@ class Searcher:
         return self._backend.search(q, k, allowed, params)
 
     def search(self, queries: list[str], k: int = 10, *, lang: "str | None" = None,
-               where: "str | None" = None, params: "dict | None" = None) -> list[list[tuple[str, float]]]:
+               where: "str | None" = None, params: "dict | None" = None,
+               langs: "list | None" = None) -> list[list[tuple[str, float]]]:
         """Top-``k`` documents of each query, best first.
 
         Parameters
@@ -539,6 +553,9 @@ class Searcher:
             (no subquery or table function: see :func:`storage.catalog.check_filter`).
         params : per-call search knobs: ``nprobe``, ``ef_search``, ``rescore`` for dense
             kinds; ``ncells``, ``centroid_score_threshold``, ``ndocs`` for plaid.
+        langs : n query languages (X-MOD encoders: each query's adapter; None entries are
+            detected, see :meth:`open`); ignored by encoders without adapters. ``lang``
+            filters documents, ``langs`` routes queries.
 
         Returns
         -------
@@ -551,6 +568,8 @@ class Searcher:
             An empty query (naming its position), a bad ``k``, an invalid filter or params.
         """
         texts = _check_queries(queries)
+        if langs is not None and len(langs) != len(texts):
+            raise ValueError(f"{len(texts)} queries but {len(langs)} languages")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         allowed = self.allowed_positions(lang=lang, where=where)
@@ -558,15 +577,17 @@ class Searcher:
             return [[] for _ in texts]
         out: list[list[tuple[str, float]]] = []
         for begin in range(0, len(texts), self.batch_size):
-            out += self._search_batch(texts[begin:begin + self.batch_size], int(k), allowed, params)
+            end = begin + self.batch_size
+            out += self._search_batch(texts[begin:end], int(k), allowed, params,
+                                      list(langs[begin:end]) if langs is not None else None)
         return out
 
     def _search_batch(self, texts: list[str], k: int, allowed: "np.ndarray | None",
-                      params: "dict | None") -> list[list[tuple[str, float]]]:
+                      params: "dict | None", langs: "list | None" = None) -> list[list[tuple[str, float]]]:
         """Encode ``texts`` at once, then search their query matrix at once, each phase under the budget."""
         start = time.perf_counter()
         with self.budget.encoding():
-            q = self.encode_queries(texts)
+            q = self.encode_queries(texts, langs)
         encoded = time.perf_counter()
         with self.budget.retrieval(len(texts)):
             scores, ids = self.retrieve(q, k, allowed, params)

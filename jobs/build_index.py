@@ -9,6 +9,10 @@ order. HNSW graphs cannot be merged, so one task adds the shards in order.
 ``plaid``: every ``tokens`` shard becomes a centroid-index part in its own task,
 reusing the set's codec; the parts are concatenated.
 
+``vectors="augmented"`` builds from the set's xQG-augmented vectors (``dense_aug`` /
+``tokens_aug`` files, same schemas and codec) instead of the plain ones; the manifest
+records it (``vectors``) and search reads the matching vectors for rescoring.
+
 The version holds ``index.faiss`` or ``plaid/*.npy``, ``ids.parquet`` (positional
 id → document id) and a manifest naming the exact set version, codec and model
 fingerprint.
@@ -23,8 +27,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from jobs.runtime import init_ray
 from indexing.index_files import put_file, write_ids
+from jobs.runtime import init_ray
 from jobs.timing import Timings
 from storage import layout, sets, vectors
 from storage.fs import Location
@@ -38,7 +42,8 @@ KINDS = DENSE_KINDS + ("plaid",)
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """One index build. ``dim`` None = the set's full dimension; ``name`` None = ``<set>-<kind>[-<dim>]``."""
+    """One index build. ``dim`` None = the set's full dimension; ``name`` None = ``<set>-<kind>[-<dim>]``;
+    ``vectors``: ``"plain"`` or ``"augmented"`` (the set's xQG-augmented vectors)."""
 
     set_name: str
     kind: str
@@ -57,9 +62,11 @@ class IndexConfig:
     train_size: int = 200_000
     seed: int = 0
     publish: bool = True
+    vectors: str = "plain"
 
     def __post_init__(self) -> None:
         layout.check_name(self.set_name, "set name")
+        layout.vector_kind("dense", self.vectors)
         if self.kind not in KINDS:
             raise ValueError(f"index kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
         if self.dim is not None and self.dim < 1:
@@ -94,12 +101,13 @@ def _run(cfg: IndexConfig) -> dict:
     set_version = set_art.resolve(cfg.set_version)
     set_manifest = set_art.manifest(set_version)
     set_dir = set_art.version_dir(set_version)
-    want = "tokens" if cfg.kind == "plaid" else "dense"
+    want = layout.vector_kind("tokens" if cfg.kind == "plaid" else "dense", cfg.vectors)
     files = sets.set_files(set_dir, set_manifest, want)
     stored = set_manifest["dims"]["colbert" if cfg.kind == "plaid" else "dense"]
     if stored is None or not files:
+        how = "without passage augmentation (--augment-*), or " if cfg.vectors == "augmented" else ""
         raise NotFoundError(f"set {cfg.set_name} {set_version} has no {want} vectors "
-                            f"(it was embedded with --mode {set_manifest['config']['mode']})")
+                            f"(it was embedded {how}with --mode {set_manifest['config']['mode']})")
     dim = cfg.dim or stored
     if dim > stored:
         raise ValueError(f"dimension {dim} is above the stored dimension {stored} of set {cfg.set_name}")
@@ -120,13 +128,22 @@ def _run(cfg: IndexConfig) -> dict:
         "source": {"set": cfg.set_name, "version": set_version, "dir": set_dir.url,
                    "fingerprint": set_manifest["model"]["fingerprint"], "stored_dim": stored,
                    "codec": set_manifest.get("codec") if cfg.kind == "plaid" else None},
-        "config": asdict(cfg), "files": entries, "index_bytes": n_bytes,
+        "config": config_dict(cfg), "files": entries, "index_bytes": n_bytes,
         "bytes_per_document": n_bytes / max(1, sum(rows)), "timings": timings.to_dict(), "created_at": utcnow(),
+        **({"vectors": cfg.vectors} if cfg.vectors != "plain" else {}),
     }
     manifest = art.commit(version, manifest)
     if cfg.publish:
         publish_index(root, cfg.set_name, set_version, art, version)
     return manifest
+
+
+def config_dict(cfg: IndexConfig) -> dict:
+    """The manifest's ``config``; ``vectors`` only when not plain (plain builds keep their keys)."""
+    d = asdict(cfg)
+    if d["vectors"] == "plain":
+        del d["vectors"]
+    return d
 
 
 @contextlib.contextmanager

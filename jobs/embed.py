@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Iterator
 
 from embedding.model import EncoderSettings, check_model_dir, fingerprint, read_settings
+from jobs import embed_augment, preflight
 from jobs import plan as planner
-from jobs import preflight
+from jobs.embed_augment import AugmentConfig
 from jobs.embed_codec import ensure_codec
 from jobs.embed_pool import actor_plan, add_worker_stages, done_shards, run_pool, worker_spec
 from jobs.embed_worker import SAMPLE_CACHE, ShardEncoder
@@ -45,7 +46,7 @@ from jobs.runtime import ActorPlan, init_ray
 from jobs.timing import Progress, Timings
 from storage import layout
 from storage.corpus import ColumnMap, CorpusError, CorpusFile, expand, find_duplicates, scan_file
-from storage.fs import Location, retry
+from storage.fs import Location
 from storage.manifest import Artifact, utcnow
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class EmbedConfig:
     nbits : residual bits per dimension for ColBERT tokens (1, 2 or 4; default 4).
     force : write a new version even when the set's current one has the same input
         (see :func:`input_record`); otherwise such a run raises :class:`Unchanged`.
+    adapter_fallback : X-MOD models: the adapter of documents whose language has none.
+    augment : xQG passage augmentation (``jobs.embed_augment``); None: none.
     """
 
     corpus: tuple[str, ...]
@@ -113,8 +116,12 @@ class EmbedConfig:
     query_maxlen: "int | None" = None
     publish: bool = True
     force: bool = False
+    adapter_fallback: "str | None" = None
+    augment: "AugmentConfig | None" = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):
+            object.__setattr__(self, "augment", AugmentConfig.from_dict(self.augment))
         if isinstance(self.corpus, str):
             object.__setattr__(self, "corpus", (self.corpus,))
         if not self.corpus:
@@ -151,12 +158,14 @@ class EmbedConfig:
         """The model folder's own settings with this run's overrides."""
         return read_settings(model_dir).replace(
             pooling=self.pooling, query_prefix=self.query_prefix, passage_prefix=self.passage_prefix,
-            max_length=self.max_length, doc_maxlen=self.doc_maxlen, query_maxlen=self.query_maxlen)
+            max_length=self.max_length, doc_maxlen=self.doc_maxlen, query_maxlen=self.query_maxlen,
+            adapter_fallback=self.adapter_fallback)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["corpus"] = list(self.corpus)
-        return d
+        # the new settings are left out when unset: sets embedded before them keep their keys
+        return {k: v for k, v in d.items() if v is not None or k not in ("adapter_fallback", "augment")}
 
 
 @dataclass(frozen=True)
@@ -197,18 +206,22 @@ def run(cfg: EmbedConfig) -> dict:
     art = Artifact(root, "sets", cfg.set_name)
     with timings("check"):
         urls = preflight.embed(cfg.corpus, cfg.model, cfg.columns)  # in a second, before Ray and the model
+        preflight.languages(urls, cfg.columns, cfg.model, cfg.adapter_fallback)
+        aug = embed_augment.describe(cfg.augment, cfg.seed) if cfg.augment else None
     with timings("model"):
         model = describe_model(cfg)
     with timings("input"):
-        source = input_record(cfg, model, urls)
+        source = input_record(cfg, model, urls, aug)
     if not cfg.force:
         check_unchanged(art, source)
     init_ray()
     with timings("scan"):
         files, ids_digest, ids = scan_corpus(cfg, urls)
-    run_key = resume_key(cfg, model, files, ids_digest)
+        queries = embed_augment.check_queries(cfg, ids) if cfg.augment else None
+    run_key = resume_key(cfg, model, files, ids_digest, aug)
     version, resumed = art.claim(run_key, {"host": socket.gethostname(), "pid": os.getpid()})
     try:
+        embed_augment.write_queries(queries, art.version_dir(version))
         return _write_version(cfg, art, version, resumed, model, files, ids, run_key, timings, source)
     except Exception as err:
         if not resumed and bad_input(unwrap(err)) is not None:
@@ -241,6 +254,7 @@ def _write_version(cfg: EmbedConfig, art: Artifact, version: str, resumed: bool,
         if cfg.publish:
             art.publish(version)
     vdir.join(SAMPLE_CACHE).delete(recursive=True)  # pass 1's encodings, now in the shards
+    vdir.join(embed_augment.QUERIES_FILE).delete()
     return manifest
 
 
@@ -282,20 +296,23 @@ def discard_version(art: Artifact, version: str) -> None:
     logger.info("removed the unfinished %s/%s %s", art.kind, art.name, version)
 
 
-def resume_key(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], ids_digest: str) -> str:
+def resume_key(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], ids_digest: str,
+               augment: "dict | None" = None) -> str:
     """The run key of an embed run (its manifest's ``run_key``, its version's claim).
 
     Same key ⇔ same input (scanned ``files`` and the sha256 over their ids, from
     :func:`scan_corpus`), model and settings: a rerun resumes instead of starting over.
+    ``augment``: ``jobs.embed_augment.describe``'s record (queries file tag, generator).
     """
     relevant = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
     key = {"cfg": relevant, "model": model.fingerprint, "ids": ids_digest,
-           "files": [(f.url, f.n_rows) for f in files]}
+           "files": [(f.url, f.n_rows) for f in files], **({"augment": augment} if augment else {})}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 # ---- the input record: is this run a duplicate of the current version? ---------------------
-def input_record(cfg: EmbedConfig, model: ModelInfo, urls: "list[str] | None" = None) -> dict:
+def input_record(cfg: EmbedConfig, model: ModelInfo, urls: "list[str] | None" = None,
+                 augment: "dict | None" = None) -> dict:
     """What a version is embedded from, and its sha256 ``key``.
 
     Every corpus file's URL, size and content tag (the sha256 of a local file's bytes,
@@ -312,18 +329,12 @@ def input_record(cfg: EmbedConfig, model: ModelInfo, urls: "list[str] | None" = 
 
     urls = list(urls) if urls else [loc.url for loc in expand(list(cfg.corpus))]
     with ThreadPoolExecutor(max(1, min(8, len(urls)))) as pool:
-        files = list(pool.map(_content_tag, urls))
+        files = list(pool.map(preflight.content_tag, urls))
     settings = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS + ("corpus", "set_name")}
-    key = {"settings": settings, "model": model.fingerprint, "files": files}
-    return {"key": hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(), "files": files}
-
-
-def _content_tag(url: str) -> dict:
-    loc = Location(url)
-    info = retry(lambda: loc.fs.info(loc.path), f"stat {url}")
-    etag = str(info.get("ETag") or "").strip('"') if loc.is_remote else ""
-    tag = {"etag": etag} if etag else {"sha256": loc.sha256()}
-    return {"url": url, "bytes": int(info["size"]), **tag}
+    key = {"settings": settings, "model": model.fingerprint, "files": files,
+           **({"augment": augment} if augment else {})}
+    return {"key": hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(), "files": files,
+            **({"augment": augment} if augment else {})}
 
 
 def check_unchanged(art: Artifact, source: dict) -> None:
@@ -413,12 +424,13 @@ def _manifest(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], piece
         "counts": {"input_rows": count("rows_in"), "documents": count("documents"),
                    "skipped_empty": count("skipped_empty"), "tokens": count("tokens"),
                    "input_tokens": count("input_tokens"), "truncated": count("truncated"),
-                   "shards": len(pieces)},
+                   "shards": len(pieces), **embed_augment.adapter_counts(shard_stats)},
         "corpus": [{"url": f.url, "format": f.format, "rows": f.n_rows} for f in files],
         "files": entries,
         "parent": art.current(),
         "run_key": run_key,
         "input": source,
+        **embed_augment.manifest_record(cfg.augment, source, shard_stats),
         "workers": p.to_dict(),
         "timings": {**timings.to_dict(), **_worker_timings(shard_stats),
                     "encode_worker_seconds": round(sum(s["encode_seconds"] for s in shard_stats), 3)},

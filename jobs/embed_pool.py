@@ -46,9 +46,10 @@ def actor_plan(cfg: EmbedConfig) -> ActorPlan:
 def worker_spec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], vdir: Location,
                 p: ActorPlan, dense: bool, colbert: bool) -> WorkerSpec:
     """What every encoder actor of the pool gets: the model, the corpus files, the version folder."""
+    augment = {"config": cfg.augment.to_dict(), "run_seed": cfg.seed} if cfg.augment else None
     return WorkerSpec(model.path, model.settings.to_dict(), model.fingerprint, [f.to_dict() for f in files],
                       dataclasses.asdict(cfg.columns), vdir.url, dense, colbert, p.threads, p.device,
-                      cfg.max_batch, cfg.max_tokens)
+                      cfg.max_batch, cfg.max_tokens, augment)
 
 
 def map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | None"):

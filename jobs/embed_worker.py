@@ -20,7 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedding.codec import ResidualCodec
+from embedding.languages import route_languages
+from embedding.model import adapter_languages
 from embedding.vectors import DocumentVectors
+from jobs.embed_augment import ShardAugmenter
 from storage import layout, schemas
 from storage.corpus import ColumnMap, CorpusError, CorpusFile, meta_hashes, read_rows, text_hashes
 from storage.fs import Location
@@ -52,6 +55,7 @@ class WorkerSpec:
     device: str
     max_batch: int
     max_tokens: int
+    augment: "dict | None" = None  # jobs.embed_augment.ShardAugmenter's spec; None: no augmentation
 
 
 class ShardError(RuntimeError):
@@ -97,6 +101,9 @@ class EncoderActor:
         self.vdir = Location(spec.version_dir)
         self.codec = ResidualCodec.from_bytes(Location(codec_url).read_bytes()) if codec_url else None
         self._residual_stats: dict = {}
+        # X-MOD models: the adapters, read from config.json (no torch) to count the routing
+        self.adapters = adapter_languages(spec.model_dir)
+        self.augmenter = ShardAugmenter(spec.augment, self.vdir, spec.device) if spec.augment else None
 
     @property
     def lm(self):
@@ -177,20 +184,31 @@ class ShardEncoder(EncoderActor):
         keep = np.array([bool(t.strip()) for t in texts], bool)
         kept = table.filter(pa.array(keep))
         kept_texts = [t for t, k in zip(texts, keep) if k]
+        langs = kept.column("lang").to_pylist()
         t0 = time.perf_counter()
-        enc = self._encode(shard, np.flatnonzero(keep), kept_texts) if kept_texts else None
-        encode_s = time.perf_counter() - t0
+        enc = self._encode(shard, np.flatnonzero(keep), kept_texts, langs) if kept_texts else None
         ids = kept.column("id").to_pylist()
+        aug = self._augment(row, np.flatnonzero(keep), ids, kept_texts, langs, kept, enc)
+        encode_s = time.perf_counter() - t0
         entries = []
         write = lambda kind, tbl: entries.append(self._write(kind, shard, tbl))  # noqa: E731
         t0 = time.perf_counter()
         tokens = self._tokens_table(ids, enc.tokens) if enc is not None and self.spec.colbert else None
+        residual_stats = self._residual_stats  # of the passages' own tokens (a re-index's drift)
+        tokens_aug = self._tokens_table(ids, aug.tokens) if aug is not None and aug.tokens is not None else None
+        self._residual_stats = residual_stats
         compress_s = time.perf_counter() - t0
+        if self.augmenter is not None and self.augmenter.cfg.column:  # the queries, not metadata
+            kept = kept.drop_columns([self.augmenter.cfg.column])
         write("docs", self._docs_table(kept, kept_texts, enc, shard))
         if enc is not None and self.spec.dense:
             write("dense", schemas.dense_table(ids, enc.dense))
         if tokens is not None:
             write("tokens", tokens)
+        if aug is not None and aug.dense is not None:
+            write("dense_aug", schemas.dense_table(ids, aug.dense))
+        if tokens_aug is not None:
+            write("tokens_aug", tokens_aug)
         if not keep.all():
             skipped = table.filter(pa.array(~keep)).column("id")
             write("skipped", pa.table({"id": skipped, "reason": pa.array(["empty_text"] * len(skipped)),
@@ -206,18 +224,37 @@ class ShardEncoder(EncoderActor):
                  **self._stage_delta(stages, self._stage_seconds()), **self._residual_stats,
                  "write_seconds": round(time.perf_counter() - t0 - compress_s, 3),
                  "seconds": round(time.perf_counter() - start, 3), "started_at": round(started_at, 3),
-                 "files": entries}
+                 **(aug.stats if aug is not None else {}), **self._routing(langs), "files": entries}
         marker = self.vdir.join(layout.SHARD_MARKERS, f"{shard:05d}.json")
         marker.write_text(json.dumps(stats))  # last: the shard is done
         return stats
 
-    def _encode(self, shard: int, offsets: np.ndarray, texts: list[str]) -> DocumentVectors:
+    def _routing(self, langs: list) -> dict:
+        """X-MOD models: the shard's documents per adapter and, by language, those that fell back."""
+        if self.adapters is None:
+            return {}
+        counts = route_languages(langs, self.adapters, self.spec.settings.get("adapter_fallback")).counts()
+        return {"per_adapter": counts["per_adapter"], "fallback_languages": counts["fallback_languages"]}
+
+    def _augment(self, row: dict, offsets: np.ndarray, ids: list[str], texts: list[str], langs: list,
+                 kept: pa.Table, enc: "DocumentVectors | None"):
+        """xQG: the shard's augmented vectors (``jobs.embed_augment``), or None."""
+        if self.augmenter is None or enc is None:
+            return None
+        url, start = self.files[int(row["file"])].url, int(row["start"])
+        where = [f"{url}: record {start + int(o) + 1}" for o in offsets]
+        return self.augmenter.augment(self.encoder, ids, texts, langs, kept, where,
+                                      enc.dense if self.spec.dense else None,
+                                      enc.tokens if self.spec.colbert else None)
+
+    def _encode(self, shard: int, offsets: np.ndarray, texts: list[str], langs: list) -> DocumentVectors:
         """Encode the kept rows, taking those pass 1 already encoded from the sample cache."""
         cache_loc = sample_cache(self.vdir, shard)
         cached = read_cache(cache_loc, self.codec.dim) if self.spec.colbert and cache_loc.exists() else {}
         todo = [i for i, o in enumerate(offsets) if int(o) not in cached]
         fresh = self.encoder.encode_documents([texts[i] for i in todo], dense=self.spec.dense,
-                                              colbert=self.spec.colbert) if todo else None
+                                              colbert=self.spec.colbert,
+                                              langs=[langs[i] for i in todo]) if todo else None
         if not cached:
             return fresh
         n = len(texts)
@@ -336,9 +373,10 @@ class SampleEncoder(EncoderActor):
         failpoint("embed.sample", int(row["shard"]))
         table = self._read(row)
         texts = pc.fill_null(table.column("text"), "").to_pylist()
+        langs = table.column("lang").to_pylist()
         offsets = [o for o in rows if texts[o].strip()]
-        enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense,
-                                            colbert=True) if offsets else None
+        enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense, colbert=True,
+                                            langs=[langs[o] for o in offsets]) if offsets else None
         t0 = time.perf_counter()
         schemas.write_table(sample_cache(self.vdir, int(row["shard"])), _cache_table(offsets, enc))
         return json.dumps({"shard": int(row["shard"]), "documents": len(offsets),

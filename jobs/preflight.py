@@ -45,6 +45,18 @@ def input_file(url: str, what: str) -> str:
     return loc.url
 
 
+def content_tag(url: str) -> dict:
+    """``{url, bytes, sha256 | etag}``: what an input file is, for a run's input and run keys.
+
+    The sha256 of a local file's bytes; an s3 object's ETag (S3 changes it with every
+    write, so no s3 object is read).
+    """
+    loc = Location(url)
+    info = retry(lambda: loc.fs.info(loc.path), f"stat {url}")
+    etag = str(info.get("ETag") or "").strip('"') if loc.is_remote else ""
+    return {"url": url, "bytes": int(info["size"]), **({"etag": etag} if etag else {"sha256": loc.sha256()})}
+
+
 def artifact(root: Location, kind: str, name: str, version: "str | None" = None) -> str:
     """The committed version of a set/index/encoder (the current one by default)."""
     return Artifact(root, kind, layout.check_name(name, f"{kind[:-1] if kind != 'indexes' else 'index'} name")) \
@@ -92,6 +104,60 @@ def embed(corpus_urls, model: "str | Path", cols: ColumnMap) -> list[str]:
     urls = corpus(corpus_urls, cols)
     model_folder(model)
     return urls
+
+
+def languages(urls: list[str], cols: ColumnMap, model: "str | Path", fallback: "str | None") -> None:
+    """X-MOD models: the fallback adapter is one of theirs, and without one every corpus
+    language has an adapter.
+
+    Reads only the language column of each file (a Parquet column; a JSONL file's lines),
+    a few files at a time, before Ray starts. A language without an adapter raises
+    ``embedding.languages.LanguageError`` (exit 2) naming it, its documents and the first
+    file that has it. Models without adapters, and runs with a fallback, read nothing.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embedding.languages import LanguageError, resolve_adapter
+    from embedding.model import EncoderSettings, check_adapter_settings
+
+    # a fallback that is no adapter of the model, or a fallback for a model without adapters: ModelError
+    adapters = check_adapter_settings(model_folder(model), EncoderSettings(adapter_fallback=fallback))
+    if adapters is None or fallback is not None:
+        return
+    with ThreadPoolExecutor(max(1, min(8, len(urls)))) as pool:
+        found = list(pool.map(lambda url: file_languages(url, cols), urls))
+    missing: dict = {}
+    for url, counts in zip(urls, found):
+        for lang, n in counts.items():
+            if resolve_adapter(lang, adapters) is None:
+                first, total = missing.get(lang, (url, 0))
+                missing[lang] = (first, total + n)
+    if missing:
+        listed = "; ".join(f"{lang or 'no language'!r}: {n} document(s), first in {url}"
+                           for lang, (url, n) in sorted(missing.items(), key=lambda kv: str(kv[0]))[:10])
+        raise LanguageError(f"the model's language adapters {list(adapters)} have none for {listed}. Set a "
+                            "fallback adapter (--adapter-fallback LANG) or fix the documents' languages")
+
+
+def file_languages(url: str, cols: ColumnMap) -> dict:
+    """``{language or None: documents}`` of one corpus file (its language column only)."""
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from storage.corpus import CorpusError, file_format
+    from storage.input_files import jsonl_objects
+
+    loc = location(url)
+    if file_format(url) == "parquet":
+        with loc.open("rb") as f:
+            pfile = pq.ParquetFile(f)
+            if cols.lang not in pfile.schema_arrow.names:
+                return {None: pfile.metadata.num_rows}
+            values = pfile.read(columns=[cols.lang]).column(0).to_pylist()
+    else:
+        values = [obj.get(cols.lang) for _, obj in jsonl_objects(loc, CorpusError)]
+    return dict(Counter(v if isinstance(v, str) and v.strip() else None for v in values))
 
 
 def evaluation(root: Location, indexes, queries: str, qrels: str) -> None:

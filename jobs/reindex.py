@@ -247,7 +247,11 @@ def _run(cfg: ReindexConfig, root: Location, art: Artifact, lease: Lease, report
 def embed_config(cfg: ReindexConfig, pm: dict) -> "embed_job.EmbedConfig":
     """The parent's embed settings with this run's corpus, model and worker knobs."""
     fields = {f.name for f in dataclasses.fields(embed_job.EmbedConfig)}
-    base = {k: v for k, v in pm["config"].items() if k in fields}
+    base = {k: v for k, v in pm["config"].items() if k in fields}  # adapter_fallback (X-MOD) carries over
+    if base.get("augment"):  # its augmented files would not follow the delta's tombstones and reuse
+        raise Refused(f"set {cfg.set_name!r} {pm['version']} was embedded with passage augmentation (xQG), "
+                      "which re-indexing does not carry over yet: embed the snapshot with `tessera embed` and "
+                      "the same --augment-* options instead")
     model = cfg.model or pm["model"]["path"]
     if not cfg.model and not Location(model).exists():
         raise NotFoundError(f"the model set {cfg.set_name!r} was embedded with ({model}) is not on this "

@@ -8,6 +8,7 @@
       sets/<name>/v000002/_claim.json          who is writing this version (run key)
       sets/<name>/v000002/_shards/00017.json   a finished shard (resume skips it)
       sets/<name>/v000002/{docs,dense,tokens,skipped}/part-00017.parquet
+      sets/<name>/v000002/{dense_aug,tokens_aug}/part-00017.parquet   xQG-augmented vectors (same schemas)
       sets/<name>/v000002/codec.npz            residual codec (numpy, no pickle)
       sets/<name>/v000002/tombstones.parquet   re-indexed versions: replaced and deleted rows
       sets/<name>/v000002/_release.json        the index versions released with this set version
@@ -31,6 +32,10 @@ LEASE = "_lease.json"  # one writer per set: reindex, rollback, gc, index pin mo
 CLAIM = "_claim.json"
 SHARD_MARKERS = "_shards"
 DEFAULT_ROOT = "./tessera-data"
+
+#: Which stored vectors an index is built from: the plain ones, or the xQG-augmented ones.
+VECTORS = ("plain", "augmented")
+_AUGMENTED = "_aug"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
@@ -65,6 +70,14 @@ def version_number(version: str) -> int:
 
 def normalize_version(version: "str | int") -> str:
     return version_name(version if isinstance(version, int) else version_number(str(version)))
+
+
+def vector_kind(kind: str, vectors: str = "plain") -> str:
+    """The manifest file kind of ``kind`` (``dense``/``tokens``) vectors: ``dense_aug`` for
+    augmented dense vectors, ``dense`` for plain ones; ValueError for an unknown ``vectors``."""
+    if vectors not in VECTORS:
+        raise ValueError(f"vectors must be one of {', '.join(VECTORS)}, got {vectors!r}")
+    return kind + _AUGMENTED if vectors == "augmented" else kind
 
 
 def shard_name(shard: int) -> str:

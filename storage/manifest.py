@@ -40,7 +40,8 @@ class FileEntry(TypedDict):
     """One entry of a manifest's ``files`` list (:func:`file_entry`)."""
 
     path: str  # relative to the version folder; "../v000011/..." for a file reused from a sibling version
-    kind: str  # sets: docs|dense|tokens|skipped|codec|tombstones; indexes: index|ids|plaid; encoders: model
+    # sets: docs|dense|tokens|skipped|codec|tombstones, dense_aug|tokens_aug (augmented vectors);
+    kind: str  # indexes: index|ids|plaid; encoders: model
     rows: int  # Parquet rows; first-axis length of a .npy; a codec's centroids; 0 for model files
     bytes: int
     sha256: str  # hex digest of the file's bytes: every reader checks it
@@ -79,6 +80,7 @@ class EncoderSettingsRecord(TypedDict):
     skip_punctuation: bool  # punctuation tokens dropped from ColBERT documents
     query_marker: "str | None"  # token inserted after the first special token of queries
     doc_marker: "str | None"  # ... of documents
+    adapter_fallback: NotRequired[str]  # X-MOD: adapter of texts whose language has none (absent: an error)
 
 
 class ModelRecord(TypedDict):
@@ -148,6 +150,9 @@ class SetCounts(TypedDict):
     deleted: NotRequired[int]  # delta: in the parent, not in the snapshot
     unchanged: NotRequired[int]  # delta
     tombstones: NotRequired[int]  # delta: rows of tombstones.parquet
+    per_adapter: NotRequired[dict[str, int]]  # X-MOD models: documents encoded by each language adapter
+    adapter_fallback: NotRequired[int]  # X-MOD: documents whose language had no adapter (sent to the fallback)
+    adapter_fallback_languages: NotRequired[dict[str, int]]  # ... by their language ("und": none given)
 
 
 class CorpusFileRecord(TypedDict):
@@ -167,11 +172,45 @@ class InputFile(TypedDict):
     etag: NotRequired[str]  # an s3 object's ETag (S3 changes it with every write)
 
 
+class GeneratorRecord(TypedDict):
+    """The xQG query generator of an augmented set."""
+
+    path: str  # the seq2seq folder (absolute)
+    fingerprint: str  # sha256 over its weights, tokenizer and config
+    settings: dict[str, Any]  # embedding.querygen.GenerationSettings fields
+
+
+class AugmentSource(TypedDict):
+    """Where an augmented set's queries came from (``jobs.embed_augment.describe``)."""
+
+    source: str  # "queries" (a file) | "column" (a corpus column) | "generator"
+    file: NotRequired[InputFile]  # the queries file and its content tag
+    column: NotRequired[str]  # the corpus column
+    generator: NotRequired[GeneratorRecord]
+
+
+class AugmentCounts(TypedDict):
+    """What augmentation added, summed over the shards."""
+
+    queries: int  # queries encoded and mixed in
+    passages: int  # passages with at least one query
+    tokens: int  # query token vectors appended to passages (ColBERT; after the cap)
+    generated_empty: int  # generated queries that decoded to nothing (dropped)
+
+
+class AugmentRecord(AugmentSource):
+    """A set's ``augment``: its ``dense_aug``/``tokens_aug`` files hold the augmented vectors."""
+
+    settings: dict[str, Any]  # jobs.embed_augment.AugmentConfig fields
+    counts: AugmentCounts
+
+
 class InputRecord(TypedDict):
     """What a version was embedded from (``jobs.embed.input_record``): an unchanged rerun is refused."""
 
     key: str  # sha256 over the files' tags, the model fingerprint and the settings that shape vectors
     files: list[InputFile]
+    augment: NotRequired[AugmentSource]  # augmented sets: the queries file's tag or the generator
 
 
 class WorkersRecord(TypedDict):
@@ -272,6 +311,7 @@ class SetManifest(Committed):
     lineage: NotRequired[Lineage]
     drift: NotRequired[Drift]
     bytes: NotRequired[BytesRecord]
+    augment: NotRequired[AugmentRecord]  # xQG-augmented sets (dense_aug / tokens_aug files)
 
 
 class DenseParams(TypedDict):
@@ -336,6 +376,7 @@ class IndexManifest(Committed):
     n_labels: NotRequired[int]  # labels 0..n_labels-1 (removed documents leave holes)
     update: NotRequired[IndexUpdate]
     run_key: NotRequired[str]
+    vectors: NotRequired[str]  # "augmented": built from the set's dense_aug/tokens_aug files; absent: plain
 
 
 class EncoderBase(TypedDict):

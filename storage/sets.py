@@ -28,7 +28,8 @@ from storage.fs import Location
 TOMBSTONES = "tombstones.parquet"
 TOMBSTONE_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.int32()), ("rows", pa.string()),
                               ("reason", pa.string()), ("tombstoned_in", pa.string())])
-ROW_FILES = {"docs": "docs", "dense": "docs", "tokens": "docs", "skipped": "skipped"}
+ROW_FILES = {"docs": "docs", "dense": "docs", "tokens": "docs", "skipped": "skipped",
+             "dense_aug": "docs", "tokens_aug": "docs"}  # xQG-augmented vectors: one row per document too
 REASONS = ("deleted", "changed")
 
 
@@ -45,7 +46,7 @@ class SetFile:
     Attributes
     ----------
     url : where it lives.
-    kind : ``docs``, ``dense``, ``tokens`` or ``skipped``.
+    kind : ``docs``, ``dense``, ``tokens``, ``skipped``, or ``dense_aug``/``tokens_aug`` (augmented vectors).
     shard : the shard number (unique within the set's lineage).
     rows : rows in the file, live or not.
     dead : ids of the file's rows that are tombstoned in this version.

@@ -9,6 +9,9 @@ positions of a full index build.
 Arrays come back as stored: dense vectors float16 at the stored dimension
 (truncating to a Matryoshka prefix is :func:`embedding.mrl.truncate`'s job), token
 codes and packed residuals as the codec wrote them (decompressing is the codec's).
+A set embedded with xQG augmentation also stores ``dense_aug``/``tokens_aug`` files of
+the same schemas: :func:`read_dense` takes ``vectors="augmented"`` for them, and
+:func:`dense_file`/:func:`token_file` read either kind's files.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage import schemas, sets
+from storage import layout, schemas, sets
 from storage.fs import Location
 
 
@@ -47,18 +50,21 @@ def token_file(f: sets.SetFile, residual_bytes: int,
     return table.column("id").combine_chunks(), codes.astype(code_dtype), residuals, lengths
 
 
-def read_dense(set_dir: Location, manifest: dict, labels: "pa.StringArray | None" = None) -> np.ndarray:
+def read_dense(set_dir: Location, manifest: dict, labels: "pa.StringArray | None" = None,
+               vectors: str = "plain") -> np.ndarray:
     """The set's live float16 dense vectors, ``(n, D)``.
 
     Without ``labels``: in the concatenation order of the live rows of the ``dense``
     files sorted by shard (the positions of a full index build). With ``labels``
     (ids by label, nulls for holes): row ``i`` is the vector of ``labels[i]``, zeros
-    for a hole.
+    for a hole. ``vectors``: ``"plain"`` or ``"augmented"`` (``dense_aug`` files).
     """
-    files = sets.set_files(set_dir, manifest, "dense")
+    kind = layout.vector_kind("dense", vectors)
+    files = sets.set_files(set_dir, manifest, kind)
     if not files:
-        raise ValueError(f"set {manifest.get('name')!r} {manifest.get('version')} has no dense "
-                         "vectors (embedded with mode colbert?)")
+        raise ValueError(f"set {manifest.get('name')!r} {manifest.get('version')} has no {kind} "
+                         "vectors (embedded with mode colbert" + (" or without augmentation?)" if kind != "dense"
+                                                                 else "?)"))
     parts = [dense_file(f) for f in files]
     mats = np.concatenate([m for _, m in parts]).astype(np.float16, copy=False)
     if labels is None:

@@ -62,7 +62,60 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--force", action="store_true", default=None,
                    help="embed even when the set's current version has the same corpus files, model and "
                         f"settings (otherwise: {RUN_WORDS[EXIT_NOTHING]}, exit {EXIT_NOTHING}, nothing written)")
+    e.add_argument("--adapter-fallback", metavar="LANG",
+                   help="X-MOD models: the adapter (name or language code) of documents whose language has "
+                        "none, counted in the manifest (default: such a document is an error, exit 2)")
+    add_augment_arguments(e)
     json_arg(e)
+
+
+#: --augment-X / --gen-X options: the fields of jobs.embed_augment.AugmentConfig they set
+AUGMENT_OPTIONS = {"augment_queries": "queries", "augment_column": "column", "augment_generator": "generator",
+                   "augment_langs": "langs", "augment_per_lang": "per_lang", "augment_weight": "weight",
+                   "augment_max_tokens": "max_tokens", "gen_seed": "seed", "gen_prompt": "prompt",
+                   "gen_max_new_tokens": "max_new_tokens", "gen_min_new_tokens": "min_new_tokens",
+                   "gen_do_sample": "do_sample", "gen_top_k": "top_k", "gen_top_p": "top_p",
+                   "gen_temperature": "temperature", "gen_num_beams": "num_beams",
+                   "gen_max_input_length": "max_input_length"}
+
+
+def add_augment_arguments(e: argparse.ArgumentParser) -> None:
+    """xQG passage augmentation (jobs.embed_augment): one source, the mix, the generation."""
+    g = e.add_argument_group("passage augmentation (xQG): augmented vectors stored next to the plain ones")
+    g.add_argument("--augment-queries", metavar="FILE",
+                   help="Parquet/JSONL queries about passages: passage_id, text, lang (local or s3://)")
+    g.add_argument("--augment-column", metavar="COLUMN",
+                   help="corpus column with each document's queries (strings or {text, lang} objects)")
+    g.add_argument("--augment-generator", metavar="DIR", help="a seq2seq model folder that writes the queries")
+    g.add_argument("--augment-langs", metavar="LANGS",
+                   help="comma-separated target languages (the generator's; filters a file's or column's)")
+    g.add_argument("--augment-per-lang", type=int, metavar="N", help="queries per passage per language")
+    show_in_help(g.add_argument("--augment-weight", type=float, metavar="W",
+                                help="the passage's weight in the dense mean (default %(config_default)s)"),
+                 config_default=field_default("jobs.embed_augment", "AugmentConfig", "weight"))
+    show_in_help(g.add_argument("--augment-max-tokens", type=int, metavar="N",
+                                help="most query tokens appended to a passage's ColBERT tokens "
+                                     "(default %(config_default)s)"),
+                 config_default=field_default("jobs.embed_augment", "AugmentConfig", "max_tokens"))
+    g.add_argument("--gen-seed", type=int, help="the generator's seed (default --seed)")
+    g.add_argument("--gen-prompt", help="prompt template with {text}, {language} and {lang}")
+    for name in ("max-new-tokens", "min-new-tokens", "top-k", "num-beams", "max-input-length"):
+        g.add_argument(f"--gen-{name}", type=int)
+    g.add_argument("--gen-top-p", type=float)
+    g.add_argument("--gen-temperature", type=float)
+    g.add_argument("--gen-do-sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample (top-k/nucleus) or, with --no-gen-do-sample, beam search")
+
+
+def augment_config(args: argparse.Namespace):
+    """jobs.embed_augment.AugmentConfig from the options given; None when none was."""
+    values = {field: getattr(args, dest) for dest, field in AUGMENT_OPTIONS.items()
+              if getattr(args, dest, None) is not None}
+    if not values:
+        return None
+    from jobs.embed_augment import AugmentConfig
+
+    return AugmentConfig(**values)
 
 
 def columns(args: argparse.Namespace):
@@ -77,7 +130,7 @@ def to_config(args: argparse.Namespace, model: Path):
     """The job's config: ``model`` is ``--model`` resolved to its folder."""
     from jobs.embed import EmbedConfig
 
-    return config_from(EmbedConfig, args, corpus=tuple(args.corpus), model=str(model))
+    return config_from(EmbedConfig, args, corpus=tuple(args.corpus), model=str(model), augment=augment_config(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     # Bad input fails here, in a second: before the job's imports (torch), Ray and the model.
     preflight.embed(args.corpus, model, columns(args))
+    augment_config(args)  # bad augmentation settings too
     from jobs.embed import Unchanged
     from jobs.embed import run as embed
 
@@ -109,6 +163,13 @@ def print_result(manifest: dict, args: argparse.Namespace) -> None:
     print(f"{manifest['name']} {manifest['version']}: {c['documents']} documents "
           f"({c['skipped_empty']} empty skipped, {c['truncated']} truncated), {c['shards']} shards, "
           f"{c['tokens']} ColBERT tokens, in {root_str(args)}/sets/{manifest['name']}/{manifest['version']}")
+    if "adapter_fallback" in c:
+        print(f"language adapters: {c['per_adapter']}; {c['adapter_fallback']} documents without an adapter "
+              f"went to the fallback {c['adapter_fallback_languages']}")
+    if "augment" in manifest:
+        a = manifest["augment"]["counts"]
+        print(f"augmented ({manifest['augment']['source']}): {a['queries']} queries on {a['passages']} passages, "
+              f"{a['tokens']} query tokens appended")
 
 
 EMBED = Command("embed", "embed a corpus into a new version of an embedding set", add_arguments, run)

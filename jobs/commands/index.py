@@ -6,6 +6,8 @@ import argparse
 from jobs.commands.common import INDEX_KINDS, Command, config_from, json_arg, print_json, root_arg
 from jobs.errors import EXIT_OK
 
+VECTORS = ("plain", "augmented")  # storage.layout.VECTORS
+
 
 def add_arguments(i: argparse.ArgumentParser) -> None:
     i.add_argument("--set", dest="set_name", required=True)
@@ -23,6 +25,8 @@ def add_arguments(i: argparse.ArgumentParser) -> None:
     i.add_argument("--rescore", type=int, help="int8/binary/ivfpq: rescore k*RESCORE candidates")
     i.add_argument("--train-size", type=int)
     i.add_argument("--no-publish", dest="publish", action="store_false", default=None)
+    i.add_argument("--vectors", choices=VECTORS,
+                   help="the set's plain vectors (default) or its xQG-augmented ones (embed --augment-*)")
     root_arg(i)
     json_arg(i)
 
@@ -52,7 +56,8 @@ def print_result(manifest: dict, args: argparse.Namespace) -> None:
         return
     print(f"index {manifest['name']} {manifest['version']}: {manifest['index_kind']} over "
           f"{manifest['n_docs']} documents of set {manifest['source']['set']} {manifest['source']['version']} "
-          f"at dim {manifest['dim']}, {manifest['bytes_per_document']:.1f} bytes/document")
+          f"at dim {manifest['dim']}{' (augmented vectors)' if manifest.get('vectors') == 'augmented' else ''}, "
+          f"{manifest['bytes_per_document']:.1f} bytes/document")
 
 
 INDEX = Command("index", "build an index from a committed embedding set (no re-encoding)", add_arguments, run)

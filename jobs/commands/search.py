@@ -26,6 +26,12 @@ def add_arguments(se: argparse.ArgumentParser) -> None:
     se.add_argument("--lang", default=None, help="only documents in this language")
     se.add_argument("--where", default=None,
                     help='one boolean expression over the documents view\'s columns, e.g. "year > 2005"')
+    se.add_argument("--query-lang", default=None, metavar="LANG",
+                    help="X-MOD models: the queries' language, whose adapter encodes them (default: a --queries "
+                         "file's lang, else --lang-detector, else the set's fallback adapter)")
+    se.add_argument("--lang-detector", default=None, metavar="none|script|MODULE:FUNCTION",
+                    help="X-MOD models: how the language of a query given without one is found (default none: "
+                         "the set's fallback adapter)")
     se.add_argument("--version", default=None, help="index version (default: current)")
     se.add_argument("--query-encoder", default=None,
                     help="a query-encoder folder or registered version (must match the set)")
@@ -53,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         check_filter(args.where)  # its syntax before the model loads; its columns when it runs
     # k and the batch size: Searcher's own defaults unless given
     searcher = Searcher.open(root_str(args), args.index, version=args.version, query_encoder=args.query_encoder,
-                             threads=args.threads, **given(args, "batch_size"))
+                             threads=args.threads, detector=args.lang_detector, **given(args, "batch_size"))
     start = time.perf_counter()
     results = run_searches(searcher, queries, args, params)
     if not args.quiet:  # load and per-query times apart: what a warm index costs per query
@@ -82,10 +88,14 @@ def parse_params(pairs: list[str]) -> dict:
 
 def search_queries(args: argparse.Namespace) -> list:
     """The queries of ``tessera search`` (storage.queries.Query), checked before torch loads."""
+    from embedding.languages import make_detector
     from indexing.threads import check_threads
     from storage.queries import Query, load_search_queries
 
     check_threads(args.threads)
+    make_detector(args.lang_detector)  # a bad detector fails before the index and the model load
+    if args.query_lang is not None and not args.query_lang.strip():
+        raise ValueError("--query-lang is empty")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.queries is None:
@@ -111,8 +121,9 @@ def run_searches(searcher, queries: list, args: argparse.Namespace, params: dict
         groups.setdefault(q.lang if args.same_language else args.lang, []).append(i)
     results: list = [None] * len(queries)
     for lang, rows in groups.items():
+        langs = [args.query_lang or queries[i].lang for i in rows]  # the adapters of X-MOD models
         hits = searcher.search([queries[i].text for i in rows], lang=lang, where=args.where, params=params,
-                               **given(args, "k"))
+                               langs=langs, **given(args, "k"))
         for i, h in zip(rows, hits):
             results[i] = h
     return results
