@@ -58,6 +58,10 @@ TOKENIZER_PROBES = (
 
 #: settings that :meth:`EncoderSettings.to_dict` omits while None (see there)
 OPTIONAL_SETTINGS = ("adapter_fallback",)
+#: Dense pooling of the last hidden state.
+POOLINGS = ("mean", "cls")
+#: What an embed job stores: single vectors, ColBERT token vectors, or both.
+MODES = ("dense", "colbert", "both")
 #: ``config.json`` ``model_type`` of X-MOD encoders (per-language adapters)
 XMOD_MODEL_TYPE = "xmod"
 
@@ -98,7 +102,7 @@ class EncoderSettings:
     adapter_fallback: "str | None" = None
 
     def __post_init__(self) -> None:
-        if self.pooling not in ("mean", "cls"):
+        if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
         for name in ("max_length", "doc_maxlen", "query_maxlen"):
             if getattr(self, name) < 4:

@@ -56,16 +56,12 @@ import numpy as np
 
 from embedding.faiss_import import import_faiss
 from embedding.mrl import truncate
+from indexing.kinds import DENSE_KINDS, IVF_KINDS, RESCORED_KINDS, SUPPORTS_REMOVE  # noqa: F401 - re-exported
 
 faiss = import_faiss()  # a missing faiss names the extras that install it
 logger = logging.getLogger(__name__)
 
-KINDS = ("flat", "ivf", "ivfpq", "hnsw", "int8", "binary")
-IVF_KINDS = ("ivf", "ivfpq")
-# Kinds whose first-stage scores are approximate, so float rescoring changes them.
-RESCORED_KINDS = ("ivfpq", "int8", "binary")
-# Kinds whose stored vectors can be removed by label (an HNSW graph cannot).
-SUPPORTS_REMOVE = ("flat", "ivf", "ivfpq", "int8", "binary")
+KINDS = DENSE_KINDS
 _TRAINED_KINDS = ("ivf", "ivfpq", "int8")
 # FAISS warns below 39 training points per centroid; the defaults respect it.
 MIN_POINTS_PER_LIST = 39

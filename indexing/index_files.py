@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedding.codec import ResidualCodec
-from indexing import dense
+from indexing.kinds import INDEX_KINDS, PLAID  # noqa: F401 - INDEX_KINDS re-exported
 from indexing.plaid import ARRAY_KEYS, DERIVED_KEYS, CentroidIndex
 from storage import layout, schemas
 from storage.fs import Location
@@ -36,8 +36,6 @@ from storage.manifest import Artifact, FileEntry, IndexManifest, IndexSource, No
 
 logger = logging.getLogger(__name__)
 
-PLAID = "plaid"
-INDEX_KINDS = dense.KINDS + (PLAID,)
 
 
 def _cache_root():

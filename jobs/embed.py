@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from embedding.model import EncoderSettings, check_model_dir, fingerprint, read_settings
+from embedding.codec import SUPPORTED_NBITS
+from embedding.model import MODES, EncoderSettings, check_model_dir, fingerprint, read_settings
 from jobs import embed_augment, preflight
 from jobs import plan as planner
 from jobs.embed_augment import AugmentConfig
@@ -51,8 +52,6 @@ from storage.manifest import Artifact, utcnow
 
 logger = logging.getLogger(__name__)
 
-MODES = ("dense", "colbert", "both")
-NBITS = (1, 2, 4)
 # 4 bits per residual dimension by default (FastPlaid's default as well). Against 2 bits
 # it doubles the token bytes (194 vs 98 per 384-d token) and costs ~1.15x PLAID search time
 # at equal settings, for reconstruction cosine 0.997 vs 0.987 and rankings that survive a
@@ -129,7 +128,7 @@ class EmbedConfig:
         layout.check_name(self.set_name, "set name")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.nbits not in NBITS:
+        if self.nbits not in SUPPORTED_NBITS:
             raise ValueError(f"nbits must be 1, 2 or 4, got {self.nbits!r}")
         for name in ("rows_per_shard", "kmeans_iters", "max_batch", "max_tokens", "max_sample_tokens"):
             if getattr(self, name) < 1:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from indexing.metrics import EvalResult, evaluate
 from indexing.report import write_report
 from indexing.searcher import Searcher
+from jobs.runtime import DEVICES as RUNTIME_DEVICES
 from jobs.timing import Progress, Timings
 from storage import layout
 from storage.catalog import check_filter
@@ -28,7 +29,7 @@ from storage.queries import Query, load_qrels, load_queries
 
 logger = logging.getLogger(__name__)
 
-DEVICES = ("cpu", "cuda")
+DEVICES = tuple(d for d in RUNTIME_DEVICES if d != "auto")  # evaluation runs in this process
 #: Depth that R@100 needs; a smaller ``k`` is allowed but warned about.
 FULL_DEPTH = 100
 

@@ -21,14 +21,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from embedding.model import MODES, POOLINGS  # noqa: F401 - the command modules import them from here
+from indexing.kinds import INDEX_KINDS  # noqa: F401
 from jobs.runtime import DEVICES
 
-# Parse-time copies of lists whose home imports faiss or torch; argparse needs choices when
-# an option is added, before any command runs. tests/jobs/test_cli.py checks each against it.
-MODES = ("dense", "colbert", "both")                           # jobs.embed.MODES
-INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw", "int8", "binary", "plaid")  # indexing.index_files.INDEX_KINDS
-POOLINGS = ("mean", "cls")                                     # embedding.model.EncoderSettings
-EVAL_DEVICES = tuple(d for d in DEVICES if d != "auto")        # jobs.evaluate.DEVICES
+# Choices come from their one home (embedding.model, indexing.kinds, jobs.runtime); those
+# modules import neither faiss nor torch nor numpy, so parsing stays fast.
+EVAL_DEVICES = tuple(d for d in DEVICES if d != "auto")  # jobs.evaluate runs in the CLI's process
 
 
 @dataclass(frozen=True)

@@ -261,19 +261,22 @@ def test_help_quotes_the_configs_defaults(capsys):
     assert plain(5e-8) == "5e-8" and plain(0.05) == "0.05" and plain(4) == "4"
 
 
-def test_choices_match_their_homes():
-    """argparse needs choices when an option is added; their homes import faiss or torch."""
-    from embedding.model import EncoderSettings
-    from indexing.index_files import INDEX_KINDS
-    from jobs import embed, evaluate
+def test_choices_come_from_their_one_home():
+    """The CLI's choice lists are the definitions themselves, not copies."""
+    from embedding import model
+    from indexing import dense, index_files, kinds
+    from jobs import embed, evaluate, runtime
     from jobs.commands import common
 
-    assert common.MODES == embed.MODES and common.INDEX_KINDS == INDEX_KINDS
-    assert common.EVAL_DEVICES == evaluate.DEVICES
+    assert common.MODES is model.MODES is embed.MODES
+    assert common.POOLINGS is model.POOLINGS
+    assert common.INDEX_KINDS is kinds.INDEX_KINDS is index_files.INDEX_KINDS
+    assert dense.KINDS is kinds.DENSE_KINDS and kinds.INDEX_KINDS == kinds.DENSE_KINDS + (kinds.PLAID,)
+    assert common.DEVICES is runtime.DEVICES and common.EVAL_DEVICES == evaluate.DEVICES == ("cpu", "cuda")
     for pooling in common.POOLINGS:
-        EncoderSettings(pooling=pooling)
+        model.EncoderSettings(pooling=pooling)
     with pytest.raises(ValueError, match="pooling"):
-        EncoderSettings(pooling="max")
+        model.EncoderSettings(pooling="max")
 
 
 def test_parsing_imports_no_job():
