@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--change", type=float, default=0.01, help="share of documents changed")
     p.add_argument("--queries-per-lang", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nbits", type=int, default=DEFAULT_NBITS, help="ColBERT residual bits of the set (default: tessera's)")
+    p.add_argument("--nbits", type=int, default=DEFAULT_NBITS,
+                   help="ColBERT residual bits of the set (default: tessera's)")
     p.add_argument("--out", default="benchmarks/results/reindex_xquad")
     return p.parse_args(argv)
 

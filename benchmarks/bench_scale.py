@@ -373,13 +373,14 @@ COLUMNS = [  # (header, width, format, getter)
     ("q med ms", 8, ".2f", lambda r: r["plaid"]["serve"]["median_ms"]),
     ("q p95 ms", 8, ".2f", lambda r: r["plaid"]["serve"]["p95_ms"]),
     ("hit@10", 6, ".2f", lambda r: r["plaid"]["serve"]["hit_at_10"]),
-    ("srv idx MB", 10, ".0f", lambda r: r["plaid"]["serve"]["peak_rss_mb"] - r["plaid"]["serve"]["rss_after_import_mb"]),
+    ("srv idx MB", 10, ".0f",
+     lambda r: r["plaid"]["serve"]["peak_rss_mb"] - r["plaid"]["serve"]["rss_after_import_mb"]),
     ("srv RSS MB", 10, ".0f", lambda r: r["plaid"]["serve"]["peak_rss_mb"]),
     ("drv RSS MB", 10, ".0f", lambda r: r["embed"]["driver_peak_rss_mb"]),
 ]
 # figures expected to stay flat or grow at most linearly; a per-query latency may grow sub-linearly
-GROWTH = ["tokens", "embed s", "fit s", "kmeans s", "encode s", "plaid s", "plaid bld", "plaid MB", "dense s", "dense MB", "tok MB",
-          "q med ms", "q p95 ms", "srv idx MB", "drv RSS MB"]
+GROWTH = ["tokens", "embed s", "fit s", "kmeans s", "encode s", "plaid s", "plaid bld", "plaid MB", "dense s",
+          "dense MB", "tok MB", "q med ms", "q p95 ms", "srv idx MB", "drv RSS MB"]
 
 
 def _row(r: dict) -> dict:

@@ -350,7 +350,6 @@ def serve(args: argparse.Namespace) -> int:
     # torch-based scorer, Tessera its numpy index (no torch).
     if args.serve == "colbert":
         import torch  # noqa: F401
-
         from colbert.search.index_storage import IndexScorer  # noqa: F401
     else:
         from indexing import index_files, plaid  # noqa: F401
@@ -458,7 +457,6 @@ def speed_quality_curve(cindex, scorer, config, Q: np.ndarray, points: list[str]
                         gold: list, t_exact: list, c_exact: list) -> dict:
     """Tessera at each SearchParams point next to colbert-ai at its defaults, interleaved."""
     from bench_reindex import overlap
-
     from indexing.plaid import SearchParams
 
     cq = colbert_queries(Q)
@@ -559,7 +557,8 @@ def main(argv=None) -> int:
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": False,
                     "threads": args.threads},
-        "tessera_commit": tessera_commit(), "index": args.index, "set": source, "nbits": nbits, "queries": len(qids), "rounds": args.rounds,
+        "tessera_commit": tessera_commit(), "index": args.index, "set": source, "nbits": nbits,
+        "queries": len(qids), "rounds": args.rounds,
         "query_shape": list(Q.shape),
         "tessera": {"n_docs": cindex.n_docs, "n_tokens": cindex.n_tokens, "n_centroids": cindex.codec.n_centroids,
                     "params": dataclasses.asdict(SearchParams().resolved(K)), "index_bytes": cindex.nbytes(),

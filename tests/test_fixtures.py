@@ -10,7 +10,6 @@ import pytest
 from conftest import start_two_node_cluster, stop_cluster
 from fixtures_models import ALL_TEXTS, build_tiny_model
 
-
 # --------------------------------------------------------------------------- models
 
 
@@ -173,7 +172,7 @@ def test_parquet_round_trip_via_s3fs_and_arrow(s3_bucket):
 
 def test_ray_local_map_batches(ray_local):
     ray = ray_local
-    import ray.data
+    import ray.data  # noqa: F811 - the fixture's module, with its data package loaded
 
     assert ray.is_initialized()
     assert ray.cluster_resources()["CPU"] == 2
@@ -190,7 +189,7 @@ def test_ray_workers_reach_s3(ray_local, s3_bucket):
     import s3fs
 
     ray = ray_local
-    import ray.data
+    import ray.data  # noqa: F811 - the fixture's module, with its data package loaded
 
     @ray.remote
     def worker_env():

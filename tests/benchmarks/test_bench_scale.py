@@ -25,7 +25,8 @@ def _write_pair(folder: Path, lang: str, src: list[str], eng: list[str]) -> None
 
 @pytest.fixture()
 def tiny(tmp_path):
-    _write_pair(tmp_path, "deu", ["Hallo.", "Wie geht's?", "Hallo.", "Danke."], ["Hello.", "How are you?", "Hi.", "Thanks."])
+    _write_pair(tmp_path, "deu", ["Hallo.", "Wie geht's?", "Hallo.", "Danke."],
+                ["Hello.", "How are you?", "Hi.", "Thanks."])
     _write_pair(tmp_path, "fra", ["Bonjour.", "Merci.", " "], ["Hello.", "Thanks.", "Nothing."])
     (tmp_path / "README.md").write_text("not a pair")
     return read_pairs(tmp_path)

@@ -14,8 +14,8 @@ from hypothesis.extra import numpy as hnp
 
 from embedding.codec import (
     ResidualCodec,
-    content_keys,
     code_dtype,
+    content_keys,
     default_n_centroids,
     pack_bits,
     unpack_bits,

@@ -13,8 +13,18 @@ from embedding.codec import ResidualCodec
 from embedding.encoder import Encoder
 from embedding.model import fingerprint, load_model, read_settings
 from embedding.mrl import truncate
-from embedding.tuning import (DenseDocs, QueryTower, TokenDocs, TrainConfig, TrainingData, batch_candidates,
-                              match_freeze, parameter_changes, save_query_encoder, train_query_encoder)
+from embedding.tuning import (
+    DenseDocs,
+    QueryTower,
+    TokenDocs,
+    TrainConfig,
+    TrainingData,
+    batch_candidates,
+    match_freeze,
+    parameter_changes,
+    save_query_encoder,
+    train_query_encoder,
+)
 from fixtures_models import MULTILINGUAL_TEXTS
 
 TEXTS = [t for lang in ("en", "de", "fr", "es") for t in MULTILINGUAL_TEXTS[lang][:8]]

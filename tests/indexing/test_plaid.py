@@ -18,10 +18,10 @@ from indexing.plaid import (
     DERIVED_KEYS,
     CentroidIndex,
     SearchParams,
-    maxsim,
-    plaid_defaults,
     best_cells,
     build_ivf,
+    maxsim,
+    plaid_defaults,
 )
 
 DIM = 32

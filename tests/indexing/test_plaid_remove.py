@@ -190,7 +190,7 @@ def test_all_padding_query_skips_removed_documents(index, removed):
         np.testing.assert_array_equal(ids[0], survivors[:6])
         assert (scores[0] == 0).all()
     allowed = np.concatenate([removed[:4], survivors[-2:]])
-    for scores, ids in (smaller.search(zero, 4, allowed=allowed), smaller.exact_maxsim(zero, 4, allowed=allowed)):
+    for _scores, ids in (smaller.search(zero, 4, allowed=allowed), smaller.exact_maxsim(zero, 4, allowed=allowed)):
         assert ids[0].tolist() == survivors[-2:].tolist() + [-1, -1]
 
 

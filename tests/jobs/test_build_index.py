@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from indexing import dense
-from jobs.build_index import IndexConfig, run as build
-from jobs.embed import EmbedConfig, run as embed
+from jobs.build_index import IndexConfig
+from jobs.build_index import run as build
+from jobs.embed import EmbedConfig
+from jobs.embed import run as embed
 from storage import schemas
 from storage.fs import location
 from storage.manifest import Artifact, NotFoundError

@@ -40,7 +40,8 @@ class _FailingShard:
         try:
             if self.bad_input:
                 raise CorpusError("/c/a.jsonl: rows 16-32: inconsistent column types: year")
-            raise OSError(errno.ENOSPC, "No space left on device: writing /store/sets/t/v000001/dense/part-00001.parquet")
+            raise OSError(errno.ENOSPC,
+                          "No space left on device: writing /store/sets/t/v000001/dense/part-00001.parquet")
         except Exception as err:
             raise shard_error(err, shard, "/c/a.jsonl", 16, 32) from err
 

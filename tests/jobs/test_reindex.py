@@ -6,16 +6,16 @@ import json
 import shutil
 
 import pytest
-from conftest import ensure_local_ray
 
+from conftest import ensure_local_ray
 from fixtures_models import MULTILINGUAL_TEXTS
+from indexing.searcher import Searcher
 from jobs import build_index
 from jobs.cli import main as cli
 from jobs.embed import EmbedConfig
 from jobs.embed import run as embed
-from jobs.reindex import NothingToDo, ReindexConfig, Refused, rollback
+from jobs.reindex import NothingToDo, Refused, ReindexConfig, rollback
 from jobs.reindex import run as reindex
-from indexing.searcher import Searcher
 from storage import catalog
 from storage.fs import location
 from storage.manifest import Artifact, NotFoundError
@@ -284,7 +284,7 @@ def test_reindex_on_s3(ray_local, tiny_model_dir, s3_bucket):
     # --keep 1 dropped v000001's manifest but kept the shards v000002 reuses from it
     assert Artifact(location(root), "sets", "t").versions() == ["v000002"]
     after = {k: top10(root, n) for k, n in names.items()}
-    for k, n in names.items():
+    for n in names.values():
         assert sorted(Searcher.open(root, n).doc_ids) == want
     with pytest.raises(NotFoundError, match="garbage-collected"):
         rollback(root, "t", "v000001")
