@@ -196,3 +196,17 @@ def test_the_private_name_check_sees_both_forms():
         "mf._json_default (storage.manifest)",
         "storage.layout._NAME_RE (storage.layout)",
     ]
+
+
+def test_ruff_is_clean():
+    """The lint the project configures in pyproject.toml ([tool.ruff]) passes on the whole tree."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[dev]')")
+    done = subprocess.run([ruff, "check", "--no-cache", "--output-format", "concise", str(REPO)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
