@@ -253,7 +253,7 @@ def _write_version(cfg: EmbedConfig, art: Artifact, version: str, resumed: bool,
         if cfg.publish:
             art.publish(version)
     vdir.join(SAMPLE_CACHE).delete(recursive=True)  # pass 1's encodings, now in the shards
-    vdir.join(embed_augment.QUERIES_FILE).delete()
+    vdir.join(embed_augment.QUERIES_DIR).delete(recursive=True)  # the actors' copy of the queries
     return manifest
 
 

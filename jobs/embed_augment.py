@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-QUERIES_FILE = "_augment/queries.parquet"
+QUERIES_DIR = "_augment"
+QUERIES_FILE = f"{QUERIES_DIR}/queries.parquet"
 SOURCES = ("queries", "column", "generator")
 #: GenerationSettings fields an AugmentConfig may set (None: GenerationSettings' default)
 GENERATION_FIELDS = ("prompt", "max_new_tokens", "min_new_tokens", "do_sample", "top_k", "top_p",
@@ -208,6 +209,9 @@ def manifest_record(aug: "AugmentConfig | None", source: dict, shard_stats: list
     if aug is None:
         return {}
     total = lambda key: int(sum(s.get(key, 0) for s in shard_stats))  # noqa: E731
+    if not total("aug_queries"):
+        logger.warning("passage augmentation (%s) found no queries: the augmented vectors are the plain ones",
+                       aug.source)
     return {"augment": {**source["augment"], "settings": aug.to_dict(),
                         "counts": {"queries": total("aug_queries"), "passages": total("aug_passages"),
                                    "tokens": total("aug_tokens"),
@@ -268,8 +272,10 @@ class ShardAugmenter:
         if self.cfg.column:
             from storage.augment_queries import queries_from_column
 
-            q = queries_from_column(ids, table.column(self.cfg.column).to_pylist(), column=self.cfg.column,
-                                    where=where)
+            # a JSONL piece where no document has the column has no such column: no queries
+            values = table.column(self.cfg.column).to_pylist() if self.cfg.column in table.column_names \
+                else [None] * len(ids)
+            q = queries_from_column(ids, values, column=self.cfg.column, where=where)
             pos = {pid: i for i, pid in enumerate(ids)}
             owner, qtexts, qlangs = np.array([pos[p] for p in q.passage_ids], np.int64), q.texts, q.langs
         else:

@@ -198,8 +198,9 @@ class ShardEncoder(EncoderActor):
         tokens_aug = self._tokens_table(ids, aug.tokens) if aug is not None and aug.tokens is not None else None
         self._residual_stats = residual_stats
         compress_s = time.perf_counter() - t0
-        if self.augmenter is not None and self.augmenter.cfg.column:  # the queries, not metadata
-            kept = kept.drop_columns([self.augmenter.cfg.column])
+        column = self.augmenter.cfg.column if self.augmenter is not None else None
+        if column in kept.column_names:  # the queries, not metadata
+            kept = kept.drop_columns([column])
         write("docs", self._docs_table(kept, kept_texts, enc, shard))
         if enc is not None and self.spec.dense:
             write("dense", schemas.dense_table(ids, enc.dense))

@@ -166,7 +166,7 @@ def print_result(manifest: dict, args: argparse.Namespace) -> None:
     if "adapter_fallback" in c:
         print(f"language adapters: {c['per_adapter']}; {c['adapter_fallback']} documents without an adapter "
               f"went to the fallback {c['adapter_fallback_languages']}")
-    if "augment" in manifest:
+    if "augment" in manifest:  # (a column name no document has gives no queries: see the count)
         a = manifest["augment"]["counts"]
         print(f"augmented ({manifest['augment']['source']}): {a['queries']} queries on {a['passages']} passages, "
               f"{a['tokens']} query tokens appended")
