@@ -20,11 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedding.codec import ResidualCodec
-from embedding.languages import route_languages
+from embedding.languages import LanguageError, route_languages
 from embedding.model import adapter_languages
 from embedding.vectors import DocumentVectors
 from jobs.embed_augment import ShardAugmenter
 from storage import layout, schemas
+from storage.augment_queries import AugmentQueryError
 from storage.corpus import ColumnMap, CorpusError, CorpusFile, meta_hashes, read_rows, text_hashes
 from storage.fs import Location
 from storage.manifest import file_entry
@@ -76,7 +77,8 @@ def shard_error(err: Exception, shard: int, url: str, start: int, end: int) -> S
     if isinstance(err, ShardError):
         return err
     where = f"shard {shard} ({url}, records {start + 1}-{end})"
-    if isinstance(err, CorpusError):
+    # a language without an adapter, bad augmentation queries in a corpus column: the input's fault
+    if isinstance(err, (CorpusError, LanguageError, AugmentQueryError)):
         return ShardInputError(f"{err} ({where})")
     return ShardError(f"{where}: {type(err).__name__}: {err}")
 

@@ -14,10 +14,12 @@ import pytest
 from embedding.augment import augment_dense, interleave
 from embedding.codec import ResidualCodec
 from fixtures_models import MULTILINGUAL_TEXTS, build_tiny_seq2seq
+from storage import manifest as mf
 from storage import schemas
 from storage.fs import location
 from storage.manifest import Artifact
 from tests.helpers import sample_docs, write_jsonl
+from tests.storage.test_manifest_types import mismatches
 
 QUERY_TEXTS = {"de": MULTILINGUAL_TEXTS["de"], "fr": MULTILINGUAL_TEXTS["fr"], "es": MULTILINGUAL_TEXTS["es"]}
 FAST = ("--nbits", "2", "--n-centroids", "8", "--rows-per-shard", "8")
@@ -139,6 +141,7 @@ def index_both(capsys, root: str, set_name: str, kinds=("flat", "plaid")) -> Non
                                  "--vectors", vectors, "--name", f"{set_name}-{kind}-{vectors}")
             assert code == 0, err[-2000:]
             assert json.loads(out).get("vectors", "plain") == vectors
+            assert mismatches(json.loads(out), mf.IndexManifest) == []
 
 
 # ---- the tests --------------------------------------------------------------------------------
@@ -163,6 +166,7 @@ def test_augmented_from_a_queries_file(ray_local, tiny_model_dir, tmp_path, caps
     assert m["augment"]["counts"] == {"queries": 11, "passages": 5, "tokens": m["augment"]["counts"]["tokens"],
                                       "generated_empty": 0}
     assert {e["kind"] for e in m["files"]} >= {"dense", "dense_aug", "tokens", "tokens_aug"}
+    assert mismatches(m, mf.SetManifest) == []  # the typed record declares the new keys
     m, vdir = version(root, "a")
     assert not vdir.join("_augment").exists()
     owners, texts, langs = [r["passage_id"] for r in qrows], [r["text"] for r in qrows], [r["lang"] for r in qrows]
@@ -226,6 +230,7 @@ def test_augmented_by_a_query_generator(ray_local, tiny_model_dir, t5_dir, tmp_p
     gen = m["augment"]["generator"]
     assert m["augment"]["source"] == "generator" and len(gen["fingerprint"]) == 64
     assert gen["settings"]["queries_per_lang"] == 2 and gen["settings"]["max_new_tokens"] == 6
+    assert mismatches(m, mf.SetManifest) == []
     # the same generator settings give the same queries (one shard: one generate call)
     g = QueryGenerator.load(t5_dir, GenerationSettings(**gen["settings"]), device="cpu")
     made = g.generate([d["text"] for d in docs], ["de", "fr"], passage_langs=[d["lang"] for d in docs])
@@ -258,6 +263,14 @@ def test_bad_augmentation_input_is_refused_before_anything_is_written(ray_local,
         assert code == 2, (extra, err[-2000:])
         assert named in err, (extra, err[-2000:])
         assert list(root.iterdir()) == [], extra  # no set, no version, no claim
+    # a bad value in the queries column is found by the actor reading it: exit 2, the version discarded
+    docs = [{**d, "queries": None} for d in sample_docs(6)]  # JSONL pieces take their first row's keys
+    docs[2]["queries"] = [{"text": " ", "lang": "de"}]
+    corpus = write_jsonl(str(tmp_path / "c2.jsonl"), docs)
+    code, _, err = cli(capsys, "embed", "--corpus", corpus, "--model", str(tiny_model_dir), "--set", "bad",
+                       "--root", str(root), "--mode", "dense", "--augment-column", "queries")
+    assert code == 2 and "c2.jsonl: record 3: queries[0]" in err, err[-2000:]
+    assert not (root / "sets" / "bad").exists()
     with pytest.raises(SystemExit) as done:
         cli(capsys, "index", "--set", "bad", "--kind", "flat", "--vectors", "other", "--root", str(root))
     assert done.value.code == 2

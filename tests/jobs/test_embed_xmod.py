@@ -11,10 +11,12 @@ import pyarrow as pa
 import pytest
 
 from fixtures_models import MULTILINGUAL_TEXTS, build_tiny_xmod
+from storage import manifest as mf
 from storage import schemas
 from storage.fs import location
 from storage.manifest import Artifact
 from tests.helpers import write_jsonl
+from tests.storage.test_manifest_types import mismatches
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,7 @@ def test_xmod_embed_routes_languages_and_counts_the_fallback(ray_local, xmod_dir
     assert c["per_adapter"] == {"de_DE": 5, "en_XX": 8}
     assert c["adapter_fallback"] == 3 and c["adapter_fallback_languages"] == {"fr": 3}
     assert m["config"]["adapter_fallback"] == "en" and m["model"]["settings"]["adapter_fallback"] == "en"
+    assert mismatches(m, mf.SetManifest) == []  # the typed record declares the new keys
 
     # the stored vectors are each document's own adapter's (the fallback's for French)
     lm = load_model(xmod_dir, EncoderSettings(adapter_fallback="en"), device="cpu")
