@@ -6,8 +6,6 @@ import argparse
 from jobs.commands.common import INDEX_KINDS, Command, config_from, json_arg, print_json, root_arg
 from jobs.errors import EXIT_OK
 
-VECTORS = ("plain", "augmented")  # storage.layout.VECTORS
-
 
 def add_arguments(i: argparse.ArgumentParser) -> None:
     i.add_argument("--set", dest="set_name", required=True)
@@ -25,7 +23,8 @@ def add_arguments(i: argparse.ArgumentParser) -> None:
     i.add_argument("--rescore", type=int, help="int8/binary/ivfpq: rescore k*RESCORE candidates")
     i.add_argument("--train-size", type=int)
     i.add_argument("--no-publish", dest="publish", action="store_false", default=None)
-    i.add_argument("--vectors", choices=VECTORS,
+    # checked by the config (storage.layout.VECTORS), whose module would cost the parser an fsspec import
+    i.add_argument("--vectors", metavar="plain|augmented",
                    help="the set's plain vectors (default) or its xQG-augmented ones (embed --augment-*)")
     root_arg(i)
     json_arg(i)
@@ -39,8 +38,10 @@ def to_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from jobs import preflight
-    from storage.layout import check_name, resolve_root
+    from storage.layout import check_name, resolve_root, vector_kind
 
+    if args.vectors is not None:
+        vector_kind("dense", args.vectors)  # before the set is looked up
     preflight.artifact(resolve_root(args.root), "sets", args.set_name, args.set_version)
     if args.name is not None:
         check_name(args.name, "index name")

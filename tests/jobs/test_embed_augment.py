@@ -191,6 +191,11 @@ def test_augmented_from_a_queries_file(ray_local, tiny_model_dir, tmp_path, caps
     s = Searcher.open(root, "a-int8-augmented")  # rescored with the augmented vectors
     np.testing.assert_array_equal(s.backend.vectors, read_dense(vdir, m, None, "augmented"))
 
+    # a re-index would not carry the augmented files over: refused, nothing written
+    code, _, err = cli(capsys, "reindex", "--set", "a", "--corpus", corpus, "--root", root)
+    assert code == 3 and "passage augmentation" in err, err[-2000:]
+    assert Artifact(location(root), "sets", "a").current() == "v000001"
+
 
 def test_augmented_from_a_corpus_column_dense(ray_local, tiny_model_dir, tmp_path, capsys):
     docs = sample_docs(10)
@@ -271,16 +276,11 @@ def test_bad_augmentation_input_is_refused_before_anything_is_written(ray_local,
                        "--root", str(root), "--mode", "dense", "--augment-column", "queries")
     assert code == 2 and "c2.jsonl: record 3: queries[0]" in err, err[-2000:]
     assert not (root / "sets" / "bad").exists()
-    with pytest.raises(SystemExit) as done:
-        cli(capsys, "index", "--set", "bad", "--kind", "flat", "--vectors", "other", "--root", str(root))
-    assert done.value.code == 2
+    code, _, err = cli(capsys, "index", "--set", "bad", "--kind", "flat", "--vectors", "other", "--root", str(root))
+    assert code == 2 and "vectors must be one of plain, augmented" in err
 
 
 def test_plain_set_has_no_augmented_vectors_to_index(ray_local, tiny_model_dir, tmp_path, capsys):
-    from jobs.commands.index import VECTORS
-    from storage.layout import VECTORS as HOME
-
-    assert VECTORS == HOME
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(6))
     root = str(tmp_path / "store")
     code, out, err = cli(capsys, "embed", "--corpus", corpus, "--model", str(tiny_model_dir), "--set", "p",
