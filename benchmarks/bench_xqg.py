@@ -163,7 +163,8 @@ def encode_all(args, split: dict) -> tuple[dict, dict]:
     lm = load_model(args.model, device="cpu")
     timings["model_load_s"] = time.perf_counter() - t0
     enc = Encoder(lm)
-    work = Path(args.work) / _key(lm.fingerprint, split["docs"]["ids"], split["eval"]["ids"], len(split["aug"]["texts"]))
+    work = Path(args.work) / _key(lm.fingerprint, split["docs"]["ids"], split["eval"]["ids"],
+                                  len(split["aug"]["texts"]))
     work.mkdir(parents=True, exist_ok=True)
 
     def timed(name, fn):
@@ -222,8 +223,8 @@ def ndcg_per_lang(split: dict, top_ids: np.ndarray, top_scores: np.ndarray) -> d
 
 
 def dense_search(docs: np.ndarray, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    from indexing import dense as dense_index
     from embedding.mrl import truncate
+    from indexing import dense as dense_index
 
     params = dense_index.DenseIndexParams("flat", docs.shape[1])
     index = dense_index.train(params, truncate(docs))
@@ -357,7 +358,7 @@ def table(r: dict) -> list[str]:
         lines.append(row)
     lines.append(f"{'none':10}{dense['none']['mean_x']:8.3f}/{dense['none']['mean']:.3f}")
     lines += ["", "ColBERT tokens stored: " + ", ".join(f"{k} {v['tokens']:,}" for k, v in colbert.items())
-              + f"; PLAID ms/query: " + ", ".join(f"{k} {v['plaid_ms_per_query']}" for k, v in colbert.items())]
+              + "; PLAID ms/query: " + ", ".join(f"{k} {v['plaid_ms_per_query']}" for k, v in colbert.items())]
     lines.append(f"codec: {r['results']['codec']}; cap {r['cap']}")
     lines.append(f"timings: {r['timings']}")
     if r.get("generator"):

@@ -21,8 +21,8 @@ import torch
 
 from embedding.batching import length_buckets
 from embedding.languages import Routing, route_languages
-from embedding.vectors import DocumentVectors  # noqa: F401  (re-exported: callers import it from here)
 from embedding.model import LoadedModel
+from embedding.vectors import DocumentVectors  # noqa: F401  (re-exported: callers import it from here)
 
 logger = logging.getLogger(__name__)
 

@@ -16,14 +16,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from embedding.model import ModelError, check_model_dir, load_tokenizer
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 

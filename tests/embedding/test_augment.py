@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedding.augment import (augment_dense, augment_tokens, check_weight, interleave, query_means,
-                               select_queries)
+from embedding.augment import augment_dense, augment_tokens, check_weight, interleave, query_means, select_queries
 from embedding.codec import ResidualCodec
 from embedding.mrl import truncate
 from indexing import dense as dense_index

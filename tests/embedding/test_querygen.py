@@ -7,8 +7,7 @@ import pytest
 from embedding.augment import augment_dense, augment_tokens
 from embedding.encoder import Encoder
 from embedding.model import load_model
-from embedding.querygen import (GenerationSettings, GeneratorError, QueryGenerator, check_generator_dir,
-                                prompts)
+from embedding.querygen import GenerationSettings, GeneratorError, QueryGenerator, check_generator_dir, prompts
 from fixtures_models import MULTILINGUAL_TEXTS, build_tiny_seq2seq
 
 PASSAGES = MULTILINGUAL_TEXTS["en"][:3]
@@ -44,7 +43,7 @@ def test_generated_queries_augment_encoded_passages(seq2seq_dir, tiny_colbert_di
     dense = augment_dense(docs.dense, qv.dense, qs.passage, 0.5)
     assert dense.shape == docs.dense.shape and not np.allclose(dense, docs.dense)
     tokens = augment_tokens(docs.tokens, qv.tokens, qs.passage, cap=10)
-    for i, (before, after) in enumerate(zip(docs.tokens, tokens)):
+    for before, after in zip(docs.tokens, tokens):
         assert len(before) < len(after) <= len(before) + 10
         np.testing.assert_array_equal(after[:len(before)], before)
 

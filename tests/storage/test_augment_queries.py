@@ -7,8 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.augment_queries import (AugmentQueries, AugmentQueryError, check_known, load_augment_queries,
-                                     queries_from_column)
+from storage.augment_queries import (
+    AugmentQueries,
+    AugmentQueryError,
+    check_known,
+    load_augment_queries,
+    queries_from_column,
+)
 
 ROWS = [{"passage_id": "d1", "text": "Wo ist der Bahnhof?", "lang": "de"},
         {"passage_id": "d2", "text": "Où est la gare ?", "lang": "fr"},
