@@ -82,7 +82,7 @@ def map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str 
                               num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=0, **extra)
 
 
-WORKER_STAGES = ("load", "read", "tokenize", "forward", "post", "compress", "write")
+WORKER_STAGES = ("load", "read", "tokenize", "forward", "post", "augment", "compress", "write")
 
 
 def add_worker_stages(timings: Timings, stats: dict, prefix: str) -> None:

@@ -189,9 +189,10 @@ class ShardEncoder(EncoderActor):
         langs = kept.column("lang").to_pylist()
         t0 = time.perf_counter()
         enc = self._encode(shard, np.flatnonzero(keep), kept_texts, langs) if kept_texts else None
+        encode_s = time.perf_counter() - t0
         ids = kept.column("id").to_pylist()
         aug = self._augment(row, np.flatnonzero(keep), ids, kept_texts, langs, kept, enc)
-        encode_s = time.perf_counter() - t0
+        augment_s = time.perf_counter() - t0 - encode_s  # generation and query encoding (xQG)
         entries = []
         write = lambda kind, tbl: entries.append(self._write(kind, shard, tbl))  # noqa: E731
         t0 = time.perf_counter()
@@ -227,7 +228,8 @@ class ShardEncoder(EncoderActor):
                  **self._stage_delta(stages, self._stage_seconds()), **self._residual_stats,
                  "write_seconds": round(time.perf_counter() - t0 - compress_s, 3),
                  "seconds": round(time.perf_counter() - start, 3), "started_at": round(started_at, 3),
-                 **(aug.stats if aug is not None else {}), **self._routing(langs), "files": entries}
+                 **({**aug.stats, "augment_seconds": round(augment_s, 3)} if aug is not None else {}),
+                 **self._routing(langs), "files": entries}
         marker = self.vdir.join(layout.SHARD_MARKERS, f"{shard:05d}.json")
         marker.write_text(json.dumps(stats))  # last: the shard is done
         return stats

@@ -167,6 +167,7 @@ def test_augmented_from_a_queries_file(ray_local, tiny_model_dir, tmp_path, caps
                                       "generated_empty": 0}
     assert {e["kind"] for e in m["files"]} >= {"dense", "dense_aug", "tokens", "tokens_aug"}
     assert mismatches(m, mf.SetManifest) == []  # the typed record declares the new keys
+    assert m["timings"]["worker_augment"] > 0  # generation and query encoding apart from the passages'
     m, vdir = version(root, "a")
     assert not vdir.join("_augment").exists()
     owners, texts, langs = [r["passage_id"] for r in qrows], [r["text"] for r in qrows], [r["lang"] for r in qrows]
