@@ -299,6 +299,8 @@ def run_sweep(args, split: dict, vec: dict) -> dict:
 # ---- the tiny generator path ------------------------------------------------------------
 def generator_path(args, split: dict) -> dict:
     """Tiny random T5 generator + tiny BERT encoder: generate, encode, augment, index, search."""
+    import torch
+
     from embedding.augment import augment_dense, augment_tokens
     from embedding.codec import ResidualCodec
     from embedding.encoder import Encoder
@@ -306,8 +308,6 @@ def generator_path(args, split: dict) -> dict:
     from embedding.querygen import GenerationSettings, QueryGenerator
     from fixtures_models import build_tiny_colbert, build_tiny_seq2seq
     from indexing.plaid import CentroidIndex
-
-    import torch
 
     torch.set_num_threads(1)  # tiny models: two threads on a loaded machine spend their time waiting
     work = Path(args.work) / "tiny"
