@@ -75,8 +75,8 @@ def main(argv=None) -> int:
     labels = {"one": ["en"] * len(texts), "mixed": langs}
     batches = {}
     for name, lab in labels.items():
-        ids, _ = enc._tokenize([enc.s.passage_prefix + t for t in texts], enc.s.max_length)
-        batches[name] = [len(b) for b, _ in enc._batches(ids, enc.route(lab))]
+        ids, _ = enc.tokenize([enc.s.passage_prefix + t for t in texts], enc.s.max_length)
+        batches[name] = [len(b) for b, _ in enc.batches(ids, enc.route(lab))]
     enc.encode_documents(texts[:24], dense=True, colbert=True, langs=langs[:24])  # warm-up
     seconds: dict[str, list[float]] = {"one": [], "mixed": []}
     for r in range(args.rounds):

@@ -75,9 +75,10 @@ class Encoder:
         tok = lm.tokenizer
         self._pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self._mask = tok.mask_token_id
-        self._q_marker = tok.convert_tokens_to_ids(self.s.query_marker) if self.s.query_marker else None
-        self._d_marker = tok.convert_tokens_to_ids(self.s.doc_marker) if self.s.doc_marker else None
-        self._skip = self._skiplist() if self.s.skip_punctuation else np.zeros(0, np.int64)
+        # Public for tests and benchmarks that inspect tokenisation: marker token ids, skipped ids.
+        self.query_marker_id = tok.convert_tokens_to_ids(self.s.query_marker) if self.s.query_marker else None
+        self.doc_marker_id = tok.convert_tokens_to_ids(self.s.doc_marker) if self.s.doc_marker else None
+        self.skip_ids = self._skiplist() if self.s.skip_punctuation else np.zeros(0, np.int64)
         #: seconds spent per stage ("tokenize", "forward", "post"), summed over calls; the
         #: embed job reports them so a run shows what is the model and what is not
         self.stage_seconds: dict[str, float] = {}
@@ -94,9 +95,9 @@ class Encoder:
         ``langs``: each query's language (X-MOD models; None entries are detected).
         """
         routing = self.route(self.query_languages(texts, langs), what="queries")
-        ids = self._tokenize([self.s.query_prefix + t for t in texts], self.s.max_length)[0]
+        ids = self.tokenize([self.s.query_prefix + t for t in texts], self.s.max_length)[0]
         out = np.zeros((len(texts), self.lm.hidden_size), np.float32)
-        for batch, lang_id in self._batches(ids, routing):
+        for batch, lang_id in self.batches(ids, routing):
             hidden, mask = self._forward([ids[i] for i in batch], lang_id=lang_id)
             out[batch] = self._pool(hidden, mask)
         return out
@@ -110,10 +111,10 @@ class Encoder:
         """
         routing = self.route(self.query_languages(texts, langs), what="queries")
         lq = self.s.query_maxlen
-        ids = self._tokenize([self.s.query_prefix + t for t in texts], lq, self._q_marker)[0]
+        ids = self.tokenize([self.s.query_prefix + t for t in texts], lq, self.query_marker_id)[0]
         out = np.zeros((len(texts), lq, self.lm.colbert_dim), np.float32)
         augment = self.s.query_augmentation and self._mask is not None
-        for batch, lang_id in self._batches(ids, routing):
+        for batch, lang_id in self.batches(ids, routing):
             seqs = [ids[i] for i in batch]
             if augment:
                 hidden, mask = self._forward(seqs, pad_to=lq, pad_id=self._mask,
@@ -155,17 +156,17 @@ class Encoder:
             return out
         # Like encode_documents: with no query marker the dense input (cut at max_length)
         # starts with the ColBERT input (cut at query_maxlen), so one forward feeds both.
-        shared = dense and self._q_marker is None and self.s.query_maxlen <= self.s.max_length
+        shared = dense and self.query_marker_id is None and self.s.query_maxlen <= self.s.max_length
         limit = self.s.max_length if shared else self.s.query_maxlen
-        ids, full = self._tokenize(inputs, limit, None if shared else self._q_marker)
+        ids, full = self.tokenize(inputs, limit, None if shared else self.query_marker_id)
         out.n_tokens[:] = full
         out.truncated[:] = full > self.s.query_maxlen
         out.tokens = [None] * n  # type: ignore[list-item]
         if dense:
             out.dense = np.zeros((n, self.lm.hidden_size), np.float32) if shared else self.encode_queries(texts, langs)
-        drop = np.union1d(self._skip, [t for t in [*self.lm.tokenizer.all_special_ids, self._q_marker]
+        drop = np.union1d(self.skip_ids, [t for t in [*self.lm.tokenizer.all_special_ids, self.query_marker_id]
                                        if t is not None]).astype(np.int64)
-        for batch, lang_id in self._batches(ids, routing):
+        for batch, lang_id in self.batches(ids, routing):
             hidden, mask = self._forward([ids[i] for i in batch], lang_id=lang_id)
             if shared:
                 out.dense[batch] = self._pool(hidden, mask)
@@ -188,11 +189,11 @@ class Encoder:
             raise ValueError("nothing to encode: dense and colbert are both off")
         routing = self.route(langs if langs is not None else [None] * len(texts), what="documents")
         inputs = [self.s.passage_prefix + t for t in texts]
-        shared = dense and colbert and self._d_marker is None and self.s.doc_maxlen <= self.s.max_length
+        shared = dense and colbert and self.doc_marker_id is None and self.s.doc_maxlen <= self.s.max_length
         n = len(texts)
         out = DocumentVectors(None, None, np.zeros(n, np.int32), np.zeros(n, bool))
         if dense:
-            ids, full = self._tokenize(inputs, self.s.max_length)
+            ids, full = self.tokenize(inputs, self.s.max_length)
             out.n_tokens[:] = full
             out.truncated |= full > self.s.max_length
             out.dense = np.zeros((n, self.lm.hidden_size), np.float32)
@@ -201,7 +202,7 @@ class Encoder:
                 out.truncated |= full > self.s.doc_maxlen
             self._run_documents(ids, out, routing, pool=True, colbert_limit=self.s.doc_maxlen if shared else 0)
         if colbert and not shared:
-            ids, full = self._tokenize(inputs, self.s.doc_maxlen, self._d_marker)
+            ids, full = self.tokenize(inputs, self.s.doc_maxlen, self.doc_marker_id)
             out.n_tokens[:] = np.maximum(out.n_tokens, full)
             out.truncated |= full > self.s.doc_maxlen
             out.tokens = [None] * n  # type: ignore[list-item]
@@ -215,9 +216,9 @@ class Encoder:
         The benchmark's reference point for pipeline overhead.
         """
         routing = self.route(langs if langs is not None else [None] * len(texts))
-        ids, _ = self._tokenize(texts, max_length)
+        ids, _ = self.tokenize(texts, max_length)
         seen = 0
-        for batch, lang_id in self._batches(ids, routing):
+        for batch, lang_id in self.batches(ids, routing):
             hidden, mask = self._forward([ids[i] for i in batch], lang_id=lang_id)
             seen += int(mask.sum())
         return seen
@@ -244,7 +245,7 @@ class Encoder:
             return given
         return [lang if lang else self.detector(text) for text, lang in zip(texts, given)]
 
-    def _batches(self, ids: list[list[int]], routing: "Routing | None") -> Iterator[tuple[np.ndarray, "int | None"]]:
+    def batches(self, ids: list[list[int]], routing: "Routing | None") -> Iterator[tuple[np.ndarray, "int | None"]]:
         """Length-bucketed batches, one adapter each: ``(positions, adapter index or None)``."""
         lengths = np.array([len(x) for x in ids])
         if routing is None:
@@ -258,7 +259,7 @@ class Encoder:
     # ---- internals --------------------------------------------------------------------
     def _run_documents(self, ids: list[list[int]], out: DocumentVectors, routing: "Routing | None", *,
                        pool: bool, colbert_limit: int) -> None:
-        for batch, lang_id in self._batches(ids, routing):
+        for batch, lang_id in self.batches(ids, routing):
             t = time.perf_counter()
             hidden, mask = self._forward([ids[i] for i in batch], lang_id=lang_id)
             if hidden.is_cuda:
@@ -283,7 +284,7 @@ class Encoder:
     def _skip_mask(self, batch: np.ndarray, ids: list[list[int]], width: int,
                    skip: "np.ndarray | None" = None) -> torch.Tensor:
         """(b, width) bool: positions holding a token of ``skip`` (default the punctuation skiplist)."""
-        skip = self._skip if skip is None else skip
+        skip = self.skip_ids if skip is None else skip
         mask = np.zeros((len(batch), width), bool)
         if len(skip):
             for row, i in enumerate(batch):
@@ -291,7 +292,7 @@ class Encoder:
                 mask[row, :len(seq)] = np.isin(seq, skip)
         return torch.from_numpy(mask).to(self.lm.device)
 
-    def _tokenize(self, texts: list[str], limit: int, marker: "int | None" = None
+    def tokenize(self, texts: list[str], limit: int, marker: "int | None" = None
                   ) -> tuple[list[list[int]], np.ndarray]:
         """Token ids truncated to ``limit`` (special tokens kept), and full lengths.
 

@@ -83,7 +83,7 @@ def test_stanford_colbert_projection_and_markers(tiny_colbert_dir):
     assert lm.projection is not None and lm.colbert_dim == 16
     assert lm.settings.query_marker == "[unused0]" and lm.settings.doc_marker == "[unused1]"
     enc = Encoder(lm)
-    ids, _ = enc._tokenize(["river"], 32, enc._d_marker)
+    ids, _ = enc.tokenize(["river"], 32, enc.doc_marker_id)
     assert ids[0][1] == lm.tokenizer.convert_tokens_to_ids("[unused1]")
     docs = enc.encode_documents(TEXTS, dense=True, colbert=True)
     assert docs.dense.shape == (3, 32) and docs.tokens[0].shape[1] == 16

@@ -53,9 +53,9 @@ def test_query_tokens_are_the_query_encoders_content_tokens(tiny_colbert_dir):
     text = MULTILINGUAL_TEXTS["de"][1]  # "Wo ist der nächste Bahnhof, bitte?"
     got = enc.encode_query_tokens([text], colbert=True, dense=False).tokens[0]
     matrix = enc.encode_queries_colbert([text])[0]
-    ids = enc._tokenize([text], enc.s.query_maxlen, enc._q_marker)[0][0]
+    ids = enc.tokenize([text], enc.s.query_maxlen, enc.query_marker_id)[0][0]
     specials = set(enc.lm.tokenizer.all_special_ids)
-    content = [k for k, t in enumerate(ids) if t not in specials and t not in set(enc._skip.tolist())]
+    content = [k for k, t in enumerate(ids) if t not in specials and t not in set(enc.skip_ids.tolist())]
     assert len(got) == len(content)
     # same vectors as the query encoder's at those positions (mask expansion aside)
     np.testing.assert_allclose(got, matrix[content], atol=1e-4)
