@@ -14,6 +14,7 @@ import pytest
 from embedding.augment import augment_dense, interleave
 from embedding.codec import ResidualCodec
 from fixtures_models import MULTILINGUAL_TEXTS, build_tiny_seq2seq
+from jobs.embed_augment import AugmentConfig
 from storage import manifest as mf
 from storage import schemas
 from storage.fs import location
@@ -23,6 +24,7 @@ from tests.storage.test_manifest_types import mismatches
 
 QUERY_TEXTS = {"de": MULTILINGUAL_TEXTS["de"], "fr": MULTILINGUAL_TEXTS["fr"], "es": MULTILINGUAL_TEXTS["es"]}
 FAST = ("--nbits", "2", "--n-centroids", "8", "--rows-per-shard", "8")
+WEIGHT = AugmentConfig.weight  # the default passage weight
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +216,7 @@ def test_augmented_from_a_corpus_column_dense(ray_local, tiny_model_dir, tmp_pat
     m, vdir = version(root, "col")
     assert "queries" not in read_kind(m, vdir, "docs").column_names  # the queries, not metadata
     check_dense(m, vdir, tiny_model_dir, ["d0000", "d0004"], [QUERY_TEXTS["de"][0], QUERY_TEXTS["de"][4]],
-                ["de", "de"], 0.5)
+                ["de", "de"], WEIGHT)
     index_both(capsys, root, "col", kinds=("flat",))
     q = QUERY_TEXTS["de"][4]
     assert scores_of(capsys, root, "col-flat-augmented", q, "d0004") > scores_of(capsys, root, "col-flat-plain", q,
@@ -244,7 +246,7 @@ def test_augmented_by_a_query_generator(ray_local, tiny_model_dir, t5_dir, tmp_p
     assert m["augment"]["counts"]["queries"] == len(made) == (2 * len(docs) - own) * 2 - made.empty
     m, vdir = version(root, "gen")
     owners = [docs[i]["id"] for i in made.passage]
-    check_dense(m, vdir, tiny_model_dir, owners, made.texts, made.langs, 0.5, alone=False)
+    check_dense(m, vdir, tiny_model_dir, owners, made.texts, made.langs, WEIGHT, alone=False)
     check_tokens(m, vdir, tiny_model_dir, owners, made.texts, made.langs, 8)
     index_both(capsys, root, "gen", kinds=("plaid",))
     code, out, err = cli(capsys, "search", "--index", "gen-plaid-augmented", "--root", root, "--json", "-k", "3",
