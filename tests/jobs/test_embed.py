@@ -118,10 +118,12 @@ def test_embed_s3_end_to_end(ray_local, tiny_model_dir, s3_bucket):
     assert corpus.startswith("s3://")
     cols, result = catalog.query(root, "select count(*), count(distinct id) from documents")
     assert result == [(40, 40)]
-    assert catalog.query(root, "select set_name, version, is_current from embedding_sets")[1] == [("t", "v000001", True)]
+    sets_rows = catalog.query(root, "select set_name, version, is_current from embedding_sets")[1]
+    assert sets_rows == [("t", "v000001", True)]
     # a second run makes a second version; documents shows the current one, documents_all both
     run(_cfg([f"{s3_bucket}/corpus/part-1.jsonl"], tiny_model_dir, root, nbits=1))
-    rows_by_version = catalog.query(root, "select version, count(*) from documents_all group by version order by version")[1]
+    rows_by_version = catalog.query(
+        root, "select version, count(*) from documents_all group by version order by version")[1]
     assert rows_by_version == [("v000001", 40), ("v000002", 25)]
     assert catalog.query(root, "select version, count(*) from documents group by version")[1] == [("v000002", 25)]
     # the same run again: the objects' ETags match the current version's record; nothing is written
