@@ -163,7 +163,8 @@ def search_all(searcher: Searcher, queries: list[Query], k: int, batch_size: int
     """``{query_id: [(doc_id, score), ...]}`` for every query, searched ``batch_size`` at a time.
 
     ``same_language`` searches each query among the documents of its own language
-    (queries without a language search everything).
+    (queries without a language search everything). An X-MOD query encoder encodes each
+    query with its language's adapter (the fallback's when it has none).
     """
     ranked: dict[str, list[tuple[str, float]]] = {}
     progress = Progress(f"search {searcher.name}", len(queries))
@@ -173,7 +174,9 @@ def search_all(searcher: Searcher, queries: list[Query], k: int, batch_size: int
     for group_lang, group in groups.items():
         for start in range(0, len(group), batch_size):
             batch = group[start:start + batch_size]
-            hits = searcher.search([q.text for q in batch], k, lang=group_lang, where=where)
+            # ``lang`` filters documents; ``langs`` routes each query to its adapter (X-MOD encoders)
+            hits = searcher.search([q.text for q in batch], k, lang=group_lang, where=where,
+                                   langs=[q.lang for q in batch])
             ranked.update((q.id, h) for q, h in zip(batch, hits))
             progress.update(len(batch))
     return ranked

@@ -107,6 +107,14 @@ def test_xmod_embed_routes_languages_and_counts_the_fallback(ray_local, xmod_dir
     en = s.encode_queries([rows[6]["text"]], ["en"])
     np.testing.assert_allclose(und, en, atol=1e-6)
     assert not np.allclose(de, en, atol=1e-4)
+    # tessera eval routes each query by the lang of its queries file too
+    from jobs.evaluate import search_all
+    from storage.queries import Query
+
+    text = rows[6]["text"]
+    got = search_all(s, [Query("q", text, "de")], 3, 8)["q"]
+    assert got == s.search([text], 3, langs=["de"])[0]
+    assert [score for _, score in got] != [score for _, score in s.search([text], 3, langs=["en"])[0]]
     code, _, err = cli(capsys, "search", "--index", "x-flat", "--root", root, "--lang-detector", "nope", "q")
     assert code == 2 and "nope" in err
 
