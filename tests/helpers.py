@@ -93,3 +93,21 @@ def write_jsonl(loc_url: str, rows: list[dict]) -> str:
 
     location(loc_url).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return loc_url
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``jobs.cli.main(argv)`` in this process (Ray shared with the session): exit code, stdout,
+    stderr. The root logger's handlers and level, which the CLI sets up, are put back after."""
+    import logging
+
+    from jobs.cli import main
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        code = main(list(argv))
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

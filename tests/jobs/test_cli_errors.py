@@ -4,7 +4,6 @@ Ray starts or a model loads, and nothing left behind by a refused run."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -14,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import main
-from tests.helpers import RAY_STATE, free_port
+from tests.helpers import RAY_STATE, cli, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "jobs" / "data" / "sample_corpus.jsonl"
@@ -36,19 +34,6 @@ def assert_one_line_error(stderr: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """``jobs.cli.main(argv)`` in this process: (exit code, stdout, stderr). Logging is put back after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        code = main(list(argv))
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def tessera(*args: str, cwd: Path, env: "dict | None" = None, timeout: float = 600):

@@ -5,7 +5,6 @@ refused before anything is published; local root and s3://."""
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +18,7 @@ from storage import manifest as mf
 from storage import schemas
 from storage.fs import location
 from storage.manifest import Artifact
-from tests.helpers import sample_docs, write_jsonl
+from tests.helpers import cli, sample_docs, write_jsonl
 from tests.storage.test_manifest_types import mismatches
 
 QUERY_TEXTS = {"de": MULTILINGUAL_TEXTS["de"], "fr": MULTILINGUAL_TEXTS["fr"], "es": MULTILINGUAL_TEXTS["es"]}
@@ -30,21 +29,6 @@ WEIGHT = AugmentConfig.weight  # the default passage weight
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
     return build_tiny_seq2seq(tmp_path_factory.mktemp("tiny-t5"))
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """``jobs.cli.main(argv)`` in this process (Ray shared with the session): code, stdout, stderr."""
-    from jobs.cli import main
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        code = main(list(argv))
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def augment_rows(n_passages: int = 5) -> list[dict]:

@@ -4,7 +4,6 @@ written, and queries routed by --query-lang, a queries file's lang or a detector
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +14,7 @@ from storage import manifest as mf
 from storage import schemas
 from storage.fs import location
 from storage.manifest import Artifact
-from tests.helpers import write_jsonl
+from tests.helpers import cli, write_jsonl
 from tests.storage.test_manifest_types import mismatches
 
 
@@ -30,21 +29,6 @@ def xmod_docs() -> list[dict]:
     for lang, n in (("en", 5), ("de", 5), ("fr", 3)):
         rows += [{"id": f"{lang}-{i}", "text": t, "lang": lang} for i, t in enumerate(MULTILINGUAL_TEXTS[lang][:n])]
     return rows
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """``jobs.cli.main(argv)`` in this process (Ray shared with the session): code, stdout, stderr."""
-    from jobs.cli import main
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        code = main(list(argv))
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def stored_dense(root: str, set_name: str, kind: str = "dense") -> dict:
