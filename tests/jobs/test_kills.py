@@ -259,6 +259,7 @@ def test_sigterm_shuts_ray_down_and_the_rerun_resumes(job_factory, ray_local):
 def test_a_joined_cluster_survives_the_kill_of_its_driver(job_factory, ray_local):
     ray = ray_local
     cluster = tree(os.getpid())       # this process started the session's Ray: its tree
+    free_before = ray.available_resources().get("CPU", 0)
     job = job_factory(RAY_ADDRESS=RAY_STATE["local_address"])
     assert wait_until(lambda: "encoder pool" in job.output() or job.proc.poll() is not None, START_S, 0.5)
     assert job.proc.poll() is None and "encoder pool" in job.output(), job.output()[-4000:]
@@ -276,13 +277,8 @@ def test_a_joined_cluster_survives_the_kill_of_its_driver(job_factory, ray_local
         return 1
 
     assert ray.get(ping.remote(), timeout=60) == 1
-    # and Ray ended the dead driver's job: its (hanging) actor gave its CPU back
-    # (GCS notices the dead driver by its lost connection; on a loaded 2-core CI machine that once took
-    # over 60 s, so the bound is generous; the message names whatever still holds a CPU)
-    def alive_actors() -> list:
-        from ray.util.state import list_actors
-
-        return [(a.class_name, a.state, a.job_id) for a in list_actors(filters=[("state", "!=", "DEAD")])]
-
-    assert wait_until(lambda: ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"], 150, 1), \
-        (ray.available_resources(), alive_actors())
+    # and Ray ended the dead driver's job: its (hanging) actor gave its CPU back. Compared with the
+    # CPUs free before the job started, not with the whole cluster: an actor another test module left
+    # on the session's Ray (still being reclaimed) is not this driver's (two CI runs failed on 0.5 CPU)
+    assert wait_until(lambda: ray.available_resources().get("CPU", 0) >= free_before, 150, 1), \
+        (free_before, ray.available_resources())
