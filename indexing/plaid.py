@@ -63,9 +63,12 @@ _TOKEN_BATCH = 1 << 16
 _SCORE_BUDGET = 1 << 24
 # The same for the per-query stages of search (4 MiB blocks; tokens of one exact-stage
 # block): large enough for BLAS and numpy to run at full speed, small enough that a
-# serving process's temporaries stay a few MiB instead of the index's own size.
+# serving process's temporaries stay a few MiB instead of the index's own size. An
+# exact-stage block of 1,024 tokens decodes 1.5 MiB of residuals (dim 384) that the
+# product then reads back from the core's cache: ~15% faster per query than 4,096
+# (XQuAD, 2 and 4 bits, interleaved; 512 and 2,048 were slower).
 _STAGE_BUDGET = 1 << 20
-_EXACT_TOKENS = 4096
+_EXACT_TOKENS = 1024
 _MAX_DOCS = np.iinfo(np.int32).max
 # Up to this many cells per query token, best_cells scans with argmax.
 _ARGMAX_CELLS = 8
