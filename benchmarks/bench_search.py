@@ -33,11 +33,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- worker ----------------------------------------------------------------------------
+def _phases(s):
+    """``s``, with ``encode_queries``/``retrieve`` on a checkout older than those public phases.
+
+    Before the thread budget (7cb275f) the phases were the backend's own ``encode`` and
+    ``search``; the "before" worker needs them to time encoding and retrieval apart.
+    """
+    if not hasattr(s, "encode_queries"):
+        backend, encoder = vars(s)["_backend"], vars(s)["_encoder"]
+        s.encode_queries = lambda texts: backend.encode(encoder, texts)
+        s.retrieve = lambda q, k: backend.search(q, k, None, None)
+    return s
+
+
 def _worker(src: str, root: str, indexes: list[str], texts: list[str]) -> None:
     sys.path.insert(0, src)
     from indexing.searcher import Searcher
 
-    searchers = {name: Searcher.open(root, name) for name in indexes}
+    searchers = {name: _phases(Searcher.open(root, name)) for name in indexes}
     encoded = {}
     for name, s in searchers.items():  # warm up; pre-encoded queries for the retrieval-only timing
         s.search(texts[:2], 10)

@@ -43,11 +43,42 @@ def s3_options() -> dict:
     return opts
 
 
+class DroppedConnectionNoise(logging.Filter):
+    """Drops asyncio's "Task/Future exception was never retrieved" records of connection errors.
+
+    When an S3 endpoint goes away mid-request, aiohttp's body-writer task fails with a
+    connection error that nothing awaits any more (the request itself fails, and
+    :func:`retry` handles that); asyncio then logs the task's traceback when it is
+    collected. Only those records are dropped: any other asyncio record passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        unretrieved = "exception was never retrieved" in str(record.msg)
+        return not (unretrieved and isinstance(exc, (OSError, *_aiohttp_errors())))
+
+
+def _aiohttp_errors() -> tuple[type, ...]:
+    try:
+        from aiohttp import ClientError
+    except ImportError:
+        return ()
+    return (ClientError,)
+
+
+def quiet_dropped_connections() -> None:
+    """Install :class:`DroppedConnectionNoise` on the ``asyncio`` logger (idempotent)."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, DroppedConnectionNoise) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(DroppedConnectionNoise())
+
+
 def filesystem(protocol: str) -> fsspec.AbstractFileSystem:
     """The fsspec filesystem for ``"file"`` or ``"s3"``."""
     if protocol == "s3":
         import s3fs  # imported lazily: local-only users never pay for it
 
+        quiet_dropped_connections()  # in every process that talks to S3: Ray workers too
         return s3fs.S3FileSystem(**s3_options())
     if protocol in ("file", "local", ""):
         return fsspec.filesystem("file")

@@ -491,7 +491,7 @@ def test_default_thread_budget_is_the_available_cpus(flat):
 def test_batched_search_returns_what_one_at_a_time_returns(store, kind):
     name = _index_of_kind(store, kind)
     texts = [r["text"] for r in store["rows"]]
-    batched = Searcher.open(store["root"], name, batch_size=8)   # 36 queries: 5 batches, the last short
+    batched = Searcher.open(store["root"], name, batch_size=8)   # 36 queries: 5 forward batches, the last short
     many = batched.search(texts, k=5)
     assert batched.search_seconds["encode"] > 0 and batched.search_seconds["retrieve"] > 0
     single = Searcher.open(store["root"], name, batch_size=1)

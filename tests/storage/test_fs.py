@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pickle
 
@@ -76,3 +77,45 @@ def test_retry_raises_other_errors_unchanged(monkeypatch):
     monkeypatch.setattr(fs.time, "sleep", lambda s: None)
     with pytest.raises(FileNotFoundError, match="gone"):
         retry(lambda: (_ for _ in ()).throw(FileNotFoundError("gone")), "read x")
+
+
+def _unretrieved_task_failure(exc: BaseException) -> None:
+    """Run a loop in which a task fails with ``exc`` that nothing awaits; asyncio reports it
+    ("Task exception was never retrieved", with its traceback) when the task is collected."""
+    import asyncio
+    import gc
+
+    async def fail():
+        raise exc
+
+    async def main():
+        asyncio.get_running_loop().create_task(fail())
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    gc.collect()
+
+
+def test_an_unawaited_connection_error_of_a_dead_endpoint_prints_no_traceback(caplog):
+    """aiohttp's body writer fails with ClientConnectionResetError when the S3 endpoint goes away
+    mid-request; the request's own failure is retried, the writer task's is noise (a CI run's
+    stderr got its traceback). Other unretrieved task errors are still logged."""
+    from aiohttp import ClientConnectionResetError
+
+    from storage.fs import DroppedConnectionNoise, filesystem
+
+    asyncio_logger = logging.getLogger("asyncio")
+    for f in [f for f in asyncio_logger.filters if isinstance(f, DroppedConnectionNoise)]:
+        asyncio_logger.removeFilter(f)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        _unretrieved_task_failure(ClientConnectionResetError("Cannot write to closing transport"))
+    assert any("never retrieved" in r.getMessage() for r in caplog.records)   # what happens without it
+    caplog.clear()
+    filesystem("s3")                                   # installs the filter, as every S3 user does
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        _unretrieved_task_failure(ClientConnectionResetError("Cannot write to closing transport"))
+        _unretrieved_task_failure(ConnectionResetError("reset by peer"))
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        _unretrieved_task_failure(ValueError("a real bug"))
+    assert any("never retrieved" in r.getMessage() for r in caplog.records)
