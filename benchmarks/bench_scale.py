@@ -31,6 +31,13 @@ Usage::
     python benchmarks/bench_scale.py --tatoeba ../shared/data/tatoeba \
         --model ~/.cache/tessera/models/me5-small --work /tmp/bench-scale \
         --sizes 10000 30000 100000
+
+``--serving-only WORK...`` re-measures step 3 alone on indexes an earlier run left (each
+WORK folder's ``root`` and ``queries_s<N>.npy``, for every size found there), ``--rounds``
+times with the sizes interleaved (reversed every other round), e.g. on a quieter machine::
+
+    python benchmarks/bench_scale.py --work /tmp/bscale --serving-only /tmp/bscale /tmp/bscale100 \
+        --out benchmarks/results/scale_tatoeba_serving_quiet
 """
 from __future__ import annotations
 
@@ -78,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finish-by", help="UTC HH:MM: skip a size that, extrapolated linearly from the "
                    "largest size done, would not finish by then (checked once the lock is held)")
     p.add_argument("--out", default="benchmarks/results/scale_tatoeba")
+    p.add_argument("--serving-only", nargs="+", metavar="WORK",
+                   help="only re-measure serving of the PLAID indexes these earlier --work folders hold")
+    p.add_argument("--rounds", type=int, default=2, help="--serving-only: passes over the sizes")
     p.add_argument("--merge", action="store_true",
                    help="start from the sizes already in --out's JSON (a later run adds a size to the table)")
     p.add_argument("--serve", help=argparse.SUPPRESS)  # internal: index name to serve
@@ -270,6 +280,41 @@ def measure_serving(root: Path, index: str, queries: Path, out: Path, threads: i
     return json.loads(out.read_text())
 
 
+def serving_only(args: argparse.Namespace) -> int:
+    """Step 3 alone, on the PLAID indexes and query matrices of earlier runs' --work folders."""
+    sizes = []
+    for work in map(Path, args.serving_only):
+        for q in sorted(work.glob("queries_s*.npy")):
+            n = int(q.stem[len("queries_s"):])
+            if (work / "root" / "indexes" / f"s{n}-plaid").is_dir():
+                sizes.append((n, work, q))
+    if not sizes:
+        raise SystemExit(f"no s<N>-plaid index with its queries_s<N>.npy under {args.serving_only}")
+    sizes.sort()
+    runs: dict[str, list] = {}
+    for r in range(args.rounds):
+        for n, work, q in sizes if r % 2 == 0 else sizes[::-1]:
+            with bench_lock(args.lock):
+                d = measure_serving(work / "root", f"s{n}-plaid", q, Path(args.work) / f"serve_only_s{n}.json",
+                                    args.threads)
+            d.pop("top10")
+            runs.setdefault(str(n), []).append(d)
+            logger.info("s%d round %d: median %.1f ms, p95 %.1f ms, peak RSS %.0f MB", n, r + 1, d["median_ms"],
+                        d["p95_ms"], d["peak_rss_mb"])
+    lines = ["docs      median ms   p95 ms  peak RSS MB  load s   (median over rounds)"]
+    for n in sorted(runs, key=int):
+        med = {k: float(np.median([d[k] for d in runs[n]])) for k in ("median_ms", "p95_ms", "peak_rss_mb",
+                                                                      "load_seconds")}
+        lines.append(f"{int(n):>7,}  {med['median_ms']:10.1f} {med['p95_ms']:8.1f} {med['peak_rss_mb']:12.0f} "
+                     f"{med['load_seconds']:7.2f}")
+    text = "\n".join(lines)
+    print(text)
+    Path(args.out + ".json").write_text(json.dumps({"host": platform.node(), "load": os.getloadavg(),
+                                                     "threads": args.threads, "runs": runs}, indent=1))
+    Path(args.out + ".txt").write_text(text + "\n")
+    return 0
+
+
 def text_latency(root: Path, index: str, texts: list[str]) -> dict:
     """Median/p95 ms of ``Searcher.search([text])`` (query encoding included)."""
     from indexing.searcher import Searcher
@@ -414,6 +459,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.serve:
         return serve(args)
+    if args.serving_only:
+        return serving_only(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     pairs = read_pairs(Path(args.tatoeba))
     order = document_order(pairs)
