@@ -640,7 +640,9 @@ class ResidualCodec:
             out[rows] += np.take(self.centroids[:, :d], codes[rows], axis=0)
         return _l2_normalize(out) if normalize else out
 
-    def residual_vectors(self, residuals: np.ndarray, dim: int | None = None) -> np.ndarray:
+    def residual_vectors(
+        self, residuals: np.ndarray, dim: int | None = None, *, small_table: bool = False
+    ) -> np.ndarray:
         """Decoded residuals, without their centroids and without normalising.
 
         Parameters
@@ -649,6 +651,10 @@ class ResidualCodec:
             ``(n, residual_bytes)`` uint8 as returned by :meth:`compress`.
         dim : int, optional
             Keep the first ``dim`` dimensions; default all.
+        small_table : bool
+            Always gather from the 256-row byte table, never the 1 MiB byte-pair table:
+            for a few rows at a time between other work (a search's exact stage), where
+            the large table would be read from memory again each call.
 
         Returns
         -------
@@ -664,7 +670,7 @@ class ResidualCodec:
         d = self._check_prefix_dim(dim)
         residuals = np.asarray(residuals)
         n_bytes = math.ceil(d * self.nbits / 8)
-        if self.nbits == 4 and n_bytes % 2 == 0:
+        if self.nbits == 4 and n_bytes % 2 == 0 and not small_table:
             # Two dimensions a byte: gather one decoded row per byte pair instead (a
             # 1 MiB table; half the gathers, ~1.5x faster; no gain at 2 bits).
             pairs = np.ascontiguousarray(residuals[:, :n_bytes]).view("<u2")

@@ -79,7 +79,7 @@ logger = logging.getLogger(__name__)
 
 #: Search parameters a caller may override per call, by index family.
 DENSE_OVERRIDES = ("nprobe", "ef_search", "rescore")
-PLAID_OVERRIDES = ("ncells", "centroid_score_threshold", "ndocs", "exact_tokens")
+PLAID_OVERRIDES = ("ncells", "centroid_score_threshold", "ndocs", "exact_tokens", "exact_margin")
 #: Searcher.search encodes this many forward batches' queries before one retrieval: the
 #: encoder sorts a block by length, so fewer pad tokens reach the model. 100 XQuAD queries
 #: encoded at once took 15-20% less time than in blocks of 64 and 36 (me5-small, 2 CPUs).

@@ -36,7 +36,8 @@ def add_arguments(se: argparse.ArgumentParser) -> None:
     se.add_argument("--query-encoder", default=None,
                     help="a query-encoder folder or registered version (must match the set)")
     se.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                    help="search parameter: nprobe, ef_search, rescore, ncells, centroid_score_threshold, ndocs")
+                    help="search parameter: nprobe, ef_search, rescore (dense); ncells, centroid_score_threshold, "
+                         "ndocs, exact_tokens, exact_margin (plaid; exact_margin=inf: no early termination)")
     se.add_argument("--threads", type=int, default=None,
                     help="CPU threads shared by query encoding and retrieval (default: the CPUs available)")
     root_arg(se)
@@ -80,7 +81,7 @@ def parse_params(pairs: list[str]) -> dict:
         if not sep or not key:
             raise ValueError(f"--param expects KEY=VALUE, got {pair!r}")
         try:
-            out[key] = float(value) if "." in value else int(value)
+            out[key] = float(value) if "." in value or value.lower() in ("inf", "+inf") else int(value)
         except ValueError:
             raise ValueError(f"--param {key}: expected a number, got {value!r}") from None
     return out

@@ -460,6 +460,7 @@ def test_residual_vectors_equal_the_bucket_weights_of_the_unpacked_bits(codecs, 
     packed = rng.integers(0, 256, (37, codec.residual_bytes)).astype(np.uint8)
     expected = codec.bucket_weights[unpack_bits(packed, nbits, codec.dim)].astype(np.float32)
     np.testing.assert_array_equal(codec.residual_vectors(packed), expected)
+    np.testing.assert_array_equal(codec.residual_vectors(packed, small_table=True), expected)  # the byte table
     for dim in (1, codec.dim // 2 + 1, codec.dim - 1):  # odd byte counts take the byte-wise path
         np.testing.assert_array_equal(codec.residual_vectors(packed, dim), expected[:, :dim])
     assert codec.residual_vectors(packed[:0]).shape == (0, codec.dim)

@@ -24,7 +24,7 @@ N_CENTROIDS = 32
 N_QUERIES = 8
 LQ = 16
 NO_PRUNING = SearchParams(
-    ncells=N_CENTROIDS, centroid_score_threshold=-math.inf, ndocs=4 * (N_DOCS + N_NEW)
+    ncells=N_CENTROIDS, centroid_score_threshold=-math.inf, ndocs=4 * (N_DOCS + N_NEW), exact_margin=math.inf
 )
 
 
