@@ -1075,12 +1075,14 @@ class CentroidIndex:
         ended early by ``margin`` (see :class:`SearchParams`)."""
         first = max(2 * k, len(docs) * 3 // 8)
         if approx is None or not math.isfinite(margin) or len(docs) <= first:
+            logger.debug("plaid exact stage: %d of %d documents scored", len(docs), len(docs))
             return _top_k(self._exact_scores(q, centroid_scores, docs, dim), docs, k)
         head = self._exact_scores(q, centroid_scores, docs[:first], dim)
         kth = np.partition(head, len(head) - k)[len(head) - k]
         gap = float(np.max(head - approx[:first]))
         reach = approx[first:] + gap + margin * abs(float(kth))
         rest = docs[first:][reach >= kth]
+        logger.debug("plaid exact stage: %d of %d documents scored", first + len(rest), len(docs))
         scores = np.concatenate([head, self._exact_scores(q, centroid_scores, rest, dim)])
         return _top_k(scores, np.concatenate([docs[:first], rest]), k)
 

@@ -557,7 +557,8 @@ class Searcher:
         where : one boolean expression over the ``documents`` view columns, e.g. ``"year > 2005"``
             (no subquery or table function: see :func:`storage.catalog.check_filter`).
         params : per-call search knobs: ``nprobe``, ``ef_search``, ``rescore`` for dense
-            kinds; ``ncells``, ``centroid_score_threshold``, ``ndocs`` for plaid.
+            kinds; ``ncells``, ``centroid_score_threshold``, ``ndocs``, ``exact_tokens``, ``exact_margin`` for
+            plaid (see :class:`~indexing.plaid.SearchParams`).
         langs : n query languages (X-MOD encoders: each query's adapter; None entries are
             detected, see :meth:`open`); ignored by encoders without adapters. ``lang``
             filters documents, ``langs`` routes queries.

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -625,25 +627,24 @@ def test_streamed_parts_write_the_same_files_as_from_parts(index, codec, encoded
         assert e["sha256"] == hashlib.sha256(data).hexdigest()
 
 
-def test_early_termination_scores_fewer_documents_for_the_same_top_k(index, corpus, monkeypatch):
+def test_early_termination_scores_fewer_documents_for_the_same_top_k(index, corpus, caplog):
     """The exact stage stops early where the best centroid-scored documents already hold a top-k
     no later one is likely to reach; exact_margin=inf scores every one of them."""
-    scored = []
-    exact_scores = CentroidIndex._exact_scores
+    def search_counting(params):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="indexing.plaid"):
+            out = index.search(corpus["queries"], 5, params)
+        counts = [re.search(r"exact stage: (\d+) of (\d+) documents scored", r.getMessage()) for r in caplog.records]
+        counts = [tuple(map(int, m.groups())) for m in counts if m]
+        assert len(counts) == N_QUERIES
+        return out, sum(c[0] for c in counts), sum(c[1] for c in counts)
 
-    def counting(self, q, centroid_scores, docs, dim):
-        scored.append(len(docs))
-        return exact_scores(self, q, centroid_scores, docs, dim)
-
-    monkeypatch.setattr(CentroidIndex, "_exact_scores", counting)
-    queries = corpus["queries"]
     wide = {"ncells": 8, "ndocs": 256, "exact_tokens": 1}   # 64 exact documents a query: room to stop early
-    early = index.search(queries, 5, SearchParams(**wide, exact_margin=0.0))   # the tightest bound
-    n_early, scored[:] = sum(scored), []
-    full = index.search(queries, 5, SearchParams(**wide, exact_margin=math.inf))
-    n_full = sum(scored)
+    early, n_early, n_candidates = search_counting(SearchParams(**wide, exact_margin=0.0))   # the tightest bound
+    full, n_full, _ = search_counting(SearchParams(**wide, exact_margin=math.inf))
+    assert n_full == n_candidates == N_QUERIES * 64
     assert n_early < n_full, (n_early, n_full)
     overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(early[1], full[1])])
     assert overlap >= 0.98, overlap
     # A margin too wide to stop anywhere scores everything: the same results as inf.
-    _assert_same_results(index.search(queries, 5, SearchParams(**wide, exact_margin=1e9)), full)
+    _assert_same_results(search_counting(SearchParams(**wide, exact_margin=1e9))[0], full)

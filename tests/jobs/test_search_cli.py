@@ -96,3 +96,21 @@ def test_bad_queries_file_is_one_line_exit_2(store, tmp_path, name, content, exp
 def test_bad_search_arguments(store, tmp_path, argv, expected):  # noqa: F811
     out = tessera("search", "--index", "t-flat", "--root", store["root"].url, *argv, cwd=tmp_path)
     assert out.returncode == 2 and expected in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+
+
+def test_plaid_params_from_the_cli_early_termination_off(store, tmp_path):  # noqa: F811
+    """``--param exact_margin=inf`` (no early termination) and ``exact_tokens`` reach the index."""
+    from jobs.commands.search import parse_params
+
+    assert parse_params(["exact_margin=inf", "exact_tokens=64", "ndocs=8"]) == {
+        "exact_margin": float("inf"), "exact_tokens": 64, "ndocs": 8}
+    qfile = tmp_path / "q.txt"
+    qfile.write_text("".join(r["text"] + "\n" for r in store["rows"][:4]))
+    root = store["root"].url
+    outs = [tessera("-q", "search", "--index", "t-plaid", "--root", root, "--queries", str(qfile), "-k", "3",
+                    *extra, cwd=tmp_path) for extra in ([], ["--param", "exact_margin=inf"])]
+    assert all(o.returncode == 0 for o in outs), [o.stderr[-2000:] for o in outs]
+    assert _hits(outs[0].stdout) and [h["doc_id"] for h in _hits(outs[0].stdout)] == \
+        [h["doc_id"] for h in _hits(outs[1].stdout)]
+    bad = tessera("search", "--index", "t-plaid", "--root", root, "--param", "exact_margin=-1", "q", cwd=tmp_path)
+    assert bad.returncode == 2 and "exact_margin" in bad.stderr.strip().splitlines()[-1], bad.stderr[-2000:]
