@@ -627,14 +627,31 @@ def test_streamed_parts_write_the_same_files_as_from_parts(index, codec, encoded
         assert e["sha256"] == hashlib.sha256(data).hexdigest()
 
 
-def test_early_termination_scores_fewer_documents_for_the_same_top_k(index, corpus, caplog):
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_early_termination_scores_fewer_documents_for_the_same_top_k(index, corpus, monkeypatch):
     """The exact stage stops early where the best centroid-scored documents already hold a top-k
     no later one is likely to reach; exact_margin=inf scores every one of them."""
+    # The count comes from the plaid logger's debug line, read by a handler of its own (in the
+    # full suite something earlier leaves that logger disabled, which caplog does not undo).
+    plaid_logger = logging.getLogger("indexing.plaid")
+    monkeypatch.setattr(plaid_logger, "disabled", False)
+    monkeypatch.setattr(plaid_logger, "level", logging.DEBUG)
+    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
+    handler = _Messages()
+    monkeypatch.setattr(plaid_logger, "handlers", [*plaid_logger.handlers, handler])  # put back after the test
+
     def search_counting(params):
-        caplog.clear()
-        with caplog.at_level(logging.DEBUG, logger="indexing.plaid"):
-            out = index.search(corpus["queries"], 5, params)
-        counts = [re.search(r"exact stage: (\d+) of (\d+) documents scored", r.getMessage()) for r in caplog.records]
+        handler.messages.clear()
+        out = index.search(corpus["queries"], 5, params)
+        counts = [re.search(r"exact stage: (\d+) of (\d+) documents scored", m) for m in handler.messages]
         counts = [tuple(map(int, m.groups())) for m in counts if m]
         assert len(counts) == N_QUERIES
         return out, sum(c[0] for c in counts), sum(c[1] for c in counts)
