@@ -643,11 +643,18 @@ def test_early_termination_scores_fewer_documents_for_the_same_top_k(index, corp
     # full suite something earlier leaves that logger disabled, which caplog does not undo).
     plaid_logger = logging.getLogger("indexing.plaid")
     monkeypatch.setattr(plaid_logger, "disabled", False)
-    monkeypatch.setattr(plaid_logger, "level", logging.DEBUG)
     monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
     handler = _Messages()
     monkeypatch.setattr(plaid_logger, "handlers", [*plaid_logger.handlers, handler])  # put back after the test
+    level = plaid_logger.level
+    plaid_logger.setLevel(logging.DEBUG)  # setLevel also clears the loggers' isEnabledFor caches
+    try:
+        _check_early_termination(index, corpus, handler)
+    finally:
+        plaid_logger.setLevel(level)
 
+
+def _check_early_termination(index, corpus, handler):
     def search_counting(params):
         handler.messages.clear()
         out = index.search(corpus["queries"], 5, params)
