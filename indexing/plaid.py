@@ -163,6 +163,12 @@ def plaid_defaults(k: int) -> dict:
     return {**out, "exact_margin": EXACT_MARGIN}
 
 
+def _is_number(value: object) -> bool:
+    """An int or float (numpy's too), not a bool, not NaN (infinities are numbers)."""
+    is_real = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
+    return is_real and not math.isnan(value)
+
+
 def _check_positive_int(value: int | None, name: str) -> None:
     if value is None:
         return
@@ -209,16 +215,10 @@ class SearchParams:
         _check_positive_int(self.exact_tokens, "exact_tokens")
         _check_positive_int(self.dim, "dim")
         margin = self.exact_margin
-        if margin is not None and (
-            isinstance(margin, bool) or not isinstance(margin, (int, float, np.floating))
-            or math.isnan(margin) or margin < 0
-        ):
+        if margin is not None and not (_is_number(margin) and margin >= 0):
             raise ValueError(f"exact_margin must be a number >= 0 (inf: no early termination) or None, got {margin!r}")
         threshold = self.centroid_score_threshold
-        if threshold is not None and (
-            isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating))
-            or math.isnan(threshold)
-        ):
+        if threshold is not None and not _is_number(threshold):
             raise ValueError(
                 f"centroid_score_threshold must be a number (not NaN) or None, got {threshold!r}"
             )

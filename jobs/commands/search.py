@@ -81,7 +81,9 @@ def parse_params(pairs: list[str]) -> dict:
         if not sep or not key:
             raise ValueError(f"--param expects KEY=VALUE, got {pair!r}")
         try:
-            out[key] = float(value) if "." in value or value.lower() in ("inf", "+inf") else int(value)
+            # inf and -inf too: exact_margin=inf ends no exact stage early,
+            # centroid_score_threshold=-inf prunes no centroid
+            out[key] = float(value) if "." in value or value.lower().lstrip("+-") == "inf" else int(value)
         except ValueError:
             raise ValueError(f"--param {key}: expected a number, got {value!r}") from None
     return out

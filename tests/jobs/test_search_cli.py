@@ -102,8 +102,8 @@ def test_plaid_params_from_the_cli_early_termination_off(store, tmp_path):  # no
     """``--param exact_margin=inf`` (no early termination) and ``exact_tokens`` reach the index."""
     from jobs.commands.search import parse_params
 
-    assert parse_params(["exact_margin=inf", "exact_tokens=64", "ndocs=8"]) == {
-        "exact_margin": float("inf"), "exact_tokens": 64, "ndocs": 8}
+    assert parse_params(["exact_margin=inf", "exact_tokens=64", "ndocs=8", "centroid_score_threshold=-inf"]) == {
+        "exact_margin": float("inf"), "exact_tokens": 64, "ndocs": 8, "centroid_score_threshold": float("-inf")}
     qfile = tmp_path / "q.txt"
     qfile.write_text("".join(r["text"] + "\n" for r in store["rows"][:4]))
     root = store["root"].url
