@@ -39,8 +39,8 @@ from embedding.model import MODES, EncoderSettings, check_model_dir, fingerprint
 from jobs import embed_augment, preflight
 from jobs import plan as planner
 from jobs.embed_augment import AugmentConfig
-from jobs.embed_codec import ensure_codec
-from jobs.embed_pool import actor_plan, add_worker_stages, done_shards, run_pool, worker_spec
+from jobs.embed_codec import ensure_codec, fully_sampled
+from jobs.embed_pool import actor_plan, add_worker_stages, done_shards, run_shards, worker_spec
 from jobs.embed_worker import SAMPLE_CACHE, ShardEncoder
 from jobs.errors import NothingToDo, bad_input, unwrap
 from jobs.runtime import ActorPlan, init_ray
@@ -242,7 +242,8 @@ def _write_version(cfg: EmbedConfig, art: Artifact, version: str, resumed: bool,
         with timings("fit_codec"):
             codec_info = ensure_codec(cfg, model, files, pieces, vdir, p, ids, timings)
     with timings("encode"):
-        encode_pieces(cfg, model, files, pieces, vdir, p, codec_info, timings)
+        cached = fully_sampled(cfg, pieces, ids) if cfg.colbert else set()
+        encode_pieces(cfg, model, files, pieces, vdir, p, codec_info, timings, cached)
     with timings("commit"):
         manifest = _manifest(cfg, model, files, pieces, vdir, codec_info, p, run_key,
                              art, timings, source)
@@ -350,8 +351,9 @@ def check_unchanged(art: Artifact, source: dict) -> None:
 # ---- pass 2: encode everything --------------------------------------------------------
 def encode_pieces(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
                   vdir: Location, p: ActorPlan, codec_info: "dict | None",
-                  timings: "Timings | None" = None) -> None:
-    """Encode every piece without a finished-shard marker."""
+                  timings: "Timings | None" = None, cached: "set[int] | frozenset" = frozenset()) -> None:
+    """Encode every piece without a finished-shard marker (``cached``: shards the sample
+    cache holds whole, see ``jobs.embed_pool.run_shards``)."""
     done = done_shards(vdir)
     todo = [pc.to_dict() for pc in pieces if pc.shard not in done]
     if done:
@@ -360,13 +362,14 @@ def encode_pieces(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], p
         return
     codec_url = vdir.join(codec_info["file"]).url if codec_info else None
     progress = Progress("embed", sum(pc["end"] - pc["start"] for pc in todo))
-    for stats in encode_shards(cfg, model, files, todo, vdir, p, codec_url, timings=timings):
+    for stats in encode_shards(cfg, model, files, todo, vdir, p, codec_url, timings=timings, cached=cached):
         progress.update(stats["rows_in"])
 
 
 def encode_shards(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], rows: list[dict],
                   vdir: Location, p: ActorPlan, codec_url: "str | None", *, in_process: bool = False,
-                  timings: "Timings | None" = None) -> Iterator[dict]:
+                  timings: "Timings | None" = None, cached: "set[int] | frozenset" = frozenset()
+                  ) -> Iterator[dict]:
     """Encode piece rows into shards of the version folder ``vdir``; yield each shard's
     statistics as it finishes (its files and its finished-shard marker are written by then).
 
@@ -385,10 +388,11 @@ def encode_shards(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], r
         loaded once in this process on ``cfg.threads`` (default every CPU). For a few
         hundred documents an actor pool costs more to start than the encoding.
     timings : gets the pool's start-up as ``actor_start`` (see ``jobs.embed_pool.run_pool``).
+    cached : shards whose every document the codec-sample cache holds (``jobs.embed_pool.run_shards``).
     """
     spec = worker_spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=cfg.colbert)
     if not in_process:
-        yield from run_pool(rows, ShardEncoder, spec, p, codec_url, timings)
+        yield from run_shards(rows, ShardEncoder, spec, p, codec_url, timings, cached)
         return
     threads = cfg.threads or max(1, os.cpu_count() or 1)
     encoder = ShardEncoder(dataclasses.replace(spec, threads=threads), codec_url)

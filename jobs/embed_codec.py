@@ -51,8 +51,7 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
         return json.loads(info_loc.read_text())
     total = sum(pc.rows for pc in pieces)
     n_docs = planner.sample_size(total)
-    keys = [planner.id_keys(a.to_pylist(), cfg.seed) for a in ids] if ids is not None and n_docs < total else None
-    sample_plan = planner.plan_sample(pieces, n_docs, cfg.seed, keys)
+    sample_plan = _sample_plan(cfg, pieces, ids)
     rows = [{**pieces[s].to_dict(), "rows": json.dumps(r)} for s, r in sorted(sample_plan.items())]
     # A run killed during this pass left the shards it finished in the sample cache:
     # their tokens are read back, never encoded again.
@@ -95,6 +94,21 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
             "estimated_corpus_tokens": fit["est_tokens"], "kmeans_iters": cfg.kmeans_iters, **codec.params()}
     info_loc.write_text(dumps(info))
     return info
+
+
+def _sample_plan(cfg: EmbedConfig, pieces: list, ids: "list | None") -> dict[int, list[int]]:
+    """{shard: sampled row offsets}: the documents of the codec sample (``jobs.plan.plan_sample``)."""
+    total = sum(pc.rows for pc in pieces)
+    n_docs = planner.sample_size(total)
+    keys = [planner.id_keys(a.to_pylist(), cfg.seed) for a in ids] if ids is not None and n_docs < total else None
+    return planner.plan_sample(pieces, n_docs, cfg.seed, keys)
+
+
+def fully_sampled(cfg: EmbedConfig, pieces: list, ids: "list | None") -> set[int]:
+    """Shards whose every row is in the codec sample: pass 1 cached all their encodings, so
+    pass 2 compresses and writes them without a model (on a small corpus, every shard)."""
+    plan = _sample_plan(cfg, pieces, ids)
+    return {pc.shard for pc in pieces if len(plan.get(pc.shard, ())) == pc.rows}
 
 
 def _subsample(x: np.ndarray, limit: int, seed: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Iterator
 
-from jobs.embed_worker import FAILPOINTS_ENV, WorkerSpec
+from jobs.embed_worker import FAILPOINTS_ENV, WorkerSpec, write_cached_shard
 from jobs.errors import quiet_ray_failure_logs
 from jobs.runtime import ActorPlan, plan_actors, thread_env
 from jobs.timing import Timings
@@ -111,6 +111,44 @@ def run_pool(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | 
         yield stats
     if timings is not None and first is not None:
         timings.add("actor_start", max(0.0, first["started_at"] - launched) + first.get("load_seconds", 0.0))
+
+
+def run_cached(rows: list[dict], spec: WorkerSpec, p: ActorPlan, codec_url: str) -> Iterator[dict]:
+    """Pass 2 of shards whose every document the codec-sample pass cached, as plain Ray
+    tasks (``jobs.embed_worker.write_cached_shard``); yield each shard's statistics.
+
+    Such a shard needs no model, only compression and writes: tasks run on the worker
+    processes Ray already has warm (the codec fit's among them), where an actor pool
+    would start new processes first (2-3 s on 2 CPUs, longer than the compression of a
+    2,000-document corpus). No retries: a failure fails the job as a pool's would, and the
+    same command resumes from the shards already written.
+    """
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    threads = max(1, cpus // min(len(rows), cpus))  # one task per CPU; a lone shard gets them all
+    task = ray.remote(num_cpus=1, max_retries=0)(write_cached_shard)
+    pending = [task.remote(spec, codec_url, row, threads, os.environ.get(FAILPOINTS_ENV)) for row in rows]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield json.loads(ray.get(done[0]))
+    finally:
+        for ref in pending:  # a failed shard (or a stopped driver) stops the others
+            ray.cancel(ref)
+
+
+def run_shards(rows: list[dict], actor_cls, spec: WorkerSpec, p: ActorPlan, codec_url: "str | None",
+               timings: "Timings | None" = None, cached: "set[int] | frozenset" = frozenset()) -> Iterator[dict]:
+    """Pass 2: the rows whose shard is in ``cached`` (every document in the codec-sample
+    cache) as tasks (:func:`run_cached`) when they need nothing but the CPU (no GPU to
+    compress on, no query augmentation to encode); the others on the actor pool."""
+    quick = [r for r in rows if r["shard"] in cached] if codec_url and p.device == "cpu" and not spec.augment else []
+    if quick:
+        yield from run_cached(quick, spec, p, codec_url)
+    rest = [r for r in rows if r["shard"] not in cached] if quick else rows
+    if rest:
+        yield from run_pool(rest, actor_cls, spec, p, codec_url, timings)
 
 
 def done_shards(vdir: Location) -> dict[int, dict]:

@@ -318,6 +318,24 @@ class ShardEncoder(EncoderActor):
                                     self.codec.code_dtype)
 
 
+def write_cached_shard(spec: WorkerSpec, codec_url: str, row: dict, threads: int,
+                       failpoints: "str | None" = None) -> str:
+    """Pass 2 of a shard whose every document pass 1 cached, as a plain Ray task: read the
+    cache, compress, write (``ShardEncoder``'s own code, errors included; no model).
+
+    ``threads``: BLAS threads for the nearest-centroid search (Ray starts task workers
+    with one). ``failpoints``: the driver's ``TESSERA_FAILPOINTS`` (tests).
+    """
+    from threadpoolctl import threadpool_limits
+
+    if failpoints:
+        os.environ[FAILPOINTS_ENV] = failpoints
+    else:
+        os.environ.pop(FAILPOINTS_ENV, None)
+    with threadpool_limits(limits=threads, user_api="blas"):
+        return str(ShardEncoder(spec, codec_url)({k: [v] for k, v in row.items()})["stats"][0])
+
+
 def residual_stats(codec: ResidualCodec, vectors: np.ndarray, codes: np.ndarray) -> dict:
     """Sum of ``|residual|`` over the vectors' values and their count: a re-index compares
     the mean with the codec's ``avg_residual`` to tell whether the centroids still fit."""

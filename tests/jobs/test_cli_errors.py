@@ -190,12 +190,14 @@ def test_all_empty_texts_are_refused_and_leave_nothing(ray_local, tiny_model_dir
     assert code == 2 and "(known: none)" in err
 
 
+@pytest.mark.parametrize("mode", ["dense", "both"])
 def test_worker_failure_through_the_cli_is_one_line_naming_shard_file_and_records(ray_local, tiny_model_dir,
-                                                                                 tmp_path):
-    """A failure inside a Ray Data actor, through a real ``tessera`` process (joined to the
-    session's Ray): exit 1, the last line names the shard, the file and its records."""
+                                                                                 tmp_path, mode):
+    """A failure inside a Ray Data actor (dense) or a pass-2 task (both: the small corpus is all
+    in the codec sample), through a real ``tessera`` process (joined to the session's Ray):
+    exit 1, the last line names the shard, the file and its records."""
     out = tessera("embed", "--model", str(tiny_model_dir), "--set", "f", "--root", str(tmp_path / "s"),
-                  "--mode", "dense", "--rows-per-shard", "24", cwd=tmp_path,
+                  "--mode", mode, "--rows-per-shard", "24", "--n-centroids", "16", cwd=tmp_path,
                   env={"TESSERA_FAILPOINTS": "embed.shard=1", "RAY_ADDRESS": RAY_STATE["local_address"]})
     assert out.returncode == 1, out.stderr[-4000:]
     assert_one_line_error(out.stderr, f"tessera: failed: ShardError: shard 1 ({SAMPLE}, records 25-48): "

@@ -272,6 +272,79 @@ def test_sampled_documents_are_encoded_once_and_match(ray_local, tiny_model_dir,
     assert manifest["counts"]["tokens"] == sum(len(t) for t in enc.tokens)
 
 
+def _stored_vectors(root) -> tuple[dict, dict]:
+    """{id: dense vector}, {id: decompressed token vectors} of the set's current version."""
+    con = catalog.connect(str(root))
+    paths = {kind: [r[0] for r in con.execute("select path from shards where kind = ? order by shard",
+                                              [kind]).fetchall()] for kind in ("dense", "tokens")}
+    dense = pa.concat_tables([schemas.read_table(location(f)) for f in paths["dense"]])
+    codec = ResidualCodec.from_bytes(location(str(root / "sets" / "t" / "v000001" / "codec.npz")).read_bytes())
+    tokens = {}
+    for f in paths["tokens"]:
+        for row in schemas.read_table(location(f)).to_pylist():
+            codes = np.asarray(row["codes"], codec.code_dtype)
+            tokens[row["id"]] = codec.decompress(codes, np.frombuffer(row["residuals"], np.uint8)
+                                                 .reshape(len(codes), -1))
+    return dict(zip(dense.column("id").to_pylist(), schemas.dense_matrix(dense).astype(np.float32))), tokens
+
+
+def test_pass_two_writes_cached_shards_as_tasks_and_encodes_the_rest(ray_local, tiny_model_dir, tmp_path,
+                                                                    monkeypatch):
+    """A sample of half the corpus: shards it holds whole are compressed from the cache by plain
+    tasks, the others encoded on the actor pool; every document ends up as a fresh encode."""
+    from embedding.encoder import Encoder
+    from embedding.model import load_model
+    from jobs import plan as planner
+    from jobs.embed_codec import fully_sampled
+    from storage.corpus import scan_file
+
+    rows = sample_docs(48)
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), rows)
+    root = tmp_path / "s"
+    cfg = _cfg(corpus, tiny_model_dir, root, mode="both", rows_per_shard=3)
+    monkeypatch.setattr(planner, "sample_size", lambda total: total // 2)
+    scanned, ids = scan_file(corpus, cfg.columns, cfg.rows_per_shard)
+    pieces = planner.build_pieces([scanned.n_rows], cfg.rows_per_shard)
+    full = fully_sampled(cfg, pieces, [ids])
+    assert 0 < len(full) < len(pieces)                            # a mix of both paths
+    manifest = run(cfg)
+    assert manifest["codec"]["sample_documents"] == 24
+    t = manifest["timings"]
+    assert t["worker_load"] > 0 and t["worker_forward"] > 0       # the pool encoded the other documents
+    dense, tokens = _stored_vectors(root)
+    enc = Encoder(load_model(tiny_model_dir, device="cpu")).encode_documents([r["text"] for r in rows],
+                                                                            dense=True, colbert=True)
+    codec = ResidualCodec.from_bytes(location(str(root / "sets" / "t" / "v000001" / "codec.npz")).read_bytes())
+    for r, vec, toks in zip(rows, enc.dense, enc.tokens):
+        np.testing.assert_allclose(dense[r["id"]], vec, atol=2e-3)
+        expected = codec.decompress(*codec.compress(toks))
+        assert tokens[r["id"]].shape == expected.shape
+        # the same codes and buckets but where the cache's float16 rounding crossed a bucket cutoff
+        cos = np.sum(tokens[r["id"]] * expected, axis=1) / (
+            np.linalg.norm(tokens[r["id"]], axis=1) * np.linalg.norm(expected, axis=1))
+        assert cos.min() > 0.99, (r["id"], cos.min())
+
+
+def test_a_failed_cached_shard_task_names_the_shard_and_the_rerun_resumes(ray_local, tiny_model_dir, tmp_path,
+                                                                        monkeypatch):
+    """Pass 2 of a small corpus runs as tasks: a shard failing there fails the job with the shard
+    named, publishes nothing, and the same command resumes."""
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(48))   # 3 shards, all sampled
+    root = tmp_path / "s"
+    cfg = _cfg(corpus, tiny_model_dir, root, mode="both")
+    monkeypatch.setenv("TESSERA_FAILPOINTS", "embed.shard=1")
+    with pytest.raises(Exception, match=r"shard 1 \(.*c\.jsonl, records 17-32\): RuntimeError: failpoint"):
+        run(cfg)
+    art = Artifact(location(str(root)), "sets", "t")
+    assert art.versions() == [] and art.current() is None
+    assert (root / "sets" / "t" / "v000001" / "_sample").exists()       # the sample pass is kept
+    monkeypatch.delenv("TESSERA_FAILPOINTS")
+    manifest = run(cfg)
+    assert manifest["version"] == "v000001"                               # resumed, the codec reused
+    assert manifest["timings"]["worker_load"] == 0                       # still no model in pass 2
+    assert catalog.query(str(root), "select count(*), count(distinct id) from documents")[1] == [(48, 48)]
+
+
 def test_kill_during_or_after_the_codec_sample_pass_encodes_the_sample_once(ray_local, tiny_model_dir, tmp_path,
                                                                            monkeypatch):
     """A run killed in the sample pass keeps the shards it cached; one killed in the fit keeps them
