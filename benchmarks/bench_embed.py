@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nbits", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--codec-docs", type=int, default=0, help="documents encoded for the codec figures (0: none)")
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--kmeans", choices=("flat", "two-level"), default="flat", help="the job's codec k-means")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/embed_<source>_<n>docs.json)")
     return p.parse_args(argv)
 
@@ -96,11 +97,11 @@ def time_forward(enc, texts: list[str]) -> dict:
     return {"seconds": time.perf_counter() - start, "tokens": tokens, "documents": len(texts)}
 
 
-def time_job(corpus: str, model_dir: str, root: str, mode: str, max_batch: int) -> dict:
+def time_job(corpus: str, model_dir: str, root: str, mode: str, max_batch: int, kmeans: str = "flat") -> dict:
     from jobs.embed import EmbedConfig, run
 
     cfg = EmbedConfig(corpus=(corpus,), model=model_dir, set_name="bench", root=root, mode=mode,
-                      max_batch=max_batch)
+                      max_batch=max_batch, kmeans=kmeans)
     start = time.perf_counter()
     manifest = run(cfg)
     seconds = time.perf_counter() - start
@@ -200,7 +201,8 @@ def main(argv=None) -> int:
         for r in range(args.repeats):
             for mode in args.modes:
                 fwd = time_forward(enc, texts)
-                job = time_job(corpus, args.model, os.path.join(tmp, f"store-{mode}-{r}"), mode, args.max_batch)
+                job = time_job(corpus, args.model, os.path.join(tmp, f"store-{mode}-{r}"), mode, args.max_batch,
+                               args.kmeans)
                 if job["documents"] != fwd["documents"]:
                     raise RuntimeError(f"job embedded {job['documents']} documents, forward {fwd['documents']}")
                 rounds[mode].append((fwd, job))
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "gpu": False, "torch_threads": threads},
-        "source": source, "documents": len(docs), "repeats": args.repeats,
+        "source": source, "documents": len(docs), "repeats": args.repeats, "kmeans": args.kmeans,
         "fixed": {"ray_start_seconds": ray_start, "reference_model_load_seconds": ref_load},
         "summary": summary,
         "rounds": {m: [{"forward": f, "job": j} for f, j in rounds[m]] for m in args.modes},

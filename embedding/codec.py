@@ -232,6 +232,17 @@ def _nearest_centroids(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray
 
 
 def _train_centroids(
+    train: np.ndarray, n_centroids: int, seed: int, niter: int, kmeans: str = "flat"
+) -> np.ndarray:
+    """The codec's centroids: :func:`_flat_centroids` or :func:`_two_level_centroids`."""
+    if kmeans not in KMEANS_KINDS:
+        raise ValueError(f"kmeans must be one of {KMEANS_KINDS}, got {kmeans!r}")
+    if kmeans == "two-level" and n_centroids >= TWO_LEVEL_MIN_CENTROIDS:
+        return _two_level_centroids(train, n_centroids, seed, niter)
+    return _flat_centroids(train, n_centroids, seed, niter)
+
+
+def _flat_centroids(
     train: np.ndarray, n_centroids: int, seed: int, niter: int
 ) -> np.ndarray:
     """Spherical k-means from the first ``n_centroids`` rows; returns float32 unit rows.
@@ -257,6 +268,57 @@ def _train_centroids(
     )
     kmeans.train(train, init_centroids=np.ascontiguousarray(train[:n_centroids], dtype=np.float32))
     return _l2_normalize(np.asarray(kmeans.centroids, dtype=np.float32))
+
+
+#: k-means kinds of :meth:`ResidualCodec.fit`: ``flat`` is PLAID's (every sample vector
+#: against every centroid, each iteration); ``two-level`` clusters into ~sqrt(k) coarse
+#: cells first and then each cell into its share of the k centroids (faiss's
+#: ``two_level_clustering`` scheme, spherical and content-ordered here).
+KMEANS_KINDS = ("flat", "two-level")
+#: below this many centroids two-level k-means falls back to flat (it saves little there)
+TWO_LEVEL_MIN_CENTROIDS = 256
+
+
+def _share_centroids(counts: np.ndarray, k: int) -> np.ndarray:
+    """Centroids per coarse cell: proportional to its vectors (largest remainders), at
+    most its vector count, summing to ``k``; a non-empty cell gets at least one unless
+    there are more non-empty cells than ``k`` allows (then the smallest go without)."""
+    counts = counts.astype(np.int64)
+    exact = counts * k / counts.sum()
+    share = np.minimum(np.maximum(np.floor(exact).astype(np.int64), (counts > 0).astype(np.int64)), counts)
+    while share.sum() > k:  # the "at least one" floors overshot: take from the largest shares
+        share[np.argmax(share - exact)] -= 1
+    room = counts - share
+    order = np.argsort(-(exact - share), kind="stable")
+    i = 0
+    while share.sum() < k:  # largest remainders first, wrapping round the cells with room
+        c = order[i % len(order)]
+        if room[c] > 0:
+            share[c] += 1
+            room[c] -= 1
+        i += 1
+    return share
+
+
+def _two_level_centroids(train: np.ndarray, n_centroids: int, seed: int, niter: int) -> np.ndarray:
+    """Two-level spherical k-means: ~sqrt(k) coarse cells, then each cell's vectors into
+    its share of the ``n_centroids`` (:func:`_share_centroids`).
+
+    Each vector meets ~2·sqrt(k) centroids per iteration instead of k (at k = 2,048 on
+    28k tokens, 12x fewer multiply-adds). Compression still assigns every token to its
+    nearest centroid among all k, so a vector near a cell border loses nothing there.
+    Rows stay in content-key order inside every cell, so the starts are content-defined.
+    """
+    k1 = max(2, math.isqrt(n_centroids))
+    coarse = _flat_centroids(train, k1, seed, max(niter, 10))  # cheap: k1 centroids
+    cells = _nearest_centroids(coarse, train)
+    share = _share_centroids(np.bincount(cells, minlength=k1), n_centroids)
+    out = []
+    for c in np.flatnonzero(share):
+        rows = train[cells == c]
+        k2 = int(share[c])
+        out.append(rows[:k2] if k2 == len(rows) else _flat_centroids(rows, k2, seed, niter))
+    return _l2_normalize(np.concatenate(out).astype(np.float32))
 
 
 def _split_heldout(
@@ -458,6 +520,7 @@ class ResidualCodec:
         seed: int = 0,
         niter: int = 20,
         heldout_fraction: float = 0.05,
+        kmeans: str = "flat",
     ) -> "ResidualCodec":
         """Train centroids and residual buckets on a sample of token vectors.
 
@@ -481,6 +544,8 @@ class ResidualCodec:
             Fraction of the sample, in ``[0, 1)``, kept out of k-means and used to
             estimate the residual distribution. With 0 (or a one-row sample) the
             training rows are used.
+        kmeans : str
+            ``flat`` or ``two-level`` (see :data:`KMEANS_KINDS`).
 
         Returns
         -------
@@ -491,7 +556,7 @@ class ResidualCodec:
         _check_nbits_dim(nbits, sample.shape[1])
         train, heldout = _split_heldout(sample, heldout_fraction, seed)
         k = cls._choose_k(n_centroids, len(sample), len(train))
-        centroids = _train_centroids(train, k, seed, niter)
+        centroids = _train_centroids(train, k, seed, niter, kmeans)
         residuals = heldout - centroids[_nearest_centroids(centroids, heldout)]
         cutoffs, weights = _bucket_stats(residuals, nbits)
         avg_residual = float(np.abs(residuals).mean(dtype=np.float64))

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from embedding.codec import SUPPORTED_NBITS
+from embedding.codec import KMEANS_KINDS, SUPPORTED_NBITS
 from embedding.model import MODES, EncoderSettings, check_model_dir, fingerprint, read_settings
 from jobs import embed_augment, preflight
 from jobs import plan as planner
@@ -100,6 +100,7 @@ class EmbedConfig:
     rows_per_shard: int = 1024
     n_centroids: "int | None" = None
     kmeans_iters: int = 4
+    kmeans: str = "flat"  # embedding.codec.KMEANS_KINDS; "two-level" fits faster, see the README
     max_sample_tokens: int = 1 << 19
     seed: int = 0
     max_batch: int = 64
@@ -137,8 +138,9 @@ class EmbedConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        for name, allowed in (("device", ("auto", "cpu", "cuda")), ("kmeans", KMEANS_KINDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         ColumnMap(self.id_column, self.text_column, self.lang_column, self.title_column)
 
     @property
@@ -164,7 +166,8 @@ class EmbedConfig:
         d = dataclasses.asdict(self)
         d["corpus"] = list(self.corpus)
         # the new settings are left out when unset: sets embedded before them keep their keys
-        return {k: v for k, v in d.items() if v is not None or k not in ("adapter_fallback", "augment")}
+        return {k: v for k, v in d.items() if (v is not None or k not in ("adapter_fallback", "augment"))
+                and (k, v) != ("kmeans", "flat")}
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     info = {"file": "codec.npz", "sha256": hashlib.sha256(codec_bytes).hexdigest(), "bytes": len(codec_bytes),
             "sample_documents": n_docs, "sample_tokens": fit["sample_tokens"], "train_tokens": fit["train_tokens"],
             "sample_shards": len(rows), "sample_shards_reused": n_reused,
-            "estimated_corpus_tokens": fit["est_tokens"], "kmeans_iters": cfg.kmeans_iters, **codec.params()}
+            "estimated_corpus_tokens": fit["est_tokens"], "kmeans_iters": cfg.kmeans_iters, "kmeans": cfg.kmeans,
+            **codec.params()}
     info_loc.write_text(dumps(info))
     return info
 
@@ -130,7 +131,7 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
     import ray
 
     threads, nbits, n_centroids = p.threads, cfg.nbits, cfg.n_centroids
-    limit, seed, niter = cfg.max_sample_tokens, cfg.seed, cfg.kmeans_iters
+    limit, seed, niter, kmeans = cfg.max_sample_tokens, cfg.seed, cfg.kmeans_iters, cfg.kmeans
 
     def fit() -> tuple[bytes, dict]:
         faiss = import_faiss()
@@ -147,7 +148,7 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
         train = _subsample(sample, limit, seed).astype(np.float32)
         del sample
         stats.update(train_tokens=int(len(train)), k=int(k), est_tokens=est_tokens)
-        return ResidualCodec.fit(train, nbits, k, seed=seed, niter=niter).to_bytes(), stats
+        return ResidualCodec.fit(train, nbits, k, seed=seed, niter=niter, kmeans=kmeans).to_bytes(), stats
 
     task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(fit)
     return ray.get(task.remote())

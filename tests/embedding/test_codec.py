@@ -464,3 +464,54 @@ def test_residual_vectors_equal_the_bucket_weights_of_the_unpacked_bits(codecs, 
     for dim in (1, codec.dim // 2 + 1, codec.dim - 1):  # odd byte counts take the byte-wise path
         np.testing.assert_array_equal(codec.residual_vectors(packed, dim), expected[:, :dim])
     assert codec.residual_vectors(packed[:0]).shape == (0, codec.dim)
+
+
+# ---- two-level k-means -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def big_sample():
+    """Enough rows for 256 centroids (two-level's smallest k), unevenly spread over clusters."""
+    a = _clustered(6000, DIM, 40, noise=0.6, seed=11)
+    b = _clustered(1500, DIM, 3, noise=0.3, seed=12)           # a few dense clusters: uneven cells
+    return np.concatenate([a, b])
+
+
+def _mean_residual(codec: ResidualCodec, x: np.ndarray) -> float:
+    return float(np.abs(x - codec.centroids[codec.assign(x).astype(np.int64)]).mean())
+
+
+def test_two_level_kmeans_gives_k_distinct_unit_centroids_close_to_flat_quality(big_sample):
+    flat = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4)
+    two = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans="two-level")
+    assert two.centroids.shape == flat.centroids.shape == (256, DIM)
+    np.testing.assert_allclose(np.linalg.norm(two.centroids, axis=1), 1.0, atol=1e-5)
+    assert len(np.unique(two.centroids.round(5), axis=0)) == 256
+    assert not np.array_equal(two.centroids, flat.centroids)      # not silently the flat fit
+    held = _clustered(1000, DIM, 40, noise=0.6, seed=13)
+    assert _mean_residual(two, held) < 1.1 * _mean_residual(flat, held)
+    assert len(np.unique(two.assign(big_sample))) > 0.9 * 256   # the centroids are used
+
+
+def test_two_level_kmeans_is_deterministic_and_order_free(big_sample):
+    a = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans="two-level")
+    b = ResidualCodec.fit(big_sample[::-1].copy(), 2, 256, seed=0, niter=4, kmeans="two-level")
+    np.testing.assert_array_equal(np.sort(a.centroids, axis=0), np.sort(b.centroids, axis=0))
+    assert a == ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans="two-level")
+
+
+def test_two_level_kmeans_uses_every_row_budget_when_k_nears_the_sample():
+    """k close to the training rows: every cell's share is capped by its rows, the total still k."""
+    x = _clustered(300, DIM, 5, noise=0.5, seed=14)
+    codec = ResidualCodec.fit(x, 2, 280, seed=0, niter=2, kmeans="two-level", heldout_fraction=0.05)
+    assert codec.n_centroids == 280
+    assert np.isfinite(codec.centroids).all()
+
+
+def test_two_level_below_its_minimum_k_is_the_flat_fit(vectors):
+    sample, _ = vectors
+    assert ResidualCodec.fit(sample, 2, N_CENTROIDS, seed=0, niter=4, kmeans="two-level") == \
+        ResidualCodec.fit(sample, 2, N_CENTROIDS, seed=0, niter=4)
+
+
+def test_fit_rejects_an_unknown_kmeans(vectors):
+    with pytest.raises(ValueError, match="kmeans must be one of"):
+        ResidualCodec.fit(vectors[0], 2, N_CENTROIDS, kmeans="fast")

@@ -243,6 +243,20 @@ def test_left_out_options_take_the_job_configs_defaults(tmp_path):
     assert (tuned.lr, tuned.in_batch, tuned.freeze, tuned.sweep_freeze) == (1e-7, False, ("a*",), ((), ("b", "c")))
 
 
+def test_kmeans_choices_are_the_codecs_and_reach_the_config(tmp_path):
+    from embedding.codec import KMEANS_KINDS
+    from jobs.commands import embed
+    from jobs.embed import EmbedConfig
+
+    assert embed.KMEANS == KMEANS_KINDS
+    assert embed.to_config(_parse("embed", "--kmeans", "two-level"), tmp_path).kmeans == "two-level"
+    assert EmbedConfig(corpus=("c",), model="m", set_name="s").to_dict().get("kmeans") is None  # keys of old sets
+    with pytest.raises(SystemExit):
+        _parse("embed", "--kmeans", "fast")
+    with pytest.raises(ValueError, match="kmeans must be one of flat, two-level, got 'fast'"):
+        EmbedConfig(corpus=("c",), model="m", set_name="s", kmeans="fast")
+
+
 def test_help_quotes_the_configs_defaults(capsys):
     import dataclasses
 
