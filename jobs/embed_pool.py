@@ -16,7 +16,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Iterator
 
-from jobs.embed_worker import FAILPOINTS_ENV, WorkerSpec, write_cached_shard
+from jobs.embed_worker import FAILPOINTS_ENV, WorkerSpec, write_cached_shards
 from jobs.errors import quiet_ray_failure_logs
 from jobs.runtime import ActorPlan, plan_actors, thread_env
 from jobs.timing import Timings
@@ -115,26 +115,31 @@ def run_pool(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | 
 
 def run_cached(rows: list[dict], spec: WorkerSpec, p: ActorPlan, codec_url: str) -> Iterator[dict]:
     """Pass 2 of shards whose every document the codec-sample pass cached, as plain Ray
-    tasks (``jobs.embed_worker.write_cached_shard``); yield each shard's statistics.
+    tasks (``jobs.embed_worker.write_cached_shards``); yield each shard's statistics.
 
     Such a shard needs no model, only compression and writes: tasks run on the worker
     processes Ray already has warm (the codec fit's among them), where an actor pool
     would start new processes first (2-3 s on 2 CPUs, longer than the compression of a
-    2,000-document corpus). No retries: a failure fails the job as a pool's would, and the
-    same command resumes from the shards already written.
+    2,000-document corpus). One task per two CPUs, each with its share of the shards and
+    two BLAS threads: a task per shard waited ~1 s for Ray to start a second worker
+    process on 2 CPUs, longer than its shard took. No retries: a failure fails the job as
+    a pool's would, and the same command resumes from the shards already written.
     """
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    threads = max(1, cpus // min(len(rows), cpus))  # one task per CPU; a lone shard gets them all
-    task = ray.remote(num_cpus=1, max_retries=0)(write_cached_shard)
-    pending = [task.remote(spec, codec_url, row, threads, os.environ.get(FAILPOINTS_ENV)) for row in rows]
+    n_tasks = max(1, min(len(rows), cpus // 2))
+    threads = max(1, cpus // n_tasks)
+    task = ray.remote(num_cpus=min(threads, cpus), max_retries=0)(write_cached_shards)
+    pending = [task.remote(spec, codec_url, rows[i::n_tasks], threads, os.environ.get(FAILPOINTS_ENV))
+               for i in range(n_tasks)]
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            yield json.loads(ray.get(done[0]))
+            for stats in ray.get(done[0]):
+                yield json.loads(stats)
     finally:
-        for ref in pending:  # a failed shard (or a stopped driver) stops the others
+        for ref in pending:  # a failed task (or a stopped driver) stops the others
             ray.cancel(ref)
 
 

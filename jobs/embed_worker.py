@@ -318,10 +318,11 @@ class ShardEncoder(EncoderActor):
                                     self.codec.code_dtype)
 
 
-def write_cached_shard(spec: WorkerSpec, codec_url: str, row: dict, threads: int,
-                       failpoints: "str | None" = None) -> str:
-    """Pass 2 of a shard whose every document pass 1 cached, as a plain Ray task: read the
-    cache, compress, write (``ShardEncoder``'s own code, errors included; no model).
+def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], threads: int,
+                        failpoints: "str | None" = None) -> list[str]:
+    """Pass 2 of shards whose every document pass 1 cached, one after the other in a plain
+    Ray task: read the cache, compress, write (``ShardEncoder``'s own code, errors
+    included; no model). Returns each shard's statistics (JSON).
 
     ``threads``: BLAS threads for the nearest-centroid search (Ray starts task workers
     with one). ``failpoints``: the driver's ``TESSERA_FAILPOINTS`` (tests).
@@ -332,8 +333,9 @@ def write_cached_shard(spec: WorkerSpec, codec_url: str, row: dict, threads: int
         os.environ[FAILPOINTS_ENV] = failpoints
     else:
         os.environ.pop(FAILPOINTS_ENV, None)
+    encoder = ShardEncoder(spec, codec_url)
     with threadpool_limits(limits=threads, user_api="blas"):
-        return str(ShardEncoder(spec, codec_url)({k: [v] for k, v in row.items()})["stats"][0])
+        return [str(encoder({k: [v] for k, v in row.items()})["stats"][0]) for row in rows]
 
 
 def residual_stats(codec: ResidualCodec, vectors: np.ndarray, codes: np.ndarray) -> dict:
