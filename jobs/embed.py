@@ -245,8 +245,8 @@ def _write_version(cfg: EmbedConfig, art: Artifact, version: str, resumed: bool,
         with timings("fit_codec"):
             codec_info = ensure_codec(cfg, model, files, pieces, vdir, p, ids, timings)
     with timings("encode"):
-        cached = fully_sampled(cfg, pieces, ids) if cfg.colbert else set()
-        encode_pieces(cfg, model, files, pieces, vdir, p, codec_info, timings, cached)
+        encode_pieces(cfg, model, files, pieces, vdir, p, codec_info, timings,
+                      fully_sampled(cfg, pieces, ids) if cfg.colbert else set())
     with timings("commit"):
         manifest = _manifest(cfg, model, files, pieces, vdir, codec_info, p, run_key,
                              art, timings, source)
@@ -355,8 +355,7 @@ def check_unchanged(art: Artifact, source: dict) -> None:
 def encode_pieces(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
                   vdir: Location, p: ActorPlan, codec_info: "dict | None",
                   timings: "Timings | None" = None, cached: "set[int] | frozenset" = frozenset()) -> None:
-    """Encode every piece without a finished-shard marker (``cached``: shards the sample
-    cache holds whole, see ``jobs.embed_pool.run_shards``)."""
+    """Encode every piece without a finished-shard marker (``cached``: see :func:`encode_shards`)."""
     done = done_shards(vdir)
     todo = [pc.to_dict() for pc in pieces if pc.shard not in done]
     if done:
@@ -371,8 +370,7 @@ def encode_pieces(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], p
 
 def encode_shards(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], rows: list[dict],
                   vdir: Location, p: ActorPlan, codec_url: "str | None", *, in_process: bool = False,
-                  timings: "Timings | None" = None, cached: "set[int] | frozenset" = frozenset()
-                  ) -> Iterator[dict]:
+                  timings: "Timings | None" = None, cached: "set[int] | frozenset" = frozenset()) -> Iterator[dict]:
     """Encode piece rows into shards of the version folder ``vdir``; yield each shard's
     statistics as it finishes (its files and its finished-shard marker are written by then).
 

@@ -130,7 +130,9 @@ def run_cached(rows: list[dict], spec: WorkerSpec, p: ActorPlan, codec_url: str)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     n_tasks = max(1, min(len(rows), cpus // 2))
     threads = max(1, cpus // n_tasks)
-    task = ray.remote(num_cpus=min(threads, cpus), max_retries=0)(write_cached_shards)
+    # One CPU reserved whatever the threads: a task asking for more than is ever free at
+    # once (another job's actors on a shared cluster) would wait forever.
+    task = ray.remote(num_cpus=1, max_retries=0)(write_cached_shards)
     pending = [task.remote(spec, codec_url, rows[i::n_tasks], threads, os.environ.get(FAILPOINTS_ENV))
                for i in range(n_tasks)]
     try:
