@@ -48,6 +48,8 @@ logger = logging.getLogger("bench_embed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from embedding.codec import KMEANS_KINDS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--xquad", help="XQuAD folder: long paragraphs, 12 languages")
@@ -59,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nbits", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--codec-docs", type=int, default=0, help="documents encoded for the codec figures (0: none)")
     p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--kmeans", choices=("flat", "two-level"), default="flat", help="the job's codec k-means")
+    p.add_argument("--kmeans", choices=KMEANS_KINDS, default="flat", help="the job's codec k-means")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/embed_<source>_<n>docs.json)")
     return p.parse_args(argv)
 

@@ -39,7 +39,7 @@ from embedding.model import MODES, EncoderSettings, check_model_dir, fingerprint
 from jobs import embed_augment, preflight
 from jobs import plan as planner
 from jobs.embed_augment import AugmentConfig
-from jobs.embed_codec import ensure_codec, fully_sampled
+from jobs.embed_codec import ensure_codec, fully_sampled, sample_plan
 from jobs.embed_pool import actor_plan, add_worker_stages, done_shards, run_shards, worker_spec
 from jobs.embed_worker import SAMPLE_CACHE, ShardEncoder
 from jobs.errors import NothingToDo, bad_input, unwrap
@@ -240,13 +240,13 @@ def _write_version(cfg: EmbedConfig, art: Artifact, version: str, resumed: bool,
                 "resuming" if resumed else "writing", cfg.set_name, version,
                 sum(f.n_rows for f in files), len(pieces), len(files))
     p = actor_plan(cfg)
-    codec_info = None
+    codec_info, plan = None, {}
     if cfg.colbert:
+        plan = sample_plan(cfg, pieces, ids)
         with timings("fit_codec"):
-            codec_info = ensure_codec(cfg, model, files, pieces, vdir, p, ids, timings)
+            codec_info = ensure_codec(cfg, model, files, pieces, vdir, p, plan, timings)
     with timings("encode"):
-        encode_pieces(cfg, model, files, pieces, vdir, p, codec_info, timings,
-                      fully_sampled(cfg, pieces, ids) if cfg.colbert else set())
+        encode_pieces(cfg, model, files, pieces, vdir, p, codec_info, timings, fully_sampled(pieces, plan))
     with timings("commit"):
         manifest = _manifest(cfg, model, files, pieces, vdir, codec_info, p, run_key,
                              art, timings, source)

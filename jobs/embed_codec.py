@@ -36,13 +36,13 @@ logger = logging.getLogger(__name__)
 
 
 def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pieces: list,
-                 vdir: Location, p: ActorPlan, ids: "list | None" = None,
+                 vdir: Location, p: ActorPlan, plan: dict[int, list[int]],
                  timings: "Timings | None" = None) -> dict:
     """Fit (or, on resume, reuse) the residual codec of this version; return its description.
 
-    The sample is drawn by document id (``ids``, one array per file) and the fit orders
-    tokens by content, so the codec of a snapshot with a few documents changed is nearly
-    the codec of the snapshot before: see ``jobs.plan.plan_sample``.
+    ``plan`` is the codec sample (:func:`sample_plan`), drawn by document id; the fit
+    orders tokens by content, so the codec of a snapshot with a few documents changed is
+    nearly the codec of the snapshot before: see ``jobs.plan.plan_sample``.
     """
     loc = vdir.join("codec.npz")
     info_loc = vdir.join("_codec.json")
@@ -51,8 +51,7 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
         return json.loads(info_loc.read_text())
     total = sum(pc.rows for pc in pieces)
     n_docs = planner.sample_size(total)
-    sample_plan = _sample_plan(cfg, pieces, ids)
-    rows = [{**pieces[s].to_dict(), "rows": json.dumps(r)} for s, r in sorted(sample_plan.items())]
+    rows = [{**pieces[s].to_dict(), "rows": json.dumps(r)} for s, r in sorted(plan.items())]
     # A run killed during this pass left the shards it finished in the sample cache:
     # their tokens are read back, never encoded again.
     cached = {loc.name for loc in vdir.join(SAMPLE_CACHE).glob("*.parquet")}
@@ -97,18 +96,19 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     return info
 
 
-def _sample_plan(cfg: EmbedConfig, pieces: list, ids: "list | None") -> dict[int, list[int]]:
-    """{shard: sampled row offsets}: the documents of the codec sample (``jobs.plan.plan_sample``)."""
+def sample_plan(cfg: EmbedConfig, pieces: list, ids: "list | None") -> dict[int, list[int]]:
+    """{shard: sampled row offsets}: the documents of the codec sample, drawn by document id
+    (``ids``, one array per file; ``jobs.plan.plan_sample``)."""
     total = sum(pc.rows for pc in pieces)
     n_docs = planner.sample_size(total)
     keys = [planner.id_keys(a.to_pylist(), cfg.seed) for a in ids] if ids is not None and n_docs < total else None
     return planner.plan_sample(pieces, n_docs, cfg.seed, keys)
 
 
-def fully_sampled(cfg: EmbedConfig, pieces: list, ids: "list | None") -> set[int]:
-    """Shards whose every row is in the codec sample: pass 1 cached all their encodings, so
-    pass 2 compresses and writes them without a model (on a small corpus, every shard)."""
-    plan = _sample_plan(cfg, pieces, ids)
+def fully_sampled(pieces: list, plan: dict[int, list[int]]) -> set[int]:
+    """Shards whose every row is in the codec sample ``plan`` (:func:`sample_plan`): pass 1
+    cached all their encodings, so pass 2 compresses and writes them without a model (on a
+    small corpus, every shard)."""
     return {pc.shard for pc in pieces if len(plan.get(pc.shard, ())) == pc.rows}
 
 

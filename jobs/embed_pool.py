@@ -113,7 +113,7 @@ def run_pool(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | 
         timings.add("actor_start", max(0.0, first["started_at"] - launched) + first.get("load_seconds", 0.0))
 
 
-def run_cached(rows: list[dict], spec: WorkerSpec, p: ActorPlan, codec_url: str) -> Iterator[dict]:
+def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str) -> Iterator[dict]:
     """Pass 2 of shards whose every document the codec-sample pass cached, as plain Ray
     tasks (``jobs.embed_worker.write_cached_shards``); yield each shard's statistics.
 
@@ -152,7 +152,7 @@ def run_shards(rows: list[dict], actor_cls, spec: WorkerSpec, p: ActorPlan, code
     compress on, no query augmentation to encode); the others on the actor pool."""
     quick = [r for r in rows if r["shard"] in cached] if codec_url and p.device == "cpu" and not spec.augment else []
     if quick:
-        yield from run_cached(quick, spec, p, codec_url)
+        yield from run_cached(quick, spec, codec_url)
     rest = [r for r in rows if r["shard"] not in cached] if quick else rows
     if rest:
         yield from run_pool(rest, actor_cls, spec, p, codec_url, timings)

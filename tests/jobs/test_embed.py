@@ -272,20 +272,24 @@ def test_sampled_documents_are_encoded_once_and_match(ray_local, tiny_model_dir,
     assert manifest["counts"]["tokens"] == sum(len(t) for t in enc.tokens)
 
 
-def _stored_vectors(root) -> tuple[dict, dict]:
-    """{id: dense vector}, {id: decompressed token vectors} of the set's current version."""
-    con = catalog.connect(str(root))
-    paths = {kind: [r[0] for r in con.execute("select path from shards where kind = ? order by shard",
-                                              [kind]).fetchall()] for kind in ("dense", "tokens")}
-    dense = pa.concat_tables([schemas.read_table(location(f)) for f in paths["dense"]])
-    codec = ResidualCodec.from_bytes(location(str(root / "sets" / "t" / "v000001" / "codec.npz")).read_bytes())
-    tokens = {}
-    for f in paths["tokens"]:
-        for row in schemas.read_table(location(f)).to_pylist():
-            codes = np.asarray(row["codes"], codec.code_dtype)
-            tokens[row["id"]] = codec.decompress(codes, np.frombuffer(row["residuals"], np.uint8)
-                                                 .reshape(len(codes), -1))
-    return dict(zip(dense.column("id").to_pylist(), schemas.dense_matrix(dense).astype(np.float32))), tokens
+def _stored_vectors(root, manifest: dict) -> tuple[dict, dict, ResidualCodec]:
+    """{id: dense vector}, {id: decompressed token vectors} and the codec of the set version
+    ``manifest`` describes (read the way the index builds read them: ``storage.vectors``)."""
+    from storage import sets, vectors
+
+    vdir = location(str(root / "sets" / "t" / manifest["version"]))
+    codec = ResidualCodec.from_bytes(vdir.join("codec.npz").read_bytes())
+    dense, tokens = {}, {}
+    for f in sets.set_files(vdir, manifest, "dense"):
+        ids, mat = vectors.dense_file(f)
+        dense.update(zip(ids.to_pylist(), mat.astype(np.float32)))
+    for f in sets.set_files(vdir, manifest, "tokens"):
+        ids, codes, residuals, lengths = vectors.token_file(f, codec.residual_bytes, codec.code_dtype)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        for i, doc in enumerate(ids.to_pylist()):
+            part = slice(starts[i], starts[i + 1])
+            tokens[doc] = codec.decompress(codes[part], residuals[part])
+    return dense, tokens, codec
 
 
 def test_pass_two_writes_cached_shards_as_tasks_and_encodes_the_rest(ray_local, tiny_model_dir, tmp_path,
@@ -295,7 +299,7 @@ def test_pass_two_writes_cached_shards_as_tasks_and_encodes_the_rest(ray_local, 
     from embedding.encoder import Encoder
     from embedding.model import load_model
     from jobs import plan as planner
-    from jobs.embed_codec import fully_sampled
+    from jobs.embed_codec import fully_sampled, sample_plan
     from storage.corpus import scan_file
 
     rows = sample_docs(48)
@@ -305,16 +309,15 @@ def test_pass_two_writes_cached_shards_as_tasks_and_encodes_the_rest(ray_local, 
     monkeypatch.setattr(planner, "sample_size", lambda total: total // 2)
     scanned, ids = scan_file(corpus, cfg.columns, cfg.rows_per_shard)
     pieces = planner.build_pieces([scanned.n_rows], cfg.rows_per_shard)
-    full = fully_sampled(cfg, pieces, [ids])
+    full = fully_sampled(pieces, sample_plan(cfg, pieces, [ids]))
     assert 0 < len(full) < len(pieces)                            # a mix of both paths
     manifest = run(cfg)
     assert manifest["codec"]["sample_documents"] == 24
     t = manifest["timings"]
     assert t["worker_load"] > 0 and t["worker_forward"] > 0       # the pool encoded the other documents
-    dense, tokens = _stored_vectors(root)
+    dense, tokens, codec = _stored_vectors(root, manifest)
     enc = Encoder(load_model(tiny_model_dir, device="cpu")).encode_documents([r["text"] for r in rows],
                                                                             dense=True, colbert=True)
-    codec = ResidualCodec.from_bytes(location(str(root / "sets" / "t" / "v000001" / "codec.npz")).read_bytes())
     for r, vec, toks in zip(rows, enc.dense, enc.tokens):
         np.testing.assert_allclose(dense[r["id"]], vec, atol=2e-3)
         expected = codec.decompress(*codec.compress(toks))
