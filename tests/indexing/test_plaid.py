@@ -599,6 +599,32 @@ def test_one_stage_when_pruning_drops_nothing_gives_the_two_stage_result(index, 
     assert len(calls) == len(queries)
 
 
+@pytest.mark.parametrize("quantile", [0.2, 0.5, 0.9])
+def test_full_stage_rescores_only_documents_that_lost_a_cell(index, corpus, monkeypatch, quantile):
+    """After the pruned stage, a document none of whose cells was pruned keeps its score (it is
+    already the full interaction): the results equal those of rescoring every document."""
+    queries = corpus["queries"]
+    maxes = np.concatenate([(q[np.any(q != 0, axis=1)] @ index.codec.centroids.T).max(axis=0) for q in queries])
+    params = SearchParams(ncells=4, centroid_score_threshold=float(np.quantile(maxes, quantile)), ndocs=48,
+                          exact_tokens=1, exact_margin=0.0)
+    seen = []
+    pruned_any = CentroidIndex._pruned_any
+
+    def checked(self, docs, kept):
+        some = pruned_any(self, docs, kept)
+        loop = [not all(kept[c] for c in self.codes[self.doc_offsets[d]:self.doc_offsets[d + 1]]) for d in docs]
+        assert some.tolist() == loop
+        seen.append((int(some.sum()), len(docs)))
+        return some
+
+    monkeypatch.setattr(CentroidIndex, "_pruned_any", checked)
+    reused = index.search(queries, 5, params)
+    assert seen and sum(n for _, n in seen) > sum(r for r, _ in seen) > 0, seen  # some reused, some rescored
+    monkeypatch.setattr(CentroidIndex, "_full_stage",
+                        lambda self, docs, pruned, scores, kept, n: self._filter_scored(docs, scores, None, n))
+    _assert_same_results(index.search(queries, 5, params), reused)
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_streamed_parts_write_the_same_files_as_from_parts(index, codec, encoded, tmp_path, monkeypatch,
                                                             request, where):
