@@ -41,9 +41,10 @@ from jobs import plan as planner
 from jobs.embed_augment import AugmentConfig
 from jobs.embed_codec import ensure_codec, fully_sampled, sample_plan
 from jobs.embed_pool import actor_plan, add_worker_stages, done_shards, run_shards, worker_spec
-from jobs.embed_worker import SAMPLE_CACHE, ShardEncoder
+from jobs.embed_worker import ShardEncoder
 from jobs.errors import NothingToDo, bad_input, unwrap
 from jobs.runtime import ActorPlan, init_ray
+from jobs.sample_cache import SAMPLE_CACHE
 from jobs.timing import Progress, Timings
 from storage import layout
 from storage.corpus import ColumnMap, CorpusError, CorpusFile, expand, find_duplicates, scan_file
@@ -52,13 +53,12 @@ from storage.manifest import Artifact, utcnow
 
 logger = logging.getLogger(__name__)
 
-# 4 bits per residual dimension by default (FastPlaid's default as well). Against 2 bits
-# it doubles the token bytes (194 vs 98 per 384-d token) and costs ~1.15x PLAID search time
-# at equal settings, for reconstruction cosine 0.997 vs 0.987 and rankings that survive a
-# codec re-fit: exact-MaxSim top-10 of an index updated in place vs a full rebuild of a
-# 1%-changed XQuAD snapshot agreed at 0.985-0.989 over three codec seeds, 0.948-0.967 at
-# 2 bits (benchmarks/bench_codec_refit.py, bench_reindex.py). --nbits 2 (or 1) remains for
-# storage-bound sets.
+# 4 bits per residual dimension by default (FastPlaid's default as well). Against 2 bits it doubles
+# the token bytes (194 vs 98 per 384-d token) and costs ~1.15x PLAID search time at equal settings,
+# for reconstruction cosine 0.997 vs 0.987 and rankings that survive a codec re-fit: exact-MaxSim
+# top-10 of an index updated in place vs a full rebuild of a 1%-changed XQuAD snapshot agreed at
+# 0.985-0.989 over three codec seeds, 0.948-0.967 at 2 bits (benchmarks/bench_codec_refit.py,
+# bench_reindex.py). --nbits 2 (or 1) remains for storage-bound sets.
 DEFAULT_NBITS = 4
 #: EmbedConfig fields that change neither the documents nor their vectors: out of the run and input keys.
 RUNTIME_FIELDS = ("root", "actors", "threads", "device", "max_batch", "max_tokens", "publish", "force")

@@ -21,8 +21,10 @@ from embedding.codec import ResidualCodec, content_order, default_n_centroids
 from embedding.faiss_import import import_faiss
 from jobs import plan as planner
 from jobs.embed_pool import add_worker_stages, run_pool, worker_spec
-from jobs.embed_worker import SAMPLE_CACHE, SampleEncoder, failpoint, read_cache_tokens, sample_cache
+from jobs.embed_worker import SampleEncoder
+from jobs.failpoints import failpoint
 from jobs.runtime import ActorPlan
+from jobs.sample_cache import SAMPLE_CACHE, read_cache_tokens, sample_cache
 from jobs.timing import Progress, Timings
 from storage import layout
 from storage.corpus import CorpusError, CorpusFile

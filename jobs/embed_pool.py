@@ -16,8 +16,9 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Iterator
 
-from jobs.embed_worker import FAILPOINTS_ENV, WorkerSpec, write_cached_shards
+from jobs.embed_worker import WorkerSpec, write_cached_shards
 from jobs.errors import quiet_ray_failure_logs
+from jobs.failpoints import FAILPOINTS_ENV
 from jobs.runtime import ActorPlan, plan_actors, thread_env
 from jobs.timing import Timings
 from storage import layout
@@ -52,6 +53,13 @@ def worker_spec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], vdi
                       cfg.max_batch, cfg.max_tokens, augment)
 
 
+#: Calls an encoder actor runs at once, each in its own thread: while one holds the model
+#: (``jobs.embed_worker.EncoderActor``'s compute lock), the other reads its shard or
+#: writes the last one. Ray Data sends an actor at most max(2, this) shards at a time
+#: (its default was 2): more would queue on a busy actor what an idle one could take.
+CALLS_PER_ACTOR = 2
+
+
 def map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | None"):
     """Ray Data: one row per piece → actor pool → whatever the actors return."""
     import ray.data
@@ -78,11 +86,14 @@ def map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str 
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
                               fn_constructor_kwargs={"spec": spec, "codec_url": codec_url},
-                              compute=ActorPoolStrategy(min_size=1, max_size=p.actors),
+                              compute=ActorPoolStrategy(min_size=1, max_size=p.actors,
+                                                        max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+                                                        max_tasks_in_flight_per_actor=max(2, CALLS_PER_ACTOR),
+                                                        enable_true_multi_threading=True),
                               num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=0, **extra)
 
 
-WORKER_STAGES = ("load", "read", "tokenize", "forward", "post", "augment", "compress", "write")
+WORKER_STAGES = ("load", "read", "wait", "tokenize", "forward", "post", "augment", "compress", "write")
 
 
 def add_worker_stages(timings: Timings, stats: dict, prefix: str) -> None:
@@ -96,21 +107,29 @@ def run_pool(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | 
              timings: "Timings | None" = None) -> Iterator[dict]:
     """Map the piece rows over an actor pool; yield each shard's statistics as it finishes.
 
-    ``timings["actor_start"]`` gets the pool's start-up: from the launch to the start of
-    the first shard's work, plus that shard's model load (actor processes, imports, the
-    model). The run pays it once whatever the corpus size; benchmarks report it apart
-    from the steady state. (Measured from the shards' own start times: Ray Data may hold
-    finished results back, so the arrival of the first one says little.)
+    ``timings["actor_start"]`` gets the pool's start-up: from the launch to the end of
+    the first model load (actor processes, imports, the model), or to the start of the
+    first shard's work when no shard loads one. The run pays it once whatever the corpus
+    size; benchmarks report it apart from the steady state. (Measured from the shards'
+    own start times: Ray Data may hold finished results back, so the arrival of the
+    first one says little.)
     """
     launched = time.time()
-    first = None
+    loaded, started = None, None
     for row in map_pieces(rows, actor_cls, spec, p, codec_url).iter_rows():
         stats = json.loads(row["stats"])
-        if "started_at" in stats and (first is None or stats["started_at"] < first["started_at"]):
-            first = stats
+        if "started_at" in stats:
+            at = max(0.0, stats["started_at"] - launched)
+            started = at if started is None else min(started, at)
+            # Only the call that loaded its actor's model reports load_seconds (another
+            # call on that actor waits for the load): that actor was ready then.
+            if stats.get("load_seconds"):
+                at += stats["load_seconds"]
+                loaded = at if loaded is None else min(loaded, at)
         yield stats
-    if timings is not None and first is not None:
-        timings.add("actor_start", max(0.0, first["started_at"] - launched) + first.get("load_seconds", 0.0))
+    ready = loaded if loaded is not None else started
+    if timings is not None and ready is not None:
+        timings.add("actor_start", ready)
 
 
 def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str) -> Iterator[dict]:
@@ -133,7 +152,8 @@ def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str) -> Iterator[d
     # One CPU reserved whatever the threads: a task asking for more than is ever free at
     # once (another job's actors on a shared cluster) would wait forever.
     task = ray.remote(num_cpus=1, max_retries=0)(write_cached_shards)
-    pending = [task.remote(spec, codec_url, rows[i::n_tasks], threads, os.environ.get(FAILPOINTS_ENV))
+    pending = [task.remote(spec, codec_url, rows[i::n_tasks], threads, os.environ.get(FAILPOINTS_ENV),
+                           CALLS_PER_ACTOR)
                for i in range(n_tasks)]
     try:
         while pending:

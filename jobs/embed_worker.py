@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ from embedding.languages import LanguageError, route_languages
 from embedding.model import adapter_languages
 from embedding.vectors import DocumentVectors
 from jobs.embed_augment import ShardAugmenter
+from jobs.failpoints import FAILPOINTS_ENV, failpoint
+from jobs.sample_cache import cache_table, read_cache, sample_cache
 from storage import layout, schemas
 from storage.augment_queries import AugmentQueryError
 from storage.corpus import ColumnMap, CorpusError, CorpusFile, meta_hashes, read_rows, text_hashes
@@ -36,8 +39,6 @@ if TYPE_CHECKING:  # imported on first use at run time: torch loads only when a 
 logger = logging.getLogger(__name__)
 
 RESERVED = set(schemas.DOCS_CORE.names)
-FAILPOINTS_ENV = "TESSERA_FAILPOINTS"
-SAMPLE_CACHE = "_sample"
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,13 @@ class EncoderActor:
     The model is loaded lazily: a shard whose every document the codec-sample pass
     already encoded is compressed and written without it, so the second pass over a
     small corpus (PLAID's sample is all of it) never loads the model at all.
+
+    Two calls may run at once (``jobs.embed_pool.CALLS_PER_ACTOR``, each in its own
+    thread): the model load, the forward passes and the compression hold ``_compute``,
+    one shard at a time, while reading a shard and writing one do not. The next shard's
+    read and the last one's writes (s3 round trips, Parquet encoding) overlap the
+    encoding instead of stalling it, and each call still returns only when its own
+    files and marker are written.
     """
 
     def __init__(self, spec: WorkerSpec, codec_url: "str | None" = None) -> None:
@@ -102,10 +110,10 @@ class EncoderActor:
         self.cols = ColumnMap(**spec.columns)
         self.vdir = Location(spec.version_dir)
         self.codec = ResidualCodec.from_bytes(Location(codec_url).read_bytes()) if codec_url else None
-        self._residual_stats: dict = {}
         # X-MOD models: the adapters, read from config.json (no torch) to count the routing
         self.adapters = adapter_languages(spec.model_dir)
         self.augmenter = ShardAugmenter(spec.augment, self.vdir, spec.device) if spec.augment else None
+        self._compute = threading.Lock()
 
     @property
     def lm(self):
@@ -133,9 +141,13 @@ class EncoderActor:
     @property
     def encoder(self) -> "Encoder":
         if self._encoder is None:
+            # The model first: embedding.encoder imports torch (~1.3 s in a fresh actor),
+            # and that import belongs to the load (``lm``'s timer, reported as
+            # load_seconds), not to the first shard's encoding.
+            lm = self.lm
             from embedding.encoder import Encoder
 
-            self._encoder = Encoder(self.lm, max_batch=self.spec.max_batch, max_tokens=self.spec.max_tokens)
+            self._encoder = Encoder(lm, max_batch=self.spec.max_batch, max_tokens=self.spec.max_tokens)
         return self._encoder
 
     def _stage_seconds(self) -> dict[str, float]:
@@ -173,13 +185,15 @@ class ShardEncoder(EncoderActor):
         return {"stats": np.array(stats, dtype=object)}
 
     def write_shard(self, row: dict) -> dict:
+        """Read, encode, compress and write one shard; its statistics (the marker's content).
+
+        Only the model and the codec run under the actor's compute lock: the read before
+        it and the writes after it overlap the other call's encoding (see :class:`EncoderActor`).
+        """
         started_at, start = time.time(), time.perf_counter()
         shard = int(row["shard"])
         failpoint("embed.shard", shard)
-        self._residual_stats = {}
-        stages = self._stage_seconds()
         table = self._read(row)
-        read_s = time.perf_counter() - start
         if row.get("rows"):  # a re-index delta shard: only these rows of the range changed
             table = table.take(pa.array(json.loads(str(row["rows"])), pa.int64()))
         texts = pc.fill_null(table.column("text"), "").to_pylist()
@@ -187,20 +201,29 @@ class ShardEncoder(EncoderActor):
         kept = table.filter(pa.array(keep))
         kept_texts = [t for t, k in zip(texts, keep) if k]
         langs = kept.column("lang").to_pylist()
-        t0 = time.perf_counter()
-        enc = self._encode(shard, np.flatnonzero(keep), kept_texts, langs) if kept_texts else None
-        encode_s = time.perf_counter() - t0
         ids = kept.column("id").to_pylist()
-        aug = self._augment(row, np.flatnonzero(keep), ids, kept_texts, langs, kept, enc)
-        augment_s = time.perf_counter() - t0 - encode_s  # generation and query encoding (xQG)
+        cached = self._cached(shard)
+        read_s = time.perf_counter() - start
+        waiting = time.perf_counter()
+        with self._compute:
+            t0 = time.perf_counter()
+            stages = self._stage_seconds()
+            enc = self._encode(np.flatnonzero(keep), kept_texts, langs, cached) if kept_texts else None
+            encode_s = time.perf_counter() - t0
+            aug = self._augment(row, np.flatnonzero(keep), ids, kept_texts, langs, kept, enc)
+            augment_s = time.perf_counter() - t0 - encode_s  # generation and query encoding (xQG)
+            t1 = time.perf_counter()
+            tokens, residual = (self._tokens_table(ids, enc.tokens) if enc is not None and self.spec.colbert
+                                else (None, {}))  # residual: of the passages' own tokens (a re-index's drift)
+            tokens_aug = (self._tokens_table(ids, aug.tokens)[0] if aug is not None and aug.tokens is not None
+                          else None)
+            compress_s = time.perf_counter() - t1
+            stage_s = self._stage_delta(stages, self._stage_seconds())
+            load_s = self._take_load_seconds()
+        wait_s = t0 - waiting
         entries = []
         write = lambda kind, tbl: entries.append(self._write(kind, shard, tbl))  # noqa: E731
         t0 = time.perf_counter()
-        tokens = self._tokens_table(ids, enc.tokens) if enc is not None and self.spec.colbert else None
-        residual_stats = self._residual_stats  # of the passages' own tokens (a re-index's drift)
-        tokens_aug = self._tokens_table(ids, aug.tokens) if aug is not None and aug.tokens is not None else None
-        self._residual_stats = residual_stats
-        compress_s = time.perf_counter() - t0
         column = self.augmenter.cfg.column if self.augmenter is not None else None
         if column in kept.column_names:  # the queries, not metadata
             kept = kept.drop_columns([column])
@@ -223,10 +246,10 @@ class ShardEncoder(EncoderActor):
                  "tokens": int(sum(len(t) for t in enc.tokens)) if enc is not None and enc.tokens else 0,
                  "input_tokens": int(enc.n_tokens.sum()) if enc is not None else 0,
                  "truncated": int(enc.truncated.sum()) if enc is not None else 0,
-                 "encode_seconds": round(encode_s, 3), "load_seconds": self._take_load_seconds(),
-                 "read_seconds": round(read_s, 3), "compress_seconds": round(compress_s, 3),
-                 **self._stage_delta(stages, self._stage_seconds()), **self._residual_stats,
-                 "write_seconds": round(time.perf_counter() - t0 - compress_s, 3),
+                 "encode_seconds": round(encode_s, 3), "load_seconds": load_s,
+                 "read_seconds": round(read_s, 3), "wait_seconds": round(wait_s, 3),
+                 "compress_seconds": round(compress_s, 3), **stage_s, **residual,
+                 "write_seconds": round(time.perf_counter() - t0, 3),
                  "seconds": round(time.perf_counter() - start, 3), "started_at": round(started_at, 3),
                  **({**aug.stats, "augment_seconds": round(augment_s, 3)} if aug is not None else {}),
                  **self._routing(langs), "files": entries}
@@ -252,10 +275,13 @@ class ShardEncoder(EncoderActor):
                                       enc.dense if self.spec.dense else None,
                                       enc.tokens if self.spec.colbert else None)
 
-    def _encode(self, shard: int, offsets: np.ndarray, texts: list[str], langs: list) -> DocumentVectors:
-        """Encode the kept rows, taking those pass 1 already encoded from the sample cache."""
+    def _cached(self, shard: int) -> dict:
+        """The shard's documents pass 1 already encoded (its sample cache), by row offset."""
         cache_loc = sample_cache(self.vdir, shard)
-        cached = read_cache(cache_loc, self.codec.dim) if self.spec.colbert and cache_loc.exists() else {}
+        return read_cache(cache_loc, self.codec.dim) if self.spec.colbert and cache_loc.exists() else {}
+
+    def _encode(self, offsets: np.ndarray, texts: list[str], langs: list, cached: dict) -> DocumentVectors:
+        """Encode the kept rows, taking those pass 1 already encoded from ``cached``."""
         todo = [i for i, o in enumerate(offsets) if int(o) not in cached]
         fresh = self.encoder.encode_documents([texts[i] for i in todo], dense=self.spec.dense,
                                               colbert=self.spec.colbert,
@@ -307,26 +333,32 @@ class ShardEncoder(EncoderActor):
             table = table.append_column(out, kept.column(name))
         return table
 
-    def _tokens_table(self, ids: list[str], tokens: list[np.ndarray]) -> pa.Table:
+    def _tokens_table(self, ids: list[str], tokens: list[np.ndarray]) -> tuple[pa.Table, dict]:
+        """The compressed tokens' table, and :func:`residual_stats` of the vectors."""
         lengths = [len(t) for t in tokens]
         allv = np.concatenate(tokens) if sum(lengths) else np.zeros((0, self.codec.dim), np.float32)
         # On a GPU encoder the nearest-centroid search runs on the GPU, off the CPU threads.
         codes, residuals = self.codec.compress(allv, device="cuda" if self.spec.device == "cuda" else None)
-        self._residual_stats = residual_stats(self.codec, allv, codes)
         splits = np.cumsum(lengths)[:-1]
-        return schemas.tokens_table(ids, np.split(codes, splits), np.split(residuals, splits),
-                                    self.codec.code_dtype)
+        return (schemas.tokens_table(ids, np.split(codes, splits), np.split(residuals, splits),
+                                     self.codec.code_dtype), residual_stats(self.codec, allv, codes))
 
 
 def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], threads: int,
-                        failpoints: "str | None" = None) -> list[str]:
-    """Pass 2 of shards whose every document pass 1 cached, one after the other in a plain
-    Ray task: read the cache, compress, write (``ShardEncoder``'s own code, errors
-    included; no model). Returns each shard's statistics (JSON).
+                        failpoints: "str | None" = None, calls: int = 2) -> list[str]:
+    """Pass 2 of shards whose every document pass 1 cached, in a plain Ray task: read the
+    cache, compress, write (``ShardEncoder``'s own code, errors included; no model).
+    Returns each shard's statistics (JSON), in the order of ``rows``.
+
+    ``calls`` shards at a time, as an encoder actor runs them: one compresses while
+    another reads or writes. The first failure cancels the shards not yet started and
+    is raised.
 
     ``threads``: BLAS threads for the nearest-centroid search (Ray starts task workers
     with one). ``failpoints``: the driver's ``TESSERA_FAILPOINTS`` (tests).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from threadpoolctl import threadpool_limits
 
     if failpoints:
@@ -334,8 +366,16 @@ def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], thre
     else:
         os.environ.pop(FAILPOINTS_ENV, None)
     encoder = ShardEncoder(spec, codec_url)
-    with threadpool_limits(limits=threads, user_api="blas"):
-        return [str(encoder({k: [v] for k, v in row.items()})["stats"][0]) for row in rows]
+    one = lambda row: str(encoder({k: [v] for k, v in row.items()})["stats"][0])  # noqa: E731
+    with threadpool_limits(limits=threads, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=max(1, calls), thread_name_prefix="shard") as pool:
+        futures = [pool.submit(one, row) for row in rows]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def residual_stats(codec: ResidualCodec, vectors: np.ndarray, codes: np.ndarray) -> dict:
@@ -346,29 +386,6 @@ def residual_stats(codec: ResidualCodec, vectors: np.ndarray, codes: np.ndarray)
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     diff = np.abs(unit - codec.centroids[codes.astype(np.int64)])
     return {"residual_abs_sum": float(diff.sum(dtype=np.float64)), "residual_values": int(diff.size)}
-
-
-def failpoint(name: str, value: int) -> None:
-    """Fault injection for tests: ``TESSERA_FAILPOINTS="embed.shard=3"`` fails shard 3.
-
-    ``embed.shard=3:crash`` kills the worker process instead of raising;
-    ``embed.shard=3:kill`` has Ray kill the worker's actor (``ray.kill``);
-    ``embed.shard=3:hang`` blocks it for an hour (a job to kill while its actors run).
-    """
-    for item in filter(None, os.environ.get(FAILPOINTS_ENV, "").split(",")):
-        key, _, target = item.partition("=")
-        target, _, how = target.partition(":")
-        if key == name and target.strip() == str(value):
-            if how == "crash":
-                os._exit(17)
-            if how == "kill":
-                import ray
-
-                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-                time.sleep(60)  # the kill lands while we wait
-            if how == "hang":
-                time.sleep(3600)
-            raise RuntimeError(f"failpoint {name}={value} triggered")
 
 
 class SampleEncoder(EncoderActor):
@@ -394,53 +411,24 @@ class SampleEncoder(EncoderActor):
     def sample_shard(self, row: dict, rows: list[int]) -> str:
         """Encode the sampled ``rows`` (offsets in the piece) of one shard into its cache; JSON stats."""
         started_at, start = time.time(), time.perf_counter()
-        stages = self._stage_seconds()
         failpoint("embed.sample", int(row["shard"]))
         table = self._read(row)
         texts = pc.fill_null(table.column("text"), "").to_pylist()
         langs = table.column("lang").to_pylist()
         offsets = [o for o in rows if texts[o].strip()]
-        enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense, colbert=True,
-                                            langs=[langs[o] for o in offsets]) if offsets else None
+        waiting = time.perf_counter()
+        with self._compute:  # the read above and the write below overlap the other call's encoding
+            t0 = time.perf_counter()
+            stages = self._stage_seconds()
+            enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense, colbert=True,
+                                                langs=[langs[o] for o in offsets]) if offsets else None
+            stage_s = self._stage_delta(stages, self._stage_seconds())
+            load_s = self._take_load_seconds()
+        wait_s = t0 - waiting
         t0 = time.perf_counter()
-        schemas.write_table(sample_cache(self.vdir, int(row["shard"])), _cache_table(offsets, enc))
+        schemas.write_table(sample_cache(self.vdir, int(row["shard"])), cache_table(offsets, enc))
         return json.dumps({"shard": int(row["shard"]), "documents": len(offsets),
-                           "load_seconds": self._take_load_seconds(),
-                           "write_seconds": round(time.perf_counter() - t0, 3),
-                           **self._stage_delta(stages, self._stage_seconds()),
+                           "load_seconds": load_s, "wait_seconds": round(wait_s, 3),
+                           "write_seconds": round(time.perf_counter() - t0, 3), **stage_s,
                            "seconds": round(time.perf_counter() - start, 3),
                            "started_at": round(started_at, 3)})
-
-
-def sample_cache(vdir: Location, shard: int) -> Location:
-    return vdir.join(SAMPLE_CACHE, layout.shard_name(shard))
-
-
-def _cache_table(offsets: list[int], enc: "DocumentVectors | None") -> pa.Table:
-    if enc is None:  # no non-empty sampled row: an empty cache still marks the shard done
-        return pa.table({"row": pa.array([], pa.int32()), "n_tokens": pa.array([], pa.int32()),
-                         "truncated": pa.array([], pa.bool_()), "tokens": pa.array([], pa.binary())})
-    cols = {"row": pa.array(offsets, pa.int32()), "n_tokens": pa.array(enc.n_tokens, pa.int32()),
-            "truncated": pa.array(enc.truncated, pa.bool_()),
-            "tokens": pa.array([np.ascontiguousarray(t, np.float16).tobytes() for t in enc.tokens], pa.binary())}
-    if enc.dense is not None:
-        cols["dense"] = pa.array([np.asarray(v, np.float32).tobytes() for v in enc.dense], pa.binary())
-    return pa.table(cols)
-
-
-def read_cache(loc: Location, dim: int) -> dict[int, tuple]:
-    """{row offset: (dense (H,) float32 or None, tokens (t, dim) float32, n_tokens, truncated)}."""
-    table = schemas.read_table(loc).to_pylist()
-    return {r["row"]: (np.frombuffer(r["dense"], np.float32) if r.get("dense") is not None else None,
-                       np.frombuffer(r["tokens"], np.float16).reshape(-1, dim).astype(np.float32),
-                       r["n_tokens"], r["truncated"]) for r in table}
-
-
-def read_cache_tokens(loc: Location, dim: int) -> np.ndarray:
-    """Every token vector of one shard's sample cache, ``(t, dim)`` float16."""
-    col = schemas.read_table(loc, columns=["tokens"]).column("tokens").combine_chunks()
-    if not len(col):
-        return np.zeros((0, dim), np.float16)
-    offsets = np.frombuffer(col.buffers()[1], np.int32)[col.offset:col.offset + len(col) + 1]
-    data = np.frombuffer(col.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
-    return data.view(np.float16).reshape(-1, dim)

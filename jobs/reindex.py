@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 from jobs import embed as embed_job
 from jobs import preflight
-from jobs.embed_worker import failpoint
 from jobs.errors import EXIT_OK, NothingToDo, Refused, exit_code
+from jobs.failpoints import failpoint
 from jobs.reindex_delta import embed_delta
 from jobs.reindex_worker import hash_snapshot
 from jobs.run_report import RunReport, release_lease

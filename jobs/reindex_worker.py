@@ -17,7 +17,7 @@ import pyarrow as pa
 from jobs import embed as embed_job
 from jobs import plan as planner
 from jobs.embed_pool import done_shards
-from jobs.embed_worker import failpoint
+from jobs.failpoints import failpoint
 from jobs.runtime import ActorPlan
 from jobs.timing import Progress
 from storage.corpus import CorpusFile

@@ -1,6 +1,8 @@
 """End-to-end tests of the embed job on a tiny model: local root, s3:// root, bad input, resume."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -415,3 +417,112 @@ def test_the_driver_never_reads_the_codec_sample(ray_local, tiny_model_dir, tmp_
     codec = manifest["codec"]
     assert codec["sample_documents"] == 40 and codec["sample_tokens"] == manifest["counts"]["tokens"]
     assert codec["train_tokens"] == codec["sample_tokens"] and codec["n_centroids"] == 16
+
+
+def test_the_actors_model_load_counts_the_torch_import(tiny_model_dir, tmp_path):
+    """An actor's load_seconds (its pool's start-up, outside the steady state) include
+    importing torch: the encoder is built after the model, so the import does not land
+    in the first shard's encoding."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import dataclasses, json, sys
+import jobs.embed_worker as w
+from embedding.model import EncoderSettings, fingerprint
+from storage.corpus import ColumnMap
+before = "torch" in sys.modules
+seen = []
+load = w.EncoderActor.lm.fget
+def lm(self):
+    seen.append("torch" in sys.modules)
+    return load(self)
+w.EncoderActor.lm = property(lm)
+settings = EncoderSettings()
+spec = w.WorkerSpec({str(tiny_model_dir)!r}, settings.to_dict(), fingerprint({str(tiny_model_dir)!r}, settings),
+                    [], dataclasses.asdict(ColumnMap()), {str(tmp_path)!r}, True, False, 1, "cpu", 8, 512)
+actor = w.ShardEncoder(spec)
+actor.encoder
+print(json.dumps({{"before": before, "at_load": seen[0], "load_s": actor._load_s}}))
+"""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["before"] is False            # importing the worker module loads no torch
+    assert got["at_load"] is False           # nor does anything before the timed load
+    assert got["load_s"] > 0
+
+
+def test_an_actor_runs_two_shards_at_once_with_one_encoding_at_a_time(tiny_model_dir, tmp_path, monkeypatch):
+    """Two calls on one encoder actor (as Ray Data runs them): both shards are written
+    as a lone call writes them, and the model never runs for both at once."""
+    import dataclasses
+    import threading
+    import time as _time
+
+    from embedding.encoder import Encoder
+    from embedding.model import EncoderSettings, fingerprint
+    from jobs.embed_worker import ShardEncoder, WorkerSpec
+    from storage.corpus import ColumnMap, scan_file
+
+    rows = sample_docs(40)
+    url = write_jsonl(str(tmp_path / "a.jsonl"), rows)
+    cf, _ = scan_file(url, ColumnMap(), 10)
+    settings = EncoderSettings()
+
+    def spec(out: str) -> WorkerSpec:
+        return WorkerSpec(str(tiny_model_dir), settings.to_dict(), fingerprint(tiny_model_dir, settings),
+                          [cf.to_dict()], dataclasses.asdict(ColumnMap()), str(tmp_path / out), True, False,
+                          1, "cpu", 8, 512)
+
+    pieces = [{"shard": i, "file": 0, "start": 10 * i, "end": 10 * (i + 1)} for i in range(4)]
+    alone = ShardEncoder(spec("alone"))
+    expected = [alone.write_shard(dict(p)) for p in pieces]
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+    encode = Encoder.encode_documents
+
+    def counted(self, *args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        _time.sleep(0.05)  # widen the window in which a second encoding would show
+        try:
+            return encode(self, *args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(Encoder, "encode_documents", counted)
+    actor = ShardEncoder(spec("both"))
+    got: dict = {}
+    threads = [threading.Thread(target=lambda ps: [got.setdefault(p["shard"], actor.write_shard(dict(p)))
+                                                   for p in ps], args=(pieces[i::2],)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1                                   # one encoding at a time
+    assert sorted(got) == [0, 1, 2, 3]
+    for want in expected:                                  # the same files, byte for byte
+        have = got[want["shard"]]
+        assert [(e["path"], e["sha256"]) for e in have["files"]] == [(e["path"], e["sha256"]) for e in want["files"]]
+        assert (tmp_path / "both" / "_shards" / f"{want['shard']:05d}.json").exists()
+
+
+def test_the_pool_overlaps_a_shards_io_with_another_shards_encoding(ray_local, tiny_model_dir, tmp_path):
+    """One encoder actor holds two shards at a time: their calls overlap in time (the
+    second reads while the first loads the model and encodes), yet every shard is
+    written whole, with its marker."""
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(64))
+    manifest = run(_cfg(corpus, tiny_model_dir, tmp_path / "root", mode="dense", actors=1))
+    vdir = tmp_path / "root" / "sets" / "t" / manifest["version"]
+    stats = [json.loads(p.read_text()) for p in sorted((vdir / "_shards").glob("*.json"))]
+    assert len(stats) == 4 and manifest["counts"]["documents"] == 64
+    spans = sorted((s["started_at"], s["started_at"] + s["seconds"]) for s in stats)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))   # two calls in flight on the one actor
+    assert sum(1 for s in stats if s["load_seconds"] > 0) == 1  # the model loaded once
+    assert manifest["timings"]["actor_start"] > 0
