@@ -1119,22 +1119,36 @@ class CentroidIndex:
         lengths = self._lengths(docs)
         if dim != self.codec.dim:
             return _segment_maxsum(q @ self._decompress(docs, dim).T, lengths)
-        return np.concatenate([np.empty(0, np.float32)] + [
-            self._exact_block(q, scores_t, docs[chunk], lengths[chunk])
-            for chunk in _doc_chunks(lengths, _EXACT_TOKENS)
-        ])
+        # Every document's tokens gathered at once (one pass over the index's arrays), then
+        # scored in blocks of ~_EXACT_TOKENS tokens whose decoded residuals stay in cache.
+        tokens = self._token_ids(docs)
+        residuals = np.take(self.residuals, tokens, axis=0)
+        codes = np.take(self.codes, tokens)
+        inv_norms = np.take(self.token_inv_norms, tokens)
+        ends = np.cumsum(lengths)
+        out = np.empty(len(docs), dtype=np.float32)
+        for chunk in _doc_chunks(lengths, _EXACT_TOKENS):
+            rows = slice(int(ends[chunk.start - 1]) if chunk.start else 0, int(ends[chunk.stop - 1]))
+            out[chunk] = self._exact_block(q, scores_t, residuals[rows], codes[rows], inv_norms[rows],
+                                           lengths[chunk])
+        return out
 
     def _exact_block(
-        self, q: np.ndarray, scores_t: np.ndarray, docs: np.ndarray, lengths: np.ndarray
+        self,
+        q: np.ndarray,
+        scores_t: np.ndarray,
+        residuals: np.ndarray,
+        codes: np.ndarray,
+        inv_norms: np.ndarray,
+        lengths: np.ndarray,
     ) -> np.ndarray:
-        """Exact MaxSim of a few documents at the full dimension (``scores_t``: (C, Lq))."""
-        tokens = self._token_ids(docs)
+        """Exact MaxSim of a few consecutive documents' tokens at the full dimension
+        (``scores_t``: (C, Lq); ``residuals``, ``codes``, ``inv_norms``: the tokens')."""
         # (T, Lq) layout: the product with the residuals as the left operand is ~1.5x
-        # faster in BLAS, and np.take of whole rows beats fancy indexing.
-        residuals = self.codec.residual_vectors(np.take(self.residuals, tokens, axis=0), small_table=True)
-        token_scores = residuals @ q.T
-        token_scores += np.take(scores_t, np.take(self.codes, tokens), axis=0)
-        token_scores *= np.take(self.token_inv_norms, tokens)[:, None]
+        # faster in BLAS.
+        token_scores = self.codec.residual_vectors(residuals, small_table=True) @ q.T
+        token_scores += np.take(scores_t, codes, axis=0)
+        token_scores *= inv_norms[:, None]
         return _segment_maxsum(token_scores.T, lengths)
 
     def _full_stage(
