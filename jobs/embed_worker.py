@@ -8,13 +8,14 @@ small per-shard statistics.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -158,6 +159,18 @@ class EncoderActor:
         """The encoder's seconds per stage spent between two snapshots, as stats keys."""
         return {f"{k}_seconds": round(v - before.get(k, 0.0), 3) for k, v in after.items()}
 
+    @contextlib.contextmanager
+    def _computing(self) -> Iterator[dict]:
+        """Hold the compute lock for one call's model and codec work. The dict it yields
+        gets the call's statistics of it: ``wait_seconds`` (for the other call), and on
+        exit the encoder's seconds per stage and the model load it paid (``load_seconds``)."""
+        waiting = time.perf_counter()
+        with self._compute:
+            span = {"wait_seconds": round(time.perf_counter() - waiting, 3)}
+            stages = self._stage_seconds()
+            yield span
+            span.update(self._stage_delta(stages, self._stage_seconds()), load_seconds=self._take_load_seconds())
+
     def _take_load_seconds(self) -> float:
         """Model load seconds spent since the last call (reported once, by one shard)."""
         out, self._load_s = self._load_s, 0.0
@@ -204,10 +217,8 @@ class ShardEncoder(EncoderActor):
         ids = kept.column("id").to_pylist()
         cached = self._cached(shard)
         read_s = time.perf_counter() - start
-        waiting = time.perf_counter()
-        with self._compute:
+        with self._computing() as span:
             t0 = time.perf_counter()
-            stages = self._stage_seconds()
             enc = self._encode(np.flatnonzero(keep), kept_texts, langs, cached) if kept_texts else None
             encode_s = time.perf_counter() - t0
             aug = self._augment(row, np.flatnonzero(keep), ids, kept_texts, langs, kept, enc)
@@ -218,9 +229,6 @@ class ShardEncoder(EncoderActor):
             tokens_aug = (self._tokens_table(ids, aug.tokens)[0] if aug is not None and aug.tokens is not None
                           else None)
             compress_s = time.perf_counter() - t1
-            stage_s = self._stage_delta(stages, self._stage_seconds())
-            load_s = self._take_load_seconds()
-        wait_s = t0 - waiting
         entries = []
         write = lambda kind, tbl: entries.append(self._write(kind, shard, tbl))  # noqa: E731
         t0 = time.perf_counter()
@@ -246,9 +254,8 @@ class ShardEncoder(EncoderActor):
                  "tokens": int(sum(len(t) for t in enc.tokens)) if enc is not None and enc.tokens else 0,
                  "input_tokens": int(enc.n_tokens.sum()) if enc is not None else 0,
                  "truncated": int(enc.truncated.sum()) if enc is not None else 0,
-                 "encode_seconds": round(encode_s, 3), "load_seconds": load_s,
-                 "read_seconds": round(read_s, 3), "wait_seconds": round(wait_s, 3),
-                 "compress_seconds": round(compress_s, 3), **stage_s, **residual,
+                 "encode_seconds": round(encode_s, 3), "read_seconds": round(read_s, 3), **span,
+                 "compress_seconds": round(compress_s, 3), **residual,
                  "write_seconds": round(time.perf_counter() - t0, 3),
                  "seconds": round(time.perf_counter() - start, 3), "started_at": round(started_at, 3),
                  **({**aug.stats, "augment_seconds": round(augment_s, 3)} if aug is not None else {}),
@@ -416,19 +423,12 @@ class SampleEncoder(EncoderActor):
         texts = pc.fill_null(table.column("text"), "").to_pylist()
         langs = table.column("lang").to_pylist()
         offsets = [o for o in rows if texts[o].strip()]
-        waiting = time.perf_counter()
-        with self._compute:  # the read above and the write below overlap the other call's encoding
-            t0 = time.perf_counter()
-            stages = self._stage_seconds()
+        with self._computing() as span:  # the read above and the write below overlap the other call's encoding
             enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense, colbert=True,
                                                 langs=[langs[o] for o in offsets]) if offsets else None
-            stage_s = self._stage_delta(stages, self._stage_seconds())
-            load_s = self._take_load_seconds()
-        wait_s = t0 - waiting
         t0 = time.perf_counter()
         schemas.write_table(sample_cache(self.vdir, int(row["shard"])), cache_table(offsets, enc))
         return json.dumps({"shard": int(row["shard"]), "documents": len(offsets),
-                           "load_seconds": load_s, "wait_seconds": round(wait_s, 3),
-                           "write_seconds": round(time.perf_counter() - t0, 3), **stage_s,
+                           "write_seconds": round(time.perf_counter() - t0, 3), **span,
                            "seconds": round(time.perf_counter() - start, 3),
                            "started_at": round(started_at, 3)})
