@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--codec-docs", type=int, default=0, help="documents encoded for the codec figures (0: none)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--kmeans", choices=KMEANS_KINDS, default="flat", help="the job's codec k-means")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where both sides run: the reference forward and the job's encoder actors")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/embed_<source>_<n>docs.json)")
     return p.parse_args(argv)
 
@@ -78,7 +80,7 @@ def load_docs(args: argparse.Namespace) -> tuple[str, list[dict]]:
     return "xquad", docs[: args.docs]
 
 
-def load_reference(model_dir: str, threads: int, max_batch: int):
+def load_reference(model_dir: str, threads: int, max_batch: int, device: str = "cpu"):
     import torch
 
     from embedding.encoder import Encoder
@@ -86,8 +88,11 @@ def load_reference(model_dir: str, threads: int, max_batch: int):
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    lm = load_model(model_dir, device="cpu")
-    return Encoder(lm, max_batch=max_batch), time.perf_counter() - start
+    lm = load_model(model_dir, device=device)
+    enc = Encoder(lm, max_batch=max_batch)
+    if device == "cuda":  # CUDA context and kernels loaded before the first timed round
+        enc.forward_only(["warm-up"] * 4, 16)
+    return enc, time.perf_counter() - start
 
 
 def time_forward(enc, texts: list[str]) -> dict:
@@ -99,11 +104,12 @@ def time_forward(enc, texts: list[str]) -> dict:
     return {"seconds": time.perf_counter() - start, "tokens": tokens, "documents": len(texts)}
 
 
-def time_job(corpus: str, model_dir: str, root: str, mode: str, max_batch: int, kmeans: str = "flat") -> dict:
+def time_job(corpus: str, model_dir: str, root: str, mode: str, max_batch: int, kmeans: str = "flat",
+             device: str = "auto") -> dict:
     from jobs.embed import EmbedConfig, run
 
     cfg = EmbedConfig(corpus=(corpus,), model=model_dir, set_name="bench", root=root, mode=mode,
-                      max_batch=max_batch, kmeans=kmeans)
+                      max_batch=max_batch, kmeans=kmeans, device=device)
     start = time.perf_counter()
     manifest = run(cfg)
     seconds = time.perf_counter() - start
@@ -159,6 +165,15 @@ def codec_figures(model_dir: str, texts: list[str], nbits_list: list[int]) -> li
     return rows
 
 
+def gpu_name(device: str) -> "str | bool":
+    """The CUDA device's name when the benchmark ran on one, else False."""
+    if device != "cuda":
+        return False
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
 def summarise(mode: str, pairs: list[tuple[dict, dict]], ray_start: float, ref_load: float) -> dict:
     """Median ratios over the rounds of one mode, with and without fixed start-up costs."""
     steady, with_fixed, share = [], [], []
@@ -198,13 +213,14 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         init_ray()
         ray_start = time.perf_counter() - start
-        threads = plan_actors(os.cpu_count() or 1, 0).threads  # what the job's CPU actors run
-        enc, ref_load = load_reference(args.model, threads, args.max_batch)
+        gpus = 1 if args.device == "cuda" else 0
+        threads = plan_actors(os.cpu_count() or 1, gpus, device=args.device).threads  # what the job's actors run
+        enc, ref_load = load_reference(args.model, threads, args.max_batch, args.device)
         for r in range(args.repeats):
             for mode in args.modes:
                 fwd = time_forward(enc, texts)
                 job = time_job(corpus, args.model, os.path.join(tmp, f"store-{mode}-{r}"), mode, args.max_batch,
-                               args.kmeans)
+                               args.kmeans, args.device)
                 if job["documents"] != fwd["documents"]:
                     raise RuntimeError(f"job embedded {job['documents']} documents, forward {fwd['documents']}")
                 rounds[mode].append((fwd, job))
@@ -214,7 +230,7 @@ def main(argv=None) -> int:
     summary = [summarise(m, rounds[m], ray_start, ref_load) for m in args.modes]
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "gpu": False, "torch_threads": threads},
+                    "gpu": gpu_name(args.device), "torch_threads": threads},
         "source": source, "documents": len(docs), "repeats": args.repeats, "kmeans": args.kmeans,
         "fixed": {"ray_start_seconds": ray_start, "reference_model_load_seconds": ref_load},
         "summary": summary,
@@ -231,7 +247,9 @@ def main(argv=None) -> int:
 
 
 def render(result: dict) -> str:
-    lines = [f"embed benchmark: {result['documents']} {result['source']} documents, {result['machine']['cpus']} CPUs, "
+    gpu = f", GPU {result['machine']['gpu']}" if result["machine"].get("gpu") else ""
+    lines = [f"embed benchmark: {result['documents']} {result['source']} documents, "
+             f"{result['machine']['cpus']} CPUs{gpu}, "
              f"{result['machine']['torch_threads']} torch threads, median of {result['repeats']} rounds",
              f"fixed: Ray start {result['fixed']['ray_start_seconds']:.1f}s, "
              f"reference model load {result['fixed']['reference_model_load_seconds']:.1f}s",
