@@ -104,6 +104,21 @@ def time_forward(enc, texts: list[str]) -> dict:
     return {"seconds": time.perf_counter() - start, "tokens": tokens, "documents": len(texts)}
 
 
+def time_shards(enc, texts: list[str], mode: str, rows_per_shard: int = 1024) -> dict:
+    """The job's encoding without Ray: ``encode_documents`` shard by shard (the job's default
+    ``rows_per_shard``) in this process, with the encoder's stage seconds. Between the bare
+    forward and the job: what per-shard encoding (batches bucketed inside a shard, pooling,
+    copies to numpy) costs, apart from what the actors and Ray Data cost."""
+    colbert = mode in ("colbert", "both")
+    before = dict(enc.stage_seconds)
+    start = time.perf_counter()
+    for i in range(0, len(texts), rows_per_shard):
+        enc.encode_documents(texts[i:i + rows_per_shard], dense=mode != "colbert", colbert=colbert)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "documents": len(texts),
+            "stages": {k: round(v - before.get(k, 0.0), 3) for k, v in enc.stage_seconds.items()}}
+
+
 def time_job(corpus: str, model_dir: str, root: str, mode: str, max_batch: int, kmeans: str = "flat",
              device: str = "auto") -> dict:
     from jobs.embed import EmbedConfig, run
@@ -188,6 +203,8 @@ def summarise(mode: str, pairs: list[tuple[dict, dict]], ray_start: float, ref_l
             "model_share": statistics.median(share),
             "ratios_steady": steady, "ratios_with_fixed": with_fixed, "model_shares": share,
             "forward_seconds": statistics.median(f["seconds"] for f, _ in pairs),
+            "inprocess_shards_seconds": statistics.median(f["shards"]["seconds"] for f, _ in pairs),
+            "inprocess_shards_stages": _median_stages([f["shards"]["stages"] for f, _ in pairs]),
             "job_seconds": statistics.median(j["seconds"] for _, j in pairs),
             "stages": _median_stages([j["timings"] for _, j in pairs])}
 
@@ -219,6 +236,7 @@ def main(argv=None) -> int:
         for r in range(args.repeats):
             for mode in args.modes:
                 fwd = time_forward(enc, texts)
+                fwd["shards"] = time_shards(enc, texts, mode)
                 job = time_job(corpus, args.model, os.path.join(tmp, f"store-{mode}-{r}"), mode, args.max_batch,
                                args.kmeans, args.device)
                 if job["documents"] != fwd["documents"]:
@@ -262,6 +280,9 @@ def render(result: dict) -> str:
                      f"{s['ratio_steady']:>9.3f}{s['ratio_with_fixed']:>12.3f}{s['model_share']:>13.3f}")
     for s in result["summary"]:
         lines.append(f"  {s['mode']} stages (s, median): " + ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items()))
+        lines.append(f"  {s['mode']} in this process, shard by shard without Ray: "
+                     f"{s['inprocess_shards_seconds']:.1f}s (" + ", ".join(
+                         f"{k} {v:.1f}" for k, v in s["inprocess_shards_stages"].items()) + ")")
     if result["codec"]:
         lines.append(f"{'nbits':>5}{'B/token fp16':>14}{'B/token codec':>15}{'B/token parquet':>17}"
                      f"{'x vs fp16':>11}{'cosine':>9}")

@@ -232,25 +232,29 @@ def _nearest_centroids(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray
 
 
 def _train_centroids(
-    train: np.ndarray, n_centroids: int, seed: int, niter: int, kmeans: str = "flat"
+    train: np.ndarray, n_centroids: int, seed: int, niter: int, kmeans: str = "flat",
+    device: "str | None" = None,
 ) -> np.ndarray:
     """The codec's centroids: :func:`_flat_centroids` or :func:`_two_level_centroids`."""
     if kmeans not in KMEANS_KINDS:
         raise ValueError(f"kmeans must be one of {KMEANS_KINDS}, got {kmeans!r}")
     if kmeans == "two-level" and n_centroids >= TWO_LEVEL_MIN_CENTROIDS:
-        return _two_level_centroids(train, n_centroids, seed, niter)
-    return _flat_centroids(train, n_centroids, seed, niter)
+        return _two_level_centroids(train, n_centroids, seed, niter, device)
+    return _flat_centroids(train, n_centroids, seed, niter, device)
 
 
 def _flat_centroids(
-    train: np.ndarray, n_centroids: int, seed: int, niter: int
+    train: np.ndarray, n_centroids: int, seed: int, niter: int, device: "str | None" = None
 ) -> np.ndarray:
     """Spherical k-means from the first ``n_centroids`` rows; returns float32 unit rows.
 
     ``train`` comes in content-key order (see :func:`content_keys`), so its first rows
     are a uniform random sample that moves little when the input moves little. faiss
-    subsamples nothing (that draw would depend on row positions).
+    subsamples nothing (that draw would depend on row positions). With a torch
+    ``device`` the same algorithm runs in torch there (:func:`_torch_kmeans`).
     """
+    if device is not None:
+        return _torch_kmeans(train, n_centroids, seed, niter, device)
     use_gpu = faiss.get_num_gpus() > 0
     kmeans = faiss.Kmeans(
         train.shape[1],
@@ -268,6 +272,56 @@ def _flat_centroids(
     )
     kmeans.train(train, init_centroids=np.ascontiguousarray(train[:n_centroids], dtype=np.float32))
     return _l2_normalize(np.asarray(kmeans.centroids, dtype=np.float32))
+
+
+#: faiss's perturbation when it splits a cluster to refill an empty one (``EPS`` in Clustering.cpp)
+_SPLIT_EPS = 1.0 / 1024.0
+#: score elements (rows x centroids) per block of :func:`_torch_kmeans` on a GPU
+_TORCH_SCORE_BUDGET = 1 << 27
+
+
+def _torch_kmeans(train: np.ndarray, n_centroids: int, seed: int, niter: int, device: str) -> np.ndarray:
+    """faiss's spherical k-means (``faiss.Kmeans(spherical=True)``), in torch on ``device``.
+
+    For a GPU worker when faiss has no GPU (faiss-cpu, the default extra): the same steps
+    as faiss's Clustering, from the same start (the first ``n_centroids`` rows), each
+    iteration: every row to its max-inner-product centroid, each centroid the mean of its
+    rows, an empty centroid refilled by splitting a cluster drawn in proportion to its
+    size beyond one (faiss's ``split_clusters``; the draw seeded by ``seed``), all
+    centroids renormalised. The centroids differ from faiss's only by float summation
+    order and the empty-cluster draws; equal inputs on one device give equal centroids.
+    Returns ``(n_centroids, dim)`` float32 unit rows.
+    """
+    import torch
+
+    k = n_centroids
+    rng = np.random.default_rng(seed)
+    budget = _TORCH_SCORE_BUDGET if torch.device(device).type == "cuda" else _SCORE_BUDGET
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(train, dtype=np.float32)).to(device)
+        c = torch.nn.functional.normalize(x[:k].clone(), dim=1)
+        sign = torch.ones(x.shape[1], device=device)
+        sign[1::2] = -1.0
+        assign = torch.empty(len(x), dtype=torch.long, device=device)
+        step = max(1, budget // k)
+        for _ in range(niter):
+            for start in range(0, len(x), step):
+                assign[start:start + step] = (x[start:start + step] @ c.T).argmax(dim=1)
+            counts = torch.bincount(assign, minlength=k)
+            sums = torch.zeros_like(c).index_add_(0, assign, x)
+            c = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+            empty = torch.nonzero(counts == 0).flatten().cpu().numpy()
+            if len(empty):
+                sizes = counts.cpu().numpy().astype(np.int64)
+                for j in empty:
+                    spare = np.maximum(sizes - 1, 0).astype(np.float64)
+                    m = int(rng.choice(k, p=spare / spare.sum()))
+                    c[j] = c[m] * (1 + _SPLIT_EPS * sign)
+                    c[m] = c[m] * (1 - _SPLIT_EPS * sign)
+                    sizes[j] = sizes[m] // 2
+                    sizes[m] -= sizes[j]
+            c = torch.nn.functional.normalize(c, dim=1)
+        return c.cpu().numpy().astype(np.float32)
 
 
 #: k-means kinds of :meth:`ResidualCodec.fit`: ``flat`` is PLAID's (every sample vector
@@ -300,7 +354,8 @@ def _share_centroids(counts: np.ndarray, k: int) -> np.ndarray:
     return share
 
 
-def _two_level_centroids(train: np.ndarray, n_centroids: int, seed: int, niter: int) -> np.ndarray:
+def _two_level_centroids(train: np.ndarray, n_centroids: int, seed: int, niter: int,
+                         device: "str | None" = None) -> np.ndarray:
     """Two-level spherical k-means: ~sqrt(k) coarse cells, then each cell's vectors into
     its share of the ``n_centroids`` (:func:`_share_centroids`).
 
@@ -310,14 +365,14 @@ def _two_level_centroids(train: np.ndarray, n_centroids: int, seed: int, niter: 
     Rows stay in content-key order inside every cell, so the starts are content-defined.
     """
     k1 = max(2, math.isqrt(n_centroids))
-    coarse = _flat_centroids(train, k1, seed, max(niter, 10))  # cheap: k1 centroids
+    coarse = _flat_centroids(train, k1, seed, max(niter, 10), device)  # cheap: k1 centroids
     cells = _nearest_centroids(coarse, train)
     share = _share_centroids(np.bincount(cells, minlength=k1), n_centroids)
     out = []
     for c in np.flatnonzero(share):
         rows = train[cells == c]
         k2 = int(share[c])
-        out.append(rows[:k2] if k2 == len(rows) else _flat_centroids(rows, k2, seed, niter))
+        out.append(rows[:k2] if k2 == len(rows) else _flat_centroids(rows, k2, seed, niter, device))
     return _l2_normalize(np.concatenate(out).astype(np.float32))
 
 
@@ -521,6 +576,7 @@ class ResidualCodec:
         niter: int = 20,
         heldout_fraction: float = 0.05,
         kmeans: str = "flat",
+        device: "str | None" = None,
     ) -> "ResidualCodec":
         """Train centroids and residual buckets on a sample of token vectors.
 
@@ -546,6 +602,9 @@ class ResidualCodec:
             training rows are used.
         kmeans : str
             ``flat`` or ``two-level`` (see :data:`KMEANS_KINDS`).
+        device : str, optional
+            A torch device ("cuda") to run k-means on (:func:`_torch_kmeans`); default
+            None: faiss (on its GPUs when it has any).
 
         Returns
         -------
@@ -556,7 +615,7 @@ class ResidualCodec:
         _check_nbits_dim(nbits, sample.shape[1])
         train, heldout = _split_heldout(sample, heldout_fraction, seed)
         k = cls._choose_k(n_centroids, len(sample), len(train))
-        centroids = _train_centroids(train, k, seed, niter, kmeans)
+        centroids = _train_centroids(train, k, seed, niter, kmeans, device)
         residuals = heldout - centroids[_nearest_centroids(centroids, heldout)]
         cutoffs, weights = _bucket_stats(residuals, nbits)
         avg_residual = float(np.abs(residuals).mean(dtype=np.float64))

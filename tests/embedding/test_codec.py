@@ -515,3 +515,30 @@ def test_two_level_below_its_minimum_k_is_the_flat_fit(vectors):
 def test_fit_rejects_an_unknown_kmeans(vectors):
     with pytest.raises(ValueError, match="kmeans must be one of"):
         ResidualCodec.fit(vectors[0], 2, N_CENTROIDS, kmeans="fast")
+
+
+# ---- k-means in torch (a GPU worker without faiss-gpu) ------------------------------------
+@pytest.mark.parametrize("kmeans", ["flat", "two-level"])
+def test_torch_kmeans_is_faiss_kmeans(big_sample, kmeans):
+    """fit(device=...) runs faiss's spherical k-means in torch: the same start, steps and
+    result (here on torch's CPU device; tests/jobs/test_gpu.py does it on CUDA)."""
+    a = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans=kmeans)
+    b = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans=kmeans, device="cpu")
+    np.testing.assert_allclose(b.centroids, a.centroids, atol=1e-5)
+    np.testing.assert_allclose(b.bucket_cutoffs, a.bucket_cutoffs, atol=1e-5)
+    assert np.array_equal(a.assign(big_sample), b.assign(big_sample))
+    assert b == ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans=kmeans, device="cpu")
+
+
+def test_torch_kmeans_refills_empty_clusters_like_faiss():
+    """Duplicate rows at the start give duplicate starting centroids, so clusters go empty:
+    each is refilled by splitting a populated one, and k distinct centroids come out."""
+    x = _clustered(4000, DIM, 30, noise=0.6, seed=5)
+    x[1:40] = x[0]
+    a = ResidualCodec.fit(x, 2, 128, seed=0, niter=6, heldout_fraction=0.0)
+    b = ResidualCodec.fit(x, 2, 128, seed=0, niter=6, heldout_fraction=0.0, device="cpu")
+    assert len(np.unique(b.centroids.round(5), axis=0)) == 128
+    np.testing.assert_allclose(np.linalg.norm(b.centroids, axis=1), 1.0, atol=1e-5)
+    fit_a = np.mean(np.max(x @ a.centroids.T, axis=1))
+    fit_b = np.mean(np.max(x @ b.centroids.T, axis=1))
+    assert fit_b > fit_a - 0.01  # as good a clustering as faiss's (the split draws differ)

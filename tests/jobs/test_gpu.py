@@ -44,6 +44,22 @@ def test_encoder_on_cuda_runs_in_half_precision_and_matches_cpu(tiny_model_dir):
     assert tok_cos.mean() > 0.99 and tok_cos.min() > 0.9
 
 
+def test_codec_kmeans_and_compression_on_cuda_match_faiss_and_numpy():
+    from embedding.codec import ResidualCodec
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(60, 96))
+    x = centres[rng.integers(0, 60, 30000)] + 0.5 * rng.normal(size=(30000, 96))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    cpu = ResidualCodec.fit(x, 2, 512, seed=0, niter=4)
+    gpu = ResidualCodec.fit(x, 2, 512, seed=0, niter=4, device="cuda")
+    np.testing.assert_allclose(gpu.centroids, cpu.centroids, atol=1e-4)
+    assert np.mean(cpu.assign(x) == gpu.assign(x)) > 0.999
+    codes, packed = cpu.compress(x)
+    codes_gpu, packed_gpu = cpu.compress(x, device="cuda")
+    assert np.mean(codes == codes_gpu) > 0.999 and np.mean(packed == packed_gpu) > 0.999
+
+
 def _stored_dense(root, manifest) -> dict[str, np.ndarray]:
     vdir = Artifact(location(str(root)), "sets", "g").version_dir(manifest["version"])
     table = pa.concat_tables([schemas.read_table(vdir.join(e["path"]))
