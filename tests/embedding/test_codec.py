@@ -542,3 +542,15 @@ def test_torch_kmeans_refills_empty_clusters_like_faiss():
     fit_a = np.mean(np.max(x @ a.centroids.T, axis=1))
     fit_b = np.mean(np.max(x @ b.centroids.T, axis=1))
     assert fit_b > fit_a - 0.01  # as good a clustering as faiss's (the split draws differ)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+def test_compress_buckets_are_searchsorted_of_the_residuals(vectors, nbits):
+    """The packed buckets are ``searchsorted(cutoffs, residual)`` (side left)."""
+    sample, held = vectors
+    codec = ResidualCodec.fit(sample, nbits, N_CENTROIDS, seed=0, niter=4)
+    unit = held / np.linalg.norm(held, axis=1, keepdims=True)
+    codes, packed = codec.compress(held)
+    residual = unit - codec.centroids[codes.astype(np.int64)]
+    expected = np.searchsorted(codec.bucket_cutoffs, residual).astype(np.uint8)
+    assert np.array_equal(unpack_bits(packed, nbits, DIM), expected)
