@@ -1,13 +1,13 @@
 """The embed job with shard I/O overlapping the encoding, against one shard at a time, side by side.
 
-An encoder actor runs ``jobs.embed_pool.CALLS_PER_ACTOR`` calls at once: while one holds
+An encoder actor runs ``calls_per_actor`` calls at once: while one holds
 the model (the forward passes and the compression, under the actor's compute lock),
 the other reads its shard or writes the last one. With ``--calls 1 2`` this runs the
 same job both ways, alternating round by round in one Ray session:
 
-* ``1``: each actor reads, encodes and writes one shard after the other (how the job
-  ran before);
-* ``2``: the default.
+* ``1``: each actor reads, encodes and writes one shard after the other (the default on a
+  local store);
+* ``2``: the default for an s3:// store (``jobs.embed_pool.calls_per_actor``; 1 on a local one).
 
 Both write the same files (a test checks that); what changes is how long the actors
 wait on the store. Per variant it reports the job's seconds (median over ``--rounds``),
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--tiny", action="store_true", help="build the test suite's tiny BERT and use it")
     p.add_argument("--mode", choices=("dense", "colbert", "both"), default="both")
     p.add_argument("--store", choices=("local", "s3"), default="local")
-    p.add_argument("--calls", type=int, nargs="+", default=[1, 2], help="CALLS_PER_ACTOR variants")
+    p.add_argument("--calls", type=int, nargs="+", default=[1, 2], help="calls_per_actor variants")
     p.add_argument("--rows-per-shard", type=int, default=500)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=None)
@@ -101,12 +101,10 @@ def stage_sums(timings: dict) -> dict:
 
 
 def run_job(corpus: str, model: str, root: str, mode: str, rows_per_shard: int, calls: int) -> dict:
-    import jobs.embed_pool as pool
     from jobs.embed import EmbedConfig, run
 
-    pool.CALLS_PER_ACTOR = calls
     cfg = EmbedConfig(corpus=(corpus,), model=model, set_name=f"io{calls}", root=root, mode=mode,
-                      rows_per_shard=rows_per_shard)
+                      rows_per_shard=rows_per_shard, calls_per_actor=calls)
     start = time.perf_counter()
     manifest = run(cfg)
     seconds = time.perf_counter() - start

@@ -9,13 +9,11 @@ Flow (each step is skipped when a resumed run already finished it):
 1. scan the corpus files in parallel Ray tasks: columns, ids, piece offsets;
    duplicate or null ids stop the job before anything is written;
 2. claim a version of the set (a resumed run gets its unfinished version back);
-3. ColBERT: encode a PLAID-sized sample, caching each shard's encodings under
-   ``_sample/`` (a resumed run reads the cached shards back instead of encoding them
-   again), fit the residual codec (faiss k-means on all the actor's threads, on a GPU
-   when there is one), write ``codec.npz``;
-4. Ray Data ``map_batches`` over the pieces with an actor pool: each actor holds
-   one model (loaded on first use: sampled documents come from the cache, so a
-   small corpus never loads it twice), writes its shards, then the shard's marker;
+3. ColBERT: encode a PLAID-sized sample, caching each shard's encodings under ``_sample/``
+   (a resumed run reads them back instead of encoding them again), fit the residual codec
+   (k-means: faiss with the pool's threads, or torch on the GPU), write ``codec.npz``;
+4. Ray Data ``map_batches`` over the pieces, an actor pool: each actor holds one model (loaded on first use,
+   so a small corpus, all in the sample cache, never loads it twice), writes its shards, then their markers;
 5. the manifest (every file with rows, bytes, sha256), then ``CURRENT``.
 
 This module is the driver. Pass 1 lives in ``jobs.embed_codec``, the actor pool in
@@ -61,7 +59,8 @@ logger = logging.getLogger(__name__)
 # bench_reindex.py). --nbits 2 (or 1) remains for storage-bound sets.
 DEFAULT_NBITS = 4
 #: EmbedConfig fields that change neither the documents nor their vectors: out of the run and input keys.
-RUNTIME_FIELDS = ("root", "actors", "threads", "device", "max_batch", "max_tokens", "publish", "force")
+RUNTIME_FIELDS = ("root", "actors", "threads", "calls_per_actor", "device", "max_batch", "max_tokens", "publish",
+                  "force")
 
 
 class Unchanged(NothingToDo):
@@ -107,6 +106,7 @@ class EmbedConfig:
     max_tokens: int = 16384
     actors: "int | None" = None
     threads: "int | None" = None
+    calls_per_actor: "int | None" = None  # None: jobs.embed_pool.calls_per_actor's default
     device: str = "auto"
     pooling: "str | None" = None
     query_prefix: "str | None" = None
@@ -134,7 +134,7 @@ class EmbedConfig:
         for name in ("rows_per_shard", "kmeans_iters", "max_batch", "max_tokens", "max_sample_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_centroids", "actors", "threads"):
+        for name in ("n_centroids", "actors", "threads", "calls_per_actor"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -23,7 +23,7 @@ from jobs.runtime import ActorPlan, plan_actors, thread_env
 from jobs.timing import Timings
 from storage import layout
 from storage.corpus import CorpusFile
-from storage.fs import Location
+from storage.fs import Location, location
 
 if TYPE_CHECKING:
     from jobs.embed import EmbedConfig, ModelInfo
@@ -40,7 +40,9 @@ def actor_plan(cfg: EmbedConfig) -> ActorPlan:
     per_node = max((int(n["Resources"].get("CPU", 0)) for n in nodes), default=None)
     p = plan_actors(res.get("CPU", 1), res.get("GPU", 0), device=cfg.device, actors=cfg.actors,
                     threads=cfg.threads, cpus_per_node=per_node)
-    logger.info("encoder pool: %d actor(s) on %s, %d thread(s) each", p.actors, p.device, p.threads)
+    p = dataclasses.replace(p, calls=calls_per_actor(cfg))
+    logger.info("encoder pool: %d actor(s) on %s, %d thread(s) and %d shard(s) at a time each", p.actors,
+                p.device, p.threads, p.calls)
     return p
 
 
@@ -53,11 +55,22 @@ def worker_spec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], vdi
                       cfg.max_batch, cfg.max_tokens, augment)
 
 
-#: Calls an encoder actor runs at once, each in its own thread: while one holds the model
-#: (``jobs.embed_worker.EncoderActor``'s compute lock), the other reads its shard or
-#: writes the last one. Ray Data sends an actor at most max(2, this) shards at a time
-#: (its default was 2): more would queue on a busy actor what an idle one could take.
-CALLS_PER_ACTOR = 2
+def calls_per_actor(cfg: EmbedConfig) -> int:
+    """Shards an encoder actor holds at once, each call in its own thread: with two, one
+    reads its shard or writes the last one while the other holds the model
+    (``jobs.embed_worker.EncoderActor``'s compute lock).
+
+    ``cfg.calls_per_actor`` when set; else 2 when the set is written to a remote store,
+    whose round trips are waits worth overlapping, and 1 on a local one. Measured
+    (``benchmarks/bench_embed_io.py``, 2 CPUs): the second call slows the first one's
+    forward wherever the CPU or the interpreter is the bottleneck (+2% with me5-small,
+    +21-31% with a 2-layer model whose forward is bound by Python's dispatch, as on a
+    GPU); overlapping paid only against S3 with the fast model (steady seconds x0.85),
+    while on a local store one call was as fast or faster (x1.01 me5-small, x1.06 fast model).
+    """
+    if cfg.calls_per_actor:
+        return cfg.calls_per_actor
+    return 2 if location(cfg.root).is_remote else 1
 
 
 def map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | None"):
@@ -87,8 +100,10 @@ def map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str 
         return ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
                               fn_constructor_kwargs={"spec": spec, "codec_url": codec_url},
                               compute=ActorPoolStrategy(min_size=1, max_size=p.actors,
-                                                        max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
-                                                        max_tasks_in_flight_per_actor=max(2, CALLS_PER_ACTOR),
+                                                        max_concurrent_calls_per_actor=p.calls,
+                                                        # Ray Data's default is 2; more would queue on a
+                                                        # busy actor what an idle one could take.
+                                                        max_tasks_in_flight_per_actor=max(2, p.calls),
                                                         enable_true_multi_threading=True),
                               num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=0, **extra)
 
@@ -132,7 +147,7 @@ def run_pool(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | 
         timings.add("actor_start", ready)
 
 
-def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str) -> Iterator[dict]:
+def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str, calls: int = 1) -> Iterator[dict]:
     """Pass 2 of shards whose every document the codec-sample pass cached, as plain Ray
     tasks (``jobs.embed_worker.write_cached_shards``); yield each shard's statistics.
 
@@ -153,7 +168,7 @@ def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str) -> Iterator[d
     # once (another job's actors on a shared cluster) would wait forever.
     task = ray.remote(num_cpus=1, max_retries=0)(write_cached_shards)
     pending = [task.remote(spec, codec_url, rows[i::n_tasks], threads, os.environ.get(FAILPOINTS_ENV),
-                           CALLS_PER_ACTOR)
+                           calls)
                for i in range(n_tasks)]
     try:
         while pending:
@@ -172,7 +187,7 @@ def run_shards(rows: list[dict], actor_cls, spec: WorkerSpec, p: ActorPlan, code
     compress on, no query augmentation to encode); the others on the actor pool."""
     quick = [r for r in rows if r["shard"] in cached] if codec_url and p.device == "cpu" and not spec.augment else []
     if quick:
-        yield from run_cached(quick, spec, codec_url)
+        yield from run_cached(quick, spec, codec_url, p.calls)
     rest = [r for r in rows if r["shard"] not in cached] if quick else rows
     if rest:
         yield from run_pool(rest, actor_cls, spec, p, codec_url, timings)

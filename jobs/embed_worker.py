@@ -92,7 +92,7 @@ class EncoderActor:
     already encoded is compressed and written without it, so the second pass over a
     small corpus (PLAID's sample is all of it) never loads the model at all.
 
-    Two calls may run at once (``jobs.embed_pool.CALLS_PER_ACTOR``, each in its own
+    Two calls may run at once (``jobs.embed_pool.calls_per_actor``, each in its own
     thread): the model load, the forward passes and the compression hold ``_compute``,
     one shard at a time, while reading a shard and writing one do not. The next shard's
     read and the last one's writes (s3 round trips, Parquet encoding) overlap the

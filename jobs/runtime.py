@@ -169,10 +169,12 @@ class ActorPlan:
     num_gpus: float
     threads: int
     device: str
+    #: shards an actor holds at once (``jobs.embed_pool.calls_per_actor``)
+    calls: int = 1
 
     def to_dict(self) -> dict:
         return {"actors": self.actors, "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
-                "threads": self.threads, "device": self.device}
+                "threads": self.threads, "device": self.device, "calls": self.calls}
 
 
 def thread_env(p: ActorPlan) -> dict[str, str]:

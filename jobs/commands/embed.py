@@ -56,6 +56,9 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--max-batch-tokens", dest="max_tokens", type=int)
     e.add_argument("--actors", type=int, help="encoder actors (default: one per GPU, or sized to the CPUs)")
     e.add_argument("--threads", type=int, help="torch threads per CPU actor")
+    e.add_argument("--calls-per-actor", type=int,
+                   help="shards an encoder actor holds at once: with 2 one is read or written while the other "
+                        "is encoded (default: 2 for an s3:// root, 1 for a local one)")
     e.add_argument("--device", choices=DEVICES)
     e.add_argument("--pooling", choices=POOLINGS)
     e.add_argument("--query-prefix")

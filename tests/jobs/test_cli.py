@@ -236,8 +236,9 @@ def test_left_out_options_take_the_job_configs_defaults(tmp_path):
         ReindexConfig(set_name="s", corpus=("c",))
 
     given = embed.to_config(_parse("embed", "--nbits", "2", "--no-publish", "--id-column", "key", "--force",
-                                   "--batch-size", "8"), tmp_path)
-    assert (given.nbits, given.publish, given.id_column, given.force, given.max_batch) == (2, False, "key", True, 8)
+                                   "--batch-size", "8", "--calls-per-actor", "2"), tmp_path)
+    assert (given.nbits, given.publish, given.id_column, given.force, given.max_batch, given.calls_per_actor) == \
+        (2, False, "key", True, 8, 2)
     tuned = retune.to_config(_parse("retune", "--set", "s", "--index", "i", "--train", "t", "--force",
                                     "--lr", "1e-7", "--no-in-batch", "--freeze", "a*", "--sweep-freeze", "none,b+c"))
     assert (tuned.lr, tuned.in_batch, tuned.freeze, tuned.sweep_freeze) == (1e-7, False, ("a*",), ((), ("b", "c")))

@@ -117,6 +117,7 @@ def test_embed_s3_end_to_end(ray_local, tiny_model_dir, s3_bucket):
     root = f"{s3_bucket}/store"
     manifest = run(_cfg([f"{s3_bucket}/corpus/"], tiny_model_dir, root, nbits=1))
     assert manifest["counts"]["documents"] == 40
+    assert manifest["workers"]["calls"] == 2  # a remote store: reads and writes overlap the encoding
     assert corpus.startswith("s3://")
     cols, result = catalog.query(root, "select count(*), count(distinct id) from documents")
     assert result == [(40, 40)]
@@ -513,16 +514,34 @@ def test_an_actor_runs_two_shards_at_once_with_one_encoding_at_a_time(tiny_model
         assert (tmp_path / "both" / "_shards" / f"{want['shard']:05d}.json").exists()
 
 
-def test_the_pool_overlaps_a_shards_io_with_another_shards_encoding(ray_local, tiny_model_dir, tmp_path):
-    """One encoder actor holds two shards at a time: their calls overlap in time (the
-    second reads while the first loads the model and encodes), yet every shard is
-    written whole, with its marker."""
+@pytest.mark.parametrize("calls", [2, 1])
+def test_the_pool_overlaps_a_shards_io_with_another_shards_encoding(ray_local, tiny_model_dir, tmp_path, calls):
+    """With calls_per_actor=2 one encoder actor holds two shards at a time: their calls
+    overlap in time (the second reads while the first loads the model and encodes), yet
+    every shard is written whole, with its marker. With 1 (a local store's default) they
+    run one after the other."""
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(64))
-    manifest = run(_cfg(corpus, tiny_model_dir, tmp_path / "root", mode="dense", actors=1))
+    manifest = run(_cfg(corpus, tiny_model_dir, tmp_path / "root", mode="dense", actors=1, calls_per_actor=calls))
+    assert manifest["workers"]["calls"] == calls
     vdir = tmp_path / "root" / "sets" / "t" / manifest["version"]
     stats = [json.loads(p.read_text()) for p in sorted((vdir / "_shards").glob("*.json"))]
     assert len(stats) == 4 and manifest["counts"]["documents"] == 64
     spans = sorted((s["started_at"], s["started_at"] + s["seconds"]) for s in stats)
-    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))   # two calls in flight on the one actor
+    overlapping = any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    assert overlapping == (calls == 2)                          # two calls in flight on the one actor, or not
     assert sum(1 for s in stats if s["load_seconds"] > 0) == 1  # the model loaded once
     assert manifest["timings"]["actor_start"] > 0
+
+
+def test_calls_per_actor_overlap_io_on_a_remote_store_only():
+    """Default: two shards at a time per actor when the set goes to s3:// (waits worth
+    overlapping), one on a local store (the second call slows the first one's forward);
+    the setting wins either way, and must be >= 1."""
+    from jobs.embed_pool import calls_per_actor
+
+    assert calls_per_actor(_cfg("c.jsonl", "m", "/data/store")) == 1
+    assert calls_per_actor(_cfg("c.jsonl", "m", "s3://bucket/store")) == 2
+    assert calls_per_actor(_cfg("c.jsonl", "m", "/data/store", calls_per_actor=3)) == 3
+    assert calls_per_actor(_cfg("c.jsonl", "m", "s3://bucket/store", calls_per_actor=1)) == 1
+    with pytest.raises(ValueError, match="calls_per_actor must be >= 1"):
+        _cfg("c.jsonl", "m", "/data/store", calls_per_actor=0)
