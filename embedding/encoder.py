@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from embedding.batching import length_buckets
+from embedding.batching import CPU_BATCH_COST, length_buckets
 from embedding.languages import Routing, route_languages
 from embedding.model import LoadedModel
 from embedding.vectors import DocumentVectors  # noqa: F401  (re-exported: callers import it from here)
@@ -61,17 +61,24 @@ class Encoder:
     ----------
     max_batch : most sequences per forward pass.
     max_tokens : most padded tokens per forward pass (bounds memory).
+    batch_cost : how texts are cut into batches (:func:`embedding.batching.length_buckets`):
+        ``"auto"`` (default) :data:`embedding.batching.CPU_BATCH_COST` on CPU and greedy
+        batches elsewhere; None greedy; a number of tokens per batch.
     detector : X-MOD models: text -> language code (or None) for queries given without
         a language (:func:`embedding.languages.make_detector`); None sends them to the fallback.
     """
 
     def __init__(self, lm: LoadedModel, *, max_batch: int = 64, max_tokens: int = 16384,
-                 detector: "Callable[[str], str | None] | None" = None) -> None:
+                 detector: "Callable[[str], str | None] | None" = None,
+                 batch_cost: "int | str | None" = "auto") -> None:
         self.lm = lm
         self.detector = detector
         self.s = lm.settings
         self.max_batch = max_batch
         self.max_tokens = max_tokens
+        if batch_cost == "auto":
+            batch_cost = CPU_BATCH_COST if lm.device.type == "cpu" else None
+        self.batch_cost = batch_cost
         tok = lm.tokenizer
         self._pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self._mask = tok.mask_token_id
@@ -249,11 +256,11 @@ class Encoder:
         """Length-bucketed batches, one adapter each: ``(positions, adapter index or None)``."""
         lengths = np.array([len(x) for x in ids])
         if routing is None:
-            for batch in length_buckets(lengths, self.max_batch, self.max_tokens):
+            for batch in length_buckets(lengths, self.max_batch, self.max_tokens, self.batch_cost):
                 yield batch, None
             return
         for lang_id, positions in routing.groups():
-            for part in length_buckets(lengths[positions], self.max_batch, self.max_tokens):
+            for part in length_buckets(lengths[positions], self.max_batch, self.max_tokens, self.batch_cost):
                 yield positions[part], lang_id
 
     # ---- internals --------------------------------------------------------------------
