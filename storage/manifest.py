@@ -222,6 +222,7 @@ class WorkersRecord(TypedDict):
     num_gpus: float  # per actor
     threads: int  # torch threads per actor
     device: str  # "cpu" | "cuda"
+    calls: NotRequired[int]  # shards an actor holds at once; absent in manifests written before it
 
 
 class CodecLineage(TypedDict):
