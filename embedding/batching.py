@@ -10,8 +10,8 @@ import numpy as np
 #: tokens (Python's dispatch of the layers, thread start-up). Measured with me5-small on 2
 #: CPUs, 4,096 Tatoeba sentences in 1,024-text shards (medians of 2 interleaved rounds):
 #: greedy batches 28.2 s, cost 16 22.2 s, cost 32 20.2 s; again: greedy 28.5 s, cost 32
-#: 22.9 s, cost 64 23.3 s. On a GPU, where a small batch is bound
-#: by the dispatch and padding is nearly free, the encoder keeps greedy batches.
+#: 22.9 s, cost 64 23.3 s. On a GPU, where a small batch is bound by the dispatch and
+#: padding is nearly free, the encoder keeps greedy batches.
 CPU_BATCH_COST = 32
 
 

@@ -292,6 +292,18 @@ _SPLIT_EPS = 1.0 / 1024.0
 _TORCH_SCORE_BUDGET = 1 << 27
 
 
+def _torch_nearest_centroids(centroids, vectors, budget: int):
+    """:func:`_nearest_centroids` on torch tensors: ``(n,)`` int64 on their device, scored
+    in blocks of at most ``budget`` rows x centroids."""
+    import torch
+
+    out = torch.empty(len(vectors), dtype=torch.long, device=vectors.device)
+    step = max(1, budget // len(centroids))
+    for start in range(0, len(vectors), step):
+        out[start:start + step] = (vectors[start:start + step] @ centroids.T).argmax(dim=1)
+    return out
+
+
 def _torch_kmeans(train: np.ndarray, n_centroids: int, seed: int, niter: int, device: str) -> np.ndarray:
     """faiss's spherical k-means (``faiss.Kmeans(spherical=True)``), in torch on ``device``.
 
@@ -314,11 +326,8 @@ def _torch_kmeans(train: np.ndarray, n_centroids: int, seed: int, niter: int, de
         c = torch.nn.functional.normalize(x[:k].clone(), dim=1)
         sign = torch.ones(x.shape[1], device=device)
         sign[1::2] = -1.0
-        assign = torch.empty(len(x), dtype=torch.long, device=device)
-        step = max(1, budget // k)
         for _ in range(niter):
-            for start in range(0, len(x), step):
-                assign[start:start + step] = (x[start:start + step] @ c.T).argmax(dim=1)
+            assign = _torch_nearest_centroids(c, x, budget)
             counts = torch.bincount(assign, minlength=k)
             sums = torch.zeros_like(c).index_add_(0, assign, x)
             c = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
@@ -729,10 +738,7 @@ class ResidualCodec:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(vectors)).to(device)
             x = x / x.norm(dim=1, keepdim=True).clamp_min(np.finfo(np.float32).tiny)
-            codes = torch.empty(len(x), dtype=torch.long, device=device)
-            step = max(1, _SCORE_BUDGET // len(centroids))
-            for start in range(0, len(x), step):
-                codes[start:start + step] = (x[start:start + step] @ centroids.T).argmax(dim=1)
+            codes = _torch_nearest_centroids(centroids, x, _SCORE_BUDGET)
             buckets = torch.bucketize(x - centroids[codes], cutoffs).to(torch.uint8)
             return codes.cpu().numpy(), buckets.cpu().numpy()
 

@@ -123,6 +123,18 @@ def _subsample(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return x[np.sort(order[:limit])]
 
 
+def _kmeans_device(p: ActorPlan, faiss) -> "str | None":
+    """Where the fit task runs k-means: "cuda" when it holds a GPU (the pool's plan) and
+    faiss has none of its own (faiss-cpu; faiss-gpu's k-means uses the GPU itself), else
+    None (faiss). On a 16-core GPU node faiss-cpu's k-means on the plan's 4 threads took
+    32 s of a 63 s job (20k docs, 226k tokens, k=4096); torch on the GPU well under 1 s."""
+    if p.device != "cuda" or faiss.get_num_gpus() > 0:
+        return None
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
 def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: EmbedConfig,
                 p: ActorPlan) -> tuple[bytes, dict]:
     """Read the sample cache and fit k-means on a worker (a GPU one when the cluster has GPUs).
@@ -150,19 +162,9 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
         train = _subsample(sample, limit, seed).astype(np.float32)
         del sample
         stats.update(train_tokens=int(len(train)), k=int(k), est_tokens=est_tokens)
-        codec = ResidualCodec.fit(train, nbits, k, seed=seed, niter=niter, kmeans=kmeans, device=kmeans_device())
+        device = _kmeans_device(p, faiss)
+        codec = ResidualCodec.fit(train, nbits, k, seed=seed, niter=niter, kmeans=kmeans, device=device)
         return codec.to_bytes(), stats
-
-    def kmeans_device() -> "str | None":
-        """This task holds a GPU (the pool's plan): k-means in torch on it, unless faiss
-        has GPUs of its own (faiss-gpu); on a 16-core GPU node faiss-cpu's k-means on the
-        plan's 4 threads took 32 s of a 63 s job (20k docs, 226k tokens, k=4096), torch on
-        the GPU a fraction of a second."""
-        if p.device != "cuda" or import_faiss().get_num_gpus() > 0:
-            return None
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else None
 
     task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(fit)
     return ray.get(task.remote())
