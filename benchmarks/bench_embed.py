@@ -48,7 +48,7 @@ logger = logging.getLogger("bench_embed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from embedding.codec import KMEANS_KINDS
+    from embedding.codec import KMEANS_CHOICES
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nbits", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--codec-docs", type=int, default=0, help="documents encoded for the codec figures (0: none)")
     p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--kmeans", choices=KMEANS_KINDS, default="flat", help="the job's codec k-means")
+    p.add_argument("--kmeans", choices=KMEANS_CHOICES, default="auto",
+                   help="the job's codec k-means (auto: the job's default)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where both sides run: the reference forward and the job's encoder actors")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/embed_<source>_<n>docs.json)")
@@ -119,7 +120,7 @@ def time_shards(enc, texts: list[str], mode: str, rows_per_shard: int = 1024) ->
             "stages": {k: round(v - before.get(k, 0.0), 3) for k, v in enc.stage_seconds.items()}}
 
 
-def time_job(corpus: str, model_dir: str, root: str, mode: str, max_batch: int, kmeans: str = "flat",
+def time_job(corpus: str, model_dir: str, root: str, mode: str, max_batch: int, kmeans: str = "auto",
              device: str = "auto") -> dict:
     from jobs.embed import EmbedConfig, run
 

@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-queries", type=int, default=300, help="queries with a relevant document in the corpus")
     p.add_argument("--nbits", type=int, nargs="+", default=[2, 4])
     p.add_argument("--kmeans-iters", type=int, default=4)
+    p.add_argument("--kinds", nargs="+", default=None, help="k-means kinds (default: every KMEANS_KINDS)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kmeans_xquad.json"))
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     import faiss
     import torch
 
-    from embedding.codec import ResidualCodec, default_n_centroids
+    from embedding.codec import KMEANS_KINDS, ResidualCodec, default_n_centroids
     from embedding.encoder import Encoder
     from embedding.model import load_model
 
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     k = min(default_n_centroids(len(allv)), len(allv))
     rows = []
     for nbits in args.nbits:
-        fits: dict[str, list[float]] = {"flat": [], "two-level": []}
+        fits: dict[str, list[float]] = {kind: [] for kind in (args.kinds or KMEANS_KINDS)}
         codecs = {}
         for _ in range(args.repeats):
             for kind in fits:  # interleaved
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
              f"{result['raw_ndcg10']:.4f}",
              "nbits  kmeans     fit s  avg|res|  cosine  top10 vs raw MaxSim  nDCG@10"]
     for r in rows:
-        lines.append(f"{r['nbits']:>5}  {r['kmeans']:<9} {r['fit_seconds']:6.2f}  {r['avg_residual']:.4f}  "
+        lines.append(f"{r['nbits']:>5}  {r['kmeans']:<10}{r['fit_seconds']:6.2f}  {r['avg_residual']:.4f}  "
                      f"{r['mean_cosine']:.4f}  {r['overlap_vs_raw_maxsim']:19.3f}  {r['ndcg10']:.4f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from embedding.codec import KMEANS_KINDS, SUPPORTED_NBITS
+from embedding.codec import KMEANS_CHOICES, SUPPORTED_NBITS
 from embedding.model import MODES, EncoderSettings, check_model_dir, fingerprint, read_settings
 from jobs import embed_augment, preflight
 from jobs import plan as planner
@@ -99,7 +99,7 @@ class EmbedConfig:
     rows_per_shard: int = 1024
     n_centroids: "int | None" = None
     kmeans_iters: int = 4
-    kmeans: str = "flat"  # embedding.codec.KMEANS_KINDS; "two-level" fits faster, see the README
+    kmeans: str = "auto"  # embedding.codec.KMEANS_CHOICES: auto = flat-bf16 on a bf16 CPU, else flat
     max_sample_tokens: int = 1 << 19
     seed: int = 0
     max_batch: int = 64
@@ -138,7 +138,7 @@ class EmbedConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        for name, allowed in (("device", ("auto", "cpu", "cuda")), ("kmeans", KMEANS_KINDS)):
+        for name, allowed in (("device", ("auto", "cpu", "cuda")), ("kmeans", KMEANS_CHOICES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         ColumnMap(self.id_column, self.text_column, self.lang_column, self.title_column)
@@ -167,7 +167,7 @@ class EmbedConfig:
         d["corpus"] = list(self.corpus)
         # the new settings are left out when unset: sets embedded before them keep their keys
         return {k: v for k, v in d.items() if (v is not None or k not in ("adapter_fallback", "augment"))
-                and (k, v) != ("kmeans", "flat")}
+                and (k, v) != ("kmeans", "auto")}
 
 
 @dataclass(frozen=True)

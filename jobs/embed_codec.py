@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embedding.codec import ResidualCodec, content_order, default_n_centroids
+from embedding.codec import ResidualCodec, content_order, default_n_centroids, resolve_kmeans
 from embedding.faiss_import import import_faiss
 from jobs import plan as planner
 from jobs.embed_pool import add_worker_stages, run_pool, worker_spec
@@ -92,7 +92,7 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     info = {"file": "codec.npz", "sha256": hashlib.sha256(codec_bytes).hexdigest(), "bytes": len(codec_bytes),
             "sample_documents": n_docs, "sample_tokens": fit["sample_tokens"], "train_tokens": fit["train_tokens"],
             "sample_shards": len(rows), "sample_shards_reused": n_reused,
-            "estimated_corpus_tokens": fit["est_tokens"], "kmeans_iters": cfg.kmeans_iters, "kmeans": cfg.kmeans,
+            "estimated_corpus_tokens": fit["est_tokens"], "kmeans_iters": cfg.kmeans_iters, "kmeans": fit["kmeans"],
             **codec.params()}
     info_loc.write_text(dumps(info))
     return info
@@ -140,7 +140,8 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
     """Read the sample cache and fit k-means on a worker (a GPU one when the cluster has GPUs).
 
     Returns the codec's bytes and ``sample_tokens``, ``train_tokens``, ``k``,
-    ``est_tokens`` (``sample_tokens == 0``: nothing fitted, empty bytes).
+    ``est_tokens``, ``kmeans`` (the kind the task ran: ``auto`` resolved where it ran;
+    ``sample_tokens == 0``: nothing fitted, empty bytes).
     """
     import ray
 
@@ -154,7 +155,7 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
         chunks = [read_cache_tokens(Location(url), dim) for url in caches]
         sample = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float16)
         del chunks
-        stats = {"sample_tokens": int(len(sample)), "train_tokens": 0, "k": 0, "est_tokens": 0}
+        stats = {"sample_tokens": int(len(sample)), "train_tokens": 0, "k": 0, "est_tokens": 0, "kmeans": kmeans}
         if not len(sample):
             return b"", stats
         est_tokens = int(len(sample) / max(n_docs, 1) * total)
@@ -163,7 +164,13 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
         del sample
         stats.update(train_tokens=int(len(train)), k=int(k), est_tokens=est_tokens)
         device = _kmeans_device(p, faiss)
-        codec = ResidualCodec.fit(train, nbits, k, seed=seed, niter=niter, kmeans=kmeans, device=device)
+        kind = resolve_kmeans(kmeans, device)  # "auto" as this task's CPU or GPU resolves it
+        stats["kmeans"] = kind
+        if kind == "flat-bf16" and device is None:  # torch on this task's CPUs
+            import torch
+
+            torch.set_num_threads(threads)
+        codec = ResidualCodec.fit(train, nbits, k, seed=seed, niter=niter, kmeans=kind, device=device)
         return codec.to_bytes(), stats
 
     task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(fit)

@@ -22,8 +22,8 @@ from jobs.commands.common import (
 from jobs.errors import EXIT_NOTHING, EXIT_OK, RUN_WORDS
 from jobs.runtime import DEVICES
 
-#: embedding.codec.KMEANS_KINDS (not imported for --help: faiss loads with that module)
-KMEANS = ("flat", "two-level")
+#: embedding.codec.KMEANS_CHOICES (not imported for --help: faiss loads with that module)
+KMEANS = ("auto", "flat", "two-level", "flat-bf16")
 
 SAMPLE_CORPUS = Path(__file__).parent.parent / "data" / "sample_corpus.jsonl"
 COLUMN_ROLES = ("id", "text", "lang", "title")
@@ -48,8 +48,10 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--n-centroids", type=int, help="codec centroids (default 2^floor(log2(16*sqrt(tokens))))")
     e.add_argument("--kmeans-iters", type=int)
     e.add_argument("--kmeans", choices=KMEANS,
-                   help="codec k-means: flat (PLAID's, the default) or two-level (~sqrt(k) coarse cells, "
-                        "then each cell; fits several times faster, residuals slightly larger)")
+                   help="codec k-means: flat (PLAID's, float32), flat-bf16 (flat with bfloat16 assignment "
+                        "products: 1.6-1.8x faster on CPUs with AVX-512 BF16 or AMX), two-level (~sqrt(k) coarse "
+                        "cells, then each cell; several times faster, residuals slightly larger) or auto (the "
+                        "default: flat-bf16 where the fitting CPU has native bfloat16, else flat)")
     e.add_argument("--max-sample-tokens", type=int, help="cap on codec training vectors")
     e.add_argument("--seed", type=int)
     e.add_argument("--batch-size", dest="max_batch", type=int, help="most texts per forward pass")

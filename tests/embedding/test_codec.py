@@ -13,11 +13,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from embedding.codec import (
+    KMEANS_KINDS,
     ResidualCodec,
     code_dtype,
     content_keys,
     default_n_centroids,
+    native_bf16,
     pack_bits,
+    resolve_kmeans,
     unpack_bits,
 )
 
@@ -542,6 +545,44 @@ def test_torch_kmeans_refills_empty_clusters_like_faiss():
     fit_a = np.mean(np.max(x @ a.centroids.T, axis=1))
     fit_b = np.mean(np.max(x @ b.centroids.T, axis=1))
     assert fit_b > fit_a - 0.01  # as good a clustering as faiss's (the split draws differ)
+
+
+# ---- k-means with bfloat16 assignments (kind flat-bf16) ---------------------------------
+def test_bf16_kmeans_is_deterministic_and_close_to_flat_quality(big_sample):
+    """Overlapping clusters: near-tied rows may join the other centroid, so the centroids
+    differ from the flat fit's, but not the quality of the clustering; the same input gives
+    the same codec, and compression stays float32 (the exact nearest of its centroids)."""
+    flat = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4)
+    bf = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans="flat-bf16")
+    assert bf == ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans="flat-bf16")
+    assert not np.array_equal(bf.centroids, flat.centroids)        # really the bfloat16 path
+    np.testing.assert_allclose(np.linalg.norm(bf.centroids, axis=1), 1.0, atol=1e-5)
+    held = _clustered(1000, DIM, 40, noise=0.6, seed=13)
+    assert _mean_residual(bf, held) < 1.02 * _mean_residual(flat, held)
+    codes = bf.assign(held).astype(np.int64)
+    unit = held / np.linalg.norm(held, axis=1, keepdims=True)
+    assert np.array_equal(codes, np.argmax(unit @ bf.centroids.T, axis=1))
+
+
+def test_auto_kmeans_is_bf16_only_on_a_cpu_that_multiplies_bf16_natively(monkeypatch):
+    from embedding import codec as codec_mod
+
+    assert resolve_kmeans("auto") == ("flat-bf16" if native_bf16() else "flat")
+    assert resolve_kmeans("auto", device="cuda") == "flat"          # a GPU fit: fp32 takes < 1 s there
+    monkeypatch.setattr(codec_mod, "native_bf16", lambda: False)     # emulated bf16 is slower than fp32
+    assert resolve_kmeans("auto") == "flat"
+    monkeypatch.setattr(codec_mod, "native_bf16", lambda: True)
+    assert resolve_kmeans("auto") == "flat-bf16"
+    for kind in KMEANS_KINDS:
+        assert resolve_kmeans(kind) == kind
+    with pytest.raises(ValueError, match="kmeans must be one of auto, flat, two-level, flat-bf16, got 'fast'"):
+        resolve_kmeans("fast")
+
+
+def test_auto_kmeans_fit_is_the_fit_of_the_kind_it_resolves_to(big_sample):
+    kind = resolve_kmeans("auto")
+    assert ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=2, kmeans="auto") == \
+        ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=2, kmeans=kind)
 
 
 @pytest.mark.parametrize("nbits", [1, 2, 4])

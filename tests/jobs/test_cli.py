@@ -245,16 +245,19 @@ def test_left_out_options_take_the_job_configs_defaults(tmp_path):
 
 
 def test_kmeans_choices_are_the_codecs_and_reach_the_config(tmp_path):
-    from embedding.codec import KMEANS_KINDS
+    from embedding.codec import KMEANS_CHOICES
     from jobs.commands import embed
     from jobs.embed import EmbedConfig
 
-    assert embed.KMEANS == KMEANS_KINDS
+    assert embed.KMEANS == KMEANS_CHOICES
+    assert embed.to_config(_parse("embed"), tmp_path).kmeans == "auto"
+    assert embed.to_config(_parse("embed", "--kmeans", "flat"), tmp_path).to_dict()["kmeans"] == "flat"
     assert embed.to_config(_parse("embed", "--kmeans", "two-level"), tmp_path).kmeans == "two-level"
+    assert embed.to_config(_parse("embed", "--kmeans", "flat-bf16"), tmp_path).kmeans == "flat-bf16"
     assert EmbedConfig(corpus=("c",), model="m", set_name="s").to_dict().get("kmeans") is None  # keys of old sets
     with pytest.raises(SystemExit):
         _parse("embed", "--kmeans", "fast")
-    with pytest.raises(ValueError, match="kmeans must be one of flat, two-level, got 'fast'"):
+    with pytest.raises(ValueError, match="kmeans must be one of auto, flat, two-level, flat-bf16, got 'fast'"):
         EmbedConfig(corpus=("c",), model="m", set_name="s", kmeans="fast")
 
 

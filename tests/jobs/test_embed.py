@@ -351,12 +351,16 @@ def test_a_failed_cached_shard_task_names_the_shard_and_the_rerun_resumes(ray_lo
     assert catalog.query(str(root), "select count(*), count(distinct id) from documents")[1] == [(48, 48)]
 
 
-def test_two_level_kmeans_codec_through_the_job(ray_local, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("kmeans", ["two-level", "flat-bf16", "auto"])
+def test_other_kmeans_codec_through_the_job(ray_local, tiny_model_dir, tmp_path, kmeans):
+    """The manifest's codec says which k-means ran (auto: as the fit task's CPU resolved it)."""
+    from embedding.codec import resolve_kmeans
+
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(160))
     manifest = run(_cfg(corpus, tiny_model_dir, tmp_path / "s", mode="colbert", n_centroids=256,
-                        kmeans="two-level", rows_per_shard=64))
-    assert manifest["codec"]["kmeans"] == "two-level" and manifest["codec"]["n_centroids"] == 256
-    assert manifest["config"]["kmeans"] == "two-level"
+                        kmeans=kmeans, rows_per_shard=64))
+    assert manifest["codec"]["kmeans"] == resolve_kmeans(kmeans) and manifest["codec"]["n_centroids"] == 256
+    assert manifest["config"].get("kmeans") == (None if kmeans == "auto" else kmeans)
     codec = ResidualCodec.from_bytes((tmp_path / "s" / "sets" / "t" / "v000001" / "codec.npz").read_bytes())
     assert codec.n_centroids == 256 and manifest["counts"]["documents"] == 160
 
