@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nbits", type=int, nargs="+", default=[2, 4])
     p.add_argument("--kmeans-iters", type=int, default=4)
     p.add_argument("--kinds", nargs="+", default=None, help="k-means kinds (default: every KMEANS_KINDS)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="fit seeds (content-key salts: another k-means start and held-out split); "
+                        "two or more show how much a kind's quality moves with the start alone")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kmeans_xquad.json"))
@@ -110,18 +113,20 @@ def main(argv=None) -> int:
     k = min(default_n_centroids(len(allv)), len(allv))
     rows = []
     for nbits in args.nbits:
-        fits: dict[str, list[float]] = {kind: [] for kind in (args.kinds or KMEANS_KINDS)}
+        runs = [(kind, seed) for seed in args.seeds for kind in (args.kinds or KMEANS_KINDS)]
+        fits: dict[tuple, list[float]] = {run: [] for run in runs}
         codecs = {}
         for _ in range(args.repeats):
-            for kind in fits:  # interleaved
+            for kind, seed in runs:  # interleaved
                 t = time.perf_counter()
-                codecs[kind] = ResidualCodec.fit(allv, nbits, k, seed=0, niter=args.kmeans_iters, kmeans=kind)
-                fits[kind].append(time.perf_counter() - t)
-        for kind, codec in codecs.items():
+                codecs[kind, seed] = ResidualCodec.fit(allv, nbits, k, seed=seed, niter=args.kmeans_iters,
+                                                       kmeans=kind)
+                fits[kind, seed].append(time.perf_counter() - t)
+        for (kind, seed), codec in codecs.items():
             dec = codec.decompress(*codec.compress(allv))
             top = top10(maxsim(qvecs, dec, offsets))
-            rows.append({"nbits": nbits, "kmeans": kind, "centroids": codec.n_centroids,
-                         "fit_seconds": statistics.median(fits[kind]), "fit_seconds_all": fits[kind],
+            rows.append({"nbits": nbits, "kmeans": kind, "seed": seed, "centroids": codec.n_centroids,
+                         "fit_seconds": statistics.median(fits[kind, seed]), "fit_seconds_all": fits[kind, seed],
                          "avg_residual": codec.avg_residual,
                          "mean_cosine": float(np.mean(np.sum(dec * unit, axis=1))),
                          "overlap_vs_raw_maxsim": float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, ref)])),
@@ -133,10 +138,11 @@ def main(argv=None) -> int:
     lines = [f"codec k-means: {len(docs)} documents, {len(allv)} tokens, {k} centroids, {args.kmeans_iters} "
              f"iterations, {len(queries)} queries, {args.threads} threads; raw-vector MaxSim nDCG@10 "
              f"{result['raw_ndcg10']:.4f}",
-             "nbits  kmeans     fit s  avg|res|  cosine  top10 vs raw MaxSim  nDCG@10"]
+             "nbits  kmeans    seed  fit s  avg|res|  cosine  top10 vs raw MaxSim  nDCG@10"]
     for r in rows:
-        lines.append(f"{r['nbits']:>5}  {r['kmeans']:<10}{r['fit_seconds']:6.2f}  {r['avg_residual']:.4f}  "
-                     f"{r['mean_cosine']:.4f}  {r['overlap_vs_raw_maxsim']:19.3f}  {r['ndcg10']:.4f}")
+        lines.append(f"{r['nbits']:>5}  {r['kmeans']:<10}{r['seed']:>4} {r['fit_seconds']:6.2f}  "
+                     f"{r['avg_residual']:.4f}  {r['mean_cosine']:.4f}  {r['overlap_vs_raw_maxsim']:19.3f}  "
+                     f"{r['ndcg10']:.4f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

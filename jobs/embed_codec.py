@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -78,6 +79,9 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     caches = [sample_cache(vdir, r["shard"]).url for r in rows]
     with timings("kmeans") if timings is not None else contextlib.nullcontext():
         codec_bytes, fit = _fit_remote(caches, model.colbert_dim, n_docs, total, cfg, p)
+    if timings is not None:  # inside "kmeans": the task's imports, its read of the cache and the fit itself
+        for stage, seconds in fit["seconds"].items():
+            timings.add(stage, seconds)
     if not fit["sample_tokens"]:
         if n_docs == total:
             raise CorpusError(f"every text in the corpus is empty ({total} rows in {len(files)} file(s), "
@@ -148,14 +152,19 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
     threads, nbits, n_centroids = p.threads, cfg.nbits, cfg.n_centroids
     limit, seed, niter, kmeans = cfg.max_sample_tokens, cfg.seed, cfg.kmeans_iters, cfg.kmeans
 
-    def fit() -> tuple[bytes, dict]:
+    def fit(submitted: float) -> tuple[bytes, dict]:
+        waited = time.time() - submitted  # scheduling, a worker process, CPUs freed by the sample pool
+        t0 = time.perf_counter()
         faiss = import_faiss()
 
         faiss.omp_set_num_threads(threads)  # Ray gave this task OMP_NUM_THREADS=1 (see thread_env)
+        t1 = time.perf_counter()
         chunks = [read_cache_tokens(Location(url), dim) for url in caches]
         sample = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float16)
         del chunks
-        stats = {"sample_tokens": int(len(sample)), "train_tokens": 0, "k": 0, "est_tokens": 0, "kmeans": kmeans}
+        seconds = {"fit_wait": waited, "fit_import": t1 - t0, "fit_read": time.perf_counter() - t1}
+        stats = {"sample_tokens": int(len(sample)), "train_tokens": 0, "k": 0, "est_tokens": 0, "kmeans": kmeans,
+                 "seconds": seconds}
         if not len(sample):
             return b"", stats
         est_tokens = int(len(sample) / max(n_docs, 1) * total)
@@ -163,15 +172,24 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
         train = _subsample(sample, limit, seed).astype(np.float32)
         del sample
         stats.update(train_tokens=int(len(train)), k=int(k), est_tokens=est_tokens)
+        t = time.perf_counter()
         device = _kmeans_device(p, faiss)
-        kind = resolve_kmeans(kmeans, device)  # "auto" as this task's CPU or GPU resolves it
+        kind = resolve_kmeans(kmeans, device)  # "auto" as this task's CPU or GPU resolves it (imports torch)
         stats["kmeans"] = kind
         if kind == "flat-bf16" and device is None:  # torch on this task's CPUs
             import torch
 
             torch.set_num_threads(threads)
+        seconds["fit_import"] += time.perf_counter() - t
+        t = time.perf_counter()
         codec = ResidualCodec.fit(train, nbits, k, seed=seed, niter=niter, kmeans=kind, device=device)
+        seconds["fit_kmeans"] = time.perf_counter() - t
+        seconds["fit_task"] = time.perf_counter() - t0
+        stats["ended"] = time.time()
         return codec.to_bytes(), stats
 
     task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(fit)
-    return ray.get(task.remote())
+    codec_bytes, stats = ray.get(task.remote(time.time()))
+    if "ended" in stats:
+        stats["seconds"]["fit_return"] = time.time() - stats.pop("ended")
+    return codec_bytes, stats
