@@ -361,6 +361,9 @@ def test_other_kmeans_codec_through_the_job(ray_local, tiny_model_dir, tmp_path,
                         kmeans=kmeans, rows_per_shard=64))
     assert manifest["codec"]["kmeans"] == resolve_kmeans(kmeans) and manifest["codec"]["n_centroids"] == 256
     assert manifest["config"].get("kmeans") == (None if kmeans == "auto" else kmeans)
+    t = manifest["timings"]  # the fit task's own stages, inside the driver's kmeans stage
+    assert {"fit_wait", "fit_import", "fit_read", "fit_kmeans", "fit_task", "fit_return"} <= set(t)
+    assert 0 < t["fit_kmeans"] <= t["fit_task"] <= t["kmeans"]
     codec = ResidualCodec.from_bytes((tmp_path / "s" / "sets" / "t" / "v000001" / "codec.npz").read_bytes())
     assert codec.n_centroids == 256 and manifest["counts"]["documents"] == 160
 
