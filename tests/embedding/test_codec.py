@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from embedding.codec import (
     ResidualCodec,
     code_dtype,
     content_keys,
+    cpu_flags,
     default_n_centroids,
     native_bf16,
     pack_bits,
@@ -577,6 +579,21 @@ def test_auto_kmeans_is_bf16_only_on_a_cpu_that_multiplies_bf16_natively(monkeyp
         assert resolve_kmeans(kind) == kind
     with pytest.raises(ValueError, match="kmeans must be one of auto, flat, two-level, flat-bf16, got 'fast'"):
         resolve_kmeans("fast")
+
+
+def test_native_bf16_asks_the_cpu_flags_first(monkeypatch):
+    """A CPU whose flags lack bfloat16 products is answered from them, without torch."""
+    from embedding import codec as codec_mod
+
+    monkeypatch.setattr(codec_mod, "cpu_flags", lambda: frozenset({"sse2", "avx2", "avx512f"}))
+    monkeypatch.setitem(sys.modules, "torch", None)          # importing torch would raise ImportError
+    assert native_bf16() is False
+    monkeypatch.setattr(codec_mod, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert native_bf16() is False                           # the flags say yes, but without torch: no
+    monkeypatch.undo()
+    flags = cpu_flags()
+    if flags is not None:                                    # Linux: the flags and torch agree here
+        assert native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def test_auto_kmeans_fit_is_the_fit_of_the_kind_it_resolves_to(big_sample):
