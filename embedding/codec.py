@@ -248,7 +248,7 @@ def _train_centroids(
     device: "str | None" = None,
 ) -> np.ndarray:
     """The codec's centroids: :func:`_flat_centroids` or :func:`_two_level_centroids`."""
-    kmeans = resolve_kmeans(kmeans, device)
+    kmeans = resolve_kmeans(kmeans, device, kmeans_flops(len(train), n_centroids, train.shape[1], niter))
     if kmeans == "two-level" and n_centroids >= TWO_LEVEL_MIN_CENTROIDS:
         return _two_level_centroids(train, n_centroids, seed, niter, device)
     if kmeans == "flat-bf16":
@@ -402,16 +402,31 @@ def native_bf16() -> bool:
                                                                       "_is_amx_tile_supported"))
 
 
-def resolve_kmeans(kind: str, device: "str | None" = None) -> str:
+#: multiply-adds x 2 of a k-means below which ``auto`` stays ``flat`` on CPU: bfloat16 saves
+#: ~2.8 s per 1e12 (float32 ~190, bfloat16 ~400 GFLOP/s on 2 AVX-512 BF16 cores), and the
+#: fit task's process pays ~1.3 s to import torch first (faiss's flat k-means needs none)
+AUTO_BF16_MIN_FLOPS = 5e11
+
+
+def kmeans_flops(n_train: int, n_centroids: int, dim: int, niter: int) -> float:
+    """Floating-point operations of flat k-means' assignment products."""
+    return 2.0 * n_train * n_centroids * dim * niter
+
+
+def resolve_kmeans(kind: str, device: "str | None" = None, flops: "float | None" = None) -> str:
     """The k-means kind ``auto`` stands for where the fit runs: ``flat-bf16`` on a CPU that
-    multiplies bfloat16 natively (:func:`native_bf16`), else ``flat`` (on a GPU, or faiss's
-    own GPUs, flat k-means takes well under a second at PLAID's sample sizes). Any other
-    kind is returned as it is."""
+    multiplies bfloat16 natively (:func:`native_bf16`) when the products (``flops``,
+    :func:`kmeans_flops`; None: any size) reach :data:`AUTO_BF16_MIN_FLOPS`, else ``flat``
+    (on a GPU, or faiss's own GPUs, flat k-means takes well under a second at PLAID's
+    sample sizes). Any other kind is returned as it is. The answer depends on the sizes and
+    the machine, never on what the process imported before, so equal fits stay equal."""
     if kind != "auto":
         if kind not in KMEANS_KINDS:
             raise ValueError(f"kmeans must be one of {', '.join(KMEANS_CHOICES)}, got {kind!r}")
         return kind
     if device is not None or faiss.get_num_gpus() > 0:
+        return "flat"
+    if flops is not None and flops < AUTO_BF16_MIN_FLOPS:
         return "flat"
     return "flat-bf16" if native_bf16() else "flat"
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embedding.codec import ResidualCodec, content_order, default_n_centroids, resolve_kmeans
+from embedding.codec import ResidualCodec, content_order, default_n_centroids, kmeans_flops, resolve_kmeans
 from embedding.faiss_import import import_faiss
 from jobs import plan as planner
 from jobs.embed_pool import add_worker_stages, run_pool, worker_spec
@@ -174,7 +174,8 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
         stats.update(train_tokens=int(len(train)), k=int(k), est_tokens=est_tokens)
         t = time.perf_counter()
         device = _kmeans_device(p, faiss)
-        kind = resolve_kmeans(kmeans, device)  # "auto" as this task's CPU or GPU resolves it (imports torch)
+        # "auto" as this task's CPU or GPU and the sample's size resolve it (may import torch)
+        kind = resolve_kmeans(kmeans, device, kmeans_flops(len(train), k, dim, niter))
         stats["kmeans"] = kind
         if kind == "flat-bf16" and device is None:  # torch on this task's CPUs
             import torch

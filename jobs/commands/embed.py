@@ -51,7 +51,8 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
                    help="codec k-means: flat (PLAID's, float32), flat-bf16 (flat with bfloat16 assignment "
                         "products: 1.6-1.8x faster on CPUs with AVX-512 BF16 or AMX), two-level (~sqrt(k) coarse "
                         "cells, then each cell; several times faster, residuals slightly larger) or auto (the "
-                        "default: flat-bf16 where the fitting CPU has native bfloat16, else flat)")
+                        "default: flat-bf16 where the fitting CPU has native bfloat16 and the fit reaches "
+                        "0.5 TFLOP, else flat)")
     e.add_argument("--max-sample-tokens", type=int, help="cap on codec training vectors")
     e.add_argument("--seed", type=int)
     e.add_argument("--batch-size", dest="max_batch", type=int, help="most texts per forward pass")

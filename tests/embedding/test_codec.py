@@ -14,12 +14,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from embedding.codec import (
+    AUTO_BF16_MIN_FLOPS,
     KMEANS_KINDS,
     ResidualCodec,
     code_dtype,
     content_keys,
     cpu_flags,
     default_n_centroids,
+    kmeans_flops,
     native_bf16,
     pack_bits,
     resolve_kmeans,
@@ -575,6 +577,12 @@ def test_auto_kmeans_is_bf16_only_on_a_cpu_that_multiplies_bf16_natively(monkeyp
     assert resolve_kmeans("auto") == "flat"
     monkeypatch.setattr(codec_mod, "native_bf16", lambda: True)
     assert resolve_kmeans("auto") == "flat-bf16"
+    # a small fit: torch's import in the fit task would cost more than bfloat16 saves
+    small = kmeans_flops(30_000, 2048, 384, 4)
+    assert small < AUTO_BF16_MIN_FLOPS <= kmeans_flops(137_000, 4096, 384, 4)
+    assert resolve_kmeans("auto", flops=small) == "flat"
+    assert resolve_kmeans("auto", flops=kmeans_flops(137_000, 4096, 384, 4)) == "flat-bf16"
+    assert resolve_kmeans("flat-bf16", flops=small) == "flat-bf16"   # an explicit kind is kept
     for kind in KMEANS_KINDS:
         assert resolve_kmeans(kind) == kind
     with pytest.raises(ValueError, match="kmeans must be one of auto, flat, two-level, flat-bf16, got 'fast'"):
@@ -596,10 +604,14 @@ def test_native_bf16_asks_the_cpu_flags_first(monkeypatch):
         assert native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def test_auto_kmeans_fit_is_the_fit_of_the_kind_it_resolves_to(big_sample):
-    kind = resolve_kmeans("auto")
+def test_auto_kmeans_fit_is_the_fit_of_the_kind_it_resolves_to(big_sample, monkeypatch):
+    from embedding import codec as codec_mod
+
+    auto = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=2, kmeans="auto")
+    assert auto == ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=2, kmeans="flat")   # small: flat
+    monkeypatch.setattr(codec_mod, "AUTO_BF16_MIN_FLOPS", 0)
     assert ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=2, kmeans="auto") == \
-        ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=2, kmeans=kind)
+        ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=2, kmeans=resolve_kmeans("auto"))
 
 
 @pytest.mark.parametrize("nbits", [1, 2, 4])
