@@ -247,7 +247,8 @@ def _train_centroids(
     train: np.ndarray, n_centroids: int, seed: int, niter: int, kmeans: str = "flat",
     device: "str | None" = None,
 ) -> np.ndarray:
-    """The codec's centroids: :func:`_flat_centroids` or :func:`_two_level_centroids`."""
+    """The codec's centroids: :func:`_flat_centroids`, :func:`_two_level_centroids` or, for
+    ``flat-bf16``, :func:`_torch_kmeans` in bfloat16 (``auto`` resolved by :func:`resolve_kmeans`)."""
     kmeans = resolve_kmeans(kmeans, device, kmeans_flops(len(train), n_centroids, train.shape[1], niter))
     if kmeans == "two-level" and n_centroids >= TWO_LEVEL_MIN_CENTROIDS:
         return _two_level_centroids(train, n_centroids, seed, niter, device)
@@ -361,9 +362,10 @@ def _torch_kmeans(train: np.ndarray, n_centroids: int, seed: int, niter: int, de
 #: against every centroid, each iteration); ``two-level`` clusters into ~sqrt(k) coarse
 #: cells first and then each cell into its share of the k centroids (faiss's
 #: ``two_level_clustering`` scheme, spherical and content-ordered here); ``flat-bf16`` is
-#: ``flat`` with the assignment products in bfloat16 through torch (~1.9x faster on a CPU
-#: with AVX-512 BF16, slower on one without; a row nearly equidistant from two centroids
-#: may join either; compression is float32 whatever the kind).
+#: ``flat`` with the assignment products in bfloat16 through torch (1.6-1.7x faster than
+#: faiss's float32 fit on 2 AVX-512 BF16 cores, slower on a CPU without them; a row
+#: nearly equidistant from two centroids may join either; compression is float32 whatever
+#: the kind).
 KMEANS_KINDS = ("flat", "two-level", "flat-bf16")
 #: what a job's ``kmeans`` setting may say: a kind, or ``auto`` (:func:`resolve_kmeans`)
 KMEANS_CHOICES = ("auto",) + KMEANS_KINDS

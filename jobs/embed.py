@@ -99,7 +99,7 @@ class EmbedConfig:
     rows_per_shard: int = 1024
     n_centroids: "int | None" = None
     kmeans_iters: int = 4
-    kmeans: str = "auto"  # embedding.codec.KMEANS_CHOICES: auto = flat-bf16 on a bf16 CPU, else flat
+    kmeans: str = "auto"  # embedding.codec.KMEANS_CHOICES; auto: embedding.codec.resolve_kmeans
     max_sample_tokens: int = 1 << 19
     seed: int = 0
     max_batch: int = 64

@@ -49,7 +49,7 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--kmeans-iters", type=int)
     e.add_argument("--kmeans", choices=KMEANS,
                    help="codec k-means: flat (PLAID's, float32), flat-bf16 (flat with bfloat16 assignment "
-                        "products: 1.6-1.8x faster on CPUs with AVX-512 BF16 or AMX), two-level (~sqrt(k) coarse "
+                        "products: 1.6-1.7x faster on CPUs with AVX-512 BF16 or AMX), two-level (~sqrt(k) coarse "
                         "cells, then each cell; several times faster, residuals slightly larger) or auto (the "
                         "default: flat-bf16 where the fitting CPU has native bfloat16 and the fit reaches "
                         "0.5 TFLOP, else flat)")
