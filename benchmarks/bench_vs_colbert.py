@@ -418,6 +418,10 @@ def interleaved_latency(cindex, scorer, config, Q: np.ndarray, rounds: int):
 CURVE_GRID = [f"ndocs={n},exact_tokens={t}" for n in (256, 128, 96, 64) for t in (8192, 4096, 2048)]
 
 
+#: SearchParams fields that take a float (``exact_margin=inf`` too); the others take integers
+FLOAT_PARAMS = ("centroid_score_threshold", "exact_margin")
+
+
 def parse_point(text: str) -> dict:
     """``"ndocs=128,exact_tokens=4096"`` -> ``{"ndocs": 128, "exact_tokens": 4096}`` (SearchParams fields)."""
     from indexing.plaid import SearchParams
@@ -428,7 +432,7 @@ def parse_point(text: str) -> dict:
         name, _, value = part.partition("=")
         if name not in fields:
             raise ValueError(f"--curve: unknown search parameter {name!r} in {text!r}; known: {sorted(fields)}")
-        out[name] = float(value) if name == "centroid_score_threshold" else int(value)
+        out[name] = float(value) if name in FLOAT_PARAMS else int(value)
     SearchParams(**out)  # checks the values
     return out
 

@@ -60,6 +60,8 @@ def test_maxsim_topk_matches_maxsim_and_ignores_padding_rows():
 def test_parse_point_names_search_params_and_checks_values():
     assert parse_point("ndocs=128,exact_tokens=4096") == {"ndocs": 128, "exact_tokens": 4096}
     assert parse_point("centroid_score_threshold=0.4") == {"centroid_score_threshold": 0.4}
+    assert parse_point("exact_margin=0.005,ndocs=64") == {"exact_margin": 0.005, "ndocs": 64}
+    assert parse_point("exact_margin=inf") == {"exact_margin": float("inf")}
     with pytest.raises(ValueError, match="unknown search parameter 'nprobe'"):
         parse_point("nprobe=3")
     with pytest.raises(ValueError, match="ndocs"):
