@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nbits", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--codec-docs", type=int, default=0, help="documents encoded for the codec figures (0: none)")
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--rows-per-shard", type=int, default=1024,
+                   help="the job's rows per shard (EmbedConfig.rows_per_shard; also the in-process shard-by-shard run)")
     p.add_argument("--kmeans", choices=KMEANS_CHOICES, default="auto",
                    help="the job's codec k-means (auto: the job's default)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -121,11 +123,11 @@ def time_shards(enc, texts: list[str], mode: str, rows_per_shard: int = 1024) ->
 
 
 def time_job(corpus: str, model_dir: str, root: str, mode: str, max_batch: int, kmeans: str = "auto",
-             device: str = "auto") -> dict:
+             device: str = "auto", rows_per_shard: int = 1024) -> dict:
     from jobs.embed import EmbedConfig, run
 
     cfg = EmbedConfig(corpus=(corpus,), model=model_dir, set_name="bench", root=root, mode=mode,
-                      max_batch=max_batch, kmeans=kmeans, device=device)
+                      max_batch=max_batch, kmeans=kmeans, device=device, rows_per_shard=rows_per_shard)
     start = time.perf_counter()
     manifest = run(cfg)
     seconds = time.perf_counter() - start
@@ -237,9 +239,9 @@ def main(argv=None) -> int:
         for r in range(args.repeats):
             for mode in args.modes:
                 fwd = time_forward(enc, texts)
-                fwd["shards"] = time_shards(enc, texts, mode)
+                fwd["shards"] = time_shards(enc, texts, mode, args.rows_per_shard)
                 job = time_job(corpus, args.model, os.path.join(tmp, f"store-{mode}-{r}"), mode, args.max_batch,
-                               args.kmeans, args.device)
+                               args.kmeans, args.device, args.rows_per_shard)
                 if job["documents"] != fwd["documents"]:
                     raise RuntimeError(f"job embedded {job['documents']} documents, forward {fwd['documents']}")
                 rounds[mode].append((fwd, job))
@@ -251,6 +253,7 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "gpu": gpu_name(args.device), "torch_threads": threads},
         "source": source, "documents": len(docs), "repeats": args.repeats, "kmeans": args.kmeans,
+        "rows_per_shard": args.rows_per_shard,
         "fixed": {"ray_start_seconds": ray_start, "reference_model_load_seconds": ref_load},
         "summary": summary,
         "rounds": {m: [{"forward": f, "job": j} for f, j in rounds[m]] for m in args.modes},
