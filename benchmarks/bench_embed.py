@@ -61,8 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nbits", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--codec-docs", type=int, default=0, help="documents encoded for the codec figures (0: none)")
     p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--rows-per-shard", type=int, default=1024,
-                   help="the job's rows per shard (EmbedConfig.rows_per_shard; also the in-process shard-by-shard run)")
+    p.add_argument("--rows-per-shard", type=int, default=None,
+                   help="the job's rows per shard (EmbedConfig.rows_per_shard; also the in-process shard-by-shard "
+                        "run; default: the job's, sized to the texts by jobs.plan.auto_rows_per_shard)")
+    p.add_argument("--shard-sizes", type=int, nargs="+", default=[],
+                   help="more rows-per-shard values for the in-process shard-by-shard run, each timed in every "
+                        "round beside the job's (order rotated per round): what the shard size alone costs")
     p.add_argument("--kmeans", choices=KMEANS_CHOICES, default="auto",
                    help="the job's codec k-means (auto: the job's default)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -123,7 +127,7 @@ def time_shards(enc, texts: list[str], mode: str, rows_per_shard: int = 1024) ->
 
 
 def time_job(corpus: str, model_dir: str, root: str, mode: str, max_batch: int, kmeans: str = "auto",
-             device: str = "auto", rows_per_shard: int = 1024) -> dict:
+             device: str = "auto", rows_per_shard: "int | None" = None) -> dict:
     from jobs.embed import EmbedConfig, run
 
     cfg = EmbedConfig(corpus=(corpus,), model=model_dir, set_name="bench", root=root, mode=mode,
@@ -208,6 +212,8 @@ def summarise(mode: str, pairs: list[tuple[dict, dict]], ray_start: float, ref_l
             "forward_seconds": statistics.median(f["seconds"] for f, _ in pairs),
             "inprocess_shards_seconds": statistics.median(f["shards"]["seconds"] for f, _ in pairs),
             "inprocess_shards_stages": _median_stages([f["shards"]["stages"] for f, _ in pairs]),
+            "inprocess_seconds_by_shard_rows": {n: statistics.median(f["shards_by_size"][n] for f, _ in pairs)
+                                                for n in pairs[0][0].get("shards_by_size", {})},
             "job_seconds": statistics.median(j["seconds"] for _, j in pairs),
             "stages": _median_stages([j["timings"] for _, j in pairs])}
 
@@ -230,6 +236,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp:
         corpus = os.path.join(tmp, "corpus.jsonl")
         write_jsonl(Path(corpus), docs)
+        if args.rows_per_shard is None:  # what the job resolves it to, for the in-process shard run too
+            from jobs.plan import auto_rows_per_shard
+            from storage.corpus import ColumnMap, text_bytes_per_row
+
+            args.rows_per_shard = auto_rows_per_shard(text_bytes_per_row([corpus], ColumnMap()))
+            logger.info("rows per shard: %d (the job's default for these texts)", args.rows_per_shard)
         start = time.perf_counter()
         init_ray()
         ray_start = time.perf_counter() - start
@@ -240,6 +252,11 @@ def main(argv=None) -> int:
             for mode in args.modes:
                 fwd = time_forward(enc, texts)
                 fwd["shards"] = time_shards(enc, texts, mode, args.rows_per_shard)
+                sizes = [n for n in args.shard_sizes if n != args.rows_per_shard]
+                sizes = sizes[r % len(sizes):] + sizes[:r % len(sizes)] if sizes else []
+                fwd["shards_by_size"] = {str(args.rows_per_shard): fwd["shards"]["seconds"]}
+                for n in sizes:
+                    fwd["shards_by_size"][str(n)] = time_shards(enc, texts, mode, n)["seconds"]
                 job = time_job(corpus, args.model, os.path.join(tmp, f"store-{mode}-{r}"), mode, args.max_batch,
                                args.kmeans, args.device, args.rows_per_shard)
                 if job["documents"] != fwd["documents"]:
@@ -287,6 +304,10 @@ def render(result: dict) -> str:
         lines.append(f"  {s['mode']} in this process, shard by shard without Ray: "
                      f"{s['inprocess_shards_seconds']:.1f}s (" + ", ".join(
                          f"{k} {v:.1f}" for k, v in s["inprocess_shards_stages"].items()) + ")")
+        if len(s.get("inprocess_seconds_by_shard_rows", {})) > 1:
+            lines.append(f"  {s['mode']} in this process by rows per shard (s, median; bare forward "
+                         f"{s['forward_seconds']:.1f}): " + ", ".join(
+                             f"{k} rows {v:.1f}" for k, v in s["inprocess_seconds_by_shard_rows"].items()))
     if result["codec"]:
         lines.append(f"{'nbits':>5}{'B/token fp16':>14}{'B/token codec':>15}{'B/token parquet':>17}"
                      f"{'x vs fp16':>11}{'cosine':>9}")

@@ -2,10 +2,10 @@
 
 Flow (each step is skipped when a resumed run already finished it):
 
-0. the input record: every corpus file's size and content (sha256; the ETag on s3), the
-   model's fingerprint and the settings, hashed into one key before Ray starts; when the
-   set's current version has the same key, the run stops with :class:`Unchanged` (the
-   CLI's exit 4) and writes nothing, unless ``force``;
+0. rows per shard (unless given, sized to the texts' lengths) and the input record: every corpus
+   file's size and content (sha256; the ETag on s3), the model's fingerprint and the settings,
+   hashed into one key before Ray starts; when the set's current version has the same key, the
+   run stops with :class:`Unchanged` (the CLI's exit 4) and writes nothing, unless ``force``;
 1. scan the corpus files in parallel Ray tasks: columns, ids, piece offsets;
    duplicate or null ids stop the job before anything is written;
 2. claim a version of the set (a resumed run gets its unfinished version back);
@@ -78,10 +78,9 @@ class EmbedConfig:
     model : a local Hugging Face folder.
     set_name : the embedding set to write a new version of.
     root : the store root (None: $TESSERA_ROOT or ./tessera-data).
-    mode : "dense", "colbert" or "both".
-    nbits : residual bits per dimension for ColBERT tokens (1, 2 or 4; default 4).
-    force : write a new version even when the set's current one has the same input
-        (see :func:`input_record`); otherwise such a run raises :class:`Unchanged`.
+    mode : "dense", "colbert" or "both". nbits : ColBERT residual bits a dimension (1, 2 or 4; default 4).
+    rows_per_shard : None: sized to the texts (``jobs.preflight.rows_per_shard``), 1,024 to 4,096.
+    force : a new version even when the current one has the same input (:func:`input_record`), not :class:`Unchanged`.
     adapter_fallback : X-MOD models: the adapter of documents whose language has none.
     augment : xQG passage augmentation (``jobs.embed_augment``); None: none.
     """
@@ -96,7 +95,7 @@ class EmbedConfig:
     text_column: str = "text"
     lang_column: str = "lang"
     title_column: str = "title"
-    rows_per_shard: int = 1024
+    rows_per_shard: "int | None" = None
     n_centroids: "int | None" = None
     kmeans_iters: int = 4
     kmeans: str = "auto"  # embedding.codec.KMEANS_CHOICES; auto: embedding.codec.resolve_kmeans
@@ -131,10 +130,10 @@ class EmbedConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.nbits not in SUPPORTED_NBITS:
             raise ValueError(f"nbits must be 1, 2 or 4, got {self.nbits!r}")
-        for name in ("rows_per_shard", "kmeans_iters", "max_batch", "max_tokens", "max_sample_tokens"):
+        for name in ("kmeans_iters", "max_batch", "max_tokens", "max_sample_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_centroids", "actors", "threads", "calls_per_actor"):
+        for name in ("rows_per_shard", "n_centroids", "actors", "threads", "calls_per_actor"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -210,6 +209,7 @@ def run(cfg: EmbedConfig) -> dict:
         urls = preflight.embed(cfg.corpus, cfg.model, cfg.columns)  # in a second, before Ray and the model
         preflight.languages(urls, cfg.columns, cfg.model, cfg.adapter_fallback)
         aug = embed_augment.describe(cfg.augment, cfg.seed) if cfg.augment else None
+        cfg = dataclasses.replace(cfg, rows_per_shard=preflight.rows_per_shard(urls, cfg.columns, cfg.rows_per_shard))
     with timings("model"):
         model = describe_model(cfg)
     with timings("input"):

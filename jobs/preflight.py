@@ -14,6 +14,7 @@ Only light imports here (pyarrow, fsspec): no torch, no Ray.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from storage import layout
@@ -21,6 +22,7 @@ from storage.corpus import ColumnMap, check_first_file, expand
 from storage.fs import Location, location, retry
 from storage.manifest import Artifact, NotFoundError
 
+logger = logging.getLogger(__name__)
 
 def corpus(urls: "list[str] | tuple[str, ...]", cols: ColumnMap) -> list[str]:
     """The corpus files behind ``urls`` (files, globs, directories), the first one's
@@ -104,6 +106,23 @@ def embed(corpus_urls, model: "str | Path", cols: ColumnMap) -> list[str]:
     urls = corpus(corpus_urls, cols)
     model_folder(model)
     return urls
+
+
+def rows_per_shard(urls: list[str], cols: ColumnMap, given: "int | None" = None) -> int:
+    """``tessera embed``'s rows per shard: ``given``, else (None) sized to the corpus's texts
+    (:func:`jobs.plan.auto_rows_per_shard` of the mean text bytes of the first rows of the
+    first files, :func:`storage.corpus.text_bytes_per_row`), logged. The job resolves it
+    before the run is keyed, so its manifest and a later re-index record the number used."""
+    if given is not None:
+        return given
+    from jobs.plan import auto_rows_per_shard
+    from storage.corpus import text_bytes_per_row
+
+    per_row = text_bytes_per_row(urls, cols)
+    rows = auto_rows_per_shard(per_row)
+    logger.info("rows per shard: %d (texts of ~%s UTF-8 bytes; --rows-per-shard sets it)", rows,
+                "?" if per_row is None else f"{per_row:.0f}")
+    return rows
 
 
 def languages(urls: list[str], cols: ColumnMap, model: "str | Path", fallback: "str | None") -> None:

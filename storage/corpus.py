@@ -227,6 +227,56 @@ def check_first_file(url: str, cols: ColumnMap) -> None:
     raise CorpusError(f"{url}: empty file (no JSON lines)")
 
 
+def text_bytes_per_row(urls: "list[str]", cols: ColumnMap, max_files: int = 4,
+                       max_rows: int = 1024) -> "float | None":
+    """Mean UTF-8 bytes of text (and title, when the file has one) per row, estimated from
+    the first ``max_rows`` rows of the first ``max_files`` files: a JSONL file's first lines,
+    a Parquet file's column-chunk sizes from its footer (the whole file, no data read).
+
+    A cheap, deterministic estimate of how many tokens a row holds, for sizing shards
+    (``jobs.plan.auto_rows_per_shard``): the same files give the same answer. None when the
+    files hold no rows. Malformed rows are skipped here; :func:`scan_file` reports them.
+    """
+    total, rows = 0, 0
+    for url in urls[:max_files]:
+        loc = location(url)
+        try:
+            if file_format(url) == "parquet":
+                with loc.open("rb") as f:
+                    meta = pq.ParquetFile(f).metadata
+                wanted = {cols.text, cols.title}
+                for g in range(meta.num_row_groups):
+                    group = meta.row_group(g)
+                    rows += group.num_rows
+                    for c in range(group.num_columns):
+                        chunk = group.column(c)
+                        if chunk.path_in_schema in wanted:
+                            # a BYTE_ARRAY value carries a 4-byte length in the page data
+                            total += max(0, chunk.total_uncompressed_size - 4 * group.num_rows)
+                continue
+            with loc.open("rb") as f:
+                seen = 0
+                for raw in f:
+                    if seen >= max_rows:
+                        break
+                    if not raw.strip():
+                        continue
+                    seen += 1
+                    try:
+                        obj = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if isinstance(obj, dict):
+                        for key in (cols.text, cols.title):
+                            value = obj.get(key)
+                            if isinstance(value, str):
+                                total += len(value.encode("utf-8", "replace"))
+                rows += seen
+        except (OSError, pa.ArrowInvalid):
+            continue  # the scan names the file and the error
+    return total / rows if rows else None
+
+
 def _line_id(url: str, lineno: int, obj: dict, cols: ColumnMap) -> str:
     if cols.id not in obj:
         raise CorpusError(f"{url}: line {lineno}: missing id column {cols.id!r} (keys: {sorted(obj)[:10]}; "

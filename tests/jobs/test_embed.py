@@ -174,6 +174,28 @@ def test_rerun_on_an_unchanged_corpus_writes_nothing(ray_local, tiny_model_dir, 
     assert catalog.query(str(root), "select count(*) from documents_all")[1] == [(80,)]
 
 
+def test_rows_per_shard_defaults_to_the_texts_lengths_and_is_recorded(ray_local, tiny_model_dir, tmp_path):
+    """Unset, rows per shard is sized from the corpus's first rows (jobs.plan.auto_rows_per_shard)
+    before the run is keyed: the manifest records the number the shards were cut with, and
+    the same command again resolves the same number (Unchanged)."""
+    from jobs.plan import auto_rows_per_shard
+
+    rows = sample_docs(30)
+    rows[0]["text"] = "long " * 400                   # one long text among short ones
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), rows)
+    root = tmp_path / "s"
+    mean = sum(len(r["text"].encode()) for r in rows) / len(rows)
+    expected = auto_rows_per_shard(mean)
+    assert expected == 4096
+    first = run(_cfg(corpus, tiny_model_dir, root, mode="dense", rows_per_shard=None))
+    assert first["config"]["rows_per_shard"] == expected and first["counts"]["shards"] == 1
+    with pytest.raises(Unchanged):
+        run(_cfg(corpus, tiny_model_dir, root, mode="dense", rows_per_shard=None))
+    # given explicitly, the number is taken as it is
+    other = run(_cfg(corpus, tiny_model_dir, root, mode="dense", rows_per_shard=7))
+    assert other["config"]["rows_per_shard"] == 7 and other["counts"]["shards"] == 5
+
+
 def test_duplicate_ids_are_refused_before_writing(ray_local, tiny_model_dir, tmp_path):
     rows = sample_docs(12)
     rows[9]["id"] = rows[2]["id"]

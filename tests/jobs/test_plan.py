@@ -79,3 +79,19 @@ def test_cpu_pool_leaves_a_cpu_and_gives_blas_the_actor_threads(cpus, threads):
     assert p.actors == 1 and p.threads == threads and p.device == "cpu"
     assert p.num_cpus * p.actors <= max(cpus - 1, 0.5)
     assert thread_env(p)["OMP_NUM_THREADS"] == str(threads) == thread_env(p)["OPENBLAS_NUM_THREADS"]
+
+
+def test_auto_rows_per_shard_gives_short_texts_larger_shards_within_bounds():
+    from jobs.plan import AUTO_ROWS_PER_SHARD, SHARD_TEXT_BYTES, auto_rows_per_shard
+
+    lo, hi = AUTO_ROWS_PER_SHARD
+    assert auto_rows_per_shard(34.4) == hi == 4096       # Tatoeba sentences
+    assert auto_rows_per_shard(1143.2) == lo == 1024     # XQuAD paragraphs: the old fixed default
+    assert auto_rows_per_shard(400) == 2048
+    assert auto_rows_per_shard(100_000) == lo and auto_rows_per_shard(0.01) == hi
+    assert auto_rows_per_shard(None) == lo and auto_rows_per_shard(0) == lo
+    for per_row in (1, 33, 257, 511, 512, 513, 700, 5000):
+        rows = auto_rows_per_shard(per_row)
+        assert rows & (rows - 1) == 0 and lo <= rows <= hi   # a power of two: multiples of the old stride
+        assert rows == lo or rows * per_row <= SHARD_TEXT_BYTES
+        assert rows == hi or 2 * rows * per_row > SHARD_TEXT_BYTES   # the largest that fits

@@ -124,3 +124,23 @@ def test_read_error_after_the_scan_names_the_real_line(tmp_path):
 def test_corpus_error_pickles_with_its_message():
     err = pickle.loads(pickle.dumps(CorpusError("/x.jsonl: line 3: null or empty id")))
     assert type(err) is CorpusError and str(err) == "/x.jsonl: line 3: null or empty id"
+
+
+def test_text_bytes_per_row_reads_the_first_rows_of_jsonl_and_parquet_footers(tmp_path):
+    from storage.corpus import text_bytes_per_row
+
+    a = _lines(tmp_path / "a.jsonl", '{"id": "1", "text": "ab"}', "", '{"id": "2", "text": "héé", "title": "t"}',
+               'not json', '{"id": "3", "text": 5}')
+    assert text_bytes_per_row([a], COLS) == (2 + 5 + 1) / 4          # blank lines skipped, bad rows count 0
+    assert text_bytes_per_row([a], COLS, max_rows=1) == 2.0
+    assert text_bytes_per_row([a], ColumnMap(text="body"), max_rows=2) == 0.5   # only the title
+    texts = ["x" * 100, "y" * 300] * 50
+    b = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"id": [str(i) for i in range(100)], "text": texts}), b, row_group_size=30,
+                   use_dictionary=False)
+    est = text_bytes_per_row([str(b)], COLS)
+    assert 190 <= est <= 230                                          # 200 bytes a row, from the footer
+    assert text_bytes_per_row([a, str(b)], COLS) == pytest.approx((8 + est * 100) / 104)
+    empty = _lines(tmp_path / "e.jsonl", "")
+    assert text_bytes_per_row([empty], COLS) is None
+    assert text_bytes_per_row([str(tmp_path / "missing.jsonl")], COLS) is None
