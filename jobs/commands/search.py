@@ -37,7 +37,8 @@ def add_arguments(se: argparse.ArgumentParser) -> None:
                     help="a query-encoder folder or registered version (must match the set)")
     se.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="search parameter: nprobe, ef_search, rescore (dense); ncells, centroid_score_threshold, "
-                         "ndocs, exact_tokens, exact_margin (plaid; exact_margin=inf: no early termination)")
+                         "ndocs, exact_tokens, exact_margin, merge_tokens (plaid; exact_margin=inf: no early "
+                         "termination; merge_tokens=inf: no query tokens merged)")
     se.add_argument("--threads", type=int, default=None,
                     help="CPU threads shared by query encoding and retrieval (default: the CPUs available)")
     root_arg(se)

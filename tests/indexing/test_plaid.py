@@ -19,6 +19,7 @@ from indexing.plaid import (
     ARRAY_KEYS,
     DERIVED_KEYS,
     EXACT_MARGIN,
+    MERGE_TOKENS,
     CentroidIndex,
     SearchParams,
     best_cells,
@@ -145,7 +146,7 @@ def test_plaid_defaults(k, expected):
 def test_resolved_keeps_explicit_values():
     params = SearchParams(ncells=3, dim=16).resolved(5)
     assert params == SearchParams(ncells=3, centroid_score_threshold=0.5, ndocs=256, dim=16, exact_tokens=8192,
-                                  exact_margin=EXACT_MARGIN)
+                                  exact_margin=EXACT_MARGIN, merge_tokens=MERGE_TOKENS)
 
 
 # -- exactness ---------------------------------------------------------------
@@ -428,6 +429,8 @@ def test_validation_errors(index, codec, encoded, corpus):
         ({"exact_margin": -0.1}, "exact_margin"),
         ({"exact_margin": float("nan")}, "exact_margin"),
         ({"exact_margin": True}, "exact_margin"),
+        ({"merge_tokens": float("nan")}, "merge_tokens"),
+        ({"merge_tokens": "0.99"}, "merge_tokens"),
     ],
 )
 def test_search_params_validation(kwargs, match):
@@ -696,3 +699,49 @@ def _check_early_termination(index, corpus, handler):
     assert overlap >= 0.98, overlap
     # A margin too wide to stop anywhere scores everything: the same results as inf.
     _assert_same_results(search_counting(SearchParams(**wide, exact_margin=1e9))[0], full)
+
+
+# -- merged query tokens ---------------------------------------------------------
+
+
+def test_merge_tokens_drops_padding_and_weights_near_copies():
+    from indexing.plaid import merge_query_tokens
+
+    a, b = _unit(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    near_a = _unit(np.array([1.0, 0.01, 0.0]))                     # cosine 0.99995 with a
+    q = np.stack([a, np.zeros(3, np.float32), b, near_a, a, np.zeros(3, np.float32)])
+    np.testing.assert_array_equal(merge_query_tokens(q, math.inf), np.stack([a, b, near_a, a]))  # padding only
+    np.testing.assert_allclose(merge_query_tokens(q, 0.9999), np.stack([2 * a + near_a, b]))  # the group's sum
+    np.testing.assert_array_equal(merge_query_tokens(q, 1.0), np.stack([2 * a, b, near_a]))  # exact copies only
+    np.testing.assert_array_equal(merge_query_tokens(np.stack([near_a, b]), 1.5), np.stack([near_a, b]))  # none
+    assert merge_query_tokens(np.zeros((4, 3), np.float32), 0.9).shape == (1, 3)   # all padding: one zero row
+    # a group is the rows close to its first row, not a chain: c is near b, not near a
+    c = _unit(np.array([1.0, 0.3, 0.0]))
+    b2 = _unit(np.array([1.0, 0.15, 0.0]))
+    merged = merge_query_tokens(np.stack([a, b2, c]), 0.985)             # a.b2 0.989, b2.c 0.989, a.c 0.958
+    np.testing.assert_allclose(merged, np.stack([a + b2, c]))
+
+
+def test_merged_duplicate_tokens_give_the_unmerged_results(index, corpus):
+    """A query token repeated is one row, its double: the same MaxSim, the same ranking."""
+    queries = corpus["queries"].copy()
+    n = int(np.count_nonzero(np.any(queries[0] != 0, axis=1)))
+    doubled = np.zeros((len(queries), 2 * LQ, DIM), np.float32)
+    doubled[:, :LQ] = queries
+    doubled[:, LQ:] = queries                                   # every token twice
+    plain = index.search(doubled, 10, dataclasses.replace(NO_PRUNING, merge_tokens=math.inf))
+    merged = index.search(doubled, 10, dataclasses.replace(NO_PRUNING, merge_tokens=0.9999))
+    np.testing.assert_array_equal(plain[1], merged[1])
+    np.testing.assert_allclose(plain[0], merged[0], rtol=1e-5)
+    np.testing.assert_allclose(plain[0][:, 0], 2 * index.search(queries, 10, NO_PRUNING)[0][:, 0], rtol=1e-5)
+    assert n >= 8
+
+
+def test_merged_tokens_approximate_maxsim_at_the_defaults(index, corpus):
+    """Merging near copies (cosine >= 0.95 here, far looser than the default) keeps the
+    ranking close to exact MaxSim's over all the tokens."""
+    queries = corpus["queries"]
+    exact = index.exact_maxsim(queries, 10)[1]
+    merged = index.search(queries, 10, SearchParams(merge_tokens=0.95))[1]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, merged)])
+    assert overlap >= 0.9
