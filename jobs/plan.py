@@ -60,8 +60,9 @@ def auto_rows_per_shard(text_bytes_per_row: "float | None") -> int:
     of two in :data:`AUTO_ROWS_PER_SHARD` whose rows hold at most :data:`SHARD_TEXT_BYTES`.
 
     Short texts get larger shards: a shard is sorted by length and cut into batches, and a
-    larger pool pads less (12,000 Tatoeba sentences, ~34 bytes: 4,096-row shards ran at
-    0.95 of the bare forward pass, 1,024-row ones at 0.93); paragraphs (~1.1 KB in XQuAD)
+    larger pool pads less (12,000 Tatoeba sentences, ~34 bytes, encoded shard by shard in
+    one process: 50.8 s in 4,096-row shards, 51.7 s in 1,024-row ones, the bare forward
+    50.5 s; ``benchmarks/bench_embed.py --shard-sizes``); paragraphs (~1.1 KB in XQuAD)
     keep 1,024. None (nothing to measure) gives the lower bound.
     """
     lo, hi = AUTO_ROWS_PER_SHARD

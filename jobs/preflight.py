@@ -24,6 +24,7 @@ from storage.manifest import Artifact, NotFoundError
 
 logger = logging.getLogger(__name__)
 
+
 def corpus(urls: "list[str] | tuple[str, ...]", cols: ColumnMap) -> list[str]:
     """The corpus files behind ``urls`` (files, globs, directories), the first one's
     columns checked. Returns their URLs, sorted."""
