@@ -237,11 +237,10 @@ def main(argv=None) -> int:
         corpus = os.path.join(tmp, "corpus.jsonl")
         write_jsonl(Path(corpus), docs)
         if args.rows_per_shard is None:  # what the job resolves it to, for the in-process shard run too
-            from jobs.plan import auto_rows_per_shard
-            from storage.corpus import ColumnMap, text_bytes_per_row
+            from jobs.preflight import rows_per_shard
+            from storage.corpus import ColumnMap
 
-            args.rows_per_shard = auto_rows_per_shard(text_bytes_per_row([corpus], ColumnMap()))
-            logger.info("rows per shard: %d (the job's default for these texts)", args.rows_per_shard)
+            args.rows_per_shard = rows_per_shard([corpus], ColumnMap())
         start = time.perf_counter()
         init_ray()
         ray_start = time.perf_counter() - start

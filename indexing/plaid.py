@@ -338,14 +338,12 @@ def _query_columns(scores_t: np.ndarray, start: int, end: int) -> np.ndarray:
 def merge_query_tokens(q: np.ndarray, threshold: float) -> np.ndarray:
     """One query's ``(Lq, dim)`` rows without padding (zero rows), each group of rows whose
     cosine with the group's first row reaches ``threshold`` summed into one row, in the
-    order of the first rows (see ``SearchParams.merge_tokens``). At least one row (a zero
-    row when the query is all padding)."""
+    order of the first rows (see ``SearchParams.merge_tokens``); no row when the query is
+    all padding."""
     live = np.any(q != 0, axis=1)
-    if not live.any():
-        return q[:1]
     if not live.all():
         q = q[live]
-    if not threshold <= 1.0 or len(q) == 1:
+    if not threshold <= 1.0 or len(q) <= 1:
         return q
     close = (q @ q.T) >= threshold
     np.fill_diagonal(close, True)  # a row's own cosine may round below 1
@@ -1084,15 +1082,14 @@ class CentroidIndex:
         n_searchable: int,
         n_exact: int,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` (scores, positions) of one ``(Lq, dim)`` query.
+        """Top ``k`` (scores, positions) of one ``(Lq, dim)`` query, its rows as
+        :func:`merge_query_tokens` leaves them (no padding; none at all for a query
+        that is all padding).
 
         ``scores_t`` is ``(n_centroids, Lq)`` ``centroids @ q.T``, the layout the
         exact stage gathers rows from; ``n_searchable`` counts the allowed documents
         with tokens; ``n_exact`` documents reach the exact stage.
         """
-        live = np.any(q != 0, axis=1)
-        if not live.all():
-            q, scores_t = q[live], np.ascontiguousarray(scores_t[:, live])
         # The (Lq, n_centroids) layout of the centroid stages, which reduce over
         # centroids: transposing this way round is ~3x cheaper than the other.
         centroid_scores = np.ascontiguousarray(scores_t.T)

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from storage import layout
-from storage.corpus import ColumnMap, check_first_file, expand
+from storage.corpus import ColumnMap, check_first_file, expand, text_bytes_per_row
 from storage.fs import Location, location, retry
 from storage.manifest import Artifact, NotFoundError
 
@@ -116,8 +116,7 @@ def rows_per_shard(urls: list[str], cols: ColumnMap, given: "int | None" = None)
     before the run is keyed, so its manifest and a later re-index record the number used."""
     if given is not None:
         return given
-    from jobs.plan import auto_rows_per_shard
-    from storage.corpus import text_bytes_per_row
+    from jobs.plan import auto_rows_per_shard  # numpy: only when there is a number to choose
 
     per_row = text_bytes_per_row(urls, cols)
     rows = auto_rows_per_shard(per_row)

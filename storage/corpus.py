@@ -263,14 +263,13 @@ def text_bytes_per_row(urls: "list[str]", cols: ColumnMap, max_files: int = 4,
                         continue
                     seen += 1
                     try:
-                        obj = json.loads(raw)
-                    except ValueError:
+                        obj = parse_line(raw)
+                    except LineError:
                         continue
-                    if isinstance(obj, dict):
-                        for key in (cols.text, cols.title):
-                            value = obj.get(key)
-                            if isinstance(value, str):
-                                total += len(value.encode("utf-8", "replace"))
+                    for key in (cols.text, cols.title):
+                        value = obj.get(key)
+                        if isinstance(value, str):
+                            total += len(value.encode("utf-8", "replace"))
                 rows += seen
         except (OSError, pa.ArrowInvalid):
             continue  # the scan names the file and the error

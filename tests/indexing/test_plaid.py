@@ -714,7 +714,7 @@ def test_merge_tokens_drops_padding_and_weights_near_copies():
     np.testing.assert_allclose(merge_query_tokens(q, 0.9999), np.stack([2 * a + near_a, b]))  # the group's sum
     np.testing.assert_array_equal(merge_query_tokens(q, 1.0), np.stack([2 * a, b, near_a]))  # exact copies only
     np.testing.assert_array_equal(merge_query_tokens(np.stack([near_a, b]), 1.5), np.stack([near_a, b]))  # none
-    assert merge_query_tokens(np.zeros((4, 3), np.float32), 0.9).shape == (1, 3)   # all padding: one zero row
+    assert merge_query_tokens(np.zeros((4, 3), np.float32), 0.9).shape == (0, 3)   # all padding: no row
     # a group is the rows close to its first row, not a chain: c is near b, not near a
     c = _unit(np.array([1.0, 0.3, 0.0]))
     b2 = _unit(np.array([1.0, 0.15, 0.0]))
