@@ -745,3 +745,44 @@ def test_merged_tokens_approximate_maxsim_at_the_defaults(index, corpus):
     merged = index.search(queries, 10, SearchParams(merge_tokens=0.95))[1]
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, merged)])
     assert overlap >= 0.9
+
+
+# -- query rows padded for BLAS --------------------------------------------------
+
+
+def test_padded_rows_rounds_the_remainder_up_to_a_power_of_two():
+    from indexing.plaid import padded_rows
+
+    assert [padded_rows(n, 16) for n in range(0, 18)] == [0, 1, 2, 4, 4, 8, 8, 8, 8] + [16] * 8 + [17]
+    assert [padded_rows(n, 16) for n in (18, 19, 21, 24, 25, 31, 32, 35)] == [18, 20, 24, 24, 32, 32, 32, 36]
+    assert [padded_rows(n, 8) for n in (3, 5, 8, 9, 11, 13)] == [4, 8, 8, 9, 12, 16]
+
+
+@pytest.mark.parametrize("threads", [None, 2])
+def test_zero_rows_padded_for_blas_change_no_result(index, corpus, monkeypatch, caplog, threads):
+    """The engine pads every query's rows with zero rows up to a width BLAS multiplies
+    fastest: the same candidates and stages, the same documents in the same order with
+    the same scores as unpadded, whatever the number of live rows (a batch and single
+    queries)."""
+    import indexing.plaid as plaid
+
+    queries = np.repeat(corpus["queries"][:4], 8, axis=0)
+    for i in range(len(queries)):
+        queries[i, 1 + 3 * i % LQ :] = 0                            # 1 to 31 live rows
+    caplog.set_level(logging.DEBUG, logger="indexing.plaid")
+
+    def search(params):
+        caplog.clear()
+        out = index.search(queries, 10, params, threads=threads)
+        return out, sorted(r.getMessage() for r in caplog.records)  # candidates, stages, scored
+
+    wide = dataclasses.replace(NO_PRUNING, merge_tokens=math.inf, ndocs=32)
+    for params in (SearchParams(ncells=1, ndocs=16, exact_tokens=1), wide):
+        (padded, padded_log), singles = search(params), [index.search(q[None], 10, params) for q in queries]
+        monkeypatch.setattr(plaid, "padded_rows", lambda n, block=16: n)
+        plain, plain_log = search(params)
+        monkeypatch.undo()
+        assert padded_log == plain_log
+        np.testing.assert_array_equal(padded[1], plain[1])
+        np.testing.assert_allclose(padded[0], plain[0], rtol=1e-6)
+        np.testing.assert_array_equal(np.concatenate([s[1] for s in singles]), plain[1])
