@@ -27,8 +27,10 @@ tokens carries it), with ``np.take`` gathers and ``np.maximum.reduceat`` segment
 maxima; stage 4 never rebuilds a vector: a token scores
 ``(q . c + q . r) * inv_norm``, with ``q . c`` taken from the centroid scores,
 ``q . r`` one BLAS product with the decoded residuals, and the stored inverse
-norm. Index arrays may be memory-mapped (:mod:`indexing.index_files`); a search
-touches only the inverted lists and the tokens of its final candidates.
+norm. A query's rows (near copies merged, :func:`merge_query_tokens`) are padded with
+zero rows to a width BLAS multiplies fastest (:func:`padded_rows`). Index arrays may be
+memory-mapped (:mod:`indexing.index_files`); a search touches only the inverted lists and
+the tokens of its final candidates.
 
 A Matryoshka prefix ``dim`` truncates queries, centroids and decompressed
 vectors to their first ``dim`` dimensions and re-normalises them.
