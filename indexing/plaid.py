@@ -89,8 +89,8 @@ EXACT_MARGIN = 0.01
 #: the time, Tatoeba 0.974 and 0.957 (against 0.959 unmerged) at 0.70-0.74; 0.95 lost 0.02.
 MERGE_TOKENS = 0.99
 #: Query rows of a product are padded (zero rows) to a multiple of this many (see
-#: :func:`padded_rows`): 16 where the CPU has AVX-512 (OpenBLAS's SkylakeX kernels, and
-#: MKL's, compute 16 output columns at a time), else 8.
+#: :func:`padded_rows`): 16 where the CPU has AVX-512 (measured with numpy's OpenBLAS, whose
+#: SkylakeX kernels run there), else 8 (not measured: the AVX2 kernels' narrower block).
 ROW_BLOCK = 16 if "avx512f" in (cpu_flags() or ()) else 8
 
 

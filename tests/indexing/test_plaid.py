@@ -768,7 +768,7 @@ def test_zero_rows_padded_for_blas_change_no_result(index, corpus, monkeypatch, 
 
     queries = np.repeat(corpus["queries"][:4], 8, axis=0)
     for i in range(len(queries)):
-        queries[i, 1 + 3 * i % LQ :] = 0                            # 1 to 31 live rows
+        queries[i, 1 + 3 * i % LQ :] = 0              # 1 to 32 live rows (at most the query's own)
     caplog.set_level(logging.DEBUG, logger="indexing.plaid")
 
     def search(params):
