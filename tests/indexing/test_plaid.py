@@ -786,3 +786,23 @@ def test_zero_rows_padded_for_blas_change_no_result(index, corpus, monkeypatch, 
         np.testing.assert_array_equal(padded[1], plain[1])
         np.testing.assert_allclose(padded[0], plain[0], rtol=1e-6)
         np.testing.assert_array_equal(np.concatenate([s[1] for s in singles]), plain[1])
+
+
+def test_centroid_pruning_compares_a_merged_rows_cosine(index, corpus, caplog):
+    """Centroid pruning keeps a centroid whose cosine with some query row reaches the
+    threshold. A merged row is its group's sum: its scores are divided by its norm, so a
+    query whose every token is doubled keeps the centroids the plain query keeps (not
+    every centroid its doubled scores would pass)."""
+    queries = corpus["queries"].copy()
+    doubled = np.concatenate([queries, queries], axis=1)        # every token twice: merged into one row each
+    caplog.set_level(logging.DEBUG, logger="indexing.plaid")
+
+    def kept(q, merge):
+        caplog.clear()
+        index.search(q, 10, SearchParams(centroid_score_threshold=0.4, merge_tokens=merge))
+        found = [re.search(r"(\d+)/(\d+) centroids kept", r.getMessage()) for r in caplog.records]
+        return [int(m.group(1)) for m in found if m]
+
+    plain = kept(queries, math.inf)
+    assert kept(doubled, 0.9999) == plain
+    assert sum(plain) > 0 and max(plain) < N_CENTROIDS          # the threshold prunes something here
