@@ -8,6 +8,7 @@ import io
 import logging
 import math
 import re
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -663,11 +664,10 @@ class _Messages(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_early_termination_scores_fewer_documents_for_the_same_top_k(index, corpus, monkeypatch):
-    """The exact stage stops early where the best centroid-scored documents already hold a top-k
-    no later one is likely to reach; exact_margin=inf scores every one of them."""
-    # The count comes from the plaid logger's debug line, read by a handler of its own (in the
-    # full suite something earlier leaves that logger disabled, which caplog does not undo).
+@pytest.fixture
+def plaid_messages(monkeypatch) -> Iterator[_Messages]:
+    """The plaid logger's debug lines, read by a handler of its own (in the full suite
+    something earlier leaves that logger disabled, which caplog does not undo)."""
     plaid_logger = logging.getLogger("indexing.plaid")
     monkeypatch.setattr(plaid_logger, "disabled", False)
     monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
@@ -676,9 +676,15 @@ def test_early_termination_scores_fewer_documents_for_the_same_top_k(index, corp
     level = plaid_logger.level
     plaid_logger.setLevel(logging.DEBUG)  # setLevel also clears the loggers' isEnabledFor caches
     try:
-        _check_early_termination(index, corpus, handler)
+        yield handler
     finally:
         plaid_logger.setLevel(level)
+
+
+def test_early_termination_scores_fewer_documents_for_the_same_top_k(index, corpus, plaid_messages):
+    """The exact stage stops early where the best centroid-scored documents already hold a top-k
+    no later one is likely to reach; exact_margin=inf scores every one of them."""
+    _check_early_termination(index, corpus, plaid_messages)
 
 
 def _check_early_termination(index, corpus, handler):
@@ -759,7 +765,7 @@ def test_padded_rows_rounds_the_remainder_up_to_a_power_of_two():
 
 
 @pytest.mark.parametrize("threads", [None, 2])
-def test_zero_rows_padded_for_blas_change_no_result(index, corpus, monkeypatch, caplog, threads):
+def test_zero_rows_padded_for_blas_change_no_result(index, corpus, monkeypatch, plaid_messages, threads):
     """The engine pads every query's rows with zero rows up to a width BLAS multiplies
     fastest: the same candidates and stages, the same documents in the same order with
     the same scores as unpadded, whatever the number of live rows (a batch and single
@@ -769,40 +775,38 @@ def test_zero_rows_padded_for_blas_change_no_result(index, corpus, monkeypatch, 
     queries = np.repeat(corpus["queries"][:4], 8, axis=0)
     for i in range(len(queries)):
         queries[i, 1 + 3 * i % LQ :] = 0              # 1 to 32 live rows (at most the query's own)
-    caplog.set_level(logging.DEBUG, logger="indexing.plaid")
 
     def search(params):
-        caplog.clear()
+        plaid_messages.messages.clear()
         out = index.search(queries, 10, params, threads=threads)
-        return out, sorted(r.getMessage() for r in caplog.records)  # candidates, stages, scored
+        return out, sorted(plaid_messages.messages)  # candidates, stages, documents scored
 
     wide = dataclasses.replace(NO_PRUNING, merge_tokens=math.inf, ndocs=32)
     for params in (SearchParams(ncells=1, ndocs=16, exact_tokens=1), wide):
         (padded, padded_log), singles = search(params), [index.search(q[None], 10, params) for q in queries]
-        monkeypatch.setattr(plaid, "padded_rows", lambda n, block=16: n)
-        plain, plain_log = search(params)
-        monkeypatch.undo()
-        assert padded_log == plain_log
+        with monkeypatch.context() as patch:
+            patch.setattr(plaid, "padded_rows", lambda n, block=16: n)
+            plain, plain_log = search(params)
+        assert padded_log == plain_log and len(plain_log) == 2 * len(queries)
         np.testing.assert_array_equal(padded[1], plain[1])
         np.testing.assert_allclose(padded[0], plain[0], rtol=1e-6)
         np.testing.assert_array_equal(np.concatenate([s[1] for s in singles]), plain[1])
 
 
-def test_centroid_pruning_compares_a_merged_rows_cosine(index, corpus, caplog):
+def test_centroid_pruning_compares_a_merged_rows_cosine(index, corpus, plaid_messages):
     """Centroid pruning keeps a centroid whose cosine with some query row reaches the
     threshold. A merged row is its group's sum: its scores are divided by its norm, so a
     query whose every token is doubled keeps the centroids the plain query keeps (not
     every centroid its doubled scores would pass)."""
     queries = corpus["queries"].copy()
     doubled = np.concatenate([queries, queries], axis=1)        # every token twice: merged into one row each
-    caplog.set_level(logging.DEBUG, logger="indexing.plaid")
 
     def kept(q, merge):
-        caplog.clear()
+        plaid_messages.messages.clear()
         index.search(q, 10, SearchParams(centroid_score_threshold=0.4, merge_tokens=merge))
-        found = [re.search(r"(\d+)/(\d+) centroids kept", r.getMessage()) for r in caplog.records]
+        found = [re.search(r"(\d+)/(\d+) centroids kept", m) for m in plaid_messages.messages]
         return [int(m.group(1)) for m in found if m]
 
     plain = kept(queries, math.inf)
-    assert kept(doubled, 0.9999) == plain
+    assert kept(doubled, 0.9999) == plain and len(plain) == N_QUERIES
     assert sum(plain) > 0 and max(plain) < N_CENTROIDS          # the threshold prunes something here
