@@ -350,10 +350,10 @@ def _query_columns(scores_t: np.ndarray, start: int, end: int) -> np.ndarray:
 def padded_rows(n: int, block: int = ROW_BLOCK) -> int:
     """How many rows ``n`` query rows are padded to before a product with them.
 
-    BLAS computes its output in blocks of ``block`` columns (the query's rows) and the
-    remainder in blocks of 8, 4, 2 and 1, each pass at about a full block's cost: a
-    remainder past 2 is padded to the next power of two (``n % block`` of 3 to 4, 5-7
-    to 8, 9-15 to 16). On 2 AVX-512 cores (numpy's OpenBLAS, one thread), ``(4096,
+    BLAS computes its output in blocks of ``block`` columns (the query's rows) and, as
+    measured here, the remainder in narrower passes costing about as much as a full
+    block each: a remainder past 2 is padded to the next power of two (``n % block`` of
+    3 to 4, 5-7 to 8, 9-15 to 16). On 2 AVX-512 cores (numpy's OpenBLAS, one thread), ``(4096,
     384) @ (384, n)`` took 0.90 ms at n = 14 and 0.65 ms at 16, 1.07 at 15, 1.61 at 31
     and 1.17 at 32; a 1,024-token exact-stage block 0.22 ms at 14 and 0.16 at 16.
     Zero rows score 0 against everything, so a sum of per-row maxima is unchanged.
