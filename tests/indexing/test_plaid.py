@@ -684,14 +684,10 @@ def plaid_messages(monkeypatch) -> Iterator[_Messages]:
 def test_early_termination_scores_fewer_documents_for_the_same_top_k(index, corpus, plaid_messages):
     """The exact stage stops early where the best centroid-scored documents already hold a top-k
     no later one is likely to reach; exact_margin=inf scores every one of them."""
-    _check_early_termination(index, corpus, plaid_messages)
-
-
-def _check_early_termination(index, corpus, handler):
     def search_counting(params):
-        handler.messages.clear()
+        plaid_messages.messages.clear()
         out = index.search(corpus["queries"], 5, params)
-        counts = [re.search(r"exact stage: (\d+) of (\d+) documents scored", m) for m in handler.messages]
+        counts = [re.search(r"exact stage: (\d+) of (\d+) documents scored", m) for m in plaid_messages.messages]
         counts = [tuple(map(int, m.groups())) for m in counts if m]
         assert len(counts) == N_QUERIES
         return out, sum(c[0] for c in counts), sum(c[1] for c in counts)
