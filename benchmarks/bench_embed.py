@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prepare_data import build_tatoeba, build_xquad, write_jsonl  # noqa: E402
+from prepare_data import build_tatoeba, build_xquad, build_xquad_sentences, write_jsonl  # noqa: E402
 
 logger = logging.getLogger("bench_embed")
 
@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--xquad", help="XQuAD folder: long paragraphs, 12 languages")
     src.add_argument("--tatoeba", help="Tatoeba folder: short sentences, 13 languages")
+    src.add_argument("--xquad-sentences", help="XQuAD folder, paragraphs split into sentences (~30 "
+                     "tokens, 10 languages; prepare_data.py --xquad-sentences)")
     p.add_argument("--model", required=True)
     p.add_argument("--docs", type=int, default=12000, help="documents (at most what the source holds)")
     p.add_argument("--modes", nargs="+", choices=("dense", "colbert", "both"), default=["dense", "both"])
@@ -77,12 +79,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_docs(args: argparse.Namespace) -> tuple[str, list[dict]]:
     """(source name, documents): Tatoeba interleaves each pair's foreign and English
-    sentences (short multilingual text); XQuAD takes paragraphs round-robin by language."""
+    sentences (short multilingual text); XQuAD takes paragraphs (and XQuAD sentences their
+    sentences) language after language."""
     if args.tatoeba:
         bench = build_tatoeba(Path(args.tatoeba))
         docs = [{"id": d["id"], "text": d["text"], "lang": d["lang"]}
                 for pair in zip(bench.queries, bench.corpus) for d in pair]
         return "tatoeba", docs[: args.docs]
+    if args.xquad_sentences:
+        docs = build_xquad_sentences(Path(args.xquad_sentences)).corpus
+        return "xquad_sentences", [{"id": d["id"], "text": d["text"], "lang": d["lang"]} for d in docs][: args.docs]
     docs = build_xquad(Path(args.xquad)).corpus
     return "xquad", docs[: args.docs]
 

@@ -18,6 +18,17 @@ XQuAD (paragraphs are parallel across languages, in the same order):
 - ``qrels_x2en.tsv``: a question in any language -> its English paragraph.
 - ``split.json`` (with ``--article-split``): train / test article indices.
 
+XQuAD sentences (``--xquad-sentences``; short documents of ~30 tokens, the length of the
+issue's news sentences, between Tatoeba's ~11 and the paragraphs' ~170):
+
+- ``xqs_corpus.jsonl``: one document per sentence of every paragraph per language,
+  ``{"id": "xs-{article:02d}-{paragraph:02d}-{sentence:02d}-{lang}", "text", "lang",
+  "article", "paragraph", "sentence"}``; a paragraph is split after ``. ! ? ; ।  ؟`` (and
+  ``。！？``) followed by white space, a piece under 20 characters joins the one before.
+- ``xqs_queries.jsonl``: the XQuAD questions of those languages (``queries.jsonl``'s ids).
+- ``xqs_qrels.tsv``: a question in language L -> the sentence in L holding its answer's
+  first character.
+
 Tatoeba (line-aligned ``tatoeba.xxx-eng.xxx`` / ``tatoeba.xxx-eng.eng``):
 
 - ``tatoeba_corpus.jsonl``: the English sentences,
@@ -39,6 +50,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +58,9 @@ from typing import Iterable, Sequence
 
 logger = logging.getLogger(__name__)
 
+#: languages of ``--xquad-sentences`` by default: those whose sentences end in punctuation
+#: followed by white space (Thai separates sentences by spaces alone, Chinese by no space)
+XQUAD_SENTENCE_LANGS = ("ar", "de", "el", "en", "es", "hi", "ro", "ru", "tr", "vi")
 XQUAD_LANGS = ("ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh")
 TATOEBA_LANGS = ("deu", "fra", "spa", "rus", "ara", "cmn", "hin", "tur", "ell", "vie",
                  "tha", "jpn")
@@ -198,6 +213,83 @@ def build_xquad(xquad_dir: Path, langs: Sequence[str] = XQUAD_LANGS) -> Benchmar
         bench.qrels["same"] += same
         bench.qrels["x2en"] += x2en
     _warn_unexpected_size(by_lang["en"])
+    return bench
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;\u0964\u061f])\s+|(?<=[\u3002\uff01\uff1f])\s*")
+#: a split piece shorter than this joins the sentence before it (abbreviations, list items)
+MIN_SENTENCE_CHARS = 20
+
+
+def split_sentences(text: str) -> list[tuple[int, str]]:
+    """``(start offset, sentence)`` pieces of ``text`` (see the module docstring); the
+    offsets index ``text``, so an answer's ``answer_start`` finds its sentence."""
+    pieces: list[list] = []
+    start = 0
+    for m in _SENTENCE_END.finditer(text):
+        if m.end() >= len(text):
+            break
+        pieces.append([start, text[start:m.start()]])
+        start = m.end()
+    pieces.append([start, text[start:]])
+    out: list[list] = []
+    for begin, piece in pieces:
+        if out and len(piece.strip()) < MIN_SENTENCE_CHARS:
+            out[-1][1] = text[out[-1][0]:begin + len(piece)]
+        else:
+            out.append([begin, piece])
+    if len(out) > 1 and len(out[0][1].strip()) < MIN_SENTENCE_CHARS:
+        out[1] = [out[0][0], text[out[0][0]:out[1][0] + len(out[1][1])]]
+        del out[0]
+    return [(begin, piece.strip()) for begin, piece in out if piece.strip()]
+
+
+def xquad_sentence_id(article: int, paragraph: int, sentence: int, lang: str) -> str:
+    """Id of one sentence of one XQuAD paragraph, e.g. ``xs-03-01-02-de``."""
+    return f"xs-{article:02d}-{paragraph:02d}-{sentence:02d}-{lang}"
+
+
+def xquad_sentences(articles: list[dict], lang: str) -> tuple[list[dict], list[dict], list[Qrel]]:
+    """Sentence documents, queries and same-language qrels (question -> the sentence that
+    holds its answer's first character) of one language.
+
+    Raises
+    ------
+    ValueError
+        A question has no answer or its ``answer_start`` is outside its paragraph.
+    """
+    docs, queries, qrels = [], [], []
+    for a_idx, article in enumerate(articles):
+        for p_idx, para in enumerate(article["paragraphs"]):
+            context = para["context"]
+            pieces = split_sentences(context)
+            starts = [begin for begin, _ in pieces]
+            for s_idx, (_, sentence) in enumerate(pieces):
+                doc_id = xquad_sentence_id(a_idx, p_idx, s_idx, lang)
+                docs.append({"id": doc_id, "text": sentence, "lang": lang, "article": a_idx,
+                             "paragraph": p_idx, "sentence": s_idx})
+            for qa in para["qas"]:
+                qid = f"q-{qa['id']}-{lang}"
+                answers = qa.get("answers") or []
+                at = answers[0].get("answer_start") if answers else None
+                if not isinstance(at, int) or not 0 <= at < len(context):
+                    raise ValueError(f"question {qid}: answer_start {at!r} is not inside its "
+                                     f"paragraph ({len(context)} characters)")
+                s_idx = max(0, sum(1 for begin in starts if begin <= at) - 1)
+                queries.append({"id": qid, "text": _text(qa["question"], qid), "lang": lang,
+                                "article": a_idx})
+                qrels.append((qid, xquad_sentence_id(a_idx, p_idx, s_idx, lang)))
+    return docs, queries, qrels
+
+
+def build_xquad_sentences(xquad_dir: Path, langs: Sequence[str] = XQUAD_SENTENCE_LANGS) -> Benchmark:
+    """Sentence corpus, queries and the ``same`` qrels for ``langs``."""
+    bench = Benchmark(qrels={"same": []})
+    for lang in langs:
+        docs, queries, qrels = xquad_sentences(load_xquad(xquad_dir, lang), lang)
+        bench.corpus += docs
+        bench.queries += queries
+        bench.qrels["same"] += qrels
     return bench
 
 
@@ -367,6 +459,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated, must include en (default: all 12)")
     p.add_argument("--tatoeba-langs", type=_langs, default=TATOEBA_LANGS,
                    help=f"comma-separated Tatoeba codes (default: {','.join(TATOEBA_LANGS)})")
+    p.add_argument("--xquad-sentences", type=_langs, nargs="?", const=XQUAD_SENTENCE_LANGS,
+                   metavar="LANGS", help="also write the sentence corpus xqs_* (default languages: "
+                   f"{','.join(XQUAD_SENTENCE_LANGS)})")
     p.add_argument("--max-pairs", type=int, default=1000, help="Tatoeba pairs per language")
     p.add_argument("--article-split", type=float, metavar="TEST_FRACTION",
                    help="also write split.json: this fraction of XQuAD articles is test")
@@ -386,6 +481,9 @@ def _prepare(args: argparse.Namespace) -> dict:
             split["titles"] = xquad.titles
             _atomic_write(args.out / "split.json", json.dumps(split, indent=2, ensure_ascii=False) + "\n")
             counts["split.json"] = {"train": len(split["train"]), "test": len(split["test"])}
+        if args.xquad_sentences:
+            sentences = build_xquad_sentences(args.xquad, args.xquad_sentences)
+            counts.update(write_benchmark(args.out, sentences, "xqs_", {"same": "xqs_qrels.tsv"}))
     if args.tatoeba:
         tatoeba = build_tatoeba(args.tatoeba, args.tatoeba_langs, args.max_pairs)
         counts.update(write_benchmark(args.out, tatoeba, "tatoeba_", {"tatoeba": "tatoeba_qrels.tsv"}))
@@ -398,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.xquad and not args.tatoeba:
         parser.error("give --xquad, --tatoeba or both")
+    if args.xquad_sentences and not args.xquad:
+        parser.error("--xquad-sentences splits XQuAD paragraphs: give --xquad too")
     if args.article_split is not None and not args.xquad:
         parser.error("--article-split splits XQuAD articles: give --xquad too")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -405,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {"xquad": str(args.xquad) if args.xquad else None,
                "tatoeba": str(args.tatoeba) if args.tatoeba else None,
                "xquad_langs": list(args.xquad_langs) if args.xquad else [],
+               "xquad_sentence_langs": list(args.xquad_sentences or ()),
                "tatoeba_langs": list(args.tatoeba_langs) if args.tatoeba else [],
                "max_pairs": args.max_pairs, "files": counts}
     _atomic_write(args.out / "prepare_summary.json", json.dumps(summary, indent=2) + "\n")

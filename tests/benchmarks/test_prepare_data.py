@@ -18,10 +18,13 @@ from benchmarks.prepare_data import (
     article_split,
     build_tatoeba,
     build_xquad,
+    build_xquad_sentences,
     main,
     read_lines,
     read_qrels,
+    split_sentences,
     tatoeba_pairs,
+    xquad_sentences,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,7 +126,48 @@ def test_script_writes_all_files(tmp_path):
     assert line.split("\t")[1::2] == ["0", "1"]
 
 
+@needs_data
+@pytest.mark.slow
+def test_xquad_sentences_point_at_the_sentence_holding_the_answer():
+    bench = build_xquad_sentences(DATA / "xquad", ("en", "de"))
+    _assert_consistent(bench, bench.qrels["same"])
+    assert len(bench.queries) == 1190 * 2
+    assert 2400 < len(bench.corpus) < 3000  # ~5.5 sentences a paragraph
+    docs = {d["id"]: d for d in bench.corpus}
+    en = json.loads((DATA / "xquad" / "xquad.en.json").read_text(encoding="utf-8"))["data"]
+    answers = {f"q-{qa['id']}-en": qa["answers"][0]["text"]
+               for a in en for para in a["paragraphs"] for qa in para["qas"]}
+    qrels = [(q, d) for q, d in bench.qrels["same"] if q.endswith("-en")]
+    # the answer starts in the sentence; it ends there too unless the split cut it
+    held = sum(answers[q] in docs[d]["text"] for q, d in qrels)
+    assert held / len(qrels) > 0.97
+
+
 # ------------------------------------------------------------- synthetic
+
+def test_split_sentences_keeps_offsets_and_joins_short_pieces():
+    text = "First sentence is here. Dr. Who? Second one follows now!  Third one ends the text here。第四句。"
+    pieces = split_sentences(text)
+    assert [s for _, s in pieces] == ["First sentence is here. Dr. Who?", "Second one follows now!",
+                                      "Third one ends the text here。第四句。"]
+    assert all(text[begin:begin + len(s)] == s for begin, s in pieces)
+    assert split_sentences("One piece only") == [(0, "One piece only")]
+    assert [s for _, s in split_sentences("Hi. This one is long enough to stand.")] == [
+        "Hi. This one is long enough to stand."]
+
+
+def test_xquad_sentences_qrels_follow_answer_start():
+    context = "The first sentence is about cats. The second sentence is about dogs."
+    articles = [{"title": "T", "paragraphs": [{"context": context, "qas": [
+        {"id": "a", "question": "Cats?", "answers": [{"answer_start": 28, "text": "cats"}]},
+        {"id": "b", "question": "Dogs?", "answers": [{"answer_start": 63, "text": "dogs"}]}]}]}]
+    docs, queries, qrels = xquad_sentences(articles, "en")
+    assert [d["id"] for d in docs] == ["xs-00-00-00-en", "xs-00-00-01-en"]
+    assert qrels == [("q-a-en", "xs-00-00-00-en"), ("q-b-en", "xs-00-00-01-en")]
+    articles[0]["paragraphs"][0]["qas"][0]["answers"] = []
+    with pytest.raises(ValueError, match="q-a-en: answer_start None"):
+        xquad_sentences(articles, "en")
+
 
 def test_article_split_is_deterministic_and_disjoint():
     a = article_split(48, 0.25, seed=7)
