@@ -241,7 +241,7 @@ def split_sentences(text: str) -> list[tuple[int, str]]:
     if len(out) > 1 and len(out[0][1].strip()) < MIN_SENTENCE_CHARS:
         out[1] = [out[0][0], text[out[0][0]:out[1][0] + len(out[1][1])]]
         del out[0]
-    return [(begin, piece.strip()) for begin, piece in out if piece.strip()]
+    return [(begin + len(piece) - len(piece.lstrip()), piece.strip()) for begin, piece in out if piece.strip()]
 
 
 def xquad_sentence_id(article: int, paragraph: int, sentence: int, lang: str) -> str:

@@ -152,6 +152,8 @@ def test_split_sentences_keeps_offsets_and_joins_short_pieces():
                                       "Third one ends the text here。第四句。"]
     assert all(text[begin:begin + len(s)] == s for begin, s in pieces)
     assert split_sentences("One piece only") == [(0, "One piece only")]
+    assert split_sentences("  Leading space is here. And a second sentence.") == [
+        (2, "Leading space is here."), (25, "And a second sentence.")]
     assert [s for _, s in split_sentences("Hi. This one is long enough to stand.")] == [
         "Hi. This one is long enough to stand."]
 
