@@ -796,24 +796,40 @@ class ResidualCodec:
         residuals : numpy.ndarray
             ``(n, dim * nbits // 8)`` ``uint8``, see :func:`pack_bits`.
         """
+        codes, packed, _ = self.compress_with_residual_sum(vectors, device)
+        return codes, packed
+
+    def compress_with_residual_sum(
+        self, vectors: np.ndarray, device: "str | None" = None
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """:meth:`compress`, and the sum of ``|residual|`` over every value of the
+        normalised vectors (float64): the statistic a re-index compares, divided by
+        ``n * dim``, with :attr:`avg_residual` to tell whether the centroids still fit.
+        Summed batch by batch while each batch's residuals are at hand (a second pass
+        over the vectors and their centroids cost ~9% of a compression on 2 CPUs)."""
         vectors = _as_vectors(vectors, self.dim, "vectors")
         codes = np.empty(len(vectors), dtype=self.code_dtype)
         packed = np.empty((len(vectors), self.residual_bytes), dtype=np.uint8)
+        abs_sum = 0.0
         for rows in _row_batches(len(vectors), _ROW_BATCH):
             if device is None:
                 batch = _l2_normalize(vectors[rows])
                 batch_codes = _nearest_centroids(self.centroids, batch)
                 residual = batch - self.centroids[batch_codes]
                 buckets = _bucketize(residual, self.bucket_cutoffs)
+                np.abs(residual, out=residual)
+                abs_sum += float(residual.sum(dtype=np.float64))
             else:
-                batch_codes, buckets = self._codes_and_buckets_torch(vectors[rows], device)
+                batch_codes, buckets, batch_sum = self._codes_and_buckets_torch(vectors[rows], device)
+                abs_sum += batch_sum
             codes[rows] = batch_codes
             packed[rows] = pack_bits(buckets, self.nbits)
-        return codes, packed
+        return codes, packed, abs_sum
 
-    def _codes_and_buckets_torch(self, vectors: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
+    def _codes_and_buckets_torch(self, vectors: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray, float]:
         """:meth:`compress`'s search and bucketing on a torch device: ``(n,)`` int64 codes,
-        ``(n, dim)`` uint8 buckets (``torch.bucketize`` = ``np.searchsorted``, side left)."""
+        ``(n, dim)`` uint8 buckets (``torch.bucketize`` = ``np.searchsorted``, side left)
+        and the sum of ``|residual|``."""
         import torch
 
         cached = self._torch_arrays.get(device)
@@ -826,8 +842,10 @@ class ResidualCodec:
             x = torch.from_numpy(np.ascontiguousarray(vectors)).to(device)
             x = x / x.norm(dim=1, keepdim=True).clamp_min(np.finfo(np.float32).tiny)
             codes = _torch_nearest_centroids(centroids, x, _SCORE_BUDGET)
-            buckets = torch.bucketize(x - centroids[codes], cutoffs).to(torch.uint8)
-            return codes.cpu().numpy(), buckets.cpu().numpy()
+            residual = x - centroids[codes]
+            buckets = torch.bucketize(residual, cutoffs).to(torch.uint8)
+            abs_sum = float(residual.abs().sum(dtype=torch.float64))
+            return codes.cpu().numpy(), buckets.cpu().numpy(), abs_sum
 
     @cached_property
     def _torch_arrays(self) -> dict:

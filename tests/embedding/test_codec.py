@@ -207,6 +207,22 @@ def test_compress_on_a_torch_device_matches_numpy(codecs, vectors, nbits):
     np.testing.assert_array_equal(t_residuals[same], residuals[same])
 
 
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_compress_with_residual_sum_sums_every_residual_value(codecs, vectors, device):
+    """The drift statistic an embed shard records, summed while compressing: the same
+    codes and bytes as compress, and the sum of |unit vector - its centroid|."""
+    codec = codecs[2]
+    x = vectors[1] * 3.0  # not unit: the residuals are of the normalised vectors
+    codes, residuals, abs_sum = codec.compress_with_residual_sum(x, device=device)
+    plain = codec.compress(x, device=device)
+    np.testing.assert_array_equal(codes, plain[0])
+    np.testing.assert_array_equal(residuals, plain[1])
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    expected = np.abs(unit - codec.centroids[codes.astype(np.int64)]).sum(dtype=np.float64)
+    assert abs_sum == pytest.approx(expected, rel=1e-5)
+    assert codec.compress_with_residual_sum(np.zeros((0, DIM), np.float32))[2] == 0.0
+
+
 @pytest.mark.parametrize("nbits", [1, 2, 4])
 def test_decompress_without_normalize_is_exact(codecs, vectors, nbits):
     codec = codecs[nbits]
