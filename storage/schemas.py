@@ -63,15 +63,19 @@ def tokens_table(ids: list[str], codes: list[np.ndarray], residuals: list[np.nda
                                 schema=tokens_schema(ctype))
 
 
-def write_table(loc: Location, table: pa.Table) -> dict:
+def write_table(loc: Location, table: pa.Table, *, compressible: bool = True) -> dict:
     """Serialise ``table`` to Parquet (zstd) and write it as one atomic object.
+
+    ``compressible=False``: no compression and no dictionary pages, for columns of
+    noise-like bytes (float vectors) that zstd shrinks by ~8% at twice the write time.
 
     Returns
     -------
     {"rows", "bytes", "sha256"} of what was written.
     """
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(table.num_rows, 8192)))
+    pq.write_table(table, sink, compression="zstd" if compressible else "none", use_dictionary=compressible,
+                   row_group_size=max(1, min(table.num_rows, 8192)))
     data = sink.getvalue().to_pybytes()
     loc.write_bytes(data)
     return {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -1,0 +1,50 @@
+"""The embed job's codec-sample cache: what pass 1 writes, pass 2 and the fit read back."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedding.vectors import DocumentVectors
+from jobs.sample_cache import cache_table, read_cache, read_cache_tokens, sample_cache
+from storage import schemas
+from storage.fs import Location
+
+DIM = 8
+
+
+def _encodings(lengths, dense=True, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = [rng.standard_normal((n, DIM)).astype(np.float32) for n in lengths]
+    return DocumentVectors(rng.standard_normal((len(lengths), 5)).astype(np.float32) if dense else None,
+                           tokens, np.array([n + 2 for n in lengths], np.int32),
+                           np.array([i % 2 == 0 for i in range(len(lengths))]))
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_cache_round_trip_row_by_row(tmp_path, dense):
+    lengths = [3, 1, 0, 7, 2]
+    enc = _encodings(lengths, dense)
+    offsets = [4, 9, 10, 17, 30]
+    loc = sample_cache(Location(str(tmp_path / "v1")), 3)
+    schemas.write_table(loc, cache_table(offsets, enc), compressible=False)
+    out = read_cache(loc, DIM)
+    assert sorted(out) == offsets
+    for i, o in enumerate(offsets):
+        dense_vec, tokens, n_tokens, truncated = out[o]
+        assert tokens.dtype == np.float32 and tokens.shape == (lengths[i], DIM)
+        np.testing.assert_array_equal(tokens, enc.tokens[i].astype(np.float16).astype(np.float32))
+        assert n_tokens == lengths[i] + 2 and truncated == (i % 2 == 0)
+        if dense:
+            np.testing.assert_array_equal(dense_vec, enc.dense[i])
+        else:
+            assert dense_vec is None
+    all_tokens = read_cache_tokens(loc, DIM)
+    assert all_tokens.dtype == np.float16
+    np.testing.assert_array_equal(all_tokens, np.concatenate(enc.tokens).astype(np.float16))
+
+
+def test_empty_cache_reads_empty(tmp_path):
+    loc = sample_cache(Location(str(tmp_path / "v1")), 0)
+    schemas.write_table(loc, cache_table([], None))
+    assert read_cache(loc, DIM) == {}
+    assert read_cache_tokens(loc, DIM).shape == (0, DIM)
