@@ -344,7 +344,10 @@ class StoppableS3:
     not notice. ``stop`` here also shuts those connections down, like a crashed server.
     moto keeps its state in-process (shared with the session's server), so the buckets are
     all there again after ``start``. ``marker_put`` is set once a shard marker
-    (``.../_shards/NNNNN.json``) was stored: the moment to pull the plug mid-job.
+    (``.../_shards/NNNNN.json``) was stored: the moment to pull the plug mid-job. Until
+    then the first server holds every later marker PUT (its connection dies with the stop), so
+    the job is still mid-way when the test, which may be starved of CPU beside another
+    test, gets round to stopping it; a restarted server holds nothing.
     """
 
     def __init__(self) -> None:
@@ -354,6 +357,7 @@ class StoppableS3:
         self.conns: set = set()
         self.lock = threading.Lock()
         self.marker_put = threading.Event()
+        self.stopped = threading.Event()
 
     def start(self) -> None:
         from moto.moto_server.threaded_moto_server import ThreadedMotoServer
@@ -366,11 +370,18 @@ class StoppableS3:
 
         owner = self
         moto_app = DomainDispatcherApplication(create_backend_app)
+        holds = not self.marker_put.is_set()   # only the server the test pulls the plug on
+        stopped = self.stopped = threading.Event()
 
         def app(environ, start_response):
-            out = moto_app(environ, start_response)
             path = environ.get("PATH_INFO", "")
-            if environ["REQUEST_METHOD"] == "PUT" and "/_shards/" in path and path.endswith(".json"):
+            is_marker = environ["REQUEST_METHOD"] == "PUT" and "/_shards/" in path and path.endswith(".json")
+            if is_marker and holds and owner.marker_put.is_set():
+                stopped.wait(120)
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"stopped"]
+            out = moto_app(environ, start_response)
+            if is_marker:
                 owner.marker_put.set()
             return out
 
@@ -412,6 +423,7 @@ class StoppableS3:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        self.stopped.set()  # a held marker PUT wakes to a dead connection, as in a crash
 
 
 def s3_client(endpoint: str):
