@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--xquad", help="XQuAD folder: long paragraphs, 12 languages")
     src.add_argument("--tatoeba", help="Tatoeba folder: short sentences, 13 languages")
-    src.add_argument("--xquad-sentences", help="XQuAD folder, paragraphs split into sentences (~30 "
+    src.add_argument("--xquad-sentences", help="XQuAD folder, paragraphs split into sentences (~40 "
                      "tokens, 10 languages; prepare_data.py --xquad-sentences)")
     p.add_argument("--model", required=True)
     p.add_argument("--docs", type=int, default=12000, help="documents (at most what the source holds)")

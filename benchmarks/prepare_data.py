@@ -18,7 +18,7 @@ XQuAD (paragraphs are parallel across languages, in the same order):
 - ``qrels_x2en.tsv``: a question in any language -> its English paragraph.
 - ``split.json`` (with ``--article-split``): train / test article indices.
 
-XQuAD sentences (``--xquad-sentences``; short documents of ~30 tokens, the length of the
+XQuAD sentences (``--xquad-sentences``; short documents of ~40 tokens, near the ~33 of the
 issue's news sentences, between Tatoeba's ~11 and the paragraphs' ~170):
 
 - ``xqs_corpus.jsonl``: one document per sentence of every paragraph per language,
