@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
+import jobs.sample_cache as sc
 from embedding.vectors import DocumentVectors
 from jobs.sample_cache import cache_table, read_cache, read_cache_tokens, sample_cache
 from storage import schemas
@@ -20,13 +22,17 @@ def _encodings(lengths, dense=True, seed=0):
                            np.array([i % 2 == 0 for i in range(len(lengths))]))
 
 
+@pytest.mark.parametrize("large", [False, True])
 @pytest.mark.parametrize("dense", [True, False])
-def test_cache_round_trip_row_by_row(tmp_path, dense):
+def test_cache_round_trip_row_by_row(tmp_path, monkeypatch, dense, large):
+    if large:  # past int32 offsets the columns are large_binary: pretend the limit is tiny
+        monkeypatch.setattr(sc, "BINARY_MAX_BYTES", 16)
     lengths = [3, 1, 0, 7, 2]
     enc = _encodings(lengths, dense)
     offsets = [4, 9, 10, 17, 30]
     loc = sample_cache(Location(str(tmp_path / "v1")), 3)
     schemas.write_table(loc, cache_table(offsets, enc), compressible=False)
+    assert schemas.read_table(loc).schema.field("tokens").type == (pa.large_binary() if large else pa.binary())
     out = read_cache(loc, DIM)
     assert sorted(out) == offsets
     for i, o in enumerate(offsets):
