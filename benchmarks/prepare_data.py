@@ -46,6 +46,7 @@ tab-separated: ``qid 0 docid 1``. ``prepare_summary.json`` holds the counts.
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import json
 import logging
@@ -275,7 +276,7 @@ def xquad_sentences(articles: list[dict], lang: str) -> tuple[list[dict], list[d
                 if not isinstance(at, int) or not 0 <= at < len(context):
                     raise ValueError(f"question {qid}: answer_start {at!r} is not inside its "
                                      f"paragraph ({len(context)} characters)")
-                s_idx = max(0, sum(1 for begin in starts if begin <= at) - 1)
+                s_idx = max(0, bisect.bisect_right(starts, at) - 1)
                 queries.append({"id": qid, "text": _text(qa["question"], qid), "lang": lang,
                                 "article": a_idx})
                 qrels.append((qid, xquad_sentence_id(a_idx, p_idx, s_idx, lang)))

@@ -72,28 +72,26 @@ def read_cache(loc: Location, dim: int) -> dict[int, tuple]:
     truncated = table.column("truncated").to_numpy(zero_copy_only=False)
     flat, starts = _binary_rows(table.column("tokens"), np.float16)
     tokens = flat.astype(np.float32).reshape(-1, dim)
-    bounds = starts // (2 * dim)
+    bounds = starts // dim
     dense = [None] * len(rows)
     if "dense" in table.column_names:
         col = table.column("dense").combine_chunks()
-        values, dstarts = _binary_rows(col, np.float32)
+        values, dbounds = _binary_rows(col, np.float32)
         valid = ~col.is_null().to_numpy(zero_copy_only=False)
-        bytes_per = np.diff(dstarts)
-        dense = [values[dstarts[i] // 4:dstarts[i] // 4 + bytes_per[i] // 4] if valid[i] else None
-                 for i in range(len(rows))]
+        dense = [values[dbounds[i]:dbounds[i + 1]] if valid[i] else None for i in range(len(rows))]
     return {int(r): (dense[i], tokens[bounds[i]:bounds[i + 1]], int(n_tokens[i]), bool(truncated[i]))
             for i, r in enumerate(rows)}
 
 
 def _binary_rows(column: "pa.ChunkedArray | pa.Array", dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """A binary column's values as one ``dtype`` array (no copy) and each row's byte start,
-    ``(n + 1,)`` int64 relative to the first row's."""
+    """A binary column's values as one ``dtype`` array (no copy) and where each row starts
+    in it, ``(n + 1,)`` int64 element offsets (the inverse of :func:`_binary_column`)."""
     col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     width = np.int64 if pa.types.is_large_binary(col.type) else np.int32
     offsets = np.frombuffer(col.buffers()[1], width)[col.offset:col.offset + len(col) + 1].astype(np.int64)
     data = col.buffers()[2]
     raw = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-    return raw[offsets[0]:offsets[-1]].view(dtype), offsets - offsets[0]
+    return raw[offsets[0]:offsets[-1]].view(dtype), (offsets - offsets[0]) // np.dtype(dtype).itemsize
 
 
 def read_cache_tokens(loc: Location, dim: int) -> np.ndarray:
