@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedding.codec import ResidualCodec
+from embedding.codec import ResidualCodec, ready_bf16_search
 from embedding.languages import LanguageError, route_languages
 from embedding.model import adapter_languages
 from embedding.vectors import DocumentVectors
@@ -383,6 +383,8 @@ def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], thre
     else:
         os.environ.pop(FAILPOINTS_ENV, None)
     encoder = ShardEncoder(spec, codec_url)
+    if encoder.codec is not None:
+        ready_bf16_search(encoder.codec.n_centroids, threads)
     one = lambda row: str(encoder({k: [v] for k, v in row.items()})["stats"][0])  # noqa: E731
     with threadpool_limits(limits=threads, user_api="blas"), \
             ThreadPoolExecutor(max_workers=max(1, calls), thread_name_prefix="shard") as pool:

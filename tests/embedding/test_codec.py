@@ -640,3 +640,105 @@ def test_compress_buckets_are_searchsorted_of_the_residuals(vectors, nbits):
     residual = unit - codec.centroids[codes.astype(np.int64)]
     expected = np.searchsorted(codec.bucket_cutoffs, residual).astype(np.uint8)
     assert np.array_equal(unpack_bits(packed, nbits, DIM), expected)
+
+
+def _bf16_search_on(monkeypatch) -> None:
+    """Route this process's codec searches through the bfloat16 search whatever their size
+    and CPU (torch emulates bfloat16 where the CPU lacks it: slower, the same answers)."""
+    import torch  # noqa: F401  (the search uses torch only where a process already has it)
+
+    from embedding import codec as codec_mod
+
+    monkeypatch.setattr(codec_mod, "native_bf16", lambda: True)
+    monkeypatch.setattr(codec_mod, "BF16_SEARCH_MIN_FLOPS", 0.0)
+
+
+def _near_ties(centroids: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Rows whose best two centroids score 1e-4..1e-2 apart: inside bfloat16's rounding,
+    far outside float32's, so only a search that rescores them gets float32's answer."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, len(centroids), n), rng.integers(0, len(centroids), n)
+    b = np.where(a == b, (b + 1) % len(centroids), b)
+    mix = 0.5 + rng.uniform(1e-4, 1e-2, n)[:, None] * rng.choice([-1.0, 1.0], (n, 1))
+    rows = mix * centroids[a] + (1 - mix) * centroids[b]
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_bf16_search_gives_float32_nearest_centroids(monkeypatch):
+    """The bfloat16 product with float32 rescoring of near ties assigns exactly what a
+    float32 search does: on clustered rows, near ties, rows scoring below zero
+    everywhere, a zero row, duplicated centroids, and a vector that is not unit length."""
+    import torch
+
+    centroids = _clustered(300, DIM, 40, noise=0.8, seed=21)
+    centroids[7] = centroids[3]                                # equal scores: the first wins
+    codec = ResidualCodec(centroids, 2, np.array([-0.1, 0.0, 0.1], np.float32),
+                          np.array([-0.15, -0.05, 0.05, 0.15], np.float32), 0.1)
+    ties = _near_ties(centroids, 3000, seed=5)
+    rows = np.concatenate([
+        _clustered(2000, DIM, 40, noise=0.8, seed=22), ties,
+        -centroids[:50],                                        # every score below zero but one near it
+        np.zeros((1, DIM), np.float32), centroids[3:4], 7.5 * centroids[10:11],
+    ])
+    expected = np.argmax(rows @ centroids.T, axis=1)
+    assert codec.assign(rows).astype(np.int64).tolist() == expected.tolist()   # numpy here: torch's search is off
+    _bf16_search_on(monkeypatch)
+    got = codec.assign(rows).astype(np.int64)
+    assert got.tolist() == expected.tolist()
+    assert got[-3] == 0 and got[-2] == 3
+    # the test has teeth: a plain bfloat16 product gets many of the near ties wrong
+    plain = (torch.from_numpy(ties).bfloat16() @ torch.from_numpy(centroids).bfloat16().T).float()
+    plain = plain.numpy().argmax(axis=1)
+    assert (plain != np.argmax(ties @ centroids.T, axis=1)).sum() > 50     # 99 of 3,000 here
+
+
+def test_bf16_search_compresses_exactly_as_float32(monkeypatch, vectors, codecs):
+    """compress on the bfloat16 search: the same codes, residual bytes and |residual| sum."""
+    _, held = vectors
+    rows = np.concatenate([held, _near_ties(np.asarray(codecs[2].centroids), 500, seed=9)])
+    for nbits, codec in codecs.items():
+        codes, packed, abs_sum = codec.compress_with_residual_sum(rows)
+        _bf16_search_on(monkeypatch)
+        codes2, packed2, abs_sum2 = ResidualCodec.from_bytes(codec.to_bytes()).compress_with_residual_sum(rows)
+        monkeypatch.undo()
+        assert np.array_equal(codes, codes2) and np.array_equal(packed, packed2), nbits
+        assert abs_sum2 == abs_sum
+
+
+def test_bf16_search_is_used_only_where_it_pays(monkeypatch):
+    import torch  # noqa: F401
+
+    from embedding import codec as codec_mod
+    from embedding.codec import BF16_SEARCH_MIN_FLOPS, use_bf16_search
+
+    monkeypatch.setattr(codec_mod, "native_bf16", lambda: True)
+    big = int(BF16_SEARCH_MIN_FLOPS / (2 * 4096 * 384)) + 1
+    assert use_bf16_search(big, 4096, 384)
+    assert not use_bf16_search(big // 4, 4096, 384)            # too small to repay the setup
+    assert not use_bf16_search(big, 1 << 17, 384)              # codes past 16 bits: numpy
+    monkeypatch.setattr(codec_mod, "native_bf16", lambda: False)
+    assert not use_bf16_search(big, 4096, 384)                 # emulated bfloat16: slower than float32
+    monkeypatch.setattr(codec_mod, "native_bf16", lambda: True)
+    monkeypatch.delitem(sys.modules, "torch")                  # a process without torch never imports it
+    assert not use_bf16_search(big, 4096, 384)
+
+
+def test_ready_bf16_search_sets_threads_and_imports_torch_only_where_it_pays(monkeypatch):
+    import torch
+
+    from embedding import codec as codec_mod
+    from embedding.codec import TORCH_SEARCH_MIN_CENTROIDS, ready_bf16_search
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(codec_mod, "native_bf16", lambda: True)
+    try:
+        ready_bf16_search(1024, 1)                     # torch already there: its threads are set
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.delitem(sys.modules, "torch")
+    ready_bf16_search(TORCH_SEARCH_MIN_CENTROIDS // 2, 1)    # a small codec: no 1.3 s import
+    assert "torch" not in sys.modules
+    monkeypatch.setattr(codec_mod, "native_bf16", lambda: False)
+    ready_bf16_search(TORCH_SEARCH_MIN_CENTROIDS, 1)         # no native bfloat16: nothing to ready
+    assert "torch" not in sys.modules
