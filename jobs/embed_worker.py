@@ -429,9 +429,7 @@ class SampleEncoder(EncoderActor):
             enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense, colbert=True,
                                                 langs=[langs[o] for o in offsets]) if offsets else None
         t0 = time.perf_counter()
-        # float16 token vectors: zstd saved ~8% of the bytes for twice the write and read time
-        schemas.write_table(sample_cache(self.vdir, int(row["shard"])), cache_table(offsets, enc),
-                            compressible=False)
+        schemas.write_scratch_table(sample_cache(self.vdir, int(row["shard"])), cache_table(offsets, enc))
         return json.dumps({"shard": int(row["shard"]), "documents": len(offsets),
                            "write_seconds": round(time.perf_counter() - t0, 3), **span,
                            "seconds": round(time.perf_counter() - start, 3),

@@ -15,7 +15,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import BinaryIO, Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 
@@ -281,30 +281,59 @@ class Location:
         def _write() -> tuple[int, str]:
             digest, size = hashlib.sha256(), [0]
 
-            def counted():
+            def fill(f: BinaryIO) -> None:
                 for chunk in chunks():
                     digest.update(chunk)
                     size[0] += len(chunk)
-                    yield chunk
+                    f.write(chunk)
             if self.is_remote:
-                with self.fs.open(self.path, "wb") as f:
-                    for chunk in counted():
-                        f.write(chunk)
+                self._write_remote(fill)
             else:
-                self._write_local(counted())
+                self._write_local(fill)
             return size[0], digest.hexdigest()
         return retry(_write, f"write {self.url}")
 
-    def _write_local(self, chunks: Iterable[bytes]) -> None:
-        """Write ``chunks`` to a temporary sibling, fsync, rename over this path. A failure
-        leaves no partial file; an error that names no file (a full disk's ENOSPC) is
-        raised naming this one."""
+    def write_with(self, fill: Callable[[BinaryIO], None]) -> None:
+        """Write the object as ``fill(f)`` writes it to a binary file, atomically, without
+        holding it whole (Parquet encoded straight to the store).
+
+        s3: a multipart upload, completed only when ``fill`` returns (aborted when it
+        raises) and retried from the start on a transient error. Local: a temporary
+        sibling, fsync, rename. Either way a reader never sees a partial object.
+        """
+        if self.is_remote:
+            retry(lambda: self._write_remote(fill), f"write {self.url}")
+            return
+        self._write_local(fill)
+
+    def _write_remote(self, fill: Callable[[BinaryIO], None]) -> None:
+        """s3: ``fill`` an upload that is completed only if it returns. fsspec's file
+        completes a multipart upload on close whatever happened, so a failed ``fill``
+        would publish what it wrote so far: the upload is aborted instead."""
+        f = self.fs.open(self.path, "wb")
+        try:
+            fill(f)
+        except BaseException:
+            try:
+                f.discard()  # s3fs: aborts the multipart upload; nothing was PUT yet otherwise
+            finally:
+                f.closed = True  # never completed, not even by the garbage collector
+            raise
+        f.close()
+
+    def _write_local(self, fill: "Callable[[BinaryIO], None] | Iterable[bytes]") -> None:
+        """Write to a temporary sibling (``fill(f)``, or each chunk of an iterable), fsync,
+        rename over this path. A failure leaves no partial file; an error that names no
+        file (a full disk's ENOSPC) is raised naming this one."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             with open(tmp, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
+                if callable(fill):
+                    fill(f)
+                else:
+                    for chunk in fill:
+                        f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)

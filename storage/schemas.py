@@ -63,22 +63,31 @@ def tokens_table(ids: list[str], codes: list[np.ndarray], residuals: list[np.nda
                                 schema=tokens_schema(ctype))
 
 
-def write_table(loc: Location, table: pa.Table, *, compressible: bool = True) -> dict:
+def write_table(loc: Location, table: pa.Table) -> dict:
     """Serialise ``table`` to Parquet (zstd) and write it as one atomic object.
-
-    ``compressible=False``: no compression and no dictionary pages, for columns of
-    noise-like bytes (float vectors) that zstd shrinks by ~8% at twice the write time.
 
     Returns
     -------
     {"rows", "bytes", "sha256"} of what was written.
     """
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd" if compressible else "none", use_dictionary=compressible,
-                   row_group_size=max(1, min(table.num_rows, 8192)))
+    pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(table.num_rows, 8192)))
     data = sink.getvalue().to_pybytes()
     loc.write_bytes(data)
     return {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_scratch_table(loc: Location, table: pa.Table) -> None:
+    """Write ``table`` as Parquet without compression or dictionary pages, encoded straight
+    into the store's file (``Location.write_with``: atomic, never held whole in memory).
+
+    For a job's scratch files of noise-like bytes (the embed job's float16 codec-sample
+    cache: zstd saved ~8% of the bytes for twice the write time). No checksum: nothing
+    publishes them. Streaming them instead of encoding into a growing buffer and copying
+    it out took a 3,200-sentence shard's write from 0.2-0.8 to 0.1-0.3 s in one process.
+    """
+    loc.write_with(lambda f: pq.write_table(table, f, compression="none", use_dictionary=False,
+                                            row_group_size=max(1, min(table.num_rows, 8192))))
 
 
 def read_table(loc: Location, columns: "list[str] | None" = None) -> pa.Table:

@@ -31,7 +31,7 @@ def test_cache_round_trip_row_by_row(tmp_path, monkeypatch, dense, large):
     enc = _encodings(lengths, dense)
     offsets = [4, 9, 10, 17, 30]
     loc = sample_cache(Location(str(tmp_path / "v1")), 3)
-    schemas.write_table(loc, cache_table(offsets, enc), compressible=False)
+    schemas.write_scratch_table(loc, cache_table(offsets, enc))
     assert schemas.read_table(loc).schema.field("tokens").type == (pa.large_binary() if large else pa.binary())
     out = read_cache(loc, DIM)
     assert sorted(out) == offsets

@@ -119,3 +119,45 @@ def test_an_unawaited_connection_error_of_a_dead_endpoint_prints_no_traceback(ca
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         _unretrieved_task_failure(ValueError("a real bug"))
     assert any("never retrieved" in r.getMessage() for r in caplog.records)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _big_then_fail(f) -> None:
+    """Write ~12 MiB (past s3fs's 5 MiB part: a multipart upload is under way), then fail."""
+    for _ in range(12):
+        f.write(os.urandom(1 << 20))
+    raise _Stop("the writer failed half-way")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_write_with_publishes_the_whole_object_or_nothing(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    loc = Location(f"{root}/_sample/00000.parquet")
+    data = os.urandom(7 << 20) + b"end"
+    loc.write_with(lambda f: [f.write(data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)])
+    assert loc.read_bytes() == data
+    failed = Location(f"{root}/_sample/00001.parquet")
+    with pytest.raises(_Stop):
+        failed.write_with(_big_then_fail)
+    assert not failed.exists()                          # not the 12 MiB written before the failure
+    with pytest.raises(_Stop):
+        loc.write_with(_big_then_fail)
+    assert loc.read_bytes() == data                     # an object already there is left as it was
+    if where == "local":
+        assert sorted(os.listdir(tmp_path / "_sample")) == ["00000.parquet"]   # no temporary file
+
+
+def test_write_stream_of_a_failing_producer_publishes_nothing_on_s3(s3_bucket):
+    """fsspec completes a multipart upload when its file closes, error or not: a producer
+    failing half-way must abort it instead of publishing the first parts."""
+    def chunks():
+        for _ in range(12):
+            yield os.urandom(1 << 20)
+        raise _Stop("the producer failed half-way")
+    loc = Location(f"{s3_bucket}/v1/index.bin")
+    with pytest.raises(_Stop):
+        loc.write_stream(chunks)
+    assert not loc.exists()
