@@ -966,7 +966,9 @@ class ResidualCodec:
         device : a torch device ("cuda", "cpu") for the nearest-centroid search and the
             bucketing, or None for numpy. On a GPU encoder the search (``n × k × dim``
             multiply-adds, the costly part) then runs where the vectors were made instead
-            of on the actor's CPU threads; the results equal numpy's up to ties.
+            of on the actor's CPU threads; the results equal numpy's up to ties. With
+            None the search runs as a bfloat16 product with float32 rescoring of near ties
+            where :func:`use_bf16_search` says so (the same codes up to float32 ties).
 
         Returns
         -------
