@@ -671,16 +671,18 @@ def _split_heldout(
     """
     n = len(sample)
     order, keys = content_order(sample, seed)
-    sample = sample[order]
     if n < 2 or heldout_fraction <= 0:
-        return sample, sample
+        ordered = sample[order]
+        return ordered, ordered
     held = keys < np.uint64(min(int(heldout_fraction * 2.0**64), 2**64 - 1))
     n_held = int(held.sum())
     if n_held < 1 or n_held > n - 1:  # tiny samples: fall back to a count, still in key order
         n_held = min(max(1, math.ceil(n * heldout_fraction)), n - 1)
         held = np.zeros(n, bool)
         held[:n_held] = True
-    return sample[~held], sample[held]
+    # each part gathered once from the sample (not the whole sample reordered first and
+    # then copied again: at 507k x 384 float32 tokens that was ~0.8 GB of copies, ~1.3 s)
+    return sample[order[~held]], sample[order[held]]
 
 
 def _bucket_stats(residuals: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
