@@ -266,7 +266,7 @@ class Location:
         if self.is_remote:
             retry(lambda: self.fs.pipe_file(self.path, data), f"write {self.url}")
             return
-        self._write_local([data])
+        self._write_local(lambda f: f.write(data))
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
@@ -321,19 +321,15 @@ class Location:
             raise
         f.close()
 
-    def _write_local(self, fill: "Callable[[BinaryIO], None] | Iterable[bytes]") -> None:
-        """Write to a temporary sibling (``fill(f)``, or each chunk of an iterable), fsync,
-        rename over this path. A failure leaves no partial file; an error that names no
-        file (a full disk's ENOSPC) is raised naming this one."""
+    def _write_local(self, fill: Callable[[BinaryIO], None]) -> None:
+        """Write ``fill(f)`` to a temporary sibling, fsync, rename over this path. A failure
+        leaves no partial file; an error that names no file (a full disk's ENOSPC) is
+        raised naming this one."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             with open(tmp, "wb") as f:
-                if callable(fill):
-                    fill(f)
-                else:
-                    for chunk in fill:
-                        f.write(chunk)
+                fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
