@@ -10,9 +10,10 @@ every ``kill -9`` of a driver left them orphaned (parent pid 1) for a minute or 
 
 The driver (``jobs.runtime.start_watchdog``) starts this script, stdlib only and by path
 so it is up in ~30 ms, in a session of its own so that a kill of the driver's process
-group does not reach it. While the driver lives, it notes every second the
-driver's Ray tree: the children of the driver whose environment holds the marker
-``TESSERA_LOCAL_RAY=<token>`` (set by the driver only while ``ray.init`` starts them:
+group does not reach it. While the driver lives, it notes every second (every quarter
+second while the tree changes) the driver's Ray tree: the children of the driver whose
+environment holds the marker ``TESSERA_LOCAL_RAY=<token>`` (set by the driver only while
+``ray.init`` starts them:
 gcs_server, raylet, ...), and all their descendants (agents, workers), each with its
 start time. Once the driver is gone (exit, SIGTERM, SIGKILL: this process is
 reparented), it stops what is left of that tree: SIGTERM, then SIGKILL. A process is
@@ -32,7 +33,8 @@ import time
 
 MARKER = "TESSERA_LOCAL_RAY"
 POLL_S = 0.25      # how often the parent is checked
-NOTE_EVERY = 4     # polls between two looks at the tree (~6 ms of CPU each on a Ray with 3 actors)
+NOTE_EVERY = 4     # polls between two looks at the tree (~6 ms of CPU each on a Ray with 3 actors) ...
+BUSY_POLLS = 20    # ... but a look at every poll for this many polls after the tree last changed
 GRACE_S = 1.5      # SIGTERM, then SIGKILL for what is left after this long
 GIVE_UP_S = 30.0   # a process that can't die (uninterruptible sleep) is left after this
 
@@ -92,8 +94,8 @@ def descendants(roots: list[int]) -> Tree:
 def ray_tree(driver: int, token: str, marked: dict) -> Tree:
     """The driver's marked children and their descendants.
 
-    ``marked`` maps the driver's children to (start time, marked?): an environment never
-    changes, so each child's is read once.
+    ``marked`` maps the driver's children to (start time, marked?): a marked child's
+    environment is not read again; an unmarked one's is, at every look (a few children).
     """
     roots = []
     now = {}
@@ -102,7 +104,11 @@ def ray_tree(driver: int, token: str, marked: dict) -> Tree:
         if t is None:
             continue
         known = marked.get(pid)
-        now[pid] = known if known and known[0] == t else (t, carries(pid, token))
+        # Only a marked verdict is kept: a child looked at between its fork and its exec shows the
+        # driver's environment as it was at the driver's start, without the marker ray.init set
+        # (the kernel reads the environment from the initial stack; putenv does not write there),
+        # and it keeps its start time across the exec.
+        now[pid] = known if known and known[0] == t and known[1] else (t, carries(pid, token))
         if now[pid][1]:
             roots.append(pid)
     marked.clear()
@@ -163,11 +169,16 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     tree: Tree = {}
     marked: dict = {}
-    polls = 0
+    polls, busy = 0, BUSY_POLLS  # ray.init starts right after this script
     while os.getppid() == driver:  # reparented (to init or a subreaper) once the driver is gone
-        if polls % NOTE_EVERY == 0:
+        if busy > 0 or polls % NOTE_EVERY == 0:
             # A process noted once stays noted while it lives, even if it leaves the tree.
-            tree = {**{p: t for p, t in tree.items() if start_time(p) == t}, **ray_tree(driver, token, marked)}
+            # While Ray starts processes (its agents come up a second after the raylet), the
+            # tree is looked at every poll: a process started after the last look is found
+            # only if it still shows the marker, and Ray's agents may not.
+            now = {**{p: t for p, t in tree.items() if start_time(p) == t}, **ray_tree(driver, token, marked)}
+            busy = BUSY_POLLS if now != tree else max(busy - 1, 0)
+            tree = now
         polls += 1
         time.sleep(POLL_S)
     stop(tree, token)

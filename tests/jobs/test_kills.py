@@ -168,16 +168,20 @@ FAKE_DRIVER = """
 import os, subprocess, sys, time
 from jobs.runtime import OWNER_ENV, start_watchdog
 token = start_watchdog()
-# the 'raylet': started with the marker, like everything ray.init starts
-raylet = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**os.environ, OWNER_ENV: token})
+# the 'raylet': started with the marker, like everything ray.init starts; with a delay between
+# its fork and its exec, the watchdog's looks meanwhile see it without the marker
+delay = float(sys.argv[2])
+raylet = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**os.environ, OWNER_ENV: token},
+                          preexec_fn=(lambda: time.sleep(delay)) if delay else None)
 other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])   # not Ray's
 print(raylet.pid, other.pid, flush=True)
 time.sleep(300)
 """
-# the 'agent' no longer shows the marker (Ray's agents overwrite their environment with their title)
-# and ignores SIGTERM
+# it dies with the driver (Ray's raylet: PR_SET_PDEATHSIG); its 'agent' lives on, no longer shows the
+# marker (Ray's agents may overwrite their environment with their title) and ignores SIGTERM
 FAKE_RAYLET = """
-import os, subprocess, sys, time
+import ctypes, os, signal, subprocess, sys, time
+ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
 env = {k: v for k, v in os.environ.items() if k != "TESSERA_LOCAL_RAY"}
 subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                   "time.sleep(300)"], env=env)
@@ -185,8 +189,9 @@ time.sleep(300)
 """
 
 
-def test_watchdog_stops_the_marked_tree_only(tmp_path):
-    driver = subprocess.Popen([sys.executable, "-c", FAKE_DRIVER, FAKE_RAYLET], cwd=str(tmp_path),
+@pytest.mark.parametrize("exec_delay", [0.0, 2.0], ids=["exec-at-once", "looked-at-before-exec"])
+def test_watchdog_stops_the_marked_tree_only(tmp_path, exec_delay):
+    driver = subprocess.Popen([sys.executable, "-c", FAKE_DRIVER, FAKE_RAYLET, str(exec_delay)], cwd=str(tmp_path),
                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE, text=True)
     seen: dict = {}
     try:
