@@ -13,14 +13,17 @@ so it is up in ~30 ms, in a session of its own so that a kill of the driver's pr
 group does not reach it. While the driver lives, it notes every second (every quarter
 second while the tree changes) the driver's Ray tree: the children of the driver whose
 environment holds the marker ``TESSERA_LOCAL_RAY=<token>`` (set by the driver only while
-``ray.init`` starts them:
-gcs_server, raylet, ...), and all their descendants (agents, workers), each with its
-start time. Once the driver is gone (exit, SIGTERM, SIGKILL: this process is
-reparented), it stops what is left of that tree: SIGTERM, then SIGKILL. A process is
-only ever signalled while its pid still has the start time noted for it (through a
-pidfd, so a reused pid is never hit), and only processes from that tree: never by
-name, so other Ray clusters on the machine and the driver's other children are left
-alone. After a clean exit (``ray.shutdown``) nothing is left and it exits at once.
+``ray.init`` starts them: gcs_server, raylet, ...), and all their descendants (agents,
+workers), each with its start time, and the Ray session folder the roots were started
+with (``--session_dir``: unique to that Ray). Once the driver is gone (exit, SIGTERM,
+SIGKILL: this process is reparented), it stops what is left of that tree, and any
+orphan (a process with this process's new parent) that holds a file under that session
+folder open for writing (its log files: an agent started after the last look),
+SIGTERM, then SIGKILL. A process is only ever signalled while its pid still has the
+start time noted for it (through a pidfd, so a reused pid is never hit), and only
+processes of that Ray: never by name, so other Ray clusters on the machine (other
+session folders) and the driver's other children are left alone. After a clean exit
+(``ray.shutdown``) nothing is left and it exits at once.
 
 Usage: ``python -I watchdog.py DRIVER_PID TOKEN``.
 """
@@ -116,6 +119,65 @@ def ray_tree(driver: int, token: str, marked: dict) -> Tree:
     return descendants(roots)
 
 
+SESSION_FLAGS = ("--session_dir=", "--session-dir=")  # the raylet's and the GCS server's
+
+
+def session_dirs(pids: "list[int]") -> "set[str]":
+    """The Ray session folders that ``pids`` were started with (their command lines)."""
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        found.update(a.split("=", 1)[1].rstrip("/") for a in args if a.startswith(SESSION_FLAGS))
+    return {d for d in found if os.path.isabs(d) and d != "/"}
+
+
+def writing_under(pid: int, folders: "set[str]") -> bool:
+    """Does ``pid`` hold a file under one of ``folders`` open for writing?"""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # gone, or not ours to look at
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if not any(target.startswith(d + "/") for d in folders):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+                flags = next(int(line.split()[1], 8) for line in f if line.startswith(b"flags:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+            return True
+    return False
+
+
+def orphans_writing_under(folders: "set[str]") -> list[int]:
+    """Orphans (children of this process's parent, which adopted them as it adopted this
+    process) that write under ``folders``."""
+    if not folders:
+        return []
+    me, parent = os.getpid(), os.getppid()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        pid = int(name)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        # the start time read again after the look at its files: the same process did both
+        if int(fields[1]) == parent and writing_under(pid, folders) and start_time(pid) == int(fields[19]):
+            out.append(pid)
+    return out
+
+
 def marked_anywhere(token: str) -> list[int]:
     """Every process whose environment holds the marker: the ones started after the last look
     that are still marked (Ray's agents and workers overwrite part of theirs with their title)."""
@@ -145,10 +207,12 @@ def send(pid: int, started: int, sig: int) -> None:
         os.close(fd)
 
 
-def stop(tree: Tree, token: str) -> Tree:
-    """SIGTERM what is left of ``tree``, what it started since and what else is marked; SIGKILL
-    it after ``GRACE_S``. Returns the processes that were found alive."""
-    alive = descendants([p for p, t in tree.items() if start_time(p) == t] + marked_anywhere(token))
+def stop(tree: Tree, token: str, folders: "set[str]" = frozenset()) -> Tree:
+    """SIGTERM what is left of ``tree``, what it started since, what else is marked and the
+    orphans that write under the Ray session ``folders``; SIGKILL it after ``GRACE_S``.
+    Returns the processes that were found alive."""
+    alive = descendants([p for p, t in tree.items() if start_time(p) == t] + marked_anywhere(token)
+                        + orphans_writing_under(folders))
     for pid, t in alive.items():
         send(pid, t, signal.SIGTERM)
     t0 = time.monotonic()
@@ -169,6 +233,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     tree: Tree = {}
     marked: dict = {}
+    folders: set = set()
     polls, busy = 0, BUSY_POLLS  # ray.init starts right after this script
     while os.getppid() == driver:  # reparented (to init or a subreaper) once the driver is gone
         if busy > 0 or polls % NOTE_EVERY == 0:
@@ -177,11 +242,13 @@ def main(argv: list[str]) -> int:
             # tree is looked at every poll: a process started after the last look is found
             # only if it still shows the marker, and Ray's agents may not.
             now = {**{p: t for p, t in tree.items() if start_time(p) == t}, **ray_tree(driver, token, marked)}
+            if not folders or now.keys() - tree.keys():  # a root may be looked at before its exec
+                folders |= session_dirs([p for p, (_, is_root) in marked.items() if is_root])
             busy = BUSY_POLLS if now != tree else max(busy - 1, 0)
             tree = now
         polls += 1
         time.sleep(POLL_S)
-    stop(tree, token)
+    stop(tree, token, folders)
     return 0
 
 

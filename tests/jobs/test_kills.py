@@ -171,7 +171,7 @@ token = start_watchdog()
 # the 'raylet': started with the marker, like everything ray.init starts; with a delay between
 # its fork and its exec, the watchdog's looks meanwhile see it without the marker
 delay = float(sys.argv[2])
-raylet = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**os.environ, OWNER_ENV: token},
+raylet = subprocess.Popen([sys.executable, "-c", sys.argv[1], *sys.argv[3:]], env={**os.environ, OWNER_ENV: token},
                           preexec_fn=(lambda: time.sleep(delay)) if delay else None)
 other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])   # not Ray's
 print(raylet.pid, other.pid, flush=True)
@@ -187,6 +187,63 @@ subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(sign
                   "time.sleep(300)"], env=env)
 time.sleep(300)
 """
+
+# started with Ray's --session_dir; its agents are orphans from the start (each started through a
+# parent that exits at once), so never in the tree the watchdog notes; without the marker. One
+# writes its log under the session folder (an agent of this Ray), one only reads there (a
+# `tail -f`), one writes under another Ray's session folder: only the first is this Ray's.
+FAKE_RAYLET_ORPHANS = """
+import ctypes, os, signal, subprocess, sys, time
+ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+folder = sys.argv[1].split("=", 1)[1]
+env = {k: v for k, v in os.environ.items() if k != "TESSERA_LOCAL_RAY"}
+agent = ("import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "f = open(sys.argv[1], sys.argv[2]); open(sys.argv[1] + '.pid', 'w').write(str(os.getpid())); "
+         "time.sleep(300)")
+for path, mode in ((folder + "/logs/agent.out", "w"), (folder + "/logs/raylet.out", "r"),
+                   (folder + "-other/logs/agent.out", "w")):
+    subprocess.run([sys.executable, "-c", "import subprocess, sys; subprocess.Popen(sys.argv[1:])",
+                    sys.executable, "-c", agent, path, mode], env=env, check=True)
+time.sleep(300)
+"""
+
+
+def test_watchdog_stops_orphans_writing_in_the_ray_session_folder(tmp_path):
+    folder = tmp_path / "session_x"
+    for d in (folder / "logs", tmp_path / "session_x-other" / "logs"):
+        d.mkdir(parents=True)
+    (folder / "logs" / "raylet.out").write_text("")
+    paths = {"agent": folder / "logs" / "agent.out", "reader": folder / "logs" / "raylet.out",
+             "other": tmp_path / "session_x-other" / "logs" / "agent.out"}
+    driver = subprocess.Popen([sys.executable, "-c", FAKE_DRIVER, FAKE_RAYLET_ORPHANS, "0", f"--session_dir={folder}"],
+                              cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                              stdout=subprocess.PIPE, text=True)
+    orphans: dict = {}
+    try:
+        _, other = map(int, driver.stdout.readline().split())
+        orphans["driver's other child"] = (other, _stat(other))
+        pid_files = {name: Path(f"{p}.pid") for name, p in paths.items()}
+        assert wait_until(lambda: all(f.exists() and f.read_text() for f in pid_files.values()), 30), \
+            "the stand-in agents did not start"
+        orphans.update({name: (int(f.read_text()), _stat(int(f.read_text()))) for name, f in pid_files.items()})
+        assert all(st is not None for _, st in orphans.values())
+        assert not any(orphans[n][0] in tree(driver.pid) for n in paths)        # nothing in the tree leads to them
+        time.sleep(2)                                                             # the watchdog's looks
+        driver.kill()
+        driver.wait(10)
+        agent = {orphans["agent"][0]: orphans["agent"][1]}
+        assert wait_until(lambda: not still_alive(agent), 15), "the orphaned agent lives on"
+        time.sleep(1)
+        for name in ("reader", "other"):
+            pid, st = orphans[name]
+            assert still_alive({pid: st}), f"the {name} was stopped: not this Ray's"
+    finally:
+        driver.kill()
+        driver.wait()
+        driver.stdout.close()
+        for pid, st in orphans.values():
+            if st is not None and still_alive({pid: st}):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("exec_delay", [0.0, 2.0], ids=["exec-at-once", "looked-at-before-exec"])
