@@ -240,10 +240,11 @@ def main(argv: list[str]) -> int:
             # A process noted once stays noted while it lives, even if it leaves the tree.
             # While Ray starts processes (its agents come up a second after the raylet), the
             # tree is looked at every poll: a process started after the last look is found
-            # only if it still shows the marker, and Ray's agents may not.
+            # only if it still shows the marker (Ray's agents may not) or writes into the
+            # session folder.
             now = {**{p: t for p, t in tree.items() if start_time(p) == t}, **ray_tree(driver, token, marked)}
-            if not folders or now.keys() - tree.keys():  # a root may be looked at before its exec
-                folders |= session_dirs([p for p, (_, is_root) in marked.items() if is_root])
+            if not folders:  # until a root shows it: a root looked at before its exec does not
+                folders = session_dirs([p for p, (_, is_root) in marked.items() if is_root])
             busy = BUSY_POLLS if now != tree else max(busy - 1, 0)
             tree = now
         polls += 1
