@@ -44,15 +44,21 @@ GIVE_UP_S = 30.0   # a process that can't die (uninterruptible sleep) is left af
 Tree = dict  # pid -> start time (clock ticks since boot, field 22 of /proc/<pid>/stat)
 
 
-def start_time(pid: int) -> "int | None":
-    """The process's start time, or None when it is gone or a zombie."""
+def stat_fields(pid: int) -> "list[bytes] | None":
+    """The fields of ``/proc/<pid>/stat`` after the name (state, parent, ...), or None when
+    the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    fields = stat[stat.rindex(b")") + 2:].split()  # the name may hold spaces and parentheses
-    return None if fields[0] in (b"Z", b"X") else int(fields[19])
+    return stat[stat.rindex(b")") + 2:].split()  # the name may hold spaces and parentheses
+
+
+def start_time(pid: int) -> "int | None":
+    """The process's start time, or None when it is gone or a zombie."""
+    fields = stat_fields(pid)
+    return None if fields is None or fields[0] in (b"Z", b"X") else int(fields[19])
 
 
 def children(pid: int) -> list[int]:
@@ -166,14 +172,10 @@ def orphans_writing_under(folders: "set[str]") -> list[int]:
         if not name.isdigit() or int(name) == me:
             continue
         pid = int(name)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
+        fields = stat_fields(pid)
         # the start time read again after the look at its files: the same process did both
-        if int(fields[1]) == parent and writing_under(pid, folders) and start_time(pid) == int(fields[19]):
+        if fields and int(fields[1]) == parent and writing_under(pid, folders) \
+                and start_time(pid) == int(fields[19]):
             out.append(pid)
     return out
 

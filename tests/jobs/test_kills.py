@@ -225,7 +225,8 @@ def test_watchdog_stops_orphans_writing_in_the_ray_session_folder(tmp_path):
         pid_files = {name: Path(f"{p}.pid") for name, p in paths.items()}
         assert wait_until(lambda: all(f.exists() and f.read_text() for f in pid_files.values()), 30), \
             "the stand-in agents did not start"
-        orphans.update({name: (int(f.read_text()), _stat(int(f.read_text()))) for name, f in pid_files.items()})
+        pids = {name: int(f.read_text()) for name, f in pid_files.items()}
+        orphans.update({name: (pid, _stat(pid)) for name, pid in pids.items()})
         assert all(st is not None for _, st in orphans.values())
         assert not any(orphans[n][0] in tree(driver.pid) for n in paths)        # nothing in the tree leads to them
         time.sleep(2)                                                             # the watchdog's looks
