@@ -249,18 +249,56 @@ def _train_centroids(
 ) -> np.ndarray:
     """The codec's centroids: :func:`_flat_centroids`, :func:`_two_level_centroids` or, for
     ``flat-bf16``, :func:`_torch_kmeans` in bfloat16 (``auto`` resolved by :func:`resolve_kmeans`)."""
-    kmeans = resolve_kmeans(kmeans, device, kmeans_flops(len(train), n_centroids, train.shape[1], niter))
+    flops = kmeans_flops(len(train), n_centroids, train.shape[1], niter)
+    kmeans = resolve_kmeans(kmeans, device, flops)
     if kmeans == "two-level" and n_centroids >= TWO_LEVEL_MIN_CENTROIDS:
         return _two_level_centroids(train, n_centroids, seed, niter, device)
     if kmeans == "flat-bf16":
         return _torch_kmeans(train, n_centroids, seed, niter, device or "cpu", bf16=True)
+    if kmeans == "progressive":
+        return _progressive_centroids(train, n_centroids, seed, niter, device,
+                                      bf16=resolve_kmeans("auto", device, flops) == "flat-bf16")
     return _flat_centroids(train, n_centroids, seed, niter, device)
 
 
+#: ``progressive`` k-means: the warm-up iterations see ``1 / PROGRESSIVE_SHARE`` of the rows...
+PROGRESSIVE_SHARE = 4
+#: ... but at least this many rows per centroid (or every row)
+PROGRESSIVE_MIN_ROWS_PER_CENTROID = 16
+
+
+def progressive_rows(n_train: int, n_centroids: int) -> int:
+    """Rows the warm-up iterations of ``progressive`` k-means see: the first
+    ``max(n / PROGRESSIVE_SHARE, PROGRESSIVE_MIN_ROWS_PER_CENTROID * k)`` (at most ``n``)."""
+    return min(n_train, max(n_train // PROGRESSIVE_SHARE, PROGRESSIVE_MIN_ROWS_PER_CENTROID * n_centroids))
+
+
+def _progressive_centroids(train: np.ndarray, n_centroids: int, seed: int, niter: int,
+                           device: "str | None", bf16: bool) -> np.ndarray:
+    """Flat spherical k-means whose first ``niter - 1`` iterations run on the first
+    :func:`progressive_rows` rows (content-key order: a uniform sample that moves little
+    when the input moves little) and whose last iteration, from those centroids, on every
+    row. The products run where ``flat`` or ``flat-bf16`` would (``bf16``: torch's
+    bfloat16 products on this CPU). With ``niter`` 1, or too few rows to leave any out,
+    it is that flat fit."""
+    n_warm = progressive_rows(len(train), n_centroids)
+    if niter <= 1 or n_warm >= len(train):
+        if bf16:
+            return _torch_kmeans(train, n_centroids, seed, niter, "cpu", bf16=True)
+        return _flat_centroids(train, n_centroids, seed, niter, device)
+    if bf16:
+        warm = _torch_kmeans(train[:n_warm], n_centroids, seed, niter - 1, "cpu", bf16=True)
+        return _torch_kmeans(train, n_centroids, seed, 1, "cpu", bf16=True, init=warm)
+    warm = _flat_centroids(train[:n_warm], n_centroids, seed, niter - 1, device)
+    return _flat_centroids(train, n_centroids, seed, 1, device, init=warm)
+
+
 def _flat_centroids(
-    train: np.ndarray, n_centroids: int, seed: int, niter: int, device: "str | None" = None
+    train: np.ndarray, n_centroids: int, seed: int, niter: int, device: "str | None" = None,
+    init: "np.ndarray | None" = None,
 ) -> np.ndarray:
-    """Spherical k-means from the first ``n_centroids`` rows; returns float32 unit rows.
+    """Spherical k-means from the first ``n_centroids`` rows (or ``init``, ``(n_centroids,
+    dim)`` unit rows); returns float32 unit rows.
 
     ``train`` comes in content-key order (see :func:`content_keys`), so its first rows
     are a uniform random sample that moves little when the input moves little. faiss
@@ -268,7 +306,7 @@ def _flat_centroids(
     ``device`` the same algorithm runs in torch there (:func:`_torch_kmeans`).
     """
     if device is not None:
-        return _torch_kmeans(train, n_centroids, seed, niter, device)
+        return _torch_kmeans(train, n_centroids, seed, niter, device, init=init)
     use_gpu = faiss.get_num_gpus() > 0
     kmeans = faiss.Kmeans(
         train.shape[1],
@@ -284,7 +322,8 @@ def _flat_centroids(
         # only gates that warning; the clustering is the same.
         min_points_per_centroid=1,
     )
-    kmeans.train(train, init_centroids=np.ascontiguousarray(train[:n_centroids], dtype=np.float32))
+    start = train[:n_centroids] if init is None else init
+    kmeans.train(train, init_centroids=np.ascontiguousarray(start, dtype=np.float32))
     return _l2_normalize(np.asarray(kmeans.centroids, dtype=np.float32))
 
 
@@ -313,7 +352,7 @@ def _torch_nearest_centroids(centroids, vectors, budget: int):
 
 
 def _torch_kmeans(train: np.ndarray, n_centroids: int, seed: int, niter: int, device: str,
-                  bf16: bool = False) -> np.ndarray:
+                  bf16: bool = False, init: "np.ndarray | None" = None) -> np.ndarray:
     """faiss's spherical k-means (``faiss.Kmeans(spherical=True)``), in torch on ``device``.
 
     For a GPU worker when faiss has no GPU (faiss-cpu, the default extra): the same steps
@@ -325,7 +364,8 @@ def _torch_kmeans(train: np.ndarray, n_centroids: int, seed: int, niter: int, de
     order and the empty-cluster draws; equal inputs on one device give equal centroids.
     With ``bf16`` the assignment products run in bfloat16 (the means stay float32): a
     row whose two best centroids score within bfloat16 rounding (~4e-3) of each other
-    may join the other one (kind ``flat-bf16``, see :data:`KMEANS_KINDS`).
+    may join the other one (kind ``flat-bf16``, see :data:`KMEANS_KINDS`). ``init``
+    (``(n_centroids, dim)``) replaces the start (``progressive``'s last iteration).
     Returns ``(n_centroids, dim)`` float32 unit rows.
     """
     import torch
@@ -338,7 +378,8 @@ def _torch_kmeans(train: np.ndarray, n_centroids: int, seed: int, niter: int, de
         budget = _SCORE_BUDGET >> 2 if bf16 else _SCORE_BUDGET
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(train, dtype=np.float32)).to(device)
-        c = torch.nn.functional.normalize(x[:k].clone(), dim=1)
+        start = x[:k].clone() if init is None else torch.from_numpy(np.array(init, dtype=np.float32)).to(device)
+        c = torch.nn.functional.normalize(start, dim=1)
         sign = torch.ones(x.shape[1], device=device)
         sign[1::2] = -1.0
         xs = x.bfloat16() if bf16 else x
@@ -369,7 +410,11 @@ def _torch_kmeans(train: np.ndarray, n_centroids: int, seed: int, niter: int, de
 #: faiss's float32 fit on 2 AVX-512 BF16 cores, slower on a CPU without them; a row
 #: nearly equidistant from two centroids may join either; compression is float32 whatever
 #: the kind).
-KMEANS_KINDS = ("flat", "two-level", "flat-bf16")
+#: ``progressive`` runs flat's first ``niter - 1`` iterations on a quarter of the rows
+#: (:func:`progressive_rows`) and the last on all of them, in bfloat16 where ``auto`` would be
+#: ``flat-bf16`` (on 12,837 XQuAD sentences, 507k tokens, 8,192 centroids: 2.2x faster than
+#: ``flat-bf16``, 0.9% larger residuals; see the README).
+KMEANS_KINDS = ("flat", "two-level", "flat-bf16", "progressive")
 #: what a job's ``kmeans`` setting may say: a kind, or ``auto`` (:func:`resolve_kmeans`)
 KMEANS_CHOICES = ("auto",) + KMEANS_KINDS
 

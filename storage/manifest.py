@@ -125,7 +125,7 @@ class CodecRecord(TypedDict):
     sample_shards_reused: int  # of those, encoded by an interrupted earlier attempt
     estimated_corpus_tokens: int  # corpus tokens extrapolated from the sample (sizes the centroids)
     kmeans_iters: int
-    kmeans: str  # kind the fit ran: flat, two-level or flat-bf16 (codec.KMEANS_KINDS); absent before it existed
+    kmeans: str  # kind the fit ran (codec.KMEANS_KINDS: flat, two-level, ...); absent before it existed
     nbits: int  # residual bits per dimension: 1, 2 or 4
     n_centroids: int
     dim: int

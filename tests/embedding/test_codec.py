@@ -16,6 +16,7 @@ from hypothesis.extra import numpy as hnp
 from embedding.codec import (
     AUTO_BF16_MIN_FLOPS,
     KMEANS_KINDS,
+    PROGRESSIVE_MIN_ROWS_PER_CENTROID,
     ResidualCodec,
     code_dtype,
     content_keys,
@@ -24,6 +25,7 @@ from embedding.codec import (
     kmeans_flops,
     native_bf16,
     pack_bits,
+    progressive_rows,
     resolve_kmeans,
     unpack_bits,
 )
@@ -540,8 +542,58 @@ def test_fit_rejects_an_unknown_kmeans(vectors):
         ResidualCodec.fit(vectors[0], 2, N_CENTROIDS, kmeans="fast")
 
 
+# ---- progressive k-means: warm-up iterations on a share of the rows, the last on all ------------
+def test_progressive_rows_is_a_quarter_but_enough_per_centroid():
+    assert progressive_rows(480_000, 8192) == 8192 * PROGRESSIVE_MIN_ROWS_PER_CENTROID   # 131k > 120k
+    assert progressive_rows(4_000_000, 8192) == 1_000_000
+    assert progressive_rows(2_000, 256) == 2_000                                        # too few: every row
+
+
+def test_progressive_kmeans_is_deterministic_order_free_and_close_to_flat_quality(big_sample):
+    flat = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4)
+    prog = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans="progressive")
+    assert progressive_rows(int(len(big_sample) * 0.95), 256) < len(big_sample) * 0.95   # a warm-up share
+    assert not np.array_equal(prog.centroids, flat.centroids)      # not silently the flat fit
+    np.testing.assert_allclose(np.linalg.norm(prog.centroids, axis=1), 1.0, atol=1e-5)
+    held = _clustered(1000, DIM, 40, noise=0.6, seed=13)
+    assert _mean_residual(prog, held) < 1.05 * _mean_residual(flat, held)
+    assert prog == ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans="progressive")
+    again = ResidualCodec.fit(big_sample[::-1].copy(), 2, 256, seed=0, niter=4, kmeans="progressive")
+    np.testing.assert_array_equal(np.sort(again.centroids, axis=0), np.sort(prog.centroids, axis=0))
+
+
+def test_progressive_kmeans_with_one_iteration_is_the_flat_fit(big_sample):
+    assert ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=1, kmeans="progressive") == \
+        ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=1)
+
+
+def test_progressive_kmeans_last_iteration_sees_every_row(big_sample, monkeypatch):
+    """With the warm-up cut to the first k rows, k-means on k rows keeps them as they are: the
+    codec then equals one flat iteration on every row (which starts from those same rows)."""
+    from embedding import codec as codec_mod
+
+    monkeypatch.setattr(codec_mod, "PROGRESSIVE_SHARE", 10 ** 9)
+    monkeypatch.setattr(codec_mod, "PROGRESSIVE_MIN_ROWS_PER_CENTROID", 1)
+    prog = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=3, kmeans="progressive", device="cpu")
+    one = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=1, device="cpu")
+    np.testing.assert_allclose(prog.centroids, one.centroids, atol=1e-5)
+
+
+@pytest.mark.skipif(not native_bf16(), reason="bfloat16 products need AVX-512 BF16 or AMX")
+def test_progressive_kmeans_runs_in_bf16_where_auto_would(big_sample, monkeypatch):
+    from embedding import codec as codec_mod
+
+    fp32 = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans="progressive")
+    monkeypatch.setattr(codec_mod, "AUTO_BF16_MIN_FLOPS", 0.0)          # auto: flat-bf16 at any size
+    bf = ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans="progressive")
+    assert not np.array_equal(bf.centroids, fp32.centroids)                 # really the bfloat16 path
+    assert bf == ResidualCodec.fit(big_sample, 2, 256, seed=0, niter=4, kmeans="progressive")
+    held = _clustered(1000, DIM, 40, noise=0.6, seed=13)
+    assert _mean_residual(bf, held) < 1.02 * _mean_residual(fp32, held)
+
+
 # ---- k-means in torch (a GPU worker without faiss-gpu) ------------------------------------
-@pytest.mark.parametrize("kmeans", ["flat", "two-level"])
+@pytest.mark.parametrize("kmeans", ["flat", "two-level", "progressive"])
 def test_torch_kmeans_is_faiss_kmeans(big_sample, kmeans):
     """fit(device=...) runs faiss's spherical k-means in torch: the same start, steps and
     result (here on torch's CPU device; tests/jobs/test_gpu.py does it on CUDA)."""
@@ -601,7 +653,8 @@ def test_auto_kmeans_is_bf16_only_on_a_cpu_that_multiplies_bf16_natively(monkeyp
     assert resolve_kmeans("flat-bf16", flops=small) == "flat-bf16"   # an explicit kind is kept
     for kind in KMEANS_KINDS:
         assert resolve_kmeans(kind) == kind
-    with pytest.raises(ValueError, match="kmeans must be one of auto, flat, two-level, flat-bf16, got 'fast'"):
+    with pytest.raises(ValueError,
+                       match="kmeans must be one of auto, flat, two-level, flat-bf16, progressive, got 'fast'"):
         resolve_kmeans("fast")
 
 

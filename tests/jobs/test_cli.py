@@ -254,10 +254,12 @@ def test_kmeans_choices_are_the_codecs_and_reach_the_config(tmp_path):
     assert embed.to_config(_parse("embed", "--kmeans", "flat"), tmp_path).to_dict()["kmeans"] == "flat"
     assert embed.to_config(_parse("embed", "--kmeans", "two-level"), tmp_path).kmeans == "two-level"
     assert embed.to_config(_parse("embed", "--kmeans", "flat-bf16"), tmp_path).kmeans == "flat-bf16"
+    assert embed.to_config(_parse("embed", "--kmeans", "progressive"), tmp_path).kmeans == "progressive"
     assert EmbedConfig(corpus=("c",), model="m", set_name="s").to_dict().get("kmeans") is None  # keys of old sets
     with pytest.raises(SystemExit):
         _parse("embed", "--kmeans", "fast")
-    with pytest.raises(ValueError, match="kmeans must be one of auto, flat, two-level, flat-bf16, got 'fast'"):
+    with pytest.raises(ValueError,
+                       match="kmeans must be one of auto, flat, two-level, flat-bf16, progressive, got 'fast'"):
         EmbedConfig(corpus=("c",), model="m", set_name="s", kmeans="fast")
 
 

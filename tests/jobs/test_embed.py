@@ -373,7 +373,7 @@ def test_a_failed_cached_shard_task_names_the_shard_and_the_rerun_resumes(ray_lo
     assert catalog.query(str(root), "select count(*), count(distinct id) from documents")[1] == [(48, 48)]
 
 
-@pytest.mark.parametrize("kmeans", ["two-level", "flat-bf16", "auto"])
+@pytest.mark.parametrize("kmeans", ["two-level", "flat-bf16", "progressive", "auto"])
 def test_other_kmeans_codec_through_the_job(ray_local, tiny_model_dir, tmp_path, kmeans):
     """The manifest's codec says which k-means ran (auto: flat for a sample this small, whose
     k-means costs less than importing torch for bfloat16 would)."""
