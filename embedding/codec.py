@@ -37,6 +37,9 @@ FORMAT_VERSION = 1
 # stays around 64 MiB.
 _SCORE_BUDGET = 1 << 24
 _ROW_BATCH = 1 << 16
+#: rows per block of a whole-array pass that needs a temporary (under glibc's 32 MiB mmap
+#: threshold at 384 float32 dims, so every block reuses the same pages)
+_BLOCK_ROWS = 1 << 13
 _FLOAT_KEYS = ("centroids", "bucket_cutoffs", "bucket_weights")
 _REQUIRED_KEYS = frozenset(_FLOAT_KEYS + ("nbits", "avg_residual", "format_version"))
 
@@ -51,15 +54,22 @@ def content_keys(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
     updated index by the changed documents, not by a reshuffled k-means.
     Rows are hashed as float16, so float noise below that precision does not matter.
     """
-    rows = np.ascontiguousarray(np.asarray(vectors, dtype=np.float16))
-    if rows.ndim != 2:
-        raise ValueError(f"expected (n, dim) vectors, got shape {rows.shape}")
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2:
+        raise ValueError(f"expected (n, dim) vectors, got shape {vectors.shape}")
     salt = int(seed).to_bytes(8, "little", signed=True)
-    records = rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).reshape(len(rows))
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8, salt=salt).digest(), "little")
-         for r in records),
-        dtype=np.uint64, count=len(rows))
+    out = np.empty(len(vectors), dtype=np.uint64)
+    # Rows cast to float16 a block at a time: one small buffer instead of a float16 copy of
+    # the whole sample, whose fresh pages cost more than the cast (507k x 384 tokens: ~3 s
+    # of a fit's ~15 s outside k-means on 2 CPUs).
+    for block in _row_batches(len(vectors), _BLOCK_ROWS):
+        rows = np.ascontiguousarray(vectors[block], dtype=np.float16)
+        records = rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).reshape(len(rows))
+        out[block] = np.fromiter(
+            (int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8, salt=salt).digest(), "little")
+             for r in records),
+            dtype=np.uint64, count=len(rows))
+    return out
 
 
 def content_order(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -200,10 +210,18 @@ def _row_batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    """``(n, 1)`` L2 norms of the rows, a block of rows at a time: ``np.linalg.norm``'s values
+    without its full-size temporary of squares (fresh pages: ~2 s at 507k x 384 on 2 CPUs)."""
+    norms = np.empty((len(x), 1), dtype=np.result_type(x.dtype, np.float32))
+    for block in _row_batches(len(x), _BLOCK_ROWS):
+        norms[block] = np.linalg.norm(x[block], axis=1, keepdims=True)
+    return norms
+
+
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation of a ``(n, d)`` float32 array; zero rows stay zero."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.finfo(np.float32).tiny)
+    return x / np.maximum(_row_norms(x), np.finfo(np.float32).tiny)
 
 
 def _as_vectors(vectors: np.ndarray, dim: int | None, name: str) -> np.ndarray:
@@ -217,7 +235,7 @@ def _as_vectors(vectors: np.ndarray, dim: int | None, name: str) -> np.ndarray:
     if dim is not None and vectors.shape[1] != dim:
         raise ValueError(f"{name} has dim {vectors.shape[1]}, codec dim is {dim}")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if not np.isfinite(vectors).all():
+    if not all(np.isfinite(vectors[block]).all() for block in _row_batches(len(vectors), _BLOCK_ROWS)):
         raise ValueError(f"{name} contains NaN or infinite values")
     return vectors
 
@@ -257,7 +275,7 @@ def _train_centroids(
         return _torch_kmeans(train, n_centroids, seed, niter, device or "cpu", bf16=True)
     if kmeans == "progressive":
         return _progressive_centroids(train, n_centroids, seed, niter, device,
-                                      bf16=resolve_kmeans("auto", device, flops) == "flat-bf16")
+                                      bf16=bf16_products(kmeans, device, flops))
     return _flat_centroids(train, n_centroids, seed, niter, device)
 
 
@@ -474,11 +492,25 @@ def resolve_kmeans(kind: str, device: "str | None" = None, flops: "float | None"
         if kind not in KMEANS_KINDS:
             raise ValueError(f"kmeans must be one of {', '.join(KMEANS_CHOICES)}, got {kind!r}")
         return kind
+    return "flat-bf16" if _cpu_bf16_pays(device, flops) else "flat"
+
+
+def _cpu_bf16_pays(device: "str | None", flops: "float | None") -> bool:
+    """A fit on this CPU (no torch ``device``, no faiss GPU) that multiplies bfloat16 natively,
+    whose products (``flops``; None: any size) reach :data:`AUTO_BF16_MIN_FLOPS`."""
     if device is not None or faiss.get_num_gpus() > 0:
-        return "flat"
+        return False
     if flops is not None and flops < AUTO_BF16_MIN_FLOPS:
-        return "flat"
-    return "flat-bf16" if native_bf16() else "flat"
+        return False
+    return native_bf16()
+
+
+def bf16_products(kind: str, device: "str | None" = None, flops: "float | None" = None) -> bool:
+    """Whether a fit of ``kind`` runs its k-means products in bfloat16 through torch:
+    ``flat-bf16`` always, ``progressive`` where ``auto`` would be ``flat-bf16`` (see
+    :func:`resolve_kmeans`). A fit task on CPU gives torch its threads when this says so."""
+    kind = resolve_kmeans(kind, device, flops)
+    return kind == "flat-bf16" or (kind == "progressive" and _cpu_bf16_pays(device, flops))
 
 
 #: bfloat16's unit roundoff: a value rounds to within this fraction of itself (8 significant bits)

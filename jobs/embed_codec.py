@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embedding.codec import ResidualCodec, content_order, default_n_centroids, kmeans_flops, resolve_kmeans
+from embedding.codec import (
+    ResidualCodec,
+    bf16_products,
+    content_order,
+    default_n_centroids,
+    kmeans_flops,
+    resolve_kmeans,
+)
 from embedding.faiss_import import import_faiss
 from jobs import plan as planner
 from jobs.embed_pool import add_worker_stages, run_pool, worker_spec
@@ -175,9 +182,10 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
         t = time.perf_counter()
         device = _kmeans_device(p, faiss)
         # "auto" as this task's CPU or GPU and the sample's size resolve it (may import torch)
-        kind = resolve_kmeans(kmeans, device, kmeans_flops(len(train), k, dim, niter))
+        flops = kmeans_flops(len(train), k, dim, niter)
+        kind = resolve_kmeans(kmeans, device, flops)
         stats["kmeans"] = kind
-        if kind == "flat-bf16" and device is None:  # torch on this task's CPUs
+        if device is None and bf16_products(kind, device, flops):  # torch on this task's CPUs
             import torch
 
             torch.set_num_threads(threads)

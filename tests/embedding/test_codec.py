@@ -18,6 +18,7 @@ from embedding.codec import (
     KMEANS_KINDS,
     PROGRESSIVE_MIN_ROWS_PER_CENTROID,
     ResidualCodec,
+    bf16_products,
     code_dtype,
     content_keys,
     cpu_flags,
@@ -656,6 +657,22 @@ def test_auto_kmeans_is_bf16_only_on_a_cpu_that_multiplies_bf16_natively(monkeyp
     with pytest.raises(ValueError,
                        match="kmeans must be one of auto, flat, two-level, flat-bf16, progressive, got 'fast'"):
         resolve_kmeans("fast")
+
+
+def test_bf16_products_says_which_fits_multiply_in_bfloat16(monkeypatch):
+    """What the fit task gives torch its threads on: flat-bf16 always, progressive where auto
+    would be flat-bf16 (a CPU with native bfloat16, a large enough fit, no GPU)."""
+    from embedding import codec as codec_mod
+
+    big = kmeans_flops(500_000, 8192, 384, 4)
+    monkeypatch.setattr(codec_mod, "native_bf16", lambda: True)
+    assert bf16_products("flat-bf16") and bf16_products("progressive", flops=big)
+    assert bf16_products("auto", flops=big)
+    assert not bf16_products("flat", flops=big) and not bf16_products("two-level", flops=big)
+    assert not bf16_products("progressive", flops=kmeans_flops(30_000, 2048, 384, 4))   # torch's import costs more
+    assert not bf16_products("progressive", device="cuda", flops=big)                    # torch float32 on the GPU
+    monkeypatch.setattr(codec_mod, "native_bf16", lambda: False)
+    assert not bf16_products("progressive", flops=big) and bf16_products("flat-bf16")
 
 
 def test_native_bf16_asks_the_cpu_flags_first(monkeypatch):
