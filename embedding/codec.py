@@ -299,16 +299,15 @@ def _progressive_centroids(train: np.ndarray, n_centroids: int, seed: int, niter
     row. The products run where ``flat`` or ``flat-bf16`` would (``bf16``: torch's
     bfloat16 products on this CPU). With ``niter`` 1, or too few rows to leave any out,
     it is that flat fit."""
+    def flat(rows: np.ndarray, iters: int, init: "np.ndarray | None" = None) -> np.ndarray:
+        if bf16:
+            return _torch_kmeans(rows, n_centroids, seed, iters, "cpu", bf16=True, init=init)
+        return _flat_centroids(rows, n_centroids, seed, iters, device, init=init)
+
     n_warm = progressive_rows(len(train), n_centroids)
     if niter <= 1 or n_warm >= len(train):
-        if bf16:
-            return _torch_kmeans(train, n_centroids, seed, niter, "cpu", bf16=True)
-        return _flat_centroids(train, n_centroids, seed, niter, device)
-    if bf16:
-        warm = _torch_kmeans(train[:n_warm], n_centroids, seed, niter - 1, "cpu", bf16=True)
-        return _torch_kmeans(train, n_centroids, seed, 1, "cpu", bf16=True, init=warm)
-    warm = _flat_centroids(train[:n_warm], n_centroids, seed, niter - 1, device)
-    return _flat_centroids(train, n_centroids, seed, 1, device, init=warm)
+        return flat(train, niter)
+    return flat(train, 1, init=flat(train[:n_warm], niter - 1))
 
 
 def _flat_centroids(
