@@ -57,13 +57,20 @@ def content_keys(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
     vectors = np.asarray(vectors)
     if vectors.ndim != 2:
         raise ValueError(f"expected (n, dim) vectors, got shape {vectors.shape}")
+    return _hashed_rows(vectors, seed)
+
+
+def _hashed_rows(vectors: np.ndarray, seed: int, scale: "np.ndarray | None" = None) -> np.ndarray:
+    """:func:`content_keys` of ``vectors``, or of ``vectors / scale`` (float32, ``scale``
+    ``(n, 1)``) without that quotient's full-size array (:func:`_split_heldout`)."""
     salt = int(seed).to_bytes(8, "little", signed=True)
     out = np.empty(len(vectors), dtype=np.uint64)
     # Rows cast to float16 a block at a time: one small buffer instead of a float16 copy of
     # the whole sample, whose fresh pages cost more than the cast (507k x 384 tokens: ~3 s
     # of a fit's ~15 s outside k-means on 2 CPUs).
     for block in _row_batches(len(vectors), _BLOCK_ROWS):
-        rows = np.ascontiguousarray(vectors[block], dtype=np.float16)
+        rows = vectors[block] if scale is None else np.asarray(vectors[block], np.float32) / scale[block]
+        rows = np.ascontiguousarray(rows, dtype=np.float16)
         records = rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).reshape(len(rows))
         out[block] = np.fromiter(
             (int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8, salt=salt).digest(), "little")
@@ -211,11 +218,12 @@ def _row_batches(n: int, batch_size: int) -> Iterator[slice]:
 
 
 def _row_norms(x: np.ndarray) -> np.ndarray:
-    """``(n, 1)`` L2 norms of the rows, a block of rows at a time: ``np.linalg.norm``'s values
-    without its full-size temporary of squares (fresh pages: ~2 s at 507k x 384 on 2 CPUs)."""
-    norms = np.empty((len(x), 1), dtype=np.result_type(x.dtype, np.float32))
+    """``(n, 1)`` float32 L2 norms of the rows as float32, a block of rows at a time:
+    ``np.linalg.norm``'s values without its full-size temporary of squares (fresh pages:
+    ~2 s at 507k x 384 on 2 CPUs) nor a float32 copy of a float16 ``x``."""
+    norms = np.empty((len(x), 1), dtype=np.float32)
     for block in _row_batches(len(x), _BLOCK_ROWS):
-        norms[block] = np.linalg.norm(x[block], axis=1, keepdims=True)
+        norms[block] = np.linalg.norm(np.asarray(x[block], np.float32), axis=1, keepdims=True)
     return norms
 
 
@@ -226,6 +234,12 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
 
 def _as_vectors(vectors: np.ndarray, dim: int | None, name: str) -> np.ndarray:
     """Check a ``(n, dim)`` finite float array and return it as float32."""
+    return np.ascontiguousarray(_checked_vectors(vectors, dim, name), dtype=np.float32)
+
+
+def _checked_vectors(vectors: np.ndarray, dim: int | None, name: str) -> np.ndarray:
+    """Check a ``(n, dim)`` float array, finite as float32, and return it as it is (a
+    float16 sample is converted a block at a time where it is used, not copied whole)."""
     vectors = np.asarray(vectors)
     if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
         raise ValueError(
@@ -234,8 +248,10 @@ def _as_vectors(vectors: np.ndarray, dim: int | None, name: str) -> np.ndarray:
         )
     if dim is not None and vectors.shape[1] != dim:
         raise ValueError(f"{name} has dim {vectors.shape[1]}, codec dim is {dim}")
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if not all(np.isfinite(vectors[block]).all() for block in _row_batches(len(vectors), _BLOCK_ROWS)):
+    with np.errstate(over="ignore"):  # a float64 value past float32's range is not finite as float32
+        finite = all(np.isfinite(np.asarray(vectors[block], np.float32)).all()
+                     for block in _row_batches(len(vectors), _BLOCK_ROWS))
+    if not finite:
         raise ValueError(f"{name} contains NaN or infinite values")
     return vectors
 
@@ -352,7 +368,7 @@ _TORCH_SCORE_BUDGET = 1 << 27
 
 def _torch_nearest_centroids(centroids, vectors, budget: int):
     """:func:`_nearest_centroids` on torch tensors: ``(n,)`` int64 on their device, scored
-    in blocks of at most ``budget`` rows x centroids (in the tensors' dtype: a bfloat16
+    in blocks of at most ``budget`` rows x centroids (in the centroids' dtype: a bfloat16
     product gives the nearest centroid up to bfloat16 rounding)."""
     import torch
 
@@ -364,7 +380,9 @@ def _torch_nearest_centroids(centroids, vectors, budget: int):
     for start in range(0, len(vectors), step):
         # max(dim).indices: the same first maximum as argmax, 1.7x (float32) to 4x (bfloat16)
         # faster on CPU
-        out[start:start + step] = (vectors[start:start + step] @ centroids_t).max(dim=1).indices
+        # each block cast to the centroids' dtype on its own (bfloat16 k-means): no bfloat16
+        # copy of the whole sample (its fresh pages cost ~2.5 s at 507k x 384 on 2 CPUs)
+        out[start:start + step] = (vectors[start:start + step].to(centroids_t.dtype) @ centroids_t).max(dim=1).indices
     return out
 
 
@@ -399,9 +417,9 @@ def _torch_kmeans(train: np.ndarray, n_centroids: int, seed: int, niter: int, de
         c = torch.nn.functional.normalize(start, dim=1)
         sign = torch.ones(x.shape[1], device=device)
         sign[1::2] = -1.0
-        xs = x.bfloat16() if bf16 else x
+        dtype = torch.bfloat16 if bf16 else x.dtype
         for _ in range(niter):
-            assign = _torch_nearest_centroids(c.to(xs.dtype), xs, budget)
+            assign = _torch_nearest_centroids(c.to(dtype), x, budget)
             counts = torch.bincount(assign, minlength=k)
             sums = torch.zeros_like(c).index_add_(0, assign, x)
             c = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
@@ -740,16 +758,24 @@ def _two_level_centroids(train: np.ndarray, n_centroids: int, seed: int, niter: 
 def _split_heldout(
     sample: np.ndarray, heldout_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split into (train, heldout) by content key; a tiny sample reuses train rows.
+    """Split into L2-normalised float32 (train, heldout) by content key; a tiny sample reuses
+    train rows.
 
-    Both parts come out in content-key order. The held-out rows are those whose key
-    falls in the lowest ``heldout_fraction`` of the key range, so a row's side of the
-    split does not depend on the other rows.
+    Both parts come out in content-key order (the keys of the normalised rows). The
+    held-out rows are those whose key falls in the lowest ``heldout_fraction`` of the key
+    range, so a row's side of the split does not depend on the other rows. ``sample``
+    (any float dtype, checked finite) is neither changed nor copied whole: each part is
+    gathered, converted and normalised a block at a time into its own array, the only
+    sample-sized arrays of the split (before, a normalised copy of the sample came first:
+    at 507k x 384 tokens its fresh pages cost ~5 s on 2 CPUs).
     """
     n = len(sample)
-    order, keys = content_order(sample, seed)
+    scale = np.maximum(_row_norms(sample), np.finfo(np.float32).tiny)
+    keys = _hashed_rows(sample, seed, scale)
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
     if n < 2 or heldout_fraction <= 0:
-        ordered = sample[order]
+        ordered = _normalized_rows(sample, order, scale)
         return ordered, ordered
     held = keys < np.uint64(min(int(heldout_fraction * 2.0**64), 2**64 - 1))
     n_held = int(held.sum())
@@ -757,9 +783,17 @@ def _split_heldout(
         n_held = min(max(1, math.ceil(n * heldout_fraction)), n - 1)
         held = np.zeros(n, bool)
         held[:n_held] = True
-    # each part gathered once from the sample (not the whole sample reordered first and
-    # then copied again: at 507k x 384 float32 tokens that was ~0.8 GB of copies, ~1.3 s)
-    return sample[order[~held]], sample[order[held]]
+    return _normalized_rows(sample, order[~held], scale), _normalized_rows(sample, order[held], scale)
+
+
+def _normalized_rows(x: np.ndarray, rows: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``x[rows] / scale[rows]`` as one float32 array (``scale`` ``(n, 1)`` float32), gathered
+    a block at a time: :func:`_l2_normalize`'s values for ``scale`` the clamped norms."""
+    out = np.empty((len(rows), x.shape[1]), dtype=np.float32)
+    for block in _row_batches(len(rows), _BLOCK_ROWS):
+        idx = rows[block]
+        np.divide(np.asarray(x[idx], np.float32), scale[idx], out=out[block])
+    return out
 
 
 def _bucket_stats(residuals: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -975,7 +1009,7 @@ class ResidualCodec:
         ResidualCodec
         """
         _check_fit_args(sample, nbits, heldout_fraction)
-        sample = _l2_normalize(_as_vectors(sample, None, "sample"))
+        sample = _checked_vectors(sample, None, "sample")  # normalised in the split, not copied here
         _check_nbits_dim(nbits, sample.shape[1])
         train, heldout = _split_heldout(sample, heldout_fraction, seed)
         k = cls._choose_k(n_centroids, len(sample), len(train))
@@ -1067,14 +1101,17 @@ class ResidualCodec:
         ``n * dim``, with :attr:`avg_residual` to tell whether the centroids still fit.
         Summed batch by batch while each batch's residuals are at hand (a second pass
         over the vectors and their centroids cost ~9% of a compression on 2 CPUs)."""
-        vectors = _as_vectors(vectors, self.dim, "vectors")
+        vectors = _checked_vectors(vectors, self.dim, "vectors")  # float16 rows converted a batch at a time
         codes = np.empty(len(vectors), dtype=self.code_dtype)
         packed = np.empty((len(vectors), self.residual_bytes), dtype=np.uint8)
         abs_sum = 0.0
         bf16 = device is None and use_bf16_search(len(vectors), self.n_centroids, self.dim)
-        for rows in _row_batches(len(vectors), _ROW_BATCH):
+        # On CPU a batch's temporaries stay under glibc's mmap threshold, so every batch reuses
+        # the same heap pages: with 64k-row batches (~100 MB each) a 127k-token shard (float16
+        # in) took 5.8 s on 2 CPUs, with 8k-row ones 3.6 s, the same codes.
+        for rows in _row_batches(len(vectors), _ROW_BATCH if device is not None else _BLOCK_ROWS):
             if device is None:
-                batch = _l2_normalize(vectors[rows])
+                batch = _l2_normalize(np.asarray(vectors[rows], np.float32))
                 batch_codes = (self._bf16_search.nearest(batch) if bf16 else
                                _nearest_centroids(self.centroids, batch))
                 residual = batch - self.centroids[batch_codes]
@@ -1101,7 +1138,7 @@ class ResidualCodec:
             self._torch_arrays[device] = cached
         centroids, cutoffs = cached
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(vectors)).to(device)
+            x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
             x = x / x.norm(dim=1, keepdim=True).clamp_min(np.finfo(np.float32).tiny)
             codes = _torch_nearest_centroids(centroids, x, _SCORE_BUDGET)
             residual = x - centroids[codes]

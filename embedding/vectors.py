@@ -13,7 +13,8 @@ class DocumentVectors:
     Attributes
     ----------
     dense : (n, H) float32 unit rows, or None.
-    tokens : list of n arrays (t_i, dim) float32 unit rows, or None.
+    tokens : list of n arrays (t_i, dim) float32 unit rows, or None (float16 for the rows the
+        embed job's pass 2 takes from its codec-sample cache, as pass 1 stored them).
     n_tokens : (n,) int32, tokens of the full text (with special tokens), before truncation.
     truncated : (n,) bool, some text did not reach a stored vector.
     """

@@ -12,14 +12,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from storage import layout, schemas
-from storage.fs import Location
+from storage.fs import Location, retry
 
 if TYPE_CHECKING:
     from embedding.vectors import DocumentVectors
 
 SAMPLE_CACHE = "_sample"
+#: a cache file's schema metadata: how many token vectors it holds, read from the footer
+#: first so that the fit reads every shard's vectors straight into one array
+TOKEN_COUNT_KEY = b"tessera.token_vectors"
 #: bytes a ``binary`` column's int32 offsets can address; past it, ``large_binary``
 BINARY_MAX_BYTES = int(np.iinfo(np.int32).max)
 
@@ -34,12 +38,13 @@ def cache_table(offsets: list[int], enc: "DocumentVectors | None") -> pa.Table:
     vector (float32) as bytes, its input length and whether it was truncated."""
     if enc is None:  # no non-empty sampled row: an empty cache still marks the shard done
         return pa.table({"row": pa.array([], pa.int32()), "n_tokens": pa.array([], pa.int32()),
-                         "truncated": pa.array([], pa.bool_()), "tokens": pa.array([], pa.binary())})
+                         "truncated": pa.array([], pa.bool_()), "tokens": pa.array([], pa.binary())},
+                        metadata={TOKEN_COUNT_KEY: b"0"})
     cols = {"row": pa.array(offsets, pa.int32()), "n_tokens": pa.array(enc.n_tokens, pa.int32()),
             "truncated": pa.array(enc.truncated, pa.bool_()), "tokens": _binary_column(enc.tokens, np.float16)}
     if enc.dense is not None:
         cols["dense"] = _binary_column(list(enc.dense), np.float32)
-    return pa.table(cols)
+    return pa.table(cols, metadata={TOKEN_COUNT_KEY: str(sum(len(t) for t in enc.tokens)).encode()})
 
 
 def _binary_column(arrays: list, dtype: type) -> pa.Array:
@@ -59,11 +64,13 @@ def _binary_column(arrays: list, dtype: type) -> pa.Array:
 
 
 def read_cache(loc: Location, dim: int) -> dict[int, tuple]:
-    """{row offset: (dense (H,) float32 or None, tokens (t, dim) float32, n_tokens, truncated)}.
+    """{row offset: (dense (H,) float32 or None, tokens (t, dim) float16, n_tokens, truncated)}.
 
-    The columns are read as whole arrays (one float16 -> float32 conversion for the
-    shard; each document's tokens a view of it), not row by row as Python objects: on
-    12,837 sentences (~390 MB of float16) the row-by-row read took 2.3 s of pass 2."""
+    The columns are read as whole arrays (each document's tokens a view of the shard's),
+    not row by row as Python objects: on 12,837 sentences (~390 MB of float16) the
+    row-by-row read took 2.3 s of pass 2. The tokens stay float16, as pass 1 stored
+    them: compression converts them a batch at a time (a float32 copy of a shard's
+    127k tokens, fresh memory, cost ~1.3 s of pass 2 on 2 CPUs)."""
     table = schemas.read_table(loc)
     if not table.num_rows:
         return {}
@@ -71,7 +78,7 @@ def read_cache(loc: Location, dim: int) -> dict[int, tuple]:
     n_tokens = table.column("n_tokens").to_numpy()
     truncated = table.column("truncated").to_numpy(zero_copy_only=False)
     flat, starts = _binary_rows(table.column("tokens"), np.float16)
-    tokens = flat.astype(np.float32).reshape(-1, dim)
+    tokens = flat.reshape(-1, dim)
     bounds = starts // dim
     dense = [None] * len(rows)
     if "dense" in table.column_names:
@@ -100,3 +107,36 @@ def read_cache_tokens(loc: Location, dim: int) -> np.ndarray:
     if not len(col):
         return np.zeros((0, dim), np.float16)
     return _binary_rows(col, np.float16)[0].reshape(-1, dim)
+
+
+def read_sample_tokens(locs: "list[Location]", dim: int) -> np.ndarray:
+    """Every token vector of these shards' caches, in order, as one ``(t, dim)`` float16 array.
+
+    Each file's count comes from its footer (:data:`TOKEN_COUNT_KEY`), so the vectors are
+    read one file at a time straight into the result, not gathered as per-shard arrays
+    and concatenated (at 507k tokens that was ~0.4 GB more of fresh memory in the fit
+    task); a cache without the count (written by an older version) is concatenated.
+    """
+    counts = [_token_count(loc) for loc in locs]
+    if any(n is None for n in counts):
+        chunks = [read_cache_tokens(loc, dim) for loc in locs]
+        return np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float16)
+    out = np.empty((sum(counts), dim), np.float16)
+    start = 0
+    for loc, n in zip(locs, counts):
+        chunk = read_cache_tokens(loc, dim)
+        if len(chunk) != n:
+            raise ValueError(f"{loc.url}: the codec-sample cache's footer says {n} token vectors, "
+                             f"it holds {len(chunk)}")
+        out[start:start + n] = chunk
+        start += n
+    return out
+
+
+def _token_count(loc: Location) -> "int | None":
+    """:data:`TOKEN_COUNT_KEY` of a cache file's footer; None when it has none."""
+    def read() -> "dict | None":
+        with loc.open("rb") as f:
+            return pq.read_schema(f).metadata
+    value = (retry(read, f"read {loc.url}") or {}).get(TOKEN_COUNT_KEY)
+    return int(value) if value is not None else None

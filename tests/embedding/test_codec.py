@@ -393,6 +393,52 @@ def test_fit_rejects_too_many_centroids():
         ResidualCodec.fit(_clustered(20, 16, 2, 0.5, seed=0), 2, 50)
 
 
+@pytest.mark.parametrize("kmeans", ["flat", "progressive"])
+def test_a_float16_sample_fits_as_its_float32_copy_and_is_left_alone(vectors, kmeans):
+    """The embed job hands the fit its float16 cache: converted a block at a time, it
+    must give the codec of the float32 copy, bit for bit, and not change the input."""
+    half = (vectors[0] * np.linspace(0.5, 2.0, len(vectors[0]), dtype=np.float32)[:, None]).astype(np.float16)
+    before = half.copy()
+    from_half = ResidualCodec.fit(half, 2, N_CENTROIDS, seed=2, niter=3, kmeans=kmeans)
+    from_float = ResidualCodec.fit(half.astype(np.float32), 2, N_CENTROIDS, seed=2, niter=3, kmeans=kmeans)
+    assert from_half.to_bytes() == from_float.to_bytes()
+    np.testing.assert_array_equal(half, before)
+
+
+def test_compress_of_float16_rows_equals_that_of_their_float32_copy(codecs, vectors):
+    """Pass 2 compresses the cached float16 tokens without a float32 copy of the shard."""
+    half = np.concatenate([vectors[1]] * 40).astype(np.float16)  # 20k rows: several batches
+    codes16, packed16, sum16 = codecs[2].compress_with_residual_sum(half)
+    codes32, packed32, sum32 = codecs[2].compress_with_residual_sum(half.astype(np.float32))
+    np.testing.assert_array_equal(codes16, codes32)
+    np.testing.assert_array_equal(packed16, packed32)
+    assert sum16 == pytest.approx(sum32, rel=1e-12)
+
+
+def test_float64_values_past_float32_range_are_rejected():
+    sample = _clustered(50, 16, 4, 0.5, seed=0).astype(np.float64)
+    sample[7, 2] = 1e300  # finite as float64, infinite as the float32 the codec computes in
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ResidualCodec.fit(sample, 2, 4)
+
+
+def test_fit_allocates_one_normalised_copy_of_the_sample():
+    """The split gathers, converts and normalises each part a block at a time: the fit's
+    numpy arrays peak near one float32 copy of the sample (train + held-out), not the
+    three (a float32 copy, its normalised copy, the split) it took before."""
+    import tracemalloc
+
+    half = _clustered(100_000, 64, 16, 0.6, seed=5).astype(np.float16)
+    copy_bytes = half.size * 4
+    tracemalloc.start()
+    try:
+        ResidualCodec.fit(half, 2, 64, seed=0, niter=1, kmeans="flat")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert copy_bytes <= peak < 1.6 * copy_bytes
+
+
 # --- construction and serialisation -----------------------------------------
 
 

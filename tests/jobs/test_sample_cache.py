@@ -7,7 +7,7 @@ import pytest
 
 import jobs.sample_cache as sc
 from embedding.vectors import DocumentVectors
-from jobs.sample_cache import cache_table, read_cache, read_cache_tokens, sample_cache
+from jobs.sample_cache import cache_table, read_cache, read_cache_tokens, read_sample_tokens, sample_cache
 from storage import schemas
 from storage.fs import Location
 
@@ -37,8 +37,8 @@ def test_cache_round_trip_row_by_row(tmp_path, monkeypatch, dense, large):
     assert sorted(out) == offsets
     for i, o in enumerate(offsets):
         dense_vec, tokens, n_tokens, truncated = out[o]
-        assert tokens.dtype == np.float32 and tokens.shape == (lengths[i], DIM)
-        np.testing.assert_array_equal(tokens, enc.tokens[i].astype(np.float16).astype(np.float32))
+        assert tokens.dtype == np.float16 and tokens.shape == (lengths[i], DIM)  # as stored: compress converts
+        np.testing.assert_array_equal(tokens, enc.tokens[i].astype(np.float16))
         assert n_tokens == lengths[i] + 2 and truncated == (i % 2 == 0)
         if dense:
             np.testing.assert_array_equal(dense_vec, enc.dense[i])
@@ -54,3 +54,42 @@ def test_empty_cache_reads_empty(tmp_path):
     schemas.write_table(loc, cache_table([], None))
     assert read_cache(loc, DIM) == {}
     assert read_cache_tokens(loc, DIM).shape == (0, DIM)
+
+
+def _write_caches(vdir: Location, shards: dict) -> list:
+    locs = []
+    for shard, lengths in shards.items():
+        loc = sample_cache(vdir, shard)
+        enc = _encodings(lengths, seed=shard) if lengths else None
+        schemas.write_scratch_table(loc, cache_table(list(range(len(lengths))), enc))
+        locs.append(loc)
+    return locs
+
+
+def test_the_fit_reads_every_shard_into_one_array_in_order(tmp_path):
+    vdir = Location(str(tmp_path / "v1"))
+    shards = {0: [3, 5], 1: [], 2: [4], 3: [1, 1, 6]}
+    locs = _write_caches(vdir, shards)
+    out = read_sample_tokens(locs, DIM)
+    expected = np.concatenate([np.concatenate(_encodings(n, seed=s).tokens) for s, n in shards.items() if n])
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(out, expected.astype(np.float16))
+    assert read_sample_tokens([], DIM).shape == (0, DIM)
+
+
+def test_a_cache_without_its_count_is_read_and_concatenated(tmp_path):
+    vdir = Location(str(tmp_path / "v1"))
+    locs = _write_caches(vdir, {0: [2, 3], 1: [4]})
+    old = schemas.read_table(locs[1])  # as an older version wrote it: no count in the footer
+    schemas.write_scratch_table(locs[1], old.replace_schema_metadata(None))
+    expected = np.concatenate([read_cache_tokens(loc, DIM) for loc in locs])
+    np.testing.assert_array_equal(read_sample_tokens(locs, DIM), expected)
+
+
+def test_a_cache_whose_count_is_wrong_is_named(tmp_path):
+    vdir = Location(str(tmp_path / "v1"))
+    locs = _write_caches(vdir, {0: [2, 3], 5: [4]})
+    table = schemas.read_table(locs[1])
+    schemas.write_scratch_table(locs[1], table.replace_schema_metadata({sc.TOKEN_COUNT_KEY: b"9"}))
+    with pytest.raises(ValueError, match=r"00005.*says 9 token vectors, it holds 4"):
+        read_sample_tokens(locs, DIM)
