@@ -21,7 +21,7 @@ import math
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -227,6 +227,31 @@ def _row_norms(x: np.ndarray) -> np.ndarray:
     return norms
 
 
+def _row_blocks(parts: "Sequence[np.ndarray]", size: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """The rows of ``parts`` taken in order, as consecutive blocks of at most ``size`` rows:
+    ``(the block's rows in the whole, the block as float32)``. A block is a view of one
+    part, or the concatenation of the few pieces it spans: never the whole."""
+    start, pending, count = 0, [], 0
+    for part in parts:
+        pos = 0
+        while pos < len(part):
+            take = min(size - count, len(part) - pos)
+            pending.append(part[pos:pos + take])
+            count += take
+            pos += take
+            if count == size:
+                yield slice(start, start + count), _joined(pending)
+                start, pending, count = start + count, [], 0
+    if count:
+        yield slice(start, start + count), _joined(pending)
+
+
+def _joined(pieces: list) -> np.ndarray:
+    if len(pieces) == 1:
+        return np.asarray(pieces[0], np.float32)
+    return np.concatenate(pieces, dtype=np.float32)
+
+
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation of a ``(n, d)`` float32 array; zero rows stay zero."""
     return x / np.maximum(_row_norms(x), np.finfo(np.float32).tiny)
@@ -237,9 +262,10 @@ def _as_vectors(vectors: np.ndarray, dim: int | None, name: str) -> np.ndarray:
     return np.ascontiguousarray(_checked_vectors(vectors, dim, name), dtype=np.float32)
 
 
-def _checked_vectors(vectors: np.ndarray, dim: int | None, name: str) -> np.ndarray:
-    """Check a ``(n, dim)`` float array, finite as float32, and return it as it is (a
-    float16 sample is converted a block at a time where it is used, not copied whole)."""
+def _checked_vectors(vectors: np.ndarray, dim: int | None, name: str, finite: bool = True) -> np.ndarray:
+    """Check a ``(n, dim)`` float array, finite as float32 (unless not ``finite``: the
+    caller checks its blocks), and return it as it is (a float16 sample is converted a
+    block at a time where it is used, not copied whole)."""
     vectors = np.asarray(vectors)
     if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
         raise ValueError(
@@ -248,6 +274,8 @@ def _checked_vectors(vectors: np.ndarray, dim: int | None, name: str) -> np.ndar
         )
     if dim is not None and vectors.shape[1] != dim:
         raise ValueError(f"{name} has dim {vectors.shape[1]}, codec dim is {dim}")
+    if not finite:
+        return vectors
     with np.errstate(over="ignore"):  # a float64 value past float32's range is not finite as float32
         finite = all(np.isfinite(np.asarray(vectors[block], np.float32)).all()
                      for block in _row_batches(len(vectors), _BLOCK_ROWS))
@@ -1094,24 +1122,33 @@ class ResidualCodec:
         return codes, packed
 
     def compress_with_residual_sum(
-        self, vectors: np.ndarray, device: "str | None" = None
+        self, vectors: "np.ndarray | Sequence[np.ndarray]", device: "str | None" = None
     ) -> tuple[np.ndarray, np.ndarray, float]:
         """:meth:`compress`, and the sum of ``|residual|`` over every value of the
         normalised vectors (float64): the statistic a re-index compares, divided by
         ``n * dim``, with :attr:`avg_residual` to tell whether the centroids still fit.
         Summed batch by batch while each batch's residuals are at hand (a second pass
-        over the vectors and their centroids cost ~9% of a compression on 2 CPUs)."""
-        vectors = _checked_vectors(vectors, self.dim, "vectors")  # float16 rows converted a batch at a time
-        codes = np.empty(len(vectors), dtype=self.code_dtype)
-        packed = np.empty((len(vectors), self.residual_bytes), dtype=np.uint8)
+        over the vectors and their centroids cost ~9% of a compression on 2 CPUs).
+
+        ``vectors`` may also be a sequence of ``(t_i, dim)`` arrays (a shard's documents),
+        compressed as their concatenation without building it: each batch gathers only
+        its own rows (a float32 copy of a 127k-token shard is ~0.2 GB of fresh memory)."""
+        parts = [_checked_vectors(vectors, self.dim, "vectors", finite=False)] if isinstance(vectors, np.ndarray) \
+            else [_checked_vectors(v, self.dim, f"vectors[{i}]", finite=False) for i, v in enumerate(vectors)]
+        n = sum(len(p) for p in parts)
+        codes = np.empty(n, dtype=self.code_dtype)
+        packed = np.empty((n, self.residual_bytes), dtype=np.uint8)
         abs_sum = 0.0
-        bf16 = device is None and use_bf16_search(len(vectors), self.n_centroids, self.dim)
+        bf16 = device is None and use_bf16_search(n, self.n_centroids, self.dim)
         # On CPU a batch's temporaries stay under glibc's mmap threshold, so every batch reuses
         # the same heap pages: with 64k-row batches (~100 MB each) a 127k-token shard (float16
         # in) took 5.8 s on 2 CPUs, with 8k-row ones 3.6 s, the same codes.
-        for rows in _row_batches(len(vectors), _ROW_BATCH if device is not None else _BLOCK_ROWS):
+        for rows, block in _row_blocks(parts, _ROW_BATCH if device is not None else _BLOCK_ROWS):
+            with np.errstate(over="ignore"):
+                if not np.isfinite(block).all():
+                    raise ValueError("vectors contains NaN or infinite values")
             if device is None:
-                batch = _l2_normalize(np.asarray(vectors[rows], np.float32))
+                batch = _l2_normalize(block)
                 batch_codes = (self._bf16_search.nearest(batch) if bf16 else
                                _nearest_centroids(self.centroids, batch))
                 residual = batch - self.centroids[batch_codes]
@@ -1119,7 +1156,7 @@ class ResidualCodec:
                 np.abs(residual, out=residual)
                 abs_sum += float(residual.sum(dtype=np.float64))
             else:
-                batch_codes, buckets, batch_sum = self._codes_and_buckets_torch(vectors[rows], device)
+                batch_codes, buckets, batch_sum = self._codes_and_buckets_torch(block, device)
                 abs_sum += batch_sum
             codes[rows] = batch_codes
             packed[rows] = pack_bits(buckets, self.nbits)

@@ -351,14 +351,15 @@ class ShardEncoder(EncoderActor):
         """The compressed tokens' table, and the residual statistics of the vectors
         (``residual_abs_sum`` over ``residual_values``, see ``compress_with_residual_sum``)."""
         lengths = [len(t) for t in tokens]
-        allv = np.concatenate(tokens) if sum(lengths) else np.zeros((0, self.codec.dim), np.float32)
-        # On a GPU encoder the nearest-centroid search runs on the GPU, off the CPU threads.
+        # The documents' arrays as they are, not concatenated first: the codec gathers each
+        # batch's rows (float16 from the sample cache, float32 from the model). On a GPU
+        # encoder the nearest-centroid search runs on the GPU, off the CPU threads.
         codes, residuals, abs_sum = self.codec.compress_with_residual_sum(
-            allv, device="cuda" if self.spec.device == "cuda" else None)
+            tokens, device="cuda" if self.spec.device == "cuda" else None)
         splits = np.cumsum(lengths)[:-1]
         return (schemas.tokens_table(ids, np.split(codes, splits), np.split(residuals, splits),
                                      self.codec.code_dtype),
-                {"residual_abs_sum": abs_sum, "residual_values": int(allv.size)})
+                {"residual_abs_sum": abs_sum, "residual_values": int(sum(lengths)) * self.codec.dim})
 
 
 def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], threads: int,

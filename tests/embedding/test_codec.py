@@ -415,6 +415,34 @@ def test_compress_of_float16_rows_equals_that_of_their_float32_copy(codecs, vect
     assert sum16 == pytest.approx(sum32, rel=1e-12)
 
 
+def test_compress_of_a_list_of_arrays_equals_that_of_their_concatenation(codecs, vectors):
+    """Pass 2 hands the codec a shard's documents as they are (float16 from the sample cache,
+    float32 from the model, some empty): the batches gather their rows across the arrays."""
+    rng = np.random.default_rng(4)
+    rows = np.concatenate([vectors[1]] * 40)  # 20k rows: several batches, documents across their edges
+    cuts = np.sort(rng.choice(len(rows), 600, replace=False))
+    parts = [p.astype(np.float16) if i % 3 == 0 else p for i, p in enumerate(np.split(rows, cuts))]
+    parts.insert(5, np.zeros((0, DIM), np.float32))
+    whole = np.concatenate([p.astype(np.float32) for p in parts])
+    got = codecs[4].compress_with_residual_sum(parts)
+    want = codecs[4].compress_with_residual_sum(whole)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[2] == pytest.approx(want[2], rel=1e-12)
+    codes, packed = codecs[4].compress([])
+    assert codes.shape == (0,) and packed.shape == (0, codecs[4].residual_bytes)
+
+
+def test_compress_of_a_list_names_a_bad_array(codecs, vectors):
+    good = vectors[1][:10]
+    with pytest.raises(ValueError, match=r"vectors\[1\] has dim 5"):
+        codecs[2].compress([good, np.zeros((3, 5), np.float32)])
+    bad = good.copy()
+    bad[4, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        codecs[2].compress([good, bad])
+
+
 def test_float64_values_past_float32_range_are_rejected():
     sample = _clustered(50, 16, 4, 0.5, seed=0).astype(np.float64)
     sample[7, 2] = 1e300  # finite as float64, infinite as the float32 the codec computes in
