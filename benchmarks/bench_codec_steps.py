@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nbits", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dim", type=int, default=384, help="the token vectors' dimension (me5-small's: 384)")
+    p.add_argument("--settle", type=float, default=3.0,
+                   help="seconds a child waits after its imports (freed pages go back to a VM's host)")
     p.add_argument("--out", help="JSON results (a .txt of the printed table beside it)")
     p.add_argument("--child", nargs=2, metavar=("STEP", "TREE"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -96,10 +99,10 @@ def child(step: str, tree: str, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     locs = [Location(str(p)) for p in sorted(Path(args.cache).glob("part-*.parquet"))]
-    time.sleep(3)  # pages freed by the imports go back to the host, as between the job's stages
+    time.sleep(args.settle)  # pages freed by the imports go back to the host, as between the job's stages
     started = time.perf_counter()
     if step == "fit":
-        dim = 384
+        dim = args.dim
         if hasattr(sc, "read_sample_tokens"):
             sample = sc.read_sample_tokens(locs, dim)
         else:  # the fit task before: a float16 array per shard, concatenated, then float32
@@ -128,7 +131,8 @@ def child(step: str, tree: str, args: argparse.Namespace) -> dict:
 
 def run_child(step: str, tree: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", step, tree, "--cache", args.cache, "--kmeans", args.kmeans,
-           "--nbits", str(args.nbits), "--threads", str(args.threads)]
+           "--nbits", str(args.nbits), "--threads", str(args.threads), "--dim", str(args.dim),
+           "--settle", str(args.settle)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
