@@ -81,7 +81,11 @@ def _hashed_rows(vectors: np.ndarray, seed: int, scale: "np.ndarray | None" = No
 
 def content_order(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(order, sorted keys)``: rows sorted by :func:`content_keys`."""
-    keys = content_keys(vectors, seed)
+    return _key_order(content_keys(vectors, seed))
+
+
+def _key_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, keys[order])``: the rows sorted by their content keys (stable)."""
     order = np.argsort(keys, kind="stable")
     return order, keys[order]
 
@@ -278,9 +282,9 @@ def _checked_vectors(vectors: np.ndarray, dim: int | None, name: str, finite: bo
     if not finite:
         return vectors
     with np.errstate(over="ignore"):  # a float64 value past float32's range is not finite as float32
-        finite = all(np.isfinite(np.asarray(vectors[block], np.float32)).all()
-                     for block in _row_batches(len(vectors), _BLOCK_ROWS))
-    if not finite:
+        ok = all(np.isfinite(np.asarray(vectors[block], np.float32)).all()
+                 for block in _row_batches(len(vectors), _BLOCK_ROWS))
+    if not ok:
         raise ValueError(f"{name} contains NaN or infinite values")
     return vectors
 
@@ -800,9 +804,7 @@ def _split_heldout(
     """
     n = len(sample)
     scale = np.maximum(_row_norms(sample), np.finfo(np.float32).tiny)
-    keys = _hashed_rows(sample, seed, scale)
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]
+    order, keys = _key_order(_hashed_rows(sample, seed, scale))
     if n < 2 or heldout_fraction <= 0:
         ordered = _normalized_rows(sample, order, scale)
         return ordered, ordered
@@ -1137,8 +1139,11 @@ class ResidualCodec:
         ``vectors`` may also be a sequence of ``(t_i, dim)`` arrays (a shard's documents),
         compressed as their concatenation without building it: each batch gathers only
         its own rows (a float32 copy of a 127k-token shard is ~0.2 GB of fresh memory)."""
-        parts = [_checked_vectors(vectors, self.dim, "vectors", finite=False)] if isinstance(vectors, np.ndarray) \
-            else [_checked_vectors(v, self.dim, f"vectors[{i}]", finite=False) for i, v in enumerate(vectors)]
+        # shapes checked here, finiteness a batch at a time below (no pass of its own)
+        if isinstance(vectors, np.ndarray):
+            parts = [_checked_vectors(vectors, self.dim, "vectors", finite=False)]
+        else:
+            parts = [_checked_vectors(v, self.dim, f"vectors[{i}]", finite=False) for i, v in enumerate(vectors)]
         n = sum(len(p) for p in parts)
         codes = np.empty(n, dtype=self.code_dtype)
         packed = np.empty((n, self.residual_bytes), dtype=np.uint8)
