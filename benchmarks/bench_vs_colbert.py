@@ -235,10 +235,15 @@ def encode_queries(root: str, index: str, texts: list[str]) -> np.ndarray:
     return s.encode_queries(texts)
 
 
+#: ``threads`` of Tessera's searches: ``--threads`` when above 1, so that a single query splits
+#: its stages over them as ``tessera search`` does; None at 1 (BLAS is pinned to one thread).
+SEARCH_THREADS: "int | None" = None
+
+
 def tessera_search(cindex, q: np.ndarray) -> np.ndarray:
     from indexing.plaid import SearchParams
 
-    return cindex.search(q[None], K, SearchParams())[1][0]
+    return cindex.search(q[None], K, SearchParams(), threads=SEARCH_THREADS)[1][0]
 
 
 # ---- colbert-ai ------------------------------------------------------------------------
@@ -467,7 +472,7 @@ def speed_quality_curve(cindex, scorer, config, Q: np.ndarray, points: list[str]
     params = {p: SearchParams(**parse_point(p)) for p in points}
     engines = {"colbert-ai": lambda i: colbert_search(scorer, config, cq[i])}
     for p, sp in params.items():
-        engines[p] = (lambda sp: lambda i: cindex.search(Q[i][None], K, sp)[1][0])(sp)
+        engines[p] = (lambda sp: lambda i: cindex.search(Q[i][None], K, sp, threads=SEARCH_THREADS)[1][0])(sp)
     times, tops = interleaved(engines, len(Q), rounds)
     rows = {}
     for e in engines:
@@ -508,6 +513,8 @@ def main(argv=None) -> int:
     for noisy in ("botocore", "s3fs", "fsspec", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.update({v: str(args.threads) for v in THREAD_VARS})
+    global SEARCH_THREADS
+    SEARCH_THREADS = args.threads if args.threads > 1 else None
     if args.serve:
         return serve(args)
     from bench_reindex import overlap, read_jsonl, read_qrels, write_results

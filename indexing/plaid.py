@@ -44,7 +44,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import InitVar, dataclass, replace
 from typing import Iterator
 
@@ -73,6 +75,14 @@ _SCORE_BUDGET = 1 << 24
 # (XQuAD, 2 and 4 bits, interleaved; 512 and 2,048 were slower).
 _STAGE_BUDGET = 1 << 20
 _EXACT_TOKENS = 1024
+#: A single query searched with ``threads >= 2`` splits its centroid product, centroid
+#: stages and exact stage over the threads (:class:`_Split`), in parts of at least this much
+#: work each (a part handed to another thread costs ~30-60 us): centroid rows of the
+#: product, gathered centroid scores (cells x query rows) of a centroid stage, tokens of the
+#: exact stage.
+SPLIT_MIN_CENTROIDS = 1024
+SPLIT_MIN_SCORES = 1 << 14
+SPLIT_MIN_TOKENS = 512
 _MAX_DOCS = np.iinfo(np.int32).max
 # Up to this many cells per query token, best_cells scans with argmax.
 _ARGMAX_CELLS = 8
@@ -408,6 +418,53 @@ def _doc_chunks(lengths: np.ndarray, max_tokens: int) -> Iterator[slice]:
         stop = max(stop, start + 1)
         yield slice(start, stop)
         start = stop
+
+
+def _balanced_parts(weights: np.ndarray, n: int, min_weight: int) -> list[slice]:
+    """At most ``n`` consecutive slices of ``weights`` with about equal sums, each part
+    worth at least ``min_weight`` on average (one slice when the whole is worth less)."""
+    total = float(np.sum(weights)) if len(weights) else 0.0
+    n = min(n, len(weights), int(total // max(1, min_weight)))
+    if n <= 1:
+        return [slice(0, len(weights))]
+    ends = np.cumsum(weights)
+    cuts = np.searchsorted(ends, np.arange(1, n) * (total / n), side="left") + 1
+    edges = [0, *np.unique(np.clip(cuts, 1, len(weights) - 1)).tolist(), len(weights)]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class _Split:
+    """One query's stages spread over a thread pool (numpy releases the GIL in its
+    products, gathers and reductions): :meth:`map` runs the first part in the calling
+    thread and the others in the pool, and returns the results in order."""
+
+    def __init__(self, pool: ThreadPoolExecutor, threads: int) -> None:
+        self.pool = pool
+        self.threads = threads
+
+    def parts(self, weights: np.ndarray, min_weight: int) -> list[slice]:
+        return _balanced_parts(weights, self.threads, min_weight)
+
+    def map(self, fn, parts: list) -> list:
+        if len(parts) <= 1:
+            return [fn(p) for p in parts]
+        futures = [self.pool.submit(fn, p) for p in parts[1:]]
+        try:
+            first = fn(parts[0])
+        finally:  # nothing of this query outlives the call, even when a part fails
+            wait(futures)
+        return [first] + [f.result() for f in futures]
+
+
+def _centroid_product(centroids: np.ndarray, rows_t: np.ndarray, split: "_Split | None") -> np.ndarray:
+    """``(n_centroids, n)`` float32 ``centroids @ rows_t``, in parts of the centroids'
+    rows over ``split``'s threads (each part's rows are computed as the whole product's)."""
+    parts = split.parts(np.ones(len(centroids)), SPLIT_MIN_CENTROIDS) if split is not None else []
+    if len(parts) <= 1:
+        return centroids @ rows_t
+    out = np.empty((len(centroids), rows_t.shape[1]), dtype=np.result_type(centroids, rows_t))
+    split.map(lambda rows: np.matmul(centroids[rows], rows_t, out=out[rows]), parts)
+    return out
 
 
 def _normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -967,8 +1024,10 @@ class CentroidIndex:
             ``(m,)`` integer document positions; only these can be returned.
         threads : int, optional
             CPU threads for this call: as many queries of a batch searched at once,
-            each with one BLAS thread. None leaves the process's BLAS setting as it
-            is and searches one query at a time.
+            each with one BLAS thread; a single query splits its centroid product and
+            its centroid and exact stages over them instead (the same results: each part
+            is computed as the whole would be). None leaves the process's BLAS setting
+            as it is and searches one query at a time.
 
         Returns
         -------
@@ -992,6 +1051,9 @@ class CentroidIndex:
         nq, lq = queries.shape[:2]
         results: list[tuple[np.ndarray, np.ndarray]] = []
         with _thread_limit(threads), _query_pool(threads, nq) as pool:
+            # A batch goes over the threads query by query; a single query splits its own
+            # stages over them.
+            split = _split(threads, nq)
             # Centroid scores for a block of queries in one matrix product (BLAS
             # is most efficient on many rows); the later stages go query by query.
             block = max(1, _STAGE_BUDGET // max(1, lq * len(centroids)))
@@ -1001,10 +1063,10 @@ class CentroidIndex:
                 merged = [merge_query_tokens(q, params.merge_tokens) for q in queries[begin : begin + block]]
                 part = [_pad_rows(q, padded_rows(len(q))) for q in merged]
                 ends = np.cumsum([len(q) for q in part])
-                scores_t = centroids @ np.concatenate(part).T
+                scores_t = _centroid_product(centroids, np.concatenate(part).T, split)
                 args = [
                     (q, len(m), _query_columns(scores_t, int(end) - len(q), int(end)), params, k, dim,
-                     mask, n_searchable, n_exact)
+                     mask, n_searchable, n_exact, split)
                     for q, m, end in zip(part, merged, ends)
                 ]
                 if pool is None:
@@ -1122,6 +1184,7 @@ class CentroidIndex:
         mask: np.ndarray | None,
         n_searchable: int,
         n_exact: int,
+        split: "_Split | None" = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` (scores, positions) of one ``(Lq, dim)`` query: its first ``n_live``
         rows as :func:`merge_query_tokens` leaves them (none for a query that is all
@@ -1130,7 +1193,8 @@ class CentroidIndex:
 
         ``scores_t`` is ``(n_centroids, Lq)`` ``centroids @ q.T``, the layout the
         exact stage gathers rows from; ``n_searchable`` counts the allowed documents
-        with tokens; ``n_exact`` documents reach the exact stage.
+        with tokens; ``n_exact`` documents reach the exact stage; ``split`` spreads the
+        centroid and exact stages over threads.
         """
         # The (n_live, n_centroids) layout of the centroid stages, which reduce over
         # centroids: transposing this way round is ~3x cheaper than the other.
@@ -1159,7 +1223,7 @@ class CentroidIndex:
         n_candidates = len(docs)
         pruned = None
         if not self._prunes_nothing(docs, kept):
-            docs, pruned = self._filter_scored(docs, centroid_scores, kept, max(params.ndocs, n_exact))
+            docs, pruned = self._filter_scored(docs, centroid_scores, kept, max(params.ndocs, n_exact), split)
         # (Pruning that would keep every candidate's every centroid, common with vectors
         # whose centroid scores are all high -- on me5-small 4,090 of 4,096 centroids pass
         # 0.5 -- would score every candidate as the full stage does: one stage is enough.
@@ -1167,14 +1231,14 @@ class CentroidIndex:
         # cost as much as the full one and the full stage would then score again every
         # document that lost a cell.)
         if pruned is None or len(docs) <= n_exact:
-            docs, approx = self._filter_scored(docs, centroid_scores, None, n_exact)
+            docs, approx = self._filter_scored(docs, centroid_scores, None, n_exact, split)
         else:
-            docs, approx = self._full_stage(docs, pruned, centroid_scores, kept, n_exact)
+            docs, approx = self._full_stage(docs, pruned, centroid_scores, kept, n_exact, split)
         logger.debug(
             "plaid query: %d candidates, %d after centroid stages, %d/%d centroids kept",
             n_candidates, len(docs), int(kept.sum()), len(kept),
         )
-        return self._exact_top_k(q, scores_t, docs, approx, dim, k, params.exact_margin)
+        return self._exact_top_k(q, scores_t, docs, approx, dim, k, params.exact_margin, split)
 
     def _exact_top_k(
         self,
@@ -1185,24 +1249,25 @@ class CentroidIndex:
         dim: int,
         k: int,
         margin: float,
+        split: "_Split | None" = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The exact stage: top ``k`` of ``docs`` (best ``approx`` first) by exact MaxSim,
         ended early by ``margin`` (see :class:`SearchParams`)."""
         first = max(2 * k, len(docs) * 3 // 8)
         if approx is None or not math.isfinite(margin) or len(docs) <= first:
             logger.debug("plaid exact stage: %d of %d documents scored", len(docs), len(docs))
-            return _top_k(self._exact_scores(q, scores_t, docs, dim), docs, k)
-        head = self._exact_scores(q, scores_t, docs[:first], dim)
+            return _top_k(self._exact_scores(q, scores_t, docs, dim, split), docs, k)
+        head = self._exact_scores(q, scores_t, docs[:first], dim, split)
         kth = np.partition(head, len(head) - k)[len(head) - k]
         gap = float(np.max(head - approx[:first]))
         reach = approx[first:] + gap + margin * abs(float(kth))
         rest = docs[first:][reach >= kth]
         logger.debug("plaid exact stage: %d of %d documents scored", first + len(rest), len(docs))
-        scores = np.concatenate([head, self._exact_scores(q, scores_t, rest, dim)])
+        scores = np.concatenate([head, self._exact_scores(q, scores_t, rest, dim, split)])
         return _top_k(scores, np.concatenate([docs[:first], rest]), k)
 
     def _exact_scores(
-        self, q: np.ndarray, scores_t: np.ndarray, docs: np.ndarray, dim: int
+        self, q: np.ndarray, scores_t: np.ndarray, docs: np.ndarray, dim: int, split: "_Split | None" = None
     ) -> np.ndarray:
         """``(len(docs),)`` float32 MaxSim of ``q`` against the decompressed ``docs``.
 
@@ -1210,23 +1275,38 @@ class CentroidIndex:
         ``q . c`` is a row of ``scores_t`` (``(n_centroids, Lq)``), ``q . r`` one
         product with the decoded residuals, and the inverse norm is stored, so no
         vector is rebuilt or normalised. A Matryoshka prefix re-normalises the
-        prefix, and decompresses.
+        prefix, and decompresses. With ``split`` consecutive groups of the blocks below go to
+        its threads (the same blocks, so the same scores).
         """
         lengths = self._lengths(docs)
         if dim != self.codec.dim:
             return _segment_maxsum(q @ self._decompress(docs, dim).T, lengths)
-        # Every document's tokens gathered at once (one pass over the index's arrays), then
-        # scored in blocks of ~_EXACT_TOKENS tokens whose decoded residuals stay in cache.
-        tokens = self._token_ids(docs)
-        residuals = np.take(self.residuals, tokens, axis=0)
-        codes = np.take(self.codes, tokens)
-        inv_norms = np.take(self.token_inv_norms, tokens)
-        ends = np.cumsum(lengths)
         out = np.empty(len(docs), dtype=np.float32)
-        for chunk in _doc_chunks(lengths, _EXACT_TOKENS):
-            rows = slice(int(ends[chunk.start - 1]) if chunk.start else 0, int(ends[chunk.stop - 1]))
-            out[chunk] = self._exact_block(q, scores_t, residuals[rows], codes[rows], inv_norms[rows],
-                                           lengths[chunk])
+        if len(docs) == 0:
+            return out
+        # Scored in blocks of ~_EXACT_TOKENS tokens whose decoded residuals stay in cache.
+        chunks = list(_doc_chunks(lengths, _EXACT_TOKENS))
+        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = self._token_ids(docs)
+
+        def score(group: slice) -> None:
+            # A group's tokens gathered at once (one pass over the index's arrays), then its blocks.
+            blocks = chunks[group]
+            lo, hi = int(offsets[blocks[0].start]), int(offsets[blocks[-1].stop])
+            residuals = np.take(self.residuals, tokens[lo:hi], axis=0)
+            codes = np.take(self.codes, tokens[lo:hi])
+            inv_norms = np.take(self.token_inv_norms, tokens[lo:hi])
+            for chunk in blocks:
+                rows = slice(int(offsets[chunk.start]) - lo, int(offsets[chunk.stop]) - lo)
+                out[chunk] = self._exact_block(q, scores_t, residuals[rows], codes[rows], inv_norms[rows],
+                                               lengths[chunk])
+
+        if split is None:
+            score(slice(None))
+        else:
+            starts = np.array([c.start for c in chunks] + [len(docs)])
+            split.map(score, split.parts(np.diff(offsets[starts]), SPLIT_MIN_TOKENS))
         return out
 
     def _exact_block(
@@ -1254,6 +1334,7 @@ class CentroidIndex:
         centroid_scores: np.ndarray,
         kept: np.ndarray,
         n_keep: int,
+        split: "_Split | None" = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The full centroid interaction of the pruned stage's ``docs`` (scores
         ``pruned``): the best ``n_keep``, best first, with their scores.
@@ -1265,7 +1346,7 @@ class CentroidIndex:
         scores = np.array(pruned, dtype=np.float32, copy=True)
         redo = np.flatnonzero(self._pruned_any(docs, kept))
         if len(redo):
-            scores[redo] = self._interaction_scores(docs[redo], centroid_scores, None)
+            scores[redo] = self._interaction_scores(docs[redo], centroid_scores, None, split)
         best, ids = _top_k(scores, docs, n_keep)
         return ids, best
 
@@ -1322,25 +1403,35 @@ class CentroidIndex:
         centroid_scores: np.ndarray,
         kept: np.ndarray | None,
         n_keep: int,
+        split: "_Split | None" = None,
     ) -> tuple[np.ndarray, "np.ndarray | None"]:
         """:meth:`centroid_filter`, best first, with the scores (None: ``docs`` kept unscored)."""
         if len(docs) <= n_keep:
             return docs, None
-        best, ids = _top_k(self._interaction_scores(docs, centroid_scores, kept), docs, n_keep)
+        best, ids = _top_k(self._interaction_scores(docs, centroid_scores, kept, split), docs, n_keep)
         return ids, best
 
     def _interaction_scores(
-        self, docs: np.ndarray, centroid_scores: np.ndarray, kept: np.ndarray | None
+        self, docs: np.ndarray, centroid_scores: np.ndarray, kept: np.ndarray | None,
+        split: "_Split | None" = None,
     ) -> np.ndarray:
         """``(len(docs),)`` float32 centroid interaction of ``docs``, in blocks of
-        ``_STAGE_BUDGET`` gathered scores."""
-        budget = max(1, _STAGE_BUDGET // centroid_scores.shape[0])
+        ``_STAGE_BUDGET`` gathered scores (consecutive groups of blocks over ``split``'s
+        threads)."""
+        n_rows = centroid_scores.shape[0]
+        budget = max(1, _STAGE_BUDGET // n_rows)
         starts = self.doc_cell_offsets[docs]
         lengths = self.doc_cell_offsets[docs + 1] - starts
-        return np.concatenate([np.empty(0, np.float32)] + [
-            self._centroid_interaction(starts[chunk], lengths[chunk], centroid_scores, kept)
-            for chunk in _doc_chunks(lengths, budget)
-        ])
+
+        def scored(part: slice) -> np.ndarray:
+            return np.concatenate([np.empty(0, np.float32)] + [
+                self._centroid_interaction(starts[part][chunk], lengths[part][chunk], centroid_scores, kept)
+                for chunk in _doc_chunks(lengths[part], budget)
+            ])
+
+        if split is None:
+            return scored(slice(None))
+        return np.concatenate(split.map(scored, split.parts(lengths, max(1, SPLIT_MIN_SCORES // n_rows))))
 
     def _centroid_interaction(
         self,
@@ -1461,6 +1552,25 @@ def _query_pool(threads: int | None, nq: int) -> Iterator["ThreadPoolExecutor | 
         return
     with ThreadPoolExecutor(max_workers=min(threads, nq), thread_name_prefix="plaid") as pool:
         yield pool
+
+
+# The pools that split single queries, one per thread count, kept for the process: a search
+# of one query takes a few ms, and starting a thread for each would cost ~0.1 ms of it.
+_SPLIT_POOLS: dict[int, ThreadPoolExecutor] = {}
+_SPLIT_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=_SPLIT_POOLS.clear)  # a forked child has none of their threads
+
+
+def _split(threads: int | None, nq: int) -> "_Split | None":
+    """How a search of ``nq`` queries at ``threads`` threads splits a single query's stages
+    over the threads (None: it does not; a batch goes query by query, :func:`_query_pool`)."""
+    if threads is None or threads < 2 or nq != 1:
+        return None
+    with _SPLIT_LOCK:
+        pool = _SPLIT_POOLS.get(threads)
+        if pool is None:  # the calling thread runs a part too
+            pool = _SPLIT_POOLS[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="plaid-split")
+    return _Split(pool, threads)
 
 
 def _merge_ivfs(

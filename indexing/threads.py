@@ -16,7 +16,9 @@ too late for a library, so the budget uses runtime controls:
 * torch's intra-op pool gets the whole budget during encoding;
 * retrieval runs with numpy's OpenBLAS (pthreads) at one thread, so it never
   wakes its workers (the products of one query are small; a batch is spread over its
-  queries instead: faiss's OpenMP over the rows of the query matrix, plaid's query pool);
+  queries instead: faiss's OpenMP over the rows of the query matrix, plaid's query pool;
+  a single pre-encoded plaid query splits its stages over Python threads, each calling
+  BLAS at one thread);
 * OpenMP (faiss; torch's libgomp serves it once torch is loaded) gets
   ``min(threads, nq)`` threads: a single query leaves no worker spinning into the
   next encoding.

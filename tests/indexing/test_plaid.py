@@ -8,6 +8,7 @@ import io
 import logging
 import math
 import re
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedding.codec import ResidualCodec
+from indexing import plaid
 from indexing.plaid import (
     ARRAY_KEYS,
     DERIVED_KEYS,
@@ -582,6 +584,74 @@ def test_batched_threaded_and_single_searches_agree(index, corpus):
             index.search(queries, 10, threads=bad)
 
 
+@pytest.fixture
+def split_small(monkeypatch):
+    """Split thresholds low enough that the test index's single queries do split, and the
+    names of the threads that ran each split stage."""
+    monkeypatch.setattr(plaid, "SPLIT_MIN_SCORES", 64)
+    monkeypatch.setattr(plaid, "SPLIT_MIN_TOKENS", 16)
+    seen: dict[str, set] = {}
+
+    def spy(name):
+        original = vars(CentroidIndex)[name]
+
+        def run(self, *args):
+            seen.setdefault(name, set()).add(threading.current_thread().name.split("-")[0].split("_")[0])
+            return original(self, *args)
+        return run
+
+    for name in ("_exact_block", "_centroid_interaction"):
+        monkeypatch.setattr(CentroidIndex, name, spy(name))
+    return seen
+
+
+@pytest.mark.parametrize("params", [SearchParams(), SearchParams(ndocs=40, exact_tokens=100, ncells=2,
+                                                                 centroid_score_threshold=0.6)],
+                         ids=["defaults", "centroid-stages"])
+def test_a_single_query_split_over_threads_gives_the_one_thread_results(index, corpus, split_small, params):
+    queries = corpus["queries"]
+    expected = [index.search(q[None], 10, params, threads=1) for q in queries]
+    split_small.clear()
+    for q, (scores, ids) in zip(queries, expected):
+        got_scores, got_ids = index.search(q[None], 10, params, threads=2)
+        # the same blocks in each thread: bit for bit the one-thread scores
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_array_equal(got_scores, scores)
+    # the stage that has the work ran in this thread and in the pool's: the exact stage's
+    # 1,024-token blocks at the defaults (every document), the centroid stages otherwise
+    stage = "_exact_block" if params.ndocs is None else "_centroid_interaction"
+    assert split_small[stage] == {"MainThread", "plaid"}
+    # a batch still goes query by query over the threads, each query whole
+    split_small.clear()
+    _assert_same_results(index.search(queries, 10, params, threads=2),
+                         (np.concatenate([s for s, _ in expected]), np.concatenate([i for _, i in expected])))
+
+
+def test_a_split_centroid_product_scores_as_the_whole(index, corpus, monkeypatch):
+    # parts of 8 of the 64 centroids (real parts are >= 1,024 rows, whose products are bit
+    # for bit the whole one's; parts this small may take another BLAS kernel and round apart)
+    monkeypatch.setattr(plaid, "SPLIT_MIN_CENTROIDS", 8)
+    for q in corpus["queries"]:
+        _assert_same_results(index.search(q[None], 10, threads=2), index.search(q[None], 10, threads=1))
+
+
+def test_a_failing_part_of_a_split_query_fails_the_search(index, corpus, split_small, monkeypatch):
+    original = vars(CentroidIndex)["_exact_block"]
+
+    def fail_in_pool(self, *args):
+        if threading.current_thread().name.startswith("plaid"):
+            raise MemoryError("part failed")
+        return original(self, *args)
+
+    monkeypatch.setattr(CentroidIndex, "_exact_block", fail_in_pool)
+    with pytest.raises(MemoryError, match="part failed"):
+        index.search(corpus["queries"][:1], 10, threads=2)
+    # nothing of the failed query still runs: the next search is whole
+    monkeypatch.undo()
+    np.testing.assert_array_equal(index.search(corpus["queries"][:1], 10, threads=2)[1],
+                                  index.search(corpus["queries"][:1], 10, threads=1)[1])
+
+
 def test_best_cells_equal_a_full_partition(index, corpus):
     for q in corpus["queries"]:
         scores = q @ index.codec.centroids.T
@@ -622,8 +692,8 @@ def test_full_stage_rescores_only_documents_that_lost_a_cell(index, corpus, monk
     monkeypatch.setattr(CentroidIndex, "_pruned_any", by_loop)
     _assert_same_results(index.search(queries, 5, params), reused)
     assert seen and sum(n for _, n in seen) > sum(r for r, _ in seen) > 0, seen  # some reused, some rescored
-    monkeypatch.setattr(CentroidIndex, "_full_stage",
-                        lambda self, docs, pruned, scores, kept, n: self._filter_scored(docs, scores, None, n))
+    monkeypatch.setattr(CentroidIndex, "_full_stage", lambda self, docs, pruned, scores, kept, n, split=None:
+                        self._filter_scored(docs, scores, None, n))
     _assert_same_results(index.search(queries, 5, params), reused)
 
 

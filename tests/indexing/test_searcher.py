@@ -455,11 +455,12 @@ def test_thread_budget_is_applied_in_each_phase(store, kind, monkeypatch):
         seen["encode"] = torch.get_num_threads()
         return encode(*args)
 
-    def spy_search(q, *args):
+    def spy_search(q, *args, **kwargs):
         # numpy's OpenBLAS (pthreads) at one thread; faiss's (OpenMP layer) follows OpenMP
         seen["search"] = (len(q), _pool_threads("blas", "pthreads"), _pool_threads("openmp"),
                           max(_pool_threads("blas")))
-        return search(q, *args)
+        seen["split"] = kwargs.get("split")
+        return search(q, *args, **kwargs)
 
     monkeypatch.setattr(backend, "encode", spy_encode)
     monkeypatch.setattr(backend, "search", spy_search)
@@ -468,6 +469,7 @@ def test_thread_budget_is_applied_in_each_phase(store, kind, monkeypatch):
         searcher.search(["one query"], k=3)
         assert seen["encode"] == 3                                  # torch's pool: the budget
         assert seen["search"] == (1, {1}, {1}, 1)                   # BLAS 1, OpenMP min(3, nq)
+        assert seen["split"] is False    # right after encoding, one query is searched whole
         searcher.search([r["text"] for r in store["rows"][:5]], k=3)
         assert seen["search"] == (5, {1}, {3}, 3)
         assert torch.get_num_threads() == 1                         # the caller's setting is put back
@@ -475,6 +477,30 @@ def test_thread_budget_is_applied_in_each_phase(store, kind, monkeypatch):
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     if kind == "plaid":
         assert backend.index is not None and searcher.backend.threads == 3   # the query pool's size
+
+
+def test_plaid_splits_a_single_pre_encoded_query_over_the_budget(store, monkeypatch):
+    searcher = Searcher.open(store["root"], _index_of_kind(store, "plaid"), threads=3)
+    index = searcher.backend.index
+    q = searcher.encode_queries(["one query", "two queries"])
+    asked = []
+    search = type(index).search
+
+    def spy(self, Q, k, params=None, **kwargs):
+        asked.append((len(Q), kwargs["threads"]))
+        return search(self, Q, k, params, **kwargs)
+
+    monkeypatch.setattr(type(index), "search", spy)
+    whole = searcher.retrieve(q[:1], 3, split=False)
+    split = searcher.retrieve(q[:1], 3)
+    batch = searcher.retrieve(q, 3, split=False)
+    searcher.search(["one query"], k=3)
+    # a pre-encoded query over the 3 threads; whole (1 thread) when asked and in search(),
+    # right after encoding; a batch over its queries either way
+    assert asked == [(1, 1), (1, 3), (2, 3), (1, 1)]
+    np.testing.assert_array_equal(whole[1], split[1])
+    np.testing.assert_array_equal(whole[0], split[0])
+    np.testing.assert_array_equal(batch[1][:1], whole[1])
 
 
 def test_default_thread_budget_is_the_available_cpus(flat):
