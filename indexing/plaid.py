@@ -434,9 +434,10 @@ def _balanced_parts(weights: np.ndarray, n: int, min_weight: int) -> list[slice]
 
 
 class _Split:
-    """One query's stages spread over a thread pool (numpy releases the GIL in its
-    products, gathers and reductions): :meth:`map` runs the first part in the calling
-    thread and the others in the pool, and returns the results in order."""
+    """One query's stages spread over a thread pool: :meth:`map` runs the first part in the
+    calling thread and the others in the pool, and returns the results in order. numpy
+    releases the GIL in BLAS products and most gathers, not in ``ufunc.reduceat`` (the
+    segment maxima), which bounds the gain (see the README's "Single queries over threads")."""
 
     def __init__(self, pool: ThreadPoolExecutor, threads: int) -> None:
         self.pool = pool
@@ -1558,7 +1559,17 @@ def _query_pool(threads: int | None, nq: int) -> Iterator["ThreadPoolExecutor | 
 # of one query takes a few ms, and starting a thread for each would cost ~0.1 ms of it.
 _SPLIT_POOLS: dict[int, ThreadPoolExecutor] = {}
 _SPLIT_LOCK = threading.Lock()
-os.register_at_fork(after_in_child=_SPLIT_POOLS.clear)  # a forked child has none of their threads
+
+
+def _forget_split_pools() -> None:
+    """In a forked child: none of the parent's pool threads exist there, and the lock may
+    have been held by one of the parent's other threads at the fork."""
+    global _SPLIT_LOCK
+    _SPLIT_POOLS.clear()
+    _SPLIT_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_split_pools)
 
 
 def _split(threads: int | None, nq: int) -> "_Split | None":

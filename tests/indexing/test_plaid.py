@@ -652,6 +652,30 @@ def test_a_failing_part_of_a_split_query_fails_the_search(index, corpus, split_s
                                   index.search(corpus["queries"][:1], 10, threads=1)[1])
 
 
+def _search_in_child(index, q, conn):
+    conn.send(index.search(q, 10, threads=2)[1])
+    conn.close()
+
+
+def test_a_forked_child_splits_queries_with_pools_of_its_own(index, corpus):
+    import multiprocessing
+
+    q = corpus["queries"][:1]
+    expected = index.search(q, 10, threads=2)[1]  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_search_in_child, args=(index, q, child))
+    proc.start()
+    try:
+        assert parent.poll(60), "the child's split search hung"
+        np.testing.assert_array_equal(parent.recv(), expected)
+        proc.join(10)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+
+
 def test_best_cells_equal_a_full_partition(index, corpus):
     for q in corpus["queries"]:
         scores = q @ index.codec.centroids.T
