@@ -1461,17 +1461,17 @@ class CentroidIndex:
             token's score is its centroid's, so repeated centroids add nothing.
         """
         cells = self.doc_cells[_ranges(starts, lengths)]
-        if kept is None:
-            cell_kept = np.ones(len(cells), dtype=bool)
+        if kept is None:  # every cell counts (no reduceat: it holds the GIL, see _Split)
+            kept_lengths = np.asarray(lengths, dtype=np.int64)
         else:
             cell_kept = kept[cells]
             cells = cells[cell_kept]
-        kept_lengths = np.zeros(len(lengths), dtype=np.int64)
-        nonempty = lengths > 0
-        if nonempty.any():
-            kept_lengths[nonempty] = np.add.reduceat(
-                cell_kept, _segment_starts(lengths[nonempty]), dtype=np.int64
-            )
+            kept_lengths = np.zeros(len(lengths), dtype=np.int64)
+            nonempty = lengths > 0
+            if nonempty.any():
+                kept_lengths[nonempty] = np.add.reduceat(
+                    cell_kept, _segment_starts(lengths[nonempty]), dtype=np.int64
+                )
         scores = np.full(len(lengths), -np.inf, dtype=np.float32)
         has_cells = kept_lengths > 0
         if has_cells.any():
