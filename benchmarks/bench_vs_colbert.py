@@ -16,7 +16,8 @@ index exactly the float token vectors Tessera stores for a set:
    ``IndexScorer.rank`` at the k=10 defaults of its ``Searcher.dense_search`` (ncells=1,
    centroid_score_threshold=0.5, ndocs=256), padding rows dropped;
 4. latency: the two engines alternate query by query (which goes first alternates too),
-   ``--rounds`` times, at ``--threads`` threads (torch, BLAS/OpenMP, faiss); median and
+   ``--rounds`` times, at ``--threads`` threads (torch, BLAS/OpenMP, faiss; above 1 Tessera's
+   search is given ``threads=N`` and splits each query over them); median and
    p95 ms per query and the ratio Tessera / colbert-ai;
 5. quality: nDCG@10 against the qrels, and top-10 overlap of each engine with exact
    MaxSim over its own compressed vectors (Tessera ``CentroidIndex.exact_maxsim``;
@@ -235,8 +236,9 @@ def encode_queries(root: str, index: str, texts: list[str]) -> np.ndarray:
     return s.encode_queries(texts)
 
 
-#: ``threads`` of Tessera's searches: ``--threads`` when above 1, so that a single query splits
-#: its stages over them as ``tessera search`` does; None at 1 (BLAS is pinned to one thread).
+#: ``threads`` of Tessera's searches: ``--threads`` when above 1, so that a single pre-encoded
+#: query splits its stages over them (as ``Searcher.retrieve`` does); None at 1 (BLAS is pinned
+#: to one thread, as before the split existed).
 SEARCH_THREADS: "int | None" = None
 
 
