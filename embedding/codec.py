@@ -222,7 +222,7 @@ def _row_batches(n: int, batch_size: int) -> Iterator[slice]:
 
 
 def _row_norms(x: np.ndarray) -> np.ndarray:
-    """``(n, 1)`` L2 norms of the rows as float32 (of the rows as float32), a block at a time:
+    """``(n, 1)`` float32 L2 norms of the rows, each block of rows cast to float32 first:
     ``np.linalg.norm``'s values without its full-size temporary of squares (fresh pages:
     ~2 s at 507k x 384 on 2 CPUs) nor a float32 copy of a float16 ``x``."""
     norms = np.empty((len(x), 1), dtype=np.float32)

@@ -1425,9 +1425,10 @@ class CentroidIndex:
         lengths = self.doc_cell_offsets[docs + 1] - starts
 
         def scored(part: slice) -> np.ndarray:
+            part_starts, part_lengths = starts[part], lengths[part]
             return np.concatenate([np.empty(0, np.float32)] + [
-                self._centroid_interaction(starts[part][chunk], lengths[part][chunk], centroid_scores, kept)
-                for chunk in _doc_chunks(lengths[part], budget)
+                self._centroid_interaction(part_starts[chunk], part_lengths[chunk], centroid_scores, kept)
+                for chunk in _doc_chunks(part_lengths, budget)
             ])
 
         if split is None:
