@@ -146,6 +146,8 @@ def main(argv=None) -> int:
         # torch and read Parquet through a Python file object (the cache read) sometimes dies
         # there with "terminate called without an active exception" (SIGABRT; 7 of 40 runs alone
         # here, about half under load; apache/arrow#34314), which failed this step after its work.
+        # storage.schemas.read_table no longer pre-buffers such files (0 of 30); this stays as a
+        # second guard for a step that must only report.
         sys.stderr.flush()
         os._exit(0)
     if args.encode:

@@ -9,7 +9,6 @@ in as ``error``, so a bad line reads the same whichever input it is in.
 """
 from __future__ import annotations
 
-import io
 import json
 from typing import Iterator
 
@@ -84,7 +83,8 @@ def read_bytes(loc: Location, error: type[ValueError]) -> bytes:
 def read_parquet(loc: Location, error: type[ValueError]) -> pa.Table:
     """A small Parquet file read whole; missing or unreadable raises ``error`` naming the file."""
     try:
-        return pq.read_table(io.BytesIO(loc.read_bytes()))
+        # An Arrow buffer, not a Python file: see storage.schemas.read_table.
+        return pq.read_table(pa.BufferReader(loc.read_bytes()))
     except FileNotFoundError as err:
         raise error(f"{loc.url}: no such file") from err
     except (pa.ArrowInvalid, OSError) as err:
