@@ -49,6 +49,7 @@ logger = logging.getLogger("bench_embed")
 
 def parse_args(argv=None) -> argparse.Namespace:
     from embedding.codec import KMEANS_CHOICES
+    from embedding.model import PRECISIONS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -73,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the job's codec k-means (auto: the job's default)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where both sides run: the reference forward and the job's encoder actors")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the encoder's type on both sides (auto: the job's default, bfloat16 on a CPU that "
+                        "multiplies it natively)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/embed_<source>_<n>docs.json)")
     return p.parse_args(argv)
 
@@ -93,7 +97,7 @@ def load_docs(args: argparse.Namespace) -> tuple[str, list[dict]]:
     return "xquad", docs[: args.docs]
 
 
-def load_reference(model_dir: str, threads: int, max_batch: int, device: str = "cpu"):
+def load_reference(model_dir: str, threads: int, max_batch: int, device: str = "cpu", precision: str = "auto"):
     import torch
 
     from embedding.encoder import Encoder
@@ -101,7 +105,7 @@ def load_reference(model_dir: str, threads: int, max_batch: int, device: str = "
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    lm = load_model(model_dir, device=device)
+    lm = load_model(model_dir, device=device, precision=precision)
     enc = Encoder(lm, max_batch=max_batch)
     if device == "cuda":  # CUDA context and kernels loaded before the first timed round
         enc.forward_only(["warm-up"] * 4, 16)
@@ -133,11 +137,12 @@ def time_shards(enc, texts: list[str], mode: str, rows_per_shard: int = 1024) ->
 
 
 def time_job(corpus: str, model_dir: str, root: str, mode: str, max_batch: int, kmeans: str = "auto",
-             device: str = "auto", rows_per_shard: "int | None" = None) -> dict:
+             device: str = "auto", rows_per_shard: "int | None" = None, precision: str = "auto") -> dict:
     from jobs.embed import EmbedConfig, run
 
     cfg = EmbedConfig(corpus=(corpus,), model=model_dir, set_name="bench", root=root, mode=mode,
-                      max_batch=max_batch, kmeans=kmeans, device=device, rows_per_shard=rows_per_shard)
+                      max_batch=max_batch, kmeans=kmeans, device=device, rows_per_shard=rows_per_shard,
+                      precision=precision)
     start = time.perf_counter()
     manifest = run(cfg)
     seconds = time.perf_counter() - start
@@ -252,7 +257,7 @@ def main(argv=None) -> int:
         ray_start = time.perf_counter() - start
         gpus = 1 if args.device == "cuda" else 0
         threads = plan_actors(os.cpu_count() or 1, gpus, device=args.device).threads  # what the job's actors run
-        enc, ref_load = load_reference(args.model, threads, args.max_batch, args.device)
+        enc, ref_load = load_reference(args.model, threads, args.max_batch, args.device, args.precision)
         for r in range(args.repeats):
             for mode in args.modes:
                 fwd = time_forward(enc, texts)
@@ -263,7 +268,7 @@ def main(argv=None) -> int:
                 for n in sizes:
                     fwd["shards_by_size"][str(n)] = time_shards(enc, texts, mode, n)["seconds"]
                 job = time_job(corpus, args.model, os.path.join(tmp, f"store-{mode}-{r}"), mode, args.max_batch,
-                               args.kmeans, args.device, args.rows_per_shard)
+                               args.kmeans, args.device, args.rows_per_shard, args.precision)
                 if job["documents"] != fwd["documents"]:
                     raise RuntimeError(f"job embedded {job['documents']} documents, forward {fwd['documents']}")
                 rounds[mode].append((fwd, job))
@@ -273,7 +278,7 @@ def main(argv=None) -> int:
     summary = [summarise(m, rounds[m], ray_start, ref_load) for m in args.modes]
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "gpu": gpu_name(args.device), "torch_threads": threads},
+                    "gpu": gpu_name(args.device), "torch_threads": threads, "precision": enc.lm.precision},
         "source": source, "documents": len(docs), "repeats": args.repeats, "kmeans": args.kmeans,
         "rows_per_shard": args.rows_per_shard,
         "fixed": {"ray_start_seconds": ray_start, "reference_model_load_seconds": ref_load},
@@ -294,7 +299,8 @@ def render(result: dict) -> str:
     gpu = f", GPU {result['machine']['gpu']}" if result["machine"].get("gpu") else ""
     lines = [f"embed benchmark: {result['documents']} {result['source']} documents, "
              f"{result['machine']['cpus']} CPUs{gpu}, "
-             f"{result['machine']['torch_threads']} torch threads, median of {result['repeats']} rounds",
+             f"{result['machine']['torch_threads']} torch threads, "
+             f"{result['machine'].get('precision', 'float32')}, median of {result['repeats']} rounds",
              f"fixed: Ray start {result['fixed']['ray_start_seconds']:.1f}s, "
              f"reference model load {result['fixed']['reference_model_load_seconds']:.1f}s",
              "steady, with fixed: docs/s of the job over docs/s of the bare forward, side by side (wall clock);",

@@ -344,8 +344,10 @@ class Encoder:
         if self.s.pooling == "cls":
             pooled = hidden[:, 0].float()
         else:
+            # summed in float32: a bfloat16 sum over hundreds of tokens would round at each step
+            hidden = hidden.float()
             m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
 
     @torch.inference_mode()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 from embedding.codec import KMEANS_CHOICES, SUPPORTED_NBITS
-from embedding.model import MODES, EncoderSettings, check_model_dir, fingerprint, read_settings
+from embedding.model import MODES, PRECISIONS, EncoderSettings, check_model_dir, fingerprint, read_settings
 from jobs import embed_augment, preflight
 from jobs import plan as planner
 from jobs.embed_augment import AugmentConfig
@@ -41,7 +41,7 @@ from jobs.embed_codec import ensure_codec, fully_sampled, sample_plan
 from jobs.embed_pool import actor_plan, add_worker_stages, done_shards, run_shards, worker_spec
 from jobs.embed_worker import ShardEncoder
 from jobs.errors import NothingToDo, bad_input, unwrap
-from jobs.runtime import ActorPlan, init_ray
+from jobs.runtime import DEVICES, ActorPlan, init_ray
 from jobs.sample_cache import SAMPLE_CACHE
 from jobs.timing import Progress, Timings
 from storage import layout
@@ -58,9 +58,9 @@ logger = logging.getLogger(__name__)
 # 0.985-0.989 over three codec seeds, 0.948-0.967 at 2 bits (benchmarks/bench_codec_refit.py,
 # bench_reindex.py). --nbits 2 (or 1) remains for storage-bound sets.
 DEFAULT_NBITS = 4
-#: EmbedConfig fields that change neither the documents nor their vectors: out of the run and input keys.
-RUNTIME_FIELDS = ("root", "actors", "threads", "calls_per_actor", "device", "max_batch", "max_tokens", "publish",
-                  "force")
+#: EmbedConfig fields that change neither documents nor vectors (but for rounding): out of the run and input keys.
+RUNTIME_FIELDS = ("root", "actors", "threads", "calls_per_actor", "device", "precision", "max_batch", "max_tokens",
+                  "publish", "force")
 
 
 class Unchanged(NothingToDo):
@@ -83,6 +83,7 @@ class EmbedConfig:
     force : a new version even when the current one has the same input (:func:`input_record`), not :class:`Unchanged`.
     adapter_fallback : X-MOD models: the adapter of documents whose language has none.
     augment : xQG passage augmentation (``jobs.embed_augment``); None: none.
+    precision : the encoders' type (``embedding.model.PRECISIONS``; float16 needs CUDA, checked by ``worker_spec``).
     """
 
     corpus: tuple[str, ...]
@@ -107,6 +108,7 @@ class EmbedConfig:
     threads: "int | None" = None
     calls_per_actor: "int | None" = None  # None: jobs.embed_pool.calls_per_actor's default
     device: str = "auto"
+    precision: str = "auto"  # embedding.model.PRECISIONS; auto: embedding.model.resolve_precision on each actor
     pooling: "str | None" = None
     query_prefix: "str | None" = None
     passage_prefix: "str | None" = None
@@ -137,7 +139,7 @@ class EmbedConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        for name, allowed in (("device", ("auto", "cpu", "cuda")), ("kmeans", KMEANS_CHOICES)):
+        for name, allowed in (("device", DEVICES), ("kmeans", KMEANS_CHOICES), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         ColumnMap(self.id_column, self.text_column, self.lang_column, self.title_column)
@@ -179,9 +181,7 @@ class ModelInfo:
     projection: bool
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "settings": self.settings.to_dict(), "fingerprint": self.fingerprint,
-                "hidden_size": self.hidden_size, "colbert_dim": self.colbert_dim,
-                "projection": self.projection}
+        return dataclasses.asdict(self) | {"settings": self.settings.to_dict()}  # the settings' own keys
 
 
 def describe_model(cfg: EmbedConfig) -> ModelInfo:

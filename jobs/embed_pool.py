@@ -50,9 +50,12 @@ def worker_spec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], vdi
                 p: ActorPlan, dense: bool, colbert: bool) -> WorkerSpec:
     """What every encoder actor of the pool gets: the model, the corpus files, the version folder."""
     augment = {"config": cfg.augment.to_dict(), "run_seed": cfg.seed} if cfg.augment else None
+    if cfg.precision == "float16" and p.device != "cuda":
+        raise ValueError(f"precision float16 runs on CUDA only, and this run's encoders are on {p.device} "
+                         "(no GPU in the cluster or --device cpu): use bfloat16 or float32")
     return WorkerSpec(model.path, model.settings.to_dict(), model.fingerprint, [f.to_dict() for f in files],
                       dataclasses.asdict(cfg.columns), vdir.url, dense, colbert, p.threads, p.device,
-                      cfg.max_batch, cfg.max_tokens, augment)
+                      cfg.max_batch, cfg.max_tokens, augment, cfg.precision)
 
 
 def calls_per_actor(cfg: EmbedConfig) -> int:

@@ -59,6 +59,7 @@ class WorkerSpec:
     max_batch: int
     max_tokens: int
     augment: "dict | None" = None  # jobs.embed_augment.ShardAugmenter's spec; None: no augmentation
+    precision: str = "auto"        # embedding.model.PRECISIONS, resolved on the actor's own device
 
 
 class ShardError(RuntimeError):
@@ -130,7 +131,8 @@ class EncoderActor:
             transformers.utils.logging.set_verbosity_error()  # no per-actor load reports in the job log
             transformers.utils.logging.disable_progress_bar()
             spec = self.spec
-            lm = load_model(spec.model_dir, EncoderSettings(**spec.settings), device=spec.device)
+            lm = load_model(spec.model_dir, EncoderSettings(**spec.settings), device=spec.device,
+                            precision=spec.precision)
             if lm.fingerprint != spec.fingerprint:
                 raise RuntimeError(f"model at {spec.model_dir} on this worker has fingerprint "
                                    f"{lm.fingerprint[:12]}, the job expects {spec.fingerprint[:12]}: "

@@ -17,6 +17,7 @@ import datetime as _dt
 import logging
 from dataclasses import dataclass
 
+from embedding.model import PRECISIONS
 from indexing.metrics import EvalResult, evaluate
 from indexing.report import write_report
 from indexing.searcher import Searcher
@@ -49,6 +50,7 @@ class EvalConfig:
     query_encoder : a local Hugging Face folder (None: each set's own model).
     batch_size : queries encoded and searched per call.
     device : torch device of the query encoder.
+    precision : the query encoder's type (``Searcher.open``'s ``precision``).
     """
 
     index: tuple[str, ...]
@@ -60,6 +62,7 @@ class EvalConfig:
     query_encoder: "str | None" = None
     batch_size: int = 64
     device: str = "cpu"
+    precision: str = "auto"
     lang: "str | None" = None          # only documents in this language (e.g. "en" for X→English)
     where: "str | None" = None         # one boolean expression over the documents view (check_filter)
     same_language: bool = False        # each query searches the documents of its own language
@@ -84,6 +87,8 @@ class EvalConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.where is not None:
             check_filter(self.where)  # its syntax now; its columns against each index's set when searched
 
@@ -147,7 +152,8 @@ def restrict_qrels(qrels: dict[str, dict[str, int]], query_ids: set[str]) -> tup
 def evaluate_index(cfg: EvalConfig, root: Location, name: str, queries: list[Query],
                    qrels: dict[str, dict[str, int]]) -> tuple[EvalResult, dict]:
     """Search every query on one index and score the run; returns (result, report meta)."""
-    searcher = Searcher.open(root, name, query_encoder=cfg.query_encoder, device=cfg.device)
+    searcher = Searcher.open(root, name, query_encoder=cfg.query_encoder, device=cfg.device,
+                             precision=cfg.precision)
     ranked = search_all(searcher, queries, cfg.k, cfg.batch_size, lang=cfg.lang, where=cfg.where,
                         same_language=cfg.same_language)
     result = evaluate(ranked, qrels, {q.id: q.lang for q in queries}, known_docs=set(searcher.doc_ids))

@@ -35,6 +35,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
+from embedding.model import PRECISIONS
 from jobs import embed as embed_job
 from jobs import preflight
 from jobs.errors import EXIT_OK, NothingToDo, Refused, exit_code
@@ -100,6 +101,7 @@ class ReindexConfig:
     actors: "int | None" = None
     threads: "int | None" = None
     device: str = "auto"
+    precision: str = "auto"
     max_batch: int = 64
     max_tokens: int = 16384
     publish: bool = True
@@ -128,6 +130,8 @@ class ReindexConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -257,7 +261,8 @@ def embed_config(cfg: ReindexConfig, pm: dict) -> "embed_job.EmbedConfig":
         raise NotFoundError(f"the model set {cfg.set_name!r} was embedded with ({model}) is not on this "
                             "machine; pass --model with the same model files")
     base.update(corpus=tuple(cfg.corpus), model=model, set_name=cfg.set_name, root=cfg.root,
-                actors=cfg.actors, threads=cfg.threads, device=cfg.device, max_batch=cfg.max_batch,
+                actors=cfg.actors, threads=cfg.threads, device=cfg.device, precision=cfg.precision,
+                max_batch=cfg.max_batch,
                 max_tokens=cfg.max_tokens, publish=False,
                 rows_per_shard=cfg.rows_per_shard or base.get("rows_per_shard", 1024))
     return embed_job.EmbedConfig(**base)

@@ -217,7 +217,7 @@ def mine(plan: Plan) -> tuple[list[list[str]], dict]:
 
     cfg = plan.cfg
     searcher = Searcher.open(plan.root, cfg.index, version=plan.index_version, query_encoder=cfg.base,
-                             device=plan.device)
+                             device=plan.device, precision="float32")  # as the encoders it trains and scores
     mined, infos = [], []
     progress = Progress("mine negatives", len(plan.train))
     for start in range(0, len(plan.train), cfg.query_batch):
@@ -262,7 +262,7 @@ def tune(plan: Plan) -> dict:
         data, docs = training_data(plan, vectors, mined)
     settings = EncoderSettings(**plan.base_settings)
     base_path = _worker_base(plan)
-    lm = load_model(base_path, settings, device=plan.device, half=False)
+    lm = load_model(base_path, settings, device=plan.device, precision="float32")
     if lm.fingerprint != plan.base_fingerprint:
         raise RuntimeError(f"the base encoder at {base_path} on this worker has fingerprint {lm.fingerprint[:16]}, "
                            f"the driver checked {plan.base_fingerprint[:16]}")

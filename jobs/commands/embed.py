@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from embedding.model import PRECISIONS
 from jobs.commands.common import (
     MODES,
     POOLINGS,
@@ -65,6 +66,9 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
                    help="shards an encoder actor holds at once: with 2 one is read or written while the other "
                         "is encoded (default: 2 for an s3:// root, 1 for a local one)")
     e.add_argument("--device", choices=DEVICES)
+    e.add_argument("--precision", choices=PRECISIONS,
+                   help="the encoder's type: auto (the default) is bfloat16 on a GPU and on a CPU that "
+                        "multiplies bfloat16 natively (AVX-512 BF16, AMX), float32 elsewhere")
     e.add_argument("--pooling", choices=POOLINGS)
     e.add_argument("--query-prefix")
     e.add_argument("--passage-prefix")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from embedding.model import PRECISIONS
 from jobs.commands.common import EVAL_DEVICES, Command, config_from, json_arg, print_json, root_arg
 from jobs.errors import EXIT_OK
 
@@ -16,6 +17,8 @@ def add_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--query-encoder")
     ev.add_argument("--batch-size", type=int)
     ev.add_argument("--device", choices=EVAL_DEVICES)
+    ev.add_argument("--precision", choices=PRECISIONS,
+                    help="the query encoder's type (default auto: as tessera search --precision)")
     ev.add_argument("--lang", help="only documents in this language (e.g. en for X->English)")
     ev.add_argument("--where", help="one boolean expression over the documents view's columns")
     ev.add_argument("--same-language", action="store_true", default=None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from embedding.model import PRECISIONS
 from jobs.commands.common import Command, config_from, given, json_arg, print_json, root_arg, short
 from jobs.errors import (
     EXIT_BAD_INPUT,
@@ -41,6 +42,7 @@ def add_arguments(ri: argparse.ArgumentParser) -> None:
     ri.add_argument("--actors", type=int)
     ri.add_argument("--threads", type=int)
     ri.add_argument("--device", choices=DEVICES)
+    ri.add_argument("--precision", choices=PRECISIONS, help="the encoder's type (as tessera embed --precision)")
     ri.add_argument("--no-publish", dest="publish", action="store_false", default=None)
     root_arg(ri)
     json_arg(ri)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from embedding.model import PRECISIONS
 from jobs.commands.common import Command, given, json_arg, print_json, root_arg, root_str
 from jobs.errors import EXIT_OK
 
@@ -20,6 +21,9 @@ def add_arguments(se: argparse.ArgumentParser) -> None:
                          "{query_id, rank, doc_id, score}")
     se.add_argument("--out", default=None, metavar="FILE", help="with --queries: write the JSONL here, not stdout")
     se.add_argument("--batch-size", type=int, help="queries encoded and searched together")
+    se.add_argument("--precision", choices=PRECISIONS,
+                    help="the query encoder's type: auto (the default) is bfloat16 where the CPU multiplies it "
+                         "natively, float32 elsewhere and always for a re-tuned encoder")
     se.add_argument("--same-language", action="store_true",
                     help="with --queries: each query searches the documents of its own language (its lang)")
     se.add_argument("--k", "-k", type=int)
@@ -59,9 +63,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.where is not None:
         check_filter(args.where)  # its syntax before the model loads; its columns when it runs
-    # k and the batch size: Searcher's own defaults unless given
+    # k, the batch size and the precision: Searcher's own defaults unless given
     searcher = Searcher.open(root_str(args), args.index, version=args.version, query_encoder=args.query_encoder,
-                             threads=args.threads, detector=args.lang_detector, **given(args, "batch_size"))
+                             threads=args.threads, detector=args.lang_detector,
+                             **given(args, "batch_size", "precision"))
     start = time.perf_counter()
     results = run_searches(searcher, queries, args, params)
     if not args.quiet:  # load and per-query times apart: what a warm index costs per query

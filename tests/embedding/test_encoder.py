@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from embedding.encoder import Encoder
-from embedding.model import EncoderSettings, ModelError, fingerprint, load_model, read_settings
+from embedding.model import EncoderSettings, ModelError, fingerprint, load_model, read_settings, resolve_precision
 from embedding.mrl import truncate
 
 TEXTS = ["The river flows into the sea.", "Der Fluss mündet in die Nordsee!", "火山は噴火する。"]
@@ -17,7 +17,7 @@ TEXTS = ["The river flows into the sea.", "Der Fluss mündet in die Nordsee!", "
 
 @pytest.fixture(scope="module")
 def plain(tiny_model_dir):
-    return Encoder(load_model(tiny_model_dir, device="cpu"))
+    return Encoder(load_model(tiny_model_dir, device="cpu", precision="float32"))
 
 
 def test_dense_mean_pooling_matches_manual(plain):
@@ -53,7 +53,7 @@ def test_mrl_truncation_renormalises():
 def test_prefixes_and_queries_differ(tiny_model_dir, tmp_path):
     folder = shutil.copytree(tiny_model_dir, tmp_path / "m")
     (folder / "tessera_encoder.json").write_text(json.dumps({"query_prefix": "query: ", "passage_prefix": "passage: "}))
-    enc = Encoder(load_model(folder, device="cpu"))
+    enc = Encoder(load_model(folder, device="cpu", precision="float32"))
     q = enc.encode_queries([TEXTS[0]])[0]
     d = enc.encode_documents([TEXTS[0]]).dense[0]
     assert not np.allclose(q, d)
@@ -61,7 +61,7 @@ def test_prefixes_and_queries_differ(tiny_model_dir, tmp_path):
 
 
 def test_colbert_documents_skip_punctuation_and_truncate(tiny_model_dir):
-    enc = Encoder(load_model(tiny_model_dir, EncoderSettings(doc_maxlen=12), device="cpu"))
+    enc = Encoder(load_model(tiny_model_dir, EncoderSettings(doc_maxlen=12), device="cpu", precision="float32"))
     out = enc.encode_documents(["a b c d e f g h i j k l m n", "river , , , ! ! sea"], dense=False, colbert=True)
     assert out.truncated.tolist() == [True, False]
     assert len(out.tokens[0]) == 12                     # [CLS] + 10 words + [SEP] at doc_maxlen 12
@@ -79,7 +79,7 @@ def test_query_augmentation_pads_with_mask_tokens(plain):
 
 
 def test_stanford_colbert_projection_and_markers(tiny_colbert_dir):
-    lm = load_model(tiny_colbert_dir, device="cpu")
+    lm = load_model(tiny_colbert_dir, device="cpu", precision="float32")
     assert lm.projection is not None and lm.colbert_dim == 16
     assert lm.settings.query_marker == "[unused0]" and lm.settings.doc_marker == "[unused1]"
     enc = Encoder(lm)
@@ -92,7 +92,7 @@ def test_stanford_colbert_projection_and_markers(tiny_colbert_dir):
 
 
 def test_pylate_dense_module_and_prefix_tokens(tiny_pylate_dir):
-    lm = load_model(tiny_pylate_dir, device="cpu")
+    lm = load_model(tiny_pylate_dir, device="cpu", precision="float32")
     assert lm.projection is not None and lm.colbert_dim == 16
     assert lm.settings.query_prefix == "[Q] " and lm.settings.passage_prefix == "[D] "
     enc = Encoder(lm)
@@ -179,7 +179,7 @@ def test_tokenizer_cache_can_be_turned_off(tiny_model_dir, tmp_path, monkeypatch
     monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TESSERA_TOKENIZER_CACHE", "off")
     assert model_mod.tokenizer_cache_dir() is None
-    load_model(tiny_model_dir, device="cpu")
+    load_model(tiny_model_dir, device="cpu", precision="float32")
     assert not (tmp_path / "tokenizers").exists()
 
 
@@ -213,3 +213,37 @@ def test_me5_tokenizer_snapshot_gives_the_same_ids_on_xquad(me5_small_dir, share
     fresh = _fresh(me5_small_dir)
     assert cached(texts, truncation=True, max_length=512)["input_ids"] == \
         fresh(texts, truncation=True, max_length=512)["input_ids"]
+
+
+# ---- precision -------------------------------------------------------------------------
+@pytest.mark.parametrize("native, want", [(True, "bfloat16"), (False, "float32")])
+def test_auto_precision_on_cpu_follows_native_bfloat16(monkeypatch, native, want):
+    from embedding import codec
+
+    monkeypatch.setattr(codec, "native_bf16", lambda: native)
+    assert resolve_precision("auto", "cpu") == want
+    assert resolve_precision("float32", "cpu") == "float32"       # asked for: kept, whatever the CPU
+    assert resolve_precision("bfloat16", "cpu") == "bfloat16"
+
+
+def test_float16_on_cpu_and_unknown_precisions_are_refused():
+    with pytest.raises(ValueError, match="float16 runs on CUDA only, not on cpu"):
+        resolve_precision("float16", "cpu")
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16, float16, got 'half'"):
+        resolve_precision("half", "cpu")
+
+
+def test_bfloat16_encoder_is_close_to_float32(tiny_model_dir, tiny_colbert_dir):
+    """A bfloat16 encoder runs in bfloat16 and gives float32 arrays within rounding of float32's."""
+    for folder in (tiny_model_dir, tiny_colbert_dir):
+        full = Encoder(load_model(folder, device="cpu", precision="float32"))
+        half = Encoder(load_model(folder, device="cpu", precision="bfloat16"))
+        assert next(half.lm.model.parameters()).dtype == torch.bfloat16
+        assert next(full.lm.model.parameters()).dtype == torch.float32
+        a = full.encode_documents(TEXTS, dense=True, colbert=True)
+        b = half.encode_documents(TEXTS, dense=True, colbert=True)
+        assert b.dense.dtype == np.float32 and b.tokens[0].dtype == np.float32
+        assert np.all(np.sum(a.dense * b.dense, axis=1) > 0.99)
+        for x, y in zip(a.tokens, b.tokens):
+            assert x.shape == y.shape and np.all(np.sum(x * y, axis=1) > 0.98)
+        assert not np.array_equal(a.dense, b.dense)                  # it did run in bfloat16

@@ -37,7 +37,7 @@ def _queries() -> list[str]:
 
 def _load(path, **changes):
     settings = read_settings(path).replace(**changes) if changes else None
-    return load_model(path, settings, device="cpu")
+    return load_model(path, settings, device="cpu", precision="float32")
 
 
 # ---- the query side equals the Encoder --------------------------------------------------
@@ -173,7 +173,7 @@ def test_saved_folder_reloads_with_transformers(request, fixture, tmp_path):
     assert read_settings(out) == settings
     assert json.loads((out / "tessera_encoder.json").read_text())["query_prefix"] == "q: "
     assert fingerprint(out, settings) != fingerprint(path, settings)
-    again = load_model(out, device="cpu")
+    again = load_model(out, device="cpu", precision="float32")
     if lm.projection is not None:   # Stanford layout: linear.weight kept next to the tuned BERT weights
         assert torch.equal(again.projection.weight, lm.projection.weight)
     q = _queries()[:3]

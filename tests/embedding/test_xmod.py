@@ -28,7 +28,7 @@ def xmod_colbert_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(xmod_dir):
-    return load_model(xmod_dir, device="cpu")
+    return load_model(xmod_dir, device="cpu", precision="float32")
 
 
 def _reference(lm, texts: list[str], adapter: str, prefix: str = "") -> np.ndarray:
@@ -80,7 +80,7 @@ def test_every_forward_runs_one_adapter(lm):
 
 
 def test_colbert_xm_tokens_and_queries(xmod_colbert_dir):
-    lm = load_model(xmod_colbert_dir, device="cpu")
+    lm = load_model(xmod_colbert_dir, device="cpu", precision="float32")
     assert lm.projection is not None and lm.colbert_dim == 16
     enc = Encoder(lm)
     de = enc.encode_documents(DE[:2], langs=["de", "de"], dense=False, colbert=True)
@@ -108,7 +108,7 @@ def test_unknown_language_without_fallback_is_an_error(lm):
 
 def test_fallback_encodes_unknown_languages_and_counts_them(xmod_dir, lm):
     settings = EncoderSettings(adapter_fallback="en")
-    lm_fb = load_model(xmod_dir, settings, device="cpu")
+    lm_fb = load_model(xmod_dir, settings, device="cpu", precision="float32")
     enc = Encoder(lm_fb)
     got = enc.encode_documents([DE[0], "Bonjour tout le monde", EN[0]], langs=["de", "fr", None])
     np.testing.assert_allclose(got.dense[1], _reference(lm, ["Bonjour tout le monde"], "en_XX")[0], atol=1e-5)
@@ -120,9 +120,9 @@ def test_fallback_encodes_unknown_languages_and_counts_them(xmod_dir, lm):
 
 def test_bad_fallback_and_fallback_without_adapters(xmod_dir, tiny_model_dir):
     with pytest.raises(ModelError, match="fallback language 'fr' is not one of the model's adapters"):
-        load_model(xmod_dir, EncoderSettings(adapter_fallback="fr"), device="cpu")
+        load_model(xmod_dir, EncoderSettings(adapter_fallback="fr"), device="cpu", precision="float32")
     with pytest.raises(ModelError, match="no language adapters"):
-        load_model(tiny_model_dir, EncoderSettings(adapter_fallback="en"), device="cpu")
+        load_model(tiny_model_dir, EncoderSettings(adapter_fallback="en"), device="cpu", precision="float32")
 
 
 def test_fallback_from_the_folder_settings(tmp_path):
@@ -139,7 +139,7 @@ def test_unset_fallback_keeps_old_fingerprints(tiny_model_dir):
 
 
 def test_plain_models_ignore_languages(tiny_model_dir):
-    enc = Encoder(load_model(tiny_model_dir, device="cpu"))
+    enc = Encoder(load_model(tiny_model_dir, device="cpu", precision="float32"))
     a = enc.encode_documents(EN[:2], langs=["xx", None])
     b = enc.encode_documents(EN[:2])
     np.testing.assert_array_equal(a.dense, b.dense)

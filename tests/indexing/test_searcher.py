@@ -341,6 +341,9 @@ def test_same_model_given_explicitly_is_accepted(store, tiny_model_dir, flat):
     searcher = Searcher.open(store["root"], "t-flat", query_encoder=str(tiny_model_dir))
     assert searcher.encoder.fingerprint == store["set"]["model"]["fingerprint"]
     assert not searcher.encoder.registered
+    half = Searcher.open(store["root"], "t-flat", query_encoder=str(tiny_model_dir), precision="bfloat16")
+    assert half.precision == "bfloat16"          # the set's own model: as asked
+    assert half.search(["Bahnhof"], k=3)[0][0][0] == searcher.search(["Bahnhof"], k=3)[0][0][0]
 
 
 def test_registered_query_encoder_is_accepted(store, other_model_dir, tmp_path):
@@ -357,6 +360,10 @@ def test_registered_query_encoder_is_accepted(store, other_model_dir, tmp_path):
     searcher = Searcher.open(root, "t-flat", query_encoder=str(other_model_dir))
     assert searcher.encoder.registered and searcher.encoder.fingerprint == enc_fp
     assert len(searcher.search(["Bahnhof"], k=3)[0]) == 3
+    # A re-tuned encoder's adiabatic changes are below bfloat16's resolution: float32 on auto, half refused.
+    assert searcher.precision == "float32"
+    with pytest.raises(ValueError, match="re-tuned encoder.*below bfloat16's resolution.*float32"):
+        Searcher.open(root, "t-flat", query_encoder=str(other_model_dir), precision="bfloat16")
 
 
 # ---- evaluate --------------------------------------------------------------------------
