@@ -575,3 +575,45 @@ def test_calls_per_actor_overlap_io_on_a_remote_store_only():
     assert calls_per_actor(_cfg("c.jsonl", "m", "s3://bucket/store", calls_per_actor=1)) == 1
     with pytest.raises(ValueError, match="calls_per_actor must be >= 1"):
         _cfg("c.jsonl", "m", "/data/store", calls_per_actor=0)
+
+
+# ---- precision -------------------------------------------------------------------------
+def test_precision_is_checked_before_anything_runs(tmp_path, tiny_model_dir):
+    from jobs.embed import describe_model
+    from jobs.embed_pool import worker_spec
+    from jobs.runtime import ActorPlan
+    from storage.fs import Location
+
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(4))
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16, float16, got 'half'"):
+        EmbedConfig(corpus=(corpus,), model=str(tiny_model_dir), set_name="p", precision="half")
+    cfg = EmbedConfig(corpus=(corpus,), model=str(tiny_model_dir), set_name="p", precision="float16")
+    cpu = ActorPlan(actors=1, num_cpus=1, num_gpus=0, threads=1, device="cpu")
+    with pytest.raises(ValueError, match="float16 runs on CUDA only, and this run's encoders are on cpu"):
+        worker_spec(cfg, describe_model(cfg), [], Location(str(tmp_path / "v")), cpu, dense=True, colbert=False)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_actors_load_the_model_in_the_job_s_precision(tmp_path, tiny_model_dir, precision):
+    """The job's precision reaches the actor's model, and its vectors stay within rounding of float32's."""
+    import dataclasses
+
+    from embedding.encoder import Encoder
+    from embedding.model import EncoderSettings, fingerprint, load_model
+    from jobs.embed_worker import ShardEncoder, WorkerSpec
+    from storage.corpus import ColumnMap, scan_file
+
+    rows = sample_docs(10)
+    cf, _ = scan_file(write_jsonl(str(tmp_path / "a.jsonl"), rows), ColumnMap(), 10)
+    settings = EncoderSettings()
+    spec = WorkerSpec(str(tiny_model_dir), settings.to_dict(), fingerprint(tiny_model_dir, settings),
+                      [cf.to_dict()], dataclasses.asdict(ColumnMap()), str(tmp_path / "v"), True, False,
+                      1, "cpu", 8, 512, precision=precision)
+    actor = ShardEncoder(spec)
+    actor.write_shard({"shard": 0, "file": 0, "start": 0, "end": 10})
+    assert actor.lm.precision == precision
+    got = schemas.dense_matrix(pq.read_table(next((tmp_path / "v" / "dense").glob("*.parquet")))).astype(np.float32)
+    full = Encoder(load_model(tiny_model_dir, device="cpu", precision="float32"))
+    want = full.encode_documents([r["text"] for r in rows]).dense
+    cos = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert np.all(cos > (0.9999 if precision == "float32" else 0.99))
