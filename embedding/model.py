@@ -153,6 +153,13 @@ class LoadedModel:
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
+def check_precision(precision: str) -> str:
+    """``precision`` when it is one of :data:`PRECISIONS`, else ``ValueError`` listing them."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 def resolve_precision(precision: str, device_type: str) -> str:
     """The torch dtype name an encoder runs in on ``device_type`` ("cpu", "cuda", ...).
 
@@ -164,9 +171,7 @@ def resolve_precision(precision: str, device_type: str) -> str:
     bfloat16 is emulated it is slower than float32, so "auto" keeps float32 there.
     float16 needs CUDA.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
+    if check_precision(precision) == "auto":
         if device_type == "cuda":
             import torch
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

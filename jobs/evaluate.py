@@ -17,7 +17,7 @@ import datetime as _dt
 import logging
 from dataclasses import dataclass
 
-from embedding.model import PRECISIONS
+from embedding.model import check_precision
 from indexing.metrics import EvalResult, evaluate
 from indexing.report import write_report
 from indexing.searcher import Searcher
@@ -87,8 +87,7 @@ class EvalConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.where is not None:
             check_filter(self.where)  # its syntax now; its columns against each index's set when searched
 

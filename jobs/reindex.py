@@ -35,7 +35,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-from embedding.model import PRECISIONS
+from embedding.model import check_precision
 from jobs import embed as embed_job
 from jobs import preflight
 from jobs.errors import EXIT_OK, NothingToDo, Refused, exit_code
@@ -130,8 +130,7 @@ class ReindexConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
