@@ -12,6 +12,7 @@ without a language get the encoder's detector's guess, else the fallback adapter
 from __future__ import annotations
 
 import logging
+import os
 import string
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,18 @@ logger = logging.getLogger(__name__)
 #: runs: 10.6 against 12.1 s): a one-batch forward's small products scale poorly over
 #: threads, and a stream waits on no other thread's barrier when Ray's daemons take a core.
 CPU_STREAMS = 2
+#: environment variable that replaces :data:`CPU_STREAMS` for ``streams="auto"`` (1 turns streams off)
+STREAMS_ENV = "TESSERA_CPU_STREAMS"
+
+
+def auto_streams() -> int:
+    """What ``streams="auto"`` stands for: ``$TESSERA_CPU_STREAMS`` if set, else :data:`CPU_STREAMS`."""
+    raw = os.environ.get(STREAMS_ENV, "").strip()
+    if not raw:
+        return CPU_STREAMS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{STREAMS_ENV} must be an integer >= 1, got {raw[:20]!r}")
+    return int(raw)
 
 #: Punctuation whose tokens ColBERT drops from documents (its skiplist), plus common non-ASCII marks.
 PUNCTUATION = string.punctuation + "。，、！？；：「」『』（）《》…—–«»“”‘’¿¡·"
@@ -76,8 +89,11 @@ class Encoder:
         a language (:func:`embedding.languages.make_detector`); None sends them to the fallback.
     streams : forward passes run at once when documents are encoded on CPU, each batch
         in one of ``streams`` threads with ``torch.get_num_threads() // streams`` torch
-        threads: ``"auto"`` (default) :data:`CPU_STREAMS`, at most one per torch thread;
-        1 runs one batch at a time on all of them. On a GPU, one. Queries are always one.
+        threads: ``"auto"`` (default) :func:`auto_streams` (2, or ``$TESSERA_CPU_STREAMS``),
+        at most one per torch thread; 1 runs one batch at a time on all of them. On a GPU,
+        one. Queries are always one stream. The model is shared by the streams: its forward
+        must not change its own state (true of inference in the architectures
+        ``transformers.AutoModel`` loads without remote code).
     """
 
     def __init__(self, lm: LoadedModel, *, max_batch: int = 64, max_tokens: int = 16384,
@@ -305,7 +321,7 @@ class Encoder:
         threads = torch.get_num_threads()
         if self.lm.device.type != "cpu" or n_batches < 2:
             return 1, threads
-        want = CPU_STREAMS if self.streams == "auto" else self.streams
+        want = auto_streams() if self.streams == "auto" else self.streams
         streams = max(1, min(want, threads, n_batches))
         return streams, max(1, threads // streams)
 
@@ -313,17 +329,23 @@ class Encoder:
                     step: Callable[[np.ndarray, "int | None"], tuple[float, float]]) -> None:
         """Run ``step(positions, adapter)`` on every batch (:meth:`batches`, longest first)
         and add its ``(forward, post)`` seconds to :attr:`stage_seconds`. With several streams
-        (:meth:`stream_plan`) the batches go to that many threads in order, each running on
-        its share of torch's threads; the stages then get the pass's wall-clock seconds in
-        proportion to the seconds their steps took, so the stages still add up to the wall
-        clock. ``step`` must write only its own batch's rows. The first error stops the pass
-        (batches not started are dropped) and is raised here."""
+        (:meth:`stream_plan`) the first (longest) batch still runs alone, in this thread on
+        all of torch's threads, so that whatever a model builds on first use for a length
+        (a cache of position tables) exists before two threads share it; the other batches
+        then go to that many threads in order, each running on its share of torch's threads,
+        and the stages get the pass's wall-clock seconds in proportion to the seconds their
+        steps took, so the stages still add up to the wall clock. ``step`` must write only
+        its own batch's rows. The first error stops the pass (batches not started are
+        dropped) and is raised here."""
         batches = list(self.batches(ids, routing))
         streams, per_stream = self.stream_plan(len(batches))
+        if streams > 1:
+            self._add_seconds(*step(*batches[0]))
+            batches = batches[1:]
+            streams = min(streams, len(batches))
         if streams == 1:
             for batch, lang_id in batches:
-                forward_s, post_s = step(batch, lang_id)
-                self._add_seconds(forward_s, post_s)
+                self._add_seconds(*step(batch, lang_id))
             return
         threads = torch.get_num_threads()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedding.encoder import CPU_STREAMS, Encoder
+from embedding.encoder import CPU_STREAMS, STREAMS_ENV, Encoder
 from embedding.model import load_model
 
 # lengths from a few tokens to ~60, so that max_batch=4 cuts them into many batches of different widths
@@ -28,7 +28,8 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def test_stream_plan(lm, two_threads):
+def test_stream_plan(lm, two_threads, monkeypatch):
+    monkeypatch.delenv(STREAMS_ENV, raising=False)
     assert CPU_STREAMS == 2
     assert Encoder(lm).stream_plan(10) == (2, 1)
     assert Encoder(lm, streams=1).stream_plan(10) == (1, 2)
@@ -41,9 +42,19 @@ def test_stream_plan(lm, two_threads):
     for bad in (0, -1, 1.5, True, "two"):
         with pytest.raises(ValueError, match="streams must be 'auto' or an integer >= 1"):
             Encoder(lm, streams=bad)
+    monkeypatch.setenv(STREAMS_ENV, "1")  # the escape hatch: auto means one stream
+    assert Encoder(lm).stream_plan(10) == (1, 4)
+    assert Encoder(lm, streams=2).stream_plan(10) == (2, 2)  # an explicit number wins
+    monkeypatch.setenv(STREAMS_ENV, "3")
+    assert Encoder(lm).stream_plan(10) == (3, 1)
+    for bad in ("0", "two", "-2"):
+        monkeypatch.setenv(STREAMS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{STREAMS_ENV} must be an integer >= 1, got '{bad}'"):
+            Encoder(lm).stream_plan(10)
 
 
-def test_streams_encode_exactly_what_one_stream_does(lm, two_threads):
+def test_streams_encode_exactly_what_one_stream_does(lm, two_threads, monkeypatch):
+    monkeypatch.delenv(STREAMS_ENV, raising=False)
     one = Encoder(lm, max_batch=4, streams=1)
     many = Encoder(lm, max_batch=4)
     seen = []
@@ -59,7 +70,10 @@ def test_streams_encode_exactly_what_one_stream_does(lm, two_threads):
     b = many.encode_documents(TEXTS, dense=True, colbert=True)
     wall = time.perf_counter() - start
     assert len(seen) >= 10
-    assert all(name.startswith("tessera-forward") and n == 1 for name, n in seen), seen[:3]
+    # the longest batch alone in the caller's thread on both threads (a model's first-use
+    # caches are built before threads share it), then the others in the streams on one each
+    assert seen[0] == (threading.current_thread().name, 2)
+    assert all(name.startswith("tessera-forward") and n == 1 for name, n in seen[1:]), seen[:3]
     np.testing.assert_allclose(b.dense, a.dense, atol=1e-6)
     assert [t.shape for t in b.tokens] == [t.shape for t in a.tokens]
     for x, y in zip(b.tokens, a.tokens):
@@ -73,7 +87,8 @@ def test_streams_encode_exactly_what_one_stream_does(lm, two_threads):
     assert many.forward_only(TEXTS, 64) == one.forward_only(TEXTS, 64)
 
 
-def test_a_failing_batch_fails_the_pass_and_restores_threads(lm, two_threads):
+def test_a_failing_batch_fails_the_pass_and_restores_threads(lm, two_threads, monkeypatch):
+    monkeypatch.delenv(STREAMS_ENV, raising=False)
     enc = Encoder(lm, max_batch=2)
     calls = []
     forward = enc._forward
