@@ -106,3 +106,24 @@ def test_a_failing_batch_fails_the_pass_and_restores_threads(lm, two_threads, mo
     assert not [t for t in threading.enumerate() if t.name.startswith("tessera-forward")]
     enc._forward = forward  # the encoder still works after the failure
     assert enc.encode_documents(TEXTS[:5]).dense.shape == (5, 32)
+
+
+def test_fewer_batches_than_streams_get_wider_streams(lm, monkeypatch):
+    monkeypatch.delenv(STREAMS_ENV, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        enc = Encoder(lm, max_batch=1, streams=4)
+        seen = []
+        forward = enc._forward
+
+        def spy(seqs, **kw):
+            seen.append((threading.current_thread().name.startswith("tessera-forward"), torch.get_num_threads()))
+            return forward(seqs, **kw)
+
+        enc._forward = spy
+        enc.encode_documents(TEXTS[:3])  # three batches: the longest alone, then two streams of two threads
+        assert seen[0] == (False, 4) and sorted(seen[1:]) == [(True, 2), (True, 2)]
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
