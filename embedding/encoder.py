@@ -342,9 +342,7 @@ class Encoder:
         if streams > 1:
             self._add_seconds(*step(*batches[0]))
             batches = batches[1:]
-            if len(batches) < streams:  # fewer batches left than streams: fewer, wider streams
-                streams = max(1, len(batches))
-                per_stream = max(1, torch.get_num_threads() // streams)
+            streams, per_stream = self.stream_plan(len(batches))  # fewer batches left: fewer, wider streams
         if streams == 1:
             for batch, lang_id in batches:
                 self._add_seconds(*step(batch, lang_id))
