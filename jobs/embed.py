@@ -38,7 +38,7 @@ from jobs import embed_augment, preflight
 from jobs import plan as planner
 from jobs.embed_augment import AugmentConfig
 from jobs.embed_codec import ensure_codec, fully_sampled, sample_plan
-from jobs.embed_pool import actor_plan, add_worker_stages, done_shards, run_shards, worker_spec
+from jobs.embed_pool import actor_plan, add_worker_stages, done_shards, run_precision, run_shards, worker_spec
 from jobs.embed_worker import ShardEncoder
 from jobs.errors import NothingToDo, bad_input, unwrap
 from jobs.runtime import DEVICES, ActorPlan, init_ray
@@ -435,7 +435,7 @@ def _manifest(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], piece
         "run_key": run_key,
         "input": source,
         **embed_augment.manifest_record(cfg.augment, source, shard_stats),
-        "workers": p.to_dict(),
+        "workers": {**p.to_dict(), "precision": run_precision(shard_stats)},
         "timings": {**timings.to_dict(), **_worker_timings(shard_stats),
                     "encode_worker_seconds": round(sum(s["encode_seconds"] for s in shard_stats), 3)},
         "created_at": utcnow(),

@@ -16,7 +16,8 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Iterator
 
-from jobs.embed_worker import WorkerSpec, write_cached_shards
+from embedding.codec import ready_bf16_search
+from jobs.embed_worker import ShardEncoder, WorkerSpec
 from jobs.errors import quiet_ray_failure_logs
 from jobs.failpoints import FAILPOINTS_ENV
 from jobs.runtime import ActorPlan, plan_actors, thread_env
@@ -152,7 +153,7 @@ def run_pool(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | 
 
 def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str, calls: int = 1) -> Iterator[dict]:
     """Pass 2 of shards whose every document the codec-sample pass cached, as plain Ray
-    tasks (``jobs.embed_worker.write_cached_shards``); yield each shard's statistics.
+    tasks (:func:`write_cached_shards`); yield each shard's statistics.
 
     Such a shard needs no model, only compression and writes: tasks run on the worker
     processes Ray already has warm (the codec fit's among them), where an actor pool
@@ -196,6 +197,19 @@ def run_shards(rows: list[dict], actor_cls, spec: WorkerSpec, p: ActorPlan, code
         yield from run_pool(rest, actor_cls, spec, p, codec_url, timings)
 
 
+def run_precision(shard_stats: list[dict], inherited: "str | None" = None) -> "str | None":
+    """A version's ``workers.precision``: the type the encoders ran in for its documents
+    ("bfloat16"), the types in order joined by "," where shards differ (a run resumed with
+    another ``--precision``, a re-index's new documents beside its parent's), None when
+    nothing was encoded. ``inherited``: the parent's value, for a version that keeps some of
+    its documents. A shard marker written before this was recorded counts as "unknown"."""
+    names = set(inherited.split(",")) if inherited else set()
+    for stats in shard_stats:
+        if stats.get("documents"):
+            names.update(stats.get("precision") or ["unknown"])
+    return ",".join(sorted(names)) or None
+
+
 def done_shards(vdir: Location) -> dict[int, dict]:
     """Statistics of the shards whose marker exists, by shard number."""
     out = {}
@@ -203,3 +217,39 @@ def done_shards(vdir: Location) -> dict[int, dict]:
         stats = json.loads(loc.read_text())
         out[int(stats["shard"])] = stats
     return out
+
+
+def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], threads: int,
+                        failpoints: "str | None" = None, calls: int = 2) -> list[str]:
+    """Pass 2 of shards whose every document pass 1 cached, in a plain Ray task: read the
+    cache, compress, write (``ShardEncoder``'s own code, errors included; no model).
+    Returns each shard's statistics (JSON), in the order of ``rows``.
+
+    ``calls`` shards at a time, as an encoder actor runs them: one compresses while
+    another reads or writes. The first failure cancels the shards not yet started and
+    is raised.
+
+    ``threads``: BLAS threads for the nearest-centroid search (Ray starts task workers
+    with one). ``failpoints``: the driver's ``TESSERA_FAILPOINTS`` (tests).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    if failpoints:
+        os.environ[FAILPOINTS_ENV] = failpoints
+    else:
+        os.environ.pop(FAILPOINTS_ENV, None)
+    encoder = ShardEncoder(spec, codec_url)
+    if encoder.codec is not None:
+        ready_bf16_search(encoder.codec.n_centroids, threads)
+    one = lambda row: str(encoder({k: [v] for k, v in row.items()})["stats"][0])  # noqa: E731
+    with threadpool_limits(limits=threads, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=max(1, calls), thread_name_prefix="shard") as pool:
+        futures = [pool.submit(one, row) for row in rows]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -21,13 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedding.codec import ResidualCodec, ready_bf16_search
+from embedding.codec import ResidualCodec
 from embedding.languages import LanguageError, route_languages
 from embedding.model import adapter_languages
 from embedding.vectors import DocumentVectors
 from jobs.embed_augment import ShardAugmenter
-from jobs.failpoints import FAILPOINTS_ENV, failpoint
-from jobs.sample_cache import cache_table, read_cache, sample_cache
+from jobs.failpoints import failpoint
+from jobs.sample_cache import cache_precision, cache_table, read_cache, sample_cache
 from storage import layout, schemas
 from storage.augment_queries import AugmentQueryError
 from storage.corpus import ColumnMap, CorpusError, CorpusFile, meta_hashes, read_rows, text_hashes
@@ -224,12 +223,13 @@ class ShardEncoder(EncoderActor):
         kept_texts = [t for t, k in zip(texts, keep) if k]
         langs = kept.column("lang").to_pylist()
         ids = kept.column("id").to_pylist()
-        cached = self._cached(shard)
+        cached, cached_precision = self._cached(shard)
         read_s = time.perf_counter() - start
         with self._computing() as span:
             t0 = time.perf_counter()
             enc = self._encode(np.flatnonzero(keep), kept_texts, langs, cached) if kept_texts else None
             encode_s = time.perf_counter() - t0
+            precision = self._precisions(np.flatnonzero(keep), cached, cached_precision)
             aug = self._augment(row, np.flatnonzero(keep), ids, kept_texts, langs, kept, enc)
             augment_s = time.perf_counter() - t0 - encode_s  # generation and query encoding (xQG)
             t1 = time.perf_counter()
@@ -262,7 +262,7 @@ class ShardEncoder(EncoderActor):
                  "skipped_empty": int((~keep).sum()),
                  "tokens": int(sum(len(t) for t in enc.tokens)) if enc is not None and enc.tokens else 0,
                  "input_tokens": int(enc.n_tokens.sum()) if enc is not None else 0,
-                 "truncated": int(enc.truncated.sum()) if enc is not None else 0,
+                 "truncated": int(enc.truncated.sum()) if enc is not None else 0, "precision": precision,
                  "encode_seconds": round(encode_s, 3), "read_seconds": round(read_s, 3), **span,
                  "compress_seconds": round(compress_s, 3), **residual,
                  "write_seconds": round(time.perf_counter() - t0, 3),
@@ -291,10 +291,23 @@ class ShardEncoder(EncoderActor):
                                       enc.dense if self.spec.dense else None,
                                       enc.tokens if self.spec.colbert else None)
 
-    def _cached(self, shard: int) -> dict:
-        """The shard's documents pass 1 already encoded (its sample cache), by row offset."""
+    def _cached(self, shard: int) -> "tuple[dict, str | None]":
+        """The shard's documents pass 1 already encoded (its sample cache), by row offset,
+        and the type the model ran in there (None: no cache, or one that does not say)."""
         cache_loc = sample_cache(self.vdir, shard)
-        return read_cache(cache_loc, self.codec.dim) if self.spec.colbert and cache_loc.exists() else {}
+        if not (self.spec.colbert and cache_loc.exists()):
+            return {}, None
+        return read_cache(cache_loc, self.codec.dim), cache_precision(cache_loc)
+
+    def _precisions(self, offsets: np.ndarray, cached: dict, cached_precision: "str | None") -> list[str]:
+        """The types the model ran in for the shard's encodings: this actor's for the rows it
+        encoded, the cache's for those pass 1 did ("unknown" for a cache that does not say)."""
+        out = set()
+        if any(int(o) not in cached for o in offsets):
+            out.add(self.lm.precision)
+        if any(int(o) in cached for o in offsets):
+            out.add(cached_precision or "unknown")
+        return sorted(out)
 
     def _encode(self, offsets: np.ndarray, texts: list[str], langs: list, cached: dict) -> DocumentVectors:
         """Encode the kept rows, taking those pass 1 already encoded from ``cached``."""
@@ -364,42 +377,6 @@ class ShardEncoder(EncoderActor):
                 {"residual_abs_sum": abs_sum, "residual_values": int(sum(lengths)) * self.codec.dim})
 
 
-def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], threads: int,
-                        failpoints: "str | None" = None, calls: int = 2) -> list[str]:
-    """Pass 2 of shards whose every document pass 1 cached, in a plain Ray task: read the
-    cache, compress, write (``ShardEncoder``'s own code, errors included; no model).
-    Returns each shard's statistics (JSON), in the order of ``rows``.
-
-    ``calls`` shards at a time, as an encoder actor runs them: one compresses while
-    another reads or writes. The first failure cancels the shards not yet started and
-    is raised.
-
-    ``threads``: BLAS threads for the nearest-centroid search (Ray starts task workers
-    with one). ``failpoints``: the driver's ``TESSERA_FAILPOINTS`` (tests).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from threadpoolctl import threadpool_limits
-
-    if failpoints:
-        os.environ[FAILPOINTS_ENV] = failpoints
-    else:
-        os.environ.pop(FAILPOINTS_ENV, None)
-    encoder = ShardEncoder(spec, codec_url)
-    if encoder.codec is not None:
-        ready_bf16_search(encoder.codec.n_centroids, threads)
-    one = lambda row: str(encoder({k: [v] for k, v in row.items()})["stats"][0])  # noqa: E731
-    with threadpool_limits(limits=threads, user_api="blas"), \
-            ThreadPoolExecutor(max_workers=max(1, calls), thread_name_prefix="shard") as pool:
-        futures = [pool.submit(one, row) for row in rows]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-
-
 class SampleEncoder(EncoderActor):
     """Pass 1: encode the sampled rows of a shard and cache their vectors under ``_sample/``.
 
@@ -432,7 +409,8 @@ class SampleEncoder(EncoderActor):
             enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense, colbert=True,
                                                 langs=[langs[o] for o in offsets]) if offsets else None
         t0 = time.perf_counter()
-        schemas.write_scratch_table(sample_cache(self.vdir, int(row["shard"])), cache_table(offsets, enc))
+        schemas.write_scratch_table(sample_cache(self.vdir, int(row["shard"])),
+                                    cache_table(offsets, enc, self.lm.precision if enc is not None else None))
         return json.dumps({"shard": int(row["shard"]), "documents": len(offsets),
                            "write_seconds": round(time.perf_counter() - t0, 3), **span,
                            "seconds": round(time.perf_counter() - start, 3),

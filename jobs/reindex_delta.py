@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from jobs import plan as planner
-from jobs.embed_pool import actor_plan, done_shards
+from jobs.embed_pool import actor_plan, done_shards, run_precision
 from jobs.reindex_worker import encode_delta
 from jobs.timing import Timings
 from storage import sets
@@ -199,6 +199,8 @@ def _delta_manifest(cfg, ecfg, model, art: Artifact, parent: str, pm: dict, pdir
               "shards": len({e["shard"] for e in entries if "shard" in e}),
               "new": diff.counts()["new"], "changed": diff.counts()["changed"],
               "deleted": diff.counts()["deleted"], "unchanged": diff.unchanged, "tombstones": graves.num_rows}
+    kept = pc_["documents"] - dead_new.num_rows  # the parent's documents this version keeps
+    inherited = ((pm.get("workers") or {}).get("precision") or "unknown") if kept else None
     new_lineage = ({"indexes_trained_on": version, "documents_then": counts["documents"], "added_since": 0}
                    if rebuild else {**lineage, "added_since": added})
     new_lineage["codec"] = {**lineage["codec"], **drift["codec_lineage"]}
@@ -207,7 +209,8 @@ def _delta_manifest(cfg, ecfg, model, art: Artifact, parent: str, pm: dict, pdir
         "modes": pm["modes"], "dims": pm["dims"], "dense_dtype": pm.get("dense_dtype", "float16"),
         "codec": codec, "counts": counts,
         "corpus": [{"url": f.url, "format": f.format, "rows": f.n_rows} for f in files],
-        "files": entries, "parent": parent, "run_key": run_key, "workers": pool.to_dict(),
+        "files": entries, "parent": parent, "run_key": run_key,
+        "workers": {**pool.to_dict(), "precision": run_precision(shard_stats, inherited)},
         "lineage": new_lineage, "drift": drift,
         "bytes": {"reused": reused_bytes, "written": int(sum(e["bytes"] for e in entries)) - reused_bytes},
         "timings": {"encode_worker_seconds": round(sum(s["encode_seconds"] for s in shard_stats), 3)},

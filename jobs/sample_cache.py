@@ -24,6 +24,8 @@ SAMPLE_CACHE = "_sample"
 #: a cache file's schema metadata: how many token vectors it holds, read from the footer
 #: first so that the fit reads every shard's vectors straight into one array
 TOKEN_COUNT_KEY = b"tessera.token_vectors"
+#: a cache file's schema metadata: the type the model that encoded it ran in ("bfloat16", ...)
+PRECISION_KEY = b"tessera.precision"
 #: bytes a ``binary`` column's int32 offsets can address; past it, ``large_binary``
 BINARY_MAX_BYTES = int(np.iinfo(np.int32).max)
 
@@ -33,18 +35,20 @@ def sample_cache(vdir: Location, shard: int) -> Location:
     return vdir.join(SAMPLE_CACHE, layout.shard_name(shard))
 
 
-def cache_table(offsets: list[int], enc: "DocumentVectors | None") -> pa.Table:
+def cache_table(offsets: list[int], enc: "DocumentVectors | None", precision: "str | None" = None) -> pa.Table:
     """One shard's cache: each encoded row's offset, its token vectors (float16) and dense
-    vector (float32) as bytes, its input length and whether it was truncated."""
+    vector (float32) as bytes, its input length and whether it was truncated; ``precision``
+    (the encoder's type, :func:`cache_precision`) in the footer when given."""
+    meta = {PRECISION_KEY: precision.encode()} if precision else {}
     if enc is None:  # no non-empty sampled row: an empty cache still marks the shard done
         return pa.table({"row": pa.array([], pa.int32()), "n_tokens": pa.array([], pa.int32()),
                          "truncated": pa.array([], pa.bool_()), "tokens": pa.array([], pa.binary())},
-                        metadata={TOKEN_COUNT_KEY: b"0"})
+                        metadata={TOKEN_COUNT_KEY: b"0", **meta})
     cols = {"row": pa.array(offsets, pa.int32()), "n_tokens": pa.array(enc.n_tokens, pa.int32()),
             "truncated": pa.array(enc.truncated, pa.bool_()), "tokens": _binary_column(enc.tokens, np.float16)}
     if enc.dense is not None:
         cols["dense"] = _binary_column(list(enc.dense), np.float32)
-    return pa.table(cols, metadata={TOKEN_COUNT_KEY: str(sum(len(t) for t in enc.tokens)).encode()})
+    return pa.table(cols, metadata={TOKEN_COUNT_KEY: str(sum(len(t) for t in enc.tokens)).encode(), **meta})
 
 
 def _binary_column(arrays: list, dtype: type) -> pa.Array:
@@ -135,8 +139,20 @@ def read_sample_tokens(locs: "list[Location]", dim: int) -> np.ndarray:
 
 def _token_count(loc: Location) -> "int | None":
     """:data:`TOKEN_COUNT_KEY` of a cache file's footer; None when it has none."""
+    value = _footer(loc).get(TOKEN_COUNT_KEY)
+    return int(value) if value is not None else None
+
+
+def cache_precision(loc: Location) -> "str | None":
+    """The type of the model that encoded a cache file (:data:`PRECISION_KEY`); None for a
+    cache written before it was recorded."""
+    value = _footer(loc).get(PRECISION_KEY)
+    return value.decode() if value is not None else None
+
+
+def _footer(loc: Location) -> dict:
+    """A cache file's schema metadata (its footer only)."""
     def read() -> "dict | None":
         with loc.open("rb") as f:
             return pq.read_schema(f).metadata
-    value = (retry(read, f"read {loc.url}") or {}).get(TOKEN_COUNT_KEY)
-    return int(value) if value is not None else None
+    return retry(read, f"read {loc.url}") or {}

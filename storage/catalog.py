@@ -2,7 +2,8 @@
 
 Views
 -----
-``embedding_sets``  one row per committed set version (counts, dims, codec, model fingerprint, ``is_current``)
+``embedding_sets``  one row per committed set version (counts, dims, codec, model fingerprint, device and
+                    precision of its encoders, ``is_current``)
 ``documents``       one row per live document of each set's CURRENT version (the ``docs`` shards,
                     tombstoned rows dropped)
 ``skipped``         documents the current version of each set skipped, with the reason
@@ -154,7 +155,7 @@ _SET_COLUMNS = {
     "committed_at": "VARCHAR", "documents": "BIGINT", "skipped_empty": "BIGINT", "tokens": "BIGINT",
     "truncated": "BIGINT", "shards": "BIGINT", "dense_dim": "INTEGER", "colbert_dim": "INTEGER",
     "nbits": "INTEGER", "n_centroids": "INTEGER", "model_fingerprint": "VARCHAR", "model_path": "VARCHAR",
-    "parent": "VARCHAR", "bytes": "BIGINT", "path": "VARCHAR",
+    "parent": "VARCHAR", "bytes": "BIGINT", "path": "VARCHAR", "device": "VARCHAR", "precision": "VARCHAR",
 }
 _SHARD_COLUMNS = {"set_name": "VARCHAR", "version": "VARCHAR", "is_current": "BOOLEAN", "kind": "VARCHAR",
                   "shard": "INTEGER", "path": "VARCHAR", "rows": "BIGINT", "bytes": "BIGINT",
@@ -182,6 +183,7 @@ def _set_row(m: dict) -> dict:
         "nbits": codec.get("nbits"), "n_centroids": codec.get("n_centroids"),
         "model_fingerprint": m.get("model", {}).get("fingerprint"), "model_path": m.get("model", {}).get("path"),
         "parent": m.get("parent"), "bytes": sum(e["bytes"] for e in m.get("files", [])), "path": m["_dir"],
+        "device": (m.get("workers") or {}).get("device"), "precision": (m.get("workers") or {}).get("precision"),
     }
 
 

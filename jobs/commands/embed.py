@@ -181,6 +181,9 @@ def print_result(manifest: dict, args: argparse.Namespace) -> None:
     print(f"{manifest['name']} {manifest['version']}: {c['documents']} documents "
           f"({c['skipped_empty']} empty skipped, {c['truncated']} truncated), {c['shards']} shards, "
           f"{c['tokens']} ColBERT tokens, in {root_str(args)}/sets/{manifest['name']}/{manifest['version']}")
+    w = manifest.get("workers") or {}
+    if w.get("precision"):
+        print(f"encoded in {w['precision']} on {w.get('device')}")
     if "adapter_fallback" in c:
         print(f"language adapters: {c['per_adapter']}; {c['adapter_fallback']} documents without an adapter "
               f"went to the fallback {c['adapter_fallback_languages']}")

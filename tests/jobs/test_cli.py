@@ -53,6 +53,8 @@ def test_cli_embed_sets_sql(tiny_model_dir, tmp_path):
     forced = tessera("embed", "--corpus", str(SAMPLE), "--model", str(tiny_model_dir), "--set", "demo",
                      "--mode", "dense", "--force", cwd=tmp_path)
     assert forced.returncode == 0 and "demo v000002: 48 documents" in forced.stdout, forced.stderr[-3000:]
+    assert forced.stdout.splitlines()[-1] == f"encoded in {manifest['workers']['precision']} on cpu"
+    assert manifest["workers"]["precision"] in ("bfloat16", "float32")  # auto, resolved by the actors
     sql = tessera("sql", "select lang, count(*) as n from documents group by lang", "--json", cwd=tmp_path)
     assert sum(r["n"] for r in json.loads(sql.stdout)) == 48
     sql = tessera("sql", "select count(*) as n from documents_all", "--json", cwd=tmp_path)

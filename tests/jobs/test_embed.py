@@ -63,6 +63,11 @@ def test_embed_local_end_to_end(ray_local, tiny_model_dir, corpus_local, tmp_pat
     # extra columns are kept as metadata, typed
     assert con.execute("select count(*) from documents where source = 'unit-test' and year >= 2000").fetchone()[0] == 49
     assert con.execute("select documents, nbits from embedding_sets").fetchall() == [(49, 2)]
+    # the type the encoders ran in, resolved ("auto" is not a type); here every document came from the sample cache
+    from embedding.model import resolve_precision
+    assert manifest["workers"]["precision"] == resolve_precision("auto", "cpu")
+    assert con.execute("select device, precision from embedding_sets").fetchall() == [
+        ("cpu", resolve_precision("auto", "cpu"))]
     by_lang = dict(con.execute("select lang, count(*) from documents group by lang").fetchall())
     assert sum(by_lang.values()) == 49 and set(by_lang) == set(LANGS)
 
@@ -610,10 +615,41 @@ def test_actors_load_the_model_in_the_job_s_precision(tmp_path, tiny_model_dir, 
                       [cf.to_dict()], dataclasses.asdict(ColumnMap()), str(tmp_path / "v"), True, False,
                       1, "cpu", 8, 512, precision=precision)
     actor = ShardEncoder(spec)
-    actor.write_shard({"shard": 0, "file": 0, "start": 0, "end": 10})
-    assert actor.lm.precision == precision
+    stats = actor.write_shard({"shard": 0, "file": 0, "start": 0, "end": 10})
+    assert actor.lm.precision == precision and stats["precision"] == [precision]
     got = schemas.dense_matrix(pq.read_table(next((tmp_path / "v" / "dense").glob("*.parquet")))).astype(np.float32)
     full = Encoder(load_model(tiny_model_dir, device="cpu", precision="float32"))
     want = full.encode_documents([r["text"] for r in rows]).dense
     cos = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert np.all(cos > (0.9999 if precision == "float32" else 0.99))
+
+
+def test_shards_record_the_precision_of_every_encoding_they_hold(tmp_path, tiny_model_dir):
+    """Pass 2 takes the sampled rows from the cache, encoded in pass 1's precision, and
+    encodes the others itself: the shard's statistics name both types."""
+    import dataclasses
+
+    from embedding.codec import ResidualCodec
+    from embedding.model import EncoderSettings, fingerprint
+    from jobs.embed_worker import SampleEncoder, ShardEncoder, WorkerSpec
+    from storage.corpus import ColumnMap, scan_file
+
+    rows = sample_docs(10)
+    cf, _ = scan_file(write_jsonl(str(tmp_path / "a.jsonl"), rows), ColumnMap(), 10)
+    settings = EncoderSettings()
+    spec = WorkerSpec(str(tiny_model_dir), settings.to_dict(), fingerprint(tiny_model_dir, settings),
+                      [cf.to_dict()], dataclasses.asdict(ColumnMap()), str(tmp_path / "v"), True, True,
+                      1, "cpu", 8, 512, precision="float32")
+    row = {"shard": 0, "file": 0, "start": 0, "end": 10}
+    SampleEncoder(dataclasses.replace(spec, precision="bfloat16")).sample_shard(row, [0, 2, 4])
+    codec = ResidualCodec.fit(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), 2, 4)
+    (tmp_path / "codec.npz").write_bytes(codec.to_bytes())
+    stats = ShardEncoder(spec, str(tmp_path / "codec.npz")).write_shard(row)
+    assert stats["precision"] == ["bfloat16", "float32"] and stats["documents"] == 10
+
+    from jobs.embed_pool import run_precision
+    assert run_precision([stats, {"documents": 3, "precision": ["float32"]}]) == "bfloat16,float32"
+    assert run_precision([{"documents": 3, "precision": ["float32"]}, {"documents": 0, "precision": []}]) == "float32"
+    assert run_precision([{"documents": 3}]) == "unknown"  # a marker written before precisions were recorded
+    assert run_precision([{"documents": 0, "precision": []}]) is None
+    assert run_precision([{"documents": 2, "precision": ["float32"]}], inherited="bfloat16") == "bfloat16,float32"

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from conftest import ensure_local_ray
+from embedding.model import resolve_precision
 from fixtures_models import MULTILINGUAL_TEXTS
 from indexing.searcher import Searcher
 from jobs import build_index
@@ -172,6 +173,8 @@ def test_reindex_end_to_end(store, tiny_model_dir, tmp_path):
 
 def test_chained_reindexes_keep_exact_contents(store, tmp_path):
     root, rows, names = store
+    auto = resolve_precision("auto", "cpu")
+    other = "float32" if auto == "bfloat16" else "bfloat16"
     snap = rows
     for step in range(3):
         snap, _ = next_snapshot(snap)
@@ -179,11 +182,19 @@ def test_chained_reindexes_keep_exact_contents(store, tmp_path):
             if r["id"].startswith("n") and "-" not in r["id"]:
                 r["id"] = f"{r['id']}-{step}"
         url = write_jsonl(str(tmp_path / f"chain{step}.jsonl"), snap)
-        reindex(ReindexConfig(set_name="t", corpus=(url,), root=str(root)))
+        # the second step's new documents in the other precision: the set holds both from then on
+        report = reindex(ReindexConfig(set_name="t", corpus=(url,), root=str(root),
+                                       precision=other if step == 1 else "auto"))
         want = sorted(r["id"] for r in snap if r["text"].strip())
         assert current_ids(root) == want
         for n in names.values():
             assert sorted(Searcher.open(str(root), n).doc_ids) == want
+        manifest = Artifact(location(str(root)), "sets", "t").manifest(report["version"])
+        assert manifest["workers"]["precision"] == (auto if step == 0 else ",".join(sorted({auto, other})))
+    con = catalog.connect(str(root))
+    assert con.execute("select version, device, precision from embedding_sets order by version").fetchall() == [
+        ("v000001", "cpu", auto), ("v000002", "cpu", auto), *[(f"v00000{i}", "cpu", ",".join(sorted({auto, other})))
+                                                            for i in (3, 4)]]
 
 
 def test_index_build_on_a_pinned_set_takes_the_set_lease(store, tmp_path):

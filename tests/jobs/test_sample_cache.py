@@ -49,6 +49,14 @@ def test_cache_round_trip_row_by_row(tmp_path, monkeypatch, dense, large):
     np.testing.assert_array_equal(all_tokens, np.concatenate(enc.tokens).astype(np.float16))
 
 
+def test_cache_records_the_encoder_s_precision(tmp_path):
+    vdir = Location(str(tmp_path / "v1"))
+    schemas.write_scratch_table(sample_cache(vdir, 0), cache_table([0, 1], _encodings([2, 3], True), "bfloat16"))
+    schemas.write_scratch_table(sample_cache(vdir, 1), cache_table([], None, "float32"))
+    schemas.write_scratch_table(sample_cache(vdir, 2), cache_table([0], _encodings([1], True)))  # an older cache
+    assert [sc.cache_precision(sample_cache(vdir, s)) for s in range(3)] == ["bfloat16", "float32", None]
+
+
 def test_empty_cache_reads_empty(tmp_path):
     loc = sample_cache(Location(str(tmp_path / "v1")), 0)
     schemas.write_table(loc, cache_table([], None))
