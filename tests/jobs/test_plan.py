@@ -79,6 +79,9 @@ def test_cpu_pool_leaves_a_cpu_and_gives_blas_the_actor_threads(cpus, threads):
     assert p.actors == 1 and p.threads == threads and p.device == "cpu"
     assert p.num_cpus * p.actors <= max(cpus - 1, 0.5)
     assert thread_env(p)["OMP_NUM_THREADS"] == str(threads) == thread_env(p)["OPENBLAS_NUM_THREADS"]
+    # the fast tokenizer on the same threads (Rayon), off with one
+    assert thread_env(p)["RAYON_NUM_THREADS"] == str(threads)
+    assert thread_env(p)["TOKENIZERS_PARALLELISM"] == ("true" if threads > 1 else "false")
 
 
 def test_auto_rows_per_shard_gives_short_texts_larger_shards_within_bounds():
