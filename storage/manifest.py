@@ -223,6 +223,9 @@ class WorkersRecord(TypedDict):
     threads: int  # torch threads per actor
     device: str  # "cpu" | "cuda"
     calls: NotRequired[int]  # shards an actor holds at once; absent in manifests written before it
+    # the type the encoders ran in for the version's documents, resolved ("bfloat16"; several
+    # joined by "," in order; None: nothing encoded; jobs.embed_pool.run_precision); absent before it
+    precision: NotRequired["str | None"]
 
 
 class CodecLineage(TypedDict):
