@@ -26,7 +26,7 @@ from embedding.model import adapter_languages
 from embedding.vectors import DocumentVectors
 from jobs.embed_augment import ShardAugmenter
 from jobs.failpoints import failpoint
-from jobs.sample_cache import cache_precision, cache_table, read_cache, sample_cache
+from jobs.sample_cache import cache_table, read_cache_and_precision, sample_cache
 from storage import layout, schemas
 from storage.augment_queries import AugmentQueryError
 from storage.corpus import ColumnMap, CorpusError, CorpusFile, meta_hashes, read_rows, text_hashes
@@ -297,7 +297,7 @@ class ShardEncoder(EncoderActor):
         cache_loc = sample_cache(self.vdir, shard)
         if not (self.spec.colbert and cache_loc.exists()):
             return {}, None
-        return read_cache(cache_loc, self.codec.dim), cache_precision(cache_loc)
+        return read_cache_and_precision(cache_loc, self.codec.dim)
 
     def _precisions(self, offsets: np.ndarray, cached: dict, cached_precision: "str | None") -> list[str]:
         """The types the model ran in for the shard's encodings: this actor's for the rows it

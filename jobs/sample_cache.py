@@ -24,7 +24,8 @@ SAMPLE_CACHE = "_sample"
 #: a cache file's schema metadata: how many token vectors it holds, read from the footer
 #: first so that the fit reads every shard's vectors straight into one array
 TOKEN_COUNT_KEY = b"tessera.token_vectors"
-#: a cache file's schema metadata: the type the model that encoded it ran in ("bfloat16", ...)
+#: a cache file's schema metadata: the type the model that encoded it ran in ("bfloat16", ...;
+#: :func:`read_cache_and_precision`)
 PRECISION_KEY = b"tessera.precision"
 #: bytes a ``binary`` column's int32 offsets can address; past it, ``large_binary``
 BINARY_MAX_BYTES = int(np.iinfo(np.int32).max)
@@ -38,7 +39,7 @@ def sample_cache(vdir: Location, shard: int) -> Location:
 def cache_table(offsets: list[int], enc: "DocumentVectors | None", precision: "str | None" = None) -> pa.Table:
     """One shard's cache: each encoded row's offset, its token vectors (float16) and dense
     vector (float32) as bytes, its input length and whether it was truncated; ``precision``
-    (the encoder's type, :func:`cache_precision`) in the footer when given."""
+    (the encoder's type, :func:`read_cache_and_precision`) in the footer when given."""
     meta = {PRECISION_KEY: precision.encode()} if precision else {}
     if enc is None:  # no non-empty sampled row: an empty cache still marks the shard done
         return pa.table({"row": pa.array([], pa.int32()), "n_tokens": pa.array([], pa.int32()),
@@ -75,7 +76,19 @@ def read_cache(loc: Location, dim: int) -> dict[int, tuple]:
     row-by-row read took 2.3 s of pass 2. The tokens stay float16, as pass 1 stored
     them: compression converts them a batch at a time (a float32 copy of a shard's
     127k tokens, fresh memory, cost ~1.3 s of pass 2 on 2 CPUs)."""
+    return _cache_rows(schemas.read_table(loc), dim)
+
+
+def read_cache_and_precision(loc: Location, dim: int) -> "tuple[dict[int, tuple], str | None]":
+    """:func:`read_cache`'s rows and the type of the model that encoded them (the footer's
+    :data:`PRECISION_KEY`; None for a cache written before it was recorded), in one read."""
     table = schemas.read_table(loc)
+    value = (table.schema.metadata or {}).get(PRECISION_KEY)
+    return _cache_rows(table, dim), value.decode() if value is not None else None
+
+
+def _cache_rows(table: pa.Table, dim: int) -> dict[int, tuple]:
+    """:func:`read_cache`'s rows of a cache file's table."""
     if not table.num_rows:
         return {}
     rows = table.column("row").to_numpy()
@@ -139,20 +152,8 @@ def read_sample_tokens(locs: "list[Location]", dim: int) -> np.ndarray:
 
 def _token_count(loc: Location) -> "int | None":
     """:data:`TOKEN_COUNT_KEY` of a cache file's footer; None when it has none."""
-    value = _footer(loc).get(TOKEN_COUNT_KEY)
-    return int(value) if value is not None else None
-
-
-def cache_precision(loc: Location) -> "str | None":
-    """The type of the model that encoded a cache file (:data:`PRECISION_KEY`); None for a
-    cache written before it was recorded."""
-    value = _footer(loc).get(PRECISION_KEY)
-    return value.decode() if value is not None else None
-
-
-def _footer(loc: Location) -> dict:
-    """A cache file's schema metadata (its footer only)."""
     def read() -> "dict | None":
         with loc.open("rb") as f:
             return pq.read_schema(f).metadata
-    return retry(read, f"read {loc.url}") or {}
+    value = (retry(read, f"read {loc.url}") or {}).get(TOKEN_COUNT_KEY)
+    return int(value) if value is not None else None

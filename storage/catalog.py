@@ -174,6 +174,7 @@ _RUN_COLUMNS = {"run_id": "VARCHAR", "job": "VARCHAR", "set_name": "VARCHAR", "s
 def _set_row(m: dict) -> dict:
     codec = m.get("codec") or {}
     counts = m.get("counts", {})
+    workers = m.get("workers") or {}
     return {
         "set_name": m["name"], "version": m["version"], "is_current": m["is_current"],
         "created_at": m.get("created_at"), "committed_at": m.get("committed_at"),
@@ -183,7 +184,7 @@ def _set_row(m: dict) -> dict:
         "nbits": codec.get("nbits"), "n_centroids": codec.get("n_centroids"),
         "model_fingerprint": m.get("model", {}).get("fingerprint"), "model_path": m.get("model", {}).get("path"),
         "parent": m.get("parent"), "bytes": sum(e["bytes"] for e in m.get("files", [])), "path": m["_dir"],
-        "device": (m.get("workers") or {}).get("device"), "precision": (m.get("workers") or {}).get("precision"),
+        "device": workers.get("device"), "precision": workers.get("precision"),
     }
 
 

@@ -54,7 +54,10 @@ def test_cache_records_the_encoder_s_precision(tmp_path):
     schemas.write_scratch_table(sample_cache(vdir, 0), cache_table([0, 1], _encodings([2, 3], True), "bfloat16"))
     schemas.write_scratch_table(sample_cache(vdir, 1), cache_table([], None, "float32"))
     schemas.write_scratch_table(sample_cache(vdir, 2), cache_table([0], _encodings([1], True)))  # an older cache
-    assert [sc.cache_precision(sample_cache(vdir, s)) for s in range(3)] == ["bfloat16", "float32", None]
+    assert [sc.read_cache_and_precision(sample_cache(vdir, s), DIM)[1] for s in range(3)] == [
+        "bfloat16", "float32", None]
+    rows, _ = sc.read_cache_and_precision(sample_cache(vdir, 0), DIM)
+    assert rows.keys() == read_cache(sample_cache(vdir, 0), DIM).keys() == {0, 1}
 
 
 def test_empty_cache_reads_empty(tmp_path):
