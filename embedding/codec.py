@@ -310,6 +310,15 @@ def _nearest_centroids(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray
     return out
 
 
+def _exact_nearest(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """:func:`_nearest_centroids`' answer, through :class:`_Bf16Search` where
+    :func:`use_bf16_search` says it pays (the fit's held-out rows: 25k x 8,192 centroids
+    in 0.2 s instead of 0.6 on 2 AMX cores)."""
+    if use_bf16_search(len(vectors), len(centroids), centroids.shape[1]):
+        return _Bf16Search(centroids).nearest(vectors)
+    return _nearest_centroids(centroids, vectors)
+
+
 def _train_centroids(
     train: np.ndarray, n_centroids: int, seed: int, niter: int, kmeans: str = "flat",
     device: "str | None" = None,
@@ -410,13 +419,39 @@ def _torch_nearest_centroids(centroids, vectors, budget: int):
     # transposed once into a contiguous tensor: 3% off a bfloat16 k-means on 2 CPUs (5.48 s
     # against 5.64, 132k tokens, k=4,096), the same centroids
     centroids_t = centroids.T.contiguous()
+    # one product buffer for every block: no fresh pages per block
+    scores = torch.empty((min(step, len(vectors)), len(centroids)), dtype=centroids.dtype, device=vectors.device)
     for start in range(0, len(vectors), step):
-        # max(dim).indices: the same first maximum as argmax, 1.7x (float32) to 4x (bfloat16)
-        # faster on CPU
         # each block cast to the centroids' dtype on its own (bfloat16 k-means): no bfloat16
         # copy of the whole sample (its fresh pages cost ~2.5 s at 507k x 384 on 2 CPUs)
-        out[start:start + step] = (vectors[start:start + step].to(centroids_t.dtype) @ centroids_t).max(dim=1).indices
+        block = vectors[start:start + step].to(centroids_t.dtype)
+        out[start:start + len(block)] = block_argmax(torch.matmul(block, centroids_t, out=scores[:len(block)]))
     return out
+
+
+#: columns per group of :func:`block_argmax` and :func:`_grouped_top2`
+ARGMAX_GROUP = 256
+
+
+def block_argmax(scores):
+    """The first column of each row's maximum of a torch ``(rows, k)`` block, as
+    ``argmax(dim=1)`` gives it.
+
+    On CPU with ``k`` a multiple of :data:`ARGMAX_GROUP` (and at least 4 groups): the
+    maxima of groups of that many columns (one vectorised pass), the first group holding
+    the row's maximum, then the first column of it inside that group: torch's reduction
+    with indices runs a row element by element, and where the product is cheap (AMX:
+    2,048 x 8,192 bfloat16 scores of 384-dimensional rows in ~4 ms on 2 cores) it cost
+    more than the product itself. Elsewhere ``max(dim=1).indices`` (the same first
+    maximum, 1.7x (float32) to 4x (bfloat16) faster than ``argmax`` on CPU)."""
+    import torch
+
+    m, k = scores.shape
+    if scores.device.type != "cpu" or k % ARGMAX_GROUP or k < 4 * ARGMAX_GROUP or not m:
+        return scores.max(dim=1).indices
+    groups = scores.view(m, k // ARGMAX_GROUP, ARGMAX_GROUP)
+    first = groups.amax(dim=2).argmax(dim=1)
+    return first * ARGMAX_GROUP + groups[torch.arange(m), first].argmax(dim=1)
 
 
 def _torch_kmeans(train: np.ndarray, n_centroids: int, seed: int, niter: int, device: str,
@@ -608,6 +643,27 @@ def _sortable_top2(scores, keys, halves, reverse):
     return torch.stack([value(first), value(second)], dim=1), best
 
 
+def _grouped_top2(scores):
+    """:func:`_sortable_top2`'s answer (the two best scores of each row as float32 ``(rows,
+    2)``, and the first column holding the best) for a block whose ``k`` suits
+    :func:`block_argmax`: the maxima of column groups (one pass over the block), the best
+    group's own two best, and the best of the other groups' maxima. On 2 AMX cores 2.3x
+    faster than the sortable keys' six passes over the block."""
+    import torch
+
+    m, k = scores.shape
+    groups = scores.view(m, k // ARGMAX_GROUP, ARGMAX_GROUP)
+    maxima = groups.amax(dim=2)
+    first = maxima.argmax(dim=1)
+    rows = torch.arange(m)
+    inside = groups[rows, first]  # a copy: (rows, ARGMAX_GROUP)
+    col = inside.argmax(dim=1)
+    best_score = maxima[rows, first].float()
+    inside[rows, col] = -float("inf")
+    maxima[rows, first] = inside.amax(dim=1)
+    return torch.stack([best_score, maxima.amax(dim=1).float()], dim=1), first * ARGMAX_GROUP + col
+
+
 class _Bf16Search:
     """Nearest centroid (max inner product) of float32 rows with bfloat16 products, giving
     float32's answer: ``argmax(x @ centroids.T)``, the first of equal best scores.
@@ -644,6 +700,7 @@ class _Bf16Search:
         ext[d] = -1.0
         self.product = ext
         self.reverse = torch.arange(k - 1, -1, -1, dtype=torch.int32)
+        self.grouped = k % ARGMAX_GROUP == 0 and k >= 4 * ARGMAX_GROUP
         # float32 accumulation of d + 1 exact bfloat16 products: at most (d + 1) * 2^-24
         # of the sum of their magnitudes (<= |x| * max|c| + offset); doubled for safety
         self.accumulation = 2.0 * (d + 1) * 2.0 ** -24
@@ -659,8 +716,10 @@ class _Bf16Search:
         rows = min(_BF16_ROWS, n)
         ext = torch.empty((rows, self.d + 1), dtype=torch.bfloat16)
         ext[:, self.d] = _BF16_OFFSET
-        keys = torch.empty((rows, self.k), dtype=torch.int32)
-        halves = torch.empty((rows, self.k), dtype=torch.int16)
+        if not self.grouped:
+            keys = torch.empty((rows, self.k), dtype=torch.int32)
+            halves = torch.empty((rows, self.k), dtype=torch.int16)
+        product = torch.empty((rows, self.k), dtype=torch.bfloat16)
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         with torch.inference_mode():
             for start in range(0, n, rows):
@@ -668,8 +727,11 @@ class _Bf16Search:
                 m = len(block)
                 rounded = block.bfloat16()
                 ext[:m, :self.d] = rounded
-                scores = ext[:m] @ self.product
-                top, best = _sortable_top2(scores, keys[:m], halves[:m], self.reverse)
+                scores = torch.matmul(ext[:m], self.product, out=product[:m])
+                if self.grouped:
+                    top, best = _grouped_top2(scores)
+                else:
+                    top, best = _sortable_top2(scores, keys[:m], halves[:m], self.reverse)
                 rounded_f = rounded.float()
                 norm = rounded_f.norm(dim=1)
                 bound = ((block - rounded_f).norm(dim=1) * self.centroid_norm + norm * self.centroid_rounding
@@ -1045,7 +1107,7 @@ class ResidualCodec:
         train, heldout = _split_heldout(sample, heldout_fraction, seed)
         k = cls._choose_k(n_centroids, len(sample), len(train))
         centroids = _train_centroids(train, k, seed, niter, kmeans, device)
-        residuals = heldout - centroids[_nearest_centroids(centroids, heldout)]
+        residuals = heldout - centroids[_exact_nearest(centroids, heldout)]
         cutoffs, weights = _bucket_stats(residuals, nbits)
         avg_residual = float(np.abs(residuals).mean(dtype=np.float64))
         logger.info(
@@ -1067,7 +1129,7 @@ class ResidualCodec:
         """
         _check_nbits_dim(nbits, self.dim)
         sample = _l2_normalize(_as_vectors(sample, self.dim, "sample"))
-        residuals = sample - self.centroids[_nearest_centroids(self.centroids, sample)]
+        residuals = sample - self.centroids[_exact_nearest(self.centroids, sample)]
         cutoffs, weights = _bucket_stats(residuals, nbits)
         return ResidualCodec(self.centroids, nbits, cutoffs, weights,
                              float(np.abs(residuals).mean(dtype=np.float64)))

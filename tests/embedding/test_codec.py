@@ -836,6 +836,49 @@ def test_bf16_search_gives_float32_nearest_centroids(monkeypatch):
     assert (plain != np.argmax(ties @ centroids.T, axis=1)).sum() > 50     # 99 of 3,000 here
 
 
+def test_bf16_search_in_column_groups_gives_float32_nearest_centroids(monkeypatch):
+    """With 1,024 centroids (4 groups of ``ARGMAX_GROUP``) the search reduces column groups
+    first: the same answers, equal scores inside one group and across two groups included."""
+    from embedding.codec import ARGMAX_GROUP
+
+    k = 4 * ARGMAX_GROUP
+    centroids = _clustered(k, DIM, 60, noise=0.8, seed=23)
+    centroids[7] = centroids[3]                                 # a tie inside the first group
+    centroids[k - 5] = centroids[ARGMAX_GROUP + 9]              # a tie across two groups
+    codec = ResidualCodec(centroids, 2, np.array([-0.1, 0.0, 0.1], np.float32),
+                          np.array([-0.15, -0.05, 0.05, 0.15], np.float32), 0.1)
+    rows = np.concatenate([
+        _clustered(2000, DIM, 60, noise=0.8, seed=24), _near_ties(centroids, 3000, seed=6),
+        -centroids[:50], np.zeros((1, DIM), np.float32),
+        centroids[3:4], centroids[k - 5:k - 4], 3.0 * centroids[ARGMAX_GROUP + 9:ARGMAX_GROUP + 10],
+    ])
+    expected = np.argmax(rows @ centroids.T, axis=1)
+    _bf16_search_on(monkeypatch)
+    got = codec.assign(rows).astype(np.int64)
+    assert got.tolist() == expected.tolist()
+    assert got[-3:].tolist() == [3, ARGMAX_GROUP + 9, ARGMAX_GROUP + 9]   # the first of equal scores
+    assert got[-4] == 0                                                  # a zero row: every score 0
+
+
+@pytest.mark.parametrize("k", [256, 1024, 1000, 4096])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_block_argmax_is_the_first_maximum(k, dtype):
+    """``block_argmax`` (column groups where k allows, else ``max``) answers as numpy's argmax:
+    the first column of the row's maximum, ties inside and across groups and whole-row ties."""
+    import torch
+
+    from embedding.codec import block_argmax
+
+    rng = np.random.default_rng(k)
+    scores = torch.from_numpy(rng.integers(-40, 40, (300, k)).astype(np.float32) / 64).to(getattr(torch, dtype))
+    scores[0] = 0.25                                           # the whole row equal
+    scores[1, [5, 700 % k, k - 1]] = 2.0                       # equal maxima far apart
+    scores[2, [k - 2, k - 1]] = 2.0
+    expected = scores.float().numpy().argmax(axis=1)
+    assert block_argmax(scores).tolist() == expected.tolist()
+    assert block_argmax(scores[:0]).tolist() == []
+
+
 def test_bf16_search_compresses_exactly_as_float32(monkeypatch, vectors, codecs):
     """compress on the bfloat16 search: the same codes, residual bytes and |residual| sum."""
     _, held = vectors
