@@ -63,9 +63,16 @@ def test_documents_go_through_their_own_adapter(lm):
 
 
 def test_every_forward_runs_one_adapter(lm):
-    """Batches are grouped by language: each adapter sees only its own texts, in whole batches."""
-    seen: dict[str, list[int]] = {"en_XX": [], "de_DE": []}
-    hooks = [module.register_forward_hook(lambda m, args, out, name=name: seen[name].append(len(args[0])))
+    """Batches are grouped by language: each adapter sees only its own texts, in whole batches.
+    Two forward streams run batches at once on CPU: the adapters' calls are paired per thread."""
+    import threading
+
+    seen: dict[int, dict[str, list[int]]] = {}
+
+    def record(name: str, rows: int) -> None:
+        seen.setdefault(threading.get_ident(), {"en_XX": [], "de_DE": []})[name].append(rows)
+
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: record(name, len(args[0])))
              for name, module in lm.model.encoder.layer[0].output.adapter_modules.items()]
     try:
         enc = Encoder(lm, max_batch=2)
@@ -73,10 +80,12 @@ def test_every_forward_runs_one_adapter(lm):
     finally:
         for h in hooks:
             h.remove()
-    # X-MOD calls every adapter on every forward, with the rows routed to it (0 when none)
-    calls = list(zip(seen["en_XX"], seen["de_DE"]))
-    assert all(a == 0 or b == 0 for a, b in calls), calls  # never both languages in one batch
-    assert sum(seen["en_XX"]) == 3 and sum(seen["de_DE"]) == 2
+    # X-MOD calls every adapter on every forward, with the rows routed to it (0 when none),
+    # one forward after another in its thread
+    calls = [pair for by_name in seen.values() for pair in zip(by_name["en_XX"], by_name["de_DE"])]
+    assert len(calls) == 3, seen                             # 3 English texts in 2 batches, 2 German in 1
+    assert all(a == 0 or b == 0 for a, b in calls), calls    # never both languages in one batch
+    assert sum(a for a, _ in calls) == 3 and sum(b for _, b in calls) == 2
 
 
 def test_colbert_xm_tokens_and_queries(xmod_colbert_dir):
