@@ -648,7 +648,8 @@ def _grouped_top2(scores):
     2)``, and the first column holding the best) for a block whose ``k`` suits
     :func:`block_argmax`: the maxima of column groups (one pass over the block), the best
     group's own two best, and the best of the other groups' maxima. On 2 AMX cores 2.3x
-    faster than the sortable keys' six passes over the block."""
+    faster than the sortable keys' six passes over the block. Also returns the groups'
+    maxima ``(rows, k / ARGMAX_GROUP)``, from which the rescoring finds its candidates."""
     import torch
 
     m, k = scores.shape
@@ -660,8 +661,9 @@ def _grouped_top2(scores):
     col = inside.argmax(dim=1)
     best_score = maxima[rows, first].float()
     inside[rows, col] = -float("inf")
-    maxima[rows, first] = inside.amax(dim=1)
-    return torch.stack([best_score, maxima.amax(dim=1).float()], dim=1), first * ARGMAX_GROUP + col
+    others = maxima.clone()
+    others[rows, first] = inside.amax(dim=1)
+    return torch.stack([best_score, others.amax(dim=1).float()], dim=1), first * ARGMAX_GROUP + col, maxima
 
 
 class _Bf16Search:
@@ -728,8 +730,9 @@ class _Bf16Search:
                 rounded = block.bfloat16()
                 ext[:m, :self.d] = rounded
                 scores = torch.matmul(ext[:m], self.product, out=product[:m])
+                maxima = None
                 if self.grouped:
-                    top, best = _grouped_top2(scores)
+                    top, best, maxima = _grouped_top2(scores)
                 else:
                     top, best = _sortable_top2(scores, keys[:m], halves[:m], self.reverse)
                 rounded_f = rounded.float()
@@ -744,20 +747,33 @@ class _Bf16Search:
                 margin = (2.0 * bound + 2.0 * _BF16_U * top[:, 0].abs()) * (1.001 / (1.0 - 2.0 * _BF16_U))
                 odd = torch.nonzero(top[:, 0] - top[:, 1] <= margin).flatten()
                 if len(odd):
-                    self._rescore(block, scores, top[:, 0], margin, best, odd)
+                    self._rescore(block, scores, top[:, 0], margin, best, odd, maxima)
                 out[start:start + m] = best.numpy()
         return out
 
-    def _rescore(self, block, scores, first, margin, best, odd) -> None:
-        """Set ``best`` of the ambiguous rows ``odd`` by float32 scores of their candidates."""
+    def _rescore(self, block, scores, first, margin, best, odd, maxima=None) -> None:
+        """Set ``best`` of the ambiguous rows ``odd`` by float32 scores of their candidates:
+        the centroids whose bfloat16 score is within ``margin`` of the row's best. With the
+        column groups' ``maxima`` (:func:`_grouped_top2`) only the groups whose maximum
+        reaches that floor are read (a few of 32 at 8,192 centroids), not every column: the
+        same candidates (the compression of 507k XQuAD-sentence tokens 6.2 -> 5.7 s on 2 AMX
+        cores, 9.7 -> 8.2 s on one)."""
         import torch
 
-        near = scores[odd].float() >= (first[odd] - margin[odd]).unsqueeze(1)
-        count = near.sum(dim=1)
-        few = count <= _BF16_MAX_CANDIDATES
+        floor = first[odd] - margin[odd]
+        if maxima is None:
+            pos, col = torch.nonzero(scores[odd].float() >= floor.unsqueeze(1), as_tuple=True)
+        else:
+            groups = scores.view(len(scores), self.k // ARGMAX_GROUP, ARGMAX_GROUP)
+            hit, group = torch.nonzero(maxima[odd].float() >= floor.unsqueeze(1), as_tuple=True)
+            at, inside = torch.nonzero(groups[odd[hit], group].float() >= floor[hit].unsqueeze(1), as_tuple=True)
+            pos, col = hit[at], group[at] * ARGMAX_GROUP + inside
+        # (pos, col) in row-major order: a row's candidates in ascending column order
+        few = torch.bincount(pos, minlength=len(odd)) <= _BF16_MAX_CANDIDATES
         some, many = odd[few], odd[~few]
         if len(some):
-            row, col = torch.nonzero(near[few], as_tuple=True)  # row-major: columns ascend in a row
+            kept = few[pos]
+            row, col = (torch.cumsum(few, 0) - 1)[pos[kept]], col[kept]   # row: its position in ``some``
             exact = (block[some[row]] * self.centroids[col]).sum(dim=1)
             top = torch.full((len(some),), -float("inf")).scatter_reduce_(0, row, exact, "amax")
             win = torch.nonzero(exact == top[row]).flatten()
