@@ -158,9 +158,9 @@ def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str, calls: int = 
     Such a shard needs no model, only compression and writes: tasks run on the worker
     processes Ray already has warm (the codec fit's among them), where an actor pool
     would start new processes first (2-3 s on 2 CPUs, longer than the compression of a
-    2,000-document corpus). One task per two CPUs, each with its share of the shards and
-    two BLAS threads: a task per shard waited ~1 s for Ray to start a second worker
-    process on 2 CPUs, longer than its shard took. No retries: a failure fails the job as
+    2,000-document corpus). One task per two CPUs, each with its share of the shards,
+    compressing two at once on one thread each: a task per shard waited ~1 s for Ray to
+    start a second worker process on 2 CPUs, longer than its shard took. No retries: a failure fails the job as
     a pool's would, and the same command resumes from the shards already written.
     """
     import ray
@@ -225,12 +225,16 @@ def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], thre
     cache, compress, write (``ShardEncoder``'s own code, errors included; no model).
     Returns each shard's statistics (JSON), in the order of ``rows``.
 
-    ``calls`` shards at a time, as an encoder actor runs them: one compresses while
-    another reads or writes. The first failure cancels the shards not yet started and
-    is raised.
+    ``max(threads, calls)`` shards at a time, each read, compressed and written in its own
+    thread, the compression on one torch (and BLAS) thread: ``threads`` single-threaded
+    compressions keep the task's CPUs busy without an OpenMP team per call. torch's
+    parallel reductions run ~1.5x slower when a thread other than a process's main thread
+    starts them (two threads from a pool thread, 2 AMX cores: 507k XQuAD-sentence tokens
+    compressed in 7.6 s; in the main thread 5.6; two pool threads of one thread each 5.0,
+    the same codes). The first failure cancels the shards not yet started and is raised.
 
-    ``threads``: BLAS threads for the nearest-centroid search (Ray starts task workers
-    with one). ``failpoints``: the driver's ``TESSERA_FAILPOINTS`` (tests).
+    ``threads``: the task's CPUs (Ray starts task workers with one thread).
+    ``failpoints``: the driver's ``TESSERA_FAILPOINTS`` (tests).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -240,12 +244,12 @@ def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], thre
         os.environ[FAILPOINTS_ENV] = failpoints
     else:
         os.environ.pop(FAILPOINTS_ENV, None)
-    encoder = ShardEncoder(spec, codec_url)
+    encoder = ShardEncoder(spec, codec_url, exclusive=False)
     if encoder.codec is not None:
-        ready_bf16_search(encoder.codec.n_centroids, threads)
+        ready_bf16_search(encoder.codec.n_centroids, 1)
     one = lambda row: str(encoder({k: [v] for k, v in row.items()})["stats"][0])  # noqa: E731
-    with threadpool_limits(limits=threads, user_api="blas"), \
-            ThreadPoolExecutor(max_workers=max(1, calls), thread_name_prefix="shard") as pool:
+    with threadpool_limits(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=max(1, threads, calls), thread_name_prefix="shard") as pool:
         futures = [pool.submit(one, row) for row in rows]
         try:
             return [f.result() for f in futures]

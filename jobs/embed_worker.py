@@ -100,7 +100,7 @@ class EncoderActor:
     files and marker are written.
     """
 
-    def __init__(self, spec: WorkerSpec, codec_url: "str | None" = None) -> None:
+    def __init__(self, spec: WorkerSpec, codec_url: "str | None" = None, *, exclusive: bool = True) -> None:
         # torch, transformers and the model are imported and loaded on first use (the
         # ``lm`` property): an actor with nothing to encode starts in a fraction of the time.
         self.spec = spec
@@ -114,7 +114,9 @@ class EncoderActor:
         # X-MOD models: the adapters, read from config.json (no torch) to count the routing
         self.adapters = adapter_languages(spec.model_dir)
         self.augmenter = ShardAugmenter(spec.augment, self.vdir, spec.device) if spec.augment else None
-        self._compute = threading.Lock()
+        # exclusive=False: calls compute at once, each on its own threads (pass 2's cached
+        # shards: no model, each compression on one thread; see jobs.embed_pool.write_cached_shards)
+        self._compute = threading.Lock() if exclusive else contextlib.nullcontext()
 
     @property
     def lm(self):
