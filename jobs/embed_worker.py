@@ -117,30 +117,37 @@ class EncoderActor:
         # exclusive=False: calls compute at once, each on its own threads (pass 2's cached
         # shards: no model, each compression on one thread; see jobs.embed_pool.write_cached_shards)
         self._compute = threading.Lock() if exclusive else contextlib.nullcontext()
+        self._load_lock = threading.Lock()
 
     @property
     def lm(self):
         if self._lm is None:
-            start = time.perf_counter()
-            import torch
-            import transformers
-
-            from embedding.model import EncoderSettings, load_model
-
-            if self.spec.device == "cpu":
-                torch.set_num_threads(self.spec.threads)
-            transformers.utils.logging.set_verbosity_error()  # no per-actor load reports in the job log
-            transformers.utils.logging.disable_progress_bar()
-            spec = self.spec
-            lm = load_model(spec.model_dir, EncoderSettings(**spec.settings), device=spec.device,
-                            precision=spec.precision)
-            if lm.fingerprint != spec.fingerprint:
-                raise RuntimeError(f"model at {spec.model_dir} on this worker has fingerprint "
-                                   f"{lm.fingerprint[:12]}, the job expects {spec.fingerprint[:12]}: "
-                                   "every node must see the same model files")
-            self._lm = lm
-            self._load_s += time.perf_counter() - start
+            with self._load_lock:  # calls that compute at once (exclusive=False) load it once
+                if self._lm is None:
+                    self._load()
         return self._lm
+
+    def _load(self) -> None:
+        """Load the model and check its fingerprint (under ``_load_lock``, see :attr:`lm`)."""
+        start = time.perf_counter()
+        import torch
+        import transformers
+
+        from embedding.model import EncoderSettings, load_model
+
+        if self.spec.device == "cpu":
+            torch.set_num_threads(self.spec.threads)
+        transformers.utils.logging.set_verbosity_error()  # no per-actor load reports in the job log
+        transformers.utils.logging.disable_progress_bar()
+        spec = self.spec
+        lm = load_model(spec.model_dir, EncoderSettings(**spec.settings), device=spec.device,
+                        precision=spec.precision)
+        if lm.fingerprint != spec.fingerprint:
+            raise RuntimeError(f"model at {spec.model_dir} on this worker has fingerprint "
+                               f"{lm.fingerprint[:12]}, the job expects {spec.fingerprint[:12]}: "
+                               "every node must see the same model files")
+        self._lm = lm
+        self._load_s += time.perf_counter() - start
 
     @property
     def encoder(self) -> "Encoder":
