@@ -433,6 +433,12 @@ def _torch_nearest_centroids(centroids, vectors, budget: int):
 ARGMAX_GROUP = 256
 
 
+def _column_groups(k: int) -> bool:
+    """Whether ``k`` columns split into at least 4 whole groups of :data:`ARGMAX_GROUP`, where
+    :func:`block_argmax` and :class:`_Bf16Search` reduce by groups."""
+    return k % ARGMAX_GROUP == 0 and k >= 4 * ARGMAX_GROUP
+
+
 def block_argmax(scores):
     """The first column of each row's maximum of a torch ``(rows, k)`` block, as
     ``argmax(dim=1)`` gives it.
@@ -447,7 +453,7 @@ def block_argmax(scores):
     import torch
 
     m, k = scores.shape
-    if scores.device.type != "cpu" or k % ARGMAX_GROUP or k < 4 * ARGMAX_GROUP or not m:
+    if scores.device.type != "cpu" or not _column_groups(k) or not m:
         return scores.max(dim=1).indices
     groups = scores.view(m, k // ARGMAX_GROUP, ARGMAX_GROUP)
     first = groups.amax(dim=2).argmax(dim=1)
@@ -702,7 +708,7 @@ class _Bf16Search:
         ext[d] = -1.0
         self.product = ext
         self.reverse = torch.arange(k - 1, -1, -1, dtype=torch.int32)
-        self.grouped = k % ARGMAX_GROUP == 0 and k >= 4 * ARGMAX_GROUP
+        self.grouped = _column_groups(k)
         # float32 accumulation of d + 1 exact bfloat16 products: at most (d + 1) * 2^-24
         # of the sum of their magnitudes (<= |x| * max|c| + offset); doubled for safety
         self.accumulation = 2.0 * (d + 1) * 2.0 ** -24
@@ -1145,7 +1151,7 @@ class ResidualCodec:
         """
         _check_nbits_dim(nbits, self.dim)
         sample = _l2_normalize(_as_vectors(sample, self.dim, "sample"))
-        residuals = sample - self.centroids[_exact_nearest(self.centroids, sample)]
+        residuals = sample - self.centroids[self.assign(sample)]
         cutoffs, weights = _bucket_stats(residuals, nbits)
         return ResidualCodec(self.centroids, nbits, cutoffs, weights,
                              float(np.abs(residuals).mean(dtype=np.float64)))
