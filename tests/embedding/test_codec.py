@@ -861,10 +861,11 @@ def test_bf16_search_in_column_groups_gives_float32_nearest_centroids(monkeypatc
 
 
 @pytest.mark.parametrize("k", [256, 1024, 1000, 4096])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
 def test_block_argmax_is_the_first_maximum(k, dtype):
     """``block_argmax`` (column groups where k allows, else ``max``) answers as numpy's argmax:
-    the first column of the row's maximum, ties inside and across groups and whole-row ties."""
+    the first column of the row's maximum, ties inside and across groups and whole-row ties,
+    rows whose maximum is negative, zero (-0 and +0 equal) or a tiny positive score."""
     import torch
 
     from embedding.codec import block_argmax
@@ -874,9 +875,47 @@ def test_block_argmax_is_the_first_maximum(k, dtype):
     scores[0] = 0.25                                           # the whole row equal
     scores[1, [5, 700 % k, k - 1]] = 2.0                       # equal maxima far apart
     scores[2, [k - 2, k - 1]] = 2.0
+    scores[3] = -scores[3].abs() - 0.125                       # every score negative
+    scores[4] = -scores[4].abs()
+    scores[4, [3, k - 3]] = -0.0                               # a maximum of zero: -0 first,
+    scores[4, [300 % k, k - 1]] = 0.0                          # then +0 (equal values)
+    scores[5] = -0.0                                           # the whole row -0
+    scores[6] = -scores[6].abs() - 0.5
+    scores[6, k - 1] = 2.0 ** -20                              # one tiny positive score, last
     expected = scores.float().numpy().argmax(axis=1)
     assert block_argmax(scores).tolist() == expected.tolist()
     assert block_argmax(scores[:0]).tolist() == []
+
+
+def test_grouped_top2_is_the_two_best_and_the_first_maximum():
+    """``grouped_top2`` (the bfloat16 search's reduction): each row's best and second best
+    scores and the first column of the best, as numpy finds them, for rows of either sign,
+    equal maxima inside and across groups, maxima of zero (-0 before +0) and whole-row ties;
+    the groups' maxima are the groups' own."""
+    import torch
+
+    from embedding.codec import ARGMAX_GROUP, grouped_top2
+
+    k = 8 * ARGMAX_GROUP
+    rng = np.random.default_rng(5)
+    scores = torch.from_numpy(rng.integers(-90, 40, (400, k)).astype(np.float32) / 128).bfloat16()
+    scores[0] = 0.25
+    scores[1, [5, 700, k - 1]] = 2.0
+    scores[2] = -scores[2].abs() - 0.125
+    scores[3] = -scores[3].abs()
+    scores[3, [3, k - 3]] = -0.0
+    scores[3, [300, k - 1]] = 0.0
+    scores[4] = -0.0
+    scores[6] = -scores[6].abs() - 0.125
+    scores[6, [3, 10]] = torch.tensor([-0.0, 0.0]).bfloat16()   # -0 then +0 inside one group
+    scores[5] = -scores[5].abs() - 0.25
+    scores[5, [ARGMAX_GROUP + 1, 7 * ARGMAX_GROUP]] = -0.125   # a negative maximum twice
+    values = scores.float().numpy()
+    top, best, maxima = grouped_top2(scores.clone())
+    ordered = np.sort(values, axis=1)
+    assert best.tolist() == values.argmax(axis=1).tolist()
+    assert np.array_equal(top.numpy(), ordered[:, ::-1][:, :2])
+    assert np.array_equal(maxima.float().numpy(), values.reshape(len(values), -1, ARGMAX_GROUP).max(axis=2))
 
 
 def test_bf16_search_compresses_exactly_as_float32(monkeypatch, vectors, codecs):
