@@ -31,7 +31,7 @@ from jobs import plan as planner
 from jobs.embed_pool import add_worker_stages, run_pool, worker_spec
 from jobs.embed_worker import SampleEncoder
 from jobs.failpoints import failpoint
-from jobs.runtime import ActorPlan
+from jobs.runtime import ActorPlan, small_pages
 from jobs.sample_cache import SAMPLE_CACHE, read_sample_tokens, sample_cache
 from jobs.timing import Progress, Timings
 from storage import layout
@@ -162,6 +162,7 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
     def fit(submitted: float) -> tuple[bytes, dict]:
         waited = time.time() - submitted  # scheduling, a worker process, CPUs freed by the sample pool
         t0 = time.perf_counter()
+        small_pages()  # the sample's normalised float32 copy (see jobs.runtime.small_pages)
         faiss = import_faiss()
 
         faiss.omp_set_num_threads(threads)  # Ray gave this task OMP_NUM_THREADS=1 (see thread_env)

@@ -177,6 +177,35 @@ class ActorPlan:
                 "threads": self.threads, "device": self.device, "calls": self.calls}
 
 
+#: numpy's own switch for asking the kernel for transparent huge pages (read at its import)
+NUMPY_HUGEPAGE_ENV = "NUMPY_MADVISE_HUGEPAGE"
+
+
+def small_pages() -> None:
+    """Stop numpy asking for transparent huge pages for this process's new large arrays,
+    unless ``$NUMPY_MADVISE_HUGEPAGE`` says what to do (then numpy already did as it says).
+
+    numpy marks each array of 4 MiB or more ``MADV_HUGEPAGE``. Where the kernel's THP
+    ``defrag`` setting is ``madvise`` (the common default) a first touch of such memory
+    compacts memory synchronously when no free 2 MiB page is at hand, and how long that
+    takes depends on what the machine did before: the first write of a fresh 780 MB
+    float32 array (the normalised sample of a 507k-token codec fit) took 0.13-1.9 s with
+    it and 0.25 s without, run after run (2 Xeon cores, THP ``madvise``). The fit of
+    those 507k tokens (k=8,192, 4 iterations, bfloat16) took 10.4-12.3 s with it and
+    10.1-10.2 without, three interleaved rounds, the same codec byte for byte. Called
+    where the embed job holds its large arrays: the encoder actors (and the driver of an
+    in-process embed, which runs the same class) and the fit task.
+    """
+    if os.environ.get(NUMPY_HUGEPAGE_ENV) is not None:
+        return
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / 1.x: the same private switch
+    setter = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+    if setter is not None:
+        setter(False)
+
+
 def thread_env(p: ActorPlan) -> dict[str, str]:
     """Environment for the pool's actors and the codec fit: ``p.threads`` OpenMP/BLAS threads.
 

@@ -98,3 +98,23 @@ def test_auto_rows_per_shard_gives_short_texts_larger_shards_within_bounds():
         assert rows & (rows - 1) == 0 and lo <= rows <= hi   # a power of two: multiples of the old stride
         assert rows == lo or rows * per_row <= SHARD_TEXT_BYTES
         assert rows == hi or 2 * rows * per_row > SHARD_TEXT_BYTES   # the largest that fits
+
+
+def test_small_pages_turns_numpy_hugepages_off_unless_the_user_said(monkeypatch):
+    """The job's workers stop numpy's MADV_HUGEPAGE (synchronous compaction on first touch);
+    ``$NUMPY_MADVISE_HUGEPAGE``, which numpy itself read at import, wins."""
+    import numpy as np
+
+    from jobs.runtime import NUMPY_HUGEPAGE_ENV, small_pages
+
+    switch = np._core.multiarray._set_madvise_hugepage
+    before = switch(True)
+    try:
+        monkeypatch.delenv(NUMPY_HUGEPAGE_ENV, raising=False)
+        small_pages()
+        assert switch(True) is False            # it was off
+        monkeypatch.setenv(NUMPY_HUGEPAGE_ENV, "1")
+        small_pages()
+        assert switch(True) is True             # left as the user's setting made it
+    finally:
+        switch(before)
