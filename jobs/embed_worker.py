@@ -26,7 +26,6 @@ from embedding.model import adapter_languages
 from embedding.vectors import DocumentVectors
 from jobs.embed_augment import ShardAugmenter
 from jobs.failpoints import failpoint
-from jobs.runtime import small_pages
 from jobs.sample_cache import cache_table, read_cache_and_precision, sample_cache
 from storage import layout, schemas
 from storage.augment_queries import AugmentQueryError
@@ -104,7 +103,6 @@ class EncoderActor:
     def __init__(self, spec: WorkerSpec, codec_url: "str | None" = None, *, exclusive: bool = True) -> None:
         # torch, transformers and the model are imported and loaded on first use (the
         # ``lm`` property): an actor with nothing to encode starts in a fraction of the time.
-        small_pages()  # the token caches and the compression's arrays (see jobs.runtime)
         self.spec = spec
         self._lm = None
         self._encoder = None
