@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import math
+import sys
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -69,7 +70,7 @@ def _hashed_rows(vectors: np.ndarray, seed: int, scale: "np.ndarray | None" = No
     # the whole sample, whose fresh pages cost more than the cast (507k x 384 tokens: ~3 s
     # of a fit's ~15 s outside k-means on 2 CPUs).
     for block in _row_batches(len(vectors), _BLOCK_ROWS):
-        rows = vectors[block] if scale is None else np.asarray(vectors[block], np.float32) / scale[block]
+        rows = vectors[block] if scale is None else _float32(vectors[block]) / scale[block]
         rows = np.ascontiguousarray(rows, dtype=np.float16)
         records = rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).reshape(len(rows))
         out[block] = np.fromiter(
@@ -221,13 +222,24 @@ def _row_batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
+def _float32(a: np.ndarray) -> np.ndarray:
+    """``a`` as float32 (itself when it already is). float16 goes through torch when the
+    process has imported it (a fit on bfloat16 products, an encoder's compression): the
+    same values (the conversion is exact), ~6x faster than numpy's on an 8,192 x 384 block
+    (0.41 against 2.7 ms on 2 AMX cores; a 507k-token fit converts its sample ~4 times)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and a.dtype == np.float16 and a.ndim == 2:
+        return torch.from_numpy(np.ascontiguousarray(a)).float().numpy()
+    return np.asarray(a, np.float32)
+
+
 def _row_norms(x: np.ndarray) -> np.ndarray:
     """``(n, 1)`` float32 L2 norms of the rows, each block of rows cast to float32 first:
     ``np.linalg.norm``'s values without its full-size temporary of squares (fresh pages:
     ~2 s at 507k x 384 on 2 CPUs) nor a float32 copy of a float16 ``x``."""
     norms = np.empty((len(x), 1), dtype=np.float32)
     for block in _row_batches(len(x), _BLOCK_ROWS):
-        norms[block] = np.linalg.norm(np.asarray(x[block], np.float32), axis=1, keepdims=True)
+        norms[block] = np.linalg.norm(_float32(x[block]), axis=1, keepdims=True)
     return norms
 
 
@@ -253,7 +265,7 @@ def _row_blocks(parts: "Sequence[np.ndarray]", size: int) -> Iterator[tuple[slic
 def _joined(pieces: list) -> np.ndarray:
     with np.errstate(over="ignore"):  # a float64 value past float32's range: inf, rejected by the caller
         if len(pieces) == 1:
-            return np.asarray(pieces[0], np.float32)
+            return _float32(pieces[0])
         return np.concatenate(pieces, dtype=np.float32)
 
 
@@ -281,9 +293,12 @@ def _checked_vectors(vectors: np.ndarray, dim: int | None, name: str, finite: bo
         raise ValueError(f"{name} has dim {vectors.shape[1]}, codec dim is {dim}")
     if not finite:
         return vectors
-    with np.errstate(over="ignore"):  # a float64 value past float32's range is not finite as float32
-        ok = all(np.isfinite(np.asarray(vectors[block], np.float32)).all()
-                 for block in _row_batches(len(vectors), _BLOCK_ROWS))
+    if vectors.dtype == np.float16:  # finite as float16 is finite as float32: no conversion
+        ok = all(np.isfinite(vectors[block]).all() for block in _row_batches(len(vectors), _BLOCK_ROWS))
+    else:
+        with np.errstate(over="ignore"):  # a float64 value past float32's range is not finite as float32
+            ok = all(np.isfinite(np.asarray(vectors[block], np.float32)).all()
+                     for block in _row_batches(len(vectors), _BLOCK_ROWS))
     if not ok:
         raise ValueError(f"{name} contains NaN or infinite values")
     return vectors
@@ -985,7 +1000,7 @@ def _normalized_rows(x: np.ndarray, rows: np.ndarray, scale: np.ndarray) -> np.n
     out = np.empty((len(rows), x.shape[1]), dtype=np.float32)
     for block in _row_batches(len(rows), _BLOCK_ROWS):
         idx = rows[block]
-        np.divide(np.asarray(x[idx], np.float32), scale[idx], out=out[block])
+        np.divide(_float32(x[idx]), scale[idx], out=out[block])
     return out
 
 

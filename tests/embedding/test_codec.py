@@ -386,6 +386,24 @@ def test_fit_rejects_empty_and_nan_samples():
     sample[3, 5] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         ResidualCodec.fit(sample, 2, 4)
+    for bad in (np.nan, np.inf, -np.inf):  # float16 (the sample cache's type) is checked as it is
+        half = _clustered(50, 16, 4, 0.5, seed=0).astype(np.float16)
+        half[20, 3] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            ResidualCodec.fit(half, 2, 4)
+
+
+def test_a_float16_sample_fits_as_its_float32_copy():
+    """float16 rows are converted exactly (through torch where the process has it): the same
+    codec as from their float32 copy, and the same compression."""
+    import torch  # noqa: F401  (the fast conversion's condition)
+
+    half = _clustered(3000, 16, 40, 0.5, seed=3).astype(np.float16)
+    a = ResidualCodec.fit(half, 2, 32, niter=3)
+    b = ResidualCodec.fit(half.astype(np.float32), 2, 32, niter=3)
+    assert a.to_bytes() == b.to_bytes()
+    for x, y in zip(a.compress_with_residual_sum(half), b.compress_with_residual_sum(half.astype(np.float32))):
+        assert np.array_equal(x, y)
 
 
 def test_fit_rejects_too_many_centroids():
