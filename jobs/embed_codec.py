@@ -162,7 +162,6 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
     def fit(submitted: float) -> tuple[bytes, dict]:
         waited = time.time() - submitted  # scheduling, a worker process, CPUs freed by the sample pool
         t0 = time.perf_counter()
-        small_pages()  # the sample's normalised float32 copy (see jobs.runtime.small_pages)
         faiss = import_faiss()
 
         faiss.omp_set_num_threads(threads)  # Ray gave this task OMP_NUM_THREADS=1 (see thread_env)
@@ -198,7 +197,13 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
         stats["ended"] = time.time()
         return codec.to_bytes(), stats
 
-    task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(fit)
+    def fit_small_pages(submitted: float) -> tuple[bytes, dict]:
+        # the sample's normalised float32 copy without huge pages; the worker, which Ray may
+        # give a later task of the job, gets numpy's setting back (see jobs.runtime.small_pages)
+        with small_pages():
+            return fit(submitted)
+
+    task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(fit_small_pages)
     codec_bytes, stats = ray.get(task.remote(time.time()))
     if "ended" in stats:
         stats["seconds"]["fit_return"] = time.time() - stats.pop("ended")

@@ -1,6 +1,7 @@
 """Ray: connecting, stopping with the driver, and sizing actor pools so reads and writes are never starved."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -181,9 +183,11 @@ class ActorPlan:
 NUMPY_HUGEPAGE_ENV = "NUMPY_MADVISE_HUGEPAGE"
 
 
-def small_pages() -> None:
-    """Stop numpy asking for transparent huge pages for this process's new large arrays,
-    unless ``$NUMPY_MADVISE_HUGEPAGE`` says what to do (then numpy already did as it says).
+@contextlib.contextmanager
+def small_pages() -> Iterator[None]:
+    """Inside: numpy asks for no transparent huge pages for the process's new large arrays,
+    unless ``$NUMPY_MADVISE_HUGEPAGE`` says what to do (then numpy already did as it says);
+    after it, numpy's setting as it was.
 
     numpy marks each array of 4 MiB or more ``MADV_HUGEPAGE``. Where the kernel's THP
     ``defrag`` setting is ``madvise`` (the common default) a first touch of such memory
@@ -198,14 +202,18 @@ def small_pages() -> None:
     against 0.494-0.510 over five), their pass-2 compression and cache writes slower
     (6.5-7.4 s against 5.8-6.2; 3.3-3.4 against 2.7-3.2), huge pages serving them better.
     """
-    if os.environ.get(NUMPY_HUGEPAGE_ENV) is not None:
-        return
     import numpy as np
 
     core = getattr(np, "_core", None) or np.core  # numpy 2 / 1.x: the same private switch
     setter = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
-    if setter is not None:
-        setter(False)
+    if os.environ.get(NUMPY_HUGEPAGE_ENV) is not None or setter is None:
+        yield
+        return
+    before = setter(False)
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 def thread_env(p: ActorPlan) -> dict[str, str]:

@@ -100,9 +100,10 @@ def test_auto_rows_per_shard_gives_short_texts_larger_shards_within_bounds():
         assert rows == hi or 2 * rows * per_row > SHARD_TEXT_BYTES   # the largest that fits
 
 
-def test_small_pages_turns_numpy_hugepages_off_unless_the_user_said(monkeypatch):
-    """The job's workers stop numpy's MADV_HUGEPAGE (synchronous compaction on first touch);
-    ``$NUMPY_MADVISE_HUGEPAGE``, which numpy itself read at import, wins."""
+def test_small_pages_turns_numpy_hugepages_off_inside_unless_the_user_said(monkeypatch):
+    """The fit task stops numpy's MADV_HUGEPAGE (synchronous compaction on first touch) while
+    it fits, and gives the worker numpy's setting back; ``$NUMPY_MADVISE_HUGEPAGE``, which
+    numpy itself read at import, wins."""
     import numpy as np
 
     from jobs.runtime import NUMPY_HUGEPAGE_ENV, small_pages
@@ -111,10 +112,14 @@ def test_small_pages_turns_numpy_hugepages_off_unless_the_user_said(monkeypatch)
     before = switch(True)
     try:
         monkeypatch.delenv(NUMPY_HUGEPAGE_ENV, raising=False)
-        small_pages()
-        assert switch(True) is False            # it was off
+        with small_pages():
+            assert switch(False) is False       # off inside
+        assert switch(True) is True             # on again after
+        with pytest.raises(RuntimeError), small_pages():
+            raise RuntimeError("a failed fit")
+        assert switch(True) is True             # also after a failure
         monkeypatch.setenv(NUMPY_HUGEPAGE_ENV, "1")
-        small_pages()
-        assert switch(True) is True             # left as the user's setting made it
+        with small_pages():
+            assert switch(True) is True         # left as the user's setting made it
     finally:
         switch(before)
