@@ -6,7 +6,8 @@ that hands freed pages back to its host, first-touch memory costs more than the 
 alternating which tree goes first, medians printed with their ratio:
 
 * ``fit``: the fit task's work: read the shards' codec-sample caches (float16), fit the
-  codec (``ResidualCodec.fit``, ``--kmeans`` kind, 8,192 centroids for ~500k tokens);
+  codec (``ResidualCodec.fit``, ``--kmeans`` kind, 8,192 centroids for ~500k tokens), under
+  the tree's ``jobs.runtime.small_pages`` where it has one, as its fit task runs;
 * ``pass2``: pass 2's work for fully cached shards: read each cache (``read_cache``) and
   compress its documents' tokens (``compress_with_residual_sum``).
 
@@ -28,6 +29,7 @@ Usage (a baseline checkout as the other tree: ``git worktree add /tmp/base <rev>
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -103,12 +105,17 @@ def child(step: str, tree: str, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     if step == "fit":
         dim = args.dim
-        if hasattr(sc, "read_sample_tokens"):
-            sample = sc.read_sample_tokens(locs, dim)
-        else:  # the fit task before: a float16 array per shard, concatenated, then float32
-            sample = np.concatenate([sc.read_cache_tokens(loc, dim) for loc in locs]).astype(np.float32)
-        codec = ResidualCodec.fit(sample, args.nbits, default_n_centroids(len(sample)), seed=0, niter=4,
-                                  kmeans=args.kmeans)
+        try:  # the fit task's memory setting, where the tree has one (jobs.runtime.small_pages)
+            from jobs.runtime import small_pages
+        except ImportError:
+            small_pages = contextlib.nullcontext
+        with small_pages():
+            if hasattr(sc, "read_sample_tokens"):
+                sample = sc.read_sample_tokens(locs, dim)
+            else:  # the fit task before: a float16 array per shard, concatenated, then float32
+                sample = np.concatenate([sc.read_cache_tokens(loc, dim) for loc in locs]).astype(np.float32)
+            codec = ResidualCodec.fit(sample, args.nbits, default_n_centroids(len(sample)), seed=0, niter=4,
+                                      kmeans=args.kmeans)
         digest = hashlib.sha256(codec.to_bytes()).hexdigest()
         Path(args.cache, "codec.npz").write_bytes(codec.to_bytes())
     else:
