@@ -31,7 +31,7 @@ from jobs import plan as planner
 from jobs.embed_pool import add_worker_stages, run_pool, worker_spec
 from jobs.embed_worker import SampleEncoder
 from jobs.failpoints import failpoint
-from jobs.runtime import ActorPlan, small_pages
+from jobs.runtime import ActorPlan, mark_cuda_worker, small_pages
 from jobs.sample_cache import SAMPLE_CACHE, read_sample_tokens, sample_cache
 from jobs.timing import Progress, Timings
 from storage import layout
@@ -85,7 +85,8 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     # 2.2 GB when it gathered them).
     caches = [sample_cache(vdir, r["shard"]).url for r in rows]
     with timings("kmeans") if timings is not None else contextlib.nullcontext():
-        codec_bytes, fit = _fit_remote(caches, model.colbert_dim, n_docs, total, cfg, p)
+        codec_bytes, fit = _fit_remote(caches, model.colbert_dim, n_docs, total, cfg, p,
+                                       keep_worker=bool(fully_sampled(pieces, plan)) and not cfg.augment)
     if timings is not None:  # inside "kmeans": the task's imports, its read of the cache and the fit itself
         for stage, seconds in fit["seconds"].items():
             timings.add(stage, seconds)
@@ -147,8 +148,13 @@ def _kmeans_device(p: ActorPlan, faiss) -> "str | None":
 
 
 def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: EmbedConfig,
-                p: ActorPlan) -> tuple[bytes, dict]:
+                p: ActorPlan, keep_worker: bool = False) -> tuple[bytes, dict]:
     """Read the sample cache and fit k-means on a worker (a GPU one when the cluster has GPUs).
+
+    ``keep_worker``: pass 2 has shards the sample cache holds whole and no queries to
+    encode beside them, so it compresses them in a GPU task (``jobs.embed_pool.run_cached``):
+    a GPU task's worker, which Ray otherwise ends after one call, stays for it, CUDA
+    context and torch loaded (one start fewer).
 
     Returns the codec's bytes and ``sample_tokens``, ``train_tokens``, ``k``,
     ``est_tokens``, ``kmeans`` (the kind the task ran: ``auto`` resolved where it ran;
@@ -162,6 +168,8 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
     def fit(submitted: float) -> tuple[bytes, dict]:
         waited = time.time() - submitted  # scheduling, a worker process, CPUs freed by the sample pool
         t0 = time.perf_counter()
+        if p.num_gpus:
+            mark_cuda_worker()
         faiss = import_faiss()
 
         faiss.omp_set_num_threads(threads)  # Ray gave this task OMP_NUM_THREADS=1 (see thread_env)
@@ -194,6 +202,10 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
         codec = ResidualCodec.fit(train, nbits, k, seed=seed, niter=niter, kmeans=kind, device=device)
         seconds["fit_kmeans"] = time.perf_counter() - t
         seconds["fit_task"] = time.perf_counter() - t0
+        if device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()  # the worker may stay (keep_worker): its cached blocks go
         stats["ended"] = time.time()
         return codec.to_bytes(), stats
 
@@ -203,7 +215,8 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
         with small_pages():
             return fit(submitted)
 
-    task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(fit_small_pages)
+    options = {"max_calls": 0} if keep_worker and p.num_gpus else {}  # 0: no limit
+    task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus, **options)(fit_small_pages)
     codec_bytes, stats = ray.get(task.remote(time.time()))
     if "ended" in stats:
         stats["seconds"]["fit_return"] = time.time() - stats.pop("ended")

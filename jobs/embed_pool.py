@@ -20,7 +20,7 @@ from embedding.codec import ready_bf16_search
 from jobs.embed_worker import ShardEncoder, WorkerSpec
 from jobs.errors import quiet_ray_failure_logs
 from jobs.failpoints import FAILPOINTS_ENV
-from jobs.runtime import ActorPlan, plan_actors, thread_env
+from jobs.runtime import CUDA_AT_START_ENV, ActorPlan, cuda_worker_fits, mark_cuda_worker, plan_actors, thread_env
 from jobs.timing import Timings
 from storage import layout
 from storage.corpus import CorpusFile
@@ -151,28 +151,36 @@ def run_pool(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | 
         timings.add("actor_start", ready)
 
 
-def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str, calls: int = 1) -> Iterator[dict]:
+def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str, p: ActorPlan) -> Iterator[dict]:
     """Pass 2 of shards whose every document the codec-sample pass cached, as plain Ray
     tasks (:func:`write_cached_shards`); yield each shard's statistics.
 
     Such a shard needs no model, only compression and writes: tasks run on the worker
     processes Ray already has warm (the codec fit's among them), where an actor pool
     would start new processes first (2-3 s on 2 CPUs, longer than the compression of a
-    2,000-document corpus). One task per two CPUs, each with its share of the shards,
-    compressing two at once on one thread each: a task per shard waited ~1 s for Ray to
-    start a second worker process on 2 CPUs, longer than its shard took. No retries: a failure fails the job as
-    a pool's would, and the same command resumes from the shards already written.
+    2,000-document corpus). On CPUs, one task per two CPUs, each with its share of the
+    shards, compressing two at once on one thread each: a task per shard waited ~1 s for
+    Ray to start a second worker process on 2 CPUs, longer than its shard took. On GPUs
+    (``p.device == "cuda"``), one task that holds a GPU as the fit task did, whose worker
+    Ray keeps for it (``jobs.embed_codec._fit_remote``'s ``keep_worker``): torch imported
+    and CUDA started there already, where a new encoder pool paid both again (an H200
+    node: ~6.6 s of a 14.8 s pass 2 over 23,096 sentences). No retries: a failure fails
+    the job as a pool's would, and the same command resumes from the shards already written.
     """
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    n_tasks = max(1, min(len(rows), cpus // 2))
-    threads = max(1, cpus // n_tasks)
-    # One CPU reserved whatever the threads: a task asking for more than is ever free at
-    # once (another job's actors on a shared cluster) would wait forever.
-    task = ray.remote(num_cpus=1, max_retries=0)(write_cached_shards)
+    if p.device == "cuda":
+        n_tasks, threads = 1, max(1, p.threads)
+        task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_retries=0)(write_cached_shards)
+    else:
+        n_tasks = max(1, min(len(rows), cpus // 2))
+        threads = max(1, cpus // n_tasks)
+        # One CPU reserved whatever the threads: a task asking for more than is ever free at
+        # once (another job's actors on a shared cluster) would wait forever.
+        task = ray.remote(num_cpus=1, max_retries=0)(write_cached_shards)
     pending = [task.remote(spec, codec_url, rows[i::n_tasks], threads, os.environ.get(FAILPOINTS_ENV),
-                           calls)
+                           p.calls)
                for i in range(n_tasks)]
     try:
         while pending:
@@ -187,11 +195,11 @@ def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str, calls: int = 
 def run_shards(rows: list[dict], actor_cls, spec: WorkerSpec, p: ActorPlan, codec_url: "str | None",
                timings: "Timings | None" = None, cached: "set[int] | frozenset" = frozenset()) -> Iterator[dict]:
     """Pass 2: the rows whose shard is in ``cached`` (every document in the codec-sample
-    cache) as tasks (:func:`run_cached`) when they need nothing but the CPU (no GPU to
-    compress on, no query augmentation to encode); the others on the actor pool."""
-    quick = [r for r in rows if r["shard"] in cached] if codec_url and p.device == "cpu" and not spec.augment else []
+    cache) as tasks (:func:`run_cached`) when they need no model (no query augmentation
+    to encode); the others on the actor pool."""
+    quick = [r for r in rows if r["shard"] in cached] if codec_url and not spec.augment else []
     if quick:
-        yield from run_cached(quick, spec, codec_url, p.calls)
+        yield from run_cached(quick, spec, codec_url, p)
     rest = [r for r in rows if r["shard"] not in cached] if quick else rows
     if rest:
         yield from run_pool(rest, actor_cls, spec, p, codec_url, timings)
@@ -233,6 +241,10 @@ def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], thre
     compressed in 7.6 s; in the main thread 5.6; two pool threads of one thread each 5.0,
     the same codes). The first failure cancels the shards not yet started and is raised.
 
+    On a GPU (``spec.device == "cuda"``) the nearest-centroid search runs there, as in an
+    encoder actor, unless this worker started CUDA for another task with other GPUs
+    (``jobs.runtime.cuda_worker_fits``; a multi-GPU node): then on this task's CPUs.
+
     ``threads``: the task's CPUs (Ray starts task workers with one thread).
     ``failpoints``: the driver's ``TESSERA_FAILPOINTS`` (tests).
     """
@@ -244,8 +256,18 @@ def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], thre
         os.environ[FAILPOINTS_ENV] = failpoints
     else:
         os.environ.pop(FAILPOINTS_ENV, None)
+    warm = CUDA_AT_START_ENV in os.environ  # a GPU task ran here before (the codec fit's)
+    if spec.device == "cuda":
+        if cuda_worker_fits():
+            mark_cuda_worker()
+        else:
+            logger.warning("this worker started CUDA on other GPUs than its task's (%s): compressing on CPU",
+                           os.environ.get("CUDA_VISIBLE_DEVICES"))
+            spec = dataclasses.replace(spec, device="cpu")
     encoder = ShardEncoder(spec, codec_url, exclusive=False)
-    if encoder.codec is not None:
+    if spec.device == "cuda":  # in the markers: did the codec fit's worker (CUDA started) take these shards
+        encoder.stats_extra["warm_gpu_worker"] = warm
+    if encoder.codec is not None and spec.device == "cpu":
         ready_bf16_search(encoder.codec.n_centroids, 1)
     one = lambda row: str(encoder({k: [v] for k, v in row.items()})["stats"][0])  # noqa: E731
     with threadpool_limits(limits=1, user_api="blas"), \

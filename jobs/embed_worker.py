@@ -118,6 +118,8 @@ class EncoderActor:
         # shards: no model, each compression on one thread; see jobs.embed_pool.write_cached_shards)
         self._compute = threading.Lock() if exclusive else contextlib.nullcontext()
         self._load_lock = threading.Lock()
+        #: added to every shard's statistics (its marker): facts about the process that wrote it
+        self.stats_extra: dict = {}
 
     @property
     def lm(self):
@@ -277,7 +279,7 @@ class ShardEncoder(EncoderActor):
                  "write_seconds": round(time.perf_counter() - t0, 3),
                  "seconds": round(time.perf_counter() - start, 3), "started_at": round(started_at, 3),
                  **({**aug.stats, "augment_seconds": round(augment_s, 3)} if aug is not None else {}),
-                 **self._routing(langs), "files": entries}
+                 **self._routing(langs), **self.stats_extra, "files": entries}
         marker = self.vdir.join(layout.SHARD_MARKERS, f"{shard:05d}.json")
         marker.write_text(json.dumps(stats))  # last: the shard is done
         return stats

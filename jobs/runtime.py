@@ -216,6 +216,24 @@ def small_pages() -> Iterator[None]:
         setter(before)
 
 
+#: the ``CUDA_VISIBLE_DEVICES`` of a worker process's first GPU task (:func:`mark_cuda_worker`)
+CUDA_AT_START_ENV = "TESSERA_CUDA_DEVICES_AT_START"
+
+
+def mark_cuda_worker() -> None:
+    """Record, in this Ray worker's environment, the GPUs Ray gave the first GPU task it ran
+    (its ``CUDA_VISIBLE_DEVICES``): CUDA starts once per process, with those, and a later task
+    Ray hands the same process (``max_calls=0``) may be given others (:func:`cuda_worker_fits`)."""
+    os.environ.setdefault(CUDA_AT_START_ENV, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+
+
+def cuda_worker_fits() -> bool:
+    """Whether the GPUs this process started CUDA with (:func:`mark_cuda_worker`), if it did,
+    are the ones Ray gave its current task."""
+    first = os.environ.get(CUDA_AT_START_ENV)
+    return first is None or first == os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
 def thread_env(p: ActorPlan) -> dict[str, str]:
     """Environment for the pool's actors and the codec fit: ``p.threads`` OpenMP/BLAS threads.
 

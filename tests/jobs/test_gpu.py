@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ensure_local_ray
 from jobs.embed import EmbedConfig, run
+from jobs.embed_pool import done_shards
 from storage import schemas
 from storage.fs import location
 from storage.manifest import Artifact
@@ -86,3 +87,7 @@ def test_embed_job_encodes_on_the_gpu_and_stores_what_the_cpu_job_stores(ray_ses
     assert a.keys() == b.keys()
     ids = sorted(a)
     assert _cos(np.stack([a[i] for i in ids]), np.stack([b[i] for i in ids])).min() > 0.99
+    # Every shard was in the codec sample: pass 2 compressed them on the GPU in the codec
+    # fit's own worker (CUDA started once), not in a new encoder pool.
+    markers = done_shards(Artifact(location(str(tmp_path / "cuda")), "sets", "g").version_dir(gpu["version"]))
+    assert len(markers) == 4 and all(m["warm_gpu_worker"] for m in markers.values())

@@ -123,3 +123,19 @@ def test_small_pages_turns_numpy_hugepages_off_inside_unless_the_user_said(monke
             assert switch(True) is True         # left as the user's setting made it
     finally:
         switch(before)
+
+
+def test_a_worker_that_started_cuda_fits_only_tasks_given_the_same_gpus(monkeypatch):
+    from jobs.runtime import CUDA_AT_START_ENV, cuda_worker_fits, mark_cuda_worker
+
+    monkeypatch.delenv(CUDA_AT_START_ENV, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert cuda_worker_fits()  # nothing started here yet: any GPUs do
+    mark_cuda_worker()
+    assert cuda_worker_fits()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")  # a later task, given another GPU
+    assert not cuda_worker_fits()
+    mark_cuda_worker()  # the first task's GPUs stay recorded: CUDA starts once per process
+    assert not cuda_worker_fits()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert cuda_worker_fits()
