@@ -986,3 +986,17 @@ def test_ready_bf16_search_sets_threads_and_imports_torch_only_where_it_pays(mon
     monkeypatch.setattr(codec_mod, "native_bf16", lambda: False)
     ready_bf16_search(TORCH_SEARCH_MIN_CENTROIDS, 1)         # no native bfloat16: nothing to ready
     assert "torch" not in sys.modules
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+def test_bucket_cutoffs_and_weights_are_the_residual_quantiles(vectors, nbits):
+    # heldout_fraction=0: the bucket statistics come from the training rows' own residuals
+    sample, _ = vectors
+    codec = ResidualCodec.fit(sample, nbits, N_CENTROIDS, seed=3, heldout_fraction=0.0)
+    x = sample / np.linalg.norm(sample, axis=1, keepdims=True)
+    residuals = (x - codec.centroids[np.argmax(x @ codec.centroids.T, axis=1)]).astype(np.float64).ravel()
+    n = 1 << nbits
+    np.testing.assert_array_equal(codec.bucket_cutoffs,
+                                  np.quantile(residuals, np.arange(1, n) / n).astype(np.float32))
+    np.testing.assert_allclose(codec.bucket_weights,
+                               np.quantile(residuals, (np.arange(n) + 0.5) / n).astype(np.float32), rtol=0, atol=1e-7)
