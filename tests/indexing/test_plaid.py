@@ -235,7 +235,10 @@ def _loop_centroid_score(index, scores, doc, kept):
 
 
 @pytest.mark.parametrize("ncells, threshold", [(1, 0.5), (2, 0.45), (4, 0.3)])
-def test_approximate_stages_match_loops(index, corpus, ncells, threshold):
+@pytest.mark.parametrize("block_cells", [plaid.INTERACTION_CELLS, 7])
+def test_approximate_stages_match_loops(index, corpus, ncells, threshold, block_cells, monkeypatch):
+    # block_cells 7: many blocks, and documents wider than a block (a block of one then)
+    monkeypatch.setattr(plaid, "INTERACTION_CELLS", block_cells)
     q = corpus["queries"][3]
     q = q[np.any(q != 0, axis=1)]
     scores = q @ index.codec.centroids.T  # (Lq, n_centroids)
@@ -590,6 +593,7 @@ def split_small(monkeypatch):
     names of the threads that ran each split stage."""
     monkeypatch.setattr(plaid, "SPLIT_MIN_SCORES", 64)
     monkeypatch.setattr(plaid, "SPLIT_MIN_TOKENS", 16)
+    monkeypatch.setattr(plaid, "INTERACTION_CELLS", 32)  # several blocks of the centroid stages
     seen: dict[str, set] = {}
 
     def spy(name):
@@ -900,3 +904,14 @@ def test_centroid_pruning_compares_a_merged_rows_cosine(index, corpus, plaid_mes
     plain = kept(queries, math.inf)
     assert kept(doubled, 0.9999) == plain and len(plain) == N_QUERIES
     assert sum(plain) > 0 and max(plain) < N_CENTROIDS          # the threshold prunes something here
+
+
+def test_the_centroid_stage_ranks_a_document_without_tokens_last(codec, encoded, corpus):
+    codes, residuals = encoded
+    empty_codes, empty_residuals = codes[0][:0], residuals[0][:0]
+    index = CentroidIndex.build(codec, [empty_codes, *codes[:5], empty_codes],
+                                [empty_residuals, *residuals[:5], empty_residuals])
+    q = corpus["queries"][0]
+    scores = q[np.any(q != 0, axis=1)] @ codec.centroids.T
+    for kept in (None, scores.max(axis=0) >= -1.0):
+        assert sorted(index.centroid_filter(np.arange(7), scores, kept, 5).tolist()) == [1, 2, 3, 4, 5]
