@@ -1445,25 +1445,19 @@ class CentroidIndex:
         out = np.empty(len(docs), dtype=np.float32)
         first = int(np.searchsorted(sorted_lengths, 1))  # documents without cells come first
         out[order[:first]] = -np.inf
-        if first == len(docs):
-            return out
-        ends = np.cumsum(sorted_lengths[first:])
-        cuts = np.searchsorted(ends, np.arange(INTERACTION_CELLS, int(ends[-1]), INTERACTION_CELLS), side="right")
-        edges = np.unique(np.concatenate([[0], cuts, [len(ends)]])) + first
+        blocks = [slice(first + c.start, first + c.stop)
+                  for c in _doc_chunks(sorted_lengths[first:], INTERACTION_CELLS)]
 
-        def score(blocks: slice) -> None:
-            for a, b in zip(edges[blocks][:-1], edges[blocks][1:]):
-                rows = order[a:b]
+        def score(part: slice) -> None:
+            for block in blocks[part]:
+                rows = order[block]
                 out[rows] = self._centroid_interaction(starts[rows], lengths[rows], table)
 
-        n_blocks = len(edges) - 1
-        if split is None or n_blocks < 2:
+        if split is None or len(blocks) < 2:
             score(slice(None))
         else:
-            padded = np.diff(edges) * sorted_lengths[edges[1:] - 1]  # a block's cells, padded
-            parts = split.parts(padded, max(1, SPLIT_MIN_SCORES // n_rows))
-            # part i holds blocks part.start .. part.stop - 1, i.e. edges part.start .. part.stop
-            split.map(score, [slice(part.start, part.stop + 1) for part in parts])
+            padded = np.array([(b.stop - b.start) * sorted_lengths[b.stop - 1] for b in blocks])  # cells, padded
+            split.map(score, split.parts(padded, max(1, SPLIT_MIN_SCORES // n_rows)))
         return out
 
     def _centroid_interaction(self, starts: np.ndarray, lengths: np.ndarray, table: np.ndarray) -> np.ndarray:
