@@ -28,7 +28,7 @@ from embedding.codec import (
 )
 from embedding.faiss_import import import_faiss
 from jobs import plan as planner
-from jobs.embed_pool import add_worker_stages, run_pool, worker_spec
+from jobs.embed_pool import add_worker_stages, cached_as_tasks, run_pool, worker_spec
 from jobs.embed_worker import SampleEncoder
 from jobs.failpoints import failpoint
 from jobs.runtime import ActorPlan, mark_cuda_worker, small_pages
@@ -86,7 +86,7 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     caches = [sample_cache(vdir, r["shard"]).url for r in rows]
     with timings("kmeans") if timings is not None else contextlib.nullcontext():
         codec_bytes, fit = _fit_remote(caches, model.colbert_dim, n_docs, total, cfg, p,
-                                       keep_worker=bool(fully_sampled(pieces, plan)) and not cfg.augment)
+                                       keep_worker=cached_as_tasks(fully_sampled(pieces, plan), cfg.augment))
     if timings is not None:  # inside "kmeans": the task's imports, its read of the cache and the fit itself
         for stage, seconds in fit["seconds"].items():
             timings.add(stage, seconds)
@@ -151,8 +151,8 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
                 p: ActorPlan, keep_worker: bool = False) -> tuple[bytes, dict]:
     """Read the sample cache and fit k-means on a worker (a GPU one when the cluster has GPUs).
 
-    ``keep_worker``: pass 2 has shards the sample cache holds whole and no queries to
-    encode beside them, so it compresses them in a GPU task (``jobs.embed_pool.run_cached``):
+    ``keep_worker``: pass 2 writes shards the sample cache holds whole as tasks
+    (``jobs.embed_pool.cached_as_tasks``), on GPUs as one GPU task (``run_cached``):
     a GPU task's worker, which Ray otherwise ends after one call, stays for it, CUDA
     context and torch loaded (one start fewer).
 

@@ -169,11 +169,11 @@ def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str, p: ActorPlan)
     """
     import ray
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     if p.device == "cuda":
         n_tasks, threads = 1, max(1, p.threads)
         task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_retries=0)(write_cached_shards)
     else:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n_tasks = max(1, min(len(rows), cpus // 2))
         threads = max(1, cpus // n_tasks)
         # One CPU reserved whatever the threads: a task asking for more than is ever free at
@@ -192,12 +192,19 @@ def run_cached(rows: list[dict], spec: WorkerSpec, codec_url: str, p: ActorPlan)
             ray.cancel(ref)
 
 
+def cached_as_tasks(cached: "set[int] | frozenset", augment) -> bool:
+    """Whether pass 2 writes the shards in ``cached`` (every document in the codec-sample
+    cache) as tasks (:func:`run_cached`): there are some and they need no model (no query
+    augmentation to encode). The codec fit keeps its GPU worker for them when so."""
+    return bool(cached) and not augment
+
+
 def run_shards(rows: list[dict], actor_cls, spec: WorkerSpec, p: ActorPlan, codec_url: "str | None",
                timings: "Timings | None" = None, cached: "set[int] | frozenset" = frozenset()) -> Iterator[dict]:
-    """Pass 2: the rows whose shard is in ``cached`` (every document in the codec-sample
-    cache) as tasks (:func:`run_cached`) when they need no model (no query augmentation
-    to encode); the others on the actor pool."""
-    quick = [r for r in rows if r["shard"] in cached] if codec_url and not spec.augment else []
+    """Pass 2: the rows whose shard is in ``cached`` as tasks (:func:`run_cached`) where
+    :func:`cached_as_tasks` says so; the others on the actor pool."""
+    quick = ([r for r in rows if r["shard"] in cached] if codec_url and cached_as_tasks(cached, spec.augment)
+             else [])
     if quick:
         yield from run_cached(quick, spec, codec_url, p)
     rest = [r for r in rows if r["shard"] not in cached] if quick else rows
