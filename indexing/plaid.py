@@ -1481,10 +1481,16 @@ class CentroidIndex:
         over the padded axis: numpy releases the GIL in both, so blocks run at once on
         several threads, where ``np.maximum.reduceat`` over the ragged cells held it (and
         was slower on one: 1.9 -> 1.8 ms a stage call on XQuAD-sentence queries).
+
+        The padded axis comes first, ``(width, n, Lq)``: the maximum over it is an
+        elementwise maximum of contiguous ``(n, Lq)`` slabs, ~3x faster than numpy's
+        reduction over the middle axis of ``(n, width, Lq)`` (0.67 -> 0.23 ms for 812
+        documents, 32 query rows), with the same floats; ``np.take`` gathers ~1.5x faster
+        than fancy indexing.
         """
         width = int(lengths.max())
-        cells = self.doc_cells[starts[:, None] + np.minimum(np.arange(width), lengths[:, None] - 1)]
-        return table[cells].max(axis=1).sum(axis=1, dtype=np.float32)
+        cells = self.doc_cells[starts + np.minimum(np.arange(width)[:, None], lengths - 1)]
+        return np.take(table, cells, axis=0).max(axis=0).sum(axis=1, dtype=np.float32)
 
 
 def _transpose_ivf(
