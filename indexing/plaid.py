@@ -80,13 +80,14 @@ _STAGE_BUDGET = 1 << 20
 #: document, 22 query rows: a block's gathered scores ~360 KB, in L2)
 INTERACTION_CELLS = 4096
 _EXACT_TOKENS = 1024
-#: A single query searched with ``threads >= 2`` splits its centroid product, centroid
-#: stages and exact stage over the threads (:class:`_Split`), in parts of at least this much
-#: work each (a part handed to another thread costs ~30-60 us): centroid rows of the
-#: product, gathered centroid scores (cells x query rows) of a centroid stage, tokens of the
-#: exact stage.
+#: A single query searched with ``threads >= 2`` splits its centroid product and exact stage
+#: over the threads (:class:`_Split`), in parts of at least this much work each (a part
+#: handed to another thread costs ~30-60 us): centroid rows of the product, tokens of the
+#: exact stage. The centroid stages run whole in the calling thread: since their gathers
+#: take the maximum over the first axis (:meth:`CentroidIndex._centroid_interaction`), a
+#: split cost more than it saved (250 XQuAD-sentence queries at 2 threads: 5.5 ms split,
+#: 5.1 whole; at ncells=16, 6.6 and 6.2).
 SPLIT_MIN_CENTROIDS = 1024
-SPLIT_MIN_SCORES = 1 << 14
 SPLIT_MIN_TOKENS = 512
 _MAX_DOCS = np.iinfo(np.int32).max
 # Up to this many cells per query token, best_cells scans with argmax.
@@ -1032,8 +1033,8 @@ class CentroidIndex:
         threads : int, optional
             CPU threads for this call: as many queries of a batch searched at once,
             each with one BLAS thread; a single query splits its centroid product and
-            its centroid and exact stages over them instead (the same results: each part
-            is computed as the whole would be). None leaves the process's BLAS setting
+            its exact stage over them instead (the same results: each part is computed
+            as the whole would be). None leaves the process's BLAS setting
             as it is and searches one query at a time.
 
         Returns
@@ -1201,7 +1202,7 @@ class CentroidIndex:
         ``scores_t`` is ``(n_centroids, Lq)`` ``centroids @ q.T``, the layout the
         exact stage gathers rows from; ``n_searchable`` counts the allowed documents
         with tokens; ``n_exact`` documents reach the exact stage; ``split`` spreads the
-        centroid and exact stages over threads.
+        exact stage over threads.
         """
         # The (n_live, n_centroids) layout of the centroid stages, which reduce over
         # centroids: transposing this way round is ~3x cheaper than the other.
@@ -1230,7 +1231,7 @@ class CentroidIndex:
         n_candidates = len(docs)
         pruned = None
         if not self._prunes_nothing(docs, kept):
-            docs, pruned = self._filter_scored(docs, centroid_scores, kept, max(params.ndocs, n_exact), split)
+            docs, pruned = self._filter_scored(docs, centroid_scores, kept, max(params.ndocs, n_exact))
         # (Pruning that would keep every candidate's every centroid, common with vectors
         # whose centroid scores are all high -- on me5-small 4,090 of 4,096 centroids pass
         # 0.5 -- would score every candidate as the full stage does: one stage is enough.
@@ -1238,9 +1239,9 @@ class CentroidIndex:
         # cost as much as the full one and the full stage would then score again every
         # document that lost a cell.)
         if pruned is None or len(docs) <= n_exact:
-            docs, approx = self._filter_scored(docs, centroid_scores, None, n_exact, split)
+            docs, approx = self._filter_scored(docs, centroid_scores, None, n_exact)
         else:
-            docs, approx = self._full_stage(docs, pruned, centroid_scores, kept, n_exact, split)
+            docs, approx = self._full_stage(docs, pruned, centroid_scores, kept, n_exact)
         logger.debug(
             "plaid query: %d candidates, %d after centroid stages, %d/%d centroids kept",
             n_candidates, len(docs), int(kept.sum()), len(kept),
@@ -1341,7 +1342,6 @@ class CentroidIndex:
         centroid_scores: np.ndarray,
         kept: np.ndarray,
         n_keep: int,
-        split: "_Split | None" = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The full centroid interaction of the pruned stage's ``docs`` (scores
         ``pruned``): the best ``n_keep``, best first, with their scores.
@@ -1353,7 +1353,7 @@ class CentroidIndex:
         scores = np.array(pruned, dtype=np.float32, copy=True)
         redo = np.flatnonzero(self._pruned_any(docs, kept))
         if len(redo):
-            scores[redo] = self._interaction_scores(docs[redo], centroid_scores, None, split)
+            scores[redo] = self._interaction_scores(docs[redo], centroid_scores, None)
         best, ids = _top_k(scores, docs, n_keep)
         return ids, best
 
@@ -1410,17 +1410,15 @@ class CentroidIndex:
         centroid_scores: np.ndarray,
         kept: np.ndarray | None,
         n_keep: int,
-        split: "_Split | None" = None,
     ) -> tuple[np.ndarray, "np.ndarray | None"]:
         """:meth:`centroid_filter`, best first, with the scores (None: ``docs`` kept unscored)."""
         if len(docs) <= n_keep:
             return docs, None
-        best, ids = _top_k(self._interaction_scores(docs, centroid_scores, kept, split), docs, n_keep)
+        best, ids = _top_k(self._interaction_scores(docs, centroid_scores, kept), docs, n_keep)
         return ids, best
 
     def _interaction_scores(
-        self, docs: np.ndarray, centroid_scores: np.ndarray, kept: np.ndarray | None,
-        split: "_Split | None" = None,
+        self, docs: np.ndarray, centroid_scores: np.ndarray, kept: np.ndarray | None
     ) -> np.ndarray:
         """``(len(docs),)`` float32 centroid interaction of ``docs``: MaxSim with every token
         replaced by its centroid, over each document's distinct cells (a token's score is
@@ -1431,10 +1429,8 @@ class CentroidIndex:
         ``-inf`` (ranked last), as does one without cells.
 
         The documents go in order of their number of cells, in blocks of about
-        :data:`INTERACTION_CELLS` cells (:meth:`_centroid_interaction`), consecutive
-        groups of blocks over ``split``'s threads.
+        :data:`INTERACTION_CELLS` cells (:meth:`_centroid_interaction`).
         """
-        n_rows = centroid_scores.shape[0]
         # (n_centroids, Lq): a cell's scores are one contiguous row; pruned cells score -inf
         table = (np.where(kept[:, None], centroid_scores.T, np.float32(-np.inf)) if kept is not None
                  else np.ascontiguousarray(centroid_scores.T))
@@ -1445,19 +1441,9 @@ class CentroidIndex:
         out = np.empty(len(docs), dtype=np.float32)
         first = int(np.searchsorted(sorted_lengths, 1))  # documents without cells come first
         out[order[:first]] = -np.inf
-        blocks = [slice(first + c.start, first + c.stop)
-                  for c in _doc_chunks(sorted_lengths[first:], INTERACTION_CELLS)]
-
-        def score(part: slice) -> None:
-            for block in blocks[part]:
-                rows = order[block]
-                out[rows] = self._centroid_interaction(starts[rows], lengths[rows], table)
-
-        if split is None or len(blocks) < 2:
-            score(slice(None))
-        else:
-            padded = np.array([(b.stop - b.start) * sorted_lengths[b.stop - 1] for b in blocks])  # cells, padded
-            split.map(score, split.parts(padded, max(1, SPLIT_MIN_SCORES // n_rows)))
+        for chunk in _doc_chunks(sorted_lengths[first:], INTERACTION_CELLS):
+            rows = order[first + chunk.start : first + chunk.stop]
+            out[rows] = self._centroid_interaction(starts[rows], lengths[rows], table)
         return out
 
     def _centroid_interaction(self, starts: np.ndarray, lengths: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -1478,9 +1464,8 @@ class CentroidIndex:
 
         Each document's cells padded to the block's widest (its last cell repeated: a
         maximum is unchanged by repeats), then one gather of score rows and one maximum
-        over the padded axis: numpy releases the GIL in both, so blocks run at once on
-        several threads, where ``np.maximum.reduceat`` over the ragged cells held it (and
-        was slower on one: 1.9 -> 1.8 ms a stage call on XQuAD-sentence queries).
+        over the padded axis, where ``np.maximum.reduceat`` over the ragged cells was
+        slower (1.9 -> 1.8 ms a stage call on XQuAD-sentence queries).
 
         The padded axis comes first, ``(width, n, Lq)``: the maximum over it is an
         elementwise maximum of contiguous ``(n, Lq)`` slabs, ~3x faster than numpy's
