@@ -77,7 +77,8 @@ _SCORE_BUDGET = 1 << 24
 _STAGE_BUDGET = 1 << 20
 #: cells (documents sorted by cell count, padded to a block's widest) per block of the
 #: centroid stages: 4,096 beat 1,024 and 16,384 on XQuAD-sentence queries (~20 cells a
-#: document, 22 query rows: a block's gathered scores ~360 KB, in L2)
+#: document, 22 query rows: a block's gathered scores ~360 KB, in L2); with the gather's
+#: maximum over the first axis (twenty-sixth session) 1,024-16,384 were within noise
 INTERACTION_CELLS = 4096
 _EXACT_TOKENS = 1024
 #: A single query searched with ``threads >= 2`` splits its centroid product and exact stage
