@@ -426,7 +426,7 @@ CURVE_GRID = [f"ndocs={n},exact_tokens={t}" for n in (256, 128, 96, 64) for t in
 
 
 #: SearchParams fields that take a float (``exact_margin=inf`` too); the others take integers
-FLOAT_PARAMS = ("centroid_score_threshold", "exact_margin", "merge_tokens")
+FLOAT_PARAMS = ("centroid_score_threshold", "exact_margin", "exact_gap_quantile", "merge_tokens")
 
 
 def parse_point(text: str) -> dict:

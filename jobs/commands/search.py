@@ -41,8 +41,9 @@ def add_arguments(se: argparse.ArgumentParser) -> None:
                     help="a query-encoder folder or registered version (must match the set)")
     se.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="search parameter: nprobe, ef_search, rescore (dense); ncells, centroid_score_threshold, "
-                         "ndocs, exact_tokens, exact_margin, merge_tokens (plaid; exact_margin=inf: no early "
-                         "termination; merge_tokens=inf: no query tokens merged)")
+                         "ndocs, exact_tokens, exact_margin, exact_gap_quantile, merge_tokens (plaid; "
+                         "exact_margin=inf: no early termination; exact_gap_quantile<1 ends it sooner; "
+                         "merge_tokens=inf: no query tokens merged)")
     se.add_argument("--threads", type=int, default=None,
                     help="CPU threads shared by query encoding and retrieval (default: the CPUs available)")
     root_arg(se)

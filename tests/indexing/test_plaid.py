@@ -21,6 +21,7 @@ from indexing import plaid
 from indexing.plaid import (
     ARRAY_KEYS,
     DERIVED_KEYS,
+    EXACT_GAP_QUANTILE,
     EXACT_MARGIN,
     MERGE_TOKENS,
     CentroidIndex,
@@ -149,7 +150,8 @@ def test_plaid_defaults(k, expected):
 def test_resolved_keeps_explicit_values():
     params = SearchParams(ncells=3, dim=16).resolved(5)
     assert params == SearchParams(ncells=3, centroid_score_threshold=0.5, ndocs=256, dim=16, exact_tokens=8192,
-                                  exact_margin=EXACT_MARGIN, merge_tokens=MERGE_TOKENS)
+                                  exact_margin=EXACT_MARGIN, merge_tokens=MERGE_TOKENS,
+                                  exact_gap_quantile=EXACT_GAP_QUANTILE)
 
 
 # -- exactness ---------------------------------------------------------------
@@ -435,6 +437,10 @@ def test_validation_errors(index, codec, encoded, corpus):
         ({"exact_margin": -0.1}, "exact_margin"),
         ({"exact_margin": float("nan")}, "exact_margin"),
         ({"exact_margin": True}, "exact_margin"),
+        ({"exact_gap_quantile": 0}, "exact_gap_quantile"),
+        ({"exact_gap_quantile": 1.01}, "exact_gap_quantile"),
+        ({"exact_gap_quantile": float("nan")}, "exact_gap_quantile"),
+        ({"exact_gap_quantile": True}, "exact_gap_quantile"),
         ({"merge_tokens": float("nan")}, "merge_tokens"),
         ({"merge_tokens": "0.99"}, "merge_tokens"),
     ],
@@ -798,6 +804,21 @@ def test_early_termination_scores_fewer_documents_for_the_same_top_k(index, corp
     assert overlap >= 0.98, overlap
     # A margin too wide to stop anywhere scores everything: the same results as inf.
     _assert_same_results(search_counting(SearchParams(**wide, exact_margin=1e9))[0], full)
+    # exact_gap_quantile: 1 is the largest gap (the default's results, the same documents
+    # scored); lower quantiles allow the later documents less, so fewer are scored, and the
+    # smallest gap scores the fewest; whatever is scored still ranks by exact MaxSim
+    largest, n_largest, _ = search_counting(SearchParams(**wide, exact_margin=0.0, exact_gap_quantile=1))
+    _assert_same_results(largest, early)
+    assert n_largest == n_early
+    counts = [search_counting(SearchParams(**wide, exact_margin=0.0, exact_gap_quantile=g))[1] for g in (0.5, 0.01)]
+    assert n_early >= counts[0] >= counts[1], (n_early, counts)
+    assert counts[1] < n_early, (n_early, counts)
+    smallest, _, _ = search_counting(SearchParams(**wide, exact_margin=0.0, exact_gap_quantile=0.01))
+    exact = index.exact_maxsim(corpus["queries"], 5)
+    for q, (scores, ids) in enumerate(zip(*smallest)):
+        row = {int(i): float(s) for i, s in zip(exact[1][q], exact[0][q])}
+        hits = [(int(i), float(s)) for i, s in zip(ids, scores) if int(i) in row]
+        assert all(s == pytest.approx(row[i], abs=1e-5) for i, s in hits)
 
 
 # -- merged query tokens ---------------------------------------------------------

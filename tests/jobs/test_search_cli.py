@@ -100,7 +100,7 @@ def test_bad_search_arguments(store, tmp_path, argv, expected):  # noqa: F811
 
 def test_plaid_params_from_the_cli_early_termination_off(store, tmp_path):  # noqa: F811
     """``--param exact_margin=inf`` (no early termination), ``merge_tokens=inf`` (no query
-    tokens merged) and ``exact_tokens`` reach the index."""
+    tokens merged), ``exact_gap_quantile`` and ``exact_tokens`` reach the index."""
     from jobs.commands.search import parse_params
 
     assert parse_params(["exact_margin=inf", "exact_tokens=64", "ndocs=8", "centroid_score_threshold=-inf"]) == {
@@ -110,10 +110,11 @@ def test_plaid_params_from_the_cli_early_termination_off(store, tmp_path):  # no
     root = store["root"].url
     outs = [tessera("-q", "search", "--index", "t-plaid", "--root", root, "--queries", str(qfile), "-k", "3",
                     *extra, cwd=tmp_path)
-            for extra in ([], ["--param", "exact_margin=inf"], ["--param", "merge_tokens=inf"])]
+            for extra in ([], ["--param", "exact_margin=inf"], ["--param", "merge_tokens=inf"],
+                          ["--param", "exact_gap_quantile=1"])]   # the default's largest gap
     assert all(o.returncode == 0 for o in outs), [o.stderr[-2000:] for o in outs]
-    assert _hits(outs[0].stdout) and [h["doc_id"] for h in _hits(outs[0].stdout)] == \
-        [h["doc_id"] for h in _hits(outs[1].stdout)] == [h["doc_id"] for h in _hits(outs[2].stdout)]
-    for param in ("exact_margin=-1", "merge_tokens=nan"):
+    assert _hits(outs[0].stdout) and all([h["doc_id"] for h in _hits(o.stdout)] == [h["doc_id"] for h in _hits(
+        outs[0].stdout)] for o in outs[1:])
+    for param in ("exact_margin=-1", "merge_tokens=nan", "exact_gap_quantile=1.5"):
         bad = tessera("search", "--index", "t-plaid", "--root", root, "--param", param, "q", cwd=tmp_path)
         assert bad.returncode == 2 and param.split("=")[0] in bad.stderr.strip().splitlines()[-1], bad.stderr[-2000:]
