@@ -106,10 +106,12 @@ _PRUNE_MIN = 0.01
 EXACT_MARGIN = 0.01
 #: The default ``exact_gap_quantile`` (see :class:`SearchParams`): the largest gap, a rule
 #: that on XQuAD-sentence queries (2 bits, k=10) ends no exact stage early in the median
-#: query (207 of 207 documents scored). Lower quantiles, 1 thread, 250 queries: 0.99 scored
-#: 151 documents (5.37 -> 5.02 ms, overlap with exact MaxSim 0.982 -> 0.981), 0.95 the first
-#: 77 (4.42 ms, 0.974), 0.75 the same 77 (4.23 ms, 0.951). Not yet measured on paragraphs or
-#: Tatoeba, where the defaults were tuned: the default stays the largest gap.
+#: query (207 of 207 documents scored). Lower quantiles (1 thread, 250 queries, top-10
+#: overlap with exact MaxSim): XQuAD sentences 0.99 scored 151 documents (5.37 -> 5.02 ms,
+#: 0.982 -> 0.981), 0.95 the first 77 (4.42 ms, 0.974); XQuAD paragraphs 0.95 the same
+#: 0.974-0.975 at 10.1 -> 9.9 ms, 0.9 0.972 at 9.0; but 11,548 Tatoeba sentences 0.99 lost
+#: 0.966 -> 0.952 (5.25 -> 3.98 ms) and 0.95 fell to 0.914: short near-duplicate documents
+#: have gaps the median document does not show. So the default stays the largest gap.
 EXACT_GAP_QUANTILE = 1.0
 #: The default ``merge_tokens`` (see :class:`SearchParams`). Top-10 overlap with exact MaxSim
 #: over all 32 query tokens and ms a query against ``inf`` (no merging), 1 thread, 300
@@ -249,8 +251,9 @@ class SearchParams:
     exact_gap_quantile : float, optional
         In ``(0, 1]``: which quantile of the already-scored documents' (exact - centroid)
         gaps the later ones are allowed; 1 (the default) the largest. Below 1 the exact
-        stage ends sooner and may miss a document the largest gap would have scored
-        (:data:`EXACT_GAP_QUANTILE` says what it saved and cost).
+        stage ends sooner and may miss a document the largest gap would have scored: a
+        speed knob to measure on one's own corpus (:data:`EXACT_GAP_QUANTILE`: on
+        Tatoeba 0.99 already cost 0.014 of top-10 overlap, on XQuAD nothing).
     merge_tokens : float, optional
         Query tokens whose cosine with an earlier kept token of the same query reaches
         this are merged with it into one row, the sum of the group's vectors: against any
