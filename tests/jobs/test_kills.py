@@ -188,8 +188,8 @@ subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(sign
 time.sleep(300)
 """
 
-# started with Ray's --session_dir; its agents are orphans from the start (each started through a
-# parent that exits at once), so never in the tree the watchdog notes; without the marker. One
+# started with Ray's --session_dir; its agents are orphans from the start (each forked by a
+# parent that exits right after the fork), so never in the tree the watchdog notes; without the marker. One
 # writes its log under the session folder (an agent of this Ray), one only reads there (a
 # `tail -f`), one writes under another Ray's session folder: only the first is this Ray's.
 FAKE_RAYLET_ORPHANS = """
@@ -202,8 +202,11 @@ agent = ("import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG
          "time.sleep(300)")
 for path, mode in ((folder + "/logs/agent.out", "w"), (folder + "/logs/raylet.out", "r"),
                    (folder + "-other/logs/agent.out", "w")):
-    subprocess.run([sys.executable, "-c", "import subprocess, sys; subprocess.Popen(sys.argv[1:])",
-                    sys.executable, "-c", agent, path, mode], env=env, check=True)
+    # forked and left at once (no interpreter teardown between the fork and the exit): a look
+    # of the watchdog's while a launcher lived on beside its agent noted the agent as the
+    # raylet's (one CI failure: the 'other' stand-in stopped)
+    subprocess.run([sys.executable, "-c", "import os, sys; os.fork() or os.execv(sys.executable, "
+                    "[sys.executable, *sys.argv[1:]]); os._exit(0)", "-c", agent, path, mode], env=env, check=True)
 time.sleep(300)
 """
 
