@@ -68,18 +68,20 @@ DERIVED_KEYS = ("doc_cell_offsets", "doc_cells", "token_inv_norms")
 # one (tokens, query vectors) score block (64 MiB).
 _TOKEN_BATCH = 1 << 16
 _SCORE_BUDGET = 1 << 24
-# The same for the per-query stages of search (4 MiB blocks; tokens of one exact-stage
-# block): large enough for BLAS and numpy to run at full speed, small enough that a
-# serving process's temporaries stay a few MiB instead of the index's own size. An
-# exact-stage block of 1,024 tokens decodes 1.5 MiB of residuals (dim 384) that the
-# product then reads back from the core's cache: ~15% faster per query than 4,096
-# (XQuAD, 2 and 4 bits, interleaved; 512 and 2,048 were slower).
+# The same for search: float32 centroid scores of the queries of a batch multiplied at
+# once (4 MiB): large enough for BLAS to run at full speed, small enough that a serving
+# process's temporaries stay a few MiB instead of the index's own size. (The centroid
+# stages go in blocks of INTERACTION_CELLS cells, the exact stage in blocks of
+# _EXACT_TOKENS tokens.)
 _STAGE_BUDGET = 1 << 20
 #: cells (documents sorted by cell count, padded to a block's widest) per block of the
 #: centroid stages: 4,096 beat 1,024 and 16,384 on XQuAD-sentence queries (~20 cells a
 #: document, 22 query rows: a block's gathered scores ~360 KB, in L2); with the gather's
 #: maximum over the first axis (twenty-sixth session) 1,024-16,384 were within noise
 INTERACTION_CELLS = 4096
+# Tokens of an exact-stage block: 1,024 decode 1.5 MiB of residuals (dim 384) that the
+# product then reads back from the core's cache: ~15% faster per query than 4,096 (XQuAD,
+# 2 and 4 bits, interleaved; 512 and 2,048 were slower).
 _EXACT_TOKENS = 1024
 #: A single query searched with ``threads >= 2`` splits its centroid product and exact stage
 #: over the threads (:class:`_Split`), in parts of at least this much work each (a part
