@@ -345,6 +345,12 @@ def test_pass_two_writes_cached_shards_as_tasks_and_encodes_the_rest(ray_local, 
     assert manifest["codec"]["sample_documents"] == 24
     t = manifest["timings"]
     assert t["worker_load"] > 0 and t["worker_forward"] > 0       # the pool encoded the other documents
+    # both kinds of pass-2 process wrote their shards with Arrow on the system allocator
+    # (jobs.runtime.arrow_pool; the actors' and the tasks' markers say which)
+    from jobs.embed_pool import done_shards
+    vdir = Artifact(location(str(root)), "sets", "t").version_dir(manifest["version"])
+    markers = done_shards(vdir)
+    assert len(markers) == len(pieces) and {m["arrow_pool"] for m in markers.values()} == {"system"}
     dense, tokens, codec = _stored_vectors(root, manifest)
     enc = Encoder(load_model(tiny_model_dir, device="cpu")).encode_documents([r["text"] for r in rows],
                                                                             dense=True, colbert=True)

@@ -100,6 +100,36 @@ def test_auto_rows_per_shard_gives_short_texts_larger_shards_within_bounds():
         assert rows == hi or 2 * rows * per_row > SHARD_TEXT_BYTES   # the largest that fits
 
 
+def test_arrow_pool_is_the_system_allocator_unless_the_user_names_one(monkeypatch, caplog):
+    """A job's processes give Arrow glibc's allocator (mimalloc, pyarrow's default, returns
+    freed memory at once, and first touches of fresh pages are slow on some machines);
+    ``$ARROW_DEFAULT_MEMORY_POOL`` wins, and a name this pyarrow lacks leaves the pool as it is."""
+    import pyarrow as pa
+
+    from jobs.runtime import ARROW_POOL_ENV, arrow_pool
+
+    before = pa.default_memory_pool()
+    try:
+        pa.set_memory_pool(pa.mimalloc_memory_pool())
+        monkeypatch.delenv(ARROW_POOL_ENV, raising=False)
+        arrow_pool()
+        assert pa.default_memory_pool().backend_name == "system"
+        values = pa.array(list(range(1000)), pa.int64())   # allocated by Arrow, in the new pool
+        assert pa.system_memory_pool().bytes_allocated() >= values.nbytes == 8000
+        arrow_pool()                                    # idempotent
+        assert pa.default_memory_pool().backend_name == "system"
+        monkeypatch.setenv(ARROW_POOL_ENV, "jemalloc")  # the user's choice, set after the first allocation too
+        arrow_pool()
+        assert pa.default_memory_pool().backend_name == "jemalloc"
+        monkeypatch.setenv(ARROW_POOL_ENV, "no-such-pool")
+        with caplog.at_level("WARNING", logger="jobs.runtime"):
+            arrow_pool()
+        assert pa.default_memory_pool().backend_name == "jemalloc"
+        assert "ARROW_DEFAULT_MEMORY_POOL='no-such-pool': no such Arrow memory pool" in caplog.text
+    finally:
+        pa.set_memory_pool(before)
+
+
 def test_small_pages_turns_numpy_hugepages_off_inside_unless_the_user_said(monkeypatch):
     """The fit task stops numpy's MADV_HUGEPAGE (synchronous compaction on first touch) while
     it fits, and gives the worker numpy's setting back; ``$NUMPY_MADVISE_HUGEPAGE``, which
