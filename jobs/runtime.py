@@ -202,8 +202,9 @@ def arrow_pool() -> None:
     steps. The first Parquet write of a 3,210-row dense table after a forward pass took
     190-285 ms with mimalloc, 24 ms with the system pool or jemalloc (17-24 ms for the
     ones after it, either way). Called by each of the embed job's processes (the driver,
-    the encoder actors, the codec fit and pass 2's tasks); :func:`init_ray` also sets the
-    variable for the local Ray it starts, whose every process inherits it.
+    the encoder actors, the codec fit and pass 2's tasks) and by the index build's tasks that
+    read Parquet, which covers a cluster's workers (``$RAY_ADDRESS``); :func:`init_ray` also
+    sets the variable for the local Ray it starts, whose every process inherits it.
     """
     import pyarrow as pa
 
