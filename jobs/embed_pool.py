@@ -20,15 +20,7 @@ from embedding.codec import ready_bf16_search
 from jobs.embed_worker import ShardEncoder, WorkerSpec
 from jobs.errors import quiet_ray_failure_logs
 from jobs.failpoints import FAILPOINTS_ENV
-from jobs.runtime import (
-    CUDA_AT_START_ENV,
-    ActorPlan,
-    arrow_pool,
-    cuda_worker_fits,
-    mark_cuda_worker,
-    plan_actors,
-    thread_env,
-)
+from jobs.runtime import CUDA_AT_START_ENV, ActorPlan, cuda_worker_fits, mark_cuda_worker, plan_actors, thread_env
 from jobs.timing import Timings
 from storage import layout
 from storage.corpus import CorpusFile
@@ -267,7 +259,6 @@ def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], thre
 
     from threadpoolctl import threadpool_limits
 
-    arrow_pool()
     if failpoints:
         os.environ[FAILPOINTS_ENV] = failpoints
     else:
