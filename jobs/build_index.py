@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from indexing.index_files import put_file, write_ids
-from jobs.runtime import init_ray, worker_memory
+from jobs.runtime import arrow_pool, init_ray
 from jobs.timing import Timings
 from storage import layout, sets, vectors
 from storage.fs import Location
@@ -203,7 +203,7 @@ def read_dense(f: sets.SetFile, dim: int) -> np.ndarray:
 
 
 def _sample_shard(f: sets.SetFile, dim: int, take: int, seed: int) -> np.ndarray:
-    worker_memory()  # the tasks that read Parquet: on a cluster's own Ray too (see jobs.runtime)
+    arrow_pool()  # the tasks that read Parquet: on a cluster's own Ray too (see jobs.runtime)
     x = read_dense(f, dim)
     if take >= len(x):
         return x
@@ -213,7 +213,7 @@ def _sample_shard(f: sets.SetFile, dim: int, take: int, seed: int) -> np.ndarray
 def _add_shards(trained: bytes, kind: str, params: dict, files: list, starts: list[int], dim: int) -> bytes:
     from indexing import dense
 
-    worker_memory()
+    arrow_pool()
     index = dense.from_bytes(trained, kind)
     for f, start in zip(files, starts):
         dense.add(index, read_dense(f, dim), start)
@@ -283,7 +283,7 @@ def _plaid_part(codec_url: str, f: sets.SetFile) -> dict:
     from embedding.codec import ResidualCodec
     from indexing.plaid import CentroidIndex
 
-    worker_memory()
+    arrow_pool()
     codec = ResidualCodec.from_bytes(Location(codec_url).read_bytes())
     return CentroidIndex.from_flat(codec, *read_tokens(f, codec)).to_arrays()
 

@@ -31,7 +31,7 @@ from jobs import plan as planner
 from jobs.embed_pool import add_worker_stages, cached_as_tasks, run_pool, worker_spec
 from jobs.embed_worker import SampleEncoder
 from jobs.failpoints import failpoint
-from jobs.runtime import ActorPlan, mark_cuda_worker, small_pages, worker_memory
+from jobs.runtime import ActorPlan, arrow_pool, mark_cuda_worker, small_pages
 from jobs.sample_cache import SAMPLE_CACHE, read_sample_tokens, sample_cache
 from jobs.timing import Progress, Timings
 from storage import layout
@@ -168,7 +168,7 @@ def _fit_remote(caches: list[str], dim: int, n_docs: int, total: int, cfg: Embed
     def fit(submitted: float) -> tuple[bytes, dict]:
         waited = time.time() - submitted  # scheduling, a worker process, CPUs freed by the sample pool
         t0 = time.perf_counter()
-        worker_memory()  # before the sample's read (a worker of a cluster's own Ray: see jobs.runtime)
+        arrow_pool()  # before the sample's read (a worker of a cluster's own Ray: see jobs.runtime)
         if p.num_gpus:
             mark_cuda_worker()
         faiss = import_faiss()

@@ -26,7 +26,7 @@ from embedding.model import adapter_languages
 from embedding.vectors import DocumentVectors
 from jobs.embed_augment import ShardAugmenter
 from jobs.failpoints import failpoint
-from jobs.runtime import keep_freed_memory, worker_memory
+from jobs.runtime import arrow_pool
 from jobs.sample_cache import cache_table, read_cache_and_precision, sample_cache
 from storage import layout, schemas
 from storage.augment_queries import AugmentQueryError
@@ -104,7 +104,7 @@ class EncoderActor:
     def __init__(self, spec: WorkerSpec, codec_url: "str | None" = None, *, exclusive: bool = True) -> None:
         # torch, transformers and the model are imported and loaded on first use (the
         # ``lm`` property): an actor with nothing to encode starts in a fraction of the time.
-        worker_memory()  # before this process's first Parquet read (see jobs.runtime)
+        arrow_pool()  # before this process's first Parquet read (see jobs.runtime)
         self.spec = spec
         self._lm = None
         self._encoder = None
@@ -121,8 +121,7 @@ class EncoderActor:
         self._compute = threading.Lock() if exclusive else contextlib.nullcontext()
         self._load_lock = threading.Lock()
         #: added to every shard's statistics (its marker): facts about the process that wrote it
-        self.stats_extra: dict = {"arrow_pool": pa.default_memory_pool().backend_name,
-                                  "malloc_keeps_freed": keep_freed_memory()}
+        self.stats_extra: dict = {"arrow_pool": pa.default_memory_pool().backend_name}
 
     @property
     def lm(self):

@@ -224,61 +224,6 @@ def arrow_pool() -> None:
     pa.set_memory_pool(pool)
 
 
-#: "0": a job's worker processes leave glibc's malloc as it is (see :func:`keep_freed_memory`)
-KEEP_MEMORY_ENV = "TESSERA_KEEP_FREED_MEMORY"
-#: glibc's own settings of what malloc gives back; a user who set one keeps glibc's behaviour
-MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters (malloc.h)
-_kept_memory = False
-
-
-def keep_freed_memory() -> bool:
-    """Make this process's malloc keep the memory it frees for its next allocations instead
-    of handing it back to the kernel; True when it does (now or since an earlier call).
-
-    glibc serves allocations of more than a few MiB with their own ``mmap`` and unmaps them
-    when freed, and trims the heap's free top: a worker's every shard (its Parquet read,
-    tokens, the cache's float16 copy, the Arrow table written) asks the kernel for fresh
-    pages again. Where the kernel reports free pages to a hypervisor (virtio-balloon free
-    page reporting, as on this repository's VM: about 2 s after they are freed), each of
-    those touches pays a host fault: 200 MB touched again after 2-8 s idle took 1.3-2.3 s
-    here, against 20 ms when the process kept it. ``mallopt``: no ``mmap`` allocations
-    (large ones come from the heap, where a freed block is reused) and a trim threshold of
-    2 GiB (a heap whose free top grows past it still gives memory back). The process's
-    resident size stays near its peak instead of falling between shards.
-
-    Called by a job's worker processes (:func:`worker_memory`), not the driver. Nothing is
-    changed with ``$TESSERA_KEEP_FREED_MEMORY=0``, when the user set one of glibc's own
-    ``MALLOC_*_`` variables or ``glibc.malloc`` tunables, or with a C library other than
-    glibc.
-    """
-    global _kept_memory
-    if _kept_memory:
-        return True
-    if os.environ.get(KEEP_MEMORY_ENV, "1").strip() == "0" or any(k in os.environ for k in MALLOC_ENV) \
-            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    _kept_memory = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    return _kept_memory
-
-
-def worker_memory() -> None:
-    """A job's worker process (encoder actor, codec fit, pass 2, index build task): Arrow's
-    pool (:func:`arrow_pool`) and malloc keeping what it frees (:func:`keep_freed_memory`)."""
-    arrow_pool()
-    keep_freed_memory()
-
-
 #: numpy's own switch for asking the kernel for transparent huge pages (read at its import)
 NUMPY_HUGEPAGE_ENV = "NUMPY_MADVISE_HUGEPAGE"
 

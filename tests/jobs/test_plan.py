@@ -1,18 +1,12 @@
 """Invariants of the pure planners: shards cover every row once; the codec sample."""
 from __future__ import annotations
 
-import os
-import platform
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs.plan import build_pieces, id_keys, plan_sample, sample_size
-
-REPO = Path(__file__).resolve().parents[2]
 
 SETTINGS = settings(max_examples=80, deadline=None)
 
@@ -134,52 +128,6 @@ def test_arrow_pool_is_the_system_allocator_unless_the_user_names_one(monkeypatc
         assert "ARROW_DEFAULT_MEMORY_POOL='no-such-pool': no such Arrow memory pool" in caplog.text
     finally:
         pa.set_memory_pool(before)
-
-
-_KEEP_SCRIPT = """
-import json, os, sys
-sys.path.insert(0, os.environ["REPO"])
-import numpy as np
-from jobs.runtime import keep_freed_memory
-
-def rss():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
-
-kept = keep_freed_memory()
-a = np.ones(256 << 20, np.uint8)  # 256 MiB: glibc would mmap it, and unmap it when freed
-before = rss()
-del a
-after = rss()
-b = np.zeros(64 << 20, np.uint8); b[:] = 1  # served from the kept block when kept
-print(json.dumps({"kept": kept, "again": keep_freed_memory(), "dropped_mib": before - after, "rss": rss()}))
-"""
-
-
-def _keep_run(env: dict) -> dict:
-    import json
-    import subprocess
-    import sys
-
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    base.pop("TESSERA_KEEP_FREED_MEMORY", None)
-    out = subprocess.run([sys.executable, "-c", _KEEP_SCRIPT], env={**base, "REPO": str(REPO), **env},
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_worker_processes_keep_the_memory_they_free_unless_told_not_to():
-    """keep_freed_memory: a freed 256 MiB array stays in the process (no unmap, no trim) for
-    its next allocations; glibc's behaviour (the memory handed back at once) with
-    ``$TESSERA_KEEP_FREED_MEMORY=0`` or when the user set glibc's own variables."""
-    kept = _keep_run({})
-    assert kept["kept"] is True and kept["again"] is True
-    assert kept["dropped_mib"] < 16               # still resident: the next shard reuses it
-    default = _keep_run({"TESSERA_KEEP_FREED_MEMORY": "0"})
-    assert default["kept"] is False and default["dropped_mib"] > 200   # unmapped when freed
-    assert _keep_run({"MALLOC_TRIM_THRESHOLD_": "131072"})["kept"] is False
-    assert _keep_run({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=8"})["kept"] is False
-    assert _keep_run({"GLIBC_TUNABLES": "glibc.rtld.nns=4"})["kept"] is True   # not malloc's: ours apply
 
 
 def test_small_pages_turns_numpy_hugepages_off_inside_unless_the_user_said(monkeypatch):
