@@ -10,6 +10,7 @@ written as ``codec.npz`` with its description in ``_codec.json``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from embedding.codec import (
 )
 from embedding.faiss_import import import_faiss
 from jobs import plan as planner
-from jobs.embed_pool import add_worker_stages, cached_as_tasks, run_pool, worker_spec
+from jobs.embed_pool import add_worker_stages, cached_as_tasks, calls_per_actor, run_pool, worker_spec
 from jobs.embed_worker import SampleEncoder
 from jobs.failpoints import failpoint
 from jobs.runtime import ActorPlan, arrow_pool, mark_cuda_worker, small_pages
@@ -73,9 +74,12 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     if todo:
         spec = worker_spec(cfg, model, files, vdir, p, dense=cfg.dense, colbert=True)
         progress = Progress("codec sample", sum(len(json.loads(r["rows"])) for r in todo))
+        # each shard's float16 cache write overlaps the next shard's encoding (calls_per_actor)
+        sp = dataclasses.replace(p, calls=calls_per_actor(cfg, sample=True))
         # Until the first shard is done (actors load the model first) this is the only line.
-        logger.info("codec sample: encoding %d of %d documents from %d shard(s)", progress.total, total, len(todo))
-        for stats in run_pool(todo, SampleEncoder, spec, p, None, timings):
+        logger.info("codec sample: encoding %d of %d documents from %d shard(s), %d at a time per actor",
+                    progress.total, total, len(todo), sp.calls)
+        for stats in run_pool(todo, SampleEncoder, spec, sp, None, timings):
             progress.update(len(json.loads(rows_by_shard[stats["shard"]])))
             if timings is not None:
                 add_worker_stages(timings, stats, "sample_")

@@ -59,13 +59,18 @@ def worker_spec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], vdi
                       cfg.max_batch, cfg.max_tokens, augment, cfg.precision)
 
 
-def calls_per_actor(cfg: EmbedConfig) -> int:
+def calls_per_actor(cfg: EmbedConfig, sample: bool = False) -> int:
     """Shards an encoder actor holds at once, each call in its own thread: with two, one
     reads its shard or writes the last one while the other holds the model
     (``jobs.embed_worker.EncoderActor``'s compute lock).
 
-    ``cfg.calls_per_actor`` when set; else 2 when the set is written to a remote store,
-    whose round trips are waits worth overlapping, and 1 on a local one. Measured
+    ``cfg.calls_per_actor`` when set; else 2 for the codec sample's pass (``sample``),
+    whose every shard writes its token vectors as float16 (~100 MB a 3,200-sentence shard:
+    on a local store one call made the job wait for each of those writes; two took
+    ``tessera embed --mode both`` on 12,837 XQuAD sentences from 68.4-69.3 to 65.1-66.6 s,
+    the sample pass's forward 29 → 32 s beside the writes but the pass 4 s shorter), 2
+    when the set is written to a remote store, whose round trips are waits worth
+    overlapping, and 1 on a local one. Measured
     (``benchmarks/bench_embed_io.py``, 2 CPUs): the second call slows the first one's
     forward wherever the CPU or the interpreter is the bottleneck (+2% with me5-small,
     +21-31% with a 2-layer model whose forward is bound by Python's dispatch, as on a
@@ -74,7 +79,7 @@ def calls_per_actor(cfg: EmbedConfig) -> int:
     """
     if cfg.calls_per_actor:
         return cfg.calls_per_actor
-    return 2 if location(cfg.root).is_remote else 1
+    return 2 if sample or location(cfg.root).is_remote else 1
 
 
 def map_pieces(rows: list[dict], actor_cls, spec, p: ActorPlan, codec_url: "str | None"):

@@ -576,16 +576,35 @@ def test_the_pool_overlaps_a_shards_io_with_another_shards_encoding(ray_local, t
 
 def test_calls_per_actor_overlap_io_on_a_remote_store_only():
     """Default: two shards at a time per actor when the set goes to s3:// (waits worth
-    overlapping), one on a local store (the second call slows the first one's forward);
-    the setting wins either way, and must be >= 1."""
+    overlapping) and in the codec sample's pass (its float16 cache writes), one otherwise
+    on a local store (the second call slows the first one's forward); the setting wins
+    either way, and must be >= 1."""
     from jobs.embed_pool import calls_per_actor
 
     assert calls_per_actor(_cfg("c.jsonl", "m", "/data/store")) == 1
+    assert calls_per_actor(_cfg("c.jsonl", "m", "/data/store"), sample=True) == 2
     assert calls_per_actor(_cfg("c.jsonl", "m", "s3://bucket/store")) == 2
+    assert calls_per_actor(_cfg("c.jsonl", "m", "s3://bucket/store"), sample=True) == 2
     assert calls_per_actor(_cfg("c.jsonl", "m", "/data/store", calls_per_actor=3)) == 3
+    assert calls_per_actor(_cfg("c.jsonl", "m", "/data/store", calls_per_actor=1), sample=True) == 1
     assert calls_per_actor(_cfg("c.jsonl", "m", "s3://bucket/store", calls_per_actor=1)) == 1
     with pytest.raises(ValueError, match="calls_per_actor must be >= 1"):
         _cfg("c.jsonl", "m", "/data/store", calls_per_actor=0)
+
+
+@pytest.mark.parametrize("calls", [None, 1])
+def test_the_codec_sample_pass_overlaps_its_cache_writes_on_a_local_store(ray_local, tiny_model_dir, tmp_path,
+                                                                          calls):
+    """Both mode on a local store: by default the sample pass's actor holds two shards at
+    a time (a second call waits on the compute lock while the first loads the model and
+    encodes, then writes its cache while the other encodes), while pass 2 keeps one; with
+    ``calls_per_actor=1`` the sample pass takes one shard at a time too."""
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(64))
+    manifest = run(_cfg(corpus, tiny_model_dir, tmp_path / "root", mode="both", actors=1, calls_per_actor=calls))
+    assert manifest["codec"]["sample_documents"] == 64 and manifest["counts"]["documents"] == 64
+    assert manifest["workers"]["calls"] == 1                             # pass 2's pool
+    waited = manifest["timings"].get("sample_wait", 0.0)
+    assert (waited > 0) == (calls is None)                               # a second sample call in flight
 
 
 # ---- precision -------------------------------------------------------------------------
