@@ -10,7 +10,7 @@ Prints a table and writes JSON:
   it and exits before each job starts (``--reference-in child``, the default), so the job
   never runs beside the benchmark's own copy of the model; ``--reference-in driver``
   keeps the reference in the benchmark's process for all rounds, as the harness did up
-  to the twenty-seventh session (on this 2-CPU VM that cost the both-mode job 15-20 s);
+  to the twenty-seventh session (on this 2-CPU VM that cost the both-mode job 8-20 s);
 * the ratio with the fixed start-up costs (Ray start, model fingerprint, actor pools'
   start-up and model load; the reference's own model load) and without them (steady);
 * the model share: the actors' own tokenise + forward seconds over the job's steady
