@@ -245,9 +245,10 @@ def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], thre
     cache, compress, write (``ShardEncoder``'s own code, errors included; no model).
     Returns each shard's statistics (JSON), in the order of ``rows``.
 
-    ``max(threads, calls)`` shards at a time, each read, compressed and written in its own
-    thread, the compression on one torch (and BLAS) thread: ``threads`` single-threaded
-    compressions keep the task's CPUs busy without an OpenMP team per call. torch's
+    ``max(threads, calls)`` shards at a time, each read and written in its own thread; their
+    compressions in runs of documents on ``threads`` more threads, one torch (and BLAS)
+    thread each: ``threads`` single-threaded compressions keep the task's CPUs busy without
+    an OpenMP team per call, to the last shard (``ShardEncoder.compress_tokens``). torch's
     parallel reductions run ~1.5x slower when a thread other than a process's main thread
     starts them (two threads from a pool thread, 2 AMX cores: 507k XQuAD-sentence tokens
     compressed in 7.6 s; in the main thread 5.6; two pool threads of one thread each 5.0,
@@ -283,7 +284,9 @@ def write_cached_shards(spec: WorkerSpec, codec_url: str, rows: list[dict], thre
         ready_bf16_search(encoder.codec.n_centroids, 1)
     one = lambda row: str(encoder({k: [v] for k, v in row.items()})["stats"][0])  # noqa: E731
     with threadpool_limits(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="compress") as shared, \
             ThreadPoolExecutor(max_workers=max(1, threads, calls), thread_name_prefix="shard") as pool:
+        encoder.compress_pool = shared  # the shards' compressions in runs any of ``threads`` takes
         futures = [pool.submit(one, row) for row in rows]
         try:
             return [f.result() for f in futures]

@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -26,6 +27,7 @@ from embedding.model import adapter_languages
 from embedding.vectors import DocumentVectors
 from jobs.embed_augment import ShardAugmenter
 from jobs.failpoints import failpoint
+from jobs.plan import COMPRESS_GROUP_TOKENS, token_groups
 from jobs.runtime import arrow_pool
 from jobs.sample_cache import cache_table, read_cache_and_precision, sample_cache
 from storage import layout, schemas
@@ -122,6 +124,8 @@ class EncoderActor:
         self._load_lock = threading.Lock()
         #: added to every shard's statistics (its marker): facts about the process that wrote it
         self.stats_extra: dict = {"arrow_pool": pa.default_memory_pool().backend_name}
+        #: threads that share each shard's compression (pass 2's tasks set it; see compress_tokens)
+        self.compress_pool: "Executor | None" = None
 
     @property
     def lm(self):
@@ -382,12 +386,26 @@ class ShardEncoder(EncoderActor):
         # The documents' arrays as they are, not concatenated first: the codec gathers each
         # batch's rows (float16 from the sample cache, float32 from the model). On a GPU
         # encoder the nearest-centroid search runs on the GPU, off the CPU threads.
-        codes, residuals, abs_sum = self.codec.compress_with_residual_sum(
-            tokens, device="cuda" if self.spec.device == "cuda" else None)
+        codes, residuals, abs_sum = self.compress_tokens(tokens)
         splits = np.cumsum(lengths)[:-1]
         return (schemas.tokens_table(ids, np.split(codes, splits), np.split(residuals, splits),
                                      self.codec.code_dtype),
                 {"residual_abs_sum": abs_sum, "residual_values": int(sum(lengths)) * self.codec.dim})
+
+
+    def compress_tokens(self, tokens: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
+        """``compress_with_residual_sum`` of a shard's documents; with :attr:`compress_pool` (pass
+        2's tasks, CPU) in runs of documents (``jobs.plan.token_groups``) that the pool's threads
+        share, so no thread idles while another compresses the last shard alone. The same bytes
+        (a token's code does not depend on the others); the residual sum is added run by run."""
+        device = "cuda" if self.spec.device == "cuda" else None
+        bounds = token_groups([len(t) for t in tokens], COMPRESS_GROUP_TOKENS)
+        if self.compress_pool is None or device is not None or len(bounds) < 3:
+            return self.codec.compress_with_residual_sum(tokens, device=device)
+        parts = list(self.compress_pool.map(lambda ab: self.codec.compress_with_residual_sum(tokens[ab[0]:ab[1]]),
+                                            zip(bounds[:-1], bounds[1:])))
+        return (np.concatenate([c for c, _, _ in parts]), np.concatenate([r for _, r, _ in parts]),
+                float(sum(a for _, _, a in parts)))
 
 
 class SampleEncoder(EncoderActor):

@@ -166,3 +166,21 @@ def plan_delta(rows_per_file: dict[int, list[int]], rows_per_shard: int, stride:
             pieces.append(DeltaPiece(first_shard + len(pieces), f, start, group[-1] + 1,
                                      tuple(r - start for r in group)))
     return pieces
+
+
+#: tokens per run of a shard's compression shared by pass 2's threads (``jobs.embed_worker``)
+COMPRESS_GROUP_TOKENS = 32768
+
+
+def token_groups(lengths: "list[int]", target: int) -> "list[int]":
+    """Document bounds ``[0, ..., len(lengths)]`` cutting a shard's documents (``lengths``:
+    their token counts) into runs of at least ``target`` tokens but the last, each document
+    whole in one run."""
+    bounds, run = [0], 0
+    for i, n in enumerate(lengths):
+        run += n
+        if run >= target and i + 1 < len(lengths):
+            bounds.append(i + 1)
+            run = 0
+    bounds.append(len(lengths))
+    return bounds

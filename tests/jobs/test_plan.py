@@ -169,3 +169,46 @@ def test_a_worker_that_started_cuda_fits_only_tasks_given_the_same_gpus(monkeypa
     assert not cuda_worker_fits()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert cuda_worker_fits()
+
+
+def test_token_groups_cut_a_shard_into_whole_document_runs():
+    """Runs of at least ``target`` tokens (the last may be shorter), documents never split."""
+    from jobs.plan import token_groups
+
+    assert token_groups([3, 3, 3, 3, 1], 6) == [0, 2, 4, 5]
+    assert token_groups([10, 1, 1], 4) == [0, 1, 3]        # a long document is one run
+    assert token_groups([2, 2], 100) == [0, 2]              # below the target: one run
+    assert token_groups([], 4) == [0, 0]
+    assert token_groups([5, 5], 5) == [0, 1, 2]             # the last document alone is no empty run
+
+
+def test_pass_two_compression_shared_by_threads_gives_the_same_bytes(monkeypatch):
+    """ShardEncoder.compress_tokens on a thread pool (pass 2's tasks): runs of documents compressed
+    on any thread give byte for byte the codes and residuals of one call, and the same
+    residual sum up to float rounding."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    import jobs.embed_worker as worker
+    from embedding.codec import ResidualCodec
+
+    rng = np.random.default_rng(0)
+    codec = ResidualCodec.fit(rng.standard_normal((2000, 32)).astype(np.float32), 2, 64, seed=0, niter=2)
+    docs = [rng.standard_normal((int(n), 32)).astype(np.float16) for n in rng.integers(0, 40, 300)]
+    monkeypatch.setattr(worker, "COMPRESS_GROUP_TOKENS", 500)
+    whole = codec.compress_with_residual_sum(docs)
+    class Counted(ThreadPoolExecutor):
+        runs = 0
+
+        def submit(self, fn, *args, **kwargs):
+            Counted.runs += 1
+            return super().submit(fn, *args, **kwargs)
+
+    with Counted(2) as pool:
+        fake = SimpleNamespace(spec=SimpleNamespace(device="cpu"), codec=codec, compress_pool=pool)
+        shared = worker.ShardEncoder.compress_tokens(fake, docs)
+        alone = worker.ShardEncoder.compress_tokens(SimpleNamespace(spec=fake.spec, codec=codec, compress_pool=None),
+                                                    docs)
+    assert np.array_equal(shared[0], whole[0]) and np.array_equal(shared[1], whole[1])
+    assert shared[2] == pytest.approx(whole[2], rel=1e-12) and alone[2] == whole[2]
+    assert Counted.runs == len(worker.token_groups([len(d) for d in docs], 500)) - 1 > 10  # on the pool
