@@ -392,7 +392,6 @@ class ShardEncoder(EncoderActor):
                                      self.codec.code_dtype),
                 {"residual_abs_sum": abs_sum, "residual_values": int(sum(lengths)) * self.codec.dim})
 
-
     def compress_tokens(self, tokens: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
         """``compress_with_residual_sum`` of a shard's documents; with :attr:`compress_pool` (pass
         2's tasks, CPU) in runs of documents (``jobs.plan.token_groups``) that the pool's threads
