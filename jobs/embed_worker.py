@@ -398,9 +398,11 @@ class ShardEncoder(EncoderActor):
         share, so no thread idles while another compresses the last shard alone. The same bytes
         (a token's code does not depend on the others); the residual sum is added run by run."""
         device = "cuda" if self.spec.device == "cuda" else None
-        bounds = token_groups([len(t) for t in tokens], COMPRESS_GROUP_TOKENS)
-        if self.compress_pool is None or device is not None or len(bounds) < 3:
+        if self.compress_pool is None or device is not None:  # an encoder actor's shard, or on the GPU
             return self.codec.compress_with_residual_sum(tokens, device=device)
+        bounds = token_groups([len(t) for t in tokens], COMPRESS_GROUP_TOKENS)
+        if len(bounds) < 3:  # one run: nothing to share
+            return self.codec.compress_with_residual_sum(tokens)
         parts = list(self.compress_pool.map(lambda ab: self.codec.compress_with_residual_sum(tokens[ab[0]:ab[1]]),
                                             zip(bounds[:-1], bounds[1:])))
         return (np.concatenate([c for c, _, _ in parts]), np.concatenate([r for _, r, _ in parts]),

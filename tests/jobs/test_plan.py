@@ -197,6 +197,7 @@ def test_pass_two_compression_shared_by_threads_gives_the_same_bytes(monkeypatch
     docs = [rng.standard_normal((int(n), 32)).astype(np.float16) for n in rng.integers(0, 40, 300)]
     monkeypatch.setattr(worker, "COMPRESS_GROUP_TOKENS", 500)
     whole = codec.compress_with_residual_sum(docs)
+
     class Counted(ThreadPoolExecutor):
         runs = 0
 
