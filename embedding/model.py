@@ -458,16 +458,20 @@ def _check_markers(d: Path, tokenizer, settings: EncoderSettings) -> None:
 
 
 def load_projection(d: Path, hidden: int) -> "torch.nn.Linear | None":
+    """The folder's ColBERT projection (:func:`projection_sources`' first ``linear.weight``)
+    as a bias-free ``torch.nn.Linear``, or None for a folder without one.
+
+    Raises
+    ------
+    ModelError
+        The weight is not ``(dim, hidden)``.
+    """
     import torch
 
-    weight = _stanford_linear(d)
-    if weight is None:
-        weight = _pylate_linear(d)
+    weight = _first_projection(d, _read_weight)
     if weight is None:
         return None
-    if weight.ndim != 2 or weight.shape[1] != hidden:
-        raise ModelError(f"model folder {d}: ColBERT projection has shape {tuple(weight.shape)}, "
-                         f"expected (dim, {hidden})")
+    _check_projection_shape(d, tuple(weight.shape), hidden)
     layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         layer.weight.copy_(weight.float())
@@ -475,39 +479,73 @@ def load_projection(d: Path, hidden: int) -> "torch.nn.Linear | None":
     return layer
 
 
-def _stanford_linear(d: Path) -> "torch.Tensor | None":
-    import torch
-    from safetensors import safe_open
-
-    for path in sorted(d.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            if "linear.weight" in f.keys():
-                return f.get_tensor("linear.weight")
-    for path in sorted(d.glob("*.bin")):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if "linear.weight" in state:
-            return state["linear.weight"]
-    return None
+def projection_shape(d: Path, hidden: int) -> "tuple[int, int] | None":
+    """``(dim, hidden)`` of the folder's ColBERT projection, the one :func:`load_projection`
+    would load, or None for a folder without one; the same errors. A safetensors file's
+    header is read without torch or the weights: a driver that only needs the model's
+    dimensions (``jobs.embed.describe_model``) does not pay torch's import (~1.2 s and
+    ~200 MB of a job's driver); a pickled ``.bin`` still loads through torch."""
+    shape = _first_projection(d, _read_shape)
+    if shape is None:
+        return None
+    _check_projection_shape(d, shape, hidden)
+    return int(shape[0]), int(shape[1])
 
 
-def _pylate_linear(d: Path) -> "torch.Tensor | None":
-    import torch
-    from safetensors import safe_open
+def _check_projection_shape(d: Path, shape: tuple, hidden: int) -> None:
+    if len(shape) != 2 or shape[1] != hidden:
+        raise ModelError(f"model folder {d}: ColBERT projection has shape {tuple(shape)}, "
+                         f"expected (dim, {hidden})")
 
+
+def projection_sources(d: Path) -> "list[Path]":
+    """The files that may hold a ColBERT projection (key ``linear.weight``), in the order
+    they are searched: the folder's own weights (Stanford ColBERT: safetensors, then
+    ``.bin``), then each PyLate ``Dense`` module of ``modules.json`` (its safetensors, then
+    its ``pytorch_model.bin``)."""
+    found = sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin"))
     for module in _read_json_list(d / "modules.json"):
         if "Dense" not in module.get("type", ""):
             continue
         mdir = d / module.get("path", "")
-        for path in sorted(mdir.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
-                if "linear.weight" in f.keys():
-                    return f.get_tensor("linear.weight")
-        bin_path = mdir / "pytorch_model.bin"
-        if bin_path.is_file():
-            state = torch.load(bin_path, map_location="cpu", weights_only=True)
-            if "linear.weight" in state:
-                return state["linear.weight"]
+        found += sorted(mdir.glob("*.safetensors"))
+        if (mdir / "pytorch_model.bin").is_file():
+            found.append(mdir / "pytorch_model.bin")
+    return found
+
+
+def _first_projection(d: Path, read):
+    """``read(path)`` of the first of :func:`projection_sources` that holds ``linear.weight``."""
+    for path in projection_sources(d):
+        value = read(path)
+        if value is not None:
+            return value
     return None
+
+
+def _read_weight(path: Path) -> "torch.Tensor | None":
+    """``linear.weight`` of one weights file, or None."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("linear.weight") if "linear.weight" in f.keys() else None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("linear.weight") if isinstance(state, dict) else None
+
+
+def _read_shape(path: Path) -> "tuple | None":
+    """The shape of ``linear.weight`` in one weights file, or None; a safetensors file's from
+    its header alone (no torch, no tensor read)."""
+    if path.suffix != ".safetensors":
+        weight = _read_weight(path)
+        return tuple(weight.shape) if weight is not None else None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return tuple(f.get_slice("linear.weight").get_shape()) if "linear.weight" in f.keys() else None
 
 
 def _read_json_list(path: Path) -> list:

@@ -186,14 +186,14 @@ class ModelInfo:
 
 def describe_model(cfg: EmbedConfig) -> ModelInfo:
     """Fingerprint and dimensions of the model, without loading it into torch."""
-    from embedding.model import load_projection
+    from embedding.model import projection_shape
 
     d = check_model_dir(cfg.model)
     settings = cfg.settings(d)
     config = json.loads((d / "config.json").read_text())
     hidden = int(config.get("hidden_size") or config.get("d_model") or config.get("dim"))
-    proj = load_projection(d, hidden)
-    dim = int(proj.out_features) if proj is not None else hidden
+    proj = projection_shape(d, hidden)  # read from the weights' header: this process needs no torch
+    dim = proj[0] if proj is not None else hidden
     if cfg.colbert and dim * cfg.nbits % 8:
         raise ValueError(f"ColBERT dimension {dim} × nbits {cfg.nbits} is not a multiple of 8 bits: "
                          "the residuals can't be byte-packed; choose another --nbits")

@@ -247,3 +247,61 @@ def test_bfloat16_encoder_is_close_to_float32(tiny_model_dir, tiny_colbert_dir):
         for x, y in zip(a.tokens, b.tokens):
             assert x.shape == y.shape and np.all(np.sum(x * y, axis=1) > 0.98)
         assert not np.array_equal(a.dense, b.dense)                  # it did run in bfloat16
+
+
+def _bin_copy(src, dst):
+    """``src`` with its safetensors weights saved as a pickled ``pytorch_model.bin`` instead."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dst)
+    for path in dst.glob("*.safetensors"):
+        torch.save(load_file(str(path)), path.with_name("pytorch_model.bin"))
+        path.unlink()
+    return dst
+
+
+def test_projection_shape_is_the_loaded_projections(tiny_model_dir, tiny_colbert_dir, tiny_pylate_dir, tmp_path):
+    """The driver's torch-free size of a ColBERT projection (``projection_shape``, from the
+    weights' header) is the shape of the layer ``load_projection`` builds, for each layout;
+    a wrong width is the same error in both."""
+    from safetensors.torch import load_file, save_file
+
+    from embedding.model import load_projection, projection_shape
+    from fixtures_models import build_tiny_colbert
+
+    layouts = {"stanford": tiny_colbert_dir, "pylate": tiny_pylate_dir,
+               "stanford .bin": _bin_copy(tiny_colbert_dir, tmp_path / "bin")}
+    for name, d in layouts.items():
+        layer = load_projection(d, 32)
+        assert projection_shape(d, 32) == tuple(layer.weight.shape) == (16, 32), name
+    assert projection_shape(tiny_model_dir, 32) is None and load_projection(tiny_model_dir, 32) is None
+    odd = build_tiny_colbert(tmp_path / "odd")
+    weights = next(odd.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    tensors["linear.weight"] = torch.zeros(16, 24)
+    save_file(tensors, str(weights))
+    for probe in (load_projection, projection_shape):
+        with pytest.raises(ModelError, match=r"projection has shape \(16, 24\), expected \(dim, 32\)"):
+            probe(odd, 32)
+
+
+def test_describing_a_model_imports_no_torch(tiny_colbert_dir, tiny_pylate_dir):
+    """``jobs.embed.describe_model`` (the embed and re-index drivers') reads the projection's
+    size without torch: the dimensions load_model gives, in a process that never imports it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import json, sys
+from jobs.embed import EmbedConfig, describe_model
+dims = [describe_model(EmbedConfig(corpus=("x.jsonl",), model=d, set_name="t")).colbert_dim
+        for d in ({str(tiny_colbert_dir)!r}, {str(tiny_pylate_dir)!r})]
+print(json.dumps({{"dims": dims, "torch": "torch" in sys.modules}}))
+"""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"dims": [16, 16], "torch": False}
+    assert [load_model(d, device="cpu").colbert_dim for d in (tiny_colbert_dir, tiny_pylate_dir)] == [16, 16]
