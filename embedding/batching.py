@@ -7,12 +7,18 @@ import numpy as np
 
 #: Per-batch cost in padded tokens that :class:`embedding.encoder.Encoder` uses on CPU
 #: (``batch_cost="auto"``). A forward pass costs about this many tokens' work besides its
-#: tokens (Python's dispatch of the layers, thread start-up). Measured with me5-small on 2
-#: CPUs, 4,096 Tatoeba sentences in 1,024-text shards (medians of 2 interleaved rounds):
-#: greedy batches 28.2 s, cost 16 22.2 s, cost 32 20.2 s; again: greedy 28.5 s, cost 32
-#: 22.9 s, cost 64 23.3 s. On a GPU, where a small batch is bound by the dispatch and
-#: padding is nearly free, the encoder keeps greedy batches.
-CPU_BATCH_COST = 32
+#: tokens (Python's dispatch of the layers, thread start-up). First measured with me5-small on
+#: 2 AMD cores in float32, 4,096 Tatoeba sentences in 1,024-text shards (medians of 2
+#: interleaved rounds): greedy batches 28.2 s, cost 16 22.2 s, cost 32 20.2 s; again: greedy
+#: 28.5 s, cost 32 22.9 s, cost 64 23.3 s. On 2 Intel cores with AMX in bfloat16 a token
+#: costs ~3x less and a batch's dispatch no less, so the balance moved: 12,837 XQuAD
+#: sentences in 4,096-text shards, bare forward, interleaved rounds, cost 32 35.1 / 34.7 /
+#: 34.5 / 35.4 s, 128 32.6 / 31.0 / 32.4 / 31.7 s (then 35.7 / 35.2 / 35.9 against 31.3 /
+#: 32.6 / 34.1, 256 30.5 / 33.5 / 33.6): 300 batches with 0.5% padding became 233 with 1.3%.
+#: XQuAD paragraphs (209 tokens) in 1,024-text shards: 195 batches, 0.8% padding -> 101, 1.9%.
+#: On a GPU, where a small batch is bound by the dispatch and padding is nearly free, the
+#: encoder keeps greedy batches.
+CPU_BATCH_COST = 128
 
 
 def length_buckets(lengths: np.ndarray, max_batch: int, max_tokens: int,
