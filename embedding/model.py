@@ -484,7 +484,7 @@ def projection_shape(d: Path, hidden: int) -> "tuple[int, int] | None":
     would load, or None for a folder without one; the same errors. A safetensors file's
     header is read without torch or the weights: a driver that only needs the model's
     dimensions (``jobs.embed.describe_model``) does not pay torch's import (~1.2 s and
-    ~200 MB of a job's driver); a pickled ``.bin`` still loads through torch."""
+    ~180 MB of a job's driver); a pickled ``.bin`` still loads through torch."""
     shape = _first_projection(d, _read_shape)
     if shape is None:
         return None

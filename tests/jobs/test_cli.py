@@ -101,7 +101,7 @@ NOISE = ("core_worker.cc", "please provide at least", "Progress bars", "Starting
 def test_clean_embed_prints_only_tesseras_progress(tiny_colbert_dir, tmp_path):
     """A clean run's console; its driver never imports torch (only the workers run the model;
     the ColBERT projection's size comes from the weights file's header), so it runs with torch
-    blocked in the driver (importing it cost a job ~1.2 s and ~200 MB of the driver)."""
+    blocked in the driver (importing it cost a job ~1.2 s and ~180 MB of the driver)."""
     out = tessera("embed", "--corpus", str(SAMPLE), "--model", str(tiny_colbert_dir), "--set", "quiet",
                   cwd=tmp_path, block_torch=True)
     assert out.returncode == 0, out.stderr[-3000:]
