@@ -15,19 +15,18 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "jobs" / "data" / "sample_corpus.jsonl"
 
 
-#: runs the CLI in a process where ``import torch`` fails: a driver that needs no model loads none
-NO_TORCH_SHIM = "import sys; sys.modules['torch'] = None; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
-def tessera(*args: str, cwd: Path, env_extra: "dict | None" = None, block_torch: bool = False
-            ) -> subprocess.CompletedProcess:
-    """``python -m jobs.cli ARGS``; ``block_torch``: through :data:`NO_TORCH_SHIM` (Ray's
-    workers, separate processes, still import it)."""
+def tessera(*args: str, cwd: Path, env_extra: "dict | None" = None, block: "str | None" = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m jobs.cli ARGS``; ``block``: a module whose import fails in this process
+    (``sys.modules[block] = None``; Ray's workers, separate processes, still import it)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", **(env_extra or {})}
     env.pop("RAY_ADDRESS", None)
-    entry = ["-c", NO_TORCH_SHIM] if block_torch else ["-m", "jobs.cli"]
+    entry = ["-m", "jobs.cli"]
+    if block:
+        entry = ["-c", f"import sys; sys.modules[{block!r}] = None; from jobs.cli import main; "
+                       "sys.exit(main(sys.argv[1:]))"]
     return subprocess.run([sys.executable, *entry, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_cli_embed_sets_sql(tiny_model_dir, tmp_path):
@@ -103,7 +102,7 @@ def test_clean_embed_prints_only_tesseras_progress(tiny_colbert_dir, tmp_path):
     the ColBERT projection's size comes from the weights file's header), so it runs with torch
     blocked in the driver (importing it cost a job ~1.2 s and ~180 MB of the driver)."""
     out = tessera("embed", "--corpus", str(SAMPLE), "--model", str(tiny_colbert_dir), "--set", "quiet",
-                  cwd=tmp_path, block_torch=True)
+                  cwd=tmp_path, block="torch")
     assert out.returncode == 0, out.stderr[-3000:]
     for noise in NOISE:
         assert noise not in out.stderr, f"{noise!r} on stderr:\n{out.stderr}"
@@ -119,13 +118,8 @@ def test_clean_embed_prints_only_tesseras_progress(tiny_colbert_dir, tmp_path):
 def test_missing_faiss_names_the_extras(tiny_model_dir, tmp_path):
     """``pip install tessera`` without the cpu/gpu extra: one line naming them, exit 2, nothing
     written; a command that needs no faiss is not refused."""
-    shim = "import sys; sys.modules['faiss'] = None; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", shim, *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        return tessera(*args, cwd=tmp_path, block="faiss", timeout=300)
 
     out = run("embed", "--corpus", str(SAMPLE), "--model", str(tiny_model_dir), "--set", "x")
     assert out.returncode == 2, out.stderr[-2000:]
