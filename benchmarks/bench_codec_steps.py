@@ -24,7 +24,10 @@ Usage (a baseline checkout as the other tree: ``git worktree add /tmp/base <rev>
         --kmeans flat-bf16 --rounds 2 --out benchmarks/results/codec_steps_X.json
 
 ``--encode`` encodes the corpus's texts once (ColBERT tokens, as the job's pass 1) into
-``--cache`` as 4 shard caches; later runs reuse them.
+``--cache`` as 4 shard caches; later runs reuse them. Each shard is written in both formats
+the job's caches have had, Parquet (``part-N.parquet``, before the thirtieth session) and
+Arrow IPC (``part-N.arrow``, ``jobs.sample_cache.write_cache``), and each tree reads the
+files of the format its own ``sample_cache`` names.
 """
 from __future__ import annotations
 
@@ -66,12 +69,12 @@ def encode(args: argparse.Namespace) -> None:
     """The corpus's ColBERT tokens as ``--shards`` codec-sample caches, as pass 1 writes them."""
     sys.path.insert(0, str(REPO))
     import numpy as np
+    import pyarrow.parquet as pq
     import torch
 
     from embedding.encoder import Encoder
     from embedding.model import load_model
-    from jobs.sample_cache import cache_table
-    from storage import schemas
+    from jobs.sample_cache import cache_table, write_cache
     from storage.fs import Location
 
     torch.set_num_threads(args.threads)
@@ -83,8 +86,11 @@ def encode(args: argparse.Namespace) -> None:
     print(f"encoded {len(texts)} texts in {time.perf_counter() - started:.1f} s", flush=True)
     for shard, rows in enumerate(np.array_split(np.arange(len(texts)), args.shards)):
         part = type(out)(None, [out.tokens[i] for i in rows], out.n_tokens[rows], out.truncated[rows])
-        loc = Location(str(Path(args.cache) / f"part-{shard:05d}.parquet"))
-        schemas.write_scratch_table(loc, cache_table(list(range(len(rows))), part))
+        table = cache_table(list(range(len(rows))), part)
+        write_cache(Location(str(Path(args.cache) / f"part-{shard:05d}.arrow")), table)
+        # the format of the caches before (schemas.write_scratch_table, removed with it)
+        pq.write_table(table, str(Path(args.cache) / f"part-{shard:05d}.parquet"), compression="none",
+                       use_dictionary=False, row_group_size=max(1, min(table.num_rows, 8192)))
 
 
 def child(step: str, tree: str, args: argparse.Namespace) -> dict:
@@ -100,7 +106,8 @@ def child(step: str, tree: str, args: argparse.Namespace) -> dict:
     from storage.fs import Location
 
     torch.set_num_threads(args.threads)
-    locs = [Location(str(p)) for p in sorted(Path(args.cache).glob("part-*.parquet"))]
+    suffix = Path(sc.sample_cache(Location(args.cache), 0).url).suffix  # the tree's own cache format
+    locs = [Location(str(p)) for p in sorted(Path(args.cache).glob(f"part-*{suffix}"))]
     time.sleep(args.settle)  # pages freed by the imports go back to the host, as between the job's stages
     started = time.perf_counter()
     if step == "fit":

@@ -33,9 +33,8 @@ from jobs.embed_pool import add_worker_stages, cached_as_tasks, calls_per_actor,
 from jobs.embed_worker import SampleEncoder
 from jobs.failpoints import failpoint
 from jobs.runtime import ActorPlan, arrow_pool, mark_cuda_worker, small_pages
-from jobs.sample_cache import SAMPLE_CACHE, read_sample_tokens, sample_cache
+from jobs.sample_cache import cached_names, read_sample_tokens, sample_cache
 from jobs.timing import Progress, Timings
-from storage import layout
 from storage.corpus import CorpusError, CorpusFile
 from storage.fs import Location
 from storage.manifest import dumps
@@ -65,8 +64,8 @@ def ensure_codec(cfg: EmbedConfig, model: ModelInfo, files: list[CorpusFile], pi
     rows = [{**pieces[s].to_dict(), "rows": json.dumps(r)} for s, r in sorted(plan.items())]
     # A run killed during this pass left the shards it finished in the sample cache:
     # their tokens are read back, never encoded again.
-    cached = {loc.name for loc in vdir.join(SAMPLE_CACHE).glob("*.parquet")}
-    todo = [r for r in rows if layout.shard_name(r["shard"]) not in cached]
+    cached = cached_names(vdir)
+    todo = [r for r in rows if sample_cache(vdir, r["shard"]).name not in cached]
     rows_by_shard = {r["shard"]: r["rows"] for r in rows}
     n_reused = len(rows) - len(todo)
     if n_reused:

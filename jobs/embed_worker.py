@@ -29,7 +29,7 @@ from jobs.embed_augment import ShardAugmenter
 from jobs.failpoints import failpoint
 from jobs.plan import COMPRESS_GROUP_TOKENS, token_groups
 from jobs.runtime import arrow_pool
-from jobs.sample_cache import cache_table, read_cache_and_precision, sample_cache
+from jobs.sample_cache import cache_table, read_cache_and_precision, sample_cache, write_cache
 from storage import layout, schemas
 from storage.augment_queries import AugmentQueryError
 from storage.corpus import ColumnMap, CorpusError, CorpusFile, meta_hashes, read_rows, text_hashes
@@ -441,8 +441,8 @@ class SampleEncoder(EncoderActor):
             enc = self.encoder.encode_documents([texts[o] for o in offsets], dense=self.spec.dense, colbert=True,
                                                 langs=[langs[o] for o in offsets]) if offsets else None
         t0 = time.perf_counter()
-        schemas.write_scratch_table(sample_cache(self.vdir, int(row["shard"])),
-                                    cache_table(offsets, enc, self.lm.precision if enc is not None else None))
+        write_cache(sample_cache(self.vdir, int(row["shard"])),
+                    cache_table(offsets, enc, self.lm.precision if enc is not None else None))
         return json.dumps({"shard": int(row["shard"]), "documents": len(offsets),
                            "write_seconds": round(time.perf_counter() - t0, 3), **span,
                            "seconds": round(time.perf_counter() - start, 3),

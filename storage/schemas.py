@@ -82,19 +82,6 @@ def write_table(loc: Location, table: pa.Table) -> dict:
     return {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def write_scratch_table(loc: Location, table: pa.Table) -> None:
-    """Write ``table`` as Parquet without compression or dictionary pages, encoded straight
-    into the store's file (``Location.write_with``: atomic, never held whole in memory).
-
-    For a job's scratch files of noise-like bytes (the embed job's float16 codec-sample
-    cache: zstd saved ~8% of the bytes for twice the write time). No checksum: nothing
-    publishes them. Streaming them instead of encoding into a growing buffer and copying
-    it out took a 3,200-sentence shard's write from 0.2-0.8 to 0.1-0.3 s in one process.
-    """
-    loc.write_with(lambda f: pq.write_table(table, f, compression="none", use_dictionary=False,
-                                            row_group_size=_row_group_size(table)))
-
-
 def read_table(loc: Location, columns: "list[str] | None" = None) -> pa.Table:
     """Read a Parquet file (only ``columns`` when given), retrying transient store errors.
 

@@ -9,8 +9,7 @@ import numpy as np
 
 from benchmarks.bench_codec_steps import main
 from embedding.vectors import DocumentVectors
-from jobs.sample_cache import cache_table
-from storage import schemas
+from jobs.sample_cache import cache_table, write_cache
 from storage.fs import Location
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,8 +21,7 @@ def test_two_trees_time_both_steps_and_agree(tmp_path):
     for shard in range(2):
         tokens = [rng.standard_normal((n, DIM)).astype(np.float32) for n in rng.integers(1, 30, 40)]
         enc = DocumentVectors(None, tokens, np.array([len(t) for t in tokens], np.int32), np.zeros(40, bool))
-        schemas.write_scratch_table(Location(str(tmp_path / "cache" / f"part-{shard:05d}.parquet")),
-                                    cache_table(list(range(40)), enc))
+        write_cache(Location(str(tmp_path / "cache" / f"part-{shard:05d}.arrow")), cache_table(list(range(40)), enc))
     out = tmp_path / "steps.json"
     assert main(["--cache", str(tmp_path / "cache"), "--trees", str(REPO), str(REPO), "--kmeans", "flat",
                  "--nbits", "2", "--dim", str(DIM), "--rounds", "1", "--threads", "1", "--settle", "0",

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import jobs.sample_cache as sample_cache
 from embedding.codec import ResidualCodec
 from fixtures_models import build_tiny_model
 from jobs.embed import EmbedConfig, Unchanged, run
@@ -413,13 +414,13 @@ def test_kill_during_or_after_the_codec_sample_pass_encodes_the_sample_once(ray_
     with pytest.raises(Exception, match="failpoint embed.sample=2"):
         run(cfg)
     cache = root / "sets" / "t" / "v000001" / "_sample"
-    first = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.parquet")}
-    assert {"part-00000.parquet", "part-00001.parquet"} <= set(first) and "part-00002.parquet" not in first
+    first = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.arrow")}
+    assert {"part-00000.arrow", "part-00001.arrow"} <= set(first) and "part-00002.arrow" not in first
 
     monkeypatch.setenv("TESSERA_FAILPOINTS", "embed.codec_fit=1")     # dies after the sample pass
     with pytest.raises(Exception, match="failpoint embed.codec_fit=1"):
         run(cfg)
-    after = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.parquet")}
+    after = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.arrow")}
     assert len(after) == 4 and all(after[name] == t for name, t in first.items())  # not re-encoded
 
     monkeypatch.delenv("TESSERA_FAILPOINTS")
@@ -445,14 +446,19 @@ def test_the_driver_never_reads_the_codec_sample(ray_local, tiny_model_dir, tmp_
     """The sample's token vectors go from the actors' cache to the k-means worker: the
     driver holds ids and the codec bytes only (it used to gather the whole sample)."""
     read_in_driver = []
-    original = schemas.read_table
 
-    def spy(loc, *args, **kwargs):
-        if "_sample" in str(loc):
-            read_in_driver.append(str(loc))
-        return original(loc, *args, **kwargs)
+    def spying(original):
+        def spy(loc, *args, **kwargs):
+            if "_sample" in str(loc):
+                read_in_driver.append(str(loc))
+            return original(loc, *args, **kwargs)
+        return spy
 
-    monkeypatch.setattr(schemas, "read_table", spy)
+    # every read of a cache file: whole (read_cache_table, under read_cache, read_cache_tokens,
+    # read_sample_tokens) or its footer (cache_metadata); and any Parquet read
+    for module, name in ((sample_cache, "read_cache_table"), (sample_cache, "cache_metadata"),
+                         (schemas, "read_table")):
+        monkeypatch.setattr(module, name, spying(getattr(module, name)))
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(40))
     manifest = run(_cfg(corpus, tiny_model_dir, tmp_path / "s", mode="both"))
     assert read_in_driver == []
