@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from benchmarks.bench_embed import parse_args, time_reference
+from benchmarks.bench_embed import REPO, into_tree, parse_args, time_reference
 
 TEXTS = [f"document {i} about {'cats' if i % 2 else 'the weather in Paris'}" * (1 + i % 3) for i in range(23)]
 
@@ -47,3 +47,15 @@ def test_reference_in_defaults_to_a_child():
     assert parse_args(base + ["--reference-in", "driver"]).reference_in == "driver"
     with pytest.raises(SystemExit):
         parse_args(base + ["--reference-in", "thread"])
+
+
+def test_the_benchmark_runs_from_its_own_tree(tmp_path, monkeypatch):
+    """Ray's workers import from the driver's working directory: the benchmark moves into its
+    own tree, with its path arguments made absolute first, so an A/B of two worktrees started
+    from one directory runs each tree's code in the job's workers too."""
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(["--xquad-sentences", "data/xquad", "--model", "~/m", "--out", "r.json"])
+    into_tree(args)
+    assert os.getcwd() == str(REPO) and (REPO / "jobs" / "embed.py").exists()
+    assert args.xquad_sentences == str(tmp_path / "data" / "xquad") and args.out == str(tmp_path / "r.json")
+    assert args.model == os.path.expanduser("~/m") and args.tatoeba is None
