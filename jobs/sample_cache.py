@@ -192,7 +192,8 @@ def read_sample_tokens(locs: "list[Location]", dim: int) -> np.ndarray:
     Each file's count comes from its footer (:data:`TOKEN_COUNT_KEY`), so the vectors are
     read one file at a time straight into the result, not gathered as per-shard arrays
     and concatenated (at 507k tokens that was ~0.4 GB more of fresh memory in the fit
-    task); a cache without the count (written by an older version) is concatenated.
+    task); a file without the count (not one :func:`cache_table` built: an older version's
+    caches were Parquet, which this version does not read) is concatenated.
     """
     counts = [_token_count(loc) for loc in locs]
     if any(n is None for n in counts):

@@ -61,7 +61,7 @@ def test_cache_records_the_encoder_s_precision(tmp_path):
     vdir = Location(str(tmp_path / "v1"))
     write_cache(sample_cache(vdir, 0), cache_table([0, 1], _encodings([2, 3], True), "bfloat16"))
     write_cache(sample_cache(vdir, 1), cache_table([], None, "float32"))
-    write_cache(sample_cache(vdir, 2), cache_table([0], _encodings([1], True)))  # an older cache
+    write_cache(sample_cache(vdir, 2), cache_table([0], _encodings([1], True)))  # none recorded
     assert [sc.read_cache_and_precision(sample_cache(vdir, s), DIM)[1] for s in range(3)] == [
         "bfloat16", "float32", None]
     rows, _ = sc.read_cache_and_precision(sample_cache(vdir, 0), DIM)
@@ -99,7 +99,7 @@ def test_the_fit_reads_every_shard_into_one_array_in_order(tmp_path):
 def test_a_cache_without_its_count_is_read_and_concatenated(tmp_path):
     vdir = Location(str(tmp_path / "v1"))
     locs = _write_caches(vdir, {0: [2, 3], 1: [4]})
-    old = read_cache_table(locs[1])  # as an older version wrote it: no count in the footer
+    old = read_cache_table(locs[1])  # a file without the count in its footer
     write_cache(locs[1], old.replace_schema_metadata(None))
     expected = np.concatenate([read_cache_tokens(loc, DIM) for loc in locs])
     np.testing.assert_array_equal(read_sample_tokens(locs, DIM), expected)
