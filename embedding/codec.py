@@ -14,11 +14,11 @@ prefix of the dimensions is therefore a prefix of the bytes whenever
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import math
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -61,22 +61,62 @@ def content_keys(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
     return _hashed_rows(vectors, seed)
 
 
+#: rows per block of :func:`_hashed_rows`: its ``(rows, dim / 4)`` uint64 temporaries stay
+#: in a core's L2 cache (8,192-row blocks: 0.89 s against 0.73 for 507k x 384 tokens without torch)
+_HASH_ROWS = 512
+#: splitmix64's finalizer constants (:func:`_mix64`) and the hash's domain in its seed sequence
+_MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+_HASH_DOMAIN = 0xC0DEC5EED
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, in place on a ``uint64`` array: every output bit depends on
+    every input bit."""
+    h ^= h >> np.uint64(30)
+    h *= _MIX[0]
+    h ^= h >> np.uint64(27)
+    h *= _MIX[1]
+    h ^= h >> np.uint64(31)
+    return h
+
+
 def _hashed_rows(vectors: np.ndarray, seed: int, scale: "np.ndarray | None" = None) -> np.ndarray:
     """:func:`content_keys` of ``vectors``, or of ``vectors / scale`` (float32, ``scale``
-    ``(n, 1)``) without that quotient's full-size array (:func:`_split_heldout`)."""
-    salt = int(seed).to_bytes(8, "little", signed=True)
-    out = np.empty(len(vectors), dtype=np.uint64)
-    # Rows cast to float16 a block at a time: one small buffer instead of a float16 copy of
-    # the whole sample, whose fresh pages cost more than the cast (507k x 384 tokens: ~3 s
-    # of a fit's ~15 s outside k-means on 2 CPUs).
-    for block in _row_batches(len(vectors), _BLOCK_ROWS):
-        rows = vectors[block] if scale is None else _float32(vectors[block]) / scale[block]
-        rows = np.ascontiguousarray(rows, dtype=np.float16)
-        records = rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).reshape(len(rows))
-        out[block] = np.fromiter(
-            (int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8, salt=salt).digest(), "little")
-             for r in records),
-            dtype=np.uint64, count=len(rows))
+    ``(n, 1)``) without that quotient's full-size array (:func:`_split_heldout`).
+
+    Each row cast to float16 and zero-padded to whole 64-bit words; each word ``w`` (four
+    float16 lanes) becomes ``g(w) = p ^ (p >> 32)`` with ``p = w * m`` (mod 2**64, ``m`` an
+    odd multiplier per word position drawn from ``seed``): a bijection of the word, so two
+    rows that differ in one word never collide. The key is splitmix64's finalizer of the
+    words' sum mod 2**64 xor a word of the seed. Vectorised over a block of rows: the
+    keys of a fit's 507k x 384 normalised tokens in 0.28 s on one core, 1.52 s with a
+    blake2b digest a row (until the thirty-first session). A fit's order and split are as
+    pseudo-random as before but not the same draw: a codec fitted before differs from one
+    fitted now in which rows start k-means and which are held out."""
+    n, dim = vectors.shape
+    words = -(-dim // 4)
+    seed64 = int(seed) % 2**64
+    rng = np.random.default_rng(np.random.SeedSequence([_HASH_DOMAIN, seed64]))
+    mult = rng.integers(0, 2**63, size=words, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    start = _mix64(np.array([seed64], dtype=np.uint64))[0]
+    buf = np.zeros((min(_HASH_ROWS, n), 4 * words), dtype=np.float16)
+    out = np.empty(n, dtype=np.uint64)
+    torch = sys.modules.get("torch") if scale is not None else None
+    with warnings.catch_warnings():
+        # torch.from_numpy warns of a read-only array (a memory-mapped sample); it is only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for block in _row_batches(n, _HASH_ROWS):
+            lanes = buf[:block.stop - block.start]
+            if torch is not None:  # the quotient and its float16 rounding as numpy's, ~3x faster
+                rows = torch.from_numpy(np.ascontiguousarray(vectors[block])).float()
+                torch.from_numpy(lanes)[:, :dim].copy_(torch.div(rows, torch.from_numpy(scale[block])))
+            else:
+                lanes[:, :dim] = vectors[block] if scale is None else _float32(vectors[block]) / scale[block]
+            p = lanes.view(np.uint64) * mult
+            p ^= p >> np.uint64(32)
+            h = p.sum(axis=1, dtype=np.uint64)
+            h ^= start
+            out[block] = _mix64(h)
     return out
 
 
