@@ -102,21 +102,18 @@ def _hashed_rows(vectors: np.ndarray, seed: int, scale: "np.ndarray | None" = No
     buf = np.zeros((min(_HASH_ROWS, n), 4 * words), dtype=np.float16)
     out = np.empty(n, dtype=np.uint64)
     torch = sys.modules.get("torch") if scale is not None else None
-    with warnings.catch_warnings():
-        # torch.from_numpy warns of a read-only array (a memory-mapped sample); it is only read
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for block in _row_batches(n, _HASH_ROWS):
-            lanes = buf[:block.stop - block.start]
-            if torch is not None:  # the quotient and its float16 rounding as numpy's, ~3x faster
-                rows = torch.from_numpy(np.ascontiguousarray(vectors[block])).float()
-                torch.from_numpy(lanes)[:, :dim].copy_(torch.div(rows, torch.from_numpy(scale[block])))
-            else:
-                lanes[:, :dim] = vectors[block] if scale is None else _float32(vectors[block]) / scale[block]
-            p = lanes.view(np.uint64) * mult
-            p ^= p >> np.uint64(32)
-            h = p.sum(axis=1, dtype=np.uint64)
-            h ^= start
-            out[block] = _mix64(h)
+    for block in _row_batches(n, _HASH_ROWS):
+        lanes = buf[:block.stop - block.start]
+        if torch is not None:  # the quotient and its float16 rounding as numpy's, ~3x faster
+            rows = _tensor_to_read(torch, np.ascontiguousarray(vectors[block])).float()
+            torch.from_numpy(lanes)[:, :dim].copy_(torch.div(rows, torch.from_numpy(scale[block])))
+        else:
+            lanes[:, :dim] = vectors[block] if scale is None else _float32(vectors[block]) / scale[block]
+        p = lanes.view(np.uint64) * mult
+        p ^= p >> np.uint64(32)
+        h = p.sum(axis=1, dtype=np.uint64)
+        h ^= start
+        out[block] = _mix64(h)
     return out
 
 
@@ -269,8 +266,17 @@ def _float32(a: np.ndarray) -> np.ndarray:
     (0.41 against 2.7 ms on 2 AMX cores; a 507k-token fit converts its sample ~4 times)."""
     torch = sys.modules.get("torch")
     if torch is not None and a.dtype == np.float16 and a.ndim == 2:
-        return torch.from_numpy(np.ascontiguousarray(a)).float().numpy()
+        return _tensor_to_read(torch, np.ascontiguousarray(a)).float().numpy()
     return np.asarray(a, np.float32)
+
+
+def _tensor_to_read(torch, a: np.ndarray):
+    """``torch.from_numpy(a)`` for a tensor that is only read, without torch's warning
+    where ``a`` is read-only (pass 2's memory-mapped sample cache: the warning reached the
+    job's console)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
 
 
 def _row_norms(x: np.ndarray) -> np.ndarray:
@@ -334,7 +340,7 @@ def _checked_vectors(vectors: np.ndarray, dim: int | None, name: str, finite: bo
     if not finite:
         return vectors
     if vectors.dtype == np.float16:  # finite as float16 is finite as float32: no conversion
-        ok = all(np.isfinite(vectors[block]).all() for block in _row_batches(len(vectors), _BLOCK_ROWS))
+        ok = all(_finite_half(vectors[block]) for block in _row_batches(len(vectors), _BLOCK_ROWS))
     else:
         with np.errstate(over="ignore"):  # a float64 value past float32's range is not finite as float32
             ok = all(np.isfinite(np.asarray(vectors[block], np.float32)).all()
@@ -342,6 +348,13 @@ def _checked_vectors(vectors: np.ndarray, dim: int | None, name: str, finite: bo
     if not ok:
         raise ValueError(f"{name} contains NaN or infinite values")
     return vectors
+
+
+def _finite_half(x: np.ndarray) -> bool:
+    """Whether every value of a float16 array is finite: its bits without the sign stay
+    below 0x7C00 (an all-ones exponent is an infinity or a NaN). ~3x faster than
+    ``np.isfinite``, which converts each half to float (507k x 384 tokens: 0.07 s against 0.23)."""
+    return not x.size or int(np.bitwise_and(x.view(np.uint16), np.uint16(0x7FFF)).max()) < 0x7C00
 
 
 def _bucketize(values: np.ndarray, cutoffs: np.ndarray) -> np.ndarray:
@@ -1038,6 +1051,16 @@ def _normalized_rows(x: np.ndarray, rows: np.ndarray, scale: np.ndarray) -> np.n
     """``x[rows] / scale[rows]`` as one float32 array (``scale`` ``(n, 1)`` float32), gathered
     a block at a time: :func:`_l2_normalize`'s values for ``scale`` the clamped norms."""
     out = np.empty((len(rows), x.shape[1]), dtype=np.float32)
+    torch = sys.modules.get("torch")
+    if torch is not None and x.dtype in (np.float16, np.float32) and all(st > 0 for st in x.strides):
+        # the same quotients through torch where the process has it (a bfloat16 fit): its row
+        # gather and conversion 2x faster (a 507k-token fit's two parts: 0.28 s against 0.6)
+        xt, st, ot = _tensor_to_read(torch, x), torch.from_numpy(scale), torch.from_numpy(out)
+        at = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        for block in _row_batches(len(rows), _BLOCK_ROWS):
+            idx = at[block]
+            torch.div(xt.index_select(0, idx).float(), st.index_select(0, idx), out=ot[block])
+        return out
     for block in _row_batches(len(rows), _BLOCK_ROWS):
         idx = rows[block]
         np.divide(_float32(x[idx]), scale[idx], out=out[block])
@@ -1404,7 +1427,7 @@ class ResidualCodec:
             self._torch_arrays[device] = cached
         centroids, cutoffs = cached
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
+            x = _tensor_to_read(torch, np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
             x = x / x.norm(dim=1, keepdim=True).clamp_min(np.finfo(np.float32).tiny)
             codes = _torch_nearest_centroids(centroids, x, _SCORE_BUDGET)
             residual = x - centroids[codes]
