@@ -11,9 +11,9 @@ back by the same version of the code, where Parquet's encoding only cost time. A
 is memory-mapped and its columns are read in place, without a copy: the fit task's read of
 all 507k token vectors of 12,837 XQuAD sentences (390 MB of float16) took 0.20 s against
 1.4-1.6 s from Parquet, pass 2's reads of its four shards 0.19 s against 1.2 s (fresh
-processes, Arrow's system allocator as in the job). An
-``s3://`` file is read into memory once. A cache that an older version left as Parquet
-(``.parquet``) is not read: a resumed run encodes that shard again.
+processes, Arrow's system allocator as in the job). An ``s3://`` file is read into
+memory once, the fit's read without the dense column. A cache that an older version left
+as Parquet (``.parquet``) is not read: a resumed run encodes that shard again.
 """
 from __future__ import annotations
 
@@ -64,21 +64,31 @@ def write_cache(loc: Location, table: pa.Table) -> None:
     loc.write_with(fill)
 
 
-def read_cache_table(loc: Location, columns: "list[str] | None" = None) -> pa.Table:
+def read_cache_table(loc: Location, columns: "list[str] | None" = None,
+                     schema: "pa.Schema | None" = None) -> pa.Table:
     """One shard's cache as written (``columns`` only, when given): a local file
     memory-mapped, its columns in place (no copy; the arrays are read-only); an ``s3://``
-    file's batches read into memory. A file that is not a whole Arrow IPC file raises
-    ValueError naming it."""
-    table = _with_reader(loc, lambda reader: reader.read_all())
+    file's batches read into memory, only ``columns``' buffers when given (the fit's read
+    of the tokens downloads no dense vectors). ``schema``, the file's (:func:`cache_schema`),
+    spares an ``s3://`` read of ``columns`` a second read of the footer. A file that is not
+    a whole Arrow IPC file raises ValueError naming it."""
+    fields = None
+    if columns is not None and loc.is_remote:
+        names = (schema if schema is not None else cache_schema(loc)).names
+        fields = [names.index(c) for c in columns if c in names]  # a missing one: select's KeyError
+    table = _with_reader(loc, lambda reader: reader.read_all(), fields)
     return table.select(columns) if columns is not None else table
 
 
-def _with_reader(loc: Location, use: "Callable[[pa.ipc.RecordBatchFileReader], T]") -> "T":
-    """``use(reader)`` of the cache file at ``loc``, retrying transient store errors."""
+def _with_reader(loc: Location, use: "Callable[[pa.ipc.RecordBatchFileReader], T]",
+                 fields: "list[int] | None" = None) -> "T":
+    """``use(reader)`` of the cache file at ``loc``, retrying transient store errors; an
+    ``s3://`` file's reader reads only the columns numbered ``fields`` where given."""
     def read() -> "T":
         if loc.is_remote:
-            with loc.open("rb") as f:  # ranged reads: the footer, then each batch's body
-                return use(pa.ipc.open_file(f))
+            options = pa.ipc.IpcReadOptions(included_fields=fields) if fields is not None else None
+            with loc.open("rb") as f:  # ranged reads: the footer, then each batch's bodies
+                return use(pa.ipc.open_file(f, options=options))
         # the buffers read keep the mapping after the file is closed
         with pa.memory_map(loc.path) as source:
             return use(pa.ipc.open_file(source))
@@ -178,9 +188,10 @@ def _one_array(column: pa.ChunkedArray) -> pa.Array:
     return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
-def read_cache_tokens(loc: Location, dim: int) -> np.ndarray:
-    """Every token vector of one shard's sample cache, ``(t, dim)`` float16."""
-    col = read_cache_table(loc, columns=["tokens"]).column("tokens")
+def read_cache_tokens(loc: Location, dim: int, schema: "pa.Schema | None" = None) -> np.ndarray:
+    """Every token vector of one shard's sample cache, ``(t, dim)`` float16 (``schema``:
+    :func:`read_cache_table`'s)."""
+    col = read_cache_table(loc, columns=["tokens"], schema=schema).column("tokens")
     if not len(col):
         return np.zeros((0, dim), np.float16)
     return _binary_rows(col, np.float16)[0].reshape(-1, dim)
@@ -195,14 +206,15 @@ def read_sample_tokens(locs: "list[Location]", dim: int) -> np.ndarray:
     task); a file without the count (not one :func:`cache_table` built: an older version's
     caches were Parquet, which this version does not read) is concatenated.
     """
-    counts = [_token_count(loc) for loc in locs]
+    schemas = [cache_schema(loc) for loc in locs]
+    counts = [_token_count(schema.metadata or {}) for schema in schemas]
     if any(n is None for n in counts):
-        chunks = [read_cache_tokens(loc, dim) for loc in locs]
+        chunks = [read_cache_tokens(loc, dim, schema) for loc, schema in zip(locs, schemas)]
         return np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float16)
     out = np.empty((sum(counts), dim), np.float16)
     start = 0
-    for loc, n in zip(locs, counts):
-        chunk = read_cache_tokens(loc, dim)
+    for loc, schema, n in zip(locs, schemas, counts):
+        chunk = read_cache_tokens(loc, dim, schema)
         if len(chunk) != n:
             raise ValueError(f"{loc.url}: the codec-sample cache's footer says {n} token vectors, "
                              f"it holds {len(chunk)}")
@@ -211,13 +223,19 @@ def read_sample_tokens(locs: "list[Location]", dim: int) -> np.ndarray:
     return out
 
 
+def cache_schema(loc: Location) -> pa.Schema:
+    """A cache file's schema, with its metadata (:data:`TOKEN_COUNT_KEY`,
+    :data:`PRECISION_KEY`), from its footer alone: an ``s3://`` file's vectors are not
+    downloaded for it."""
+    return _with_reader(loc, lambda reader: reader.schema)
+
+
 def cache_metadata(loc: Location) -> dict:
-    """A cache file's schema metadata (:data:`TOKEN_COUNT_KEY`, :data:`PRECISION_KEY`), from its
-    footer alone: an ``s3://`` file's vectors are not downloaded for it."""
-    return _with_reader(loc, lambda reader: reader.schema.metadata) or {}
+    """A cache file's schema metadata (:func:`cache_schema`'s)."""
+    return cache_schema(loc).metadata or {}
 
 
-def _token_count(loc: Location) -> "int | None":
-    """:data:`TOKEN_COUNT_KEY` of a cache file's footer; None when it has none."""
-    value = cache_metadata(loc).get(TOKEN_COUNT_KEY)
+def _token_count(metadata: dict) -> "int | None":
+    """:data:`TOKEN_COUNT_KEY` of a cache file's metadata; None when it has none."""
+    value = metadata.get(TOKEN_COUNT_KEY)
     return int(value) if value is not None else None

@@ -168,3 +168,34 @@ def test_caches_on_s3_round_trip(s3_bucket):
     rows, precision = sc.read_cache_and_precision(locs[2], DIM)
     np.testing.assert_array_equal(rows[0][1], _encodings([4], seed=2).tokens[0].astype(np.float16))
     assert precision is None
+
+
+def test_the_fit_downloads_no_dense_vectors_from_s3(s3_bucket, monkeypatch):
+    """On s3 the fit's read takes the token vectors' buffers only (ranged reads of the
+    columns it names), not the dense vectors beside them: here 40 wide dense vectors a
+    document against its few tokens, so a read of the whole file would be ~5x larger."""
+    vdir = Location(f"{s3_bucket}/sets/s/v000001")
+    rng = np.random.default_rng(0)
+    lengths = [2, 3, 1, 4] * 10
+    enc = DocumentVectors(rng.standard_normal((len(lengths), 400)).astype(np.float32),
+                          [rng.standard_normal((n, DIM)).astype(np.float32) for n in lengths],
+                          np.array(lengths, np.int32), np.zeros(len(lengths), bool))
+    loc = sample_cache(vdir, 0)
+    write_cache(loc, cache_table(list(range(len(lengths))), enc))
+    downloaded = []
+    opened = Location.open
+
+    def counting(self, mode="rb"):
+        f = opened(self, mode)
+        read = f.read
+        f.read = lambda *a: downloaded.append(len(data := read(*a))) or data
+        return f
+
+    monkeypatch.setattr(Location, "open", counting)
+    np.testing.assert_array_equal(read_sample_tokens([loc], DIM), np.concatenate(enc.tokens).astype(np.float16))
+    dense_bytes, token_bytes = enc.dense.nbytes, sum(t.size for t in enc.tokens) * 2
+    assert token_bytes <= sum(downloaded) < dense_bytes / 2, (sum(downloaded), dense_bytes, loc.size())
+    downloaded.clear()
+    rows = read_cache(loc, DIM)                    # pass 2 reads the whole file, dense vectors too
+    np.testing.assert_array_equal(rows[5][0], enc.dense[5])
+    assert sum(downloaded) > dense_bytes
