@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 
 #: Marks the processes of a local Ray started by ``init_ray`` (see jobs/watchdog.py).
 OWNER_ENV = "TESSERA_LOCAL_RAY"
+#: The folder Tessera's packages are imported from: the repository for an editable install,
+#: ``site-packages`` for a wheel. ``ray.init`` runs from it (:func:`code_root_cwd`).
+CODE_ROOT = str(Path(__file__).resolve().parents[1])
 #: The watchdogs this process started. They run until it exits, so their Popen objects are
 #: kept for as long (a dropped one warns "subprocess ... is still running").
 _WATCHDOGS: "list[subprocess.Popen]" = []
@@ -63,6 +66,35 @@ def handle_interrupts() -> None:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def code_root_cwd() -> Iterator[None]:
+    """Inside: the working directory is :data:`CODE_ROOT`; after it, what it was.
+
+    Ray puts the driver's working directory at ``ray.init`` first on every worker's
+    ``sys.path`` (and a local Ray's processes start in it), ahead of the installed packages.
+    Tessera's top-level packages have common names (``jobs``, ``storage``, ``embedding``,
+    ``indexing``): run from a folder that holds a ``storage.py`` or a ``jobs/`` package of the
+    user's own, the workers imported those instead of Tessera's (the job failed with the
+    user's module's error, or ran other code), and a checkout's worktree ran another
+    checkout's code in its workers (the twenty-ninth session's A/B). From :data:`CODE_ROOT`
+    the workers import the code the driver runs. Every path a worker is given is absolute
+    (``storage.fs.Location`` resolves local ones in the driver); a relative ``$RAY_TMPDIR``
+    is made absolute first, as Ray would have read it."""
+    try:
+        before = os.getcwd()
+    except OSError:  # a deleted working directory: nothing to go back to
+        before = None
+    tmpdir = os.environ.get("RAY_TMPDIR")
+    if tmpdir and not os.path.isabs(tmpdir) and before is not None:
+        os.environ["RAY_TMPDIR"] = os.path.join(before, tmpdir)
+    os.chdir(CODE_ROOT)
+    try:
+        yield
+    finally:
+        if before is not None:
+            os.chdir(before)
+
+
 def init_ray(num_cpus: "int | None" = None) -> None:
     """Join ``$RAY_ADDRESS`` if set, else start a local Ray; no-op when already connected.
 
@@ -87,7 +119,8 @@ def init_ray(num_cpus: "int | None" = None) -> None:
     try:
         if address:
             logger.info("connecting to the Ray cluster at %s", address)
-            ray.init(address=address, log_to_driver=True, logging_level=level)
+            with code_root_cwd():
+                ray.init(address=address, log_to_driver=True, logging_level=level)
         else:
             cpus = num_cpus or os.cpu_count() or 1
             # Ray starts workers at nice 15. Here the actors are the job's critical path (the
@@ -105,7 +138,8 @@ def init_ray(num_cpus: "int | None" = None) -> None:
             if token:
                 os.environ[OWNER_ENV] = token
             try:
-                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, logging_level=level)
+                with code_root_cwd():
+                    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, logging_level=level)
             finally:
                 os.environ.pop(OWNER_ENV, None)
     except SystemExit as err:  # Ray's own SIGTERM handler, while ray.init ran

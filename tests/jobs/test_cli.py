@@ -90,6 +90,26 @@ def test_cli_bad_input_is_a_clear_error(tiny_model_dir, tmp_path):
     assert sql.returncode == 2 and "SQL error" in sql.stderr
 
 
+def test_a_working_directory_with_its_own_jobs_or_storage_module_is_not_imported_by_the_workers(
+        tiny_colbert_dir, tmp_path):
+    """Ray puts the driver's working directory first on its workers' ``sys.path``: run from a
+    folder with a ``storage.py`` and a ``jobs`` package of the user's own, the workers imported
+    those (the job failed with their ImportError). The driver here as the installed console
+    script runs it: Tessera from ``$PYTHONPATH``, not from the working directory."""
+    (tmp_path / "storage.py").write_text("raise ImportError('the user s own storage.py was imported')\n")
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "__init__.py").write_text("raise ImportError('the user s own jobs package was imported')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    script = "import sys; del sys.path[0]; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", script, "embed", "--corpus", str(SAMPLE), "--model",
+                          str(tiny_colbert_dir), "--set", "mine", "--root", "data"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "was imported" not in out.stderr
+    assert (tmp_path / "data" / "sets" / "mine" / "CURRENT").exists()        # relative to where it ran
+
+
 #: what a clean run must not print (issue 14, item 8): Ray's and Ray Data's INFO lines, Ray's
 #: core_worker.cc error about actor constructor arguments, faiss's training-size warning,
 #: setuptools' and Ray's deprecation warnings

@@ -1,6 +1,9 @@
 """Invariants of the pure planners: shards cover every row once; the codec sample."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -213,3 +216,21 @@ def test_pass_two_compression_shared_by_threads_gives_the_same_bytes(monkeypatch
     assert np.array_equal(shared[0], whole[0]) and np.array_equal(shared[1], whole[1])
     assert shared[2] == pytest.approx(whole[2], rel=1e-12) and alone[2] == whole[2]
     assert Counted.runs == len(worker.token_groups([len(d) for d in docs], 500)) - 1 > 10  # on the pool
+
+
+def test_ray_init_runs_from_the_code_root_and_the_working_directory_comes_back(tmp_path, monkeypatch):
+    """init_ray calls ray.init inside code_root_cwd: Ray's workers then put the folder Tessera is
+    imported from, not the user's working directory, first on their sys.path."""
+    import jobs
+    from jobs.runtime import CODE_ROOT, code_root_cwd
+
+    assert Path(jobs.__file__).resolve().parent.parent == Path(CODE_ROOT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_TMPDIR", "ray-tmp")                 # relative: as Ray would have read it here
+    with code_root_cwd():
+        assert os.getcwd() == CODE_ROOT
+        assert os.environ["RAY_TMPDIR"] == str(tmp_path / "ray-tmp")
+    assert os.getcwd() == str(tmp_path)
+    with pytest.raises(RuntimeError), code_root_cwd():
+        raise RuntimeError("ray.init failed")
+    assert os.getcwd() == str(tmp_path)
