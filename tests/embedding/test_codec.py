@@ -406,25 +406,32 @@ def test_a_float16_sample_fits_as_its_float32_copy():
         assert np.array_equal(x, y)
 
 
+def _in_fresh_python(tmp_path, script: str, *flags: str):
+    """``(sample, process)``: ``script`` run by a fresh interpreter (``flags`` first) from the
+    repository's root, ``sys.argv[1]`` the path of ``sample``, 3,000 clustered float16 rows."""
+    import subprocess
+    from pathlib import Path
+
+    half = _clustered(3000, 16, 40, 0.5, seed=3).astype(np.float16)
+    np.save(tmp_path / "x.npy", half)
+    return half, subprocess.run([sys.executable, *flags, "-c", script, str(tmp_path / "x.npy")], capture_output=True,
+                                cwd=Path(__file__).resolve().parents[2], timeout=120)
+
+
 def test_a_fit_is_the_same_with_and_without_torch(tmp_path):
     """The held-out split's content keys and normalised rows go through torch where the
     process has imported it and numpy elsewhere (a faiss fit need not import torch): the
     same codec, bit for bit, either way."""
-    import subprocess
-    from pathlib import Path
-
     import torch  # noqa: F401  (this process's fit takes torch's paths)
 
-    half = _clustered(3000, 16, 40, 0.5, seed=3).astype(np.float16)
-    np.save(tmp_path / "x.npy", half)
-    script = ("import sys, numpy as np\n"
-              "from embedding.codec import ResidualCodec\n"
-              "codec = ResidualCodec.fit(np.load(sys.argv[1]), 2, 32, seed=5, niter=3, kmeans='flat')\n"
-              "assert 'torch' not in sys.modules\n"
-              "sys.stdout.buffer.write(codec.to_bytes())\n")
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.npy")], check=True, capture_output=True,
-                         cwd=Path(__file__).resolve().parents[2], timeout=120).stdout
-    assert ResidualCodec.fit(half, 2, 32, seed=5, niter=3, kmeans="flat").to_bytes() == out
+    half, out = _in_fresh_python(tmp_path, "import sys, numpy as np\n"
+                                 "from embedding.codec import ResidualCodec\n"
+                                 "x = np.load(sys.argv[1])\n"
+                                 "codec = ResidualCodec.fit(x, 2, 32, seed=5, niter=3, kmeans='flat')\n"
+                                 "assert 'torch' not in sys.modules\n"
+                                 "sys.stdout.buffer.write(codec.to_bytes())\n")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ResidualCodec.fit(half, 2, 32, seed=5, niter=3, kmeans="flat").to_bytes() == out.stdout
 
 
 def test_read_only_float16_rows_pass_through_torch_without_a_warning(tmp_path):
@@ -432,20 +439,13 @@ def test_read_only_float16_rows_pass_through_torch_without_a_warning(tmp_path):
     torch's warning about non-writable arrays reached the job's console. In a fresh process
     (torch warns once a process) with warnings as errors: a fit and a compression of
     read-only float16 rows, through torch's paths."""
-    import subprocess
-    from pathlib import Path
-
-    half = _clustered(3000, 16, 40, 0.5, seed=3).astype(np.float16)
-    np.save(tmp_path / "x.npy", half)
-    script = ("import sys, numpy as np, torch\n"
-              "from embedding.codec import ResidualCodec\n"
-              "x = np.load(sys.argv[1], mmap_mode='r')\n"
-              "assert not x.flags.writeable\n"
-              "codec = ResidualCodec.fit(x, 2, 32, seed=5, niter=3)\n"
-              "codec.compress_with_residual_sum([x[:1000], x[1000:]])\n"
-              "codec.compress_with_residual_sum(x[:5])\n")
-    out = subprocess.run([sys.executable, "-W", "error", "-c", script, str(tmp_path / "x.npy")], capture_output=True,
-                         text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    _, out = _in_fresh_python(tmp_path, "import sys, numpy as np, torch\n"
+                              "from embedding.codec import ResidualCodec\n"
+                              "x = np.load(sys.argv[1], mmap_mode='r')\n"
+                              "assert not x.flags.writeable\n"
+                              "codec = ResidualCodec.fit(x, 2, 32, seed=5, niter=3)\n"
+                              "codec.compress_with_residual_sum([x[:1000], x[1000:]])\n"
+                              "codec.compress_with_residual_sum(x[:5])\n", "-W", "error")
     assert out.returncode == 0 and not out.stderr, out.stderr[-3000:]
 
 
