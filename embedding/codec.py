@@ -89,7 +89,7 @@ def _hashed_rows(vectors: np.ndarray, seed: int, scale: "np.ndarray | None" = No
     odd multiplier per word position drawn from ``seed``): a bijection of the word, so two
     rows that differ in one word never collide. The key is splitmix64's finalizer of the
     words' sum mod 2**64 xor a word of the seed. Vectorised over a block of rows: the
-    keys of a fit's 507k x 384 normalised tokens in 0.28 s on one core, 1.52 s with a
+    keys of a fit's 507k x 384 normalised tokens in 0.28 s on 2 cores, 1.52 s with a
     blake2b digest a row (until the thirty-first session). A fit's order and split are as
     pseudo-random as before but not the same draw: a codec fitted before differs from one
     fitted now in which rows start k-means and which are held out."""

@@ -230,11 +230,6 @@ def cache_schema(loc: Location) -> pa.Schema:
     return _with_reader(loc, lambda reader: reader.schema)
 
 
-def cache_metadata(loc: Location) -> dict:
-    """A cache file's schema metadata (:func:`cache_schema`'s)."""
-    return cache_schema(loc).metadata or {}
-
-
 def _token_count(metadata: dict) -> "int | None":
     """:data:`TOKEN_COUNT_KEY` of a cache file's metadata; None when it has none."""
     value = metadata.get(TOKEN_COUNT_KEY)

@@ -455,9 +455,9 @@ def test_the_driver_never_reads_the_codec_sample(ray_local, tiny_model_dir, tmp_
         return spy
 
     # every read of a cache file: whole (read_cache_table, under read_cache, read_cache_tokens,
-    # read_sample_tokens) or its footer (cache_schema, under cache_metadata); and any Parquet read
+    # read_sample_tokens) or its footer (cache_schema); and any Parquet read
     for module, name in ((sample_cache, "read_cache_table"), (sample_cache, "cache_schema"),
-                         (sample_cache, "cache_metadata"), (schemas, "read_table")):
+                         (schemas, "read_table")):
         monkeypatch.setattr(module, name, spying(getattr(module, name)))
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), sample_docs(40))
     manifest = run(_cfg(corpus, tiny_model_dir, tmp_path / "s", mode="both"))
