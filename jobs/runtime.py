@@ -79,7 +79,8 @@ def code_root_cwd() -> Iterator[None]:
     checkout's code in its workers (the twenty-ninth session's A/B). From :data:`CODE_ROOT`
     the workers import the code the driver runs. Every path a worker is given is absolute
     (``storage.fs.Location`` resolves local ones in the driver); a relative ``$RAY_TMPDIR``
-    is made absolute first, as Ray would have read it."""
+    is made absolute first, as Ray would have read it. Where :data:`CODE_ROOT` is no folder
+    to enter (an import from a zip), nothing changes: Ray's default, as before."""
     try:
         before = os.getcwd()
     except OSError:  # a deleted working directory: nothing to go back to
@@ -87,7 +88,12 @@ def code_root_cwd() -> Iterator[None]:
     tmpdir = os.environ.get("RAY_TMPDIR")
     if tmpdir and not os.path.isabs(tmpdir) and before is not None:
         os.environ["RAY_TMPDIR"] = os.path.join(before, tmpdir)
-    os.chdir(CODE_ROOT)
+    try:
+        os.chdir(CODE_ROOT)
+    except OSError as err:  # not a folder (a zip import) or not enterable: Ray's default, as before
+        logger.debug("ray.init from the working directory: %s", err)
+        yield
+        return
     try:
         yield
     finally:
