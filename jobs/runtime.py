@@ -92,8 +92,6 @@ def code_root_cwd() -> Iterator[None]:
         os.chdir(CODE_ROOT)
     except OSError as err:  # not a folder (a zip import) or not enterable: Ray's default, as before
         logger.debug("ray.init from the working directory: %s", err)
-        yield
-        return
     try:
         yield
     finally:

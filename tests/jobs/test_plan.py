@@ -237,3 +237,6 @@ def test_ray_init_runs_from_the_code_root_and_the_working_directory_comes_back(t
     monkeypatch.setattr("jobs.runtime.CODE_ROOT", str(tmp_path / "tessera.zip" / "site"))  # not a folder
     with code_root_cwd():
         assert os.getcwd() == str(tmp_path)                   # Ray's default then, not a failed job
+    with pytest.raises(RuntimeError) as failed, code_root_cwd():
+        raise RuntimeError("ray.init failed")
+    assert failed.value.__context__ is None                    # not raised while handling the chdir's OSError
