@@ -277,28 +277,8 @@ def _median_stages(timings: list[dict]) -> dict:
     return {k: round(statistics.median(t.get(k, 0.0) for t in timings), 3) for k in keys}
 
 
-#: this tree: the code the driver imports (``sys.path`` above) and, from its working directory, the job's
-#: Ray workers (Ray's driver puts its working directory ahead of ``$PYTHONPATH`` in every worker's ``sys.path``)
-REPO = Path(__file__).resolve().parents[1]
-#: the arguments that are paths, made absolute before the benchmark moves into :data:`REPO`
-PATH_ARGS = ("xquad", "tatoeba", "xquad_sentences", "model", "out")
-
-
-def into_tree(args: argparse.Namespace) -> None:
-    """Make the path arguments absolute and run from :data:`REPO`, so that the job's workers
-    run this tree's code whatever directory the benchmark was started from. Run from another
-    checkout (an A/B of two worktrees from one directory), the workers imported that checkout's
-    modules while the driver and the reference ran this tree's."""
-    for name in PATH_ARGS:
-        value = getattr(args, name, None)
-        if value:
-            setattr(args, name, os.path.abspath(os.path.expanduser(value)))
-    os.chdir(REPO)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    into_tree(args)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from jobs.runtime import init_ray, plan_actors

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from benchmarks.bench_embed import REPO, into_tree, parse_args, time_reference
+from benchmarks.bench_embed import parse_args, time_reference
 
 TEXTS = [f"document {i} about {'cats' if i % 2 else 'the weather in Paris'}" * (1 + i % 3) for i in range(23)]
 
@@ -49,13 +49,19 @@ def test_reference_in_defaults_to_a_child():
         parse_args(base + ["--reference-in", "thread"])
 
 
-def test_the_benchmark_runs_from_its_own_tree(tmp_path, monkeypatch):
-    """Ray's workers import from the driver's working directory: the benchmark moves into its
-    own tree, with its path arguments made absolute first, so an A/B of two worktrees started
-    from one directory runs each tree's code in the job's workers too."""
+def test_the_job_workers_run_the_benchmarks_own_tree(tmp_path, monkeypatch):
+    """Ray's workers import from the working directory at ray.init: the job starts Ray from the
+    folder its driver's code came from (jobs.runtime.code_root_cwd), which for the benchmark is
+    its own tree, so an A/B of two worktrees started from one directory runs each tree's code
+    in the job's workers too (until the thirty-first session the benchmark moved into its tree)."""
+    from pathlib import Path
+
+    import benchmarks.bench_embed as bench
+    from jobs.runtime import CODE_ROOT, code_root_cwd
+
+    tree = Path(bench.__file__).resolve().parents[1]
+    assert Path(CODE_ROOT) == tree and (tree / "jobs" / "embed.py").exists()
     monkeypatch.chdir(tmp_path)
-    args = parse_args(["--xquad-sentences", "data/xquad", "--model", "~/m", "--out", "r.json"])
-    into_tree(args)
-    assert os.getcwd() == str(REPO) and (REPO / "jobs" / "embed.py").exists()
-    assert args.xquad_sentences == str(tmp_path / "data" / "xquad") and args.out == str(tmp_path / "r.json")
-    assert args.model == os.path.expanduser("~/m") and args.tatoeba is None
+    with code_root_cwd():
+        assert os.getcwd() == str(tree)
+    assert os.getcwd() == str(tmp_path)
