@@ -1224,8 +1224,10 @@ class ResidualCodec:
         return self.code_dtype.itemsize + self.residual_bytes
 
     @cached_property
-    def _byte_weights(self) -> np.ndarray:
-        """``(256, 8 // nbits)`` float32: the decoded residual values of every packed byte.
+    def byte_weights(self) -> np.ndarray:
+        """``(256, 8 // nbits)`` float32 (read-only): the decoded residual values of every
+        packed byte, its dimensions in order (:meth:`residual_vectors` of a residual is the
+        concatenation of its bytes' rows).
 
         Decompression gathers one row per stored byte instead of unpacking bits and
         then gathering one weight per dimension (same values, about 1.5x faster at
@@ -1517,7 +1519,7 @@ class ResidualCodec:
             table = self._pair_weights
             values = np.take(table, pairs, axis=0).reshape(len(residuals), (n_bytes // 2) * table.shape[1])
         else:
-            table = self._byte_weights
+            table = self.byte_weights
             values = np.take(table, residuals[:, :n_bytes], axis=0)
             values = values.reshape(len(residuals), n_bytes * table.shape[1])
         return values if values.shape[1] == d else np.ascontiguousarray(values[:, :d])
@@ -1526,7 +1528,7 @@ class ResidualCodec:
     def _pair_weights(self) -> np.ndarray:
         """``(65536, 2 * (8 // nbits))`` float32: decoded values of every little-endian byte pair."""
         pair = np.arange(1 << 16)
-        table = self._byte_weights
+        table = self.byte_weights
         out = np.ascontiguousarray(np.concatenate([table[pair & 0xFF], table[pair >> 8]], axis=1))
         out.setflags(write=False)
         return out

@@ -20,16 +20,18 @@ Search follows PLAID (Santhanam et al., 2022):
    already hold their full score);
 4. exact MaxSim over those documents' decompressed tokens.
 
-How it is fast in numpy (no compiled code of our own): the centroid scores of a
-batch of queries are one BLAS product; stages 2-3 score each document's distinct
-centroids (a token's centroid score does not depend on which of the document's
-tokens carries it), documents sorted by their number of cells and padded to a block's
-widest, one gather of score rows and one maximum a block; stage 4 never rebuilds a
-vector: a token scores
-``(q . c + q . r) * inv_norm``, with ``q . c`` taken from the centroid scores,
-``q . r`` one BLAS product with the decoded residuals, and the stored inverse
-norm. A query's rows (near copies merged, :func:`merge_query_tokens`) are padded with
-zero rows to a width BLAS multiplies fastest (:func:`padded_rows`). Index arrays may be
+How it is fast: the centroid scores of a batch of queries are one BLAS product;
+stages 2-3 score each document's distinct centroids (a token's centroid score does
+not depend on which of the document's tokens carries it); stage 4 never rebuilds a
+vector: a token scores ``(q . c + q . r) * inv_norm``, with ``q . c`` taken from the
+centroid scores, ``q . r`` one BLAS product with the decoded residuals, and the
+stored inverse norm. The gathers and maxima of stages 2-4 run as loops compiled by
+numba (:mod:`indexing.kernels`: one pass per stage, without the GIL), or where numba
+is not available in numpy (documents sorted by their number of cells and padded to a
+block's widest, one gather of score rows and one maximum a block; segment maxima by
+``reduceat``), the same floats either way. A query's rows (near copies merged,
+:func:`merge_query_tokens`) are padded with zero rows to a width BLAS multiplies
+fastest (:func:`padded_rows`). Index arrays may be
 memory-mapped (:mod:`indexing.index_files`); a search touches only the inverted lists and
 the tokens of its final candidates.
 
@@ -54,6 +56,7 @@ from typing import Iterator
 import numpy as np
 
 from embedding.codec import ResidualCodec, cpu_flags
+from indexing import kernels
 from indexing.threads import check_threads, controller  # noqa: F401  (check_threads: re-exported)
 
 logger = logging.getLogger(__name__)
@@ -1254,8 +1257,10 @@ class CentroidIndex:
         kept = cosines.max(axis=0) >= params.centroid_score_threshold
         n_candidates = len(docs)
         pruned = None
+        # the compiled stages read the product's own layout: a cell's scores one row of it
+        table = scores_t[:, :n_live] if kernels.ENABLED else None
         if not self._prunes_nothing(docs, kept):
-            docs, pruned = self._filter_scored(docs, centroid_scores, kept, max(params.ndocs, n_exact))
+            docs, pruned = self._filter_scored(docs, centroid_scores, kept, max(params.ndocs, n_exact), table)
         # (Pruning that would keep every candidate's every centroid, common with vectors
         # whose centroid scores are all high -- on me5-small 4,090 of 4,096 centroids pass
         # 0.5 -- would score every candidate as the full stage does: one stage is enough.
@@ -1263,9 +1268,9 @@ class CentroidIndex:
         # cost as much as the full one and the full stage would then score again every
         # document that lost a cell.)
         if pruned is None or len(docs) <= n_exact:
-            docs, approx = self._filter_scored(docs, centroid_scores, None, n_exact)
+            docs, approx = self._filter_scored(docs, centroid_scores, None, n_exact, table)
         else:
-            docs, approx = self._full_stage(docs, pruned, centroid_scores, kept, n_exact)
+            docs, approx = self._full_stage(docs, pruned, centroid_scores, kept, n_exact, table)
         logger.debug(
             "plaid query: %d candidates, %d after centroid stages, %d/%d centroids kept",
             n_candidates, len(docs), int(kept.sum()), len(kept),
@@ -1328,16 +1333,20 @@ class CentroidIndex:
         tokens = self._token_ids(docs)
 
         def score(group: slice) -> None:
-            # A group's tokens gathered at once (one pass over the index's arrays), then its blocks.
             blocks = chunks[group]
             lo, hi = int(offsets[blocks[0].start]), int(offsets[blocks[-1].stop])
-            residuals = np.take(self.residuals, tokens[lo:hi], axis=0)
-            codes = np.take(self.codes, tokens[lo:hi])
-            inv_norms = np.take(self.token_inv_norms, tokens[lo:hi])
+            widest = max(int(offsets[c.stop] - offsets[c.start]) for c in blocks)
+            if kernels.ENABLED:  # the compiled stages read the tokens in place; one decode buffer a group
+                gathered = None
+                buffer = np.empty((widest, self.codec.dim), dtype=np.float32)
+            else:  # numpy's: a group's tokens gathered at once (one pass over the index's arrays)
+                gathered = (np.take(self.residuals, tokens[lo:hi], axis=0), np.take(self.codes, tokens[lo:hi]),
+                            np.take(self.token_inv_norms, tokens[lo:hi]))
+                buffer = None
             for chunk in blocks:
                 rows = slice(int(offsets[chunk.start]) - lo, int(offsets[chunk.stop]) - lo)
-                out[chunk] = self._exact_block(q, scores_t, residuals[rows], codes[rows], inv_norms[rows],
-                                               lengths[chunk])
+                part = None if gathered is None else tuple(a[rows] for a in gathered)
+                out[chunk] = self._exact_block(q, scores_t, tokens[lo:hi][rows], lengths[chunk], part, buffer)
 
         if split is None:
             score(slice(None))
@@ -1350,15 +1359,23 @@ class CentroidIndex:
         self,
         q: np.ndarray,
         scores_t: np.ndarray,
-        residuals: np.ndarray,
-        codes: np.ndarray,
-        inv_norms: np.ndarray,
+        tokens: np.ndarray,
         lengths: np.ndarray,
+        gathered: "tuple[np.ndarray, np.ndarray, np.ndarray] | None" = None,
+        buffer: "np.ndarray | None" = None,
     ) -> np.ndarray:
-        """Exact MaxSim of a few consecutive documents' tokens at the full dimension
-        (``scores_t``: (C, Lq); ``residuals``, ``codes``, ``inv_norms``: the tokens')."""
+        """Exact MaxSim of a few consecutive documents' ``tokens`` at the full dimension
+        (``scores_t``: (C, Lq)). ``gathered``: the tokens' residuals, codes and inverse norms
+        gathered for numpy's stage; None: the compiled stage (:mod:`indexing.kernels`), which
+        reads them from the index's arrays and decodes into ``buffer`` (at least
+        ``(len(tokens), dim)`` float32). The same floats either way."""
         # (T, Lq) layout: the product with the residuals as the left operand is ~1.5x
         # faster in BLAS.
+        if gathered is None:
+            decoded = kernels.decode_residuals(self.codec.byte_weights, self.residuals, tokens,
+                                               buffer[:len(tokens)])
+            return kernels.token_maxsum(decoded @ q.T, scores_t, self.codes, self.token_inv_norms, tokens, lengths)
+        residuals, codes, inv_norms = gathered
         token_scores = self.codec.residual_vectors(residuals, small_table=True) @ q.T
         token_scores += np.take(scores_t, codes, axis=0)
         token_scores *= inv_norms[:, None]
@@ -1371,9 +1388,11 @@ class CentroidIndex:
         centroid_scores: np.ndarray,
         kept: np.ndarray,
         n_keep: int,
+        table: "np.ndarray | None" = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The full centroid interaction of the pruned stage's ``docs`` (scores
-        ``pruned``): the best ``n_keep``, best first, with their scores.
+        ``pruned``): the best ``n_keep``, best first, with their scores (``table``: see
+        :meth:`_interaction_scores`).
 
         A document none of whose cells was pruned already has its full score (the same
         cells, summed the same way): only the others are scored again. On XQuAD
@@ -1382,7 +1401,7 @@ class CentroidIndex:
         scores = np.array(pruned, dtype=np.float32, copy=True)
         redo = np.flatnonzero(self._pruned_any(docs, kept))
         if len(redo):
-            scores[redo] = self._interaction_scores(docs[redo], centroid_scores, None)
+            scores[redo] = self._interaction_scores(docs[redo], centroid_scores, None, table)
         best, ids = _top_k(scores, docs, n_keep)
         return ids, best
 
@@ -1439,15 +1458,18 @@ class CentroidIndex:
         centroid_scores: np.ndarray,
         kept: np.ndarray | None,
         n_keep: int,
+        table: "np.ndarray | None" = None,
     ) -> tuple[np.ndarray, "np.ndarray | None"]:
-        """:meth:`centroid_filter`, best first, with the scores (None: ``docs`` kept unscored)."""
+        """:meth:`centroid_filter`, best first, with the scores (None: ``docs`` kept unscored;
+        ``table``: see :meth:`_interaction_scores`)."""
         if len(docs) <= n_keep:
             return docs, None
-        best, ids = _top_k(self._interaction_scores(docs, centroid_scores, kept), docs, n_keep)
+        best, ids = _top_k(self._interaction_scores(docs, centroid_scores, kept, table), docs, n_keep)
         return ids, best
 
     def _interaction_scores(
-        self, docs: np.ndarray, centroid_scores: np.ndarray, kept: np.ndarray | None
+        self, docs: np.ndarray, centroid_scores: np.ndarray, kept: np.ndarray | None,
+        table: "np.ndarray | None" = None,
     ) -> np.ndarray:
         """``(len(docs),)`` float32 centroid interaction of ``docs``: MaxSim with every token
         replaced by its centroid, over each document's distinct cells (a token's score is
@@ -1457,14 +1479,23 @@ class CentroidIndex:
         only these cells count (centroid pruning); a document left with none scores
         ``-inf`` (ranked last), as does one without cells.
 
-        The documents go in order of their number of cells, in blocks of about
-        :data:`INTERACTION_CELLS` cells (:meth:`_centroid_interaction`).
+        With the compiled stages (:data:`indexing.kernels.ENABLED`) one loop over the
+        documents takes each one's maxima (:func:`indexing.kernels.cell_maxima`) from
+        ``table``, the same scores in the product's ``(n_centroids, Lq)`` layout (any row
+        stride; built from ``centroid_scores`` when None), and numpy sums them as below.
+        Otherwise the documents go in order of their number of cells, in blocks of about
+        :data:`INTERACTION_CELLS` cells (:meth:`_centroid_interaction`). The same floats.
         """
+        starts = self.doc_cell_offsets[docs]
+        lengths = self.doc_cell_offsets[docs + 1] - starts
+        if kernels.ENABLED:
+            if table is None:
+                table = np.ascontiguousarray(centroid_scores.T)
+            maxima = kernels.cell_maxima(table, self.doc_cells, starts, lengths, kept)
+            return maxima.sum(axis=1, dtype=np.float32)
         # (n_centroids, Lq): a cell's scores are one contiguous row; pruned cells score -inf
         table = (np.where(kept[:, None], centroid_scores.T, np.float32(-np.inf)) if kept is not None
                  else np.ascontiguousarray(centroid_scores.T))
-        starts = self.doc_cell_offsets[docs]
-        lengths = self.doc_cell_offsets[docs + 1] - starts
         order = np.argsort(lengths, kind="stable")
         sorted_lengths = lengths[order]
         out = np.empty(len(docs), dtype=np.float32)

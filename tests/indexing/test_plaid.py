@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedding.codec import ResidualCodec
-from indexing import plaid
+from indexing import kernels, plaid
 from indexing.plaid import (
     ARRAY_KEYS,
     DERIVED_KEYS,
@@ -237,10 +237,15 @@ def _loop_centroid_score(index, scores, doc, kept):
 
 
 @pytest.mark.parametrize("ncells, threshold", [(1, 0.5), (2, 0.45), (4, 0.3)])
-@pytest.mark.parametrize("block_cells", [plaid.INTERACTION_CELLS, 7])
+@pytest.mark.parametrize("block_cells", [None, plaid.INTERACTION_CELLS, 7], ids=["compiled", "numpy", "numpy-7"])
 def test_approximate_stages_match_loops(index, corpus, ncells, threshold, block_cells, monkeypatch):
-    # block_cells 7: many blocks, and documents wider than a block (a block of one then)
-    monkeypatch.setattr(plaid, "INTERACTION_CELLS", block_cells)
+    # None: the compiled stages (indexing.kernels) where numba is there; else numpy's, in
+    # blocks of block_cells (7: many blocks, and documents wider than a block, a block of one)
+    if block_cells is None and not kernels.ENABLED:
+        pytest.skip("numba not importable")
+    if block_cells is not None:
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        monkeypatch.setattr(plaid, "INTERACTION_CELLS", block_cells)
     q = corpus["queries"][3]
     q = q[np.any(q != 0, axis=1)]
     scores = q @ index.codec.centroids.T  # (Lq, n_centroids)
@@ -581,6 +586,44 @@ def test_memory_mapped_arrays_search_like_in_memory_ones(index, corpus, tmp_path
     _assert_same_results(mapped.search(queries, 10), index.search(queries, 10))
 
 
+@pytest.mark.skipif(not kernels.ENABLED, reason="numba not importable")
+@pytest.mark.parametrize("params", [SearchParams(), NO_PRUNING,
+                                    SearchParams(ncells=2, centroid_score_threshold=0.6, ndocs=40, exact_tokens=100)],
+                         ids=["defaults", "no-pruning", "centroid-stages"])
+def test_compiled_stages_give_numpy_results_bit_for_bit(index, corpus, params, monkeypatch):
+    queries = corpus["queries"]
+    allowed = np.arange(0, N_DOCS, 3)
+    calls = {"cell_maxima": 0, "token_maxsum": 0}
+
+    def counted(name):
+        original = getattr(kernels, name)
+
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return run
+
+    for name in calls:
+        monkeypatch.setattr(kernels, name, counted(name))
+
+    def searches():
+        return [index.search(queries, 10, params), index.search(queries[:4], 10, params, threads=2),
+                index.search(queries[4:8], 10, params, allowed=allowed),
+                index.search(queries[8:], 10, dataclasses.replace(params, dim=16))]  # a Matryoshka prefix
+
+    compiled = searches()
+    assert calls["token_maxsum"] > 0
+    if params.exact_tokens == 100:  # this index's candidates outnumber the exact stage's only here
+        assert calls["cell_maxima"] > 0
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    for name in calls:
+        calls[name] = 0
+    for (scores, ids), (want_scores, want_ids) in zip(compiled, searches()):
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(scores, want_scores)  # the same floats, not close ones
+    assert calls == {"cell_maxima": 0, "token_maxsum": 0}  # numpy's stages ran
+
+
 def test_batched_threaded_and_single_searches_agree(index, corpus):
     queries = corpus["queries"]
     single = [index.search(q[None], 10) for q in queries]
@@ -609,7 +652,7 @@ def split_small(monkeypatch):
             return original(self, *args)
         return run
 
-    for name in ("_exact_block", "_centroid_interaction"):
+    for name in ("_exact_block", "_interaction_scores"):
         monkeypatch.setattr(CentroidIndex, name, spy(name))
     return seen
 
@@ -629,7 +672,7 @@ def test_a_single_query_split_over_threads_gives_the_one_thread_results(index, c
     if params.ndocs is None:  # every document reaches the exact stage: it ran in both threads
         assert split_small["_exact_block"] == {"MainThread", "plaid"}
     else:  # the centroid stages (several blocks) ran whole in this thread
-        assert split_small["_centroid_interaction"] == {"MainThread"}
+        assert split_small["_interaction_scores"] == {"MainThread"}
     # a batch still goes query by query over the threads, each query whole
     split_small.clear()
     _assert_same_results(index.search(queries, 10, params, threads=2),

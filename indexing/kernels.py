@@ -1,0 +1,165 @@
+"""Compiled loops of the PLAID engine's centroid and exact stages (numba), numpy's answers.
+
+Two stages of :class:`indexing.plaid.CentroidIndex.search` are a gather, a maximum and a
+sum per document, which numpy can only run as separate passes over materialised
+temporaries: the centroid interaction gathers ``(cells, query rows)`` score rows into a
+padded block and reduces it; the exact stage adds the tokens' centroid scores to their
+residual products, scales them by the inverse norms and takes segment maxima with
+``ufunc.reduceat`` (which holds the GIL). Here each is one loop over the documents,
+compiled by numba (``nogil``: the threads of a split query run them at once), reading
+the index's arrays in place.
+
+The results are numpy's bit for bit: maxima do not depend on order, every sum is taken
+in the order numpy takes it (the exact stage's over query rows one after another, as
+``sum(axis=0)`` of a ``(rows, documents)`` array; the centroid stage returns its maxima
+and numpy sums them, as before), and the exact stage's arithmetic is the same float32
+operations in the same order (no fused multiply-add: numba's default keeps IEEE order).
+
+numba is a dependency; where it cannot be imported, or with ``TESSERA_KERNELS=numpy`` in
+the environment at import, :data:`ENABLED` is False and the engine runs its numpy
+stages (the same results). The kernels compile on first use (~1 s each, then cached on
+disk next to this file or in numba's user cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: environment variable that chooses the stages' implementation: ``numba`` (default) or ``numpy``
+ENV = "TESSERA_KERNELS"
+_CHOICES = ("numba", "numpy")
+
+
+def _load_numba():
+    choice = os.environ.get(ENV, "numba").strip().lower() or "numba"
+    if choice not in _CHOICES:
+        raise ValueError(f"{ENV} must be one of {', '.join(_CHOICES)}, got {os.environ.get(ENV)!r}")
+    if choice == "numpy":
+        return None
+    try:
+        import numba
+    except ImportError as err:  # a platform without numba's wheels: numpy's stages, the same results
+        logger.info("numba not importable (%s): the PLAID engine runs its numpy stages", err)
+        return None
+    return numba
+
+
+_numba = _load_numba()
+#: whether the compiled stages run (numba importable and not switched off by :data:`ENV`)
+ENABLED = _numba is not None
+
+
+def _jit(fn):
+    """``fn`` compiled by numba (nogil, no bounds checks, cached on disk where numba finds a
+    writable place: beside this file, else its user cache), or ``fn`` itself without numba."""
+    if _numba is None:
+        return fn
+    try:
+        return _numba.njit(nogil=True, cache=True, boundscheck=False)(fn)
+    except RuntimeError as err:  # "cannot cache function ...: no locator available": compiled per process
+        logger.info("numba cannot cache %s (%s): it compiles in each process", fn.__name__, err)
+        return _numba.njit(nogil=True, boundscheck=False)(fn)
+
+
+@_jit
+def _cell_maxima(table, doc_cells, starts, lengths, kept, use_kept, out):  # pragma: no cover (compiled)
+    n_rows = out.shape[1]
+    best = np.empty(n_rows, dtype=np.float32)  # a row of its own: no store to ``out`` in the loop
+    for d in range(len(starts)):
+        best[:] = -np.inf
+        for i in range(starts[d], starts[d] + lengths[d]):
+            c = doc_cells[i]
+            if use_kept and not kept[c]:
+                continue
+            row = table[c]
+            for j in range(n_rows):
+                best[j] = max(best[j], row[j])
+        out[d] = best
+
+
+def cell_maxima(table: np.ndarray, doc_cells: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                kept: "np.ndarray | None" = None) -> np.ndarray:
+    """``(n, rows)`` float32: for each document, the maximum over its cells of each query row's
+    centroid score (``table[cell, row]``, ``table`` ``(n_centroids, rows)``, any row stride);
+    only cells where ``kept`` is True when given; ``-inf`` for a document left without cells.
+
+    ``doc_cells[starts[d] : starts[d] + lengths[d]]`` are document ``d``'s cells. Summing each
+    row (``sum(axis=1, dtype=float32)``) gives the centroid interaction."""
+    out = np.empty((len(starts), table.shape[1]), dtype=np.float32)
+    use_kept = kept is not None
+    _cell_maxima(table, doc_cells, starts, lengths, kept if use_kept else _NO_MASK, use_kept, out)
+    return out
+
+
+_NO_MASK = np.ones(1, dtype=bool)
+
+
+@_jit
+def _token_maxsum(products, scores_t, codes, inv_norms, tokens, lengths, out):  # pragma: no cover (compiled)
+    n_rows = products.shape[1]
+    best = np.empty(n_rows, dtype=np.float32)
+    t = 0
+    for d in range(len(lengths)):
+        best[:] = -np.inf
+        for _ in range(lengths[d]):
+            token = tokens[t]
+            row = scores_t[codes[token]]
+            s = inv_norms[token]
+            for j in range(n_rows):
+                best[j] = max(best[j], (products[t, j] + row[j]) * s)
+            t += 1
+        total = best[0]
+        for j in range(1, n_rows):
+            total += best[j]
+        out[d] = total
+
+
+def token_maxsum(products: np.ndarray, scores_t: np.ndarray, codes: np.ndarray, inv_norms: np.ndarray,
+                 tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``(n,)`` float32 exact MaxSim of documents whose tokens are ``tokens`` (positions in
+    ``codes`` and ``inv_norms``, the index's arrays; consecutive documents of ``lengths`` tokens,
+    each >= 1), from the tokens' residual products ``products`` ``(len(tokens), rows)``: token
+    ``t`` scores ``(products[i] + scores_t[codes[t]]) * inv_norms[t]`` per query row, a document
+    the sum over rows of its tokens' maxima. The same floats as numpy's ``products +
+    take(scores_t, codes)``, ``*= inv_norms``, segment maxima and ``sum(axis=0)`` over the rows."""
+    out = np.empty(len(lengths), dtype=np.float32)
+    if len(lengths) and products.shape[1]:
+        _token_maxsum(products, scores_t, codes, inv_norms, tokens, lengths, out)
+    elif len(lengths):
+        out[:] = 0.0
+    return out
+
+
+@_jit
+def _decode(byte_words, residuals, tokens, out):  # pragma: no cover (compiled)
+    words = byte_words.shape[1]  # 8-byte words of one byte's decoded values
+    n_bytes = residuals.shape[1]
+    for i in range(len(tokens)):
+        packed = residuals[tokens[i]]
+        row = out[i]
+        for b in range(n_bytes):
+            values = byte_words[packed[b]]
+            for w in range(words):
+                row[b * words + w] = values[w]
+
+
+def decode_residuals(byte_weights: np.ndarray, residuals: np.ndarray, tokens: np.ndarray,
+                     out: np.ndarray) -> np.ndarray:
+    """The decoded residuals of ``tokens`` (positions in ``residuals``, the index's ``(N, bytes)``
+    uint8 array), written to ``out`` ``(len(tokens), bytes * per_byte)`` float32 and returned:
+    each stored byte's row of ``byte_weights`` (``ResidualCodec.byte_weights``), read straight
+    from the index's array (no gathered copy of the tokens' bytes). The values of
+    ``ResidualCodec.residual_vectors(residuals[tokens])``."""
+    if len(tokens):
+        # a byte's values copied as whole 8-byte words where they fill them (nbits 1, 2, 4: 8, 4,
+        # 2 float32s); the bits are the floats'
+        if byte_weights.shape[1] % 2 == 0 and out.shape[1] % 2 == 0 and out.flags.c_contiguous:
+            _decode(byte_weights.view(np.uint64), residuals, tokens, out.view(np.uint64))
+        else:
+            _decode(byte_weights, residuals, tokens, out)
+    return out

@@ -1,0 +1,134 @@
+"""The PLAID engine's compiled stages (indexing.kernels) against plain numpy, and their switch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedding.codec import ResidualCodec
+from indexing import kernels
+
+REPO = Path(__file__).resolve().parents[2]
+needs_numba = pytest.mark.skipif(not kernels.ENABLED, reason="numba not importable")
+
+
+def _cells(rng, n_docs, n_centroids, widths=(0, 1, 2, 9)):
+    lengths = rng.choice(widths, size=n_docs).astype(np.int64)
+    starts = np.zeros(n_docs, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    doc_cells = rng.integers(0, n_centroids, size=int(lengths.sum())).astype(np.uint16)
+    return doc_cells, starts, lengths
+
+
+@needs_numba
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided-rows"])
+def test_cell_maxima_is_the_maximum_over_each_documents_kept_cells(strided):
+    rng = np.random.default_rng(3)
+    n_centroids, rows = 50, 7
+    product = rng.normal(size=(n_centroids, rows + 3)).astype(np.float32)
+    table = product[:, :rows] if strided else np.ascontiguousarray(product[:, :rows])
+    doc_cells, starts, lengths = _cells(rng, 40, n_centroids)
+    kept = rng.random(n_centroids) < 0.5
+    for mask in (None, kept, np.zeros(n_centroids, bool)):
+        got = kernels.cell_maxima(table, doc_cells, starts, lengths, mask)
+        assert got.shape == (40, rows) and got.dtype == np.float32
+        for d in range(40):
+            cells = doc_cells[starts[d]:starts[d] + lengths[d]]
+            if mask is not None:
+                cells = cells[mask[cells]]
+            want = table[cells].max(axis=0) if len(cells) else np.full(rows, -np.inf, np.float32)
+            np.testing.assert_array_equal(got[d], want)  # no cell (none, or all pruned): -inf
+
+
+@needs_numba
+def test_token_maxsum_is_numpys_segment_maxsum_bit_for_bit():
+    rng = np.random.default_rng(4)
+    n_centroids, rows = 30, 13
+    lengths = rng.integers(1, 12, size=25).astype(np.int64)
+    n = int(lengths.sum())
+    products = rng.normal(size=(n, rows)).astype(np.float32)
+    scores_t = rng.normal(size=(n_centroids, rows)).astype(np.float32)
+    # the index's arrays, of which the documents' tokens are some positions, in any order
+    codes = rng.integers(0, n_centroids, size=3 * n).astype(np.uint16)
+    inv_norms = rng.uniform(0.8, 1.3, size=3 * n).astype(np.float32)
+    tokens = rng.permutation(3 * n)[:n]
+    got = kernels.token_maxsum(products, scores_t, codes, inv_norms, tokens, lengths)
+    # numpy's exact stage, as indexing.plaid runs it without numba
+    token_scores = products + np.take(scores_t, codes[tokens], axis=0)
+    token_scores *= inv_norms[tokens][:, None]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    want = np.maximum.reduceat(token_scores.T, starts, axis=1).sum(axis=0, dtype=np.float32)
+    np.testing.assert_array_equal(got, want)
+    # no query rows: every document scores 0, as numpy's empty sum
+    np.testing.assert_array_equal(
+        kernels.token_maxsum(products[:, :0], scores_t[:, :0], codes, inv_norms, tokens, lengths),
+        np.zeros(len(lengths), np.float32))
+    assert kernels.token_maxsum(products[:0], scores_t, codes, inv_norms, tokens[:0], lengths[:0]).shape == (0,)
+
+
+@needs_numba
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+def test_decode_residuals_reads_the_tokens_residuals_as_the_codec_decodes_them(nbits):
+    rng = np.random.default_rng(nbits)
+    dim = 16
+    codec = ResidualCodec.fit(_unit(rng.normal(size=(400, dim))), nbits, 8, seed=1)
+    codes, residuals = codec.compress(_unit(rng.normal(size=(50, dim))))
+    tokens = np.array([7, 0, 49, 7, 23], dtype=np.int64)
+    out = np.full((len(tokens) + 2, dim), np.nan, dtype=np.float32)  # a larger buffer: its first rows
+    got = kernels.decode_residuals(codec.byte_weights, residuals, tokens, out[: len(tokens)])
+    np.testing.assert_array_equal(got, codec.residual_vectors(residuals[tokens]))
+    assert np.isnan(out[len(tokens):]).all()
+    assert kernels.decode_residuals(codec.byte_weights, residuals, tokens[:0], out[:0]).shape == (0, dim)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _enabled_with(value: "str | None") -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != kernels.ENV}
+    if value is not None:
+        env[kernels.ENV] = value
+    return subprocess.run([sys.executable, "-c", "from indexing import kernels; print(kernels.ENABLED)"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_environment_switches_the_compiled_stages_off_and_names_a_bad_value():
+    off = _enabled_with("numpy")
+    assert off.returncode == 0 and off.stdout.strip() == "False"
+    default = _enabled_with(None)
+    assert default.returncode == 0
+    try:
+        import numba  # noqa: F401
+        assert default.stdout.strip() == "True"
+    except ImportError:
+        assert default.stdout.strip() == "False"
+    bad = _enabled_with("fortran")
+    assert bad.returncode != 0
+    assert "TESSERA_KERNELS must be one of numba, numpy, got 'fortran'" in bad.stderr
+
+
+@needs_numba
+def test_without_a_writable_cache_the_kernels_compile_in_the_process():
+    # a read-only install with no writable user cache: numba finds no cache locator (simulated
+    # by removing them all); the kernels still compile, for the process alone
+    code = """
+import numpy as np
+from numba.core import caching
+caching.CacheImpl._locator_classes = []
+from indexing import kernels
+got = kernels.cell_maxima(np.arange(6, dtype=np.float32).reshape(3, 2), np.array([0, 2], np.uint16),
+                          np.array([0]), np.array([2]))
+print(kernels.ENABLED, got.tolist())
+"""
+    from numba.core import caching
+    if not hasattr(caching, "CacheImpl") or not hasattr(caching.CacheImpl, "_locator_classes"):
+        pytest.skip("this numba keeps its cache locators elsewhere")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True [[4.0, 5.0]]"
