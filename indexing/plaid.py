@@ -1231,15 +1231,28 @@ class CentroidIndex:
         with tokens; ``n_exact`` documents reach the exact stage; ``split`` spreads the
         exact stage over threads.
         """
-        # The (n_live, n_centroids) layout of the centroid stages, which reduce over
-        # centroids: transposing this way round is ~3x cheaper than the other.
-        centroid_scores = np.ascontiguousarray(scores_t[:, :n_live].T)
         if n_live == 0:
             # Every document scores 0 against an all-padding query.
             docs = self._searchable_docs(mask)[:k]
             return np.zeros(len(docs), dtype=np.float32), docs
+        table = scores_t[:, :n_live]  # (n_centroids, n_live): a cell's scores are one row of it
+        n_centroids = table.shape[0]
+        # A centroid stays when its cosine with some query row reaches the threshold: a
+        # merged row is its group's sum, so its scores are divided by its norm (without,
+        # a group of n rows would keep every centroid scoring threshold / n).
+        norms = np.linalg.norm(q[:n_live], axis=1)
         ncells = params.ncells
-        docs = self.candidates(centroid_scores, ncells, mask)
+        if kernels.ENABLED and ncells <= _ARGMAX_CELLS and ncells < n_centroids:
+            # the best cells and the kept centroids in one compiled pass over the product
+            cells, kept = kernels.probe(table, norms, ncells, params.centroid_score_threshold)
+            docs = self._cell_documents(cells, mask)
+            centroid_scores = None  # the (n_live, n_centroids) layout, built only to widen the probe
+        else:
+            # (n_live, n_centroids): the layout numpy's centroid stages reduce over centroids
+            # in; transposing this way round is ~3x cheaper than the other
+            centroid_scores = np.ascontiguousarray(table.T)
+            docs = self.candidates(centroid_scores, ncells, mask)
+            kept = (centroid_scores / norms[:, None]).max(axis=0) >= params.centroid_score_threshold
         # The exact stage scores max(k, ndocs // 4) documents. A filter (or a small index)
         # can leave the probed cells with fewer allowed candidates than that, and then the
         # best cells of the allowed documents were never looked at: widen the probe until
@@ -1247,18 +1260,15 @@ class CentroidIndex:
         # XQuAD lifted top-10 agreement with exact MaxSim from 0.91 to 0.98 at ncells=4
         # (from 0.67 to 0.98 at ncells=1).
         want = min(n_exact, n_searchable)
-        while len(docs) < want and ncells < centroid_scores.shape[1]:
+        while len(docs) < want and ncells < n_centroids:
             ncells *= 2
+            if centroid_scores is None:
+                centroid_scores = np.ascontiguousarray(table.T)
             docs = self.candidates(centroid_scores, ncells, mask)
-        # A centroid stays when its cosine with some query row reaches the threshold: a
-        # merged row is its group's sum, so its scores are divided by its norm (without,
-        # a group of n rows would keep every centroid scoring threshold / n).
-        cosines = centroid_scores / np.linalg.norm(q[:n_live], axis=1)[:, None]
-        kept = cosines.max(axis=0) >= params.centroid_score_threshold
         n_candidates = len(docs)
         pruned = None
-        # the compiled stages read the product's own layout: a cell's scores one row of it
-        table = scores_t[:, :n_live] if kernels.ENABLED else None
+        if not kernels.ENABLED:  # numpy's centroid stages build their own table from centroid_scores
+            table = None
         if not self._prunes_nothing(docs, kept):
             docs, pruned = self._filter_scored(docs, centroid_scores, kept, max(params.ndocs, n_exact), table)
         # (Pruning that would keep every candidate's every centroid, common with vectors
@@ -1433,6 +1443,10 @@ class CentroidIndex:
             cells = np.arange(n_centroids)
         else:
             cells = np.unique(best_cells(centroid_scores, ncells))
+        return self._cell_documents(cells, mask)
+
+    def _cell_documents(self, cells: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        """Sorted documents in the inverted lists of ``cells`` (distinct), ``mask``'s only."""
         starts = self.ivf_offsets[cells]
         entries = self.ivf_docs[_ranges(starts, self.ivf_offsets[cells + 1] - starts)]
         # A mark per document instead of a sort of the (overlapping) lists.

@@ -90,6 +90,27 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+@needs_numba
+@pytest.mark.parametrize("ncells", [1, 2, 4, 8])
+def test_probe_takes_each_rows_best_cells_as_argmax_does_and_the_kept_centroids(ncells):
+    rng = np.random.default_rng(ncells)
+    n_centroids, rows = 40, 6
+    # coarse scores: many ties, which repeated argmax breaks toward the lower centroid
+    product = np.round(rng.normal(size=(n_centroids, rows + 2)), 1).astype(np.float32)
+    table = product[:, :rows]  # rows of a wider product, as the search passes them
+    norms = rng.uniform(0.5, 2.0, size=rows).astype(np.float32)
+    for threshold in (0.45, 0.5, -np.inf, 10.0):
+        cells, kept = kernels.probe(table, norms, ncells, threshold)
+        scores = np.ascontiguousarray(table.T).copy()
+        want = set()
+        for _ in range(ncells):  # repeated argmax: the first best, then the next
+            best = scores.argmax(axis=1)
+            want |= set(best.tolist())
+            scores[np.arange(rows), best] = -np.inf
+        assert cells.tolist() == sorted(want)
+        np.testing.assert_array_equal(kept, (table.T / norms[:, None]).max(axis=0) >= threshold)
+
+
 def _enabled_with(value: "str | None") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != kernels.ENV}
     if value is not None:

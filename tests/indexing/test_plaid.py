@@ -512,6 +512,7 @@ def test_a_filter_widens_the_probe_to_the_exact_stage_size(index, corpus, monkey
     queries = corpus["queries"]
     allowed = np.arange(0, N_DOCS, 5, dtype=np.int64)  # 60 documents
     params = SearchParams(ncells=1, centroid_score_threshold=0.5, ndocs=128)
+    compiled = index.search(queries, 5, params, allowed=allowed)  # indexing.kernels' first probe, where enabled
     seen = []
     original = CentroidIndex.candidates
 
@@ -520,9 +521,12 @@ def test_a_filter_widens_the_probe_to_the_exact_stage_size(index, corpus, monkey
         seen.append((ncells, len(docs)))
         return docs
 
+    monkeypatch.setattr(kernels, "ENABLED", False)  # numpy's stages: every probe through candidates
     monkeypatch.setattr(CentroidIndex, "candidates", spy)
     scores, ids = index.search(queries, 5, params, allowed=allowed)
     monkeypatch.undo()
+    np.testing.assert_array_equal(compiled[1], ids)
+    np.testing.assert_array_equal(compiled[0], scores)
     assert np.isin(ids, allowed).all()
     finals, n, prev = [], 0, None
     for ncells, got in seen:  # one probe series per query: ncells restarts at 1
@@ -593,7 +597,7 @@ def test_memory_mapped_arrays_search_like_in_memory_ones(index, corpus, tmp_path
 def test_compiled_stages_give_numpy_results_bit_for_bit(index, corpus, params, monkeypatch):
     queries = corpus["queries"]
     allowed = np.arange(0, N_DOCS, 3)
-    calls = {"cell_maxima": 0, "token_maxsum": 0}
+    calls = {"cell_maxima": 0, "token_maxsum": 0, "probe": 0}
 
     def counted(name):
         original = getattr(kernels, name)
@@ -613,6 +617,7 @@ def test_compiled_stages_give_numpy_results_bit_for_bit(index, corpus, params, m
 
     compiled = searches()
     assert calls["token_maxsum"] > 0
+    assert (calls["probe"] > 0) == (params.resolved(10).ncells < N_CENTROIDS)  # every cell probed: numpy's
     if params.exact_tokens == 100:  # this index's candidates outnumber the exact stage's only here
         assert calls["cell_maxima"] > 0
     monkeypatch.setattr(kernels, "ENABLED", False)
@@ -621,7 +626,7 @@ def test_compiled_stages_give_numpy_results_bit_for_bit(index, corpus, params, m
     for (scores, ids), (want_scores, want_ids) in zip(compiled, searches()):
         np.testing.assert_array_equal(ids, want_ids)
         np.testing.assert_array_equal(scores, want_scores)  # the same floats, not close ones
-    assert calls == {"cell_maxima": 0, "token_maxsum": 0}  # numpy's stages ran
+    assert calls == {"cell_maxima": 0, "token_maxsum": 0, "probe": 0}  # numpy's stages ran
 
 
 def test_batched_threaded_and_single_searches_agree(index, corpus):
@@ -768,8 +773,8 @@ def test_full_stage_rescores_only_documents_that_lost_a_cell(index, corpus, monk
     monkeypatch.setattr(CentroidIndex, "_pruned_any", by_loop)
     _assert_same_results(index.search(queries, 5, params), reused)
     assert seen and sum(n for _, n in seen) > sum(r for r, _ in seen) > 0, seen  # some reused, some rescored
-    monkeypatch.setattr(CentroidIndex, "_full_stage", lambda self, docs, pruned, scores, kept, n, split=None:
-                        self._filter_scored(docs, scores, None, n))
+    monkeypatch.setattr(CentroidIndex, "_full_stage", lambda self, docs, pruned, scores, kept, n, table=None:
+                        self._filter_scored(docs, scores, None, n, table))
     _assert_same_results(index.search(queries, 5, params), reused)
 
 
