@@ -565,6 +565,7 @@ def main(argv=None) -> int:
     memory = {e: measure_memory(args, e) for e in ("tessera", "colbert")}
 
     lat = {e: latency_summary(times[e]) for e in times}
+    from indexing import kernels
     from indexing.plaid import SearchParams
 
     result = {
@@ -575,6 +576,8 @@ def main(argv=None) -> int:
         "query_shape": list(Q.shape),
         "tessera": {"n_docs": cindex.n_docs, "n_tokens": cindex.n_tokens, "n_centroids": cindex.codec.n_centroids,
                     "params": dataclasses.asdict(SearchParams().resolved(K)), "index_bytes": cindex.nbytes(),
+                    # the engine's stages: compiled (indexing.kernels) or numpy's (TESSERA_KERNELS=numpy)
+                    "stages": "compiled" if kernels.ENABLED else "numpy",
                     "latency": lat["tessera"], "ndcg10": ndcg_at_k(t_ids, gold),
                     "overlap_exact": overlap(t_ids, t_exact), "memory": memory["tessera"]},
         "colbert": {"version": colbert_version(), "n_tokens": cmeta["num_embeddings"],
@@ -644,7 +647,8 @@ def table(r: dict) -> list[str]:
     row("nDCG@10 exact MaxSim", r["exact_ndcg10"]["tessera"], r["exact_ndcg10"]["colbert"], fmt=".4f")
     row("top-10 overlap exact", t["overlap_exact"], c["overlap_exact"], fmt=".4f")
     lines.append(f"top-10 overlap Tessera vs colbert-ai: {r['overlap_tessera_colbert']:.4f}; "
-                 f"params Tessera {t['params']}, colbert-ai {c['params']}")
+                 f"params Tessera {t['params']}, colbert-ai {c['params']}; Tessera's stages "
+                 f"{t.get('stages', 'numpy')}")
     goals = r["goals"]
     lines.append("goals: median ratio <= 0.5 " + ("met" if goals["latency"] else "NOT met")
                  + "; peak RSS <= colbert-ai " + ("met" if goals["peak_rss"] else "NOT met")
