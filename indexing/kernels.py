@@ -1,24 +1,27 @@
-"""Compiled loops of the PLAID engine's centroid and exact stages (numba), numpy's answers.
+"""Compiled loops of the PLAID engine's probe, centroid and exact stages (numba), numpy's answers.
 
-Two stages of :class:`indexing.plaid.CentroidIndex.search` are a gather, a maximum and a
-sum per document, which numpy can only run as separate passes over materialised
-temporaries: the centroid interaction gathers ``(cells, query rows)`` score rows into a
-padded block and reduces it; the exact stage adds the tokens' centroid scores to their
-residual products, scales them by the inverse norms and takes segment maxima with
-``ufunc.reduceat`` (which holds the GIL). Here each is one loop over the documents,
-compiled by numba (``nogil``: the threads of a split query run them at once), reading
-the index's arrays in place.
+Four steps of :class:`indexing.plaid.CentroidIndex.search` are a gather, a maximum and a
+sum per document (or a scan per centroid), which numpy can only run as separate passes over
+materialised temporaries: the probe (each query row's best cells by repeated ``argmax`` over
+a transposed copy of the centroid scores, and the centroids whose cosine reaches the
+threshold), the centroid interaction (score rows gathered into a padded block and reduced),
+the exact stage's decode (the tokens' residual bytes gathered, then the byte table) and its
+segment maxima (the tokens' centroid scores added, scaled by the inverse norms, reduced by
+``ufunc.reduceat``, which holds the GIL). Here each is one loop, compiled by numba
+(``nogil``: the threads of a split query run them at once), reading the index's arrays in
+place: :func:`probe`, :func:`cell_maxima`, :func:`decode_residuals`, :func:`token_maxsum`.
 
-The results are numpy's bit for bit: maxima do not depend on order, every sum is taken
-in the order numpy takes it (the exact stage's over query rows one after another, as
-``sum(axis=0)`` of a ``(rows, documents)`` array; the centroid stage returns its maxima
-and numpy sums them, as before), and the exact stage's arithmetic is the same float32
-operations in the same order (no fused multiply-add: numba's default keeps IEEE order).
+The results are numpy's bit for bit: maxima do not depend on order, ties go where numpy
+sends them, every sum is taken in the order numpy takes it (the exact stage's over query
+rows one after another, as ``sum(axis=0)`` of a ``(rows, documents)`` array; the centroid
+stage returns its maxima and numpy sums them, as before), and the arithmetic is the same
+float32 operations in the same order (no fused multiply-add: numba's default keeps IEEE
+order).
 
 numba is a dependency; where it cannot be imported, or with ``TESSERA_KERNELS=numpy`` in
-the environment at import, :data:`ENABLED` is False and the engine runs its numpy
-stages (the same results). The kernels compile on first use (~1 s each, then cached on
-disk next to this file or in numba's user cache).
+the environment at import, :data:`ENABLED` is False and the engine runs its numpy stages
+(the same results). The kernels compile on a process's first search (~1 s, then cached on
+disk beside this file or in numba's user cache; without a writable place, per process).
 """
 
 from __future__ import annotations
