@@ -1345,9 +1345,9 @@ class CentroidIndex:
         def score(group: slice) -> None:
             blocks = chunks[group]
             lo, hi = int(offsets[blocks[0].start]), int(offsets[blocks[-1].stop])
-            widest = max(int(offsets[c.stop] - offsets[c.start]) for c in blocks)
             if kernels.ENABLED:  # the compiled stages read the tokens in place; one decode buffer a group
                 gathered = None
+                widest = max(int(offsets[c.stop] - offsets[c.start]) for c in blocks)
                 buffer = np.empty((widest, self.codec.dim), dtype=np.float32)
             else:  # numpy's: a group's tokens gathered at once (one pass over the index's arrays)
                 gathered = (np.take(self.residuals, tokens[lo:hi], axis=0), np.take(self.codes, tokens[lo:hi]),
