@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import InitVar, dataclass, replace
 from typing import Iterator
@@ -1076,6 +1077,7 @@ class CentroidIndex:
         """
         k = _check_k(k)
         threads = check_threads(threads)
+        kernels.ready()  # numba imported on a process's first search (else the numpy stages)
         params = (params or SearchParams()).resolved(k)
         dim = self._prefix_dim(params.dim)
         queries = _prepare_queries(Q, self.codec.dim, dim)
@@ -1109,6 +1111,25 @@ class CentroidIndex:
                 else:
                     results += list(pool.map(lambda a: self._search_one(*a), args))
         return _stack_padded(results, k)
+
+    def warm(self, dim: int | None = None) -> float:
+        """Load the compiled stages (:mod:`indexing.kernels`) before a first query: numba's
+        import and its cached kernels (~0.2 s; ~2 s to compile them after an install), which
+        a process's first search otherwise waits for. Two searches of queries made of the
+        first centroids, one thread, prefix ``dim``, with an exact stage of 10 documents so
+        that the centroid stages run even on a small index: a query whose rows are padded
+        and one whose are not, the two array layouts the stages see.
+        Returns the seconds it took (0 where the numpy stages run or nothing is searchable).
+        """
+        start = time.perf_counter()
+        if not kernels.ready() or self.n_docs == 0 or not np.any(self.doc_lengths):
+            return 0.0
+        centroids = self.codec.centroids
+        params = SearchParams(dim=dim, ndocs=4, exact_tokens=1)
+        for rows in (3, ROW_BLOCK):
+            rows = min(rows, len(centroids))
+            self.search(np.array(centroids[None, :rows]), 10, params, threads=1)
+        return time.perf_counter() - start
 
     def exact_maxsim(
         self,

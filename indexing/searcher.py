@@ -44,6 +44,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -376,6 +377,29 @@ class PlaidBackend:
         return self.index.search(q, k, params, allowed=allowed, threads=threads)
 
 
+class _Warm:
+    """:meth:`CentroidIndex.warm` in a thread of its own (one BLAS thread), started now;
+    :meth:`wait` joins it. A failure is logged, not raised: the first query then loads the
+    stages itself (and meets the same error, if there is one, where it can be reported)."""
+
+    def __init__(self, backend: "PlaidBackend") -> None:
+        self._seconds = 0.0
+        self._thread = threading.Thread(target=self._run, args=(backend,), name="tessera-warm", daemon=True)
+        self._thread.start()
+
+    def _run(self, backend: "PlaidBackend") -> None:
+        try:
+            self._seconds = backend.index.warm(backend.dim)
+        except Exception:  # noqa: BLE001 (an optimisation: never the reason an index fails to open)
+            logger.warning("loading the PLAID engine's compiled stages ahead of the first query failed",
+                           exc_info=True)
+
+    def wait(self) -> float:
+        """Seconds the warm-up took (0 when there was nothing to load)."""
+        self._thread.join()
+        return self._seconds
+
+
 def _check_count(vdir: Location, what: str, got: int, n_docs: int) -> None:
     if got != n_docs:
         raise ValueError(f"{vdir.url}: {what} holds {got} documents, ids.parquet {n_docs}")
@@ -430,7 +454,8 @@ class Searcher:
     ``version``, ``kind``, ``dim``, ``nbits`` (plaid: the codec's, else None),
     ``manifest``, ``set_manifest``, ``encoder`` (the accepted :class:`EncoderChoice`),
     ``budget`` (the :class:`~indexing.threads.ThreadBudget` every search runs under),
-    ``batch_size``, ``load_seconds`` (``{"index": s, "model": s}`` spent in :meth:`open`)
+    ``batch_size``, ``load_seconds`` (``{"index": s, "model": s}`` spent in :meth:`open`, and for a plaid
+    index ``"kernels"``: its compiled stages loaded meanwhile, :meth:`CentroidIndex.warm`)
     and ``search_seconds`` (``{"encode": s, "retrieve": s}`` summed over searches).
 
     :meth:`search` is two phases, each public for callers that time or reuse them
@@ -509,13 +534,18 @@ class Searcher:
         vdir = art.version_dir(manifest["version"])
         ids = read_ids(vdir, manifest)
         backend, nbits = _load_backend(manifest, vdir, ids, set_manifest, set_dir)
+        warming = None
         if isinstance(backend, PlaidBackend):
             backend.threads = budget.threads
+            # the engine's compiled stages loaded while the query encoder loads, not in the first query
+            warming = _Warm(backend)
         loaded = time.perf_counter()
         with budget.encoding():
             lm = load_model(choice.path, choice.settings, device=device, precision=query_precision)
         assert lm.fingerprint == choice.fingerprint, "model changed while loading"
         seconds = {"index": loaded - start, "model": time.perf_counter() - loaded}
+        if warming is not None:
+            seconds["kernels"] = warming.wait()
         logger.info("opened index %s %s (%s, dim %d, %d documents) of set %s %s in %.2f s, query encoder (%s) "
                     "in %.2f s; %d threads", index, manifest["version"], manifest["index_kind"], int(manifest["dim"]),
                     len(ids), source["set"], source["version"], seconds["index"], lm.precision, seconds["model"],

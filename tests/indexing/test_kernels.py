@@ -72,10 +72,10 @@ def test_token_maxsum_is_numpys_segment_maxsum_bit_for_bit():
 
 
 @needs_numba
-@pytest.mark.parametrize("nbits", [1, 2, 4])
-def test_decode_residuals_reads_the_tokens_residuals_as_the_codec_decodes_them(nbits):
+@pytest.mark.parametrize("nbits,dim", [(1, 16), (2, 16), (4, 16), (1, 24), (2, 20), (4, 20), (4, 12)])
+def test_decode_residuals_reads_the_tokens_residuals_as_the_codec_decodes_them(nbits, dim):
+    # (bytes a token at 4 bits: 8, 10 and 6, the last ones past the kernel's four-byte steps)
     rng = np.random.default_rng(nbits)
-    dim = 16
     codec = ResidualCodec.fit(_unit(rng.normal(size=(400, dim))), nbits, 8, seed=1)
     codes, residuals = codec.compress(_unit(rng.normal(size=(50, dim))))
     tokens = np.array([7, 0, 49, 7, 23], dtype=np.int64)
@@ -153,3 +153,48 @@ print(kernels.ENABLED, got.tolist())
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True [[4.0, 5.0]]"
+
+
+_FIRST_SEARCH = """
+import sys
+import numpy as np
+from embedding.codec import ResidualCodec
+from indexing import kernels
+from indexing.plaid import CentroidIndex
+rng = np.random.default_rng(0)
+x = rng.normal(size=(300, 16)).astype(np.float32)
+x /= np.linalg.norm(x, axis=1, keepdims=True)
+codec = ResidualCodec.fit(x, 2, 8, seed=1)
+codes, residuals = codec.compress(x)
+index = CentroidIndex.build(codec, [codes[i:i + 10] for i in range(0, 300, 10)],
+                            [residuals[i:i + 10] for i in range(0, 300, 10)])
+print("numba" in sys.modules)
+index.search(x[None, :4], 3)
+print("numba" in sys.modules, kernels.ENABLED)
+"""
+
+
+def test_the_engine_imports_numba_at_its_first_search_not_with_the_module():
+    # an index build or an embed job imports indexing.plaid and never searches: no numba for them
+    done = subprocess.run([sys.executable, "-c", _FIRST_SEARCH], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    before, after = done.stdout.split("\n")[:2]
+    assert before == "False"
+    assert after == ("True True" if kernels.ENABLED else "False False")
+
+
+@needs_numba
+def test_a_numba_that_cannot_be_imported_leaves_the_numpy_stages():
+    # installed (found) but failing at import, as a numba built for another numpy does
+    code = "import builtins\n" + """
+real = builtins.__import__
+def refuse(name, *args, **kwargs):
+    if name == "numba" or name.startswith("numba."):
+        raise ImportError("numba built for another numpy")
+    return real(name, *args, **kwargs)
+builtins.__import__ = refuse
+""" + _FIRST_SEARCH
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["False", "False False"]  # searched with numpy's stages

@@ -983,3 +983,29 @@ def test_the_centroid_stage_ranks_a_document_without_tokens_last(codec, encoded,
     scores = q[np.any(q != 0, axis=1)] @ codec.centroids.T
     for kept in (None, scores.max(axis=0) >= -1.0):
         assert sorted(index.centroid_filter(np.arange(7), scores, kept, 5).tolist()) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.skipif(not kernels.ENABLED, reason="numba not importable")
+def test_warm_loads_every_stage_a_search_then_uses(index, corpus):
+    # warm() searches twice (padded rows and not); later queries of any width, batched, split
+    # over threads or filtered, need no other compiled variant (none loaded or compiled then)
+    assert index.warm() > 0
+    loaded = kernels.loaded_variants()
+    assert set(loaded) == {"probe", "cell_maxima", "decode", "token_maxsum"} and min(loaded.values()) > 0
+    queries = corpus["queries"]
+    widths = [1, 2, 3, 5, 13, 16, 17, 19, 24, 32]
+    for width in widths:
+        index.search(queries[:1, :width], 10)
+        index.search(queries[1:2, :width], 10, SearchParams(ncells=2, centroid_score_threshold=0.6, ndocs=40,
+                                                            exact_tokens=100))
+    index.search(queries, 10, threads=2)
+    index.search(queries[:1], 10, threads=2)
+    index.search(queries[:3], 10, allowed=np.arange(0, N_DOCS, 3))
+    assert kernels.loaded_variants() == loaded
+
+
+def test_warm_is_nothing_to_do_for_the_numpy_stages_or_an_empty_index(index, monkeypatch):
+    empty = CentroidIndex.build(index.codec, [], [])
+    assert empty.warm() == 0.0
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert index.warm() == 0.0

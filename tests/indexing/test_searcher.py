@@ -26,7 +26,7 @@ from conftest import ensure_local_ray
 from embedding.codec import ResidualCodec
 from embedding.mrl import truncate
 from fixtures_models import MULTILINGUAL_TEXTS
-from indexing import dense
+from indexing import dense, kernels
 from indexing.index_files import open_centroid_index
 from indexing.plaid import CentroidIndex
 from indexing.searcher import IncompatibleEncoderError, Searcher, is_registered
@@ -259,6 +259,15 @@ def test_search_from_an_s3_root(store, s3_bucket):
 
 def _plaid_index(searcher: Searcher) -> CentroidIndex:
     return searcher.backend.index
+
+
+def test_opening_a_plaid_index_loads_its_compiled_stages_beside_the_encoder(store, caplog):
+    searcher = Searcher.open(store["root"], "t-plaid")
+    assert set(searcher.load_seconds) == {"index", "model", "kernels"}
+    if kernels.ENABLED:  # loaded in open(), not in the first query
+        assert searcher.load_seconds["kernels"] > 0
+        assert all(kernels.loaded_variants()[k] for k in ("probe", "cell_maxima", "token_maxsum"))
+    assert "compiled stages" not in caplog.text  # the warm-up did not fail
 
 
 def test_plaid_index_is_memory_mapped_and_searches_like_in_memory(store):
