@@ -259,7 +259,7 @@ def decode_residuals(byte_weights: np.ndarray, residuals: np.ndarray, tokens: np
 
 
 @_jit
-def _probe(table, norms, threshold, best_val, best_idx, kept):  # pragma: no cover (compiled)
+def _probe(table, bounds, best_val, best_idx, kept):  # pragma: no cover (compiled)
     n_rows, ncells = best_val.shape
     floor = np.full(n_rows, -np.inf, dtype=np.float32)  # each row's smallest value among its best
     for c in range(table.shape[0]):
@@ -267,7 +267,7 @@ def _probe(table, norms, threshold, best_val, best_idx, kept):  # pragma: no cov
         keep = False
         for j in range(n_rows):
             v = row[j]
-            if v / norms[j] >= threshold:
+            if v >= bounds[j]:
                 keep = True
             if v > floor[j]:  # an equal score ranks below the earlier centroid's: not taken
                 # out goes the smallest, the latest centroid of equal smallest ones
@@ -285,19 +285,19 @@ def _probe(table, norms, threshold, best_val, best_idx, kept):  # pragma: no cov
         kept[c] = keep
 
 
-def probe(table: np.ndarray, norms: np.ndarray, ncells: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def probe(table: np.ndarray, bounds: np.ndarray, ncells: int) -> tuple[np.ndarray, np.ndarray]:
     """Candidate cells and kept centroids of one query in one pass over its centroid scores.
 
-    ``table``: ``(n_centroids, rows)`` float32 scores (any row stride), ``norms`` the query
-    rows' norms, ``1 <= ncells < n_centroids``. Returns the sorted distinct centroids among
-    each row's ``ncells`` best (equal scores: the lower centroid first, as repeated
-    ``argmax`` takes them) and ``(n_centroids,)`` bool, whether some row's cosine
-    ``score / norm`` (float32) reaches ``threshold`` (compared as float32, as numpy
-    compares a float32 array with a Python float)."""
+    ``table``: ``(n_centroids, rows)`` float32 scores (any row stride), ``bounds`` each row's
+    float32 score to reach (``indexing.plaid``: the threshold times the row's norm),
+    ``1 <= ncells < n_centroids``. Returns the sorted distinct centroids among each row's
+    ``ncells`` best (equal scores: the lower centroid first, as repeated ``argmax`` takes
+    them) and ``(n_centroids,)`` bool, whether some row's score reaches its bound (as numpy's
+    ``(table >= bounds).any(axis=1)``)."""
     n_rows = table.shape[1]
     best_val = np.full((n_rows, ncells), -np.inf, dtype=np.float32)
     best_idx = np.full((n_rows, ncells), -1, dtype=np.int64)
     kept = np.empty(table.shape[0], dtype=bool)
-    _probe(table, np.ascontiguousarray(norms, dtype=np.float32), np.float32(threshold), best_val, best_idx, kept)
+    _probe(table, np.ascontiguousarray(bounds, dtype=np.float32), best_val, best_idx, kept)
     cells = np.unique(best_idx)
     return cells[cells >= 0], kept  # (-1: a slot no score filled, a NaN row's)

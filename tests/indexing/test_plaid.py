@@ -957,8 +957,8 @@ def test_zero_rows_padded_for_blas_change_no_result(index, corpus, monkeypatch, 
 
 def test_centroid_pruning_compares_a_merged_rows_cosine(index, corpus, plaid_messages):
     """Centroid pruning keeps a centroid whose cosine with some query row reaches the
-    threshold. A merged row is its group's sum: its scores are divided by its norm, so a
-    query whose every token is doubled keeps the centroids the plain query keeps (not
+    threshold. A merged row is its group's sum: its scores are compared with the threshold
+    times its norm, so a query whose every token is doubled keeps the centroids the plain query keeps (not
     every centroid its doubled scores would pass)."""
     queries = corpus["queries"].copy()
     doubled = np.concatenate([queries, queries], axis=1)        # every token twice: merged into one row each
