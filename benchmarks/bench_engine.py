@@ -1,0 +1,137 @@
+"""The PLAID engine alone: ``CentroidIndex.search`` of pre-encoded queries, code trees side by side.
+
+Each round runs every tree of ``--trees`` (checkouts: a ``git worktree`` of an older commit, and
+``.``) in a fresh process whose ``sys.path`` starts with that tree, one process at a time (never
+two at once), in the order given. A process opens the plaid index ``--index`` memory-mapped
+(``indexing.index_files.open_centroid_index``: no torch, no query encoder), searches ``--warmup``
+queries untimed (numba's kernels loaded), then times ``--n`` single-query searches at k=10 and the
+engine's defaults, at ``--threads`` (1: BLAS pinned to one thread; above: ``threads=N``, each query
+split over N threads as ``Searcher.retrieve`` does). Reported per tree: each round's median and
+mean ms a query, the median of the rounds' medians, and whether every tree returned the same
+positions for every query (a speed change must not be a results change).
+
+The queries are a ``.npy`` of ``(n, Lq, dim)`` float32 query matrices, e.g. the ``queries.npy``
+that ``bench_vs_colbert.py`` leaves in its ``--work`` folder::
+
+    git worktree add /tmp/base 157c3b2
+    flock /tmp/bench.lock .venv/bin/python benchmarks/bench_engine.py --root /tmp/vs-root \\
+        --index xqs2-plaid --queries /tmp/vs-work-xqs2/queries.npy --trees /tmp/base . \\
+        --threads 1 --rounds 3 --out benchmarks/results/engine_xqs2_t1_s33
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+K = 10
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", required=True, help="Tessera store root")
+    p.add_argument("--index", required=True, help="plaid index name")
+    p.add_argument("--queries", required=True, help=".npy of (n, Lq, dim) float32 query matrices")
+    p.add_argument("--trees", nargs="+", default=["."], help="code trees (checkouts), timed in this order")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--n", type=int, default=250, help="timed queries a pass (the first n of --queries)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--out", help="output stem: writes .json and .txt")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("threads", "rounds", "n"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Time the searches in this process (its ``sys.path`` starts with one tree)."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    import indexing
+    from indexing.index_files import open_centroid_index
+
+    cindex, _ = open_centroid_index(args.root, args.index)
+    Q = np.load(args.queries)[: args.warmup + args.n]
+    threads = args.threads if args.threads > 1 else None
+    seconds, ids = [], []
+    with threadpool_limits(1, user_api="blas"):
+        for q in Q[: args.warmup]:
+            cindex.search(q[None], K, threads=threads)
+        for q in Q[args.warmup:]:
+            start = time.perf_counter()
+            _, top = cindex.search(q[None], K, threads=threads)
+            seconds.append(time.perf_counter() - start)
+            ids.append(top[0].tolist())
+    return {"source": str(Path(indexing.__file__).resolve().parents[1]), "queries": len(seconds),
+            "median_ms": statistics.median(seconds) * 1e3, "mean_ms": statistics.fmean(seconds) * 1e3, "ids": ids}
+
+
+def run_tree(tree: Path, args: argparse.Namespace) -> dict:
+    path = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--root", args.root, "--index", args.index,
+           "--queries", args.queries, "--threads", str(args.threads), "--n", str(args.n),
+           "--warmup", str(args.warmup)]
+    done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{tree}: the search process failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if Path(out["source"]) != tree:
+        raise RuntimeError(f"{tree}: the process imported Tessera from {out['source']}, not from the tree")
+    return out
+
+
+def summarise(trees: list[str], passes: dict[str, list[dict]]) -> dict:
+    first = passes[trees[0]][0]["ids"]
+    same = all(p["ids"] == first for t in trees for p in passes[t])
+    return {"same_results": same,
+            "trees": {t: {"median_ms": statistics.median(p["median_ms"] for p in passes[t]),
+                          "round_medians_ms": [p["median_ms"] for p in passes[t]],
+                          "round_means_ms": [p["mean_ms"] for p in passes[t]]} for t in trees}}
+
+
+def table(result: dict) -> list[str]:
+    lines = [f"CentroidIndex.search alone: index {result['index']}, {result['queries']} queries a pass, "
+             f"{result['rounds']} round(s), {result['threads']} thread(s); trees in turn, a fresh process each",
+             f"{'tree':<40} {'median ms':>10}  rounds (median / mean ms)"]
+    for tree, r in result["summary"]["trees"].items():
+        rounds = ", ".join(f"{m:.2f} / {a:.2f}" for m, a in zip(r["round_medians_ms"], r["round_means_ms"]))
+        lines.append(f"{tree:<40} {r['median_ms']:>10.2f}  {rounds}")
+    lines.append(f"same top-{K} positions in every tree and round: {result['summary']['same_results']}")
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    trees = [str(Path(t).resolve()) for t in args.trees]
+    passes: dict[str, list[dict]] = {t: [] for t in trees}
+    for _ in range(args.rounds):
+        for tree in trees:
+            passes[tree].append(run_tree(Path(tree), args))
+    result = {"index": args.index, "queries": args.n, "rounds": args.rounds, "threads": args.threads,
+              "machine": {"cpus": os.cpu_count()}, "summary": summarise(trees, passes)}
+    lines = table(result)
+    print("\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    return 0 if result["summary"]["same_results"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
