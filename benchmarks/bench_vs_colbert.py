@@ -15,7 +15,9 @@ index exactly the float token vectors Tessera stores for a set:
    both engines: Tessera ``CentroidIndex.search`` at its k=10 defaults, colbert-ai
    ``IndexScorer.rank`` at the k=10 defaults of its ``Searcher.dense_search`` (ncells=1,
    centroid_score_threshold=0.5, ndocs=256), padding rows dropped;
-4. latency: the two engines alternate query by query (which goes first alternates too),
+4. latency: the two engines alternate query by query (which goes first alternates too;
+   ``--alternate pass``: a whole pass over the queries at a time, so that neither runs right
+   after the other, e.g. after colbert-ai's torch leaves OpenMP workers spinning at 2 threads),
    ``--rounds`` times, at ``--threads`` threads (torch, BLAS/OpenMP, faiss; above 1 Tessera's
    search is given ``threads=N`` and splits each query over them); median and
    p95 ms per query and the ratio Tessera / colbert-ai;
@@ -99,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="colbert-ai cells probed per query token (its k=10 default: 1; Tessera's: 4)")
     p.add_argument("--threads", type=int, default=1, help="threads of both engines (torch, BLAS, OpenMP, faiss)")
     p.add_argument("--rounds", type=int, default=3, help="timed passes over the queries")
+    p.add_argument("--alternate", choices=("query", "pass"), default="query",
+                   help="the engines take turns query by query (default) or a whole pass over the queries "
+                        "at a time (neither runs right after the other)")
     p.add_argument("--seed", type=int, default=12345, help="colbert-ai's sampling and k-means seed")
     p.add_argument("--out", help="output stem (default benchmarks/results/vs_colbert_<nbits>bit)")
     p.add_argument("--curve", nargs="*", metavar="NAME=V[,NAME=V]",
@@ -401,23 +406,37 @@ def thread_env(n: int) -> dict:
 
 
 # ---- the comparison ------------------------------------------------------------------
-def interleaved_latency(cindex, scorer, config, Q: np.ndarray, rounds: int):
-    """Per-query seconds of each engine, alternating engines query by query, and the
-    first round's top-10 positions of each."""
+def interleaved_latency(cindex, scorer, config, Q: np.ndarray, rounds: int, by: str = "query"):
+    """Per-query seconds of each engine and the first round's top-10 positions of each.
+
+    ``by="query"``: the engines alternate query by query (which goes first alternates too).
+    ``by="pass"``: they alternate a whole pass over the queries at a time (which goes first
+    alternates by round), so that neither runs right after the other: at more than one thread
+    colbert-ai's torch leaves its OpenMP workers spinning after each query, on the CPUs the
+    other engine's next query then shares (one process, query by query).
+    """
     cq = colbert_queries(Q)
     tessera_search(cindex, Q[0])  # warm-up
     colbert_search(scorer, config, cq[0])
     times = {"tessera": [], "colbert": []}
     tops = {"tessera": [], "colbert": []}
+
+    def run(engine: str, i: int, r: int) -> None:
+        t0 = time.perf_counter()
+        top = tessera_search(cindex, Q[i]) if engine == "tessera" else colbert_search(scorer, config, cq[i])
+        times[engine].append(time.perf_counter() - t0)
+        if r == 0:
+            tops[engine].append(list(top))
+
     for r in range(rounds):
-        for i in range(len(Q)):
-            order = ("tessera", "colbert") if (i + r) % 2 == 0 else ("colbert", "tessera")
-            for engine in order:
-                t0 = time.perf_counter()
-                top = tessera_search(cindex, Q[i]) if engine == "tessera" else colbert_search(scorer, config, cq[i])
-                times[engine].append(time.perf_counter() - t0)
-                if r == 0:
-                    tops[engine].append(list(top))
+        if by == "pass":
+            for engine in (("tessera", "colbert") if r % 2 == 0 else ("colbert", "tessera")):
+                for i in range(len(Q)):
+                    run(engine, i, r)
+        else:
+            for i in range(len(Q)):
+                for engine in (("tessera", "colbert") if (i + r) % 2 == 0 else ("colbert", "tessera")):
+                    run(engine, i, r)
         logger.info("round %d: tessera %.1f ms, colbert-ai %.1f ms (median so far)", r + 1,
                     np.median(times["tessera"]) * 1e3, np.median(times["colbert"]) * 1e3)
     return times, tops
@@ -567,7 +586,7 @@ def main(argv=None) -> int:
     cmeta = json.loads((cpath / "metadata.json").read_text())
     scorer, config = load_colbert(cpath, Q.shape[1], args.colbert_ncells)
 
-    times, tops = interleaved_latency(cindex, scorer, config, Q, args.rounds)
+    times, tops = interleaved_latency(cindex, scorer, config, Q, args.rounds, args.alternate)
     t_ids = to_ids(tops["tessera"], ids)
     c_ids = to_ids(tops["colbert"], ids)
     t_exact = to_ids(cindex.exact_maxsim(Q, K)[1], ids)
@@ -587,7 +606,7 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": False,
                     "threads": args.threads},
         "tessera_commit": tessera_commit(), "index": args.index, "set": source, "nbits": nbits,
-        "queries": len(qids), "rounds": args.rounds,
+        "queries": len(qids), "rounds": args.rounds, "alternate": args.alternate,
         "query_shape": list(Q.shape),
         "tessera": {"n_docs": cindex.n_docs, "n_tokens": cindex.n_tokens, "n_centroids": cindex.codec.n_centroids,
                     "params": dataclasses.asdict(SearchParams().resolved(K)), "index_bytes": cindex.nbytes(),
@@ -642,7 +661,8 @@ def table(r: dict) -> list[str]:
     t, c, ratio = r["tessera"], r["colbert"], r["ratios"]
     lines = [f"Tessera vs colbert-ai {c['version']} (IndexScorer.rank) at nbits {r['nbits']}: index {r['index']}, "
              f"{t['n_docs']} docs, {t['n_tokens']} tokens; {r['queries']} queries x {r['rounds']} rounds, "
-             f"interleaved; {r['machine']['threads']} thread(s) of {r['machine']['cpus']} CPUs, no GPU",
+             f"interleaved {'pass by pass' if r.get('alternate') == 'pass' else 'query by query'}; "
+             f"{r['machine']['threads']} thread(s) of {r['machine']['cpus']} CPUs, no GPU",
              f"{'':<22} {'Tessera':>10} {'colbert-ai':>10} {'ratio':>7}"]
 
     def row(name, a, b, fmt=".1f", ratio_value=None):

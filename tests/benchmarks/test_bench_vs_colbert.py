@@ -77,3 +77,25 @@ def test_interleaved_rotates_the_engines_and_keeps_first_round_tops():
     assert [e for e, i in timed[:9]] == list("abc" + "bca" + "cab")  # the first engine rotates
     assert all(len(t) == 6 for t in times.values())
     assert tops["b"] == [["b", 0], ["b", 1], ["b", 2]]
+
+
+@pytest.mark.parametrize("by", ["query", "pass"])
+def test_interleaved_latency_alternates_by_query_or_by_pass(by, monkeypatch):
+    import benchmarks.bench_vs_colbert as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "colbert_queries", lambda Q: list(Q))
+    monkeypatch.setattr(bench, "tessera_search", lambda cindex, q: calls.append(("tessera", int(q))) or [int(q)])
+    monkeypatch.setattr(bench, "colbert_search",
+                        lambda scorer, config, q: calls.append(("colbert", int(q))) or [int(q)])
+    times, tops = bench.interleaved_latency(None, None, None, np.arange(3), rounds=2, by=by)
+    timed = calls[2:]  # after one warm-up query each
+    if by == "query":  # the first engine alternates query by query and round by round
+        assert timed[:6] == [("tessera", 0), ("colbert", 0), ("colbert", 1), ("tessera", 1),
+                             ("tessera", 2), ("colbert", 2)]
+        assert timed[6:8] == [("colbert", 0), ("tessera", 0)]
+    else:  # a whole pass each, the first engine alternating round by round
+        assert [e for e, _ in timed] == ["tessera"] * 3 + ["colbert"] * 3 + ["colbert"] * 3 + ["tessera"] * 3
+        assert [i for _, i in timed[:3]] == [0, 1, 2]
+    assert all(len(t) == 6 for t in times.values())
+    assert tops == {"tessera": [[0], [1], [2]], "colbert": [[0], [1], [2]]}
