@@ -1534,7 +1534,7 @@ class CentroidIndex:
         """
         starts = self.doc_cell_offsets[docs]
         lengths = self.doc_cell_offsets[docs + 1] - starts
-        if kernels.ENABLED:
+        if kernels.ready():  # (centroid_filter's callers may not have searched yet)
             if table is None:
                 table = np.ascontiguousarray(centroid_scores.T)
             maxima = kernels.cell_maxima(table, self.doc_cells, starts, lengths, kept)
