@@ -1299,8 +1299,6 @@ class CentroidIndex:
             docs = self.candidates(centroid_scores, ncells, mask)
         n_candidates = len(docs)
         pruned = None
-        if not kernels.ENABLED:  # numpy's centroid stages build their own table from centroid_scores
-            table = None
         if not self._prunes_nothing(docs, kept):
             docs, pruned = self._filter_scored(docs, centroid_scores, kept, max(params.ndocs, n_exact), table)
         # (Pruning that would keep every candidate's every centroid, common with vectors
