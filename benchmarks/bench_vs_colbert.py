@@ -407,39 +407,11 @@ def thread_env(n: int) -> dict:
 
 # ---- the comparison ------------------------------------------------------------------
 def interleaved_latency(cindex, scorer, config, Q: np.ndarray, rounds: int, by: str = "query"):
-    """Per-query seconds of each engine and the first round's top-10 positions of each.
-
-    ``by="query"``: the engines alternate query by query (which goes first alternates too).
-    ``by="pass"``: they alternate a whole pass over the queries at a time (which goes first
-    alternates by round), so that neither runs right after the other: at more than one thread
-    colbert-ai's torch leaves its OpenMP workers spinning after each query, on the CPUs the
-    other engine's next query then shares (one process, query by query).
-    """
+    """Per-query seconds of each engine ("tessera", "colbert") and the first round's top-10
+    positions of each, the engines taking turns as :func:`interleaved` says (``by``)."""
     cq = colbert_queries(Q)
-    tessera_search(cindex, Q[0])  # warm-up
-    colbert_search(scorer, config, cq[0])
-    times = {"tessera": [], "colbert": []}
-    tops = {"tessera": [], "colbert": []}
-
-    def run(engine: str, i: int, r: int) -> None:
-        t0 = time.perf_counter()
-        top = tessera_search(cindex, Q[i]) if engine == "tessera" else colbert_search(scorer, config, cq[i])
-        times[engine].append(time.perf_counter() - t0)
-        if r == 0:
-            tops[engine].append(list(top))
-
-    for r in range(rounds):
-        if by == "pass":
-            for engine in (("tessera", "colbert") if r % 2 == 0 else ("colbert", "tessera")):
-                for i in range(len(Q)):
-                    run(engine, i, r)
-        else:
-            for i in range(len(Q)):
-                for engine in (("tessera", "colbert") if (i + r) % 2 == 0 else ("colbert", "tessera")):
-                    run(engine, i, r)
-        logger.info("round %d: tessera %.1f ms, colbert-ai %.1f ms (median so far)", r + 1,
-                    np.median(times["tessera"]) * 1e3, np.median(times["colbert"]) * 1e3)
-    return times, tops
+    return interleaved({"tessera": lambda i: tessera_search(cindex, Q[i]),
+                        "colbert": lambda i: colbert_search(scorer, config, cq[i])}, len(Q), rounds, by)
 
 
 CURVE_GRID = [f"ndocs={n},exact_tokens={t}" for n in (256, 128, 96, 64) for t in (8192, 4096, 2048)]
@@ -464,23 +436,41 @@ def parse_point(text: str) -> dict:
     return out
 
 
-def interleaved(engines: dict, n: int, rounds: int) -> tuple[dict, dict]:
-    """Seconds per query of each engine (``name -> fn(i) -> top ids``), the engines' order
-    rotating query by query, and the first round's tops."""
+def interleaved(engines: dict, n: int, rounds: int, by: str = "query") -> tuple[dict, dict]:
+    """Seconds per query of each engine (``name -> fn(i) -> top ids``) and the first round's tops.
+
+    ``by="query"``: the engines' order rotates query by query (and round by round).
+    ``by="pass"``: each engine runs a whole pass over the queries in turn, the first engine
+    rotating round by round, so that no engine's query runs right after another's: at more
+    than one thread colbert-ai's torch leaves its OpenMP workers spinning after each query,
+    on the CPUs the other engine's next query then shares (one process, query by query).
+    """
     names = list(engines)
     times = {e: [] for e in names}
     tops = {e: [] for e in names}
+
+    def run(e: str, i: int, r: int) -> None:
+        t0 = time.perf_counter()
+        top = engines[e](i)
+        times[e].append(time.perf_counter() - t0)
+        if r == 0:
+            tops[e].append(list(top))
+
     for e in names:
         engines[e](0)  # warm-up
     for r in range(rounds):
-        for i in range(n):
-            shift = (i + r) % len(names)
+        if by == "pass":
+            shift = r % len(names)
             for e in names[shift:] + names[:shift]:
-                t0 = time.perf_counter()
-                top = engines[e](i)
-                times[e].append(time.perf_counter() - t0)
-                if r == 0:
-                    tops[e].append(list(top))
+                for i in range(n):
+                    run(e, i, r)
+        else:
+            for i in range(n):
+                shift = (i + r) % len(names)
+                for e in names[shift:] + names[:shift]:
+                    run(e, i, r)
+        logger.info("round %d: %s (median ms so far)", r + 1,
+                    ", ".join(f"{e} {np.median(times[e]) * 1e3:.1f}" for e in names))
     return times, tops
 
 
