@@ -204,13 +204,15 @@ def ru_maxrss_mb() -> float:
 
 
 def pin_threads(n: int) -> None:
-    """Same thread count for torch, BLAS/OpenMP (threadpoolctl) and faiss."""
-    import faiss
+    """Same thread count for torch, BLAS/OpenMP (threadpoolctl) and faiss, where loaded (a
+    serving process imports neither for this: Tessera's imports torch at its first int8
+    search, with the thread count of the environment, :func:`thread_env`)."""
     from threadpoolctl import threadpool_limits
 
-    if "torch" in sys.modules:  # a Tessera serving process never imports it
+    if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
-    faiss.omp_set_num_threads(n)
+    if "faiss" in sys.modules:
+        sys.modules["faiss"].omp_set_num_threads(n)
     threadpool_limits(n)
 
 

@@ -28,7 +28,6 @@ import numpy as np
 
 from embedding.faiss_import import import_faiss
 
-faiss = import_faiss()  # a missing faiss names the extras that install it
 logger = logging.getLogger(__name__)
 
 SUPPORTED_NBITS = (1, 2, 4)
@@ -450,6 +449,7 @@ def _flat_centroids(
     """
     if device is not None:
         return _torch_kmeans(train, n_centroids, seed, niter, device, init=init)
+    faiss = import_faiss()  # here, not at import: a process that only decodes (a searcher) never loads it
     use_gpu = faiss.get_num_gpus() > 0
     kmeans = faiss.Kmeans(
         train.shape[1],
@@ -723,7 +723,7 @@ def resolve_kmeans(kind: str, device: "str | None" = None, flops: "float | None"
 def _cpu_bf16_pays(device: "str | None", flops: "float | None") -> bool:
     """A fit on this CPU (no torch ``device``, no faiss GPU) that multiplies bfloat16 natively,
     whose products (``flops``; None: any size) reach :data:`AUTO_BF16_MIN_FLOPS`."""
-    if device is not None or faiss.get_num_gpus() > 0:
+    if device is not None or import_faiss().get_num_gpus() > 0:
         return False
     if flops is not None and flops < AUTO_BF16_MIN_FLOPS:
         return False

@@ -146,6 +146,18 @@ def local_npy(base: Location, entry: FileEntry) -> str:
     return str(cached)
 
 
+def _int64s(column: pa.ChunkedArray, what: str) -> np.ndarray:
+    """An integer column without nulls as int64 numpy values, read from Arrow's buffer:
+    pyarrow's ``to_numpy`` imports pandas (~40 MB resident in a serving process that has
+    no other use for it)."""
+    values = column.combine_chunks()
+    if values.null_count or not pa.types.is_integer(values.type):
+        raise ValueError(f"{what}: expected integers without nulls, got {values.type} ({values.null_count} nulls)")
+    if values.type != pa.int64():
+        values = values.cast(pa.int64())
+    return np.frombuffer(values.buffers()[1], dtype=np.int64, count=len(values), offset=values.offset * 8)
+
+
 def read_ids(vdir: Location, manifest: IndexManifest) -> pa.StringArray:
     """Document ids by label, ``(n_labels,)``, from the version's ``ids.parquet``.
 
@@ -154,8 +166,11 @@ def read_ids(vdir: Location, manifest: IndexManifest) -> pa.StringArray:
     holes (null ids) and new ones are labelled from ``n_labels`` of the parent on.
     """
     entry = (entries(manifest, "ids") or [{"path": "ids.parquet"}])[0]
-    table = schemas.read_table(file_location(vdir, entry["path"]), columns=["pos", "id"]).sort_by("pos")
-    pos = table.column("pos").to_numpy()
+    table = schemas.read_table(file_location(vdir, entry["path"]), columns=["pos", "id"])
+    pos = _int64s(table.column("pos"), f"{vdir.url}/ids.parquet: pos")
+    if len(pos) and np.any(np.diff(pos) < 0):  # written in order; sorted here only if not (numpy:
+        order = np.argsort(pos, kind="stable")  # Arrow's sort loads its compute kernels, ~11 MB)
+        table, pos = table.take(pa.array(order)), pos[order]
     n_docs = manifest.get("n_docs")
     if n_docs is not None and n_docs != len(pos):
         raise ValueError(f"{vdir.url}: ids.parquet has {len(pos)} rows, the manifest says {n_docs} documents")

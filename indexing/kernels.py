@@ -18,6 +18,14 @@ stage returns its maxima and numpy sums them, as before), and the arithmetic is 
 float32 operations in the same order (no fused multiply-add: numba's default keeps IEEE
 order).
 
+With int8 products (:mod:`indexing.int8`) the exact stage runs other loops: the int8
+decode (:func:`decode_int8`), the scaling of an int32 product back to scores
+(:func:`dequantize`), the int8 scores' segment maxima (:func:`token_maxsum_int8`), and the
+float32 rescoring of the best documents (:func:`decode_vectors`, :func:`scaled_maxsum`). They
+have no numpy twin: int8 products need these stages (``products="auto"`` is float32 without
+them), and their float32 scores equal the float32 engine's to ~1e-6 (other sums, other
+order), not bit for bit.
+
 numba is a dependency; where it is not installed or cannot be imported, or with
 ``TESSERA_KERNELS=numpy`` in the environment at import, :data:`ENABLED` is False and the
 engine runs its numpy stages (the same results). numba is imported on a process's first search
@@ -84,8 +92,9 @@ class _Kernel:
     """A loop compiled by numba on its first call (nogil, no bounds checks, cached on disk
     where numba finds a writable place: beside this file, else its user cache)."""
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn, fastmath: "frozenset[str] | None" = None) -> None:
         self.py_func = fn
+        self.fastmath = fastmath
         self._compiled = None
 
     def __call__(self, *args):
@@ -99,21 +108,29 @@ class _Kernel:
             if self._compiled is None:
                 if not ready():
                     raise RuntimeError(f"{self.py_func.__name__}: numba is not importable ({ENV}, ENABLED)")
+                options = {"nogil": True, "boundscheck": False}
+                if self.fastmath:
+                    options["fastmath"] = set(self.fastmath)
                 try:
-                    self._compiled = _numba.njit(nogil=True, cache=True, boundscheck=False)(self.py_func)
+                    self._compiled = _numba.njit(cache=True, **options)(self.py_func)
                 except RuntimeError as err:  # "cannot cache function ...: no locator available"
                     logger.info("numba cannot cache %s (%s): it compiles in each process", self.py_func.__name__, err)
-                    self._compiled = _numba.njit(nogil=True, boundscheck=False)(self.py_func)
+                    self._compiled = _numba.njit(**options)(self.py_func)
             return self._compiled
 
 
 _KERNELS: "list[_Kernel]" = []
 
 
-def _jit(fn) -> _Kernel:
-    kernel = _Kernel(fn)
-    _KERNELS.append(kernel)
-    return kernel
+def _jit(fn=None, *, fastmath: "frozenset[str] | None" = None):
+    """Register ``fn`` as a :class:`_Kernel` (``@_jit``, or ``@_jit(fastmath=...)`` for LLVM's
+    fast-math flags: reassociated sums, fused multiply-adds)."""
+    def wrap(f) -> _Kernel:
+        kernel = _Kernel(f, fastmath)
+        _KERNELS.append(kernel)
+        return kernel
+
+    return wrap if fn is None else wrap(fn)
 
 
 def loaded_variants() -> dict[str, int]:
@@ -301,3 +318,129 @@ def probe(table: np.ndarray, bounds: np.ndarray, ncells: int) -> tuple[np.ndarra
     _probe(table, np.ascontiguousarray(bounds, dtype=np.float32), best_val, best_idx, kept)
     cells = np.unique(best_idx)
     return cells[cells >= 0], kept  # (-1: a slot no score filled, a NaN row's)
+
+
+# ---- the int8 products' stages (indexing.int8) -------------------------------------------
+
+
+@_jit
+def _dequantize(products, row_scales, col_scales, out):  # pragma: no cover (compiled)
+    for i in range(products.shape[0]):
+        r = row_scales[i]
+        for j in range(products.shape[1]):
+            out[i, j] = np.float32(products[i, j]) * r * col_scales[j]
+
+
+def dequantize(products: np.ndarray, row_scales: np.ndarray, col_scales: np.ndarray) -> np.ndarray:
+    """``(n, m)`` float32 ``products[i, j] * row_scales[i] * col_scales[j]`` (float32 arithmetic in
+    that order) of an int32 product of row-scaled int8 matrices: the scores it stands for."""
+    out = np.empty(products.shape, dtype=np.float32)
+    if out.size:
+        _dequantize(products, row_scales, col_scales, out)
+    return out
+
+
+def decode_int8(table: np.ndarray, residuals: np.ndarray, tokens: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The int8 decoded residuals of ``tokens`` (positions in ``residuals``), written to ``out``
+    ``(len(tokens), bytes * per_byte)`` int8 and returned: each stored byte's row of ``table``
+    ``(256, per_byte)`` int8 (:func:`indexing.int8.quantize_table` of the codec's byte table),
+    copied as one 2-, 4- or 8-byte word."""
+    words = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[table.shape[1]]
+    if len(tokens):
+        _decode(table.view(words), residuals, tokens, out.view(words))
+    return out
+
+
+@_jit
+def _token_maxsum_int8(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out,
+                       magnitudes):  # pragma: no cover (compiled)
+    n_rows = row_scales.shape[0]
+    best = np.empty(n_rows, dtype=np.float32)
+    t = 0
+    for d in range(len(lengths)):
+        best[:] = -np.inf
+        for _ in range(lengths[d]):
+            token = tokens[t]
+            row = scores_t[codes[token]]
+            s = inv_norms[token]
+            for j in range(n_rows):
+                best[j] = max(best[j], (np.float32(products[t, j]) * row_scales[j] + row[j]) * s)
+            t += 1
+        total = best[0]
+        size = abs(best[0])
+        for j in range(1, n_rows):
+            total += best[j]
+            size += abs(best[j])
+        out[d] = total
+        magnitudes[d] = size
+
+
+def token_maxsum_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, codes: np.ndarray,
+                      inv_norms: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, out: np.ndarray,
+                      magnitudes: np.ndarray) -> None:
+    """The exact stage's approximate MaxSim from an int8 residual product: token ``t`` scores
+    ``(products[t, j] * row_scales[j] + scores_t[codes[tokens[t]], j]) * inv_norms[tokens[t]]``
+    against query row ``j < len(row_scales)`` (``products`` ``(len(tokens), >= rows)`` int32).
+    Writes each document's sum over rows of its tokens' maxima to ``out`` and the sum of those
+    maxima's absolute values to ``magnitudes``."""
+    if len(lengths) and len(row_scales):
+        _token_maxsum_int8(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out, magnitudes)
+    elif len(lengths):
+        out[:] = 0.0
+        magnitudes[:] = 0.0
+
+
+@_jit
+def _add_centroids(centroids, codes, tokens, out):  # pragma: no cover (compiled)
+    dim = out.shape[1]
+    for i in range(len(tokens)):
+        centroid = centroids[codes[tokens[i]]]
+        row = out[i]
+        for e in range(dim):
+            row[e] += centroid[e]
+
+
+@_jit
+def _scaled_maxsum(products, scales, lengths, out):  # pragma: no cover (compiled)
+    n_rows = products.shape[1]
+    best = np.empty(n_rows, dtype=np.float32)
+    t = 0
+    for d in range(len(lengths)):
+        best[:] = -np.inf
+        for _ in range(lengths[d]):
+            s = scales[t]
+            for j in range(n_rows):
+                best[j] = max(best[j], products[t, j] * s)
+            t += 1
+        total = best[0]
+        for j in range(1, n_rows):
+            total += best[j]
+        out[d] = total
+
+
+def scaled_maxsum(products: np.ndarray, scales: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``(len(lengths),)`` float32 MaxSim of consecutive documents of ``lengths`` tokens from their
+    tokens' scores ``products[t, j] * scales[t]`` (``(T, rows)``; each length >= 1): the sum over
+    the rows of each document's maxima."""
+    out = np.empty(len(lengths), dtype=np.float32)
+    if len(lengths) and products.shape[1]:
+        _scaled_maxsum(products, scales, lengths, out)
+    elif len(lengths):
+        out[:] = 0.0
+    return out
+
+
+def decode_vectors(centroids: np.ndarray, codes: np.ndarray, byte_weights: np.ndarray, residuals: np.ndarray,
+                   tokens: np.ndarray) -> np.ndarray:
+    """``(len(tokens), dim)`` float32 decompressed token vectors, not normalised: each token's
+    centroid (``centroids[codes[token]]``) plus its residual bytes' rows of ``byte_weights``
+    (``ResidualCodec.byte_weights``), as ``ResidualCodec.decompress(..., normalize=False)``."""
+    dim = centroids.shape[1]
+    width = residuals.shape[1] * byte_weights.shape[1]
+    out = np.empty((len(tokens), width), dtype=np.float32)
+    if len(tokens):
+        decode_residuals(byte_weights, residuals, tokens, out)  # the residuals (and a last byte's padding)
+        if width != dim:
+            out = np.ascontiguousarray(out[:, :dim])
+        _add_centroids(centroids, codes, tokens, out)
+    return out[:, :dim]

@@ -57,7 +57,7 @@ from typing import Iterator
 import numpy as np
 
 from embedding.codec import ResidualCodec, cpu_flags
-from indexing import kernels
+from indexing import int8, kernels
 from indexing.threads import check_threads, controller  # noqa: F401  (check_threads: re-exported)
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,10 @@ INTERACTION_CELLS = 4096
 # product then reads back from the core's cache: ~15% faster per query than 4,096 (XQuAD,
 # 2 and 4 bits, interleaved; 512 and 2,048 were slower).
 _EXACT_TOKENS = 1024
+# The same with int8 products (indexing.int8): 4,096 tokens decode 1.5 MiB of int8 residuals.
+# 1,024 to 16,384 were within 3% of each other (1 thread, medians of 3 passes: XQuAD
+# sentences 2.68-2.73 ms a query, paragraphs 3.85-3.99, Tatoeba 2.09-2.15).
+_INT8_EXACT_TOKENS = 4096
 #: A single query searched with ``threads >= 2`` splits its centroid product and exact stage
 #: over the threads (:class:`_Split`), in parts of at least this much work each (a part
 #: handed to another thread costs ~30-60 us): centroid rows of the product, tokens of the
@@ -269,6 +273,13 @@ class SearchParams:
         near copies of each other (me5-small: of 32 tokens ~19 are distinct at cosine 0.99
         on XQuAD questions, ~14 on Tatoeba sentences). An approximation of MaxSim
         (:data:`MERGE_TOKENS` says what it costs); ``inf`` merges nothing.
+    products : str, optional
+        How the two large products (query rows by every centroid, by the exact stage's
+        residuals) are computed: ``float32`` (numpy's BLAS), ``int8`` (torch's ``_int_mm``,
+        AMX: :mod:`indexing.int8`; the exact stage's results are rescored in float32), or
+        ``auto``: int8 where the compiled stages run, torch is installed and the CPU has AMX
+        int8, else float32. None: ``TESSERA_PLAID_PRODUCTS`` where set, else ``auto``. int8
+        imports torch into the process.
     """
 
     ncells: int | None = None
@@ -279,8 +290,11 @@ class SearchParams:
     exact_margin: float | None = None
     merge_tokens: float | None = None
     exact_gap_quantile: float | None = None
+    products: str | None = None
 
     def __post_init__(self) -> None:
+        if self.products is not None and self.products not in int8.CHOICES:
+            raise ValueError(f"products must be one of {', '.join(int8.CHOICES)} or None, got {self.products!r}")
         _check_positive_int(self.ncells, "ncells")
         _check_positive_int(self.ndocs, "ndocs")
         _check_positive_int(self.exact_tokens, "exact_tokens")
@@ -303,13 +317,16 @@ class SearchParams:
     def resolved(self, k: int) -> "SearchParams":
         """Copy with every ``None`` search knob replaced by ``plaid_defaults(k)``.
 
-        ``dim`` stays as given (None means the full dimension).
+        ``dim`` stays as given (None means the full dimension); ``products`` becomes
+        ``float32`` or ``int8``, what this process runs (:func:`indexing.int8.resolve`).
         """
         defaults = plaid_defaults(k)
         filled = {
             name: value if getattr(self, name) is None else getattr(self, name)
             for name, value in defaults.items()
         }
+        # ``products`` as this process runs it: float32 or int8 (``auto`` resolved here)
+        filled["products"] = int8.resolve(self.products, kernels.ENABLED)
         return replace(self, **filled)
 
 
@@ -1092,13 +1109,17 @@ class CentroidIndex:
         mask = self._allowed_mask(allowed)
         n_searchable = len(self._searchable_docs(mask))
         n_exact = self._n_exact(params, k)
-        centroids = self._centroids(dim)
+        centroids = self._centroids(dim) if params.products == "float32" else self.codec.centroids
         nq, lq = queries.shape[:2]
         results: list[tuple[np.ndarray, np.ndarray]] = []
-        with _thread_limit(threads), _query_pool(threads, nq) as pool:
+        products = int8.one_thread() if params.products == "int8" else contextlib.nullcontext()
+        with _thread_limit(threads), products, _query_pool(threads, nq) as pool:
             # A batch goes over the threads query by query; a single query splits its own
-            # stages over them.
-            split = _split(threads, nq)
+            # stages over them -- with float32 products only: with int8 ones a split query
+            # took longer than a whole one (XQuAD sentences, 2 threads: 2.9-3.0 ms against
+            # 2.7 at one thread), its products now ~0.1-0.3 ms, near what handing a part to
+            # another thread costs.
+            split = _split(threads, nq) if params.products == "float32" else None
             # Centroid scores for a block of queries in one matrix product (BLAS
             # is most efficient on many rows); the later stages go query by query.
             block = max(1, _STAGE_BUDGET // max(1, lq * len(centroids)))
@@ -1108,7 +1129,10 @@ class CentroidIndex:
                 merged = [merge_query_tokens(q, params.merge_tokens) for q in queries[begin : begin + block]]
                 part = [_pad_rows(q, padded_rows(len(q))) for q in merged]
                 ends = np.cumsum([len(q) for q in part])
-                scores_t = _centroid_product(centroids, np.concatenate(part).T, split)
+                if params.products == "int8":
+                    scores_t = self._int8_centroid_scores(dim, np.concatenate(part))
+                else:
+                    scores_t = _centroid_product(centroids, np.concatenate(part).T, split)
                 args = [
                     (q, len(m), _query_columns(scores_t, int(end) - len(q), int(end)), params, k, dim,
                      mask, n_searchable, n_exact, split)
@@ -1315,6 +1339,9 @@ class CentroidIndex:
             "plaid query: %d candidates, %d after centroid stages, %d/%d centroids kept",
             n_candidates, len(docs), int(kept.sum()), len(kept),
         )
+        if params.products == "int8" and dim == self.codec.dim:
+            return self._int8_exact_top_k(q[:n_live], scores_t, docs, approx, k, params.exact_margin,
+                                          params.exact_gap_quantile)
         return self._exact_top_k(q, scores_t, docs, approx, dim, k, params.exact_margin, split,
                                  params.exact_gap_quantile)
 
@@ -1347,6 +1374,129 @@ class CentroidIndex:
         logger.debug("plaid exact stage: %d of %d documents scored", first + len(rest), len(docs))
         scores = np.concatenate([head, self._exact_scores(q, scores_t, rest, dim, split)])
         return _top_k(scores, np.concatenate([docs[:first], rest]), k)
+
+    # -- the int8 products (indexing.int8) --------------------------------------
+
+    def _int8_centroids(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """The prefix-``dim`` centroids as int8 rows and their float32 scales (cached)."""
+        cached = self._cache.get(("int8-centroids", dim))
+        if cached is None:
+            cached = int8.quantize_rows(_prefix(self.codec.centroids, dim))
+            self._cache[("int8-centroids", dim)] = cached
+        return cached
+
+    def _int8_table(self) -> tuple[np.ndarray, np.float32]:
+        """The codec's residual byte table as int8 and its scale (cached)."""
+        cached = self._cache.get("int8-table")
+        if cached is None:
+            cached = self._cache["int8-table"] = int8.quantize_table(self.codec.byte_weights)
+        return cached
+
+    def _int8_centroid_scores(self, dim: int, rows: np.ndarray) -> np.ndarray:
+        """``(n_centroids, len(rows))`` float32 centroid scores of query ``rows`` from one int8
+        product (each centroid and each row on its own scale)."""
+        c8, c_scales = self._int8_centroids(dim)
+        q8, q_scales = int8.quantize_rows(rows)
+        return kernels.dequantize(int8.int_mm(c8, q8.T), c_scales, q_scales)
+
+    def _int8_approx(self, q8_t: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, docs: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The exact stage's int8 scores of ``docs`` and their magnitudes (the sums of the
+        rows' absolute maxima; :func:`indexing.kernels.token_maxsum_int8`), in blocks of
+        :data:`_INT8_EXACT_TOKENS` tokens: each decoded to int8, multiplied by ``q8_t``
+        (``(width, rows)`` int8) into int32, reduced."""
+        lengths = self._lengths(docs)
+        tokens = self._token_ids(docs)
+        n = len(docs)
+        out = np.empty(n, dtype=np.float32)
+        magnitudes = np.empty(n, dtype=np.float32)
+        if n == 0:
+            return out, magnitudes
+        table, _ = self._int8_table()
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        chunks = list(_doc_chunks(lengths, _INT8_EXACT_TOKENS))
+        buffer = np.empty((max(int(offsets[c.stop] - offsets[c.start]) for c in chunks), q8_t.shape[0]),
+                          dtype=np.int8)
+        for chunk in chunks:
+            lo, hi = int(offsets[chunk.start]), int(offsets[chunk.stop])
+            decoded = kernels.decode_int8(table, self.residuals, tokens[lo:hi], buffer[: hi - lo])
+            kernels.token_maxsum_int8(int8.int_mm(decoded, q8_t), row_scales, scores_t, self.codes,
+                                      self.token_inv_norms, tokens[lo:hi], lengths[chunk], out[chunk],
+                                      magnitudes[chunk])
+        return out, magnitudes
+
+    def _float32_maxsim(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
+        """``(len(docs),)`` float32 MaxSim of ``q`` against ``docs``' decompressed tokens: each
+        token's centroid plus residual (:func:`indexing.kernels.decode_vectors`) times ``q``,
+        scaled by its stored inverse norm -- the float32 engine's scores, without its centroid
+        product."""
+        lengths = self._lengths(docs)
+        tokens = self._token_ids(docs)
+        vectors = kernels.decode_vectors(self.codec.centroids, self.codes, self.codec.byte_weights,
+                                         self.residuals, tokens)
+        return kernels.scaled_maxsum(vectors @ q.T, self.token_inv_norms[tokens], lengths)
+
+    def _int8_exact_top_k(
+        self,
+        q: np.ndarray,
+        scores_t: np.ndarray,
+        docs: np.ndarray,
+        approx: "np.ndarray | None",
+        k: int,
+        margin: float,
+        gap_quantile: float = EXACT_GAP_QUANTILE,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_exact_top_k` with int8 products: the documents' exact-stage scores from int8
+        residual products (with the int8 centroid scores of ``scores_t``), the same early end
+        (on those scores), then the top ``k`` of them rescored in float32 (:meth:`_float32_maxsim`),
+        and every other document whose int8 score plus :data:`indexing.int8.REFINE_MARGIN` of
+        its magnitude reaches the k-th best float32 score: the results' scores are float32
+        MaxSim. ``q`` holds the query's live rows only (no padding)."""
+        if len(docs) == 0:
+            return np.empty(0, dtype=np.float32), docs
+        table, table_scale = self._int8_table()
+        q8, q_scales = int8.quantize_rows(q)
+        width = self.residuals.shape[1] * table.shape[1]
+        if width != q8.shape[1]:  # the last byte's unused values multiply zero columns
+            q8 = np.pad(q8, ((0, 0), (0, width - q8.shape[1])))
+        q8_t = q8.T
+        row_scales = (q_scales * table_scale).astype(np.float32)
+        first = max(2 * k, len(docs) * 3 // 8)
+        scored = []  # (docs, (scores, magnitudes)) of each pass
+        if approx is None or not math.isfinite(margin) or len(docs) <= first:
+            scored.append((docs, self._int8_approx(q8_t, row_scales, scores_t, docs)))
+        else:
+            head = self._int8_approx(q8_t, row_scales, scores_t, docs[:first])
+            scored.append((docs[:first], head))
+            kth = np.partition(head[0], len(head[0]) - k)[len(head[0]) - k]
+            gaps = head[0] - approx[:first]
+            gap = float(np.max(gaps))
+            if gap_quantile < 1 and math.isfinite(gap):
+                gap = float(np.quantile(gaps, gap_quantile))
+            reach = approx[first:] + gap + margin * abs(float(kth))
+            rest = docs[first:][reach >= kth]
+            if len(rest):
+                scored.append((rest, self._int8_approx(q8_t, row_scales, scores_t, rest)))
+        logger.debug("plaid exact stage (int8): %d of %d documents scored", sum(len(d) for d, _ in scored), len(docs))
+        scores = np.concatenate([a[0] for _, a in scored])
+        reach = scores + np.float32(int8.REFINE_MARGIN) * np.concatenate([a[1] for _, a in scored])
+        ids = np.concatenate([d for d, _ in scored])
+        exact = np.full(len(scores), -np.inf, dtype=np.float32)
+        refined = np.zeros(len(scores), dtype=bool)
+
+        def refine(which: np.ndarray) -> None:
+            exact[which] = self._float32_maxsim(q, ids[which])
+            refined[which] = True
+
+        n_top = min(k, len(scores))
+        refine(np.argpartition(-scores, n_top - 1)[:n_top])
+        kth = float(np.min(exact[refined]))  # the k-th best float32 score so far
+        more = np.flatnonzero(~refined & (reach >= kth))
+        if len(more):
+            refine(more)
+        logger.debug("plaid exact stage (int8): %d documents rescored in float32", int(refined.sum()))
+        return _top_k(exact[refined], ids[refined], k)
 
     def _exact_scores(
         self, q: np.ndarray, scores_t: np.ndarray, docs: np.ndarray, dim: int, split: "_Split | None" = None

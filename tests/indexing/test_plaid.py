@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedding.codec import ResidualCodec
-from indexing import kernels, plaid
+from indexing import int8, kernels, plaid
 from indexing.plaid import (
     ARRAY_KEYS,
     DERIVED_KEYS,
@@ -40,6 +40,26 @@ N_QUERIES = 12
 LQ = 32
 NO_PRUNING = SearchParams(ncells=N_CENTROIDS, centroid_score_threshold=-math.inf, ndocs=4 * N_DOCS,
                           exact_margin=math.inf)
+
+
+@pytest.fixture(scope="module", autouse=True, params=["float32", "int8"])
+def products(request) -> Iterator[str]:
+    """Every test runs with each of the engine's products (``TESSERA_PLAID_PRODUCTS``: what
+    ``SearchParams()`` means): numpy's float32 BLAS, and int8 through torch (where numba and
+    torch are installed: int8 runs on any CPU, ``auto`` picks it only with AMX)."""
+    if request.param == "int8" and not (kernels.ENABLED and int8.installed()):
+        pytest.skip("int8 products need numba and torch")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(int8.ENV, request.param)
+        yield request.param
+
+
+@pytest.fixture
+def float32_only(products) -> None:
+    """A test of the float32 engine's own stages (bit-for-bit numpy answers, a query split
+    over threads): int8 products neither split a query nor run numpy's stages."""
+    if products != "float32":
+        pytest.skip("a property of the float32 products' stages")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -147,11 +167,12 @@ def test_plaid_defaults(k, expected):
     assert resolved.dim is None
 
 
-def test_resolved_keeps_explicit_values():
+def test_resolved_keeps_explicit_values(products):
     params = SearchParams(ncells=3, dim=16).resolved(5)
     assert params == SearchParams(ncells=3, centroid_score_threshold=0.5, ndocs=256, dim=16, exact_tokens=8192,
                                   exact_margin=EXACT_MARGIN, merge_tokens=MERGE_TOKENS,
-                                  exact_gap_quantile=EXACT_GAP_QUANTILE)
+                                  exact_gap_quantile=EXACT_GAP_QUANTILE, products=products)
+    assert SearchParams(products="float32").resolved(5).products == "float32"
 
 
 # -- exactness ---------------------------------------------------------------
@@ -506,7 +527,7 @@ def test_a_narrow_filter_still_returns_k_results(index, corpus):
     assert (ids >= 0).all() and np.isin(ids, allowed).all()
 
 
-def test_a_filter_widens_the_probe_to_the_exact_stage_size(index, corpus, monkeypatch):
+def test_a_filter_widens_the_probe_to_the_exact_stage_size(index, corpus, monkeypatch, float32_only):
     """Under a filter the probe widens until it holds ``max(k, ndocs // 4)`` allowed documents
     (or all of them): the exact stage then sees the allowed documents nearest each query."""
     queries = corpus["queries"]
@@ -594,7 +615,7 @@ def test_memory_mapped_arrays_search_like_in_memory_ones(index, corpus, tmp_path
 @pytest.mark.parametrize("params", [SearchParams(), NO_PRUNING,
                                     SearchParams(ncells=2, centroid_score_threshold=0.6, ndocs=40, exact_tokens=100)],
                          ids=["defaults", "no-pruning", "centroid-stages"])
-def test_compiled_stages_give_numpy_results_bit_for_bit(index, corpus, params, monkeypatch):
+def test_compiled_stages_give_numpy_results_bit_for_bit(index, corpus, params, monkeypatch, float32_only):
     queries = corpus["queries"]
     allowed = np.arange(0, N_DOCS, 3)
     calls = {"cell_maxima": 0, "token_maxsum": 0, "probe": 0}
@@ -665,7 +686,8 @@ def split_small(monkeypatch):
 @pytest.mark.parametrize("params", [SearchParams(), SearchParams(ndocs=40, exact_tokens=100, ncells=2,
                                                                  centroid_score_threshold=0.6)],
                          ids=["defaults", "centroid-stages"])
-def test_a_single_query_split_over_threads_gives_the_one_thread_results(index, corpus, split_small, params):
+def test_a_single_query_split_over_threads_gives_the_one_thread_results(index, corpus, split_small, params,
+                                                                       float32_only):
     queries = corpus["queries"]
     expected = [index.search(q[None], 10, params, threads=1) for q in queries]
     split_small.clear()
@@ -684,7 +706,7 @@ def test_a_single_query_split_over_threads_gives_the_one_thread_results(index, c
                          (np.concatenate([s for s, _ in expected]), np.concatenate([i for _, i in expected])))
 
 
-def test_a_split_centroid_product_scores_as_the_whole(index, corpus, monkeypatch):
+def test_a_split_centroid_product_scores_as_the_whole(index, corpus, monkeypatch, float32_only):
     # parts of 8 of the 64 centroids (real parts are >= 1,024 rows, whose products are bit
     # for bit the whole one's; parts this small may take another BLAS kernel and round apart)
     monkeypatch.setattr(plaid, "SPLIT_MIN_CENTROIDS", 8)
@@ -692,7 +714,7 @@ def test_a_split_centroid_product_scores_as_the_whole(index, corpus, monkeypatch
         _assert_same_results(index.search(q[None], 10, threads=2), index.search(q[None], 10, threads=1))
 
 
-def test_a_failing_part_of_a_split_query_fails_the_search(index, corpus, split_small, monkeypatch):
+def test_a_failing_part_of_a_split_query_fails_the_search(index, corpus, split_small, monkeypatch, float32_only):
     original = vars(CentroidIndex)["_exact_block"]
 
     def fail_in_pool(self, *args):
@@ -838,7 +860,8 @@ def test_early_termination_scores_fewer_documents_for_the_same_top_k(index, corp
     def search_counting(params):
         plaid_messages.messages.clear()
         out = index.search(corpus["queries"], 5, params)
-        counts = [re.search(r"exact stage: (\d+) of (\d+) documents scored", m) for m in plaid_messages.messages]
+        counts = [re.search(r"exact stage(?: \(int8\))?: (\d+) of (\d+) documents scored", m)
+                  for m in plaid_messages.messages]
         counts = [tuple(map(int, m.groups())) for m in counts if m]
         assert len(counts) == N_QUERIES
         return out, sum(c[0] for c in counts), sum(c[1] for c in counts)
@@ -927,7 +950,7 @@ def test_padded_rows_rounds_the_remainder_up_to_a_power_of_two():
 
 
 @pytest.mark.parametrize("threads", [None, 2])
-def test_zero_rows_padded_for_blas_change_no_result(index, corpus, monkeypatch, plaid_messages, threads):
+def test_zero_rows_padded_for_blas_change_no_result(index, corpus, monkeypatch, plaid_messages, threads, products):
     """The engine pads every query's rows with zero rows up to a width BLAS multiplies
     fastest: the same candidates and stages, the same documents in the same order with
     the same scores as unpadded, whatever the number of live rows (a batch and single
@@ -949,7 +972,8 @@ def test_zero_rows_padded_for_blas_change_no_result(index, corpus, monkeypatch, 
         with monkeypatch.context() as patch:
             patch.setattr(plaid, "padded_rows", lambda n, block=16: n)
             plain, plain_log = search(params)
-        assert padded_log == plain_log and len(plain_log) == 2 * len(queries)
+        # (two lines a query, candidates and the exact stage; int8's a third, the documents rescored)
+        assert padded_log == plain_log and len(plain_log) == (2 if products == "float32" else 3) * len(queries)
         np.testing.assert_array_equal(padded[1], plain[1])
         np.testing.assert_allclose(padded[0], plain[0], rtol=1e-6)
         np.testing.assert_array_equal(np.concatenate([s[1] for s in singles]), plain[1])
@@ -986,12 +1010,14 @@ def test_the_centroid_stage_ranks_a_document_without_tokens_last(codec, encoded,
 
 
 @pytest.mark.skipif(not kernels.ENABLED, reason="numba not importable")
-def test_warm_loads_every_stage_a_search_then_uses(index, corpus):
+def test_warm_loads_every_stage_a_search_then_uses(index, corpus, products):
     # warm() searches twice (padded rows and not); later queries of any width, batched, split
     # over threads or filtered, need no other compiled variant (none loaded or compiled then)
     assert index.warm() > 0
     loaded = kernels.loaded_variants()
-    assert set(loaded) == {"probe", "cell_maxima", "decode", "token_maxsum"} and min(loaded.values()) > 0
+    used = {"probe", "cell_maxima", "decode"} | ({"token_maxsum"} if products == "float32" else
+                                                 {"dequantize", "token_maxsum_int8", "add_centroids", "scaled_maxsum"})
+    assert {name for name, n in loaded.items() if n} >= used
     queries = corpus["queries"]
     widths = [1, 2, 3, 5, 13, 16, 17, 19, 24, 32]
     for width in widths:

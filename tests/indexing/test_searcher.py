@@ -26,9 +26,9 @@ from conftest import ensure_local_ray
 from embedding.codec import ResidualCodec
 from embedding.mrl import truncate
 from fixtures_models import MULTILINGUAL_TEXTS
-from indexing import dense, kernels
+from indexing import dense, int8, kernels
 from indexing.index_files import open_centroid_index
-from indexing.plaid import CentroidIndex
+from indexing.plaid import CentroidIndex, SearchParams
 from indexing.searcher import IncompatibleEncoderError, Searcher, is_registered
 from jobs.embed import EmbedConfig
 from jobs.embed import run as embed
@@ -266,7 +266,9 @@ def test_opening_a_plaid_index_loads_its_compiled_stages_beside_the_encoder(stor
     assert set(searcher.load_seconds) == {"index", "model", "kernels"}
     if kernels.ENABLED:  # loaded in open(), not in the first query
         assert searcher.load_seconds["kernels"] > 0
-        assert all(kernels.loaded_variants()[k] for k in ("probe", "cell_maxima", "token_maxsum"))
+        mode = SearchParams().resolved(10).products  # int8 on a CPU with AMX (and torch), else float32
+        final = "token_maxsum" if mode == "float32" else "token_maxsum_int8"
+        assert all(kernels.loaded_variants()[k] for k in ("probe", "cell_maxima", final))
     assert "compiled stages" not in caplog.text  # the warm-up did not fail
 
 
@@ -287,21 +289,31 @@ def test_plaid_index_is_memory_mapped_and_searches_like_in_memory(store):
         Searcher.open(store["root"], "t-plaid", threads=0)
 
 
-def test_open_centroid_index_serves_without_torch(store):
-    """A process serving pre-encoded queries maps the index and never imports torch."""
+@pytest.mark.parametrize("products", ["float32", "int8"])
+def test_open_centroid_index_serves_without_torch(store, products):
+    """A process serving pre-encoded queries maps the index; with float32 products
+    (``TESSERA_PLAID_PRODUCTS``) it never imports torch, nor faiss or pandas (neither serves
+    a query: ~15 and ~40 MB resident); int8 products import torch on the first search."""
     code = (
         "import sys, numpy as np\n"
-        "from indexing.index_files import open_centroid_index\n"
+        "from indexing.index_files import open_centroid_index, read_ids\n"
+        "from storage import layout\n"
+        "from storage.manifest import Artifact\n"
         f"index, manifest = open_centroid_index({store['root'].url!r}, 't-plaid')\n"
+        f"vdir = Artifact(layout.resolve_root({store['root'].url!r}), 'indexes', 't-plaid')"
+        ".version_dir(manifest['version'])\n"
+        "assert len(read_ids(vdir, manifest)) == index.n_docs\n"
         "q = np.ones((1, 4, index.codec.dim), np.float32) / np.sqrt(index.codec.dim)\n"
         "scores, ids = index.search(q, 3)\n"
         "assert (ids >= 0).all() and manifest['index_kind'] == 'plaid'\n"
         "assert isinstance(index.residuals.base, np.memmap) or isinstance(index.residuals, np.memmap)\n"
-        "print('torch' in sys.modules)\n"
+        "print(sorted(m for m in ('torch', 'faiss', 'pandas') if m in sys.modules))\n"
     )
+    if products == "int8" and not (kernels.ENABLED and int8.installed()):
+        pytest.skip("int8 products need numba and torch")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(Path(__file__).resolve().parents[2]))
-    assert out.stdout.strip() == "False"
+                         cwd=str(Path(__file__).resolve().parents[2]), env={**os.environ, int8.ENV: products})
+    assert out.stdout.strip() == ("[]" if products == "float32" else "['torch']")
     with pytest.raises(ValueError, match="not plaid"):
         open_centroid_index(store["root"], "t-flat")
 

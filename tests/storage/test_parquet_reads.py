@@ -18,15 +18,21 @@ class CorpusFileError(ValueError):
 
 @pytest.fixture
 def recorded_reads(monkeypatch):
-    """``pq.read_table``'s calls: (source, whether Arrow pre-buffers it), the read still real."""
+    """``pq.read_table``'s and ``pq.ParquetFile``'s calls: (source, whether Arrow pre-buffers
+    it: ``read_table``'s default is True, ``ParquetFile``'s False), the read still real."""
     calls = []
-    real = pq.read_table
+    real_read_table, real_parquet_file = pq.read_table, pq.ParquetFile
 
     def read_table(source, *args, **kwargs):
         calls.append((source, kwargs.get("pre_buffer", True)))
-        return real(source, *args, **kwargs)
+        return real_read_table(source, *args, **kwargs)
+
+    def parquet_file(source, *args, **kwargs):
+        calls.append((source, kwargs.get("pre_buffer", False)))
+        return real_parquet_file(source, *args, **kwargs)
 
     monkeypatch.setattr(pq, "read_table", read_table)
+    monkeypatch.setattr(pq, "ParquetFile", parquet_file)
     return calls
 
 
@@ -44,7 +50,7 @@ def _parquet(tmp_path) -> Location:
 def test_read_table_reads_the_store_s_file_without_pre_buffering(tmp_path, recorded_reads):
     table = schemas.read_table(_parquet(tmp_path), columns=["id"])
     assert table.column_names == ["id"] and table.column("id").to_pylist() == ["a", "b"]
-    assert recorded_reads, "read_table no longer goes through pq.read_table: re-check this test"
+    assert recorded_reads, "read_table no longer goes through pq.ParquetFile or pq.read_table: re-check this test"
     for source, pre_buffer in recorded_reads:
         assert not (_python_file(source) and pre_buffer), type(source)
 

@@ -1,0 +1,163 @@
+"""The PLAID engine's two large products in int8, through torch (AMX).
+
+A search multiplies its query rows twice: by every centroid (``centroids @ q.T``, ~20 merged
+rows x 8,192 centroids x 384 on XQuAD sentences) and by the decoded residuals of the exact
+stage's tokens (~9,000). In float32 numpy's OpenBLAS runs both near one core's AVX-512 peak,
+and they were ~2.7 ms of a 4.3 ms query. On a CPU with AMX, ``torch._int_mm`` multiplies
+int8 matrices into int32 ~5x faster (32 rows by 8,192 centroids: 0.33 ms against 1.8), and
+its int32 sums are exact: only the inputs are rounded. Each centroid and each query row is
+scaled by its own largest coordinate (:func:`quantize_rows`), the residuals by the codec's
+largest bucket weight (:func:`quantize_table`). bfloat16, as fast through AMX, rounds its
+*outputs* to 8 bits: its centroid scores changed 1.3% of the top-10 documents on Tatoeba,
+int8's 0.1% (README, "int8 products").
+
+The int8 scores serve what is approximate anyway (the probe, the centroid stages, the order
+and early end of the exact stage); the results are float32 again: the exact stage's top
+``k`` documents by their int8 scores are rescored in float32 (their decompressed tokens
+times the query rows), and so is every other document whose int8 score is within
+:data:`REFINE_MARGIN` of reaching them (``CentroidIndex._int8_exact_top_k``).
+
+torch is imported on the first search that uses these products (``SearchParams.products``;
+``auto`` picks int8 on a CPU with AMX int8 where torch and numba are installed): ~1.3 s and
+~190 MB that a process serving pre-encoded queries would not otherwise hold
+(``TESSERA_PLAID_PRODUCTS=float32`` keeps it out). A process that encodes its queries has
+torch already.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+from typing import Iterator
+
+import numpy as np
+
+#: CPU flags (Linux /proc/cpuinfo) under which ``products="auto"`` picks int8: AMX's int8
+#: tiles (Sapphire Rapids and later Xeons), where it was measured. AVX-512 VNNI alone (Ice
+#: Lake, Zen 4) also multiplies int8 natively but was not measured here: ``auto`` stays
+#: float32 there, ``products="int8"`` may be asked for.
+AUTO_FLAGS = frozenset({"amx_int8"})
+#: what ``SearchParams.products`` may say
+CHOICES = ("auto", "float32", "int8")
+#: environment variable saying what ``SearchParams.products=None`` means in a process (one of
+#: :data:`CHOICES`; default ``auto``): a deployment that wants no torch in its searchers sets
+#: ``float32``
+ENV = "TESSERA_PLAID_PRODUCTS"
+#: Rescoring margin: a document whose int8 exact-stage score plus this share of its
+#: magnitude (the sum of its rows' absolute maxima) reaches the k-th best float32 score is
+#: rescored in float32 too. An empirical bound, not a proof: over the exact stage's documents
+#: of 250 XQuAD-sentence, 300 Tatoeba and 300 XQuAD-paragraph queries (2 bits, k=10) the int8
+#: score was off by at most 3.1e-3 of the magnitude (99th percentile 1.1e-3, median 2.5e-4);
+#: 2**-7 is 7.8e-3. A query rescored a median of 13 of 207 documents (XQuAD sentences), 21 of
+#: 624 (Tatoeba), 14 of 64 (paragraphs), and its top 10 were those of rescoring every
+#: document in all 850 queries but one, where two duplicate Tatoeba sentences' float32
+#: scores differ in the last bit (summed in different blocks) and trade the 10th place.
+REFINE_MARGIN = 2.0 ** -7
+
+_torch = None
+_lock = threading.Lock()
+
+
+def _cpu_flags() -> "frozenset[str] | None":
+    from embedding.codec import cpu_flags
+
+    return cpu_flags()
+
+
+def installed() -> bool:
+    """torch is installed (found without importing it)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def default() -> str:
+    """What ``products=None`` asks for: :data:`ENV` where set, else ``auto``."""
+    value = os.environ.get(ENV, "").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}, got {os.environ.get(ENV)!r}")
+    return value
+
+
+def resolve(products: "str | None", kernels_enabled: bool) -> str:
+    """``float32`` or ``int8``: what ``products`` (:data:`CHOICES`; None: :func:`default`)
+    means in this process.
+
+    ``auto`` is int8 where the compiled stages run (``kernels_enabled``), torch is installed
+    and the CPU has :data:`AUTO_FLAGS`; else float32. ``int8`` asked for where it cannot run
+    raises ValueError saying what is missing."""
+    if products is None:
+        products = default()
+    if products not in CHOICES:
+        raise ValueError(f"products must be one of {', '.join(CHOICES)}, got {products!r}")
+    if products == "float32":
+        return products
+    if products == "int8":
+        if not kernels_enabled:
+            raise ValueError("products='int8' needs the compiled stages (numba; TESSERA_KERNELS=numpy turns them off)")
+        if not installed():
+            raise ValueError("products='int8' needs torch, which is not installed")
+        return products
+    flags = _cpu_flags() or frozenset()
+    return "int8" if kernels_enabled and flags & AUTO_FLAGS and installed() else "float32"
+
+
+def torch_module():
+    """torch, imported once (the first int8 search of a process)."""
+    global _torch
+    if _torch is None:
+        with _lock:
+            if _torch is None:
+                import torch
+
+                _torch = torch
+    return _torch
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's intra-op pool at one thread for the duration (a search's products are ~0.1-0.3
+    ms each: the engine spreads queries, or a query's parts, over its own threads instead),
+    put back after. Left at two threads on these 2 cores, a query took 2.6 ms with both
+    cores busy (the second thread spinning), or 15 ms where numpy's OpenBLAS also ran two."""
+    torch = torch_module()
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(int8 (n, d), float32 (n,))``: each row of float ``x`` divided by its scale (its
+    largest absolute coordinate / 127) and rounded; ``q[i] * scale[i]`` is row ``i`` within
+    half a step. A zero row has scale 0 and stays zero."""
+    x = np.asarray(x, dtype=np.float32)
+    scale = np.abs(x).max(axis=1) / np.float32(127) if x.shape[1] else np.zeros(len(x), np.float32)
+    scale = scale.astype(np.float32)
+    inv = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale > 0)
+    out = np.rint(x * inv[:, None])
+    np.clip(out, -127, 127, out=out)
+    return out.astype(np.int8), scale
+
+
+def quantize_table(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """``(int8 values.shape, float32 scale)``: a residual byte table (``ResidualCodec.byte_weights``)
+    on one scale, its largest absolute value / 127 (1 where all are 0)."""
+    values = np.asarray(values, dtype=np.float32)
+    top = float(np.abs(values).max()) if values.size else 0.0
+    scale = np.float32(top / 127 if top > 0 else 1.0)
+    out = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(out), scale
+
+
+def int_mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(n, m)`` int32 ``a @ b`` of int8 ``a`` ``(n, k)`` and ``b`` ``(k, m)`` (any strides),
+    exact, through ``torch._int_mm``; the result shares memory with nothing else."""
+    torch = torch_module()
+    if a.shape[0] == 0 or b.shape[1] == 0 or a.shape[1] == 0:
+        return np.zeros((a.shape[0], b.shape[1]), dtype=np.int32)
+    return torch._int_mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()

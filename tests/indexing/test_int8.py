@@ -1,0 +1,230 @@
+"""The PLAID engine's int8 products (indexing.int8) and their compiled stages: quantisation,
+the exact int32 product, what ``products`` resolves to, and that int8 searches return float32
+MaxSim scores and the float32 engine's documents."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from embedding.codec import ResidualCodec
+from indexing import int8, kernels
+from indexing.plaid import CentroidIndex, SearchParams
+
+needs_int8 = pytest.mark.skipif(not (kernels.ENABLED and int8.installed()), reason="int8 needs numba and torch")
+DIM = 40  # not a multiple of 8: a 1-bit residual's last byte holds values past the vector
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+# -- quantisation and the product -----------------------------------------------------------
+
+
+def test_quantized_rows_are_within_half_a_step_and_zero_rows_stay_zero():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 33)).astype(np.float32) * rng.uniform(0.01, 10, (50, 1)).astype(np.float32)
+    x[7] = 0.0
+    q, scale = int8.quantize_rows(x)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and q.shape == x.shape
+    assert np.abs(q).max() <= 127 and scale[7] == 0 and not q[7].any()
+    step = np.abs(x).max(axis=1) / 127
+    assert np.all(np.abs(q * scale[:, None] - x) <= step[:, None] / 2 * (1 + 1e-5))
+    assert (np.abs(q).max(axis=1)[np.arange(50) != 7] == 127).all()  # each row uses its whole range
+
+
+def test_a_quantized_byte_table_is_within_half_a_step():
+    weights = np.array([[-0.03, -0.01, 0.01, 0.03]], np.float32).repeat(4, axis=0)
+    q, scale = int8.quantize_table(weights)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127
+    assert np.all(np.abs(q * scale - weights) <= scale / 2 * (1 + 1e-5))
+    zeros, one = int8.quantize_table(np.zeros((3, 2), np.float32))
+    assert one == 1 and not zeros.any()
+
+
+@needs_int8
+@pytest.mark.parametrize("shape", [(1, 8, 1), (5, 33, 7), (64, 384, 32), (300, 40, 19), (0, 16, 4), (4, 16, 0)])
+def test_int_mm_is_the_exact_int32_product(shape):
+    n, k, m = shape
+    rng = np.random.default_rng(1)
+    a = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    b = rng.integers(-127, 128, (m, k)).astype(np.int8).T  # a transposed view, as the engine passes
+    got = int8.int_mm(a, b)
+    assert got.dtype == np.int32 and got.shape == (n, m)
+    np.testing.assert_array_equal(got, a.astype(np.int32) @ b.astype(np.int32))
+
+
+# -- what ``products`` means ------------------------------------------------------------------
+
+
+def test_products_resolve_to_what_the_process_can_run(monkeypatch):
+    monkeypatch.delenv(int8.ENV, raising=False)
+    monkeypatch.setattr(int8, "installed", lambda: True)
+    assert int8.resolve("float32", True) == "float32" and int8.resolve("int8", True) == "int8"
+    monkeypatch.setattr(int8, "_cpu_flags", lambda: frozenset({"avx512f", "amx_int8"}))
+    assert int8.resolve("auto", True) == int8.resolve(None, True) == "int8"
+    assert int8.resolve("auto", False) == "float32"  # numba's stages off: numpy's float32 ones
+    monkeypatch.setattr(int8, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni"}))  # not measured
+    assert int8.resolve("auto", True) == "float32"
+    monkeypatch.setattr(int8, "_cpu_flags", lambda: None)  # flags unknown (not Linux)
+    assert int8.resolve("auto", True) == "float32"
+    monkeypatch.setenv(int8.ENV, "int8")
+    assert int8.resolve(None, True) == "int8" and int8.resolve("float32", True) == "float32"
+    monkeypatch.setenv(int8.ENV, "fp8")
+    with pytest.raises(ValueError, match="TESSERA_PLAID_PRODUCTS must be one of auto, float32, int8, got 'fp8'"):
+        int8.resolve(None, True)
+    with pytest.raises(ValueError, match="products must be one of"):
+        int8.resolve("bf16", True)
+    with pytest.raises(ValueError, match="needs the compiled stages"):
+        int8.resolve("int8", False)
+    monkeypatch.setattr(int8, "installed", lambda: False)
+    with pytest.raises(ValueError, match="needs torch, which is not installed"):
+        int8.resolve("int8", True)
+    monkeypatch.setattr(int8, "_cpu_flags", lambda: frozenset({"amx_int8"}))
+    assert int8.resolve("auto", True) == "float32"
+    with pytest.raises(ValueError, match="products must be one of auto, float32, int8 or None, got 'int4'"):
+        SearchParams(products="int4")
+
+
+@needs_int8
+def test_one_thread_puts_torchs_thread_count_back():
+    torch = int8.torch_module()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with int8.one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"):
+            with int8.one_thread():
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- the compiled stages ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=["nbits1", "nbits2", "nbits4"])
+def small(request) -> dict:
+    rng = np.random.default_rng(request.param)
+    topics = _unit(rng.standard_normal((12, DIM)))
+    docs = [_unit(topics[rng.integers(0, 12, int(n))] + 0.3 * rng.standard_normal((int(n), DIM)))
+            for n in rng.integers(1, 30, 150)]
+    codec = ResidualCodec.fit(np.concatenate(docs), request.param, 32, seed=3)
+    pairs = [codec.compress(d) for d in docs]
+    index = CentroidIndex.build(codec, [c for c, _ in pairs], [r for _, r in pairs])
+    queries = np.zeros((10, 16, DIM), np.float32)
+    for i in range(10):
+        n = int(rng.integers(3, 17))
+        queries[i, :n] = _unit(docs[i * 7][rng.integers(0, len(docs[i * 7]), n)] + 0.2 * rng.standard_normal((n, DIM)))
+    return {"index": index, "codec": codec, "queries": queries}
+
+
+@needs_int8
+def test_decoded_int8_residuals_are_the_quantized_table_rows(small):
+    index, codec = small["index"], small["codec"]
+    table, _ = int8.quantize_table(codec.byte_weights)
+    tokens = np.array([5, 0, 17, index.n_tokens - 1, 5], np.int64)
+    out = np.full((len(tokens), index.residuals.shape[1] * table.shape[1]), 99, np.int8)
+    kernels.decode_int8(table, index.residuals, tokens, out)
+    np.testing.assert_array_equal(out, table[index.residuals[tokens]].reshape(len(tokens), -1))
+
+
+@needs_int8
+def test_decoded_vectors_are_the_codecs_unnormalised_decompression(small):
+    index, codec = small["index"], small["codec"]
+    tokens = np.array([3, 3, 0, index.n_tokens - 1, 40], np.int64)
+    got = kernels.decode_vectors(codec.centroids, index.codes, codec.byte_weights, index.residuals, tokens)
+    want = codec.decompress(index.codes[tokens], index.residuals[tokens], normalize=False)
+    assert got.shape == (len(tokens), DIM)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    assert kernels.decode_vectors(codec.centroids, index.codes, codec.byte_weights, index.residuals,
+                                  tokens[:0]).shape == (0, DIM)
+
+
+@needs_int8
+def test_dequantized_and_scaled_stages_are_their_numpy_formulas():
+    rng = np.random.default_rng(4)
+    products = rng.integers(-30000, 30000, (9, 5)).astype(np.int32)
+    rows, cols = rng.uniform(0, 0.01, 9).astype(np.float32), rng.uniform(0, 0.01, 5).astype(np.float32)
+    want = (products.astype(np.float32) * rows[:, None]) * cols[None, :]
+    np.testing.assert_array_equal(kernels.dequantize(products, rows, cols), want)
+    scores = rng.standard_normal((12, 4)).astype(np.float32)
+    scales = rng.uniform(0.9, 1.1, 12).astype(np.float32)
+    lengths = np.array([3, 1, 8])
+    scaled = scores * scales[:, None]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    np.testing.assert_allclose(kernels.scaled_maxsum(scores, scales, lengths),
+                               np.maximum.reduceat(scaled, starts, axis=0).sum(axis=1), rtol=1e-6)
+    assert kernels.scaled_maxsum(scores[:, :0], scales, lengths).tolist() == [0.0, 0.0, 0.0]
+
+
+@needs_int8
+def test_the_int8_exact_stage_reduces_as_its_formula_says():
+    rng = np.random.default_rng(5)
+    n_tokens, rows = 30, 6
+    products = rng.integers(-5000, 5000, (n_tokens, rows + 2)).astype(np.int32)  # wider than the rows read
+    row_scales = rng.uniform(1e-5, 2e-5, rows).astype(np.float32)
+    table = rng.standard_normal((7, rows)).astype(np.float32)
+    codes = rng.integers(0, 7, 100).astype(np.uint16)
+    inv = rng.uniform(0.9, 1.2, 100).astype(np.float32)
+    tokens = rng.choice(100, n_tokens, replace=False)
+    lengths = np.array([4, 1, 10, 15])
+    out, magnitudes = np.empty(4, np.float32), np.empty(4, np.float32)
+    kernels.token_maxsum_int8(products, row_scales, table, codes, inv, tokens, lengths, out, magnitudes)
+    token_scores = (products[:, :rows].astype(np.float32) * row_scales + table[codes[tokens]]) * inv[tokens, None]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    best = np.maximum.reduceat(token_scores, starts, axis=0)
+    np.testing.assert_allclose(out, best.sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(magnitudes, np.abs(best).sum(axis=1), rtol=1e-5)
+
+
+# -- searches ---------------------------------------------------------------------------------
+
+
+@needs_int8
+def test_int8_searches_return_float32_maxsim_of_the_float32_engines_documents(small):
+    index, queries = small["index"], small["queries"]
+    f32, i8 = SearchParams(products="float32"), SearchParams(products="int8")  # (dim=16: int8 centroid scores)
+    for params in ({}, {"ncells": 32, "centroid_score_threshold": -math.inf, "ndocs": 600, "exact_margin": math.inf},
+                   {"dim": 16}):
+        want = index.search(queries, 5, SearchParams(**params, products="float32"))
+        got = index.search(queries, 5, SearchParams(**params, products="int8"))
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    exact_scores, exact_ids = index.exact_maxsim(queries, 5)  # every document's decompressed MaxSim
+    got_scores, got_ids = index.search(queries, 5, i8)
+    for q in range(len(queries)):
+        reference = dict(zip(exact_ids[q].tolist(), exact_scores[q].tolist()))
+        for doc, score in zip(got_ids[q].tolist(), got_scores[q].tolist()):
+            if doc in reference:
+                assert score == pytest.approx(reference[doc], abs=1e-5)
+    allowed = np.arange(0, index.n_docs, 4)
+    np.testing.assert_array_equal(index.search(queries, 5, i8, allowed=allowed)[1],
+                                  index.search(queries, 5, f32, allowed=allowed)[1])
+    batched = index.search(queries, 5, i8, threads=2)
+    single = [index.search(q[None], 5, i8, threads=2) for q in queries]
+    np.testing.assert_array_equal(batched[1], np.concatenate([s[1] for s in single]))
+    padding = index.search(np.zeros((1, 4, DIM), np.float32), 3, i8)
+    assert (padding[0] == 0).all() and (padding[1] >= 0).all()
+
+
+@needs_int8
+def test_documents_the_int8_scores_rank_low_are_rescored_within_the_margin(small, monkeypatch):
+    """With no margin only the int8 top k are rescored; the margin rescored every document
+    that could still reach the top k, so a huge one changes nothing."""
+    index, queries = small["index"], small["queries"]
+    params = SearchParams(products="int8", ndocs=600, exact_tokens=5000)
+    default = index.search(queries, 5, params)
+    monkeypatch.setattr(int8, "REFINE_MARGIN", 1e9)
+    everything = index.search(queries, 5, params)
+    np.testing.assert_array_equal(default[1], everything[1])
+    np.testing.assert_allclose(default[0], everything[0], rtol=1e-6)  # (rescored in other blocks: an ulp apart)
+    monkeypatch.setattr(int8, "REFINE_MARGIN", 0.0)
+    tight = index.search(queries, 5, params)
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(tight[1].tolist(), default[1].tolist())]) >= 0.9
