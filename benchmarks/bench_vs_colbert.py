@@ -12,14 +12,17 @@ index exactly the float token vectors Tessera stores for a set:
    under ``--work`` (``--rebuild`` rebuilds it);
 3. the XQuAD questions (``--queries-per-lang`` per language whose gold paragraph is in the
    set) are encoded once with the set's query encoder, and the same query matrices go to
-   both engines: Tessera ``CentroidIndex.search`` at its k=10 defaults, colbert-ai
+   both engines: Tessera ``CentroidIndex.search`` at its k=10 defaults (products ``auto``:
+   int8 on a CPU with AMX; ``TESSERA_PLAID_PRODUCTS=float32`` in the environment measures
+   the float32 engine, the serving subprocess included), colbert-ai
    ``IndexScorer.rank`` at the k=10 defaults of its ``Searcher.dense_search`` (ncells=1,
    centroid_score_threshold=0.5, ndocs=256), padding rows dropped;
 4. latency: the two engines alternate query by query (which goes first alternates too;
    ``--alternate pass``: a whole pass over the queries at a time, so that neither runs right
    after the other, e.g. after colbert-ai's torch leaves OpenMP workers spinning at 2 threads),
    ``--rounds`` times, at ``--threads`` threads (torch, BLAS/OpenMP, faiss; above 1 Tessera's
-   search is given ``threads=N`` and splits each query over them); median and
+   search is given ``threads=N``: with float32 products it splits each query over them, with
+   int8 ones a query runs whole, which measured faster); median and
    p95 ms per query and the ratio Tessera / colbert-ai;
 5. quality: nDCG@10 against the qrels, and top-10 overlap of each engine with exact
    MaxSim over its own compressed vectors (Tessera ``CentroidIndex.exact_maxsim``;
@@ -362,7 +365,8 @@ def colbert_exact(scorer, Q: np.ndarray) -> list[list[int]]:
 def serve(args: argparse.Namespace) -> int:
     """Load one engine's index and answer every query once; write RSS figures as JSON."""
     # Each engine imports what it needs to serve pre-encoded queries: colbert-ai its
-    # torch-based scorer, Tessera its numpy index (no torch).
+    # torch-based scorer, Tessera its index (and torch at its first search where its
+    # products are int8, the default on a CPU with AMX: that is counted here too).
     if args.serve == "colbert":
         import torch  # noqa: F401
         from colbert.search.index_storage import IndexScorer  # noqa: F401

@@ -1146,11 +1146,12 @@ class CentroidIndex:
 
     def warm(self, dim: int | None = None) -> float:
         """Load the compiled stages (:mod:`indexing.kernels`) before a first query: numba's
-        import and its cached kernels (~0.2 s; ~2 s to compile them after an install), which
-        a process's first search otherwise waits for. Two searches of queries made of the
-        first centroids, one thread, prefix ``dim``, with an exact stage of 10 documents so
-        that the centroid stages run even on a small index: a query whose rows are padded
-        and one whose are not, the two array layouts the stages see.
+        import and its cached kernels (~0.2 s; ~2 s to compile them after an install), and
+        where ``SearchParams()`` means int8 products torch's import (~1.3 s) and the index's
+        int8 centroids, which a process's first search otherwise waits for. Two searches of
+        queries made of the first centroids, one thread, prefix ``dim``, with an exact stage
+        of 10 documents so that the centroid stages run even on a small index: a query whose
+        rows are padded and one whose are not, the two array layouts the stages see.
         Returns the seconds it took (0 where the numpy stages run or nothing is searchable).
         """
         start = time.perf_counter()

@@ -81,7 +81,7 @@ logger = logging.getLogger(__name__)
 #: Search parameters a caller may override per call, by index family.
 DENSE_OVERRIDES = ("nprobe", "ef_search", "rescore")
 PLAID_OVERRIDES = ("ncells", "centroid_score_threshold", "ndocs", "exact_tokens", "exact_margin", "exact_gap_quantile",
-                   "merge_tokens")
+                   "merge_tokens", "products")
 #: Searcher.search encodes this many forward batches' queries before one retrieval: the
 #: encoder sorts a block by length, so fewer pad tokens reach the model. 100 XQuAD queries
 #: encoded at once took 15-20% less time than in blocks of 64 and 36 (me5-small, 2 CPUs).
@@ -620,7 +620,8 @@ class Searcher:
             (no subquery or table function: see :func:`storage.catalog.check_filter`).
         params : per-call search knobs: ``nprobe``, ``ef_search``, ``rescore`` for dense
             kinds; ``ncells``, ``centroid_score_threshold``, ``ndocs``, ``exact_tokens``, ``exact_margin``,
-            ``exact_gap_quantile``, ``merge_tokens`` for plaid (see :class:`~indexing.plaid.SearchParams`).
+            ``exact_gap_quantile``, ``merge_tokens``, ``products`` for plaid (see
+            :class:`~indexing.plaid.SearchParams`).
         langs : n query languages (X-MOD encoders: each query's adapter; None entries are
             detected, see :meth:`open`); ignored by encoders without adapters. ``lang``
             filters documents, ``langs`` routes queries.

@@ -103,7 +103,11 @@ def _bucket_exists(root: Location, bucket: str) -> bool:
 
 # ---- per job ------------------------------------------------------------------------------
 def embed(corpus_urls, model: "str | Path", cols: ColumnMap) -> list[str]:
-    """``tessera embed``: the corpus and the model folder. Returns the corpus file URLs."""
+    """``tessera embed``: faiss (the codec's k-means), the corpus and the model folder.
+    Returns the corpus file URLs."""
+    from embedding.faiss_import import import_faiss
+
+    import_faiss()  # an install without the cpu/gpu extra: its one line, before anything is written
     urls = corpus(corpus_urls, cols)
     model_folder(model)
     return urls

@@ -41,9 +41,10 @@ def add_arguments(se: argparse.ArgumentParser) -> None:
                     help="a query-encoder folder or registered version (must match the set)")
     se.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="search parameter: nprobe, ef_search, rescore (dense); ncells, centroid_score_threshold, "
-                         "ndocs, exact_tokens, exact_margin, exact_gap_quantile, merge_tokens (plaid; "
+                         "ndocs, exact_tokens, exact_margin, exact_gap_quantile, merge_tokens, products (plaid; "
                          "exact_margin=inf: no early termination; exact_gap_quantile<1 ends it sooner; "
-                         "merge_tokens=inf: no query tokens merged)")
+                         "merge_tokens=inf: no query tokens merged; products=auto|float32|int8: the engine's "
+                         "products, auto = int8 on a CPU with AMX)")
     se.add_argument("--threads", type=int, default=None,
                     help="CPU threads shared by query encoding and retrieval (default: the CPUs available)")
     root_arg(se)
@@ -79,14 +80,21 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: ``--param`` keys whose values are words, not numbers (checked where the index reads them)
+WORD_PARAMS = ("products",)
+
+
 def parse_params(pairs: list[str]) -> dict:
-    """``--param KEY=VALUE`` options as numbers by key."""
+    """``--param KEY=VALUE`` options as numbers by key (words for :data:`WORD_PARAMS`)."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key:
             raise ValueError(f"--param expects KEY=VALUE, got {pair!r}")
+        if key in WORD_PARAMS:
+            out[key] = value
+            continue
         try:
             # inf and -inf too: exact_margin=inf ends no exact stage early,
             # centroid_score_threshold=-inf prunes no centroid

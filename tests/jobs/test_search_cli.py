@@ -103,18 +103,21 @@ def test_plaid_params_from_the_cli_early_termination_off(store, tmp_path):  # no
     tokens merged), ``exact_gap_quantile`` and ``exact_tokens`` reach the index."""
     from jobs.commands.search import parse_params
 
-    assert parse_params(["exact_margin=inf", "exact_tokens=64", "ndocs=8", "centroid_score_threshold=-inf"]) == {
-        "exact_margin": float("inf"), "exact_tokens": 64, "ndocs": 8, "centroid_score_threshold": float("-inf")}
+    assert parse_params(["exact_margin=inf", "exact_tokens=64", "ndocs=8", "centroid_score_threshold=-inf",
+                         "products=int8"]) == {
+        "exact_margin": float("inf"), "exact_tokens": 64, "ndocs": 8, "centroid_score_threshold": float("-inf"),
+        "products": "int8"}
     qfile = tmp_path / "q.txt"
     qfile.write_text("".join(r["text"] + "\n" for r in store["rows"][:4]))
     root = store["root"].url
     outs = [tessera("-q", "search", "--index", "t-plaid", "--root", root, "--queries", str(qfile), "-k", "3",
                     *extra, cwd=tmp_path)
             for extra in ([], ["--param", "exact_margin=inf"], ["--param", "merge_tokens=inf"],
-                          ["--param", "exact_gap_quantile=1"])]   # the default's largest gap
+                          ["--param", "exact_gap_quantile=1"],   # the default's largest gap
+                          ["--param", "products=float32"])]      # numpy's float32 products (auto: int8 with AMX)
     assert all(o.returncode == 0 for o in outs), [o.stderr[-2000:] for o in outs]
     assert _hits(outs[0].stdout) and all([h["doc_id"] for h in _hits(o.stdout)] == [h["doc_id"] for h in _hits(
         outs[0].stdout)] for o in outs[1:])
-    for param in ("exact_margin=-1", "merge_tokens=nan", "exact_gap_quantile=1.5"):
+    for param in ("exact_margin=-1", "merge_tokens=nan", "exact_gap_quantile=1.5", "products=fp8"):
         bad = tessera("search", "--index", "t-plaid", "--root", root, "--param", param, "q", cwd=tmp_path)
         assert bad.returncode == 2 and param.split("=")[0] in bad.stderr.strip().splitlines()[-1], bad.stderr[-2000:]
