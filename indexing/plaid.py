@@ -448,6 +448,8 @@ def merge_query_tokens(q: np.ndarray, threshold: float) -> np.ndarray:
     np.fill_diagonal(close, True)  # a row's own cosine may round below 1
     if close.sum() == len(q):  # only each row with itself
         return q
+    if kernels.ENABLED:  # the loop below, compiled (~0.1 ms a query less)
+        return kernels.merge_rows(np.ascontiguousarray(q, dtype=np.float32), close)
     out = []
     taken = np.zeros(len(q), dtype=bool)
     for i in range(len(q)):

@@ -91,6 +91,29 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 @needs_numba
+def test_merged_query_rows_are_numpys_floats(monkeypatch):
+    """merge_query_tokens compiled: the same groups and the same float32 sums as its numpy loop."""
+    from indexing.plaid import merge_query_tokens
+
+    rng = np.random.default_rng(8)
+    base = rng.normal(size=(6, 24)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    for trial in range(20):
+        rows = base[rng.integers(0, 6, 20)] + rng.normal(scale=0.02 * (trial % 3), size=(20, 24)).astype(np.float32)
+        q = np.zeros((24, 24), np.float32)
+        q[:20] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        for threshold in (0.9, 0.99, 1.0, 2.0):
+            got = merge_query_tokens(q, threshold)
+            with monkeypatch.context() as patch:
+                patch.setattr(kernels, "ENABLED", False)
+                want = merge_query_tokens(q, threshold)
+            assert got.dtype == want.dtype == np.float32 and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+            if threshold == 0.9:
+                assert len(got) < 20  # something was merged
+
+
+@needs_numba
 @pytest.mark.parametrize("ncells", [1, 2, 4, 8])
 def test_probe_takes_each_rows_best_cells_as_argmax_does_and_the_kept_centroids(ncells):
     rng = np.random.default_rng(ncells)
