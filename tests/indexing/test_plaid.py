@@ -1015,13 +1015,14 @@ def test_warm_loads_every_stage_a_search_then_uses(index, corpus, products):
     # over threads or filtered, need no other compiled variant (none loaded or compiled then)
     assert index.warm() > 0
     loaded = kernels.loaded_variants()
-    used = {"probe", "cell_maxima", "decode"} | ({"token_maxsum"} if products == "float32" else
+    used = {"probe", "cell_maxima", "decode", "merge_rows"} | ({"token_maxsum"} if products == "float32" else
                                                  {"dequantize", "token_maxsum_int8", "add_centroids", "scaled_maxsum"})
     assert {name for name, n in loaded.items() if n} >= used
     queries = corpus["queries"]
     widths = [1, 2, 3, 5, 13, 16, 17, 19, 24, 32]
     for width in widths:
         index.search(queries[:1, :width], 10)
+        index.search(np.repeat(queries[2:3, :1], width, axis=1), 10)  # every row merged into one
         index.search(queries[1:2, :width], 10, SearchParams(ncells=2, centroid_score_threshold=0.6, ndocs=40,
                                                             exact_tokens=100))
     index.search(queries, 10, threads=2)
