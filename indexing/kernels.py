@@ -476,3 +476,28 @@ def merge_rows(q: np.ndarray, close: np.ndarray) -> np.ndarray:
     rows one after another in float32)."""
     out = np.empty(q.shape, dtype=np.float32)
     return out[: _merge_rows(q, close, out)]
+
+
+@_jit
+def _quantize_rows(x, out, scales):  # pragma: no cover (compiled)
+    for i in range(x.shape[0]):
+        row = x[i]
+        top = np.float32(0.0)
+        for e in range(x.shape[1]):
+            top = max(top, abs(row[e]))
+        scale = top / np.float32(127)
+        scales[i] = scale
+        inv = np.float32(1) / scale if scale > 0 else np.float32(0)
+        for e in range(x.shape[1]):
+            out[i, e] = np.int8(min(max(np.rint(row[e] * inv), np.float32(-127)), np.float32(127)))
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`indexing.int8.quantize_rows` in one pass a row (the same int8 values and scales)."""
+    out = np.empty(x.shape, dtype=np.int8)
+    scales = np.empty(x.shape[0], dtype=np.float32)
+    if x.size:
+        _quantize_rows(x, out, scales)
+    else:
+        scales[:] = 0
+    return out, scales

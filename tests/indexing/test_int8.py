@@ -24,11 +24,22 @@ def _unit(x: np.ndarray) -> np.ndarray:
 # -- quantisation and the product -----------------------------------------------------------
 
 
-def test_quantized_rows_are_within_half_a_step_and_zero_rows_stay_zero():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_quantized_rows_are_within_half_a_step_and_zero_rows_stay_zero(compiled, monkeypatch):
+    if compiled and not kernels.ENABLED:
+        pytest.skip("numba not importable")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50, 33)).astype(np.float32) * rng.uniform(0.01, 10, (50, 1)).astype(np.float32)
     x[7] = 0.0
+    x[9, :4] = [1.0, -1.0, 3.0, 254.0]  # on a scale of 2: halves, rounded to even (0.5 -> 0, 1.5 -> 2)
+    monkeypatch.setattr(kernels, "ENABLED", compiled)
     q, scale = int8.quantize_rows(x)
+    if compiled:  # numpy's values exactly
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        want = int8.quantize_rows(x)
+        np.testing.assert_array_equal(q, want[0])
+        np.testing.assert_array_equal(scale, want[1])
+        assert int8.quantize_rows(x[:0])[0].shape == (0, 33)
     assert q.dtype == np.int8 and scale.dtype == np.float32 and q.shape == x.shape
     assert np.abs(q).max() <= 127 and scale[7] == 0 and not q[7].any()
     step = np.abs(x).max(axis=1) / 127
