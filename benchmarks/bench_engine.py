@@ -3,12 +3,19 @@
 Each round runs every tree of ``--trees`` (checkouts: a ``git worktree`` of an older commit, and
 ``.``) in a fresh process whose ``sys.path`` starts with that tree, one process at a time (never
 two at once), in the order given. A process opens the plaid index ``--index`` memory-mapped
-(``indexing.index_files.open_centroid_index``: no torch, no query encoder), searches ``--warmup``
-queries untimed (numba's kernels loaded), then times ``--n`` single-query searches at k=10 and the
-engine's defaults, at ``--threads`` (1: BLAS pinned to one thread; above: ``threads=N``, each query
-split over N threads as ``Searcher.retrieve`` does). Reported per tree: each round's median and
+(``indexing.index_files.open_centroid_index``: no query encoder; torch only with int8 products),
+searches ``--warmup`` queries untimed (numba's kernels loaded), then times ``--n`` single-query
+searches at k=10 and the engine's defaults, at ``--threads`` (1: BLAS pinned to one thread;
+above: ``threads=N``, each query split over N threads as ``Searcher.retrieve`` does, with
+float32 products). Reported per tree: each round's median and
 mean ms a query, the median of the rounds' medians, and whether every tree returned the same
 positions for every query (a speed change must not be a results change).
+
+``--products float32 int8`` runs each tree once per value (``TESSERA_PLAID_PRODUCTS`` in its
+process: what the engine's default ``products`` means), in turn; results may then differ
+between the values (int8 scores candidates differently), so the table gives each side's
+top-10 overlap with the first side instead, and "the same results" is asked only of sides
+with the same products.
 
 The queries are a ``.npy`` of ``(n, Lq, dim)`` float32 query matrices, e.g. the ``queries.npy``
 that ``bench_vs_colbert.py`` leaves in its ``--work`` folder::
@@ -17,6 +24,9 @@ that ``bench_vs_colbert.py`` leaves in its ``--work`` folder::
     flock /tmp/bench.lock .venv/bin/python benchmarks/bench_engine.py --root /tmp/vs-root \\
         --index xqs2-plaid --queries /tmp/vs-work-xqs2/queries.npy --trees /tmp/base . \\
         --threads 1 --rounds 3 --out benchmarks/results/engine_xqs2_t1_s33
+    flock /tmp/bench.lock .venv/bin/python benchmarks/bench_engine.py --root /tmp/vs-root \
+        --index xqs2-plaid --queries /tmp/vs-work-xqs2/queries.npy --products float32 int8 \
+        --threads 1 --rounds 3 --out benchmarks/results/engine_xqs2_t1_products_s34
 """
 from __future__ import annotations
 
@@ -39,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--index", required=True, help="plaid index name")
     p.add_argument("--queries", required=True, help=".npy of (n, Lq, dim) float32 query matrices")
     p.add_argument("--trees", nargs="+", default=["."], help="code trees (checkouts), timed in this order")
+    p.add_argument("--products", nargs="+", default=[None], choices=["auto", "float32", "int8"],
+                   help="run each tree with each of these engine products (TESSERA_PLAID_PRODUCTS)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--n", type=int, default=250, help="timed queries a pass (the first n of --queries)")
@@ -76,9 +88,11 @@ def worker(args: argparse.Namespace) -> dict:
             "median_ms": statistics.median(seconds) * 1e3, "mean_ms": statistics.fmean(seconds) * 1e3, "ids": ids}
 
 
-def run_tree(tree: Path, args: argparse.Namespace) -> dict:
+def run_tree(tree: Path, args: argparse.Namespace, products: "str | None" = None) -> dict:
     path = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
+    if products is not None:
+        env["TESSERA_PLAID_PRODUCTS"] = products
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--root", args.root, "--index", args.index,
            "--queries", args.queries, "--threads", str(args.threads), "--n", str(args.n),
            "--warmup", str(args.warmup)]
@@ -91,23 +105,38 @@ def run_tree(tree: Path, args: argparse.Namespace) -> dict:
     return out
 
 
-def summarise(trees: list[str], passes: dict[str, list[dict]]) -> dict:
-    first = passes[trees[0]][0]["ids"]
-    same = all(p["ids"] == first for t in trees for p in passes[t])
+def _overlap(a: list, b: list) -> float:
+    return statistics.fmean(len(set(x) & set(y)) / K for x, y in zip(a, b))
+
+
+def summarise(sides: list[tuple[str, "str | None"]], passes: dict) -> dict:
+    """``sides``: (tree, products); ``passes`` each side's rounds, by its label."""
+    labels = [_label(*side) for side in sides]
+    first = passes[labels[0]][0]["ids"]
+    first_tree = sides[0][0]  # each side is held to the first tree's side of its own products
+    same = all(p["ids"] == passes[_label(first_tree, prod)][0]["ids"]
+               for (_, prod), label in zip(sides, labels) for p in passes[label])
     return {"same_results": same,
-            "trees": {t: {"median_ms": statistics.median(p["median_ms"] for p in passes[t]),
-                          "round_medians_ms": [p["median_ms"] for p in passes[t]],
-                          "round_means_ms": [p["mean_ms"] for p in passes[t]]} for t in trees}}
+            "trees": {label: {"median_ms": statistics.median(p["median_ms"] for p in passes[label]),
+                              "round_medians_ms": [p["median_ms"] for p in passes[label]],
+                              "round_means_ms": [p["mean_ms"] for p in passes[label]],
+                              "overlap_with_first": _overlap(passes[label][0]["ids"], first)} for label in labels}}
+
+
+def _label(tree: str, products: "str | None") -> str:
+    return tree if products is None else f"{tree} [{products}]"
 
 
 def table(result: dict) -> list[str]:
     lines = [f"CentroidIndex.search alone: index {result['index']}, {result['queries']} queries a pass, "
              f"{result['rounds']} round(s), {result['threads']} thread(s); trees in turn, a fresh process each",
-             f"{'tree':<40} {'median ms':>10}  rounds (median / mean ms)"]
+             f"{'tree':<48} {'median ms':>10}  {'overlap':>7}  rounds (median / mean ms)"]
     for tree, r in result["summary"]["trees"].items():
         rounds = ", ".join(f"{m:.2f} / {a:.2f}" for m, a in zip(r["round_medians_ms"], r["round_means_ms"]))
-        lines.append(f"{tree:<40} {r['median_ms']:>10.2f}  {rounds}")
-    lines.append(f"same top-{K} positions in every tree and round: {result['summary']['same_results']}")
+        lines.append(f"{tree:<48} {r['median_ms']:>10.2f}  {r['overlap_with_first']:>7.4f}  {rounds}")
+    lines.append(f"(overlap: top-{K} positions in common with the first side's first round)")
+    lines.append(f"same top-{K} positions in every tree and round (sides of equal products): "
+                 f"{result['summary']['same_results']}")
     return lines
 
 
@@ -116,13 +145,13 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    trees = [str(Path(t).resolve()) for t in args.trees]
-    passes: dict[str, list[dict]] = {t: [] for t in trees}
+    sides = [(str(Path(t).resolve()), prod) for t in args.trees for prod in args.products]
+    passes: dict[str, list[dict]] = {_label(*side): [] for side in sides}
     for _ in range(args.rounds):
-        for tree in trees:
-            passes[tree].append(run_tree(Path(tree), args))
+        for tree, prod in sides:
+            passes[_label(tree, prod)].append(run_tree(Path(tree), args, prod))
     result = {"index": args.index, "queries": args.n, "rounds": args.rounds, "threads": args.threads,
-              "machine": {"cpus": os.cpu_count()}, "summary": summarise(trees, passes)}
+              "machine": {"cpus": os.cpu_count()}, "summary": summarise(sides, passes)}
     lines = table(result)
     print("\n".join(lines))
     if args.out:
