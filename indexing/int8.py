@@ -139,7 +139,7 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float32)
     from indexing import kernels
 
-    if kernels.ENABLED:
+    if kernels.ready():
         return kernels.quantize_rows(x)
     scale = np.abs(x).max(axis=1) / np.float32(127) if x.shape[1] else np.zeros(len(x), np.float32)
     scale = scale.astype(np.float32)
