@@ -179,8 +179,9 @@ _NO_MASK = np.ones(1, dtype=bool)
 
 
 @_jit
-def _token_maxsum(products, scores_t, codes, inv_norms, tokens, lengths, out):  # pragma: no cover (compiled)
-    n_rows = products.shape[1]
+def _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out,
+                  magnitudes):  # pragma: no cover (compiled)
+    n_rows = row_scales.shape[0]
     best = np.empty(n_rows, dtype=np.float32)
     t = 0
     for d in range(len(lengths)):
@@ -190,12 +191,16 @@ def _token_maxsum(products, scores_t, codes, inv_norms, tokens, lengths, out):  
             row = scores_t[codes[token]]
             s = inv_norms[token]
             for j in range(n_rows):
-                best[j] = max(best[j], (products[t, j] + row[j]) * s)
+                # (float32 products come with scales of 1: x * 1 is x, numpy's floats)
+                best[j] = max(best[j], (np.float32(products[t, j]) * row_scales[j] + row[j]) * s)
             t += 1
         total = best[0]
+        size = abs(best[0])
         for j in range(1, n_rows):
             total += best[j]
+            size += abs(best[j])
         out[d] = total
+        magnitudes[d] = size
 
 
 def token_maxsum(products: np.ndarray, scores_t: np.ndarray, codes: np.ndarray, inv_norms: np.ndarray,
@@ -208,7 +213,8 @@ def token_maxsum(products: np.ndarray, scores_t: np.ndarray, codes: np.ndarray, 
     take(scores_t, codes)``, ``*= inv_norms``, segment maxima and ``sum(axis=0)`` over the rows."""
     out = np.empty(len(lengths), dtype=np.float32)
     if len(lengths) and products.shape[1]:
-        _token_maxsum(products, scores_t, codes, inv_norms, tokens, lengths, out)
+        _token_maxsum(products, np.ones(products.shape[1], dtype=np.float32), scores_t, codes, inv_norms, tokens,
+                      lengths, out, np.empty(len(lengths), dtype=np.float32))
     elif len(lengths):
         out[:] = 0.0
     return out
@@ -354,30 +360,6 @@ def decode_int8(table: np.ndarray, residuals: np.ndarray, tokens: np.ndarray, ou
     return out
 
 
-@_jit
-def _token_maxsum_int8(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out,
-                       magnitudes):  # pragma: no cover (compiled)
-    n_rows = row_scales.shape[0]
-    best = np.empty(n_rows, dtype=np.float32)
-    t = 0
-    for d in range(len(lengths)):
-        best[:] = -np.inf
-        for _ in range(lengths[d]):
-            token = tokens[t]
-            row = scores_t[codes[token]]
-            s = inv_norms[token]
-            for j in range(n_rows):
-                best[j] = max(best[j], (np.float32(products[t, j]) * row_scales[j] + row[j]) * s)
-            t += 1
-        total = best[0]
-        size = abs(best[0])
-        for j in range(1, n_rows):
-            total += best[j]
-            size += abs(best[j])
-        out[d] = total
-        magnitudes[d] = size
-
-
 def token_maxsum_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, codes: np.ndarray,
                       inv_norms: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, out: np.ndarray,
                       magnitudes: np.ndarray) -> None:
@@ -386,8 +368,8 @@ def token_maxsum_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np
     against query row ``j < len(row_scales)`` (``products`` ``(len(tokens), >= rows)`` int32).
     Writes each document's sum over rows of its tokens' maxima to ``out`` and the sum of those
     maxima's absolute values to ``magnitudes``."""
-    if len(lengths) and len(row_scales):
-        _token_maxsum_int8(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out, magnitudes)
+    if len(lengths) and len(row_scales):  # the float32 stage's loop, its int32 products scaled
+        _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out, magnitudes)
     elif len(lengths):
         out[:] = 0.0
         magnitudes[:] = 0.0
@@ -403,31 +385,16 @@ def _add_centroids(centroids, codes, tokens, out):  # pragma: no cover (compiled
             row[e] += centroid[e]
 
 
-@_jit
-def _scaled_maxsum(products, scales, lengths, out):  # pragma: no cover (compiled)
-    n_rows = products.shape[1]
-    best = np.empty(n_rows, dtype=np.float32)
-    t = 0
-    for d in range(len(lengths)):
-        best[:] = -np.inf
-        for _ in range(lengths[d]):
-            s = scales[t]
-            for j in range(n_rows):
-                best[j] = max(best[j], products[t, j] * s)
-            t += 1
-        total = best[0]
-        for j in range(1, n_rows):
-            total += best[j]
-        out[d] = total
-
-
 def scaled_maxsum(products: np.ndarray, scales: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """``(len(lengths),)`` float32 MaxSim of consecutive documents of ``lengths`` tokens from their
     tokens' scores ``products[t, j] * scales[t]`` (``(T, rows)``; each length >= 1): the sum over
     the rows of each document's maxima."""
     out = np.empty(len(lengths), dtype=np.float32)
-    if len(lengths) and products.shape[1]:
-        _scaled_maxsum(products, scales, lengths, out)
+    if len(lengths) and products.shape[1]:  # token_maxsum's loop: scores of 0, each token its own scale
+        rows = products.shape[1]
+        _token_maxsum(products, np.ones(rows, dtype=np.float32), np.zeros((1, rows), dtype=np.float32),
+                      np.zeros(len(products), dtype=np.uint16), scales, np.arange(len(products)), lengths, out,
+                      np.empty(len(lengths), dtype=np.float32))
     elif len(lengths):
         out[:] = 0.0
     return out

@@ -1016,7 +1016,7 @@ def test_warm_loads_every_stage_a_search_then_uses(index, corpus, products):
     assert index.warm() > 0
     loaded = kernels.loaded_variants()
     used = {"probe", "cell_maxima", "decode", "merge_rows"} | ({"token_maxsum"} if products == "float32" else
-                                                 {"dequantize", "token_maxsum_int8", "add_centroids", "scaled_maxsum"})
+                                                 {"dequantize", "token_maxsum", "add_centroids"})
     assert {name for name, n in loaded.items() if n} >= used
     queries = corpus["queries"]
     widths = [1, 2, 3, 5, 13, 16, 17, 19, 24, 32]

@@ -267,8 +267,8 @@ def test_opening_a_plaid_index_loads_its_compiled_stages_beside_the_encoder(stor
     if kernels.ENABLED:  # loaded in open(), not in the first query
         assert searcher.load_seconds["kernels"] > 0
         mode = SearchParams().resolved(10).products  # int8 on a CPU with AMX (and torch), else float32
-        final = "token_maxsum" if mode == "float32" else "token_maxsum_int8"
-        assert all(kernels.loaded_variants()[k] for k in ("probe", "cell_maxima", final))
+        final = "token_maxsum" if mode == "float32" else "dequantize"
+        assert all(kernels.loaded_variants()[k] for k in ("probe", "cell_maxima", "token_maxsum", final))
     assert "compiled stages" not in caplog.text  # the warm-up did not fail
 
 
