@@ -21,13 +21,14 @@ order).
 The query rows' merge (``indexing.plaid.merge_query_tokens``, ~0.15 ms of a query as a
 Python loop) runs here too (:func:`merge_rows`), its sums numpy's floats.
 
-With int8 products (:mod:`indexing.int8`) the exact stage runs other loops: the int8
-decode (:func:`decode_int8`), the scaling of an int32 product back to scores
-(:func:`dequantize`), the int8 scores' segment maxima (:func:`token_maxsum_int8`), and the
-float32 rescoring of the best documents (:func:`decode_vectors`, :func:`scaled_maxsum`). They
-have no numpy twin: int8 products need these stages (``products="auto"`` is float32 without
-them), and their float32 scores equal the float32 engine's to ~1e-6 (other sums, other
-order), not bit for bit.
+With int8 products (:mod:`indexing.int8`) the exact stage runs these loops otherwise: the
+decode into int8 words (:func:`decode_int8`), the scaling of an int32 product back to scores
+(:func:`dequantize`), the int8 scores' segment maxima (:func:`token_maxsum_int8`, the float32
+stage's loop with scaled products), and the float32 rescoring of the best documents
+(:func:`decode_vectors`, :func:`scaled_maxsum`, the same loop again). They have no numpy
+twin: int8 products need these stages (``products="auto"`` is float32 without them), and
+their float32 scores equal the float32 engine's to ~1e-6 (other sums, other order), not bit
+for bit.
 
 numba is a dependency; where it is not installed or cannot be imported, or with
 ``TESSERA_KERNELS=numpy`` in the environment at import, :data:`ENABLED` is False and the
@@ -95,9 +96,8 @@ class _Kernel:
     """A loop compiled by numba on its first call (nogil, no bounds checks, cached on disk
     where numba finds a writable place: beside this file, else its user cache)."""
 
-    def __init__(self, fn, fastmath: "frozenset[str] | None" = None) -> None:
+    def __init__(self, fn) -> None:
         self.py_func = fn
-        self.fastmath = fastmath
         self._compiled = None
 
     def __call__(self, *args):
@@ -111,29 +111,21 @@ class _Kernel:
             if self._compiled is None:
                 if not ready():
                     raise RuntimeError(f"{self.py_func.__name__}: numba is not importable ({ENV}, ENABLED)")
-                options = {"nogil": True, "boundscheck": False}
-                if self.fastmath:
-                    options["fastmath"] = set(self.fastmath)
                 try:
-                    self._compiled = _numba.njit(cache=True, **options)(self.py_func)
+                    self._compiled = _numba.njit(nogil=True, cache=True, boundscheck=False)(self.py_func)
                 except RuntimeError as err:  # "cannot cache function ...: no locator available"
                     logger.info("numba cannot cache %s (%s): it compiles in each process", self.py_func.__name__, err)
-                    self._compiled = _numba.njit(**options)(self.py_func)
+                    self._compiled = _numba.njit(nogil=True, boundscheck=False)(self.py_func)
             return self._compiled
 
 
 _KERNELS: "list[_Kernel]" = []
 
 
-def _jit(fn=None, *, fastmath: "frozenset[str] | None" = None):
-    """Register ``fn`` as a :class:`_Kernel` (``@_jit``, or ``@_jit(fastmath=...)`` for LLVM's
-    fast-math flags: reassociated sums, fused multiply-adds)."""
-    def wrap(f) -> _Kernel:
-        kernel = _Kernel(f, fastmath)
-        _KERNELS.append(kernel)
-        return kernel
-
-    return wrap if fn is None else wrap(fn)
+def _jit(fn) -> _Kernel:
+    kernel = _Kernel(fn)
+    _KERNELS.append(kernel)
+    return kernel
 
 
 def loaded_variants() -> dict[str, int]:

@@ -1367,21 +1367,11 @@ class CentroidIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The exact stage: top ``k`` of ``docs`` (best ``approx`` first) by exact MaxSim,
         ended early by ``margin`` and ``gap_quantile`` (see :class:`SearchParams`)."""
-        first = max(2 * k, len(docs) * 3 // 8)
-        if approx is None or not math.isfinite(margin) or len(docs) <= first:
-            logger.debug("plaid exact stage: %d of %d documents scored", len(docs), len(docs))
-            return _top_k(self._exact_scores(q, scores_t, docs, dim, split), docs, k)
-        head = self._exact_scores(q, scores_t, docs[:first], dim, split)
-        kth = np.partition(head, len(head) - k)[len(head) - k]
-        gaps = head - approx[:first]
-        gap = float(np.max(gaps))
-        if gap_quantile < 1 and math.isfinite(gap):  # (an infinite gap, a document without cells: score all)
-            gap = float(np.quantile(gaps, gap_quantile))
-        reach = approx[first:] + gap + margin * abs(float(kth))
-        rest = docs[first:][reach >= kth]
-        logger.debug("plaid exact stage: %d of %d documents scored", first + len(rest), len(docs))
-        scores = np.concatenate([head, self._exact_scores(q, scores_t, rest, dim, split)])
-        return _top_k(scores, np.concatenate([docs[:first], rest]), k)
+        passes = _early_ended(docs, approx, k, margin, gap_quantile,
+                              lambda part: (self._exact_scores(q, scores_t, part, dim, split),))
+        ids = np.concatenate([part for part, _ in passes])
+        logger.debug("plaid exact stage: %d of %d documents scored", len(ids), len(docs))
+        return _top_k(np.concatenate([scored[0] for _, scored in passes]), ids, k)
 
     # -- the int8 products (indexing.int8) --------------------------------------
 
@@ -1470,22 +1460,8 @@ class CentroidIndex:
             q8 = np.pad(q8, ((0, 0), (0, width - q8.shape[1])))
         q8_t = q8.T
         row_scales = (q_scales * table_scale).astype(np.float32)
-        first = max(2 * k, len(docs) * 3 // 8)
-        scored = []  # (docs, (scores, magnitudes)) of each pass
-        if approx is None or not math.isfinite(margin) or len(docs) <= first:
-            scored.append((docs, self._int8_approx(q8_t, row_scales, scores_t, docs)))
-        else:
-            head = self._int8_approx(q8_t, row_scales, scores_t, docs[:first])
-            scored.append((docs[:first], head))
-            kth = np.partition(head[0], len(head[0]) - k)[len(head[0]) - k]
-            gaps = head[0] - approx[:first]
-            gap = float(np.max(gaps))
-            if gap_quantile < 1 and math.isfinite(gap):
-                gap = float(np.quantile(gaps, gap_quantile))
-            reach = approx[first:] + gap + margin * abs(float(kth))
-            rest = docs[first:][reach >= kth]
-            if len(rest):
-                scored.append((rest, self._int8_approx(q8_t, row_scales, scores_t, rest)))
+        scored = _early_ended(docs, approx, k, margin, gap_quantile,  # (docs, (scores, magnitudes)) a pass
+                              lambda part: self._int8_approx(q8_t, row_scales, scores_t, part))
         logger.debug("plaid exact stage (int8): %d of %d documents scored", sum(len(d) for d, _ in scored), len(docs))
         scores = np.concatenate([a[0] for _, a in scored])
         reach = scores + np.float32(int8.REFINE_MARGIN) * np.concatenate([a[1] for _, a in scored])
@@ -1738,6 +1714,29 @@ class CentroidIndex:
         width = int(lengths.max())
         cells = self.doc_cells[starts + np.minimum(np.arange(width)[:, None], lengths - 1)]
         return np.take(table, cells, axis=0).max(axis=0).sum(axis=1, dtype=np.float32)
+
+
+def _early_ended(docs: np.ndarray, approx: "np.ndarray | None", k: int, margin: float, gap_quantile: float,
+                 score) -> list[tuple[np.ndarray, tuple]]:
+    """The exact stage's passes over ``docs`` (best ``approx`` first), ended early by ``margin``
+    and ``gap_quantile`` (see :class:`SearchParams`): ``(part, score(part))`` for the first
+    ``max(2k, 3/8)`` of them, then (if any) for each later one whose ``approx`` plus the largest
+    (quantile of the) scored ones' (score - approx) gap plus ``margin * |k-th best score|``
+    reaches that k-th best score. ``score(part)`` returns a tuple whose first item is the
+    part's exact-stage scores (float32's, or int8's before their rescoring)."""
+    first = max(2 * k, len(docs) * 3 // 8)
+    if approx is None or not math.isfinite(margin) or len(docs) <= first:
+        return [(docs, score(docs))]
+    head = score(docs[:first])
+    scores = head[0]
+    kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+    gaps = scores - approx[:first]
+    gap = float(np.max(gaps))
+    if gap_quantile < 1 and math.isfinite(gap):  # (an infinite gap, a document without cells: score all)
+        gap = float(np.quantile(gaps, gap_quantile))
+    reach = approx[first:] + gap + margin * abs(float(kth))
+    rest = docs[first:][reach >= kth]
+    return [(docs[:first], head)] + ([(rest, score(rest))] if len(rest) else [])
 
 
 def _transpose_ivf(
