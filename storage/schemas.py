@@ -91,8 +91,8 @@ def read_table(loc: Location, columns: "list[str] | None" = None) -> pa.Table:
     four token files, 0 of 30 with ``pre_buffer=False``, equally fast here).
 
     Through ``ParquetFile.read``, not ``pq.read_table``: the latter goes through Arrow's
-    dataset layer, whose first use costs a process ~65 MB resident (its libraries, its
-    threads' allocator arenas) against ~20 MB (an index's 12,837 ids, a serving process).
+    dataset layer, which imports ``pyarrow.dataset`` and pandas; its first use cost a process
+    ~70 MB resident against ~20 MB (an index's 12,837 ids, a serving process).
     """
     def read() -> pa.Table:
         with loc.open("rb") as f:
