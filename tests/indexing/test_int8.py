@@ -201,9 +201,9 @@ def test_the_int8_exact_stage_reduces_as_its_formula_says():
 @needs_int8
 def test_int8_searches_return_float32_maxsim_of_the_float32_engines_documents(small):
     index, queries = small["index"], small["queries"]
-    f32, i8 = SearchParams(products="float32"), SearchParams(products="int8")  # (dim=16: int8 centroid scores)
+    f32, i8 = SearchParams(products="float32"), SearchParams(products="int8")
     for params in ({}, {"ncells": 32, "centroid_score_threshold": -math.inf, "ndocs": 600, "exact_margin": math.inf},
-                   {"dim": 16}):
+                   {"dim": 16}):  # a prefix: int8 centroid scores, the float32 exact stage
         want = index.search(queries, 5, SearchParams(**params, products="float32"))
         got = index.search(queries, 5, SearchParams(**params, products="int8"))
         np.testing.assert_array_equal(got[1], want[1])
