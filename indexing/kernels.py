@@ -240,23 +240,23 @@ def _decode(byte_words, residuals, tokens, out):  # pragma: no cover (compiled)
                 row[4 * b + 1] = v1
                 row[4 * b + 2] = v2
                 row[4 * b + 3] = v3
-        elif words == 1:  # nbits 4: four bytes' words loaded, then stored
-            for b in range(0, n_bytes - 3, 4):
-                v0 = byte_words[packed[b], 0]
-                v1 = byte_words[packed[b + 1], 0]
-                v2 = byte_words[packed[b + 2], 0]
-                v3 = byte_words[packed[b + 3], 0]
-                row[b] = v0
-                row[b + 1] = v1
-                row[b + 2] = v2
-                row[b + 3] = v3
-            for b in range(n_bytes - n_bytes % 4, n_bytes):
-                row[b] = byte_words[packed[b], 0]
         else:  # float32 values one by one
             for b in range(n_bytes):
                 values = byte_words[packed[b]]
                 for w in range(words):
                     row[b * words + w] = values[w]
+
+
+@_jit
+def _decode_words(words, residuals, tokens, out):  # pragma: no cover (compiled)
+    # One word a byte (a 1-D table): LLVM turns the inner loop into vector gathers, 2.2-2.3x
+    # faster than the same copies unrolled by hand (1,024 XQuAD-sentence tokens: int8 at 2 bits
+    # 50 -> 22 us, at 4 bits 91 -> 39; float32 at 4 bits 137 -> 59).
+    for i in range(len(tokens)):
+        packed = residuals[tokens[i]]
+        row = out[i]
+        for b in range(packed.shape[0]):
+            row[b] = words[packed[b]]
 
 
 def decode_residuals(byte_weights: np.ndarray, residuals: np.ndarray, tokens: np.ndarray,
@@ -268,8 +268,11 @@ def decode_residuals(byte_weights: np.ndarray, residuals: np.ndarray, tokens: np
     ``ResidualCodec.residual_vectors(residuals[tokens])``."""
     if len(tokens):
         # a byte's values copied as whole 8-byte words where they fill them (nbits 1, 2, 4: 8, 4,
-        # 2 float32s); the bits are the floats'
-        if byte_weights.shape[1] % 2 == 0 and out.shape[1] % 2 == 0 and out.flags.c_contiguous:
+        # 2 float32s; at 4 bits one word a byte, gathered); the bits are the floats'
+        if byte_weights.shape[1] == 2 and out.shape[1] % 2 == 0 and out.flags.c_contiguous:
+            _decode_words(np.ascontiguousarray(byte_weights).view(np.uint64).reshape(-1), residuals, tokens,
+                          out.view(np.uint64))
+        elif byte_weights.shape[1] % 2 == 0 and out.shape[1] % 2 == 0 and out.flags.c_contiguous:
             _decode(byte_weights.view(np.uint64), residuals, tokens, out.view(np.uint64))
         else:
             _decode(byte_weights, residuals, tokens, out)
@@ -348,7 +351,7 @@ def decode_int8(table: np.ndarray, residuals: np.ndarray, tokens: np.ndarray, ou
     copied as one 2-, 4- or 8-byte word."""
     words = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[table.shape[1]]
     if len(tokens):
-        _decode(table.view(words), residuals, tokens, out.view(words))
+        _decode_words(np.ascontiguousarray(table).view(words).reshape(-1), residuals, tokens, out.view(words))
     return out
 
 
