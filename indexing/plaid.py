@@ -1111,7 +1111,7 @@ class CentroidIndex:
         dim = self._prefix_dim(params.dim)
         queries = _prepare_queries(Q, self.codec.dim, dim)
         mask = self._allowed_mask(allowed)
-        n_searchable = len(self._searchable_docs(mask))
+        n_searchable = self._n_searchable(mask)
         n_exact = self._n_exact(params, k)
         centroids = self._centroids(dim) if params.products == "float32" else self.codec.centroids
         nq, lq = queries.shape[:2]
@@ -1237,6 +1237,15 @@ class CentroidIndex:
         if mask is not None:
             keep &= mask
         return np.flatnonzero(keep).astype(np.int64)
+
+    def _n_searchable(self, mask: np.ndarray | None) -> int:
+        """How many documents :meth:`_searchable_docs` holds (without a mask: counted once)."""
+        if mask is not None:
+            return int(np.count_nonzero((self.doc_lengths > 0) & mask))
+        count = self._cache.get("n_searchable")
+        if count is None:  # the index is immutable
+            count = self._cache["n_searchable"] = int(np.count_nonzero(self.doc_lengths))
+        return count
 
     def _token_ids(self, docs: np.ndarray) -> np.ndarray:
         """Token positions of ``docs``, document after document."""
@@ -1427,13 +1436,13 @@ class CentroidIndex:
     def _float32_maxsim(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
         """``(len(docs),)`` float32 MaxSim of ``q`` against ``docs``' decompressed tokens: each
         token's centroid plus residual (:func:`indexing.kernels.decode_vectors`) times ``q``,
-        scaled by its stored inverse norm -- the float32 engine's scores, without its centroid
-        product."""
+        scaled by its stored inverse norm -- the float32 engine's scores (up to the order of the
+        product's sums: torch's, :func:`indexing.int8.float_mm`), without its centroid product."""
         lengths = self._lengths(docs)
         tokens = self._token_ids(docs)
         vectors = kernels.decode_vectors(self.codec.centroids, self.codes, self.codec.byte_weights,
                                          self.residuals, tokens)
-        return kernels.scaled_maxsum(vectors @ q.T, self.token_inv_norms[tokens], lengths)
+        return kernels.scaled_maxsum(int8.float_mm(vectors, q.T), self.token_inv_norms[tokens], lengths)
 
     def _int8_exact_top_k(
         self,
