@@ -9,7 +9,7 @@ the exact stage's decode (the tokens' residual bytes gathered, then the byte tab
 segment maxima (the tokens' centroid scores added, scaled by the inverse norms, reduced by
 ``ufunc.reduceat``, which holds the GIL). Here each is one loop, compiled by numba
 (``nogil``: the threads of a split query run them at once), reading the index's arrays in
-place: :func:`probe`, :func:`cell_maxima`, :func:`decode_residuals`, :func:`token_maxsum`.
+place: :func:`probe`, :func:`cell_maxsum`, :func:`decode_residuals`, :func:`token_maxsum`.
 
 The results are numpy's bit for bit: maxima do not depend on order, ties go where numpy
 sends them, every sum is taken in the order numpy takes it (the exact stage's over query
@@ -92,6 +92,12 @@ def ready() -> bool:
     return ENABLED
 
 
+def loaded() -> bool:
+    """Whether numba is imported and the compiled stages run (:func:`ready` was called and
+    succeeded): the search path's helpers ask this, never importing numba themselves."""
+    return ENABLED and _numba is not None
+
+
 class _Kernel:
     """A loop compiled by numba on its first call (nogil, no bounds checks, cached on disk
     where numba finds a writable place: beside this file, else its user cache)."""
@@ -137,10 +143,19 @@ def loaded_variants() -> dict[str, int]:
             for k in _KERNELS}
 
 
+_NO_MASK = np.ones(1, dtype=bool)
+
+
+#: most query rows whose sum :func:`cell_maxsum` takes in its loop (numpy's pairwise sum sums up to
+#: 128 values in one block; beyond it halves them, and the maxima are summed by numpy)
+_PAIRWISE_BLOCK = 128
+
+
 @_jit
-def _cell_maxima(table, doc_cells, starts, lengths, kept, use_kept, out):  # pragma: no cover (compiled)
-    n_rows = out.shape[1]
-    best = np.empty(n_rows, dtype=np.float32)  # a row of its own: no store to ``out`` in the loop
+def _cell_maxsum(table, doc_cells, starts, lengths, kept, use_kept, maxima, out):  # pragma: no cover (compiled)
+    n_rows = table.shape[1]
+    inline = n_rows <= 128  # _PAIRWISE_BLOCK
+    best = np.empty(n_rows, dtype=np.float32)
     for d in range(len(starts)):
         best[:] = -np.inf
         for i in range(starts[d], starts[d] + lengths[d]):
@@ -150,24 +165,60 @@ def _cell_maxima(table, doc_cells, starts, lengths, kept, use_kept, out):  # pra
             row = table[c]
             for j in range(n_rows):
                 best[j] = max(best[j], row[j])
-        out[d] = best
+        if not inline:
+            maxima[d] = best
+            continue
+        # numpy's float32 sum of a row of at most 128 values (its pairwise_sum): in order under
+        # 8, else eight running sums over blocks of 8, combined pairwise, then the rest in order
+        if n_rows < 8:
+            total = np.float32(0.0)
+            for j in range(n_rows):
+                total += best[j]
+        else:
+            r0 = best[0]
+            r1 = best[1]
+            r2 = best[2]
+            r3 = best[3]
+            r4 = best[4]
+            r5 = best[5]
+            r6 = best[6]
+            r7 = best[7]
+            j = 8
+            while j < n_rows - n_rows % 8:
+                r0 += best[j]
+                r1 += best[j + 1]
+                r2 += best[j + 2]
+                r3 += best[j + 3]
+                r4 += best[j + 4]
+                r5 += best[j + 5]
+                r6 += best[j + 6]
+                r7 += best[j + 7]
+                j += 8
+            total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+            while j < n_rows:
+                total += best[j]
+                j += 1
+        out[d] = total
 
 
-def cell_maxima(table: np.ndarray, doc_cells: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+def cell_maxsum(table: np.ndarray, doc_cells: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
                 kept: "np.ndarray | None" = None) -> np.ndarray:
-    """``(n, rows)`` float32: for each document, the maximum over its cells of each query row's
-    centroid score (``table[cell, row]``, ``table`` ``(n_centroids, rows)``, any row stride);
-    only cells where ``kept`` is True when given; ``-inf`` for a document left without cells.
+    """``(n,)`` float32 centroid interaction: for each document, the maximum over its cells of
+    each query row's centroid score (``table[cell, row]``, ``table`` ``(n_centroids, rows)``, any
+    row stride; only cells where ``kept`` is True when given; ``-inf`` for a document left
+    without cells), summed over the rows as numpy's ``sum(axis=1, dtype=float32)`` sums such a
+    ``(n, rows)`` array (the same floats), without building it: numpy's sum over the short rows
+    took ~40 us of a query's ~1,400 candidates.
 
-    ``doc_cells[starts[d] : starts[d] + lengths[d]]`` are document ``d``'s cells. Summing each
-    row (``sum(axis=1, dtype=float32)``) gives the centroid interaction."""
-    out = np.empty((len(starts), table.shape[1]), dtype=np.float32)
+    ``doc_cells[starts[d] : starts[d] + lengths[d]]`` are document ``d``'s cells."""
+    out = np.empty(len(starts), dtype=np.float32)
+    if not len(starts):
+        return out
     use_kept = kept is not None
-    _cell_maxima(table, doc_cells, starts, lengths, kept if use_kept else _NO_MASK, use_kept, out)
-    return out
-
-
-_NO_MASK = np.ones(1, dtype=bool)
+    inline = table.shape[1] <= _PAIRWISE_BLOCK
+    maxima = np.empty((1, 1) if inline else (len(starts), table.shape[1]), dtype=np.float32)
+    _cell_maxsum(table, doc_cells, starts, lengths, kept if use_kept else _NO_MASK, use_kept, maxima, out)
+    return out if inline else maxima.sum(axis=1, dtype=np.float32)
 
 
 @_jit
@@ -463,3 +514,53 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     else:
         scales[:] = 0
     return out, scales
+
+
+# ---- the search path's index lookups ------------------------------------------------------
+
+
+@_jit
+def _ranges(starts, lengths, out):  # pragma: no cover (compiled)
+    t = 0
+    for i in range(len(starts)):
+        s = starts[i]
+        for j in range(lengths[i]):
+            out[t] = s + j
+            t += 1
+
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for every (start, length) (lengths >= 0), as
+    int64: ``indexing.plaid._ranges`` in one pass (a query's ~9,000 token positions in ~5 us,
+    numpy's repeat and cumsum ~25)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out = np.empty(int(lengths.sum()), dtype=np.int64)
+    if len(out):
+        _ranges(np.asarray(starts, dtype=np.int64), lengths, out)
+    return out
+
+
+@_jit
+def _cell_documents(ivf_offsets, ivf_docs, cells, mask, use_mask, hit, out):  # pragma: no cover (compiled)
+    for c in cells:
+        for i in range(ivf_offsets[c], ivf_offsets[c + 1]):
+            hit[ivf_docs[i]] = True
+    n = 0
+    for d in range(len(hit)):
+        if hit[d] and (not use_mask or mask[d]):
+            out[n] = d
+            n += 1
+    return n
+
+
+def cell_documents(ivf_offsets: np.ndarray, ivf_docs: np.ndarray, cells: np.ndarray, n_docs: int,
+                   mask: "np.ndarray | None" = None) -> np.ndarray:
+    """``(m,)`` int64 sorted distinct documents in the inverted lists of ``cells``
+    (``ivf_docs[ivf_offsets[c] : ivf_offsets[c + 1]]``), only those where ``mask`` is True
+    when given: a mark per document, then the marked ones in order."""
+    hit = np.zeros(n_docs, dtype=np.bool_)
+    out = np.empty(n_docs, dtype=np.int64)
+    use_mask = mask is not None
+    n = _cell_documents(ivf_offsets, ivf_docs, np.asarray(cells, dtype=np.int64), mask if use_mask else _NO_MASK,
+                        use_mask, hit, out)
+    return out[:n]

@@ -1250,6 +1250,8 @@ class CentroidIndex:
     def _token_ids(self, docs: np.ndarray) -> np.ndarray:
         """Token positions of ``docs``, document after document."""
         starts = self.doc_offsets[docs]
+        if kernels.loaded():
+            return kernels.ranges(starts, self.doc_offsets[docs + 1] - starts)
         return _ranges(starts, self.doc_offsets[docs + 1] - starts)
 
     def _decompress(self, docs: np.ndarray, dim: int) -> np.ndarray:
@@ -1620,6 +1622,8 @@ class CentroidIndex:
 
     def _cell_documents(self, cells: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         """Sorted documents in the inverted lists of ``cells`` (distinct), ``mask``'s only."""
+        if kernels.loaded():
+            return kernels.cell_documents(self.ivf_offsets, self.ivf_docs, cells, self.n_docs, mask)
         starts = self.ivf_offsets[cells]
         entries = self.ivf_docs[_ranges(starts, self.ivf_offsets[cells + 1] - starts)]
         # A mark per document instead of a sort of the (overlapping) lists.
@@ -1667,9 +1671,9 @@ class CentroidIndex:
         ``-inf`` (ranked last), as does one without cells.
 
         With the compiled stages (:data:`indexing.kernels.ENABLED`) one loop over the
-        documents takes each one's maxima (:func:`indexing.kernels.cell_maxima`) from
-        ``table``, the same scores in the product's ``(n_centroids, Lq)`` layout (any row
-        stride; built from ``centroid_scores`` when None), and numpy sums them as below.
+        documents takes each one's maxima from ``table``, the same scores in the product's
+        ``(n_centroids, Lq)`` layout (any row stride; built from ``centroid_scores`` when
+        None), and sums them as numpy does below (:func:`indexing.kernels.cell_maxsum`).
         Otherwise the documents go in order of their number of cells, in blocks of about
         :data:`INTERACTION_CELLS` cells (:meth:`_centroid_interaction`). The same floats.
         """
@@ -1678,8 +1682,7 @@ class CentroidIndex:
         if kernels.ready():  # (centroid_filter's callers may not have searched yet)
             if table is None:
                 table = np.ascontiguousarray(centroid_scores.T)
-            maxima = kernels.cell_maxima(table, self.doc_cells, starts, lengths, kept)
-            return maxima.sum(axis=1, dtype=np.float32)
+            return kernels.cell_maxsum(table, self.doc_cells, starts, lengths, kept)
         # (n_centroids, Lq): a cell's scores are one contiguous row; pruned cells score -inf
         table = (np.where(kept[:, None], centroid_scores.T, np.float32(-np.inf)) if kept is not None
                  else np.ascontiguousarray(centroid_scores.T))

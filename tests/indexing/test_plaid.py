@@ -618,7 +618,7 @@ def test_memory_mapped_arrays_search_like_in_memory_ones(index, corpus, tmp_path
 def test_compiled_stages_give_numpy_results_bit_for_bit(index, corpus, params, monkeypatch, float32_only):
     queries = corpus["queries"]
     allowed = np.arange(0, N_DOCS, 3)
-    calls = {"cell_maxima": 0, "token_maxsum": 0, "probe": 0}
+    calls = {"cell_maxsum": 0, "token_maxsum": 0, "probe": 0}
 
     def counted(name):
         original = getattr(kernels, name)
@@ -640,14 +640,14 @@ def test_compiled_stages_give_numpy_results_bit_for_bit(index, corpus, params, m
     assert calls["token_maxsum"] > 0
     assert (calls["probe"] > 0) == (params.resolved(10).ncells < N_CENTROIDS)  # every cell probed: numpy's
     if params.exact_tokens == 100:  # this index's candidates outnumber the exact stage's only here
-        assert calls["cell_maxima"] > 0
+        assert calls["cell_maxsum"] > 0
     monkeypatch.setattr(kernels, "ENABLED", False)
     for name in calls:
         calls[name] = 0
     for (scores, ids), (want_scores, want_ids) in zip(compiled, searches()):
         np.testing.assert_array_equal(ids, want_ids)
         np.testing.assert_array_equal(scores, want_scores)  # the same floats, not close ones
-    assert calls == {"cell_maxima": 0, "token_maxsum": 0, "probe": 0}  # numpy's stages ran
+    assert calls == {"cell_maxsum": 0, "token_maxsum": 0, "probe": 0}  # numpy's stages ran
 
 
 def test_batched_threaded_and_single_searches_agree(index, corpus):
@@ -1015,8 +1015,8 @@ def test_warm_loads_every_stage_a_search_then_uses(index, corpus, products):
     # over threads or filtered, need no other compiled variant (none loaded or compiled then)
     assert index.warm() > 0
     loaded = kernels.loaded_variants()
-    used = {"probe", "cell_maxima", "decode", "merge_rows"} | ({"token_maxsum"} if products == "float32" else
-                                                 {"dequantize", "token_maxsum", "add_centroids"})
+    used = {"probe", "cell_maxsum", "decode", "merge_rows", "ranges", "cell_documents"} | (
+        {"token_maxsum"} if products == "float32" else {"dequantize", "token_maxsum", "add_centroids", "decode_words"})
     assert {name for name, n in loaded.items() if n} >= used
     queries = corpus["queries"]
     widths = [1, 2, 3, 5, 13, 16, 17, 19, 24, 32]
