@@ -154,7 +154,7 @@ _PAIRWISE_BLOCK = 128
 @_jit
 def _cell_maxsum(table, doc_cells, starts, lengths, kept, use_kept, maxima, out):  # pragma: no cover (compiled)
     n_rows = table.shape[1]
-    inline = n_rows <= 128  # _PAIRWISE_BLOCK
+    inline = n_rows <= _PAIRWISE_BLOCK
     best = np.empty(n_rows, dtype=np.float32)
     for d in range(len(starts)):
         best[:] = -np.inf
@@ -566,9 +566,10 @@ def cell_documents(ivf_offsets: np.ndarray, ivf_docs: np.ndarray, cells: np.ndar
     """``(m,)`` int64 sorted distinct documents in the inverted lists of ``cells``
     (``ivf_docs[ivf_offsets[c] : ivf_offsets[c + 1]]``), only those where ``mask`` is True
     when given: a mark per document, then the marked ones in order."""
+    cells = np.asarray(cells, dtype=np.int64)
     hit = np.zeros(n_docs, dtype=np.bool_)
-    out = np.empty(n_docs, dtype=np.int64)
+    # at most one entry a list entry (a large index's lists hold a small share of its documents)
+    out = np.empty(min(n_docs, int((ivf_offsets[cells + 1] - ivf_offsets[cells]).sum())), dtype=np.int64)
     use_mask = mask is not None
-    n = _cell_documents(ivf_offsets, ivf_docs, np.asarray(cells, dtype=np.int64), mask if use_mask else _NO_MASK,
-                        use_mask, hit, out)
+    n = _cell_documents(ivf_offsets, ivf_docs, cells, mask if use_mask else _NO_MASK, use_mask, hit, out)
     return out[:n]

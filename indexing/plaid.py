@@ -87,10 +87,14 @@ INTERACTION_CELLS = 4096
 # product then reads back from the core's cache: ~15% faster per query than 4,096 (XQuAD,
 # 2 and 4 bits, interleaved; 512 and 2,048 were slower).
 _EXACT_TOKENS = 1024
-# The same with int8 products (indexing.int8): 4,096 tokens decode 1.5 MiB of int8 residuals.
-# 1,024 to 16,384 were within 3% of each other (1 thread, medians of 3 passes: XQuAD
-# sentences 2.68-2.73 ms a query, paragraphs 3.85-3.99, Tatoeba 2.09-2.15).
-_INT8_EXACT_TOKENS = 4096
+# The same with int8 products (indexing.int8): 2,048 tokens decode 768 KiB of int8 residuals,
+# which stay in a core's 2 MiB L2 for the product. Back to back, 1,024 to 16,384 were within 3%
+# of each other (1 thread, medians of 3 passes: XQuAD sentences 2.68-2.73 ms a query,
+# paragraphs 3.85-3.99, Tatoeba 2.09-2.15); after another process's work has swept the caches
+# (128 MB read and written between queries, as colbert-ai's queries do in bench_vs_colbert's
+# query-by-query turns) 2,048 was the fastest: XQuAD sentences 5.44 ms a query against 5.82
+# at 4,096 and 5.67 at 1,024, Tatoeba 4.19 against 4.33 and 4.39 (back to back within 0.1 ms).
+_INT8_EXACT_TOKENS = 2048
 #: A single query searched with ``threads >= 2`` splits its centroid product and exact stage
 #: over the threads (:class:`_Split`), in parts of at least this much work each (a part
 #: handed to another thread costs ~30-60 us): centroid rows of the product, tokens of the
