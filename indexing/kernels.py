@@ -19,7 +19,9 @@ float32 operations in the same order (no fused multiply-add: numba's default kee
 order).
 
 The query rows' merge (``indexing.plaid.merge_query_tokens``, ~0.15 ms of a query as a
-Python loop) runs here too (:func:`merge_rows`), its sums numpy's floats.
+Python loop) runs here too (:func:`merge_rows`), its sums numpy's floats, and so do two index
+lookups numpy ran as several passes over temporaries: the candidates of the probed cells'
+inverted lists (:func:`cell_documents`) and the exact stage's token positions (:func:`ranges`).
 
 With int8 products (:mod:`indexing.int8`) the exact stage runs these loops otherwise: the
 decode into int8 words (:func:`decode_int8`), the scaling of an int32 product back to scores
