@@ -1245,10 +1245,10 @@ class CentroidIndex:
     def _n_searchable(self, mask: np.ndarray | None) -> int:
         """How many documents :meth:`_searchable_docs` holds (without a mask: counted once)."""
         if mask is not None:
-            return int(np.count_nonzero((self.doc_lengths > 0) & mask))
+            return len(self._searchable_docs(mask))
         count = self._cache.get("n_searchable")
         if count is None:  # the index is immutable
-            count = self._cache["n_searchable"] = int(np.count_nonzero(self.doc_lengths))
+            count = self._cache["n_searchable"] = len(self._searchable_docs(None))
         return count
 
     def _token_ids(self, docs: np.ndarray) -> np.ndarray:
