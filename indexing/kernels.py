@@ -90,8 +90,62 @@ def ready() -> bool:
                 logger.info("numba not importable (%s): the PLAID engine runs its numpy stages", err)
                 ENABLED = False
             else:
+                global _prefetch_row
+                _prefetch_row = _prefetch_helpers()
                 _numba = numba
     return ENABLED
+
+
+#: the kernels' software prefetch of an array's row (:func:`_prefetch_helpers`), defined once numba
+#: is imported
+_prefetch_row = None
+
+#: how many tokens (or documents) ahead the kernels that gather rows from the index's arrays ask
+#: for them: a query's exact stage reads ~7,000 residual rows scattered over tens of MB, and
+#: with the caches cold (another process's work between two queries) each row's miss came one
+#: after another; 8 rows ahead, XQuAD-sentence tokens decoded in 84 ns each instead of 407
+#: after a 64 MB sweep (35 instead of 43 warm); 16 ahead no faster
+PREFETCH_AHEAD = 8
+
+
+def _prefetch_helpers():
+    """``_prefetch_row(array, i)``, for the kernels: LLVM's ``prefetch`` of every cache line of
+    row ``i`` of a 2-D array (for reading, kept in every cache level). A hint: no fault for any
+    address, no result; the kernels issue it some rows ahead of the row they read."""
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic, register_jitable
+
+    @intrinsic
+    def prefetch(typingctx, array, i, j):
+        if not isinstance(array, types.Array) or array.ndim != 2:
+            return None
+
+        def codegen(context, builder, signature, args):
+            array_type = signature.args[0]
+            data = context.make_array(array_type)(context, builder, args[0])
+            index = [context.cast(builder, value, kind, types.intp)
+                     for value, kind in zip(args[1:], signature.args[1:])]
+            pointer = cgutils.get_item_pointer(context, builder, array_type, data, index, wraparound=False)
+            byte_pointer = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            function = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0i8")
+            # read (0), highest locality (3), data cache (1)
+            builder.call(function, [builder.bitcast(pointer, byte_pointer), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                                    ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return types.void(array, i, j), codegen
+
+    @register_jitable
+    def prefetch_row(array, i):
+        last = array.shape[1] - 1
+        for j in range(0, last, max(1, 64 // array.itemsize)):
+            prefetch(array, i, j)
+        prefetch(array, i, last)
+
+    return prefetch_row
 
 
 def loaded() -> bool:
@@ -228,10 +282,13 @@ def _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, leng
                   magnitudes):  # pragma: no cover (compiled)
     n_rows = row_scales.shape[0]
     best = np.empty(n_rows, dtype=np.float32)
+    n = len(tokens)
     t = 0
     for d in range(len(lengths)):
         best[:] = -np.inf
         for _ in range(lengths[d]):
+            if t + PREFETCH_AHEAD < n:
+                _prefetch_row(scores_t, codes[tokens[t + PREFETCH_AHEAD]])
             token = tokens[t]
             row = scores_t[codes[token]]
             s = inv_norms[token]
@@ -269,7 +326,10 @@ def token_maxsum(products: np.ndarray, scores_t: np.ndarray, codes: np.ndarray, 
 def _decode(byte_words, residuals, tokens, out):  # pragma: no cover (compiled)
     words = byte_words.shape[1]  # 8-byte words of one byte's decoded values
     n_bytes = residuals.shape[1]
-    for i in range(len(tokens)):
+    n = len(tokens)
+    for i in range(n):
+        if i + PREFETCH_AHEAD < n:
+            _prefetch_row(residuals, tokens[i + PREFETCH_AHEAD])
         packed = residuals[tokens[i]]
         row = out[i]
         # A byte's words are loaded before any is stored: with a store between two loads
@@ -305,7 +365,10 @@ def _decode_words(words, residuals, tokens, out):  # pragma: no cover (compiled)
     # One word a byte (a 1-D table): LLVM turns the inner loop into vector gathers, 2.2-2.3x
     # faster than the same copies unrolled by hand (1,024 XQuAD-sentence tokens: int8 at 2 bits
     # 50 -> 22 us, at 4 bits 91 -> 39; float32 at 4 bits 137 -> 59).
-    for i in range(len(tokens)):
+    n = len(tokens)
+    for i in range(n):
+        if i + PREFETCH_AHEAD < n:
+            _prefetch_row(residuals, tokens[i + PREFETCH_AHEAD])
         packed = residuals[tokens[i]]
         row = out[i]
         for b in range(packed.shape[0]):
@@ -434,7 +497,10 @@ def token_maxsum_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np
 @_jit
 def _add_centroids(centroids, codes, tokens, out):  # pragma: no cover (compiled)
     dim = out.shape[1]
-    for i in range(len(tokens)):
+    n = len(tokens)
+    for i in range(n):
+        if i + PREFETCH_AHEAD < n:
+            _prefetch_row(centroids, codes[tokens[i + PREFETCH_AHEAD]])
         centroid = centroids[codes[tokens[i]]]
         row = out[i]
         for e in range(dim):
