@@ -58,17 +58,30 @@ REFINE_MARGIN = 2.0 ** -7
 
 _torch = None
 _lock = threading.Lock()
+_UNKNOWN = object()
+# what _cpu_flags and installed found, asked once a process: every search with the default
+# products resolves ``auto`` (:func:`resolve`), and reading /proc/cpuinfo and looking for torch
+# took ~65 us of each (~2% of a Tatoeba query)
+_flags = _UNKNOWN
+_found = None
 
 
 def _cpu_flags() -> "frozenset[str] | None":
-    from embedding.codec import cpu_flags
+    """This CPU's flags (``embedding.codec.cpu_flags``), read once a process."""
+    global _flags
+    if _flags is _UNKNOWN:
+        from embedding.codec import cpu_flags
 
-    return cpu_flags()
+        _flags = cpu_flags()
+    return _flags
 
 
 def installed() -> bool:
-    """torch is installed (found without importing it)."""
-    return importlib.util.find_spec("torch") is not None
+    """torch is installed (found without importing it; looked for once a process)."""
+    global _found
+    if _found is None:
+        _found = _torch is not None or importlib.util.find_spec("torch") is not None
+    return _found
 
 
 def default() -> str:
