@@ -27,7 +27,7 @@ With int8 products (:mod:`indexing.int8`) the exact stage runs these loops other
 decode into int8 words (:func:`decode_int8`), the scaling of an int32 product back to scores
 (:func:`dequantize`), the int8 scores' segment maxima (:func:`token_maxsum_int8`, the float32
 stage's loop with scaled products), and the float32 rescoring of the best documents
-(:func:`decode_vectors`, :func:`scaled_maxsum`, the same loop again). They have no numpy
+(:func:`decode_vectors`, :func:`scaled_maxsum`, that loop without centroid scores). They have no numpy
 twin: int8 products need these stages (``products="auto"`` is float32 without them), and
 their float32 scores equal the float32 engine's to ~1e-6 (other sums, other order), not bit
 for bit.
@@ -507,16 +507,34 @@ def _add_centroids(centroids, codes, tokens, out):  # pragma: no cover (compiled
             row[e] += centroid[e]
 
 
-def scaled_maxsum(products: np.ndarray, scales: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """``(len(lengths),)`` float32 MaxSim of consecutive documents of ``lengths`` tokens from their
-    tokens' scores ``products[t, j] * scales[t]`` (``(T, rows)``; each length >= 1): the sum over
-    the rows of each document's maxima."""
+@_jit
+def _scaled_maxsum(products, scales, tokens, lengths, out):  # pragma: no cover (compiled)
+    n_rows = products.shape[1]
+    best = np.empty(n_rows, dtype=np.float32)
+    t = 0
+    for d in range(len(lengths)):
+        best[:] = -np.inf
+        for _ in range(lengths[d]):
+            s = scales[tokens[t]]
+            row = products[t]
+            for j in range(n_rows):
+                best[j] = max(best[j], row[j] * s)
+            t += 1
+        total = best[0]
+        for j in range(1, n_rows):
+            total += best[j]
+        out[d] = total
+
+
+def scaled_maxsum(products: np.ndarray, scales: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``(len(lengths),)`` float32 MaxSim of consecutive documents of ``lengths`` tokens (each >= 1)
+    from their tokens' scores ``products[t, j] * scales[tokens[t]]`` (``products`` ``(T, rows)``;
+    ``scales`` read where ``tokens`` say, e.g. the index's inverse norms): the sum over the rows
+    of each document's maxima, in row order. (:func:`token_maxsum`'s loop without centroid
+    scores, which it would read as an all-zero table at the cost of four temporary arrays a call.)"""
     out = np.empty(len(lengths), dtype=np.float32)
-    if len(lengths) and products.shape[1]:  # token_maxsum's loop: scores of 0, each token its own scale
-        rows = products.shape[1]
-        _token_maxsum(products, np.ones(rows, dtype=np.float32), np.zeros((1, rows), dtype=np.float32),
-                      np.zeros(len(products), dtype=np.uint16), scales, np.arange(len(products)), lengths, out,
-                      np.empty(len(lengths), dtype=np.float32))
+    if len(lengths) and products.shape[1]:
+        _scaled_maxsum(products, scales, tokens, lengths, out)
     elif len(lengths):
         out[:] = 0.0
     return out

@@ -1253,10 +1253,13 @@ class CentroidIndex:
 
     def _token_ids(self, docs: np.ndarray) -> np.ndarray:
         """Token positions of ``docs``, document after document."""
+        return self._tokens_and_lengths(docs)[0]
+
+    def _tokens_and_lengths(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_token_ids` and :meth:`_lengths` of ``docs`` from one lookup of their offsets."""
         starts = self.doc_offsets[docs]
-        if kernels.loaded():
-            return kernels.ranges(starts, self.doc_offsets[docs + 1] - starts)
-        return _ranges(starts, self.doc_offsets[docs + 1] - starts)
+        lengths = self.doc_offsets[docs + 1] - starts
+        return (kernels.ranges(starts, lengths) if kernels.loaded() else _ranges(starts, lengths)), lengths
 
     def _decompress(self, docs: np.ndarray, dim: int) -> np.ndarray:
         """``(T, dim)`` float32 unit token vectors of ``docs``, concatenated."""
@@ -1418,8 +1421,7 @@ class CentroidIndex:
         rows' absolute maxima; :func:`indexing.kernels.token_maxsum_int8`), in blocks of
         :data:`_INT8_EXACT_TOKENS` tokens: each decoded to int8, multiplied by ``q8_t``
         (``(width, rows)`` int8) into int32, reduced."""
-        lengths = self._lengths(docs)
-        tokens = self._token_ids(docs)
+        tokens, lengths = self._tokens_and_lengths(docs)
         n = len(docs)
         out = np.empty(n, dtype=np.float32)
         magnitudes = np.empty(n, dtype=np.float32)
@@ -1444,11 +1446,10 @@ class CentroidIndex:
         token's centroid plus residual (:func:`indexing.kernels.decode_vectors`) times ``q``,
         scaled by its stored inverse norm -- the float32 engine's scores (up to the order of the
         product's sums: torch's, :func:`indexing.int8.float_mm`), without its centroid product."""
-        lengths = self._lengths(docs)
-        tokens = self._token_ids(docs)
+        tokens, lengths = self._tokens_and_lengths(docs)
         vectors = kernels.decode_vectors(self.codec.centroids, self.codes, self.codec.byte_weights,
                                          self.residuals, tokens)
-        return kernels.scaled_maxsum(int8.float_mm(vectors, q.T), self.token_inv_norms[tokens], lengths)
+        return kernels.scaled_maxsum(int8.float_mm(vectors, q.T), self.token_inv_norms, tokens, lengths)
 
     def _int8_exact_top_k(
         self,

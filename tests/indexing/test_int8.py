@@ -166,13 +166,14 @@ def test_dequantized_and_scaled_stages_are_their_numpy_formulas():
     want = (products.astype(np.float32) * rows[:, None]) * cols[None, :]
     np.testing.assert_array_equal(kernels.dequantize(products, rows, cols), want)
     scores = rng.standard_normal((12, 4)).astype(np.float32)
-    scales = rng.uniform(0.9, 1.1, 12).astype(np.float32)
+    scales = rng.uniform(0.9, 1.1, 40).astype(np.float32)  # read by token position
+    tokens = rng.choice(40, 12, replace=False)
     lengths = np.array([3, 1, 8])
-    scaled = scores * scales[:, None]
+    scaled = scores * scales[tokens][:, None]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    np.testing.assert_allclose(kernels.scaled_maxsum(scores, scales, lengths),
-                               np.maximum.reduceat(scaled, starts, axis=0).sum(axis=1), rtol=1e-6)
-    assert kernels.scaled_maxsum(scores[:, :0], scales, lengths).tolist() == [0.0, 0.0, 0.0]
+    np.testing.assert_array_equal(kernels.scaled_maxsum(scores, scales, tokens, lengths),
+                                  np.maximum.reduceat(scaled, starts, axis=0).sum(axis=1, dtype=np.float32))
+    assert kernels.scaled_maxsum(scores[:, :0], scales, tokens, lengths).tolist() == [0.0, 0.0, 0.0]
 
 
 @needs_int8
