@@ -52,7 +52,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import InitVar, dataclass, replace
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -402,6 +402,15 @@ def _stack_padded(
         scores[row, : len(row_scores)] = row_scores
         ids[row, : len(row_ids)] = row_ids
     return scores, ids
+
+
+class _Int8Columns(NamedTuple):
+    """One query's columns of a block's int8 centroid product (``CentroidIndex._int8_centroid_products``):
+    ``(n_centroids, rows)`` int32 and the scales that make them scores."""
+
+    products: np.ndarray
+    c_scales: np.ndarray
+    q_scales: np.ndarray
 
 
 def _query_columns(scores_t: np.ndarray, start: int, end: int) -> np.ndarray:
@@ -1138,13 +1147,16 @@ class CentroidIndex:
                 part = [_pad_rows(q, padded_rows(len(q))) for q in merged]
                 ends = np.cumsum([len(q) for q in part])
                 if params.products == "int8":
-                    scores_t = self._int8_centroid_scores(dim, np.concatenate(part))
+                    # the int32 product and its scales: each query's stages scale their columns
+                    products, c_scales, q_scales = self._int8_centroid_products(dim, np.concatenate(part))
+                    columns = [_Int8Columns(products[:, int(end) - len(q):int(end)], c_scales,
+                                            q_scales[int(end) - len(q):int(end)]) for q, end in zip(part, ends)]
                 else:
                     scores_t = _centroid_product(centroids, np.concatenate(part).T, split)
+                    columns = [_query_columns(scores_t, int(end) - len(q), int(end)) for q, end in zip(part, ends)]
                 args = [
-                    (q, len(m), _query_columns(scores_t, int(end) - len(q), int(end)), params, k, dim,
-                     mask, n_searchable, n_exact, split)
-                    for q, m, end in zip(part, merged, ends)
+                    (q, len(m), scores, params, k, dim, mask, n_searchable, n_exact, split)
+                    for q, m, scores in zip(part, merged, columns)
                 ]
                 if pool is None:
                     results += [self._search_one(*a) for a in args]
@@ -1306,7 +1318,9 @@ class CentroidIndex:
         (each adds exactly 0 to a document's score) and the centroid stages leave out.
 
         ``scores_t`` is ``(n_centroids, Lq)`` ``centroids @ q.T``, the layout the
-        exact stage gathers rows from; ``n_searchable`` counts the allowed documents
+        exact stage gathers rows from, or with int8 products the query's columns of the int8
+        centroid product (:class:`_Int8Columns`), scaled to scores here (by the probe where it
+        runs: :func:`indexing.kernels.probe_int8`); ``n_searchable`` counts the allowed documents
         with tokens; ``n_exact`` documents reach the exact stage; ``split`` spreads the
         exact stage over threads.
         """
@@ -1314,8 +1328,7 @@ class CentroidIndex:
             # Every document scores 0 against an all-padding query.
             docs = self._searchable_docs(mask)[:k]
             return np.zeros(len(docs), dtype=np.float32), docs
-        table = scores_t[:, :n_live]  # (n_centroids, n_live): a cell's scores are one row of it
-        n_centroids = table.shape[0]
+        n_centroids = len(self.codec.centroids)
         # A centroid stays when its cosine with some query row reaches the threshold: a
         # merged row is its group's sum, so its scores are measured against the threshold
         # times its norm (without, a group of n rows would keep every centroid scoring
@@ -1324,9 +1337,17 @@ class CentroidIndex:
         # largest cost; the same centroids on the XQuAD-sentence queries measured.)
         bounds = _kept_bounds(q[:n_live], params.centroid_score_threshold)
         ncells = params.ncells
-        if kernels.ENABLED and ncells <= _ARGMAX_CELLS and ncells < n_centroids:
+        probed = kernels.ENABLED and ncells <= _ARGMAX_CELLS and ncells < n_centroids
+        if isinstance(scores_t, _Int8Columns):
+            if probed:  # the int8 product's scores written by the probe's pass over them
+                scores_t, cells, kept = kernels.probe_int8(*scores_t, bounds, ncells)
+            else:
+                scores_t = kernels.dequantize(*scores_t)
+        elif probed:
+            cells, kept = kernels.probe(scores_t[:, :n_live], bounds, ncells)
+        table = scores_t[:, :n_live]  # (n_centroids, n_live): a cell's scores are one row of it
+        if probed:
             # the best cells and the kept centroids in one compiled pass over the product
-            cells, kept = kernels.probe(table, bounds, ncells)
             docs = self._cell_documents(cells, mask)
             centroid_scores = None  # the (n_live, n_centroids) layout, built only to widen the probe
         else:
@@ -1408,12 +1429,13 @@ class CentroidIndex:
             cached = self._cache["int8-table"] = int8.quantize_table(self.codec.byte_weights)
         return cached
 
-    def _int8_centroid_scores(self, dim: int, rows: np.ndarray) -> np.ndarray:
-        """``(n_centroids, len(rows))`` float32 centroid scores of query ``rows`` from one int8
-        product (each centroid and each row on its own scale)."""
+    def _int8_centroid_products(self, dim: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The int8 centroid product of query ``rows``: ``(n_centroids, len(rows))`` int32 and the
+        centroids' and the rows' scales (each centroid and each row on its own scale), the scores
+        ``products * c_scales[:, None] * q_scales`` (:func:`indexing.kernels.dequantize`)."""
         c8, c_scales = self._int8_centroids(dim)
         q8, q_scales = int8.quantize_rows(rows)
-        return kernels.dequantize(int8.int_mm(c8, q8.T), c_scales, q_scales)
+        return int8.int_mm(c8, q8.T), c_scales, q_scales
 
     def _int8_approx(self, q8_t: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, docs: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray]:
