@@ -1382,10 +1382,9 @@ class CentroidIndex:
             docs, approx = self._filter_scored(docs, centroid_scores, None, n_exact, table)
         else:
             docs, approx = self._full_stage(docs, pruned, centroid_scores, kept, n_exact, table)
-        logger.debug(
-            "plaid query: %d candidates, %d after centroid stages, %d/%d centroids kept",
-            n_candidates, len(docs), int(kept.sum()), len(kept),
-        )
+        if logger.isEnabledFor(logging.DEBUG):  # (the counts cost a pass over kept: only when logged)
+            logger.debug("plaid query: %d candidates, %d after centroid stages, %d/%d centroids kept",
+                         n_candidates, len(docs), int(kept.sum()), len(kept))
         if params.products == "int8" and dim == self.codec.dim:
             return self._int8_exact_top_k(q[:n_live], scores_t, docs, approx, k, params.exact_margin,
                                           params.exact_gap_quantile)
@@ -1500,7 +1499,9 @@ class CentroidIndex:
         row_scales = (q_scales * table_scale).astype(np.float32)
         scored = _early_ended(docs, approx, k, margin, gap_quantile,  # (docs, (scores, magnitudes)) a pass
                               lambda part: self._int8_approx(q8_t, row_scales, scores_t, part))
-        logger.debug("plaid exact stage (int8): %d of %d documents scored", sum(len(d) for d, _ in scored), len(docs))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("plaid exact stage (int8): %d of %d documents scored", sum(len(d) for d, _ in scored),
+                         len(docs))
         scores = np.concatenate([a[0] for _, a in scored])
         reach = scores + np.float32(int8.REFINE_MARGIN) * np.concatenate([a[1] for _, a in scored])
         ids = np.concatenate([d for d, _ in scored])
@@ -1517,7 +1518,8 @@ class CentroidIndex:
         more = np.flatnonzero(~refined & (reach >= kth))
         if len(more):
             refine(more)
-        logger.debug("plaid exact stage (int8): %d documents rescored in float32", int(refined.sum()))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("plaid exact stage (int8): %d documents rescored in float32", int(refined.sum()))
         return _top_k(exact[refined], ids[refined], k)
 
     def _exact_scores(
