@@ -1172,7 +1172,8 @@ class CentroidIndex:
         queries made of the first centroids, one thread, prefix ``dim``, with an exact stage
         of 10 documents so that the centroid stages run even on a small index: a query whose
         rows are padded and one whose are not, the two array layouts the stages see, each with
-        two equal rows to merge.
+        two equal rows to merge, then the two as one batch (whose queries' columns of the int8
+        centroid product are strided, another compiled variant of the probe).
         Returns the seconds it took (0 where the numpy stages run or nothing is searchable).
         """
         start = time.perf_counter()
@@ -1180,11 +1181,15 @@ class CentroidIndex:
             return 0.0
         centroids = self.codec.centroids
         params = SearchParams(dim=dim, ndocs=4, exact_tokens=1)
-        for rows in (3, ROW_BLOCK):
-            rows = min(rows, len(centroids))
-            q = np.array(centroids[None, :rows])
-            q[0, -1] = q[0, 0]  # a near copy: the merge's loop too (a query's padding tokens are)
-            self.search(q, 10, params, threads=1)
+        width = min(ROW_BLOCK, len(centroids))
+        batch = np.zeros((2, width, centroids.shape[1]), dtype=np.float32)
+        for i, rows in enumerate((min(3, width), width)):
+            q = batch[i, :rows]
+            q[:] = centroids[:rows]
+            q[-1] = q[0]  # a near copy: the merge's loop too (a query's padding tokens are)
+            self.search(q[None], 10, params, threads=1)
+        # the two as one batch: each query's columns of the block's int8 product are strided
+        self.search(batch, 10, params, threads=1)
         return time.perf_counter() - start
 
     def exact_maxsim(

@@ -1031,6 +1031,48 @@ def test_warm_loads_every_stage_a_search_then_uses(index, corpus, products):
     assert kernels.loaded_variants() == loaded
 
 
+_FRESH_WARM = """
+import json, sys
+import numpy as np
+from embedding.codec import ResidualCodec
+from indexing import kernels
+from indexing.plaid import CentroidIndex
+folder = sys.argv[1]
+codec = ResidualCodec.from_bytes(open(folder + "/codec.bin", "rb").read())
+arrays = dict(np.load(folder + "/arrays.npz"))
+index = CentroidIndex.from_arrays(codec, arrays)
+queries = np.load(folder + "/queries.npy")
+index.warm()
+loaded = kernels.loaded_variants()
+index.search(queries, 10)
+index.search(queries[:1], 10)
+index.search(queries[:3, :5], 10)
+print(json.dumps({"warm": loaded, "after": kernels.loaded_variants()}))
+"""
+
+
+@pytest.mark.skipif(not kernels.ENABLED, reason="numba not importable")
+def test_warm_in_a_fresh_process_loads_what_batches_then_use(index, corpus, products, tmp_path):
+    # In this process other tests have searched already; a fresh one shows what warm() alone
+    # loads: a batch's queries read strided columns of the block's product (int8: the probe
+    # scales them), another compiled variant, which warm() must load too.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "codec.bin").write_bytes(index.codec.to_bytes())
+    np.savez(tmp_path / "arrays.npz", **index.to_arrays())
+    np.save(tmp_path / "queries.npy", corpus["queries"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", _FRESH_WARM, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["after"] == seen["warm"]
+    assert seen["warm"]["probe"] >= 1
+
+
 def test_warm_is_nothing_to_do_for_the_numpy_stages_or_an_empty_index(index, monkeypatch):
     empty = CentroidIndex.build(index.codec, [], [])
     assert empty.warm() == 0.0
