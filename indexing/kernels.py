@@ -282,13 +282,10 @@ def _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, leng
                   magnitudes):  # pragma: no cover (compiled)
     n_rows = row_scales.shape[0]
     best = np.empty(n_rows, dtype=np.float32)
-    n = len(tokens)
     t = 0
     for d in range(len(lengths)):
         best[:] = -np.inf
         for _ in range(lengths[d]):
-            if t + PREFETCH_AHEAD < n:
-                _prefetch_row(scores_t, codes[tokens[t + PREFETCH_AHEAD]])
             token = tokens[t]
             row = scores_t[codes[token]]
             s = inv_norms[token]
