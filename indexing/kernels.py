@@ -526,8 +526,6 @@ def _add_centroids(centroids, codes, tokens, out):  # pragma: no cover (compiled
     dim = out.shape[1]
     n = len(tokens)
     for i in range(n):
-        if i + PREFETCH_AHEAD < n:
-            _prefetch_row(centroids, codes[tokens[i + PREFETCH_AHEAD]])
         centroid = centroids[codes[tokens[i]]]
         row = out[i]
         for e in range(dim):
