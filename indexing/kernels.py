@@ -100,11 +100,13 @@ def ready() -> bool:
 #: is imported
 _prefetch_row = None
 
-#: how many tokens (or documents) ahead the kernels that gather rows from the index's arrays ask
-#: for them: a query's exact stage reads ~7,000 residual rows scattered over tens of MB, and
-#: with the caches cold (another process's work between two queries) each row's miss came one
-#: after another; 8 rows ahead, XQuAD-sentence tokens decoded in 84 ns each instead of 407
-#: after a 64 MB sweep (35 instead of 43 warm); 16 ahead no faster
+#: how many tokens ahead the decodes (int8 and float32) ask for a token's residual row: a query's
+#: exact stage reads ~7,000 rows scattered over tens of MB, and with the caches cold (another
+#: process's work between two queries) each row's miss came one after another; 8 rows ahead,
+#: XQuAD-sentence tokens decoded in 84 ns each instead of 407 after a 64 MB sweep (35 instead
+#: of 43 warm); 16 ahead no faster. Not worth it where measured: the score rows token_maxsum
+#: reads (the query's table, in L2 from the probe: 4% slower with) and the centroid rows of the
+#: rescoring (24 lines a token: 3-6% slower with)
 PREFETCH_AHEAD = 8
 
 
