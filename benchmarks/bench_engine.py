@@ -11,6 +11,12 @@ float32 products). Reported per tree: each round's median and
 mean ms a query, the median of the rounds' medians, and whether every tree returned the same
 positions for every query (a speed change must not be a results change).
 
+``--interleave`` keeps one process per side for the whole run and sends them the queries in
+turn, one query at a time (A B, then B A for the next query, ...): each side's query then
+finds the caches as the other side's query left them, as a search between other work does
+(the way ``bench_vs_colbert.py`` interleaves colbert-ai), where the default runs each side's
+pass back to back in a warm process.
+
 ``--products float32 int8`` runs each tree once per value (``TESSERA_PLAID_PRODUCTS`` in its
 process: what the engine's default ``products`` means), in turn; results may then differ
 between the values (int8 scores candidates differently), so the table gives each side's
@@ -56,7 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=250, help="timed queries a pass (the first n of --queries)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", help="output stem: writes .json and .txt")
+    p.add_argument("--interleave", action="store_true",
+                   help="one process per side for the whole run, the sides' searches alternating query by query")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("threads", "rounds", "n"):
         if getattr(args, name) < 1:
@@ -88,14 +97,82 @@ def worker(args: argparse.Namespace) -> dict:
             "median_ms": statistics.median(seconds) * 1e3, "mean_ms": statistics.fmean(seconds) * 1e3, "ids": ids}
 
 
-def run_tree(tree: Path, args: argparse.Namespace, products: "str | None" = None) -> dict:
+def serve(args: argparse.Namespace) -> None:
+    """:func:`worker` one query at a time: after the warm-up, each line of stdin is a query's
+    number among the timed ones; the reply is a JSON line ``[seconds, top-K positions]``."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    import indexing
+    from indexing.index_files import open_centroid_index
+
+    cindex, _ = open_centroid_index(args.root, args.index)
+    Q = np.load(args.queries)[: args.warmup + args.n]
+    threads = args.threads if args.threads > 1 else None
+    with threadpool_limits(1, user_api="blas"):
+        for q in Q[: args.warmup]:
+            cindex.search(q[None], K, threads=threads)
+        print(json.dumps({"source": str(Path(indexing.__file__).resolve().parents[1])}), flush=True)
+        for line in sys.stdin:
+            q = Q[args.warmup + int(line)]
+            start = time.perf_counter()
+            _, top = cindex.search(q[None], K, threads=threads)
+            print(json.dumps([time.perf_counter() - start, top[0].tolist()]), flush=True)
+
+
+def _tree_command(tree: Path, args: argparse.Namespace, products: "str | None", mode: str) -> tuple[list, dict]:
     path = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     if products is not None:
         env["TESSERA_PLAID_PRODUCTS"] = products
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--root", args.root, "--index", args.index,
+    cmd = [sys.executable, str(Path(__file__).resolve()), mode, "--root", args.root, "--index", args.index,
            "--queries", args.queries, "--threads", str(args.threads), "--n", str(args.n),
            "--warmup", str(args.warmup)]
+    return cmd, env
+
+
+def run_interleaved(sides: list[tuple[str, "str | None"]], args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every side's rounds from one serving process a side, the sides' searches alternating."""
+    procs = []
+    try:
+        for tree, prod in sides:
+            cmd, env = _tree_command(Path(tree), args, prod, "--serve")
+            proc = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            first = proc.stdout.readline()
+            if not first:
+                raise RuntimeError(f"{tree}: the search process failed (exit {proc.wait()})")
+            if Path(json.loads(first)["source"]) != Path(tree):
+                raise RuntimeError(f"{tree}: the process imported Tessera from {json.loads(first)['source']}, "
+                                   "not from the tree")
+        passes: dict[str, list[dict]] = {_label(*side): [] for side in sides}
+        for r in range(args.rounds):
+            seconds: list[list[float]] = [[] for _ in sides]
+            ids: list[list] = [[] for _ in sides]
+            for i in range(args.n):
+                order = range(len(sides)) if (i + r) % 2 == 0 else reversed(range(len(sides)))
+                for s in order:
+                    procs[s].stdin.write(f"{i}\n")
+                    procs[s].stdin.flush()
+                    reply = procs[s].stdout.readline()
+                    if not reply:
+                        raise RuntimeError(f"{sides[s][0]}: the search process failed (exit {procs[s].wait()})")
+                    took, top = json.loads(reply)
+                    seconds[s].append(took)
+                    ids[s].append(top)
+            for s, side in enumerate(sides):
+                passes[_label(*side)].append({"median_ms": statistics.median(seconds[s]) * 1e3,
+                                              "mean_ms": statistics.fmean(seconds[s]) * 1e3, "ids": ids[s]})
+        return passes
+    finally:
+        for proc in procs:
+            if proc.stdin:
+                proc.stdin.close()
+            proc.wait()
+
+
+def run_tree(tree: Path, args: argparse.Namespace, products: "str | None" = None) -> dict:
+    cmd, env = _tree_command(tree, args, products, "--worker")
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{tree}: the search process failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
@@ -129,7 +206,9 @@ def _label(tree: str, products: "str | None") -> str:
 
 def table(result: dict) -> list[str]:
     lines = [f"CentroidIndex.search alone: index {result['index']}, {result['queries']} queries a pass, "
-             f"{result['rounds']} round(s), {result['threads']} thread(s); trees in turn, a fresh process each",
+             f"{result['rounds']} round(s), {result['threads']} thread(s); "
+             + ("one process a side, the sides' searches alternating query by query" if result.get("interleaved")
+                else "trees in turn, a fresh process each"),
              f"{'tree':<48} {'median ms':>10}  {'overlap':>7}  rounds (median / mean ms)"]
     for tree, r in result["summary"]["trees"].items():
         rounds = ", ".join(f"{m:.2f} / {a:.2f}" for m, a in zip(r["round_medians_ms"], r["round_means_ms"]))
@@ -145,13 +224,20 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    if args.serve:
+        serve(args)
+        return 0
     sides = [(str(Path(t).resolve()), prod) for t in args.trees for prod in args.products]
-    passes: dict[str, list[dict]] = {_label(*side): [] for side in sides}
-    for _ in range(args.rounds):
-        for tree, prod in sides:
-            passes[_label(tree, prod)].append(run_tree(Path(tree), args, prod))
+    if args.interleave:
+        passes = run_interleaved(sides, args)
+    else:
+        passes = {_label(*side): [] for side in sides}
+        for _ in range(args.rounds):
+            for tree, prod in sides:
+                passes[_label(tree, prod)].append(run_tree(Path(tree), args, prod))
     result = {"index": args.index, "queries": args.n, "rounds": args.rounds, "threads": args.threads,
-              "machine": {"cpus": os.cpu_count()}, "summary": summarise(sides, passes)}
+              "interleaved": args.interleave, "machine": {"cpus": os.cpu_count()},
+              "summary": summarise(sides, passes)}
     lines = table(result)
     print("\n".join(lines))
     if args.out:

@@ -49,3 +49,59 @@ def test_counts_below_one_are_refused(flag, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--root", "r", "--index", "i", "--queries", "q.npy", flag, "0"])
     assert f"{flag} must be >= 1" in capsys.readouterr().err
+
+
+_STUB = """
+import json, sys, time
+tree, log = sys.argv[1], sys.argv[2]
+print(json.dumps({"source": tree}), flush=True)
+for line in sys.stdin:
+    with open(log, "a") as f:
+        f.write(f"{tree} {int(line)}\\n")
+    print(json.dumps([0.001 * (1 + int(line)), [int(line)] * 10]), flush=True)
+"""
+
+
+def test_interleaved_sides_alternate_query_by_query_and_keep_their_processes(tmp_path, monkeypatch):
+    """--interleave: one process a side for the whole run (here a stub speaking the --serve
+    protocol), each query sent to every side before the next, the first side alternating."""
+    import sys
+
+    import benchmarks.bench_engine as bench
+
+    log = tmp_path / "log.txt"
+    stub = tmp_path / "stub.py"
+    stub.write_text(_STUB)
+    trees = [tmp_path / "a", tmp_path / "b"]
+    for tree in trees:
+        tree.mkdir()
+
+    def command(tree, args, products, mode):
+        assert mode == "--serve"
+        return [sys.executable, str(stub), str(tree), str(log)], None
+
+    monkeypatch.setattr(bench, "_tree_command", command)
+    args = parse_args(["--root", "r", "--index", "i", "--queries", "q.npy", "--n", "3", "--rounds", "2",
+                       "--interleave"])
+    passes = bench.run_interleaved([(str(t), None) for t in trees], args)
+    a, b = (str(t) for t in trees)
+    sent = [line.split() for line in log.read_text().splitlines()]
+    assert sent == [[a, "0"], [b, "0"], [b, "1"], [a, "1"], [a, "2"], [b, "2"],   # round 1
+                    [b, "0"], [a, "0"], [a, "1"], [b, "1"], [b, "2"], [a, "2"]]   # round 2 starts the other way
+    assert [p["median_ms"] for p in passes[a]] == pytest.approx([2.0, 2.0])
+    assert passes[b][1]["ids"] == [[0] * 10, [1] * 10, [2] * 10]
+    assert summarise([(a, None), (b, None)], passes)["same_results"] is True
+
+
+def test_an_interleaved_side_importing_another_tree_is_refused(tmp_path, monkeypatch):
+    import sys
+
+    import benchmarks.bench_engine as bench
+
+    stub = tmp_path / "stub.py"
+    stub.write_text(_STUB)
+    monkeypatch.setattr(bench, "_tree_command", lambda tree, args, products, mode: (
+        [sys.executable, str(stub), "/somewhere/else", str(tmp_path / "log.txt")], None))
+    args = parse_args(["--root", "r", "--index", "i", "--queries", "q.npy", "--interleave"])
+    with pytest.raises(RuntimeError, match="imported Tessera from /somewhere/else"):
+        bench.run_interleaved([(str(tmp_path), None)], args)
