@@ -98,8 +98,10 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def serve(args: argparse.Namespace) -> None:
-    """:func:`worker` one query at a time: after the warm-up, each line of stdin is a query's
-    number among the timed ones; the reply is a JSON line ``[seconds, top-K positions]``."""
+    """:func:`worker` one query at a time: after the warm-up a JSON line says where Tessera was
+    imported from and how many timed queries there are (``--n`` or fewer, as the file holds);
+    then each line of stdin is a query's number among them, the reply a JSON line ``[seconds,
+    top-K positions]``."""
     import numpy as np
     from threadpoolctl import threadpool_limits
 
@@ -112,7 +114,8 @@ def serve(args: argparse.Namespace) -> None:
     with threadpool_limits(1, user_api="blas"):
         for q in Q[: args.warmup]:
             cindex.search(q[None], K, threads=threads)
-        print(json.dumps({"source": str(Path(indexing.__file__).resolve().parents[1])}), flush=True)
+        print(json.dumps({"source": str(Path(indexing.__file__).resolve().parents[1]),
+                          "queries": len(Q) - min(args.warmup, len(Q))}), flush=True)
         for line in sys.stdin:
             q = Q[args.warmup + int(line)]
             start = time.perf_counter()
@@ -134,6 +137,7 @@ def _tree_command(tree: Path, args: argparse.Namespace, products: "str | None", 
 def run_interleaved(sides: list[tuple[str, "str | None"]], args: argparse.Namespace) -> dict[str, list[dict]]:
     """Every side's rounds from one serving process a side, the sides' searches alternating."""
     procs = []
+    n = args.n
     try:
         for tree, prod in sides:
             cmd, env = _tree_command(Path(tree), args, prod, "--serve")
@@ -142,14 +146,15 @@ def run_interleaved(sides: list[tuple[str, "str | None"]], args: argparse.Namesp
             first = proc.stdout.readline()
             if not first:
                 raise RuntimeError(f"{tree}: the search process failed (exit {proc.wait()})")
-            if Path(json.loads(first)["source"]) != Path(tree):
-                raise RuntimeError(f"{tree}: the process imported Tessera from {json.loads(first)['source']}, "
-                                   "not from the tree")
+            ready = json.loads(first)
+            if Path(ready["source"]) != Path(tree):
+                raise RuntimeError(f"{tree}: the process imported Tessera from {ready['source']}, not from the tree")
+            n = min(n, ready["queries"])
         passes: dict[str, list[dict]] = {_label(*side): [] for side in sides}
         for r in range(args.rounds):
             seconds: list[list[float]] = [[] for _ in sides]
             ids: list[list] = [[] for _ in sides]
-            for i in range(args.n):
+            for i in range(n):
                 order = range(len(sides)) if (i + r) % 2 == 0 else reversed(range(len(sides)))
                 for s in order:
                     procs[s].stdin.write(f"{i}\n")
@@ -235,7 +240,8 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for tree, prod in sides:
                 passes[_label(tree, prod)].append(run_tree(Path(tree), args, prod))
-    result = {"index": args.index, "queries": args.n, "rounds": args.rounds, "threads": args.threads,
+    timed = len(next(iter(passes.values()))[0]["ids"])  # --n, or fewer where the file holds fewer
+    result = {"index": args.index, "queries": timed, "rounds": args.rounds, "threads": args.threads,
               "interleaved": args.interleave, "machine": {"cpus": os.cpu_count()},
               "summary": summarise(sides, passes)}
     lines = table(result)

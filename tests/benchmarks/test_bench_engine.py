@@ -54,7 +54,7 @@ def test_counts_below_one_are_refused(flag, capsys):
 _STUB = """
 import json, sys, time
 tree, log = sys.argv[1], sys.argv[2]
-print(json.dumps({"source": tree}), flush=True)
+print(json.dumps({"source": tree, "queries": 3}), flush=True)
 for line in sys.stdin:
     with open(log, "a") as f:
         f.write(f"{tree} {int(line)}\\n")
@@ -81,8 +81,8 @@ def test_interleaved_sides_alternate_query_by_query_and_keep_their_processes(tmp
         return [sys.executable, str(stub), str(tree), str(log)], None
 
     monkeypatch.setattr(bench, "_tree_command", command)
-    args = parse_args(["--root", "r", "--index", "i", "--queries", "q.npy", "--n", "3", "--rounds", "2",
-                       "--interleave"])
+    args = parse_args(["--root", "r", "--index", "i", "--queries", "q.npy", "--n", "5", "--rounds", "2",
+                       "--interleave"])  # 5 asked, 3 in the (stub's) file: 3 timed
     passes = bench.run_interleaved([(str(t), None) for t in trees], args)
     a, b = (str(t) for t in trees)
     sent = [line.split() for line in log.read_text().splitlines()]
