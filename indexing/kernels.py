@@ -395,17 +395,20 @@ def decode_residuals(byte_weights: np.ndarray, residuals: np.ndarray, tokens: np
 
 
 @_jit
-def _probe(table, products, c_scales, q_scales, dequantize, bounds, best_val, best_idx,
+def _probe(table, out, products, c_scales, q_scales, dequantize, bounds, best_val, best_idx,
            kept):  # pragma: no cover (compiled)
+    # (dequantize: ``out`` is ``table``, written before it is read; else ``out`` is never written,
+    # and ``table`` may be read-only)
     n_rows, ncells = best_val.shape
     floor = np.full(n_rows, -np.inf, dtype=np.float32)  # each row's smallest value among its best
     for c in range(table.shape[0]):
-        row = table[c]
         if dequantize:  # the row's scores from the int8 product first, as _dequantize writes them
             source = products[c]
             scale = c_scales[c]
+            written = out[c]
             for j in range(n_rows):
-                row[j] = np.float32(source[j]) * scale * q_scales[j]
+                written[j] = np.float32(source[j]) * scale * q_scales[j]
+        row = table[c]
         # First whether the centroid is kept and whether any row takes it, in one loop of
         # compares that LLVM vectorises; a row taking it is the rare case (a few dozen times a
         # row in 8,192 centroids): 3.5x faster than deciding both element by element in one loop
@@ -444,7 +447,7 @@ def probe(table: np.ndarray, bounds: np.ndarray, ncells: int) -> tuple[np.ndarra
     ``ncells`` best (equal scores: the lower centroid first, as repeated ``argmax`` takes
     them) and ``(n_centroids,)`` bool, whether some row's score reaches its bound (as numpy's
     ``(table >= bounds).any(axis=1)``)."""
-    return _probe_into(table, _NO_PRODUCTS, _NO_SCALES, _NO_SCALES, False, bounds, ncells)
+    return _probe_into(table, _NO_TABLE, _NO_PRODUCTS, _NO_SCALES, _NO_SCALES, False, bounds, ncells)
 
 
 def probe_int8(products: np.ndarray, c_scales: np.ndarray, q_scales: np.ndarray, bounds: np.ndarray,
@@ -457,21 +460,22 @@ def probe_int8(products: np.ndarray, c_scales: np.ndarray, q_scales: np.ndarray,
     :func:`probe` returns them for that table. One pass instead of two over the scores: 8,192
     centroids x 19 rows in 173 us instead of 240."""
     table = np.empty((products.shape[0], len(bounds)), dtype=np.float32)
-    cells, kept = _probe_into(table, products, np.ascontiguousarray(c_scales, dtype=np.float32),
+    cells, kept = _probe_into(table, table, products, np.ascontiguousarray(c_scales, dtype=np.float32),
                               np.ascontiguousarray(q_scales, dtype=np.float32), True, bounds, ncells)
     return table, cells, kept
 
 
 _NO_PRODUCTS = np.zeros((1, 1), dtype=np.int32)
 _NO_SCALES = np.zeros(1, dtype=np.float32)
+_NO_TABLE = np.zeros((1, 1), dtype=np.float32)
 
 
-def _probe_into(table, products, c_scales, q_scales, dequantize, bounds, ncells):
+def _probe_into(table, out, products, c_scales, q_scales, dequantize, bounds, ncells):
     n_rows = len(bounds)
     best_val = np.full((n_rows, ncells), -np.inf, dtype=np.float32)
     best_idx = np.full((n_rows, ncells), -1, dtype=np.int64)
     kept = np.empty(table.shape[0], dtype=bool)
-    _probe(table, products, c_scales, q_scales, dequantize, np.ascontiguousarray(bounds, dtype=np.float32),
+    _probe(table, out, products, c_scales, q_scales, dequantize, np.ascontiguousarray(bounds, dtype=np.float32),
            best_val, best_idx, kept)
     cells = np.unique(best_idx)
     return cells[cells >= 0], kept  # (-1: a slot no score filled, a NaN row's)
@@ -526,8 +530,7 @@ def token_maxsum_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np
 @_jit
 def _add_centroids(centroids, codes, tokens, out):  # pragma: no cover (compiled)
     dim = out.shape[1]
-    n = len(tokens)
-    for i in range(n):
+    for i in range(len(tokens)):
         centroid = centroids[codes[tokens[i]]]
         row = out[i]
         for e in range(dim):

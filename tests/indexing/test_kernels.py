@@ -170,6 +170,29 @@ def test_probe_takes_each_rows_best_cells_as_argmax_does_and_the_kept_centroids(
         assert cells.tolist() == sorted(want)
         np.testing.assert_array_equal(kept, (table >= bounds).any(axis=1))
         assert kept.all() if threshold == -np.inf else not kept.all() if threshold == 10.0 else True
+        frozen = table.copy()
+        frozen.setflags(write=False)  # a read-only table (a memory-mapped product, say) is read, not written
+        got = kernels.probe(frozen, bounds, ncells)
+        assert got[0].tolist() == cells.tolist() and (got[1] == kept).all()
+
+
+@needs_numba
+@pytest.mark.parametrize("ncells", [1, 4])
+def test_the_int8_probe_writes_the_dequantized_scores_and_probes_them(ncells):
+    rng = np.random.default_rng(7 + ncells)
+    n_centroids, rows = 50, 5
+    block = rng.integers(-3000, 3000, (n_centroids, 2 * rows + 3)).astype(np.int32)
+    products = block[:, rows + 1: 2 * rows + 3]  # one query's strided columns of a block's product
+    c_scales = rng.uniform(1e-4, 2e-4, n_centroids).astype(np.float32)
+    q_scales = rng.uniform(1e-4, 2e-4, products.shape[1]).astype(np.float32)
+    want = kernels.dequantize(np.ascontiguousarray(products), c_scales, q_scales)[:, :rows]
+    bounds = np.quantile(want, 0.97, axis=0).astype(np.float32)  # a few centroids kept per row
+    table, cells, kept = kernels.probe_int8(products, c_scales, q_scales, bounds, ncells)
+    assert table.shape == (n_centroids, rows)
+    np.testing.assert_array_equal(table, want)  # dequantize's floats, bit for bit
+    want_cells, want_kept = kernels.probe(want, bounds, ncells)
+    assert cells.tolist() == want_cells.tolist() and (kept == want_kept).all()
+    assert 0 < kept.sum() < n_centroids
 
 
 def _enabled_with(value: "str | None") -> subprocess.CompletedProcess:
