@@ -280,9 +280,8 @@ def cell_maxsum(table: np.ndarray, doc_cells: np.ndarray, starts: np.ndarray, le
 
 
 @_jit
-def _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out, magnitudes,
-                  use_codes):  # pragma: no cover (compiled)
-    # (use_codes False: every token reads scores_t's first row, e.g. zeros: scaled_maxsum)
+def _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out,
+                  magnitudes):  # pragma: no cover (compiled)
     n_rows = row_scales.shape[0]
     best = np.empty(n_rows, dtype=np.float32)
     t = 0
@@ -290,7 +289,7 @@ def _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, leng
         best[:] = -np.inf
         for _ in range(lengths[d]):
             token = tokens[t]
-            row = scores_t[codes[token] if use_codes else 0]
+            row = scores_t[codes[token]]
             s = inv_norms[token]
             for j in range(n_rows):
                 # (float32 products come with scales of 1: x * 1 is x, numpy's floats)
@@ -316,7 +315,7 @@ def token_maxsum(products: np.ndarray, scores_t: np.ndarray, codes: np.ndarray, 
     out = np.empty(len(lengths), dtype=np.float32)
     if len(lengths) and products.shape[1]:
         _token_maxsum(products, np.ones(products.shape[1], dtype=np.float32), scores_t, codes, inv_norms, tokens,
-                      lengths, out, np.empty(len(lengths), dtype=np.float32), True)
+                      lengths, out, np.empty(len(lengths), dtype=np.float32))
     elif len(lengths):
         out[:] = 0.0
     return out
@@ -396,20 +395,19 @@ def decode_residuals(byte_weights: np.ndarray, residuals: np.ndarray, tokens: np
 
 
 @_jit
-def _probe(table, out, products, c_scales, q_scales, dequantize, bounds, best_val, best_idx,
+def _probe(table, products, c_scales, q_scales, dequantize, bounds, best_val, best_idx,
            kept):  # pragma: no cover (compiled)
-    # (dequantize: ``out`` is ``table``, written before it is read; else ``out`` is never written,
-    # and ``table`` may be read-only)
+    # (table written only when dequantize; it is one array either way: a second one to write
+    # through made LLVM assume the rows could overlap, and the probe took 390 us, not 172)
     n_rows, ncells = best_val.shape
     floor = np.full(n_rows, -np.inf, dtype=np.float32)  # each row's smallest value among its best
     for c in range(table.shape[0]):
+        row = table[c]
         if dequantize:  # the row's scores from the int8 product first, as _dequantize writes them
             source = products[c]
             scale = c_scales[c]
-            written = out[c]
             for j in range(n_rows):
-                written[j] = np.float32(source[j]) * scale * q_scales[j]
-        row = table[c]
+                row[j] = np.float32(source[j]) * scale * q_scales[j]
         # First whether the centroid is kept and whether any row takes it, in one loop of
         # compares that LLVM vectorises; a row taking it is the rare case (a few dozen times a
         # row in 8,192 centroids): 3.5x faster than deciding both element by element in one loop
@@ -447,8 +445,11 @@ def probe(table: np.ndarray, bounds: np.ndarray, ncells: int) -> tuple[np.ndarra
     ``1 <= ncells < n_centroids``. Returns the sorted distinct centroids among each row's
     ``ncells`` best (equal scores: the lower centroid first, as repeated ``argmax`` takes
     them) and ``(n_centroids,)`` bool, whether some row's score reaches its bound (as numpy's
-    ``(table >= bounds).any(axis=1)``)."""
-    return _probe_into(table, _NO_TABLE, _NO_PRODUCTS, _NO_SCALES, _NO_SCALES, False, bounds, ncells)
+    ``(table >= bounds).any(axis=1)``). A read-only ``table`` is copied first (the search's are
+    its own products)."""
+    if not table.flags.writeable:  # (the loop compiles a write for probe_int8, never taken here)
+        table = np.array(table)
+    return _probe_into(table, _NO_PRODUCTS, _NO_SCALES, _NO_SCALES, False, bounds, ncells)
 
 
 def probe_int8(products: np.ndarray, c_scales: np.ndarray, q_scales: np.ndarray, bounds: np.ndarray,
@@ -461,23 +462,21 @@ def probe_int8(products: np.ndarray, c_scales: np.ndarray, q_scales: np.ndarray,
     :func:`probe` returns them for that table. One pass instead of two over the scores: 8,192
     centroids x 19 rows in 173 us instead of 240."""
     table = np.empty((products.shape[0], len(bounds)), dtype=np.float32)
-    cells, kept = _probe_into(table, table, products, np.ascontiguousarray(c_scales, dtype=np.float32),
+    cells, kept = _probe_into(table, products, np.ascontiguousarray(c_scales, dtype=np.float32),
                               np.ascontiguousarray(q_scales, dtype=np.float32), True, bounds, ncells)
     return table, cells, kept
 
 
 _NO_PRODUCTS = np.zeros((1, 1), dtype=np.int32)
 _NO_SCALES = np.zeros(1, dtype=np.float32)
-_NO_TABLE = np.zeros((1, 1), dtype=np.float32)
-_NO_CODES = np.zeros(1, dtype=np.uint16)
 
 
-def _probe_into(table, out, products, c_scales, q_scales, dequantize, bounds, ncells):
+def _probe_into(table, products, c_scales, q_scales, dequantize, bounds, ncells):
     n_rows = len(bounds)
     best_val = np.full((n_rows, ncells), -np.inf, dtype=np.float32)
     best_idx = np.full((n_rows, ncells), -1, dtype=np.int64)
     kept = np.empty(table.shape[0], dtype=bool)
-    _probe(table, out, products, c_scales, q_scales, dequantize, np.ascontiguousarray(bounds, dtype=np.float32),
+    _probe(table, products, c_scales, q_scales, dequantize, np.ascontiguousarray(bounds, dtype=np.float32),
            best_val, best_idx, kept)
     cells = np.unique(best_idx)
     return cells[cells >= 0], kept  # (-1: a slot no score filled, a NaN row's)
@@ -523,7 +522,7 @@ def token_maxsum_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np
     Writes each document's sum over rows of its tokens' maxima to ``out`` and the sum of those
     maxima's absolute values to ``magnitudes``."""
     if len(lengths) and len(row_scales):  # the float32 stage's loop, its int32 products scaled
-        _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out, magnitudes, True)
+        _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out, magnitudes)
     elif len(lengths):
         out[:] = 0.0
         magnitudes[:] = 0.0
@@ -539,17 +538,34 @@ def _add_centroids(centroids, codes, tokens, out):  # pragma: no cover (compiled
             row[e] += centroid[e]
 
 
+@_jit
+def _scaled_maxsum(products, scales, tokens, lengths, out):  # pragma: no cover (compiled)
+    n_rows = products.shape[1]
+    best = np.empty(n_rows, dtype=np.float32)
+    t = 0
+    for d in range(len(lengths)):
+        best[:] = -np.inf
+        for _ in range(lengths[d]):
+            s = scales[tokens[t]]
+            row = products[t]
+            for j in range(n_rows):
+                best[j] = max(best[j], row[j] * s)
+            t += 1
+        total = best[0]
+        for j in range(1, n_rows):
+            total += best[j]
+        out[d] = total
+
+
 def scaled_maxsum(products: np.ndarray, scales: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """``(len(lengths),)`` float32 MaxSim of consecutive documents of ``lengths`` tokens (each >= 1)
     from their tokens' scores ``products[t, j] * scales[tokens[t]]`` (``products`` ``(T, rows)``;
     ``scales`` read where ``tokens`` say, e.g. the index's inverse norms): the sum over the rows
-    of each document's maxima, in row order: :func:`token_maxsum`'s loop, its centroid scores a
-    row of zeros (``p * 1 + 0`` is ``p``), its scales read by token (no gathered copy)."""
+    of each document's maxima, in row order. (:func:`token_maxsum`'s loop without centroid
+    scores, which it would read as an all-zero table at the cost of four temporary arrays a call.)"""
     out = np.empty(len(lengths), dtype=np.float32)
     if len(lengths) and products.shape[1]:
-        rows = products.shape[1]
-        _token_maxsum(products, np.ones(rows, dtype=np.float32), np.zeros((1, rows), dtype=np.float32), _NO_CODES,
-                      scales, tokens, lengths, out, np.empty(len(lengths), dtype=np.float32), False)
+        _scaled_maxsum(products, scales, tokens, lengths, out)
     elif len(lengths):
         out[:] = 0.0
     return out
