@@ -280,8 +280,9 @@ def cell_maxsum(table: np.ndarray, doc_cells: np.ndarray, starts: np.ndarray, le
 
 
 @_jit
-def _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out,
-                  magnitudes):  # pragma: no cover (compiled)
+def _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out, magnitudes,
+                  use_codes):  # pragma: no cover (compiled)
+    # (use_codes False: every token reads scores_t's first row, e.g. zeros: scaled_maxsum)
     n_rows = row_scales.shape[0]
     best = np.empty(n_rows, dtype=np.float32)
     t = 0
@@ -289,7 +290,7 @@ def _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, leng
         best[:] = -np.inf
         for _ in range(lengths[d]):
             token = tokens[t]
-            row = scores_t[codes[token]]
+            row = scores_t[codes[token] if use_codes else 0]
             s = inv_norms[token]
             for j in range(n_rows):
                 # (float32 products come with scales of 1: x * 1 is x, numpy's floats)
@@ -315,7 +316,7 @@ def token_maxsum(products: np.ndarray, scores_t: np.ndarray, codes: np.ndarray, 
     out = np.empty(len(lengths), dtype=np.float32)
     if len(lengths) and products.shape[1]:
         _token_maxsum(products, np.ones(products.shape[1], dtype=np.float32), scores_t, codes, inv_norms, tokens,
-                      lengths, out, np.empty(len(lengths), dtype=np.float32))
+                      lengths, out, np.empty(len(lengths), dtype=np.float32), True)
     elif len(lengths):
         out[:] = 0.0
     return out
@@ -469,6 +470,7 @@ def probe_int8(products: np.ndarray, c_scales: np.ndarray, q_scales: np.ndarray,
 
 _NO_PRODUCTS = np.zeros((1, 1), dtype=np.int32)
 _NO_SCALES = np.zeros(1, dtype=np.float32)
+_NO_CODES = np.zeros(1, dtype=np.uint16)
 
 
 def _probe_into(table, products, c_scales, q_scales, dequantize, bounds, ncells):
@@ -522,7 +524,7 @@ def token_maxsum_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np
     Writes each document's sum over rows of its tokens' maxima to ``out`` and the sum of those
     maxima's absolute values to ``magnitudes``."""
     if len(lengths) and len(row_scales):  # the float32 stage's loop, its int32 products scaled
-        _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out, magnitudes)
+        _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out, magnitudes, True)
     elif len(lengths):
         out[:] = 0.0
         magnitudes[:] = 0.0
@@ -538,34 +540,17 @@ def _add_centroids(centroids, codes, tokens, out):  # pragma: no cover (compiled
             row[e] += centroid[e]
 
 
-@_jit
-def _scaled_maxsum(products, scales, tokens, lengths, out):  # pragma: no cover (compiled)
-    n_rows = products.shape[1]
-    best = np.empty(n_rows, dtype=np.float32)
-    t = 0
-    for d in range(len(lengths)):
-        best[:] = -np.inf
-        for _ in range(lengths[d]):
-            s = scales[tokens[t]]
-            row = products[t]
-            for j in range(n_rows):
-                best[j] = max(best[j], row[j] * s)
-            t += 1
-        total = best[0]
-        for j in range(1, n_rows):
-            total += best[j]
-        out[d] = total
-
-
 def scaled_maxsum(products: np.ndarray, scales: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """``(len(lengths),)`` float32 MaxSim of consecutive documents of ``lengths`` tokens (each >= 1)
     from their tokens' scores ``products[t, j] * scales[tokens[t]]`` (``products`` ``(T, rows)``;
     ``scales`` read where ``tokens`` say, e.g. the index's inverse norms): the sum over the rows
-    of each document's maxima, in row order. (:func:`token_maxsum`'s loop without centroid
-    scores, which it would read as an all-zero table at the cost of four temporary arrays a call.)"""
+    of each document's maxima, in row order: :func:`token_maxsum`'s loop, its centroid scores a
+    row of zeros (``p * 1 + 0`` is ``p``), its scales read by token (no gathered copy)."""
     out = np.empty(len(lengths), dtype=np.float32)
     if len(lengths) and products.shape[1]:
-        _scaled_maxsum(products, scales, tokens, lengths, out)
+        rows = products.shape[1]
+        _token_maxsum(products, np.ones(rows, dtype=np.float32), np.zeros((1, rows), dtype=np.float32), _NO_CODES,
+                      scales, tokens, lengths, out, np.empty(len(lengths), dtype=np.float32), False)
     elif len(lengths):
         out[:] = 0.0
     return out
