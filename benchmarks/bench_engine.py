@@ -37,6 +37,7 @@ that ``bench_vs_colbert.py`` leaves in its ``--work`` folder::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -44,6 +45,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 K = 10
@@ -73,8 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def worker(args: argparse.Namespace) -> dict:
-    """Time the searches in this process (its ``sys.path`` starts with one tree)."""
+@contextlib.contextmanager
+def _warm_searcher(args: argparse.Namespace) -> Iterator[tuple]:
+    """This process's side (its ``sys.path`` starts with one tree): the index opened, the warm-up
+    queries searched, BLAS at one thread for the duration. Yields ``(search, n, source)``:
+    ``search(i)`` times the ``i``-th of the ``n`` timed queries (``--n`` or fewer, as the file
+    holds) and returns ``(seconds, top-K positions)``; ``source`` is where Tessera was imported from."""
     import numpy as np
     from threadpoolctl import threadpool_limits
 
@@ -84,43 +90,36 @@ def worker(args: argparse.Namespace) -> dict:
     cindex, _ = open_centroid_index(args.root, args.index)
     Q = np.load(args.queries)[: args.warmup + args.n]
     threads = args.threads if args.threads > 1 else None
-    seconds, ids = [], []
+
+    def search(i: int) -> tuple[float, list]:
+        q = Q[args.warmup + i]
+        start = time.perf_counter()
+        _, top = cindex.search(q[None], K, threads=threads)
+        return time.perf_counter() - start, top[0].tolist()
+
     with threadpool_limits(1, user_api="blas"):
         for q in Q[: args.warmup]:
             cindex.search(q[None], K, threads=threads)
-        for q in Q[args.warmup:]:
-            start = time.perf_counter()
-            _, top = cindex.search(q[None], K, threads=threads)
-            seconds.append(time.perf_counter() - start)
-            ids.append(top[0].tolist())
-    return {"source": str(Path(indexing.__file__).resolve().parents[1]), "queries": len(seconds),
-            "median_ms": statistics.median(seconds) * 1e3, "mean_ms": statistics.fmean(seconds) * 1e3, "ids": ids}
+        yield search, len(Q) - min(args.warmup, len(Q)), str(Path(indexing.__file__).resolve().parents[1])
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Time the searches in this process, one pass over the timed queries."""
+    with _warm_searcher(args) as (search, n, source):
+        timed = [search(i) for i in range(n)]
+    seconds = [took for took, _ in timed]
+    return {"source": source, "queries": len(seconds), "median_ms": statistics.median(seconds) * 1e3,
+            "mean_ms": statistics.fmean(seconds) * 1e3, "ids": [top for _, top in timed]}
 
 
 def serve(args: argparse.Namespace) -> None:
     """:func:`worker` one query at a time: after the warm-up a JSON line says where Tessera was
-    imported from and how many timed queries there are (``--n`` or fewer, as the file holds);
-    then each line of stdin is a query's number among them, the reply a JSON line ``[seconds,
-    top-K positions]``."""
-    import numpy as np
-    from threadpoolctl import threadpool_limits
-
-    import indexing
-    from indexing.index_files import open_centroid_index
-
-    cindex, _ = open_centroid_index(args.root, args.index)
-    Q = np.load(args.queries)[: args.warmup + args.n]
-    threads = args.threads if args.threads > 1 else None
-    with threadpool_limits(1, user_api="blas"):
-        for q in Q[: args.warmup]:
-            cindex.search(q[None], K, threads=threads)
-        print(json.dumps({"source": str(Path(indexing.__file__).resolve().parents[1]),
-                          "queries": len(Q) - min(args.warmup, len(Q))}), flush=True)
+    imported from and how many timed queries there are; then each line of stdin is a query's
+    number among them, the reply a JSON line ``[seconds, top-K positions]``."""
+    with _warm_searcher(args) as (search, n, source):
+        print(json.dumps({"source": source, "queries": n}), flush=True)
         for line in sys.stdin:
-            q = Q[args.warmup + int(line)]
-            start = time.perf_counter()
-            _, top = cindex.search(q[None], K, threads=threads)
-            print(json.dumps([time.perf_counter() - start, top[0].tolist()]), flush=True)
+            print(json.dumps(list(search(int(line)))), flush=True)
 
 
 def _tree_command(tree: Path, args: argparse.Namespace, products: "str | None", mode: str) -> tuple[list, dict]:
