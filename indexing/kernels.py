@@ -27,10 +27,10 @@ With int8 products (:mod:`indexing.int8`) the exact stage runs these loops other
 decode into int8 words (:func:`decode_int8`), the scaling of an int32 product back to scores
 (:func:`dequantize`), the int8 scores' segment maxima (:func:`token_maxsum_int8`, the float32
 stage's loop with scaled products), and the float32 rescoring of the best documents
-(:func:`decode_vectors`, :func:`scaled_maxsum`, that loop without centroid scores). They have no numpy
-twin: int8 products need these stages (``products="auto"`` is float32 without them), and
-their float32 scores equal the float32 engine's to ~1e-6 (other sums, other order), not bit
-for bit.
+(:func:`rescore_int8`: each row's few candidate tokens by their int8 scores, decoded and
+multiplied in float32). They have no numpy twin: int8 products need these stages
+(``products="auto"`` is float32 without them), and their float32 scores equal the float32
+engine's to ~1e-6 (other sums, other order), not bit for bit.
 
 numba is a dependency; where it is not installed or cannot be imported, or with
 ``TESSERA_KERNELS=numpy`` in the environment at import, :data:`ENABLED` is False and the
@@ -90,8 +90,9 @@ def ready() -> bool:
                 logger.info("numba not importable (%s): the PLAID engine runs its numpy stages", err)
                 ENABLED = False
             else:
-                global _prefetch_row
+                global _prefetch_row, _dot
                 _prefetch_row = _prefetch_helpers()
+                _dot = _dot_helper(numba)
                 _numba = numba
     return ENABLED
 
@@ -100,13 +101,13 @@ def ready() -> bool:
 #: is imported
 _prefetch_row = None
 
-#: how many tokens ahead the decodes (int8 and float32) ask for a token's residual row: a query's
+#: how many tokens ahead the decodes ask for a token's residual row: a query's
 #: exact stage reads ~7,000 rows scattered over tens of MB, and with the caches cold (another
 #: process's work between two queries) each row's miss came one after another; 8 rows ahead,
 #: XQuAD-sentence tokens decoded in 84 ns each instead of 407 after a 64 MB sweep (35 instead
 #: of 43 warm); 16 ahead no faster. Not worth it where measured: the score rows token_maxsum
 #: reads (the query's table, in L2 from the probe: 4% slower with) and the centroid rows of the
-#: rescoring (24 lines a token: 3-6% slower with)
+#: (thirty-sixth session's) rescoring (24 lines a token: 3-6% slower with)
 PREFETCH_AHEAD = 8
 
 
@@ -148,6 +149,26 @@ def _prefetch_helpers():
         prefetch(array, i, last)
 
     return prefetch_row
+
+
+#: the rescoring's float32 dot product of two rows (:func:`_dot_helper`), defined once numba is imported
+_dot = None
+
+
+def _dot_helper(numba):
+    """``_dot(a, b)``, for the kernels: the float32 dot product of two 1-D float32 arrays, its sum
+    reassociated (``fastmath={"reassoc"}`` on this function only) so that LLVM sums it in vector
+    lanes: 384 products in ~30 ns instead of a chain of 384 dependent additions (~600 ns). The
+    sum's order is LLVM's lanes', not numpy's or BLAS's: the last bits may differ from theirs."""
+
+    @numba.njit(nogil=True, boundscheck=False, fastmath={"reassoc"})
+    def dot(a, b):
+        total = np.float32(0.0)
+        for e in range(a.shape[0]):
+            total += a[e] * b[e]
+        return total
+
+    return dot
 
 
 def loaded() -> bool:
@@ -280,9 +301,8 @@ def cell_maxsum(table: np.ndarray, doc_cells: np.ndarray, starts: np.ndarray, le
 
 
 @_jit
-def _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out, magnitudes,
-                  use_codes):  # pragma: no cover (compiled)
-    # (use_codes False: every token reads scores_t's first row, e.g. zeros: scaled_maxsum)
+def _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out,
+                  magnitudes):  # pragma: no cover (compiled)
     n_rows = row_scales.shape[0]
     best = np.empty(n_rows, dtype=np.float32)
     t = 0
@@ -290,7 +310,7 @@ def _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, leng
         best[:] = -np.inf
         for _ in range(lengths[d]):
             token = tokens[t]
-            row = scores_t[codes[token] if use_codes else 0]
+            row = scores_t[codes[token]]
             s = inv_norms[token]
             for j in range(n_rows):
                 # (float32 products come with scales of 1: x * 1 is x, numpy's floats)
@@ -316,7 +336,7 @@ def token_maxsum(products: np.ndarray, scores_t: np.ndarray, codes: np.ndarray, 
     out = np.empty(len(lengths), dtype=np.float32)
     if len(lengths) and products.shape[1]:
         _token_maxsum(products, np.ones(products.shape[1], dtype=np.float32), scores_t, codes, inv_norms, tokens,
-                      lengths, out, np.empty(len(lengths), dtype=np.float32), True)
+                      lengths, out, np.empty(len(lengths), dtype=np.float32))
     elif len(lengths):
         out[:] = 0.0
     return out
@@ -470,7 +490,6 @@ def probe_int8(products: np.ndarray, c_scales: np.ndarray, q_scales: np.ndarray,
 
 _NO_PRODUCTS = np.zeros((1, 1), dtype=np.int32)
 _NO_SCALES = np.zeros(1, dtype=np.float32)
-_NO_CODES = np.zeros(1, dtype=np.uint16)
 
 
 def _probe_into(table, products, c_scales, q_scales, dequantize, bounds, ncells):
@@ -524,52 +543,112 @@ def token_maxsum_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np
     Writes each document's sum over rows of its tokens' maxima to ``out`` and the sum of those
     maxima's absolute values to ``magnitudes``."""
     if len(lengths) and len(row_scales):  # the float32 stage's loop, its int32 products scaled
-        _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out, magnitudes, True)
+        _token_maxsum(products, row_scales, scores_t, codes, inv_norms, tokens, lengths, out, magnitudes)
     elif len(lengths):
         out[:] = 0.0
         magnitudes[:] = 0.0
 
 
 @_jit
-def _add_centroids(centroids, codes, tokens, out):  # pragma: no cover (compiled)
-    dim = out.shape[1]
-    for i in range(len(tokens)):
-        centroid = centroids[codes[tokens[i]]]
-        row = out[i]
-        for e in range(dim):
-            row[e] += centroid[e]
+def _rescore_int8(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words, residuals, q, tolerances,
+                  first_tokens, product_rows, lengths, out, scores, vector, vector_words, floor,
+                  best):  # pragma: no cover (compiled)
+    n_rows = q.shape[0]
+    dim = q.shape[1]
+    words = byte_words.shape[1]
+    n_bytes = residuals.shape[1]
+    for d in range(len(lengths)):
+        n = lengths[d]
+        first = first_tokens[d]
+        rows = product_rows[d]
+        # the int8 scores of the document's tokens (token_maxsum_int8's) and each row's best
+        floor[:] = -np.inf
+        for t in range(n):
+            token = first + t
+            centroid_scores = scores_t[codes[token]]
+            s = inv_norms[token]
+            product = products[rows + t]
+            token_scores = scores[t]
+            for j in range(n_rows):
+                v = (np.float32(product[j]) * row_scales[j] + centroid_scores[j]) * s
+                token_scores[j] = v
+                floor[j] = max(floor[j], v)
+        for j in range(n_rows):
+            floor[j] -= tolerances[j]
+            best[j] = -np.inf
+        # float32 scores of the tokens within the tolerance of a row's best, each token decoded once
+        for t in range(n):
+            token_scores = scores[t]
+            wanted = False
+            for j in range(n_rows):
+                wanted |= token_scores[j] >= floor[j]
+            if not wanted:
+                continue
+            token = first + t
+            packed = residuals[token]
+            # the residual (and a last byte's padding past dim), a byte's floats copied as whole 8-byte
+            # words, loaded before they are stored (see _decode)
+            if words == 2:  # nbits 2
+                for b in range(n_bytes):
+                    values = byte_words[packed[b]]
+                    v0 = values[0]
+                    v1 = values[1]
+                    vector_words[2 * b] = v0
+                    vector_words[2 * b + 1] = v1
+            elif words == 4:  # nbits 1
+                for b in range(n_bytes):
+                    values = byte_words[packed[b]]
+                    v0 = values[0]
+                    v1 = values[1]
+                    v2 = values[2]
+                    v3 = values[3]
+                    vector_words[4 * b] = v0
+                    vector_words[4 * b + 1] = v1
+                    vector_words[4 * b + 2] = v2
+                    vector_words[4 * b + 3] = v3
+            else:  # nbits 4: one word a byte
+                for b in range(n_bytes):
+                    vector_words[b] = byte_words[packed[b], 0]
+            centroid = centroids[codes[token]]
+            for e in range(dim):
+                vector[e] += centroid[e]
+            s = inv_norms[token]
+            for j in range(n_rows):
+                if token_scores[j] >= floor[j]:
+                    best[j] = max(best[j], _dot(q[j], vector[:dim]) * s)
+        total = best[0]
+        for j in range(1, n_rows):
+            total += best[j]
+        out[d] = total
 
 
-def scaled_maxsum(products: np.ndarray, scales: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """``(len(lengths),)`` float32 MaxSim of consecutive documents of ``lengths`` tokens (each >= 1)
-    from their tokens' scores ``products[t, j] * scales[tokens[t]]`` (``products`` ``(T, rows)``;
-    ``scales`` read where ``tokens`` say, e.g. the index's inverse norms): the sum over the rows
-    of each document's maxima, in row order: :func:`token_maxsum`'s loop, its centroid scores a
-    row of zeros (``p * 1 + 0`` is ``p``), its scales read by token (no gathered copy)."""
+def rescore_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, codes: np.ndarray,
+                 inv_norms: np.ndarray, centroids: np.ndarray, byte_weights: np.ndarray, residuals: np.ndarray,
+                 q: np.ndarray, tolerances: np.ndarray, first_tokens: np.ndarray, product_rows: np.ndarray,
+                 lengths: np.ndarray) -> np.ndarray:
+    """``(len(lengths),)`` float32 MaxSim of documents against the query rows ``q`` ``(rows, dim)``,
+    each row's maximum taken over the tokens its int8 score puts within ``tolerances[j]`` of the
+    row's best int8 score: those tokens' float32 scores, ``(q[j] . (centroid + residual)) *
+    inv_norm`` (the vectors of :func:`decode_vectors`, each decoded once a document). Document
+    ``d`` has ``lengths[d]`` (>= 1) tokens from index position ``first_tokens[d]`` on, and its
+    int32 residual products are rows ``product_rows[d]`` on of ``products`` (the int8 exact
+    stage's, :func:`token_maxsum_int8`'s scores: ``(products[t, j] * row_scales[j] +
+    scores_t[code, j]) * inv_norm``). Where every row's best float32 token is within the
+    tolerance this is the float32 MaxSim of :func:`scaled_maxsum` over every token (up to the
+    dot products' order of summation)."""
     out = np.empty(len(lengths), dtype=np.float32)
-    if len(lengths) and products.shape[1]:
-        rows = products.shape[1]
-        _token_maxsum(products, np.ones(rows, dtype=np.float32), np.zeros((1, rows), dtype=np.float32), _NO_CODES,
-                      scales, tokens, lengths, out, np.empty(len(lengths), dtype=np.float32), False)
+    if len(lengths) and len(q):
+        rows = len(q)
+        vector = np.empty(residuals.shape[1] * byte_weights.shape[1], dtype=np.float32)
+        # a byte's 2, 4 or 8 float32s (nbits 4, 2, 1) as 1, 2 or 4 8-byte words
+        byte_words = np.ascontiguousarray(byte_weights, dtype=np.float32).view(np.uint64)
+        _rescore_int8(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words, residuals, q,
+                      tolerances, first_tokens, product_rows, lengths, out,
+                      np.empty((int(lengths.max()), rows), dtype=np.float32), vector, vector.view(np.uint64),
+                      np.empty(rows, dtype=np.float32), np.empty(rows, dtype=np.float32))
     elif len(lengths):
         out[:] = 0.0
     return out
-
-
-def decode_vectors(centroids: np.ndarray, codes: np.ndarray, byte_weights: np.ndarray, residuals: np.ndarray,
-                   tokens: np.ndarray) -> np.ndarray:
-    """``(len(tokens), dim)`` float32 decompressed token vectors, not normalised: each token's
-    centroid (``centroids[codes[token]]``) plus its residual bytes' rows of ``byte_weights``
-    (``ResidualCodec.byte_weights``), as ``ResidualCodec.decompress(..., normalize=False)``."""
-    dim = centroids.shape[1]
-    width = residuals.shape[1] * byte_weights.shape[1]
-    out = np.empty((len(tokens), width), dtype=np.float32)
-    if len(tokens):
-        decode_residuals(byte_weights, residuals, tokens, out)  # the residuals (and a last byte's padding)
-        if width != dim:
-            out = np.ascontiguousarray(out[:, :dim])
-        _add_centroids(centroids, codes, tokens, out)
-    return out[:, :dim]
 
 
 @_jit

@@ -1441,20 +1441,22 @@ class CentroidIndex:
         q8, q_scales = int8.quantize_rows(rows)
         return int8.int_mm(c8, q8.T), c_scales, q_scales
 
-    def _int8_approx(self, q8_t: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, docs: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def _int8_approx(self, q8_t: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, docs: np.ndarray,
+                     products: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The exact stage's int8 scores of ``docs`` and their magnitudes (the sums of the
         rows' absolute maxima; :func:`indexing.kernels.token_maxsum_int8`), in blocks of
         :data:`_INT8_EXACT_TOKENS` tokens: each decoded to int8, multiplied by ``q8_t``
-        (``(width, rows)`` int8) into int32, reduced."""
+        (``(width, rows)`` int8) into int32 rows of ``products`` (``docs``' tokens one after
+        another from its first row on; the rescoring reads them again, :meth:`_int8_rescore`),
+        reduced. The third array: each document's first row in ``products``."""
         tokens, lengths = self._tokens_and_lengths(docs)
         n = len(docs)
         out = np.empty(n, dtype=np.float32)
         magnitudes = np.empty(n, dtype=np.float32)
-        if n == 0:
-            return out, magnitudes
-        table, _ = self._int8_table()
         offsets = np.zeros(n + 1, dtype=np.int64)
+        if n == 0:
+            return out, magnitudes, offsets[:0]
+        table, _ = self._int8_table()
         np.cumsum(lengths, out=offsets[1:])
         chunks = list(_doc_chunks(lengths, _INT8_EXACT_TOKENS))
         buffer = np.empty((max(int(offsets[c.stop] - offsets[c.start]) for c in chunks), q8_t.shape[0]),
@@ -1462,20 +1464,21 @@ class CentroidIndex:
         for chunk in chunks:
             lo, hi = int(offsets[chunk.start]), int(offsets[chunk.stop])
             decoded = kernels.decode_int8(table, self.residuals, tokens[lo:hi], buffer[: hi - lo])
-            kernels.token_maxsum_int8(int8.int_mm(decoded, q8_t), row_scales, scores_t, self.codes,
-                                      self.token_inv_norms, tokens[lo:hi], lengths[chunk], out[chunk],
-                                      magnitudes[chunk])
-        return out, magnitudes
+            block = int8.int_mm(decoded, q8_t, out=products[lo:hi])
+            kernels.token_maxsum_int8(block, row_scales, scores_t, self.codes, self.token_inv_norms, tokens[lo:hi],
+                                      lengths[chunk], out[chunk], magnitudes[chunk])
+        return out, magnitudes, offsets[:-1]
 
-    def _float32_maxsim(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
-        """``(len(docs),)`` float32 MaxSim of ``q`` against ``docs``' decompressed tokens: each
-        token's centroid plus residual (:func:`indexing.kernels.decode_vectors`) times ``q``,
-        scaled by its stored inverse norm -- the float32 engine's scores (up to the order of the
-        product's sums: torch's, :func:`indexing.int8.float_mm`), without its centroid product."""
-        tokens, lengths = self._tokens_and_lengths(docs)
-        vectors = kernels.decode_vectors(self.codec.centroids, self.codes, self.codec.byte_weights,
-                                         self.residuals, tokens)
-        return kernels.scaled_maxsum(int8.float_mm(vectors, q.T), self.token_inv_norms, tokens, lengths)
+    def _int8_rescore(self, q: np.ndarray, tolerances: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray,
+                      docs: np.ndarray, products: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``(len(docs),)`` float32 MaxSim of ``q`` (the live rows) against ``docs``, each row's
+        maximum over the tokens its int8 score puts within ``tolerances`` of the row's best
+        (:func:`indexing.kernels.rescore_int8`); ``docs``' int32 products are ``products``' rows
+        from ``rows`` on (the exact stage's, :meth:`_int8_approx`)."""
+        first = self.doc_offsets[docs]
+        return kernels.rescore_int8(products, row_scales, scores_t, self.codes, self.token_inv_norms,
+                                    self.codec.centroids, self.codec.byte_weights, self.residuals, q, tolerances,
+                                    first, rows, self.doc_offsets[docs + 1] - first)
 
     def _int8_exact_top_k(
         self,
@@ -1489,10 +1492,12 @@ class CentroidIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`_exact_top_k` with int8 products: the documents' exact-stage scores from int8
         residual products (with the int8 centroid scores of ``scores_t``), the same early end
-        (on those scores), then the top ``k`` of them rescored in float32 (:meth:`_float32_maxsim`),
-        and every other document whose int8 score plus :data:`indexing.int8.REFINE_MARGIN` of
-        its magnitude reaches the k-th best float32 score: the results' scores are float32
-        MaxSim. ``q`` holds the query's live rows only (no padding)."""
+        (on those scores), then the top ``k`` of them rescored in float32 (:meth:`_int8_rescore`:
+        each row's maximum over the tokens whose int8 score is within
+        :data:`indexing.int8.PAIR_MARGIN` of the row's norm of its best), and every other
+        document whose int8 score plus :data:`indexing.int8.REFINE_MARGIN` of its magnitude
+        reaches the k-th best float32 score: the results' scores are float32 MaxSim. ``q`` holds
+        the query's live rows only (no padding)."""
         if len(docs) == 0:
             return np.empty(0, dtype=np.float32), docs
         table, table_scale = self._int8_table()
@@ -1502,19 +1507,30 @@ class CentroidIndex:
             q8 = np.pad(q8, ((0, 0), (0, width - q8.shape[1])))
         q8_t = q8.T
         row_scales = (q_scales * table_scale).astype(np.float32)
-        scored = _early_ended(docs, approx, k, margin, gap_quantile,  # (docs, (scores, magnitudes)) a pass
-                              lambda part: self._int8_approx(q8_t, row_scales, scores_t, part))
+        # the passes' int32 products, one after another (at most every document's tokens)
+        products = np.empty((int(self._lengths(docs).sum()), q8_t.shape[1]), dtype=np.int32)
+        used = [0]
+
+        def score(part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            out, magnitudes, rows = self._int8_approx(q8_t, row_scales, scores_t, part, products[used[0]:])
+            rows += used[0]
+            used[0] += int(self._lengths(part).sum())
+            return out, magnitudes, rows
+
+        scored = _early_ended(docs, approx, k, margin, gap_quantile, score)  # (docs, (scores, magnitudes, rows)) a pass
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("plaid exact stage (int8): %d of %d documents scored", sum(len(d) for d, _ in scored),
                          len(docs))
         scores = np.concatenate([a[0] for _, a in scored])
         reach = scores + np.float32(int8.REFINE_MARGIN) * np.concatenate([a[1] for _, a in scored])
+        rows = np.concatenate([a[2] for _, a in scored])
         ids = np.concatenate([d for d, _ in scored])
         exact = np.full(len(scores), -np.inf, dtype=np.float32)
         refined = np.zeros(len(scores), dtype=bool)
+        tolerances = (np.float32(int8.PAIR_MARGIN) * np.linalg.norm(q, axis=1)).astype(np.float32)
 
         def refine(which: np.ndarray) -> None:
-            exact[which] = self._float32_maxsim(q, ids[which])
+            exact[which] = self._int8_rescore(q, tolerances, row_scales, scores_t, ids[which], products, rows[which])
             refined[which] = True
 
         n_top = min(k, len(scores))

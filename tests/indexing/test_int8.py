@@ -66,6 +66,12 @@ def test_int_mm_is_the_exact_int32_product(shape):
     got = int8.int_mm(a, b)
     assert got.dtype == np.int32 and got.shape == (n, m)
     np.testing.assert_array_equal(got, a.astype(np.int32) @ b.astype(np.int32))
+    out = np.full((n + 3, m), 7, np.int32)  # written into the first n rows of a longer array
+    np.testing.assert_array_equal(int8.int_mm(a, b, out=out[1:]), got)
+    np.testing.assert_array_equal(out[1:n + 1], got)
+    assert (out[0] == 7).all() and (out[n + 1:] == 7).all()
+    with pytest.raises(ValueError, match="out must be C-contiguous int32"):
+        int8.int_mm(a, b, out=np.zeros((n, m), np.int64))
 
 
 # -- what ``products`` means ------------------------------------------------------------------
@@ -146,34 +152,80 @@ def test_decoded_int8_residuals_are_the_quantized_table_rows(small):
     np.testing.assert_array_equal(out, table[index.residuals[tokens]].reshape(len(tokens), -1))
 
 
-@needs_int8
-def test_decoded_vectors_are_the_codecs_unnormalised_decompression(small):
+def _rescore_case(small, seed: int) -> dict:
+    """A rescoring's inputs on the small index: 7 documents (one of them twice), their int32
+    residual products (random) at scattered rows of a wider array, 5 query rows longer than 1, a
+    random score table wider than the rows."""
     index, codec = small["index"], small["codec"]
-    tokens = np.array([3, 3, 0, index.n_tokens - 1, 40], np.int64)
-    got = kernels.decode_vectors(codec.centroids, index.codes, codec.byte_weights, index.residuals, tokens)
-    want = codec.decompress(index.codes[tokens], index.residuals[tokens], normalize=False)
-    assert got.shape == (len(tokens), DIM)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
-    assert kernels.decode_vectors(codec.centroids, index.codes, codec.byte_weights, index.residuals,
-                                  tokens[:0]).shape == (0, DIM)
+    rng = np.random.default_rng(seed)
+    docs = np.array([3, 0, 77, index.n_docs - 1, 40, 3, 101])
+    first = index.doc_offsets[docs]
+    lengths = index.doc_offsets[docs + 1] - first
+    rows = np.cumsum(np.concatenate([[2], lengths[:-1] + 3]))  # gaps between documents' rows
+    rows[5] = rows[0]  # the repeated document reads the same products
+    q = _unit(rng.standard_normal((5, DIM))) * np.float32(1.5)  # (a merged row is longer than 1)
+    products = rng.integers(-3000, 3000, (int(rows[-1] + lengths[-1] + 2), 7)).astype(np.int32)
+    row_scales = rng.uniform(1e-4, 2e-4, 5).astype(np.float32)
+    table = rng.standard_normal((len(codec.centroids), 6)).astype(np.float32)
+    return {"index": index, "codec": codec, "docs": docs, "first": first, "lengths": lengths, "rows": rows, "q": q,
+            "products": products, "row_scales": row_scales, "table": table}
+
+
+def _rescored(case: dict, tolerances: np.ndarray) -> np.ndarray:
+    index, codec = case["index"], case["codec"]
+    return kernels.rescore_int8(case["products"], case["row_scales"], case["table"], index.codes,
+                                index.token_inv_norms, codec.centroids, codec.byte_weights, index.residuals, case["q"],
+                                tolerances, case["first"], case["rows"], case["lengths"])
 
 
 @needs_int8
-def test_dequantized_and_scaled_stages_are_their_numpy_formulas():
+@pytest.mark.parametrize("tolerance", [0.0, 0.05, math.inf])
+def test_the_rescoring_takes_each_rows_float32_maximum_over_its_int8_candidates(small, tolerance):
+    """A row's maximum is the float32 score (centroid + residual, times the inverse norm) of the
+    tokens whose int8 score (``token_maxsum_int8``'s formula) is within the tolerance of the
+    row's best; with an infinite tolerance, of every token: the document's float32 MaxSim."""
+    case = _rescore_case(small, 7)
+    index, codec, q = case["index"], case["codec"], case["q"]
+    got = _rescored(case, np.full(len(q), tolerance, np.float32))
+    assert got.dtype == np.float32 and got.shape == (len(case["docs"]),)
+    want = []
+    for first, n, row in zip(case["first"], case["lengths"], case["rows"]):
+        tokens = np.arange(first, first + n)
+        inv = index.token_inv_norms[tokens][:, None]
+        int8_scores = (case["products"][row:row + n, :len(q)].astype(np.float32) * case["row_scales"]
+                       + case["table"][index.codes[tokens], :len(q)]) * inv
+        vectors = codec.decompress(index.codes[tokens], index.residuals[tokens], normalize=False)
+        float_scores = (vectors.astype(np.float64) @ q.T.astype(np.float64)) * inv
+        candidates = int8_scores >= int8_scores.max(axis=0) - np.float32(tolerance)
+        want.append(np.where(candidates, float_scores, -np.inf).max(axis=0).sum())
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+    assert got[0] == got[5]  # the same document and products twice
+    if tolerance == math.inf:  # every token: the engine's float32 MaxSim of the decompressed vectors
+        scores, ids = index.exact_maxsim(q[None], index.n_docs)
+        by_doc = dict(zip(ids[0].tolist(), scores[0].tolist()))
+        np.testing.assert_allclose(got, [by_doc[d] for d in case["docs"].tolist()], rtol=2e-6, atol=2e-6)
+
+
+@needs_int8
+def test_the_rescoring_of_no_documents_or_no_rows():
+    empty = np.zeros(0, np.int64)
+    args = (np.zeros((4, 3), np.int32), np.ones(3, np.float32), np.zeros((2, 3), np.float32),
+            np.zeros(4, np.uint16), np.ones(4, np.float32), np.zeros((2, 8), np.float32),
+            np.zeros((256, 4), np.float32), np.zeros((4, 2), np.uint8))
+    assert kernels.rescore_int8(*args, np.ones((3, 8), np.float32), np.zeros(3, np.float32), empty, empty,
+                                empty).shape == (0,)
+    two = np.array([0, 2])
+    assert kernels.rescore_int8(*args, np.ones((0, 8), np.float32), np.zeros(0, np.float32), two, two,
+                                np.array([2, 2])).tolist() == [0.0, 0.0]
+
+
+@needs_int8
+def test_a_dequantized_product_is_its_numpy_formula():
     rng = np.random.default_rng(4)
     products = rng.integers(-30000, 30000, (9, 5)).astype(np.int32)
     rows, cols = rng.uniform(0, 0.01, 9).astype(np.float32), rng.uniform(0, 0.01, 5).astype(np.float32)
     want = (products.astype(np.float32) * rows[:, None]) * cols[None, :]
     np.testing.assert_array_equal(kernels.dequantize(products, rows, cols), want)
-    scores = rng.standard_normal((12, 4)).astype(np.float32)
-    scales = rng.uniform(0.9, 1.1, 40).astype(np.float32)  # read by token position
-    tokens = rng.choice(40, 12, replace=False)
-    lengths = np.array([3, 1, 8])
-    scaled = scores * scales[tokens][:, None]
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    np.testing.assert_array_equal(kernels.scaled_maxsum(scores, scales, tokens, lengths),
-                                  np.maximum.reduceat(scaled, starts, axis=0).sum(axis=1, dtype=np.float32))
-    assert kernels.scaled_maxsum(scores[:, :0], scales, tokens, lengths).tolist() == [0.0, 0.0, 0.0]
 
 
 @needs_int8

@@ -1015,8 +1015,10 @@ def test_warm_loads_every_stage_a_search_then_uses(index, corpus, products):
     # over threads or filtered, need no other compiled variant (none loaded or compiled then)
     assert index.warm() > 0
     loaded = kernels.loaded_variants()
-    used = {"probe", "cell_maxsum", "decode", "merge_rows", "ranges", "cell_documents"} | (
-        {"token_maxsum"} if products == "float32" else {"dequantize", "token_maxsum", "add_centroids", "decode_words"})
+    used = {"probe", "cell_maxsum", "merge_rows", "ranges", "cell_documents", "token_maxsum"} | (
+        # (float32 decodes: one word a byte at 4 bits, else a byte's words copied)
+        {"decode_words" if index.codec.nbits == 4 else "decode"} if products == "float32"
+        else {"decode_words", "rescore_int8"})
     assert {name for name, n in loaded.items() if n} >= used
     queries = corpus["queries"]
     widths = [1, 2, 3, 5, 13, 16, 17, 19, 24, 32]
