@@ -24,7 +24,7 @@ lookups numpy ran as several passes over temporaries: the candidates of the prob
 inverted lists (:func:`cell_documents`) and the exact stage's token positions (:func:`ranges`).
 
 With int8 products (:mod:`indexing.int8`) the exact stage runs these loops otherwise: the
-decode into int8 words (:func:`decode_int8`), the scaling of an int32 product back to scores
+decode into int8 words (:func:`decode_words`), the scaling of an int32 product back to scores
 (:func:`dequantize`), the int8 scores' segment maxima (:func:`token_maxsum_int8`, the float32
 stage's loop with scaled products), and the float32 rescoring of the best documents
 (:func:`rescore_int8`: each row's few candidate tokens by their int8 scores, decoded and
@@ -523,14 +523,20 @@ def dequantize(products: np.ndarray, row_scales: np.ndarray, col_scales: np.ndar
     return out
 
 
-def decode_int8(table: np.ndarray, residuals: np.ndarray, tokens: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """The int8 decoded residuals of ``tokens`` (positions in ``residuals``), written to ``out``
-    ``(len(tokens), bytes * per_byte)`` int8 and returned: each stored byte's row of ``table``
-    ``(256, per_byte)`` int8 (:func:`indexing.int8.quantize_table` of the codec's byte table),
-    copied as one 2-, 4- or 8-byte word."""
+def int8_words(table: np.ndarray) -> np.ndarray:
+    """An int8 byte table ``(256, per_byte)`` (:func:`indexing.int8.quantize_table` of the codec's
+    byte table) as one 1-D array of 1-, 2-, 4- or 8-byte words, a stored byte's values one word
+    (what :func:`decode_words` copies)."""
     words = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[table.shape[1]]
+    return np.ascontiguousarray(table, dtype=np.int8).view(words).reshape(-1)
+
+
+def decode_words(words: np.ndarray, residuals: np.ndarray, tokens: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The int8 decoded residuals of ``tokens`` (positions in ``residuals``), written to ``out``
+    ``(len(tokens), bytes * per_byte)`` int8 and returned: each stored byte's word of ``words``
+    (:func:`int8_words`)."""
     if len(tokens):
-        _decode_words(np.ascontiguousarray(table).view(words).reshape(-1), residuals, tokens, out.view(words))
+        _decode_words(words, residuals, tokens, out.view(words.dtype))
     return out
 
 
@@ -550,13 +556,20 @@ def token_maxsum_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np
 
 
 @_jit
-def _rescore_int8(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words, residuals, q, tolerances,
-                  first_tokens, product_rows, lengths, out, scores, vector, vector_words, floor,
-                  best):  # pragma: no cover (compiled)
+def _rescore_int8(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words, residuals, q, margin,
+                  first_tokens, product_rows, lengths, out):  # pragma: no cover (compiled)
     n_rows = q.shape[0]
     dim = q.shape[1]
     words = byte_words.shape[1]
     n_bytes = residuals.shape[1]
+    scores = np.empty((max(lengths.max(), 1), n_rows), dtype=np.float32)
+    vector_words = np.empty(n_bytes * words, dtype=np.uint64)
+    vector = vector_words.view(np.float32)
+    floor = np.empty(n_rows, dtype=np.float32)
+    best = np.empty(n_rows, dtype=np.float32)
+    tolerances = np.empty(n_rows, dtype=np.float32)
+    for j in range(n_rows):  # margin x the row's norm
+        tolerances[j] = np.float32(margin) * np.float32(np.sqrt(_dot(q[j], q[j])))
     for d in range(len(lengths)):
         n = lengths[d]
         first = first_tokens[d]
@@ -622,30 +635,32 @@ def _rescore_int8(products, row_scales, scores_t, codes, inv_norms, centroids, b
         out[d] = total
 
 
+def float_words(byte_weights: np.ndarray) -> np.ndarray:
+    """The codec's float32 byte table ``(256, per_byte)`` (``ResidualCodec.byte_weights``) as
+    ``(256, per_byte / 2)`` 8-byte words (nbits 4, 2, 1: 1, 2 or 4 words a byte), what
+    :func:`rescore_int8` copies a byte's values as."""
+    return np.ascontiguousarray(byte_weights, dtype=np.float32).view(np.uint64)
+
+
 def rescore_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, codes: np.ndarray,
-                 inv_norms: np.ndarray, centroids: np.ndarray, byte_weights: np.ndarray, residuals: np.ndarray,
-                 q: np.ndarray, tolerances: np.ndarray, first_tokens: np.ndarray, product_rows: np.ndarray,
+                 inv_norms: np.ndarray, centroids: np.ndarray, byte_words: np.ndarray, residuals: np.ndarray,
+                 q: np.ndarray, margin: float, first_tokens: np.ndarray, product_rows: np.ndarray,
                  lengths: np.ndarray) -> np.ndarray:
     """``(len(lengths),)`` float32 MaxSim of documents against the query rows ``q`` ``(rows, dim)``,
-    each row's maximum taken over the tokens its int8 score puts within ``tolerances[j]`` of the
-    row's best int8 score: those tokens' float32 scores, ``(q[j] . (centroid + residual)) *
-    inv_norm`` (the vectors of :func:`decode_vectors`, each decoded once a document). Document
-    ``d`` has ``lengths[d]`` (>= 1) tokens from index position ``first_tokens[d]`` on, and its
-    int32 residual products are rows ``product_rows[d]`` on of ``products`` (the int8 exact
-    stage's, :func:`token_maxsum_int8`'s scores: ``(products[t, j] * row_scales[j] +
+    each row's maximum taken over the tokens its int8 score puts within ``margin`` times the
+    row's norm of the row's best int8 score: those tokens' float32 scores, ``(q[j] . (centroid +
+    residual)) * inv_norm`` (``ResidualCodec.decompress(..., normalize=False)``'s vectors, each
+    decoded once a document; ``byte_words``: :func:`float_words` of the codec's byte table).
+    Document ``d`` has ``lengths[d]`` (>= 1) tokens from index position ``first_tokens[d]`` on,
+    and its int32 residual products are rows ``product_rows[d]`` on of ``products`` (the int8
+    exact stage's, :func:`token_maxsum_int8`'s scores: ``(products[t, j] * row_scales[j] +
     scores_t[code, j]) * inv_norm``). Where every row's best float32 token is within the
-    tolerance this is the float32 MaxSim of :func:`scaled_maxsum` over every token (up to the
-    dot products' order of summation)."""
+    margin this is the document's float32 MaxSim over every token (up to the order of the dot
+    products' sums: LLVM's vector lanes)."""
     out = np.empty(len(lengths), dtype=np.float32)
     if len(lengths) and len(q):
-        rows = len(q)
-        vector = np.empty(residuals.shape[1] * byte_weights.shape[1], dtype=np.float32)
-        # a byte's 2, 4 or 8 float32s (nbits 4, 2, 1) as 1, 2 or 4 8-byte words
-        byte_words = np.ascontiguousarray(byte_weights, dtype=np.float32).view(np.uint64)
         _rescore_int8(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words, residuals, q,
-                      tolerances, first_tokens, product_rows, lengths, out,
-                      np.empty((int(lengths.max()), rows), dtype=np.float32), vector, vector.view(np.uint64),
-                      np.empty(rows, dtype=np.float32), np.empty(rows, dtype=np.float32))
+                      float(margin), first_tokens, product_rows, lengths, out)
     elif len(lengths):
         out[:] = 0.0
     return out

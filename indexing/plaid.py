@@ -1433,6 +1433,14 @@ class CentroidIndex:
             cached = self._cache["int8-table"] = int8.quantize_table(self.codec.byte_weights)
         return cached
 
+    def _int8_words(self) -> np.ndarray:
+        """:meth:`_int8_table`'s rows as one 1-D array of 2-, 4- or 8-byte words (cached): what
+        :func:`indexing.kernels.decode_words` copies a byte's int8 values as."""
+        cached = self._cache.get("int8-words")
+        if cached is None:
+            cached = self._cache["int8-words"] = kernels.int8_words(self._int8_table()[0])
+        return cached
+
     def _int8_centroid_products(self, dim: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The int8 centroid product of query ``rows``: ``(n_centroids, len(rows))`` int32 and the
         centroids' and the rows' scales (each centroid and each row on its own scale), the scores
@@ -1442,42 +1450,45 @@ class CentroidIndex:
         return int8.int_mm(c8, q8.T), c_scales, q_scales
 
     def _int8_approx(self, q8_t: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, docs: np.ndarray,
-                     products: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     products: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """The exact stage's int8 scores of ``docs`` and their magnitudes (the sums of the
         rows' absolute maxima; :func:`indexing.kernels.token_maxsum_int8`), in blocks of
         :data:`_INT8_EXACT_TOKENS` tokens: each decoded to int8, multiplied by ``q8_t``
         (``(width, rows)`` int8) into int32 rows of ``products`` (``docs``' tokens one after
         another from its first row on; the rescoring reads them again, :meth:`_int8_rescore`),
-        reduced. The third array: each document's first row in ``products``."""
+        reduced. The third array: each document's first row in ``products``; then the rows used."""
         tokens, lengths = self._tokens_and_lengths(docs)
         n = len(docs)
         out = np.empty(n, dtype=np.float32)
         magnitudes = np.empty(n, dtype=np.float32)
         offsets = np.zeros(n + 1, dtype=np.int64)
         if n == 0:
-            return out, magnitudes, offsets[:0]
-        table, _ = self._int8_table()
+            return out, magnitudes, offsets[:0], 0
+        words = self._int8_words()
         np.cumsum(lengths, out=offsets[1:])
         chunks = list(_doc_chunks(lengths, _INT8_EXACT_TOKENS))
         buffer = np.empty((max(int(offsets[c.stop] - offsets[c.start]) for c in chunks), q8_t.shape[0]),
                           dtype=np.int8)
         for chunk in chunks:
             lo, hi = int(offsets[chunk.start]), int(offsets[chunk.stop])
-            decoded = kernels.decode_int8(table, self.residuals, tokens[lo:hi], buffer[: hi - lo])
+            decoded = kernels.decode_words(words, self.residuals, tokens[lo:hi], buffer[: hi - lo])
             block = int8.int_mm(decoded, q8_t, out=products[lo:hi])
             kernels.token_maxsum_int8(block, row_scales, scores_t, self.codes, self.token_inv_norms, tokens[lo:hi],
                                       lengths[chunk], out[chunk], magnitudes[chunk])
-        return out, magnitudes, offsets[:-1]
+        return out, magnitudes, offsets[:-1], int(offsets[-1])
 
-    def _int8_rescore(self, q: np.ndarray, tolerances: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray,
-                      docs: np.ndarray, products: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def _int8_rescore(self, q: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, docs: np.ndarray,
+                      products: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """``(len(docs),)`` float32 MaxSim of ``q`` (the live rows) against ``docs``, each row's
-        maximum over the tokens its int8 score puts within ``tolerances`` of the row's best
-        (:func:`indexing.kernels.rescore_int8`); ``docs``' int32 products are ``products``' rows
-        from ``rows`` on (the exact stage's, :meth:`_int8_approx`)."""
+        maximum over the tokens whose int8 score is within :data:`indexing.int8.PAIR_MARGIN` of
+        the row's norm of its best (:func:`indexing.kernels.rescore_int8`); ``docs``' int32
+        products are ``products``' rows from ``rows`` on (the exact stage's, :meth:`_int8_approx`)."""
         first = self.doc_offsets[docs]
+        words = self._cache.get("float32-words")
+        if words is None:
+            words = self._cache["float32-words"] = kernels.float_words(self.codec.byte_weights)
         return kernels.rescore_int8(products, row_scales, scores_t, self.codes, self.token_inv_norms,
-                                    self.codec.centroids, self.codec.byte_weights, self.residuals, q, tolerances,
+                                    self.codec.centroids, words, self.residuals, q, int8.PAIR_MARGIN,
                                     first, rows, self.doc_offsets[docs + 1] - first)
 
     def _int8_exact_top_k(
@@ -1512,9 +1523,9 @@ class CentroidIndex:
         used = [0]
 
         def score(part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            out, magnitudes, rows = self._int8_approx(q8_t, row_scales, scores_t, part, products[used[0]:])
+            out, magnitudes, rows, n_rows = self._int8_approx(q8_t, row_scales, scores_t, part, products[used[0]:])
             rows += used[0]
-            used[0] += int(self._lengths(part).sum())
+            used[0] += n_rows
             return out, magnitudes, rows
 
         scored = _early_ended(docs, approx, k, margin, gap_quantile, score)  # (docs, (scores, magnitudes, rows)) a pass
@@ -1527,10 +1538,9 @@ class CentroidIndex:
         ids = np.concatenate([d for d, _ in scored])
         exact = np.full(len(scores), -np.inf, dtype=np.float32)
         refined = np.zeros(len(scores), dtype=bool)
-        tolerances = (np.float32(int8.PAIR_MARGIN) * np.linalg.norm(q, axis=1)).astype(np.float32)
 
         def refine(which: np.ndarray) -> None:
-            exact[which] = self._int8_rescore(q, tolerances, row_scales, scores_t, ids[which], products, rows[which])
+            exact[which] = self._int8_rescore(q, row_scales, scores_t, ids[which], products, rows[which])
             refined[which] = True
 
         n_top = min(k, len(scores))

@@ -148,7 +148,7 @@ def test_decoded_int8_residuals_are_the_quantized_table_rows(small):
     table, _ = int8.quantize_table(codec.byte_weights)
     tokens = np.array([5, 0, 17, index.n_tokens - 1, 5], np.int64)
     out = np.full((len(tokens), index.residuals.shape[1] * table.shape[1]), 99, np.int8)
-    kernels.decode_int8(table, index.residuals, tokens, out)
+    assert kernels.decode_words(kernels.int8_words(table), index.residuals, tokens, out) is out
     np.testing.assert_array_equal(out, table[index.residuals[tokens]].reshape(len(tokens), -1))
 
 
@@ -171,22 +171,23 @@ def _rescore_case(small, seed: int) -> dict:
             "products": products, "row_scales": row_scales, "table": table}
 
 
-def _rescored(case: dict, tolerances: np.ndarray) -> np.ndarray:
+def _rescored(case: dict, margin: float) -> np.ndarray:
     index, codec = case["index"], case["codec"]
     return kernels.rescore_int8(case["products"], case["row_scales"], case["table"], index.codes,
-                                index.token_inv_norms, codec.centroids, codec.byte_weights, index.residuals, case["q"],
-                                tolerances, case["first"], case["rows"], case["lengths"])
+                                index.token_inv_norms, codec.centroids, kernels.float_words(codec.byte_weights),
+                                index.residuals, case["q"], margin, case["first"], case["rows"], case["lengths"])
 
 
 @needs_int8
-@pytest.mark.parametrize("tolerance", [0.0, 0.05, math.inf])
-def test_the_rescoring_takes_each_rows_float32_maximum_over_its_int8_candidates(small, tolerance):
+@pytest.mark.parametrize("margin", [0.0, 0.03, math.inf])
+def test_the_rescoring_takes_each_rows_float32_maximum_over_its_int8_candidates(small, margin):
     """A row's maximum is the float32 score (centroid + residual, times the inverse norm) of the
-    tokens whose int8 score (``token_maxsum_int8``'s formula) is within the tolerance of the
-    row's best; with an infinite tolerance, of every token: the document's float32 MaxSim."""
+    tokens whose int8 score (``token_maxsum_int8``'s formula) is within the margin times the
+    row's norm of the row's best; with an infinite margin, of every token: the document's
+    float32 MaxSim."""
     case = _rescore_case(small, 7)
     index, codec, q = case["index"], case["codec"], case["q"]
-    got = _rescored(case, np.full(len(q), tolerance, np.float32))
+    got = _rescored(case, margin)
     assert got.dtype == np.float32 and got.shape == (len(case["docs"]),)
     want = []
     for first, n, row in zip(case["first"], case["lengths"], case["rows"]):
@@ -196,11 +197,12 @@ def test_the_rescoring_takes_each_rows_float32_maximum_over_its_int8_candidates(
                        + case["table"][index.codes[tokens], :len(q)]) * inv
         vectors = codec.decompress(index.codes[tokens], index.residuals[tokens], normalize=False)
         float_scores = (vectors.astype(np.float64) @ q.T.astype(np.float64)) * inv
-        candidates = int8_scores >= int8_scores.max(axis=0) - np.float32(tolerance)
+        tolerance = np.float32(margin) * np.linalg.norm(q, axis=1)  # (the rows' norms are 1.5)
+        candidates = int8_scores >= int8_scores.max(axis=0) - tolerance
         want.append(np.where(candidates, float_scores, -np.inf).max(axis=0).sum())
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
     assert got[0] == got[5]  # the same document and products twice
-    if tolerance == math.inf:  # every token: the engine's float32 MaxSim of the decompressed vectors
+    if margin == math.inf:  # every token: the engine's float32 MaxSim of the decompressed vectors
         scores, ids = index.exact_maxsim(q[None], index.n_docs)
         by_doc = dict(zip(ids[0].tolist(), scores[0].tolist()))
         np.testing.assert_allclose(got, [by_doc[d] for d in case["docs"].tolist()], rtol=2e-6, atol=2e-6)
@@ -211,11 +213,10 @@ def test_the_rescoring_of_no_documents_or_no_rows():
     empty = np.zeros(0, np.int64)
     args = (np.zeros((4, 3), np.int32), np.ones(3, np.float32), np.zeros((2, 3), np.float32),
             np.zeros(4, np.uint16), np.ones(4, np.float32), np.zeros((2, 8), np.float32),
-            np.zeros((256, 4), np.float32), np.zeros((4, 2), np.uint8))
-    assert kernels.rescore_int8(*args, np.ones((3, 8), np.float32), np.zeros(3, np.float32), empty, empty,
-                                empty).shape == (0,)
+            kernels.float_words(np.zeros((256, 4), np.float32)), np.zeros((4, 2), np.uint8))
+    assert kernels.rescore_int8(*args, np.ones((3, 8), np.float32), 0.01, empty, empty, empty).shape == (0,)
     two = np.array([0, 2])
-    assert kernels.rescore_int8(*args, np.ones((0, 8), np.float32), np.zeros(0, np.float32), two, two,
+    assert kernels.rescore_int8(*args, np.ones((0, 8), np.float32), 0.01, two, two,
                                 np.array([2, 2])).tolist() == [0.0, 0.0]
 
 
