@@ -61,11 +61,13 @@ REFINE_MARGIN = 2.0 ** -7
 
 #: Rescoring tolerance of a query row: a document's row maximum is taken in float32 over the
 #: tokens whose int8 score is within this share of the row's norm of the row's best int8 score
-#: (``kernels.rescore_int8``), not over every token. Over the first 40 exact-stage documents of
-#: 300 Tatoeba and 250 XQuAD-sentence queries (2 bits, 354k document-row pairs) the best float32
-#: token's int8 score was at most 2.25e-3 of the row's norm below the best int8 score (0 in
-#: 99% of pairs); 2**-7 is 7.8e-3, and leaves 1.5 (Tatoeba) and 2.2 (XQuAD sentences) tokens a
-#: pair to score in float32, 6 of 11 and 17 of 48 tokens a document to decode.
+#: (``kernels.rescore_int8``), not over every token. An empirical bound, as REFINE_MARGIN is:
+#: over the first 40 exact-stage documents of the four benchmark sets' queries (2 bits: 250
+#: XQuAD-sentence, 300 Tatoeba, 300 XQuAD-paragraph; 4 bits: the XQuAD sentences; 775k
+#: document-row pairs) the best float32 token's int8 score was at most 2.25e-3 of the row's
+#: norm below the row's best int8 score (0 in 98-99% of the pairs); 2**-7 is 7.8e-3, and leaves
+#: 1.5 (Tatoeba), 2.2 (XQuAD sentences) and 3.0 (paragraphs) tokens a pair to score in float32:
+#: 6 of a document's 11 tokens to decode, 17 of 48, 30 of 189.
 PAIR_MARGIN = 2.0 ** -7
 
 _torch = None
