@@ -293,3 +293,16 @@ def test_documents_the_int8_scores_rank_low_are_rescored_within_the_margin(small
     monkeypatch.setattr(int8, "REFINE_MARGIN", 0.0)
     tight = index.search(queries, 5, params)
     assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(tight[1].tolist(), default[1].tolist())]) >= 0.9
+
+
+@needs_int8
+def test_the_rescorings_token_margin_leaves_the_results_of_scoring_every_token(small, monkeypatch):
+    """With an infinite pair margin every token of a rescored document is scored in float32:
+    the default margin gives the same documents and scores (to the dot products' order)."""
+    index, queries = small["index"], small["queries"]
+    params = SearchParams(products="int8", ndocs=600, exact_tokens=5000)
+    default = index.search(queries, 5, params)
+    monkeypatch.setattr(int8, "PAIR_MARGIN", math.inf)
+    every = index.search(queries, 5, params)
+    np.testing.assert_array_equal(default[1], every[1])
+    np.testing.assert_allclose(default[0], every[0], rtol=1e-6, atol=1e-6)
