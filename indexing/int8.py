@@ -142,19 +142,22 @@ def torch_module():
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """torch's intra-op pool at one thread for the duration (a search's products are ~0.1-0.3
-    ms each: the engine spreads queries, or a query's parts, over its own threads instead),
-    put back after. Left at two threads on these 2 cores, a query took 2.6 ms with both
-    cores busy (the second thread spinning), or 15 ms where numpy's OpenBLAS also ran two."""
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """torch's intra-op pool at ``n`` threads for the duration, put back after. A search's
+    products take ~0.1-0.4 ms each: a batch spreads its queries over the engine's own threads
+    and keeps torch at one (left at two on these 2 cores, a query took 2.6 ms with both cores
+    busy, or 15 ms where numpy's OpenBLAS also ran two), while a single query searched at
+    ``threads`` >= 2 runs its products on that many (XQuAD sentences, 2 threads: 2.21 -> 1.96 ms a
+    query; the 8,192-centroid product 287 -> 112 us). Between two products torch's workers
+    busy-wait a little (OpenMP's spin), on the threads the caller gave the search."""
     torch = torch_module()
     before = torch.get_num_threads()
-    if before != 1:
-        torch.set_num_threads(1)
+    if before != n:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
-        if before != 1:
+        if before != n:
             torch.set_num_threads(before)
 
 

@@ -1104,8 +1104,9 @@ class CentroidIndex:
             its exact stage over them instead (the same results: each part is computed
             as the whole would be). None leaves the process's BLAS setting
             as it is and searches one query at a time. With int8 products
-            (``params.products``) a single query is not split, and torch's products
-            run at one thread either way (its setting is put back after the call).
+            (``params.products``) a single query's stages are not split: its torch
+            products run at ``threads`` threads instead (at one in a batch, or with None;
+            torch's setting is put back after the call).
 
         Returns
         -------
@@ -1129,7 +1130,10 @@ class CentroidIndex:
         centroids = self._centroids(dim) if params.products == "float32" else self.codec.centroids
         nq, lq = queries.shape[:2]
         results: list[tuple[np.ndarray, np.ndarray]] = []
-        products = int8.one_thread() if params.products == "int8" else contextlib.nullcontext()
+        # torch's products at the search's threads for a single query, else at one (int8.torch_threads)
+        single = threads is not None and threads >= 2 and nq == 1
+        products = (int8.torch_threads(threads if single else 1) if params.products == "int8"
+                    else contextlib.nullcontext())
         with _thread_limit(threads), products, _query_pool(threads, nq) as pool:
             # A batch goes over the threads query by query; a single query splits its own
             # stages over them -- with float32 products only: with int8 ones a split query

@@ -107,18 +107,22 @@ def test_products_resolve_to_what_the_process_can_run(monkeypatch):
 
 
 @needs_int8
-def test_one_thread_puts_torchs_thread_count_back():
+def test_torch_threads_puts_torchs_thread_count_back():
     torch = int8.torch_module()
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with int8.one_thread():
+        with int8.torch_threads(1):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
         with pytest.raises(RuntimeError, match="inside"):
-            with int8.one_thread():
+            with int8.torch_threads(1):
                 raise RuntimeError("inside")
         assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        with int8.torch_threads(2):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
@@ -306,3 +310,38 @@ def test_the_rescorings_token_margin_leaves_the_results_of_scoring_every_token(s
     every = index.search(queries, 5, params)
     np.testing.assert_array_equal(default[1], every[1])
     np.testing.assert_allclose(default[0], every[0], rtol=1e-6, atol=1e-6)
+
+
+@needs_int8
+def test_a_single_query_at_two_threads_runs_torchs_products_on_both(small, monkeypatch):
+    """threads=2 on one query: its int8 products at two torch threads, the same results as at
+    one (int32 sums are exact in any order); a batch keeps torch at one thread a query, and so
+    does a search without ``threads``."""
+    index, queries = small["index"], small["queries"]
+    params = SearchParams(products="int8")
+    torch = int8.torch_module()
+    seen = []
+    original = int8.int_mm
+
+    def spy(a, b, out=None):
+        seen.append(torch.get_num_threads())
+        return original(a, b, out=out)
+
+    monkeypatch.setattr(int8, "int_mm", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for q in queries:
+            one = index.search(q[None], 5, params, threads=1)
+            seen.clear()
+            two = index.search(q[None], 5, params, threads=2)
+            assert set(seen) == {2}
+            np.testing.assert_array_equal(two[1], one[1])
+            np.testing.assert_array_equal(two[0], one[0])
+        seen.clear()
+        index.search(queries, 5, params, threads=2)
+        index.search(queries[:1], 5, params)
+        assert set(seen) == {1}
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
