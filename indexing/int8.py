@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 import threading
 from typing import Iterator
 
@@ -141,6 +142,21 @@ def torch_module():
     return _torch
 
 
+#: set in a process forked from one that had imported torch: GNU OpenMP's pool (torch's intra-op
+#: threads) is not fork-safe, and a parallel region in the child of a parent whose pool had run
+#: hangs, so such a child runs torch's products at one thread (:func:`torch_threads`)
+_forked_with_torch = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_with_torch
+    if "torch" in sys.modules:
+        _forked_with_torch = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @contextlib.contextmanager
 def torch_threads(n: int = 1) -> Iterator[None]:
     """torch's intra-op pool at ``n`` threads for the duration, put back after. A search's
@@ -149,7 +165,10 @@ def torch_threads(n: int = 1) -> Iterator[None]:
     busy, or 15 ms where numpy's OpenBLAS also ran two), while a single query searched at
     ``threads`` >= 2 runs its products on that many (XQuAD sentences, 2 threads: 2.21 -> 1.96 ms a
     query; the 8,192-centroid product 287 -> 112 us). Between two products torch's workers
-    busy-wait a little (OpenMP's spin), on the threads the caller gave the search."""
+    busy-wait a little (OpenMP's spin), on the threads the caller gave the search. One thread in
+    a process forked after torch was imported (``_forked_with_torch``)."""
+    if _forked_with_torch:
+        n = 1
     torch = torch_module()
     before = torch.get_num_threads()
     if before != n:

@@ -345,3 +345,32 @@ def test_a_single_query_at_two_threads_runs_torchs_products_on_both(small, monke
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _threads_in_child(conn) -> None:
+    with int8.torch_threads(2):
+        conn.send(int8.torch_module().get_num_threads())
+    conn.close()
+
+
+@needs_int8
+def test_a_forked_child_runs_torchs_products_at_one_thread():
+    """GNU OpenMP's pool is not fork-safe (a parallel region in the child of a parent whose pool
+    ran hangs): a child forked after torch was imported keeps its products at one thread."""
+    import multiprocessing
+
+    with int8.torch_threads(2):  # the parent's pool runs
+        assert int8.torch_module().get_num_threads() == 2
+        int8.int_mm(np.ones((512, 64), np.int8), np.ones((64, 16), np.int8))
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_threads_in_child, args=(child,))
+    proc.start()
+    try:
+        assert parent.poll(60), "the child hung"
+        assert parent.recv() == 1
+        proc.join(10)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
