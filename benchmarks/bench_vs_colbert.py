@@ -248,8 +248,9 @@ def encode_queries(root: str, index: str, texts: list[str]) -> np.ndarray:
 
 
 #: ``threads`` of Tessera's searches: ``--threads`` when above 1, so that a single pre-encoded
-#: query splits its stages over them (as ``Searcher.retrieve`` does); None at 1 (BLAS is pinned
-#: to one thread, as before the split existed).
+#: query uses them as ``Searcher.retrieve`` does (float32 products: its stages split over them;
+#: int8: its torch products on them); None at 1 (BLAS is pinned to one thread, as before the
+#: split existed).
 SEARCH_THREADS: "int | None" = None
 
 
