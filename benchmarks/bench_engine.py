@@ -7,7 +7,8 @@ two at once), in the order given. A process opens the plaid index ``--index`` me
 searches ``--warmup`` queries untimed (numba's kernels loaded), then times ``--n`` single-query
 searches at k=10 and the engine's defaults, at ``--threads`` (1: BLAS pinned to one thread;
 above: ``threads=N`` as ``Searcher.retrieve`` passes it: with float32 products each query's
-stages split over N threads, with int8 products its torch products on N threads). Reported per tree: each round's median and
+stages split over N threads, with int8 products its torch products on N threads). Reported per
+tree: each round's median and
 mean ms a query, the median of the rounds' medians, and whether every tree returned the same
 positions for every query (a speed change must not be a results change).
 
