@@ -90,9 +90,10 @@ def ready() -> bool:
                 logger.info("numba not importable (%s): the PLAID engine runs its numpy stages", err)
                 ENABLED = False
             else:
-                global _prefetch_row, _dot
+                global _prefetch_row, _dot, _copy_byte_words
                 _prefetch_row = _prefetch_helpers()
                 _dot = _dot_helper(numba)
+                _copy_byte_words = numba.njit(inline="always", nogil=True, boundscheck=False)(_byte_words_copy)
                 _numba = numba
     return ENABLED
 
@@ -153,6 +154,40 @@ def _prefetch_helpers():
 
 #: the rescoring's float32 dot product of two rows (:func:`_dot_helper`), defined once numba is imported
 _dot = None
+
+#: :func:`_byte_words_copy` compiled (inlined into the kernels that call it) once numba is imported
+_copy_byte_words = None
+
+
+def _byte_words_copy(byte_words, words, n_bytes, packed, row):  # pragma: no cover (compiled)
+    # Each of the n_bytes stored bytes of packed as its row of byte_words ((256, words): its decoded
+    # values as 8-byte words, or one value a word), written one after another to row. A byte's
+    # words are loaded before any is stored: with a store between two loads LLVM must assume the
+    # store may change the table (it cannot tell the arrays apart) and copies word by word; this
+    # way 2.3x faster at 2 bits (1,024 tokens: 60 us, not 139).
+    if words == 2:  # float32 at nbits 2
+        for b in range(n_bytes):
+            values = byte_words[packed[b]]
+            v0 = values[0]
+            v1 = values[1]
+            row[2 * b] = v0
+            row[2 * b + 1] = v1
+    elif words == 4:  # float32 at nbits 1
+        for b in range(n_bytes):
+            values = byte_words[packed[b]]
+            v0 = values[0]
+            v1 = values[1]
+            v2 = values[2]
+            v3 = values[3]
+            row[4 * b] = v0
+            row[4 * b + 1] = v1
+            row[4 * b + 2] = v2
+            row[4 * b + 3] = v3
+    else:  # one word a byte (nbits 4), or float32 values one by one
+        for b in range(n_bytes):
+            values = byte_words[packed[b]]
+            for w in range(words):
+                row[b * words + w] = values[w]
 
 
 def _dot_helper(numba):
@@ -344,40 +379,13 @@ def token_maxsum(products: np.ndarray, scores_t: np.ndarray, codes: np.ndarray, 
 
 @_jit
 def _decode(byte_words, residuals, tokens, out):  # pragma: no cover (compiled)
-    words = byte_words.shape[1]  # 8-byte words of one byte's decoded values
+    words = byte_words.shape[1]  # 8-byte words of one byte's decoded values, or the values
     n_bytes = residuals.shape[1]
     n = len(tokens)
     for i in range(n):
         if i + PREFETCH_AHEAD < n:
             _prefetch_row(residuals, tokens[i + PREFETCH_AHEAD])
-        packed = residuals[tokens[i]]
-        row = out[i]
-        # A byte's words are loaded before any is stored: with a store between two loads
-        # LLVM must assume the store may change the table (it cannot tell the arrays apart)
-        # and copies word by word; this way 2.3x faster at 2 bits (1,024 tokens: 60 us, not 139).
-        if words == 2:  # nbits 2
-            for b in range(n_bytes):
-                values = byte_words[packed[b]]
-                v0 = values[0]
-                v1 = values[1]
-                row[2 * b] = v0
-                row[2 * b + 1] = v1
-        elif words == 4:  # nbits 1
-            for b in range(n_bytes):
-                values = byte_words[packed[b]]
-                v0 = values[0]
-                v1 = values[1]
-                v2 = values[2]
-                v3 = values[3]
-                row[4 * b] = v0
-                row[4 * b + 1] = v1
-                row[4 * b + 2] = v2
-                row[4 * b + 3] = v3
-        else:  # float32 values one by one
-            for b in range(n_bytes):
-                values = byte_words[packed[b]]
-                for w in range(words):
-                    row[b * words + w] = values[w]
+        _copy_byte_words(byte_words, words, n_bytes, residuals[tokens[i]], out[i])
 
 
 @_jit
@@ -598,30 +606,8 @@ def _rescore_int8(products, row_scales, scores_t, codes, inv_norms, centroids, b
             if not wanted:
                 continue
             token = first + t
-            packed = residuals[token]
-            # the residual (and a last byte's padding past dim), a byte's floats copied as whole 8-byte
-            # words, loaded before they are stored (see _decode)
-            if words == 2:  # nbits 2
-                for b in range(n_bytes):
-                    values = byte_words[packed[b]]
-                    v0 = values[0]
-                    v1 = values[1]
-                    vector_words[2 * b] = v0
-                    vector_words[2 * b + 1] = v1
-            elif words == 4:  # nbits 1
-                for b in range(n_bytes):
-                    values = byte_words[packed[b]]
-                    v0 = values[0]
-                    v1 = values[1]
-                    v2 = values[2]
-                    v3 = values[3]
-                    vector_words[4 * b] = v0
-                    vector_words[4 * b + 1] = v1
-                    vector_words[4 * b + 2] = v2
-                    vector_words[4 * b + 3] = v3
-            else:  # nbits 4: one word a byte
-                for b in range(n_bytes):
-                    vector_words[b] = byte_words[packed[b], 0]
+            # the residual (and a last byte's padding past dim)
+            _copy_byte_words(byte_words, words, n_bytes, residuals[token], vector_words)
             centroid = centroids[codes[token]]
             for e in range(dim):
                 vector[e] += centroid[e]
