@@ -1131,8 +1131,7 @@ class CentroidIndex:
         nq, lq = queries.shape[:2]
         results: list[tuple[np.ndarray, np.ndarray]] = []
         # torch's products at the search's threads for a single query, else at one (int8.torch_threads)
-        single = threads is not None and threads >= 2 and nq == 1
-        products = (int8.torch_threads(threads if single else 1) if params.products == "int8"
+        products = (int8.torch_threads(_single_query_threads(threads, nq)) if params.products == "int8"
                     else contextlib.nullcontext())
         with _thread_limit(threads), products, _query_pool(threads, nq) as pool:
             # A batch goes over the threads query by query; a single query splits its own
@@ -1524,12 +1523,13 @@ class CentroidIndex:
         row_scales = (q_scales * table_scale).astype(np.float32)
         # the passes' int32 products, one after another (at most every document's tokens)
         products = np.empty((int(self._lengths(docs).sum()), q8_t.shape[1]), dtype=np.int32)
-        used = [0]
+        used = 0
 
         def score(part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            out, magnitudes, rows, n_rows = self._int8_approx(q8_t, row_scales, scores_t, part, products[used[0]:])
-            rows += used[0]
-            used[0] += n_rows
+            nonlocal used
+            out, magnitudes, rows, n_rows = self._int8_approx(q8_t, row_scales, scores_t, part, products[used:])
+            rows += used
+            used += n_rows
             return out, magnitudes, rows
 
         scored = _early_ended(docs, approx, k, margin, gap_quantile, score)  # (docs, (scores, magnitudes, rows)) a pass
@@ -1907,10 +1907,18 @@ def _forget_split_pools() -> None:
 os.register_at_fork(after_in_child=_forget_split_pools)
 
 
+def _single_query_threads(threads: int | None, nq: int) -> int:
+    """The threads one query's own work may use in a search of ``nq`` queries at ``threads``:
+    all of them for a single query at two or more, else one (a batch goes query by query,
+    :func:`_query_pool`)."""
+    return threads if threads is not None and threads >= 2 and nq == 1 else 1
+
+
 def _split(threads: int | None, nq: int) -> "_Split | None":
     """How a search of ``nq`` queries at ``threads`` threads splits a single query's stages
-    over the threads (None: it does not; a batch goes query by query, :func:`_query_pool`)."""
-    if threads is None or threads < 2 or nq != 1:
+    over the threads (None: it does not; see :func:`_single_query_threads`)."""
+    threads = _single_query_threads(threads, nq)
+    if threads == 1:
         return None
     with _SPLIT_LOCK:
         pool = _SPLIT_POOLS.get(threads)
