@@ -238,7 +238,7 @@ def file_bytes(manifest: dict) -> dict[str, int]:
 # ---- the serving subprocess -----------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
     """Load only the PLAID index; answer every query one at a time; write figures as JSON."""
-    from indexing.index_files import open_centroid_index, read_ids
+    from indexing.index_files import open_centroid_index, read_doc_ids
     from indexing.plaid import SearchParams
     from storage import layout
     from storage.manifest import Artifact
@@ -248,7 +248,7 @@ def serve(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # What a process serving pre-encoded queries does: the index memory-mapped, no torch.
     index, manifest = open_centroid_index(args.root, args.serve)
-    ids = read_ids(Artifact(layout.resolve_root(args.root), "indexes", args.serve).version_dir(manifest["version"]),
+    ids = read_doc_ids(Artifact(layout.resolve_root(args.root), "indexes", args.serve).version_dir(manifest["version"]),
                    manifest)
     load_s = time.perf_counter() - t0
     after_load = _status_mb("self", "VmRSS")
@@ -259,7 +259,7 @@ def serve(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         _, pos = index.search(q[None], K, params, threads=args.threads)
         times.append(time.perf_counter() - t)
-        tops.append([ids[int(p)].as_py() for p in pos[0] if p >= 0])
+        tops.append([ids[int(p)] for p in pos[0] if p >= 0])
     ms = np.array(times) * 1000
     out = {"queries": int(len(Q)), "load_seconds": load_s, "median_ms": float(np.median(ms)),
            "p95_ms": float(np.percentile(ms, 95)), "mean_ms": float(ms.mean()),

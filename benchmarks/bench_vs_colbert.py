@@ -150,7 +150,7 @@ def ndcg_at_k(tops: list[list[str]], gold: list[set[str]], k: int = K) -> float:
     return float(np.mean(out)) if out else 0.0
 
 
-def to_ids(rows, ids: list[str]) -> list[list[str]]:
+def to_ids(rows, ids) -> list[list[str]]:
     """Positions (``-1`` padded) to document ids."""
     return [[ids[int(p)] for p in row if p >= 0] for row in rows]
 
@@ -225,18 +225,19 @@ def dir_bytes(path: Path) -> int:
 
 # ---- Tessera ---------------------------------------------------------------------------
 def load_tessera(root: str, index: str):
-    """The plaid index (a ``CentroidIndex``, memory-mapped), ids by position and the manifest.
+    """The plaid index (a ``CentroidIndex``, memory-mapped), ids by position (``read_doc_ids``:
+    memory-mapped arrays, no pyarrow) and the manifest.
 
     ``indexing.index_files.open_centroid_index``: what a process serving pre-encoded
     queries uses (no query encoder, no torch).
     """
-    from indexing.index_files import open_centroid_index, read_ids
+    from indexing.index_files import open_centroid_index, read_doc_ids
     from storage import layout
     from storage.manifest import Artifact
 
     cindex, manifest = open_centroid_index(root, index)
     vdir = Artifact(layout.resolve_root(root), "indexes", index).version_dir(manifest["version"])
-    return cindex, read_ids(vdir, manifest).to_pylist(), manifest
+    return cindex, read_doc_ids(vdir, manifest), manifest
 
 
 def encode_queries(root: str, index: str, texts: list[str]) -> np.ndarray:

@@ -7,34 +7,44 @@ An index version (written by ``jobs/build_index``) is a folder::
     <root>/indexes/<name>/vNNNNNN/index.faiss     dense kinds
     <root>/indexes/<name>/vNNNNNN/plaid/<key>.npy plaid: one array per CentroidIndex.to_arrays() key
     <root>/indexes/<name>/vNNNNNN/ids.parquet     pos (int64) -> id (string)
+    <root>/indexes/<name>/vNNNNNN/ids/offsets.npy the same ids as arrays (kind ``id_arrays``): label p's
+    <root>/indexes/<name>/vNNNNNN/ids/utf8.npy    UTF-8 bytes are utf8[offsets[p]:offsets[p + 1]]
 
 Every file is checked against its manifest sha256 before use. PLAID arrays are
 memory-mapped: where they lie for a local root, from a local copy made once (named
 by its sha256, under ``$TESSERA_CACHE_DIR/indexes``) for s3://. This module needs
 no model: :func:`open_centroid_index` serves pre-encoded queries in a process that
-never imports torch.
+never imports torch, and :func:`read_doc_ids` names its results without pyarrow (~30 MB
+resident; ``ids.parquet`` stays what jobs and DuckDB read).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import posixpath
 import uuid
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import pyarrow as pa
 
 from embedding.codec import ResidualCodec
 from indexing.kinds import INDEX_KINDS, PLAID  # noqa: F401 - INDEX_KINDS re-exported
 from indexing.plaid import ARRAY_KEYS, DERIVED_KEYS, CentroidIndex
-from storage import layout, schemas
+from storage import layout
 from storage.fs import Location
 from storage.manifest import Artifact, FileEntry, IndexManifest, IndexSource, NotFoundError, SetManifest, file_entry
 
+if TYPE_CHECKING:  # pyarrow (and storage.schemas, which imports it) only where Parquet is read or written
+    import pyarrow as pa
+
 logger = logging.getLogger(__name__)
+
+#: manifest kind of the two ``ids/*.npy`` files (:func:`write_ids`, :func:`read_doc_ids`)
+ID_ARRAYS = "id_arrays"
+_ID_OFFSETS, _ID_UTF8 = "ids/offsets.npy", "ids/utf8.npy"
 
 
 
@@ -146,10 +156,12 @@ def local_npy(base: Location, entry: FileEntry) -> str:
     return str(cached)
 
 
-def _int64s(column: pa.ChunkedArray, what: str) -> np.ndarray:
+def _int64s(column: "pa.ChunkedArray", what: str) -> np.ndarray:
     """An integer column without nulls as int64 numpy values, read from Arrow's buffer:
     pyarrow's ``to_numpy`` imports pandas (~40 MB resident in a serving process that has
     no other use for it)."""
+    import pyarrow as pa
+
     values = column.combine_chunks()
     if values.null_count or not pa.types.is_integer(values.type):
         raise ValueError(f"{what}: expected integers without nulls, got {values.type} ({values.null_count} nulls)")
@@ -158,13 +170,17 @@ def _int64s(column: pa.ChunkedArray, what: str) -> np.ndarray:
     return np.frombuffer(values.buffers()[1], dtype=np.int64, count=len(values), offset=values.offset * 8)
 
 
-def read_ids(vdir: Location, manifest: IndexManifest) -> pa.StringArray:
+def read_ids(vdir: Location, manifest: IndexManifest) -> "pa.StringArray":
     """Document ids by label, ``(n_labels,)``, from the version's ``ids.parquet``.
 
     A full build labels its documents ``0..n-1``. An index updated in place by a
     re-index keeps every surviving document's label, so removed documents leave
     holes (null ids) and new ones are labelled from ``n_labels`` of the parent on.
     """
+    import pyarrow as pa
+
+    from storage import schemas
+
     entry = (entries(manifest, "ids") or [{"path": "ids.parquet"}])[0]
     table = schemas.read_table(file_location(vdir, entry["path"]), columns=["pos", "id"])
     pos = _int64s(table.column("pos"), f"{vdir.url}/ids.parquet: pos")
@@ -229,13 +245,98 @@ def put_file(vdir: Location, path: str, data: bytes, kind: str, rows: int) -> Fi
     return file_entry(loc, vdir, kind=kind, rows=rows, nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
-def write_ids(ids: pa.StringArray, vdir: Location, labels: "np.ndarray | None" = None) -> FileEntry:
-    """``ids.parquet``: label → document id (labels ``0..n-1`` unless given)."""
+def write_ids(ids: "pa.StringArray", vdir: Location, labels: "np.ndarray | None" = None,
+              n_labels: "int | None" = None) -> list[FileEntry]:
+    """``ids.parquet`` (label → document id; labels ``0..n-1`` unless given, ascending) and
+    the same ids as the two ``ids/*.npy`` arrays of :func:`read_doc_ids` (``n_labels``
+    labels, default one past the last; a label without an id is a hole). Their entries."""
+    import pyarrow as pa
+
+    from storage import schemas
+
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
     pos = np.arange(len(ids), dtype=np.int64) if labels is None else np.asarray(labels, np.int64)
+    n_labels = int(pos[-1]) + 1 if n_labels is None and len(pos) else int(n_labels or 0)
+    if len(pos) != len(ids) or (len(pos) and (pos[0] < 0 or pos[-1] >= n_labels or np.any(np.diff(pos) <= 0))):
+        raise ValueError(f"{vdir.url}: {len(ids)} ids need {len(ids)} ascending labels in 0..{n_labels - 1}")
+    ids = ids.cast(pa.string())
+    if ids.null_count:
+        raise ValueError(f"{vdir.url}: null id at label {int(pos[ids.is_null().to_numpy(zero_copy_only=False)][0])}")
+    # Arrow's own layout of the ids (int32 offsets into one UTF-8 buffer), spread over the labels
+    ends = np.frombuffer(ids.buffers()[1], dtype=np.int32, count=len(ids) + 1, offset=ids.offset * 4) \
+        if len(ids) else np.zeros(1, np.int32)
+    lengths = np.diff(ends).astype(np.int64)
+    if np.any(lengths == 0):  # (a hole is an empty span: an id is never empty, storage.corpus refuses those)
+        raise ValueError(f"{vdir.url}: empty id at label {int(pos[np.argmax(lengths == 0)])}")
+    offsets = np.zeros(n_labels + 1, dtype=np.int64)
+    offsets[pos + 1] = lengths
+    np.cumsum(offsets, out=offsets)
+    utf8 = np.frombuffer(ids.buffers()[2], dtype=np.uint8)[int(ends[0]):int(ends[-1])] if len(ids) \
+        else np.zeros(0, np.uint8)
     table = pa.table({"pos": pa.array(pos), "id": ids})
     info = schemas.write_table(vdir.join("ids.parquet"), table)
-    return file_entry(vdir.join("ids.parquet"), vdir, kind="ids", rows=info["rows"], nbytes=info["bytes"],
-                      sha256=info["sha256"])
+    out = [file_entry(vdir.join("ids.parquet"), vdir, kind="ids", rows=info["rows"], nbytes=info["bytes"],
+                      sha256=info["sha256"])]
+    for path, array in ((_ID_OFFSETS, offsets), (_ID_UTF8, utf8)):
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        out.append(put_file(vdir, path, buf.getvalue(), ID_ARRAYS, len(array)))
+    return out
+
+
+class DocIds:
+    """Document ids by label, as :func:`read_doc_ids` reads them: ``ids[p]`` is label ``p``'s
+    id (None for a hole, see :func:`read_ids`), decoded when asked for; the arrays may be
+    memory-mapped, so a process holds only the pages of the ids it names."""
+
+    def __init__(self, offsets: np.ndarray, utf8: np.ndarray) -> None:
+        self.offsets, self.utf8 = offsets, utf8
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, label: int) -> "str | None":
+        n = len(self)
+        p = int(label) + n if int(label) < 0 else int(label)
+        if not 0 <= p < n:
+            raise IndexError(f"label {label} out of range for {n} labels")
+        lo, hi = int(self.offsets[p]), int(self.offsets[p + 1])
+        return self.utf8[lo:hi].tobytes().decode("utf-8") if hi > lo else None
+
+    def __iter__(self) -> Iterator["str | None"]:
+        return iter(self.to_pylist())
+
+    def to_pylist(self) -> "list[str | None]":
+        data, offsets = self.utf8.tobytes(), self.offsets.tolist()
+        return [data[lo:hi].decode("utf-8") if hi > lo else None for lo, hi in zip(offsets, offsets[1:])]
+
+
+def read_doc_ids(vdir: Location, manifest: IndexManifest) -> DocIds:
+    """The version's document ids by label (:func:`read_ids`' ids) from its ``ids/*.npy``
+    arrays, memory-mapped (sha256-checked; an s3 index's copied once to the local cache as
+    :func:`plaid_arrays`' are), so naming results needs no pyarrow. A version written before
+    the arrays existed has only ``ids.parquet``: read with pyarrow then."""
+    found = {e["path"]: e for e in entries(manifest, ID_ARRAYS)}
+    if set(found) != {_ID_OFFSETS, _ID_UTF8}:
+        ids = read_ids(vdir, manifest)
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        values = ids.to_pylist()
+        encoded = [b"" if v is None else v.encode("utf-8") for v in values]
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        return DocIds(offsets, np.frombuffer(b"".join(encoded), dtype=np.uint8))
+    offsets, utf8 = (np.load(local_npy(vdir, found[p]), mmap_mode="r", allow_pickle=False)
+                     for p in (_ID_OFFSETS, _ID_UTF8))
+    n_labels = int(manifest.get("n_labels", manifest.get("n_docs", len(offsets) - 1)))
+    bad = (offsets.dtype != np.int64 or utf8.dtype != np.uint8 or offsets.ndim != 1 or utf8.ndim != 1
+           or len(offsets) != n_labels + 1 or (len(offsets) and (offsets[0] != 0 or offsets[-1] != len(utf8)))
+           or np.any(np.diff(offsets) < 0))
+    if bad:
+        raise ValueError(f"{vdir.url}/{_ID_OFFSETS}: not the offsets of {n_labels} ids into {_ID_UTF8}")
+    n_docs = manifest.get("n_docs")
+    if n_docs is not None and int(np.count_nonzero(np.diff(offsets))) != n_docs:
+        raise ValueError(f"{vdir.url}/{_ID_OFFSETS}: the manifest says {n_docs} documents")
+    return DocIds(offsets, utf8)
 
 
 def write_plaid(index: CentroidIndex, vdir: Location) -> list[FileEntry]:
@@ -283,8 +384,6 @@ def write_plaid_parts(parts: "list[dict[str, np.ndarray]]", vdir: Location) -> l
 
 def _npy_header(dtype: np.dtype, shape: tuple) -> bytes:
     """The header ``np.save`` writes for an array of ``dtype`` and ``shape``."""
-    import io
-
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})

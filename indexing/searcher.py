@@ -15,6 +15,7 @@
     <root>/indexes/<name>/vNNNNNN/index.faiss     dense kinds (flat, ivf, ivfpq, hnsw, int8, binary)
     <root>/indexes/<name>/vNNNNNN/plaid/<key>.npy plaid: one array per CentroidIndex.to_arrays() key
     <root>/indexes/<name>/vNNNNNN/ids.parquet     pos (int64) -> id (string)
+    <root>/indexes/<name>/vNNNNNN/ids/*.npy       the same ids as arrays (index_files.read_doc_ids)
 
 The codec of a plaid index is the source set's ``codec.npz``; ``int8``, ``binary``
 and ``ivfpq`` rescore their candidates with the set's float16 dense vectors (its

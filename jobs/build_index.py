@@ -14,8 +14,9 @@ reusing the set's codec; the parts are concatenated.
 records it (``vectors``) and search reads the matching vectors for rescoring.
 
 The version holds ``index.faiss`` or ``plaid/*.npy``, ``ids.parquet`` (positional
-id → document id) and a manifest naming the exact set version, codec and model
-fingerprint.
+id → document id; the same ids as ``ids/*.npy`` arrays for a serving process without
+pyarrow, ``indexing.index_files.read_doc_ids``) and a manifest naming the exact set
+version, codec and model fingerprint.
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def _run(cfg: IndexConfig) -> dict:
     else:
         entries, params, n_bytes = _build_dense(cfg, dim, files, rows, vdir, timings)
     with timings("ids"):
-        entries.append(write_ids(sets.live_ids(files), vdir))
+        entries.extend(write_ids(sets.live_ids(files), vdir))
     manifest = {
         "index_kind": cfg.kind, "dim": dim, "params": params, "n_docs": int(sum(rows)),
         "source": {"set": cfg.set_name, "version": set_version, "dir": set_dir.url,

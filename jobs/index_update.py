@@ -57,7 +57,15 @@ def _new_files(set_dir: Location, vm: dict, kind: str) -> list[sets.SetFile]:
 def update(root: Location, name: str, im: dict, set_name: str, version: str, vm: dict, diff,
            run_key: str) -> dict:
     """A new version of index ``name``: tombstoned labels out, the new shards in; committed, not published."""
-    from indexing.index_files import plaid_arrays, put_file, read_checked, read_ids, write_ids, write_plaid_parts
+    from indexing.index_files import (
+        ID_ARRAYS,
+        plaid_arrays,
+        put_file,
+        read_checked,
+        read_ids,
+        write_ids,
+        write_plaid_parts,
+    )
     from jobs.build_index import read_dense, read_tokens
 
     started = time.perf_counter()
@@ -108,8 +116,8 @@ def update(root: Location, name: str, im: dict, set_name: str, version: str, vm:
     kept = np.flatnonzero(keep)
     ids = pa.concat_arrays([labels.filter(pa.array(keep)), new_ids])
     positions = np.concatenate([kept, np.arange(start, start + added)]).astype(np.int64)
-    entries.append(write_ids(ids, vdir, labels=positions))
-    n_bytes = sum(e["bytes"] for e in entries if e["kind"] != "ids")
+    entries.extend(write_ids(ids, vdir, labels=positions, n_labels=start + added))
+    n_bytes = sum(e["bytes"] for e in entries if e["kind"] not in ("ids", ID_ARRAYS))
     source = {**im["source"], "version": version, "dir": set_dir.url,
               "codec": vm.get("codec") if kind == "plaid" else None}
     manifest = {

@@ -374,7 +374,7 @@ class IndexManifest(Committed):
     source: IndexSource
     config: dict[str, Any]  # IndexConfig fields
     files: list[FileEntry]
-    index_bytes: int  # bytes of the index files (ids.parquet excluded)
+    index_bytes: int  # bytes of the index files (ids.parquet and the ids/*.npy arrays excluded)
     bytes_per_document: float
     timings: dict[str, float]
     created_at: str

@@ -27,7 +27,7 @@ from embedding.codec import ResidualCodec
 from embedding.mrl import truncate
 from fixtures_models import MULTILINGUAL_TEXTS
 from indexing import dense, int8, kernels
-from indexing.index_files import open_centroid_index
+from indexing.index_files import ID_ARRAYS, open_centroid_index, read_doc_ids, read_ids, write_ids
 from indexing.plaid import CentroidIndex, SearchParams
 from indexing.searcher import IncompatibleEncoderError, Searcher, is_registered
 from jobs.embed import EmbedConfig
@@ -58,7 +58,7 @@ def _set_files(set_dir: Location, manifest: dict, kind: str) -> list[pa.Table]:
 
 def _commit_index(root: Location, name: str, set_manifest: dict, set_dir: Location, *, kind: str,
                   dim: int, params: dict, files: dict[str, tuple[str, bytes]], ids: list[str]) -> dict:
-    """Write files + ids.parquet + manifest in the jobs/build_index layout; publish."""
+    """Write files + ids (parquet and arrays) + manifest in the jobs/build_index layout; publish."""
     art = Artifact(root, "indexes", name)
     version, _ = art.claim(f"test-{name}", {"test": True})
     vdir = art.version_dir(version)
@@ -67,10 +67,7 @@ def _commit_index(root: Location, name: str, set_manifest: dict, set_dir: Locati
         vdir.join(path).write_bytes(data)
         entries.append({"path": path, "kind": fkind, "bytes": len(data),
                         "sha256": hashlib.sha256(data).hexdigest(), "rows": len(ids)})
-    info = schemas.write_table(vdir.join("ids.parquet"),
-                               pa.table({"pos": pa.array(np.arange(len(ids)), pa.int64()),
-                                         "id": pa.array(ids, pa.string())}))
-    entries.append({"path": "ids.parquet", "kind": "ids", **info})
+    entries.extend(write_ids(pa.array(ids, pa.string()), vdir))
     manifest = {"index_kind": kind, "dim": dim, "params": params, "n_docs": len(ids), "files": entries,
                 "source": {"set": set_manifest["name"], "version": set_manifest["version"],
                            "fingerprint": set_manifest["model"]["fingerprint"], "dir": set_dir.url}}
@@ -291,29 +288,37 @@ def test_plaid_index_is_memory_mapped_and_searches_like_in_memory(store):
 
 @pytest.mark.parametrize("products", ["float32", "int8"])
 def test_open_centroid_index_serves_without_torch(store, products):
-    """A process serving pre-encoded queries maps the index; with float32 products
-    (``TESSERA_PLAID_PRODUCTS``) it never imports torch, nor faiss or pandas (neither serves
-    a query: ~15 and ~40 MB resident); int8 products import torch on the first search."""
+    """A process serving pre-encoded queries maps the index and names its results; with float32
+    products (``TESSERA_PLAID_PRODUCTS``) it never imports torch, nor faiss, pandas or pyarrow
+    (none serves a query: ~15, ~40 and ~30 MB resident); int8 products import torch on the
+    first search."""
     code = (
         "import sys, numpy as np\n"
-        "from indexing.index_files import open_centroid_index, read_ids\n"
+        "from indexing.index_files import open_centroid_index, read_doc_ids\n"
         "from storage import layout\n"
         "from storage.manifest import Artifact\n"
         f"index, manifest = open_centroid_index({store['root'].url!r}, 't-plaid')\n"
         f"vdir = Artifact(layout.resolve_root({store['root'].url!r}), 'indexes', 't-plaid')"
         ".version_dir(manifest['version'])\n"
-        "assert len(read_ids(vdir, manifest)) == index.n_docs\n"
+        "names = read_doc_ids(vdir, manifest)\n"
+        "assert len(names) == index.n_docs\n"
         "q = np.ones((1, 4, index.codec.dim), np.float32) / np.sqrt(index.codec.dim)\n"
         "scores, ids = index.search(q, 3)\n"
         "assert (ids >= 0).all() and manifest['index_kind'] == 'plaid'\n"
         "assert isinstance(index.residuals.base, np.memmap) or isinstance(index.residuals, np.memmap)\n"
-        "print(sorted(m for m in ('torch', 'faiss', 'pandas') if m in sys.modules))\n"
+        "print([names[int(p)] for p in ids[0]])\n"
+        "print(sorted(m for m in ('torch', 'faiss', 'pandas', 'pyarrow') if m in sys.modules))\n"
     )
     if products == "int8" and not (kernels.ENABLED and int8.installed()):
         pytest.skip("int8 products need numba and torch")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parents[2]), env={**os.environ, int8.ENV: products})
-    assert out.stdout.strip() == ("[]" if products == "float32" else "['torch']")
+    named, imported = out.stdout.strip().splitlines()
+    assert imported == ("[]" if products == "float32" else "['torch']")
+    index, manifest = open_centroid_index(store["root"], "t-plaid")
+    vdir = Artifact(store["root"], "indexes", "t-plaid").version_dir(manifest["version"])
+    q = np.ones((1, 4, index.codec.dim), np.float32) / np.sqrt(index.codec.dim)
+    assert named == str([read_ids(vdir, manifest)[int(p)].as_py() for p in index.search(q, 3)[1][0]])
     with pytest.raises(ValueError, match="not plaid"):
         open_centroid_index(store["root"], "t-flat")
 
@@ -327,6 +332,52 @@ def test_a_corrupt_plaid_file_is_refused(store, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="residuals.npy: sha256 does not match"):
         Searcher.open(str(root), "t-plaid")
+
+
+def test_doc_ids_are_the_parquet_ids_from_memory_mapped_arrays(store):
+    """read_doc_ids: ids.parquet's ids from the two ids/*.npy arrays, memory-mapped; from the
+    Parquet file for a version written before the arrays existed."""
+    art = Artifact(store["root"], "indexes", "t-plaid")
+    version = art.current()
+    manifest, vdir = art.manifest(version), art.version_dir(version)
+    want = read_ids(vdir, manifest).to_pylist()
+    got = read_doc_ids(vdir, manifest)
+    assert isinstance(got.offsets, np.memmap) and isinstance(got.utf8, np.memmap)
+    assert got.to_pylist() == want == list(got) and len(got) == len(want) == 36
+    assert [got[0], got[-1], got[np.int64(5)]] == [want[0], want[-1], want[5]]
+    with pytest.raises(IndexError, match="label 36 out of range"):
+        got[36]
+    legacy = {**manifest, "files": [e for e in manifest["files"] if e["kind"] != ID_ARRAYS]}
+    assert read_doc_ids(vdir, legacy).to_pylist() == want
+
+
+def test_write_ids_holes_and_refusals(tmp_path):
+    vdir = Location(str(tmp_path / "v"))
+    files = write_ids(pa.array(["a", "bé", "c"], pa.string()), vdir, labels=np.array([0, 2, 3]), n_labels=5)
+    assert [e["kind"] for e in files] == ["ids", ID_ARRAYS, ID_ARRAYS]
+    manifest = {"files": files, "n_docs": 3, "n_labels": 5}
+    assert read_doc_ids(vdir, manifest).to_pylist() == ["a", None, "bé", "c", None]
+    assert read_ids(vdir, manifest).to_pylist() == ["a", None, "bé", "c", None]
+    sliced = Location(str(tmp_path / "s"))  # an Arrow slice: its offsets do not start at 0
+    entries = write_ids(pa.chunked_array([pa.array(["x", "yy", "zzz"]).slice(1)]), sliced)
+    assert read_doc_ids(sliced, {"files": entries, "n_docs": 2}).to_pylist() == ["yy", "zzz"]
+    empty = Location(str(tmp_path / "e"))
+    assert read_doc_ids(empty, {"files": write_ids(pa.array([], pa.string()), empty), "n_docs": 0}).to_pylist() == []
+    for ids, labels, match in ((["a", ""], None, "empty id at label 1"), (["a", None], None, "null id at label 1"),
+                               (["a", "b"], [1, 0], "ascending labels"), (["a"], [0, 1], "1 ids need 1")):
+        bad = Location(str(tmp_path / "bad"))
+        with pytest.raises(ValueError, match=match):
+            write_ids(pa.array(ids, pa.string()), bad, labels=labels)
+        assert not os.path.exists(bad.path)  # refused before anything is written
+    # a manifest that disagrees with the arrays, and a changed file, are refused
+    with pytest.raises(ValueError, match="the manifest says 4 documents"):
+        read_doc_ids(vdir, {**manifest, "n_docs": 4})
+    with pytest.raises(ValueError, match="not the offsets of 6 ids"):
+        read_doc_ids(vdir, {**manifest, "n_labels": 6})
+    path = tmp_path / "v" / "ids" / "utf8.npy"
+    path.write_bytes(path.read_bytes()[:-1] + b"X")
+    with pytest.raises(ValueError, match="utf8.npy: sha256 does not match"):
+        read_doc_ids(vdir, manifest)
 
 
 def test_plaid_index_on_s3_is_cached_locally_once(store, s3_bucket, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from indexing import dense
+from indexing.index_files import read_doc_ids
 from jobs.build_index import IndexConfig
 from jobs.build_index import run as build
 from jobs.embed import EmbedConfig
@@ -51,6 +52,8 @@ def test_every_kind_builds_and_round_trips(ray_local, tiny_set, kind):
         assert vdir.join(e["path"]).sha256() == e["sha256"]
     ids = schemas.read_table(vdir.join("ids.parquet")).column("id").to_pylist()
     assert len(ids) == 300 and len(set(ids)) == 300
+    assert read_doc_ids(vdir, m).to_pylist() == ids  # the same ids as arrays (what a serving process reads)
+    assert sorted(e["path"] for e in m["files"] if e["kind"] == "id_arrays") == ["ids/offsets.npy", "ids/utf8.npy"]
 
 
 def test_sharded_ivf_equals_one_piece(ray_local, tiny_set):

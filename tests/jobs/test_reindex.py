@@ -10,6 +10,7 @@ import pytest
 from conftest import ensure_local_ray
 from embedding.model import resolve_precision
 from fixtures_models import MULTILINGUAL_TEXTS
+from indexing.index_files import read_doc_ids, read_ids
 from indexing.searcher import Searcher
 from jobs import build_index
 from jobs.cli import main as cli
@@ -140,6 +141,10 @@ def test_reindex_end_to_end(store, tiny_model_dir, tmp_path):
         s = Searcher.open(str(root), n)
         assert s.manifest["source"]["version"] == "v000002"
         assert sorted(s.doc_ids) == want
+        # the id arrays name the same labels as ids.parquet, holes (removed labels) included
+        vdir = Artifact(location(str(root)), "indexes", n).version_dir(s.manifest["version"])
+        assert read_doc_ids(vdir, s.manifest).to_pylist() == read_ids(vdir, s.manifest).to_pylist() == list(s.ids)
+        assert (None in s.ids) == (how[n] == "updated")
         for hits in after[k]:
             assert not {"d0005", "d0044", "d0030"} & set(hits)
     # the in-place updates equal a full rebuild on the same set version
