@@ -400,6 +400,15 @@ def test_plaid_index_on_s3_is_cached_locally_once(store, s3_bucket, tmp_path, mo
     cached[0].write_bytes(b"garbage")
     assert Searcher.open(root, "t-plaid").search(texts, k=3) == expected
     assert hashlib.sha256(cached[0].read_bytes()).hexdigest() == cached[0].stem
+    # the ids' arrays are cached the same way, once
+    index, manifest = open_centroid_index(root, "t-plaid")
+    vdir = Artifact(root, "indexes", "t-plaid").version_dir(manifest["version"])
+    assert read_doc_ids(vdir, manifest).to_pylist() == list(Searcher.open(store["root"], "t-plaid").ids)
+    id_files = {e["sha256"] for e in manifest["files"] if e["kind"] == ID_ARRAYS}
+    assert len(id_files) == 2 and id_files <= {p.stem for p in (tmp_path / "cache" / "indexes").glob("*.npy")}
+    opened.clear()
+    assert read_doc_ids(vdir, manifest).to_pylist() == list(Searcher.open(store["root"], "t-plaid").ids)
+    assert not [u for u in opened if "/ids/" in u]
 
 
 # ---- query encoder compatibility -------------------------------------------------------
