@@ -14,8 +14,8 @@ Every file is checked against its manifest sha256 before use. PLAID arrays are
 memory-mapped: where they lie for a local root, from a local copy made once (named
 by its sha256, under ``$TESSERA_CACHE_DIR/indexes``) for s3://. This module needs
 no model: :func:`open_centroid_index` serves pre-encoded queries in a process that
-never imports torch, and :func:`read_doc_ids` names its results without pyarrow (~30 MB
-resident; ``ids.parquet`` stays what jobs and DuckDB read).
+never imports torch, and :func:`read_doc_ids` names its results without pyarrow (reading
+``ids.parquet`` took ~50 MB resident there; it stays what jobs and DuckDB read).
 """
 from __future__ import annotations
 
