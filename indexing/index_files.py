@@ -307,9 +307,30 @@ class DocIds:
     def __iter__(self) -> Iterator["str | None"]:
         return iter(self.to_pylist())
 
+    def n_ids(self) -> int:
+        """Labels that name a document (holes not counted)."""
+        return int(np.count_nonzero(np.diff(self.offsets)))
+
+    def to_arrow(self) -> "pa.StringArray":
+        """The ids as Arrow strings (holes null), built from the two arrays' bytes, as
+        :func:`read_ids` reads them from ``ids.parquet``."""
+        import pyarrow as pa
+
+        valid = np.diff(self.offsets) > 0
+        bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if not valid.all() else None
+        large = pa.LargeStringArray.from_buffers(len(self), pa.py_buffer(np.ascontiguousarray(self.offsets)),
+                                                 pa.py_buffer(np.ascontiguousarray(self.utf8)), bitmap)
+        return large.cast(pa.string())
+
     def to_pylist(self) -> "list[str | None]":
         data, offsets = self.utf8.tobytes(), self.offsets.tolist()
         return [data[lo:hi].decode("utf-8") if hi > lo else None for lo, hi in zip(offsets, offsets[1:])]
+
+
+def has_id_arrays(manifest: IndexManifest) -> bool:
+    """The version holds its ids as the two ``ids/*.npy`` arrays (written since the
+    thirty-eighth session; older versions only ``ids.parquet``)."""
+    return {e["path"] for e in entries(manifest, ID_ARRAYS)} == {_ID_OFFSETS, _ID_UTF8}
 
 
 def read_doc_ids(vdir: Location, manifest: IndexManifest) -> DocIds:
@@ -318,7 +339,7 @@ def read_doc_ids(vdir: Location, manifest: IndexManifest) -> DocIds:
     :func:`plaid_arrays`' are), so naming results needs no pyarrow. A version written before
     the arrays existed has only ``ids.parquet``: read with pyarrow then."""
     found = {e["path"]: e for e in entries(manifest, ID_ARRAYS)}
-    if set(found) != {_ID_OFFSETS, _ID_UTF8}:
+    if not has_id_arrays(manifest):
         ids = read_ids(vdir, manifest)
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         values = ids.to_pylist()
@@ -333,10 +354,11 @@ def read_doc_ids(vdir: Location, manifest: IndexManifest) -> DocIds:
            or np.any(np.diff(offsets) < 0))
     if bad:
         raise ValueError(f"{vdir.url}/{_ID_OFFSETS}: not the offsets of {n_labels} ids into {_ID_UTF8}")
+    ids = DocIds(offsets, utf8)
     n_docs = manifest.get("n_docs")
-    if n_docs is not None and int(np.count_nonzero(np.diff(offsets))) != n_docs:
+    if n_docs is not None and ids.n_ids() != n_docs:
         raise ValueError(f"{vdir.url}/{_ID_OFFSETS}: the manifest says {n_docs} documents")
-    return DocIds(offsets, utf8)
+    return ids
 
 
 def write_plaid(index: CentroidIndex, vdir: Location) -> list[FileEntry]:

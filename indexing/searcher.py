@@ -69,7 +69,7 @@ from embedding.model import (
 )
 from embedding.mrl import truncate
 from indexing import dense, index_files
-from indexing.index_files import PLAID, load_centroid_index, read_ids
+from indexing.index_files import PLAID, DocIds, load_centroid_index, read_doc_ids, read_ids
 from indexing.plaid import CentroidIndex, SearchParams
 from indexing.threads import ThreadBudget
 from storage import layout
@@ -406,15 +406,20 @@ def _check_count(vdir: Location, what: str, got: int, n_docs: int) -> None:
         raise ValueError(f"{vdir.url}: {what} holds {got} documents, ids.parquet {n_docs}")
 
 
-def _load_backend(manifest: dict, vdir: Location, labels: pa.StringArray, set_manifest: dict,
-                  set_dir: Location) -> "tuple[Backend, int | None]":
-    """The index ready to search, and the codec's nbits (None for dense kinds)."""
+def _load_backend(manifest: dict, vdir: Location, set_manifest: dict,
+                  set_dir: Location) -> "tuple[Backend, int | None, pa.StringArray | DocIds]":
+    """The index ready to search, the codec's nbits (None for dense kinds) and the ids by label:
+    a plaid index's from its memory-mapped id arrays where the version has them
+    (:func:`indexing.index_files.read_doc_ids`; a million ids as Python strings took ~0.6 s and
+    ~70 MB), a dense index's from ``ids.parquet`` (its rescoring reads the set's vectors by id)."""
     kind, dim = manifest["index_kind"], int(manifest["dim"])
-    n_docs = len(labels) - labels.null_count
     if kind == PLAID:
+        labels = read_doc_ids(vdir, manifest) if index_files.has_id_arrays(manifest) else read_ids(vdir, manifest)
         index = load_centroid_index(vdir, manifest, set_dir, set_manifest)
         _check_count(vdir, "the plaid index (labels)", index.n_docs, len(labels))
-        return PlaidBackend(index, dim), index.codec.nbits
+        return PlaidBackend(index, dim), index.codec.nbits, labels
+    labels = read_ids(vdir, manifest)
+    n_docs = len(labels) - labels.null_count
     params = dense.DenseIndexParams.from_dict(manifest["params"])
     if params.kind != kind or params.dim != dim:
         raise ValueError(f"{vdir.url}: params describe a {params.kind} index of dim {params.dim}, "
@@ -427,7 +432,7 @@ def _load_backend(manifest: dict, vdir: Location, labels: pa.StringArray, set_ma
     vectors = None
     if kind in dense.RESCORED_KINDS:
         vectors = read_dense(set_dir, set_manifest, labels, manifest.get("vectors", "plain"))
-    return DenseBackend(index, params, vectors), None
+    return DenseBackend(index, params, vectors), None, labels
 
 
 # ---- the searcher ---------------------------------------------------------------------
@@ -465,15 +470,20 @@ class Searcher:
     """
 
     def __init__(self, root: Location, manifest: dict, set_manifest: dict, backend: Backend, nbits: "int | None",
-                 ids: pa.StringArray, encoder: Encoder, choice: EncoderChoice, *,
+                 ids: "pa.StringArray | DocIds", encoder: Encoder, choice: EncoderChoice, *,
                  budget: "ThreadBudget | None" = None, load_seconds: "dict | None" = None) -> None:
         self.root, self.manifest, self.set_manifest = root, manifest, set_manifest
         self.name, self.version = manifest["name"], manifest["version"]
         self.kind, self.dim, self.nbits = manifest["index_kind"], int(manifest["dim"]), nbits
         self.encoder = choice
         self._backend, self._encoder = backend, encoder
-        self._id_array = ids
-        self._ids: "tuple[str | None, ...]" = tuple(ids.to_pylist())
+        # ids by label: a plaid index's memory-mapped (DocIds: results named one by one, the
+        # tuple of every id and the Arrow array that filters match against built when first asked
+        # for), a dense index's as an Arrow array and a tuple
+        self._names: "DocIds | tuple[str | None, ...]" = ids if isinstance(ids, DocIds) else tuple(ids.to_pylist())
+        self._arrow: "pa.StringArray | None" = None if isinstance(ids, DocIds) else ids
+        self._tuple: "tuple[str | None, ...] | None" = None if isinstance(ids, DocIds) else self._names
+        self._n_docs = (ids.n_ids() if isinstance(ids, DocIds) else len(ids) - ids.null_count)
         self._con = None
         self.budget = budget or ThreadBudget()
         self.batch_size = encoder.max_batch
@@ -533,8 +543,7 @@ class Searcher:
         choice = choose_query_encoder(root, index, source, set_manifest["model"], query_encoder)
         query_precision = _query_precision(precision, choice)
         vdir = art.version_dir(manifest["version"])
-        ids = read_ids(vdir, manifest)
-        backend, nbits = _load_backend(manifest, vdir, ids, set_manifest, set_dir)
+        backend, nbits, ids = _load_backend(manifest, vdir, set_manifest, set_dir)
         warming = None
         if isinstance(backend, PlaidBackend):
             backend.threads = budget.threads
@@ -562,12 +571,25 @@ class Searcher:
     @property
     def n_docs(self) -> int:
         """Documents in the index (labels of removed documents not counted)."""
-        return len(self._ids) - self._id_array.null_count
+        return self._n_docs
 
     @property
     def doc_ids(self) -> list[str]:
         """Ids of the documents in the index, by label (a copy; holes left by removed documents skipped)."""
         return [d for d in self._ids if d is not None]
+
+    @property
+    def _ids(self) -> "tuple[str | None, ...]":
+        if self._tuple is None:
+            self._tuple = tuple(self._names)
+        return self._tuple
+
+    @property
+    def _id_array(self) -> "pa.StringArray":
+        """The ids as Arrow's strings, what a filter's matches are looked up in (built once)."""
+        if self._arrow is None:
+            self._arrow = self._names.to_arrow()
+        return self._arrow
 
     @property
     def ids(self) -> "tuple[str | None, ...]":
@@ -664,7 +686,7 @@ class Searcher:
             scores, ids = self.retrieve(q, k, allowed, params, split=False)
         self.search_seconds["encode"] += encoded - start
         self.search_seconds["retrieve"] += time.perf_counter() - encoded
-        return [[(self._ids[p], float(s)) for s, p in zip(srow, prow) if p >= 0]
+        return [[(self._names[p], float(s)) for s, p in zip(srow, prow) if p >= 0]
                 for srow, prow in zip(scores, ids)]
 
     def allowed_positions(self, *, lang: "str | None" = None,

@@ -27,7 +27,7 @@ from embedding.codec import ResidualCodec
 from embedding.mrl import truncate
 from fixtures_models import MULTILINGUAL_TEXTS
 from indexing import dense, int8, kernels
-from indexing.index_files import ID_ARRAYS, open_centroid_index, read_doc_ids, read_ids, write_ids
+from indexing.index_files import ID_ARRAYS, DocIds, open_centroid_index, read_doc_ids, read_ids, write_ids
 from indexing.plaid import CentroidIndex, SearchParams
 from indexing.searcher import IncompatibleEncoderError, Searcher, is_registered
 from jobs.embed import EmbedConfig
@@ -347,8 +347,30 @@ def test_doc_ids_are_the_parquet_ids_from_memory_mapped_arrays(store):
     assert [got[0], got[-1], got[np.int64(5)]] == [want[0], want[-1], want[5]]
     with pytest.raises(IndexError, match="label 36 out of range"):
         got[36]
+    assert got.to_arrow().equals(read_ids(vdir, manifest)) and got.n_ids() == 36
     legacy = {**manifest, "files": [e for e in manifest["files"] if e["kind"] != ID_ARRAYS]}
     assert read_doc_ids(vdir, legacy).to_pylist() == want
+
+
+def test_plaid_searcher_names_results_from_the_id_arrays_or_the_parquet_ids(store, tmp_path):
+    """A plaid Searcher takes its ids from the version's id arrays (memory-mapped); a version
+    without them (written before they existed) from ids.parquet: the same ids, results and filters."""
+    root = tmp_path / "store"
+    shutil.copytree(store["root"].path, root)
+    (path,) = root.glob("indexes/t-plaid/v*/manifest.json")
+    manifest = json.loads(path.read_text())
+    manifest["files"] = [e for e in manifest["files"] if e["kind"] != ID_ARRAYS]
+    path.write_text(json.dumps(manifest))
+    new, old = Searcher.open(store["root"], "t-plaid"), Searcher.open(str(root), "t-plaid")
+    assert isinstance(new._names, DocIds) and isinstance(old._names, tuple)
+    art = Artifact(store["root"], "indexes", "t-plaid")
+    want = tuple(read_ids(art.version_dir(art.current()), art.manifest(art.current())).to_pylist())
+    assert new.ids == old.ids == want and new.n_docs == old.n_docs == 36
+    assert new.doc_ids == old.doc_ids == list(want)
+    texts = [r["text"] for r in store["rows"][:5]] + ["Bahnhof"]
+    assert new.search(texts, k=5) == old.search(texts, k=5)
+    assert new.search(texts, k=20, lang="fr") == old.search(texts, k=20, lang="fr")
+    assert new._id_array.equals(old._id_array)
 
 
 def test_write_ids_holes_and_refusals(tmp_path):
@@ -357,7 +379,9 @@ def test_write_ids_holes_and_refusals(tmp_path):
     assert [e["kind"] for e in files] == ["ids", ID_ARRAYS, ID_ARRAYS]
     manifest = {"files": files, "n_docs": 3, "n_labels": 5}
     assert read_doc_ids(vdir, manifest).to_pylist() == ["a", None, "bé", "c", None]
+    assert read_doc_ids(vdir, manifest).to_arrow().equals(read_ids(vdir, manifest))
     assert read_ids(vdir, manifest).to_pylist() == ["a", None, "bé", "c", None]
+    assert read_doc_ids(vdir, manifest).n_ids() == 3
     sliced = Location(str(tmp_path / "s"))  # an Arrow slice: its offsets do not start at 0
     entries = write_ids(pa.chunked_array([pa.array(["x", "yy", "zzz"]).slice(1)]), sliced)
     assert read_doc_ids(sliced, {"files": entries, "n_docs": 2}).to_pylist() == ["yy", "zzz"]
@@ -388,27 +412,25 @@ def test_plaid_index_on_s3_is_cached_locally_once(store, s3_bucket, tmp_path, mo
     expected = Searcher.open(store["root"], "t-plaid").search(texts, k=3)
     assert Searcher.open(root, "t-plaid").search(texts, k=3) == expected
     cached = sorted((tmp_path / "cache" / "indexes").glob("*.npy"))
-    index_files = [e for e in Searcher.open(root, "t-plaid").manifest["files"] if e["kind"] == "plaid"]
-    assert {p.stem for p in cached} == {e["sha256"] for e in index_files}
+    index_files = [e for e in Searcher.open(root, "t-plaid").manifest["files"] if e["kind"] in ("plaid", ID_ARRAYS)]
+    assert {p.stem for p in cached} == {e["sha256"] for e in index_files}  # the plaid arrays and the ids
     # The second open maps the cached copies; reading the store's copy again would fail.
     opened = []
     real_open = Location.open
     monkeypatch.setattr(Location, "open", lambda self, mode="rb": opened.append(self.url) or real_open(self, mode))
     assert Searcher.open(root, "t-plaid").search(texts, k=3) == expected
-    assert not [u for u in opened if "/plaid/" in u]
+    assert not [u for u in opened if "/plaid/" in u or "/ids/" in u]
     # A damaged cached copy is noticed and replaced.
     cached[0].write_bytes(b"garbage")
     assert Searcher.open(root, "t-plaid").search(texts, k=3) == expected
     assert hashlib.sha256(cached[0].read_bytes()).hexdigest() == cached[0].stem
-    # the ids' arrays are cached the same way, once
+    # a process serving pre-encoded queries reads the same cached copies
+    opened.clear()
     index, manifest = open_centroid_index(root, "t-plaid")
     vdir = Artifact(root, "indexes", "t-plaid").version_dir(manifest["version"])
     assert read_doc_ids(vdir, manifest).to_pylist() == list(Searcher.open(store["root"], "t-plaid").ids)
-    id_files = {e["sha256"] for e in manifest["files"] if e["kind"] == ID_ARRAYS}
-    assert len(id_files) == 2 and id_files <= {p.stem for p in (tmp_path / "cache" / "indexes").glob("*.npy")}
-    opened.clear()
-    assert read_doc_ids(vdir, manifest).to_pylist() == list(Searcher.open(store["root"], "t-plaid").ids)
-    assert not [u for u in opened if "/ids/" in u]
+    assert len([e for e in index_files if e["kind"] == ID_ARRAYS]) == 2
+    assert not [u for u in opened if u.startswith("s3://") and ("/plaid/" in u or "/ids/" in u)]
 
 
 # ---- query encoder compatibility -------------------------------------------------------
