@@ -263,17 +263,10 @@ def write_ids(ids: "pa.StringArray", vdir: Location, labels: "np.ndarray | None"
     ids = ids.cast(pa.string())
     if ids.null_count:
         raise ValueError(f"{vdir.url}: null id at label {int(pos[ids.is_null().to_numpy(zero_copy_only=False)][0])}")
-    # Arrow's own layout of the ids (int32 offsets into one UTF-8 buffer), spread over the labels
-    ends = np.frombuffer(ids.buffers()[1], dtype=np.int32, count=len(ids) + 1, offset=ids.offset * 4) \
-        if len(ids) else np.zeros(1, np.int32)
-    lengths = np.diff(ends).astype(np.int64)
-    if np.any(lengths == 0):  # (a hole is an empty span: an id is never empty, storage.corpus refuses those)
-        raise ValueError(f"{vdir.url}: empty id at label {int(pos[np.argmax(lengths == 0)])}")
-    offsets = np.zeros(n_labels + 1, dtype=np.int64)
-    offsets[pos + 1] = lengths
-    np.cumsum(offsets, out=offsets)
-    utf8 = np.frombuffer(ids.buffers()[2], dtype=np.uint8)[int(ends[0]):int(ends[-1])] if len(ids) \
-        else np.zeros(0, np.uint8)
+    offsets, utf8 = _id_arrays(ids, pos, n_labels)
+    empty = np.diff(offsets)[pos] == 0
+    if np.any(empty):  # (a hole is an empty span: an id is never empty, storage.corpus refuses those)
+        raise ValueError(f"{vdir.url}: empty id at label {int(pos[np.argmax(empty)])}")
     table = pa.table({"pos": pa.array(pos), "id": ids})
     info = schemas.write_table(vdir.join("ids.parquet"), table)
     out = [file_entry(vdir.join("ids.parquet"), vdir, kind="ids", rows=info["rows"], nbytes=info["bytes"],
@@ -285,13 +278,30 @@ def write_ids(ids: "pa.StringArray", vdir: Location, labels: "np.ndarray | None"
     return out
 
 
+def _id_arrays(ids: "pa.StringArray", pos: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Arrow's own layout of ``ids`` (strings without nulls: int32 offsets into one UTF-8
+    buffer) spread over ``n_labels`` labels, ``ids[i]`` at label ``pos[i]`` (ascending): the
+    int64 offsets of :class:`DocIds` (a label without an id an empty span) and the bytes."""
+    ends = np.frombuffer(ids.buffers()[1], dtype=np.int32, count=len(ids) + 1, offset=ids.offset * 4) \
+        if len(ids) else np.zeros(1, np.int32)
+    offsets = np.zeros(n_labels + 1, dtype=np.int64)
+    offsets[pos + 1] = np.diff(ends)
+    np.cumsum(offsets, out=offsets)
+    data = ids.buffers()[2] if len(ids) else None  # (None too where every id is empty)
+    utf8 = np.frombuffer(data, dtype=np.uint8)[int(ends[0]):int(ends[-1])] if data is not None \
+        else np.zeros(0, np.uint8)
+    return offsets, utf8
+
+
 class DocIds:
     """Document ids by label, as :func:`read_doc_ids` reads them: ``ids[p]`` is label ``p``'s
     id (None for a hole, see :func:`read_ids`), decoded when asked for; the arrays may be
-    memory-mapped, so a process holds only the pages of the ids it names."""
+    memory-mapped, so a process holds only the pages of the ids it names. ``n_ids``: the
+    count of labels with an id where the caller has it (else counted when first asked for)."""
 
-    def __init__(self, offsets: np.ndarray, utf8: np.ndarray) -> None:
+    def __init__(self, offsets: np.ndarray, utf8: np.ndarray, n_ids: "int | None" = None) -> None:
         self.offsets, self.utf8 = offsets, utf8
+        self._n_ids = n_ids
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -309,7 +319,9 @@ class DocIds:
 
     def n_ids(self) -> int:
         """Labels that name a document (holes not counted)."""
-        return int(np.count_nonzero(np.diff(self.offsets)))
+        if self._n_ids is None:
+            self._n_ids = int(np.count_nonzero(np.diff(self.offsets)))
+        return self._n_ids
 
     def to_arrow(self) -> "pa.StringArray":
         """The ids as Arrow strings (holes null), built from the two arrays' bytes, as
@@ -338,23 +350,23 @@ def read_doc_ids(vdir: Location, manifest: IndexManifest) -> DocIds:
     arrays, memory-mapped (sha256-checked; an s3 index's copied once to the local cache as
     :func:`plaid_arrays`' are), so naming results needs no pyarrow. A version written before
     the arrays existed has only ``ids.parquet``: read with pyarrow then."""
-    found = {e["path"]: e for e in entries(manifest, ID_ARRAYS)}
     if not has_id_arrays(manifest):
+        import pyarrow as pa
+
         ids = read_ids(vdir, manifest)
-        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-        values = ids.to_pylist()
-        encoded = [b"" if v is None else v.encode("utf-8") for v in values]
-        np.cumsum([len(b) for b in encoded], out=offsets[1:])
-        return DocIds(offsets, np.frombuffer(b"".join(encoded), dtype=np.uint8))
+        valid = np.asarray(ids.is_valid().to_numpy(zero_copy_only=False), bool)
+        return DocIds(*_id_arrays(ids.drop_null().cast(pa.string()), np.flatnonzero(valid), len(ids)))
+    found = {e["path"]: e for e in entries(manifest, ID_ARRAYS)}
     offsets, utf8 = (np.load(local_npy(vdir, found[p]), mmap_mode="r", allow_pickle=False)
                      for p in (_ID_OFFSETS, _ID_UTF8))
     n_labels = int(manifest.get("n_labels", manifest.get("n_docs", len(offsets) - 1)))
-    bad = (offsets.dtype != np.int64 or utf8.dtype != np.uint8 or offsets.ndim != 1 or utf8.ndim != 1
+    spans = np.diff(offsets) if offsets.ndim == 1 else None
+    bad = (offsets.dtype != np.int64 or utf8.dtype != np.uint8 or spans is None or utf8.ndim != 1
            or len(offsets) != n_labels + 1 or (len(offsets) and (offsets[0] != 0 or offsets[-1] != len(utf8)))
-           or np.any(np.diff(offsets) < 0))
+           or np.any(spans < 0))
     if bad:
         raise ValueError(f"{vdir.url}/{_ID_OFFSETS}: not the offsets of {n_labels} ids into {_ID_UTF8}")
-    ids = DocIds(offsets, utf8)
+    ids = DocIds(offsets, utf8, n_ids=int(np.count_nonzero(spans)))
     n_docs = manifest.get("n_docs")
     if n_docs is not None and ids.n_ids() != n_docs:
         raise ValueError(f"{vdir.url}/{_ID_OFFSETS}: the manifest says {n_docs} documents")
