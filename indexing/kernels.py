@@ -32,6 +32,15 @@ multiplied in float32). They have no numpy twin: int8 products need these stages
 (``products="auto"`` is float32 without them), and their float32 scores equal the float32
 engine's to ~1e-6 (other sums, other order), not bit for bit.
 
+A search's bookkeeping between those stages runs here too, each step one call where numpy took
+several small ones (a query's ~650 Python and numpy calls cost ~0.8 ms of a ~1.9 ms Tatoeba
+query): the probe and the documents of its cells (:func:`probe_documents`), the best k of a stage
+by score then id (:func:`top_k`, numpy's order), the exact stage's token layout
+(:func:`exact_layout`), its second pass (:func:`early_rest`) and, with int8 products, its
+rescoring and final selection (:func:`refine_int8`). Their results are the numpy steps' (the
+rescoring's first documents are the k best int8 scores with equal ones taken in order, where
+``argpartition`` took any).
+
 numba is a dependency; where it is not installed or cannot be imported, or with
 ``TESSERA_KERNELS=numpy`` in the environment at import, :data:`ENABLED` is False and the
 engine runs its numpy stages (the same results). numba is imported on a process's first search
@@ -46,6 +55,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import threading
 
@@ -90,10 +100,17 @@ def ready() -> bool:
                 logger.info("numba not importable (%s): the PLAID engine runs its numpy stages", err)
                 ENABLED = False
             else:
-                global _prefetch_row, _dot, _copy_byte_words
+                global _prefetch_row, _dot, _copy_byte_words, _rescore_doc, _rescore_buffers, _select_top, _probe_pass
+                global _mark_documents
                 _prefetch_row = _prefetch_helpers()
                 _dot = _dot_helper(numba)
                 _copy_byte_words = numba.njit(inline="always", nogil=True, boundscheck=False)(_byte_words_copy)
+                helper = numba.njit(nogil=True, boundscheck=False)
+                _rescore_doc = helper(_rescore_one)
+                _rescore_buffers = helper(_rescore_scratch)
+                _select_top = helper(_top_keys)
+                _probe_pass = helper(_probe_scan)
+                _mark_documents = helper(_documents_of)
                 _numba = numba
     return ENABLED
 
@@ -157,6 +174,14 @@ _dot = None
 
 #: :func:`_byte_words_copy` compiled (inlined into the kernels that call it) once numba is imported
 _copy_byte_words = None
+
+#: :func:`_rescore_one`, :func:`_rescore_scratch`, :func:`_top_keys`, :func:`_probe_scan` and
+#: :func:`_documents_of` compiled (called by the kernels that use them) once numba is imported
+_rescore_doc = None
+_rescore_buffers = None
+_select_top = None
+_probe_pass = None
+_mark_documents = None
 
 
 def _byte_words_copy(byte_words, words, n_bytes, packed, row):  # pragma: no cover (compiled)
@@ -266,13 +291,22 @@ _PAIRWISE_BLOCK = 128
 
 
 @_jit
-def _cell_maxsum(table, doc_cells, starts, lengths, kept, use_kept, maxima, out):  # pragma: no cover (compiled)
+def _cell_maxsum(table, doc_cells, starts, lengths, docs, by_docs, kept, use_kept, maxima,
+                 out):  # pragma: no cover (compiled)
+    # by_docs: document d's cells are doc_cells[starts[docs[d]] : starts[docs[d] + 1]] (starts the
+    # index's offsets), else doc_cells[starts[d] : starts[d] + lengths[d]]
     n_rows = table.shape[1]
     inline = n_rows <= _PAIRWISE_BLOCK
     best = np.empty(n_rows, dtype=np.float32)
-    for d in range(len(starts)):
+    for d in range(len(docs) if by_docs else len(starts)):
         best[:] = -np.inf
-        for i in range(starts[d], starts[d] + lengths[d]):
+        if by_docs:
+            lo = starts[docs[d]]
+            hi = starts[docs[d] + 1]
+        else:
+            lo = starts[d]
+            hi = lo + lengths[d]
+        for i in range(lo, hi):
             c = doc_cells[i]
             if use_kept and not kept[c]:
                 continue
@@ -325,13 +359,29 @@ def cell_maxsum(table: np.ndarray, doc_cells: np.ndarray, starts: np.ndarray, le
     took ~40 us of a query's ~1,400 candidates.
 
     ``doc_cells[starts[d] : starts[d] + lengths[d]]`` are document ``d``'s cells."""
-    out = np.empty(len(starts), dtype=np.float32)
-    if not len(starts):
+    return _cell_maxsum_of(table, doc_cells, starts, lengths, _NO_DOCS, False, len(starts), kept)
+
+
+def cell_maxsum_docs(table: np.ndarray, doc_cells: np.ndarray, doc_cell_offsets: np.ndarray, docs: np.ndarray,
+                     kept: "np.ndarray | None" = None) -> np.ndarray:
+    """:func:`cell_maxsum` of documents ``docs`` (positions), whose cells are
+    ``doc_cells[doc_cell_offsets[d] : doc_cell_offsets[d + 1]]`` (the index's arrays, read in place:
+    no gathered starts and lengths)."""
+    return _cell_maxsum_of(table, doc_cells, doc_cell_offsets, _NO_DOCS, docs, True, len(docs), kept)
+
+
+_NO_DOCS = np.zeros(1, dtype=np.int64)
+
+
+def _cell_maxsum_of(table, doc_cells, starts, lengths, docs, by_docs: bool, n: int, kept) -> np.ndarray:
+    out = np.empty(n, dtype=np.float32)
+    if not n:
         return out
     use_kept = kept is not None
     inline = table.shape[1] <= _PAIRWISE_BLOCK
-    maxima = np.empty((1, 1) if inline else (len(starts), table.shape[1]), dtype=np.float32)
-    _cell_maxsum(table, doc_cells, starts, lengths, kept if use_kept else _NO_MASK, use_kept, maxima, out)
+    maxima = np.empty((1, 1) if inline else (n, table.shape[1]), dtype=np.float32)
+    _cell_maxsum(table, doc_cells, starts, lengths, docs, by_docs, kept if use_kept else _NO_MASK, use_kept, maxima,
+                 out)
     return out if inline else maxima.sum(axis=1, dtype=np.float32)
 
 
@@ -423,9 +473,8 @@ def decode_residuals(byte_weights: np.ndarray, residuals: np.ndarray, tokens: np
     return out
 
 
-@_jit
-def _probe(table, products, c_scales, q_scales, dequantize, bounds, best_val, best_idx,
-           kept):  # pragma: no cover (compiled)
+def _probe_scan(table, products, c_scales, q_scales, dequantize, bounds, best_val, best_idx,
+                kept):  # pragma: no cover (compiled)
     # (table written only when dequantize; it is one array either way: a second one to write
     # through made LLVM assume the rows could overlap, and the probe took 390 us, not 172)
     n_rows, ncells = best_val.shape
@@ -464,6 +513,72 @@ def _probe(table, products, c_scales, q_scales, dequantize, bounds, best_val, be
                 for s in range(1, ncells):
                     low = min(low, best_val[j, s])
                 floor[j] = low
+
+
+@_jit
+def _probe(table, products, c_scales, q_scales, dequantize, bounds, best_val, best_idx,
+           kept):  # pragma: no cover (compiled)
+    _probe_pass(table, products, c_scales, q_scales, dequantize, bounds, best_val, best_idx, kept)
+
+
+@_jit
+def _probe_documents(table, products, c_scales, q_scales, dequantize, bounds, ncells, ivf_offsets, ivf_docs, n_docs,
+                     mask, use_mask):  # pragma: no cover (compiled)
+    n_centroids = table.shape[0]
+    best_val = np.full((len(bounds), ncells), -np.inf, dtype=np.float32)
+    best_idx = np.full((len(bounds), ncells), -1, dtype=np.int64)
+    kept = np.empty(n_centroids, dtype=np.bool_)
+    _probe_pass(table, products, c_scales, q_scales, dequantize, bounds, best_val, best_idx, kept)
+    n_kept = 0
+    for c in range(n_centroids):
+        n_kept += kept[c]
+    # the distinct cells, ascending (-1: a slot no score filled, a NaN row's), and their lists' length
+    taken = np.zeros(n_centroids, dtype=np.bool_)
+    n_cells = 0
+    entries = 0
+    for i in range(best_idx.shape[0]):
+        for j in range(ncells):
+            c = best_idx[i, j]
+            if c >= 0 and not taken[c]:
+                taken[c] = True
+                n_cells += 1
+                entries += ivf_offsets[c + 1] - ivf_offsets[c]
+    cells = np.empty(n_cells, dtype=np.int64)
+    n_cells = 0
+    for c in range(n_centroids):
+        if taken[c]:
+            cells[n_cells] = c
+            n_cells += 1
+    hit = np.zeros(n_docs, dtype=np.bool_)
+    out = np.empty(min(n_docs, entries), dtype=np.int64)
+    n = _mark_documents(ivf_offsets, ivf_docs, cells, mask, use_mask, hit, out)
+    return out[:n], kept, n_kept
+
+
+def probe_documents(table: np.ndarray, bounds: np.ndarray, ncells: int, ivf_offsets: np.ndarray,
+                    ivf_docs: np.ndarray, n_docs: int, mask: "np.ndarray | None" = None,
+                    products: "tuple[np.ndarray, np.ndarray, np.ndarray] | None" = None
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`probe` (or with ``products``, an int8 product and its scales, :func:`probe_int8`,
+    writing ``table``, ``(n_centroids, len(bounds))`` float32) and :func:`cell_documents` of the
+    probed cells in one call: ``(docs, kept, n_kept)``, the sorted distinct documents of the
+    cells (``mask``'s only), the kept centroids and how many. ``table`` is written to with
+    ``products`` only (a read-only one is copied first otherwise)."""
+    use_mask = mask is not None
+    bounds = np.ascontiguousarray(bounds, dtype=np.float32)
+    if products is None:
+        if not table.flags.writeable:  # (the loop compiles a write for the int8 scores, never taken here)
+            table = np.array(table)
+        products, c_scales, q_scales, dequantize = _NO_PRODUCTS, _NO_SCALES, _NO_SCALES, False
+    else:
+        products, c_scales, q_scales = products
+        c_scales = np.ascontiguousarray(c_scales, dtype=np.float32)
+        q_scales = np.ascontiguousarray(q_scales, dtype=np.float32)
+        dequantize = True
+    docs, kept, n_kept = _probe_documents(table, products, c_scales, q_scales, dequantize, bounds, int(ncells),
+                                          ivf_offsets, ivf_docs, int(n_docs), mask if use_mask else _NO_MASK,
+                                          use_mask)
+    return docs, kept, int(n_kept)
 
 
 def probe(table: np.ndarray, bounds: np.ndarray, ncells: int) -> tuple[np.ndarray, np.ndarray]:
@@ -563,62 +678,73 @@ def token_maxsum_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np
         magnitudes[:] = 0.0
 
 
-@_jit
-def _rescore_int8(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words, residuals, q, margin,
-                  first_tokens, product_rows, lengths, out):  # pragma: no cover (compiled)
+def _rescore_one(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words, residuals, q, first, rows,
+                 n, tolerances, scores, vector_words, floor, best):  # pragma: no cover (compiled)
+    # One document's float32 MaxSim for rescore_int8: its n tokens from index position first on,
+    # their int32 products from row rows on; scores (>= n rows), vector_words, floor and best scratch.
     n_rows = q.shape[0]
     dim = q.shape[1]
     words = byte_words.shape[1]
     n_bytes = residuals.shape[1]
-    scores = np.empty((max(lengths.max(), 1), n_rows), dtype=np.float32)
-    vector_words = np.empty(n_bytes * words, dtype=np.uint64)
     vector = vector_words.view(np.float32)
-    floor = np.empty(n_rows, dtype=np.float32)
-    best = np.empty(n_rows, dtype=np.float32)
-    tolerances = np.empty(n_rows, dtype=np.float32)
-    for j in range(n_rows):  # margin x the row's norm
-        tolerances[j] = np.float32(margin) * np.float32(np.sqrt(_dot(q[j], q[j])))
-    for d in range(len(lengths)):
-        n = lengths[d]
-        first = first_tokens[d]
-        rows = product_rows[d]
-        # the int8 scores of the document's tokens (token_maxsum_int8's) and each row's best
-        floor[:] = -np.inf
-        for t in range(n):
-            token = first + t
-            centroid_scores = scores_t[codes[token]]
-            s = inv_norms[token]
-            product = products[rows + t]
-            token_scores = scores[t]
-            for j in range(n_rows):
-                v = (np.float32(product[j]) * row_scales[j] + centroid_scores[j]) * s
-                token_scores[j] = v
-                floor[j] = max(floor[j], v)
+    # the int8 scores of the document's tokens (token_maxsum_int8's) and each row's best
+    floor[:] = -np.inf
+    for t in range(n):
+        token = first + t
+        centroid_scores = scores_t[codes[token]]
+        s = inv_norms[token]
+        product = products[rows + t]
+        token_scores = scores[t]
         for j in range(n_rows):
-            floor[j] -= tolerances[j]
-            best[j] = -np.inf
-        # float32 scores of the tokens within the tolerance of a row's best, each token decoded once
-        for t in range(n):
-            token_scores = scores[t]
-            wanted = False
-            for j in range(n_rows):
-                wanted |= token_scores[j] >= floor[j]
-            if not wanted:
-                continue
-            token = first + t
-            # the residual (and a last byte's padding past dim)
-            _copy_byte_words(byte_words, words, n_bytes, residuals[token], vector_words)
-            centroid = centroids[codes[token]]
-            for e in range(dim):
-                vector[e] += centroid[e]
-            s = inv_norms[token]
-            for j in range(n_rows):
-                if token_scores[j] >= floor[j]:
-                    best[j] = max(best[j], _dot(q[j], vector[:dim]) * s)
-        total = best[0]
-        for j in range(1, n_rows):
-            total += best[j]
-        out[d] = total
+            v = (np.float32(product[j]) * row_scales[j] + centroid_scores[j]) * s
+            token_scores[j] = v
+            floor[j] = max(floor[j], v)
+    for j in range(n_rows):
+        floor[j] -= tolerances[j]
+        best[j] = -np.inf
+    # float32 scores of the tokens within the tolerance of a row's best, each token decoded once
+    for t in range(n):
+        token_scores = scores[t]
+        wanted = False
+        for j in range(n_rows):
+            wanted |= token_scores[j] >= floor[j]
+        if not wanted:
+            continue
+        token = first + t
+        # the residual (and a last byte's padding past dim)
+        _copy_byte_words(byte_words, words, n_bytes, residuals[token], vector_words)
+        centroid = centroids[codes[token]]
+        for e in range(dim):
+            vector[e] += centroid[e]
+        s = inv_norms[token]
+        for j in range(n_rows):
+            if token_scores[j] >= floor[j]:
+                best[j] = max(best[j], _dot(q[j], vector[:dim]) * s)
+    total = best[0]
+    for j in range(1, n_rows):
+        total += best[j]
+    return total
+
+
+def _rescore_scratch(q, byte_words, residuals, margin, max_tokens):  # pragma: no cover (compiled)
+    # _rescore_one's scratch arrays and each row's tolerance, margin x the row's norm
+    n_rows = q.shape[0]
+    tolerances = np.empty(n_rows, dtype=np.float32)
+    for j in range(n_rows):
+        tolerances[j] = np.float32(margin) * np.float32(np.sqrt(_dot(q[j], q[j])))
+    return (tolerances, np.empty((max(max_tokens, 1), n_rows), dtype=np.float32),
+            np.empty(residuals.shape[1] * byte_words.shape[1], dtype=np.uint64), np.empty(n_rows, dtype=np.float32),
+            np.empty(n_rows, dtype=np.float32))
+
+
+@_jit
+def _rescore_int8(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words, residuals, q, margin,
+                  first_tokens, product_rows, lengths, out):  # pragma: no cover (compiled)
+    tolerances, scores, vector_words, floor, best = _rescore_buffers(q, byte_words, residuals, margin, lengths.max())
+    for d in range(len(lengths)):
+        out[d] = _rescore_doc(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words, residuals, q,
+                              first_tokens[d], product_rows[d], lengths[d], tolerances, scores, vector_words, floor,
+                              best)
 
 
 def float_words(byte_weights: np.ndarray) -> np.ndarray:
@@ -730,8 +856,7 @@ def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-@_jit
-def _cell_documents(ivf_offsets, ivf_docs, cells, mask, use_mask, hit, out):  # pragma: no cover (compiled)
+def _documents_of(ivf_offsets, ivf_docs, cells, mask, use_mask, hit, out):  # pragma: no cover (compiled)
     for c in cells:
         for i in range(ivf_offsets[c], ivf_offsets[c + 1]):
             hit[ivf_docs[i]] = True
@@ -741,6 +866,11 @@ def _cell_documents(ivf_offsets, ivf_docs, cells, mask, use_mask, hit, out):  # 
             out[n] = d
             n += 1
     return n
+
+
+@_jit
+def _cell_documents(ivf_offsets, ivf_docs, cells, mask, use_mask, hit, out):  # pragma: no cover (compiled)
+    return _mark_documents(ivf_offsets, ivf_docs, cells, mask, use_mask, hit, out)
 
 
 def cell_documents(ivf_offsets: np.ndarray, ivf_docs: np.ndarray, cells: np.ndarray, n_docs: int,
@@ -755,3 +885,212 @@ def cell_documents(ivf_offsets: np.ndarray, ivf_docs: np.ndarray, cells: np.ndar
     use_mask = mask is not None
     n = _cell_documents(ivf_offsets, ivf_docs, cells, mask if use_mask else _NO_MASK, use_mask, hit, out)
     return out[:n]
+
+
+# ---- selections: the best k of a stage, the exact stage's layout and its early end ----------
+
+
+def _top_keys(scores, ids, k, out_scores, out_ids):  # pragma: no cover (compiled)
+    # Each (score, id) as one uint64 key whose ascending order is descending score, then ascending
+    # id: the high half the score's float32 bits made monotone and reversed (-0.0 as 0.0, as numpy
+    # compares them), the low half the id (0 <= id < 2**32); one partition and one sort of k keys.
+    # Writes the best min(k, n) to out_scores and out_ids; returns how many.
+    n = len(scores)
+    keys = np.empty(n, dtype=np.uint64)
+    bits = scores.view(np.uint32)
+    for i in range(n):
+        u = bits[i]
+        if u == np.uint32(0x80000000):  # -0.0
+            u = np.uint32(0)
+        ordered = ~u if u & np.uint32(0x80000000) else u | np.uint32(0x80000000)  # ascending as the floats
+        keys[i] = (np.uint64(~ordered) << np.uint64(32)) | np.uint64(ids[i])
+    best = np.partition(keys, k - 1)[:k] if n > k else keys
+    best.sort()
+    for j in range(len(best)):
+        key = best[j]
+        out_ids[j] = np.int64(key & np.uint64(0xFFFFFFFF))
+        ordered = ~np.uint32(key >> np.uint64(32))
+        out_scores.view(np.uint32)[j] = ordered & np.uint32(0x7FFFFFFF) if ordered & np.uint32(0x80000000) else ~ordered
+    return len(best)
+
+
+@_jit
+def _top_k(scores, ids, k, out_scores, out_ids):  # pragma: no cover (compiled)
+    return _select_top(scores, ids, k, out_scores, out_ids)
+
+
+def top_k(scores: np.ndarray, ids: np.ndarray, k: int, checked: bool = False
+          ) -> "tuple[np.ndarray, np.ndarray] | None":
+    """The best ``k`` (float32 score, int64 id) pairs, by score descending then id ascending
+    (``indexing.plaid._top_k``'s order; a score of -0.0 comes back as 0.0, which numpy ranks
+    equal to it), or None where an id is outside ``[0, 2**32)`` or a score is NaN (numpy's
+    answer is then the caller's; ``checked``: the caller knows neither happens, the search's
+    document positions and scores): one pass building sort keys, one partition, one sort of the
+    ``k`` kept (a filter's 756 of 1,000 candidates in ~10 us, numpy's 8 calls ~22)."""
+    n = len(scores)
+    if n and not checked and (int(ids.min()) < 0 or int(ids.max()) > 0xFFFFFFFF or np.isnan(scores).any()):
+        return None
+    m = min(k, n)
+    out_scores = np.empty(m, dtype=np.float32)
+    out_ids = np.empty(m, dtype=np.int64)
+    if m:
+        _top_k(np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64), k,
+               out_scores, out_ids)
+    return out_scores, out_ids
+
+
+@_jit
+def _exact_layout(doc_offsets, docs, n_docs, max_tokens):  # pragma: no cover (compiled)
+    total = 0  # every document's tokens, those laid out and the others
+    for d in range(len(docs)):
+        total += doc_offsets[docs[d] + 1] - doc_offsets[docs[d]]
+    laid = 0
+    for d in range(n_docs):
+        laid += doc_offsets[docs[d] + 1] - doc_offsets[docs[d]]
+    tokens = np.empty(laid, dtype=np.int64)
+    lengths = np.empty(n_docs, dtype=np.int64)
+    offsets = np.empty(n_docs + 1, dtype=np.int64)
+    chunks = np.empty(n_docs + 1, dtype=np.int64)
+    n_chunks = 0
+    chunks[0] = 0
+    t = 0
+    base = 0  # the current chunk's first token
+    for d in range(n_docs):
+        lo = doc_offsets[docs[d]]
+        n = doc_offsets[docs[d] + 1] - lo
+        # a document ending past max_tokens from the chunk's start opens the next chunk (never the first)
+        if d > chunks[n_chunks] and t + n - base > max_tokens:
+            n_chunks += 1
+            chunks[n_chunks] = d
+            base = t
+        offsets[d] = t
+        lengths[d] = n
+        for i in range(n):
+            tokens[t + i] = lo + i
+        t += n
+    offsets[n_docs] = t
+    if n_docs:
+        n_chunks += 1
+        chunks[n_chunks] = n_docs
+    return tokens, lengths, offsets, chunks[: n_chunks + 1], total
+
+
+def exact_layout(doc_offsets: np.ndarray, docs: np.ndarray, max_tokens: int, n: "int | None" = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The exact stage's view of the first ``n`` (None: all) of ``docs`` (positions; document
+    ``d``'s tokens are ``doc_offsets[d] : doc_offsets[d + 1]``) in one pass: ``(tokens, lengths,
+    offsets, chunks, total)``, their token positions one document after another, each one's token
+    count, where each one's tokens start in ``tokens`` (``n + 1`` entries, their total last), the
+    document boundaries of consecutive blocks of at most ``max_tokens`` tokens (a longer document
+    alone: ``indexing.plaid._doc_chunks``' slices as ``chunks[i] : chunks[i + 1]``) and the token
+    count of all of ``docs``."""
+    docs = np.ascontiguousarray(docs, dtype=np.int64)
+    n = len(docs) if n is None else min(int(n), len(docs))
+    tokens, lengths, offsets, chunks, total = _exact_layout(doc_offsets, docs, n, int(max_tokens))
+    return tokens, lengths, offsets, chunks, int(total)
+
+
+@_jit
+def _early_rest(scores, approx, docs, first, k, margin, gap, out):  # pragma: no cover (compiled)
+    n = len(scores)
+    kth = np.partition(scores, n - k)[n - k]
+    if np.isnan(gap):  # the largest gap, as np.max of the float32 differences
+        top = scores[0] - approx[0]
+        for i in range(1, n):
+            top = max(top, scores[i] - approx[i])
+        gap = np.float64(top)
+    # numpy's float32 sums of approx with the Python floats gap and margin * |kth| (each cast)
+    lift = np.float32(gap)
+    slack = np.float32(margin * abs(np.float64(kth)))
+    m = 0
+    for i in range(first, len(docs)):
+        if (approx[i] + lift) + slack >= kth:
+            out[m] = docs[i]
+            m += 1
+    return m
+
+
+def early_rest(scores: np.ndarray, approx: np.ndarray, docs: np.ndarray, first: int, k: int, margin: float,
+               gap: "float | None" = None) -> np.ndarray:
+    """The exact stage's second pass (``indexing.plaid._early_ended``): of ``docs[first:]`` (best
+    ``approx`` first), those whose ``approx`` plus ``gap`` (None: the largest of the first
+    ``first`` documents' ``scores - approx``) plus ``margin`` times the absolute k-th best of
+    ``scores`` (the first ``first`` documents' exact-stage scores, at least ``k`` of them)
+    reaches that k-th best score, in their order. numpy's floats: float32 sums of float32
+    ``approx`` with ``gap`` and ``margin * |kth|`` cast to float32."""
+    out = np.empty(len(docs) - first, dtype=np.int64)
+    n = _early_rest(scores, approx, np.ascontiguousarray(docs, dtype=np.int64), int(first), int(k), float(margin),
+                    math.nan if gap is None else float(gap), out)
+    return out[:n]
+
+
+@_jit
+def _refine_int8(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words, residuals, q, pair_margin,
+                 refine_margin, doc_offsets, ids, scores, magnitudes, rows, k, out_scores,
+                 out_ids):  # pragma: no cover (compiled)
+    n = len(ids)
+    exact = np.empty(n, dtype=np.float32)
+    refined = np.zeros(n, dtype=np.bool_)
+    longest = 0
+    for i in range(n):
+        longest = max(longest, doc_offsets[ids[i] + 1] - doc_offsets[ids[i]])
+    tolerances, token_scores, vector_words, floor, best = _rescore_buffers(q, byte_words, residuals, pair_margin,
+                                                                           longest)
+    # the best min(k, n) int8 scores first (equal ones: the earlier document)
+    n_top = min(k, n)
+    cut = np.partition(scores, n - n_top)[n - n_top]
+    taken = 0
+    for tie in range(2):
+        for i in range(n):
+            if taken < n_top and not refined[i] and (scores[i] > cut if tie == 0 else scores[i] == cut):
+                refined[i] = True
+                taken += 1
+    kth = np.float32(np.inf)
+    for i in range(n):
+        if refined[i]:
+            first = doc_offsets[ids[i]]
+            exact[i] = _rescore_doc(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words,
+                                    residuals, q, first, rows[i], doc_offsets[ids[i] + 1] - first, tolerances,
+                                    token_scores, vector_words, floor, best)
+            kth = min(kth, exact[i])
+    # then every other document whose int8 score plus its margin reaches the k-th best float32 score
+    margin = np.float32(refine_margin)
+    m = 0
+    for i in range(n):
+        if not refined[i] and scores[i] + margin * magnitudes[i] >= kth:
+            first = doc_offsets[ids[i]]
+            exact[i] = _rescore_doc(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words,
+                                    residuals, q, first, rows[i], doc_offsets[ids[i] + 1] - first, tolerances,
+                                    token_scores, vector_words, floor, best)
+            refined[i] = True
+    kept_ids = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        if refined[i]:  # (exact compacted in place: m <= i)
+            exact[m] = exact[i]
+            kept_ids[m] = ids[i]
+            m += 1
+    return _select_top(exact[:m], kept_ids[:m], k, out_scores, out_ids), m
+
+
+def refine_int8(products: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, codes: np.ndarray,
+                inv_norms: np.ndarray, centroids: np.ndarray, byte_words: np.ndarray, residuals: np.ndarray,
+                q: np.ndarray, pair_margin: float, refine_margin: float, doc_offsets: np.ndarray, ids: np.ndarray,
+                scores: np.ndarray, magnitudes: np.ndarray, rows: np.ndarray, k: int
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The int8 exact stage's end in one loop (``indexing.plaid.CentroidIndex._int8_exact_top_k``):
+    of documents ``ids`` with int8 scores ``scores`` and ``magnitudes`` (:func:`token_maxsum_int8`'s)
+    and their products from rows ``rows`` of ``products`` on, the best ``min(k, n)`` by int8 score
+    (equal scores: the earlier document) rescored in float32 (:func:`rescore_int8`, ``pair_margin``),
+    then every other one whose int8 score plus ``refine_margin`` times its magnitude reaches the
+    k-th best float32 score so far; returns the best ``k`` rescored ``(float32 scores, ids)`` by
+    score, then id (:func:`top_k`), and how many were rescored. ``q``: the query's live rows (at
+    least one)."""
+    m = min(k, len(ids))
+    out_scores = np.empty(m, dtype=np.float32)
+    out_ids = np.empty(m, dtype=np.int64)
+    rescored = 0
+    if m:
+        m, rescored = _refine_int8(products, row_scales, scores_t, codes, inv_norms, centroids, byte_words, residuals,
+                                   q, float(pair_margin), float(refine_margin), doc_offsets, ids, scores, magnitudes,
+                                   rows, int(k), out_scores, out_ids)
+    return out_scores[:m], out_ids[:m], int(rescored)

@@ -379,8 +379,12 @@ def _segment_maxsum(token_scores: np.ndarray, lengths: np.ndarray) -> np.ndarray
     return best.sum(axis=0, dtype=np.float32)
 
 
-def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` (score, id) pairs, by score descending then id ascending."""
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int, positions: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` (score, id) pairs, by score descending then id ascending. ``positions``: the
+    ids are document positions and the scores a search's (no NaN), which the compiled selection
+    (:func:`indexing.kernels.top_k`) takes unchecked where numba runs."""
+    if positions and kernels.loaded():
+        return kernels.top_k(scores, ids, k, checked=True)
     if len(scores) > k:
         kth = np.partition(scores, len(scores) - k)[len(scores) - k]
         above = np.flatnonzero(scores > kth)
@@ -1176,8 +1180,8 @@ class CentroidIndex:
         of 10 documents so that the centroid stages run even on a small index: a query whose
         rows are padded and one whose are not, the two array layouts the stages see, each with
         two equal rows to merge, then the two as one batch (whose queries' columns of the int8
-        centroid product are strided, another compiled variant of the probe).
-        Returns the seconds it took (0 where the numpy stages run or nothing is searchable).
+        centroid product are strided, another compiled variant of the probe), and one at k=1 whose
+        exact stage ends early. Returns the seconds it took (0 where the numpy stages run or nothing is searchable).
         """
         start = time.perf_counter()
         if not kernels.ready() or self.n_docs == 0 or not np.any(self.doc_lengths):
@@ -1193,6 +1197,10 @@ class CentroidIndex:
             self.search(q[None], 10, params, threads=1)
         # the two as one batch: each query's columns of the block's int8 product are strided
         self.search(batch, 10, params, threads=1)
+        # and a query whose exact stage ends early (3 documents, 2 first; where the index has more than 3)
+        self.search(batch[1:], 1, replace(params, ndocs=12), threads=1)
+        # the inverted lists of more cells than the probe takes (a filtered query's widened probe)
+        self._cell_documents(np.zeros(1, dtype=np.int64), None)
         return time.perf_counter() - start
 
     def exact_maxsim(
@@ -1346,18 +1354,22 @@ class CentroidIndex:
         bounds = _kept_bounds(q[:n_live], params.centroid_score_threshold)
         ncells = params.ncells
         probed = kernels.ENABLED and ncells <= _ARGMAX_CELLS and ncells < n_centroids
+        n_kept = None
         if isinstance(scores_t, _Int8Columns):
             if probed:  # the int8 product's scores written by the probe's pass over them
-                scores_t, cells, kept = kernels.probe_int8(*scores_t, bounds, ncells)
+                table = np.empty((n_centroids, n_live), dtype=np.float32)
+                docs, kept, n_kept = kernels.probe_documents(table, bounds, ncells, self.ivf_offsets, self.ivf_docs,
+                                                             self.n_docs, mask, products=tuple(scores_t))
+                scores_t = table
             else:
                 scores_t = kernels.dequantize(*scores_t)
         elif probed:
-            cells, kept = kernels.probe(scores_t[:, :n_live], bounds, ncells)
+            docs, kept, n_kept = kernels.probe_documents(scores_t[:, :n_live], bounds, ncells, self.ivf_offsets,
+                                                         self.ivf_docs, self.n_docs, mask)
         table = scores_t[:, :n_live]  # (n_centroids, n_live): a cell's scores are one row of it
         if probed:
-            # the best cells and the kept centroids in one compiled pass over the product
-            docs = self._cell_documents(cells, mask)
-            centroid_scores = None  # the (n_live, n_centroids) layout, built only to widen the probe
+            # the best cells, the kept centroids and the cells' documents in one compiled pass
+            centroid_scores = None  # the (n_live, n_centroids) layout, built only to widen the probe past 8 cells
         else:
             # (n_live, n_centroids): the layout numpy's centroid stages reduce over centroids
             # in; transposing this way round is ~3x cheaper than the other
@@ -1373,12 +1385,16 @@ class CentroidIndex:
         want = min(n_exact, n_searchable)
         while len(docs) < want and ncells < n_centroids:
             ncells *= 2
+            if probed and ncells <= _ARGMAX_CELLS and ncells < n_centroids:  # the probe again, wider
+                docs = kernels.probe_documents(table, bounds, ncells, self.ivf_offsets, self.ivf_docs, self.n_docs,
+                                               mask)[0]
+                continue
             if centroid_scores is None:
                 centroid_scores = np.ascontiguousarray(table.T)
             docs = self.candidates(centroid_scores, ncells, mask)
         n_candidates = len(docs)
         pruned = None
-        if not self._prunes_nothing(docs, kept):
+        if not self._prunes_nothing(docs, kept, n_kept):
             docs, pruned = self._filter_scored(docs, centroid_scores, kept, max(params.ndocs, n_exact), table)
         # (Pruning that would keep every candidate's every centroid, common with vectors
         # whose centroid scores are all high -- on me5-small 4,090 of 4,096 centroids pass
@@ -1417,7 +1433,7 @@ class CentroidIndex:
                               lambda part: (self._exact_scores(q, scores_t, part, dim, split),))
         ids = np.concatenate([part for part, _ in passes])
         logger.debug("plaid exact stage: %d of %d documents scored", len(ids), len(docs))
-        return _top_k(np.concatenate([scored[0] for _, scored in passes]), ids, k)
+        return _top_k(np.concatenate([scored[0] for _, scored in passes]), ids, k, positions=True)
 
     # -- the int8 products (indexing.int8) --------------------------------------
 
@@ -1452,47 +1468,28 @@ class CentroidIndex:
         q8, q_scales = int8.quantize_rows(rows)
         return int8.int_mm(c8, q8.T), c_scales, q_scales
 
-    def _int8_approx(self, q8_t: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, docs: np.ndarray,
-                     products: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """The exact stage's int8 scores of ``docs`` and their magnitudes (the sums of the
-        rows' absolute maxima; :func:`indexing.kernels.token_maxsum_int8`), in blocks of
-        :data:`_INT8_EXACT_TOKENS` tokens: each decoded to int8, multiplied by ``q8_t``
-        (``(width, rows)`` int8) into int32 rows of ``products`` (``docs``' tokens one after
-        another from its first row on; the rescoring reads them again, :meth:`_int8_rescore`),
-        reduced. The third array: each document's first row in ``products``; then the rows used."""
-        tokens, lengths = self._tokens_and_lengths(docs)
-        n = len(docs)
-        out = np.empty(n, dtype=np.float32)
-        magnitudes = np.empty(n, dtype=np.float32)
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        if n == 0:
-            return out, magnitudes, offsets[:0], 0
+    def _int8_pass(self, q8_t: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray,
+                   layout: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], products: np.ndarray,
+                   out: np.ndarray, magnitudes: np.ndarray) -> None:
+        """The exact stage's int8 scores of documents laid out as ``layout`` says (the first four
+        arrays of :func:`indexing.kernels.exact_layout`: tokens, lengths, offsets, blocks of
+        :data:`_INT8_EXACT_TOKENS` tokens) and their magnitudes (the sums of the rows' absolute
+        maxima; :func:`indexing.kernels.token_maxsum_int8`), written to ``out`` and ``magnitudes``:
+        block by block, the tokens decoded to int8, multiplied by ``q8_t`` (``(width, rows)`` int8)
+        into int32 rows of ``products`` (the documents' tokens one after another from its first
+        row on; the rescoring reads them again), reduced."""
+        tokens, lengths, offsets, chunks = layout
+        if len(lengths) == 0:
+            return
         words = self._int8_words()
-        np.cumsum(lengths, out=offsets[1:])
-        chunks = list(_doc_chunks(lengths, _INT8_EXACT_TOKENS))
-        buffer = np.empty((max(int(offsets[c.stop] - offsets[c.start]) for c in chunks), q8_t.shape[0]),
-                          dtype=np.int8)
-        for chunk in chunks:
-            lo, hi = int(offsets[chunk.start]), int(offsets[chunk.stop])
+        edges = chunks.tolist()
+        starts = offsets[chunks].tolist()
+        buffer = np.empty((max(b - a for a, b in zip(starts, starts[1:])), q8_t.shape[0]), dtype=np.int8)
+        for first, stop, lo, hi in zip(edges, edges[1:], starts, starts[1:]):
             decoded = kernels.decode_words(words, self.residuals, tokens[lo:hi], buffer[: hi - lo])
             block = int8.int_mm(decoded, q8_t, out=products[lo:hi])
             kernels.token_maxsum_int8(block, row_scales, scores_t, self.codes, self.token_inv_norms, tokens[lo:hi],
-                                      lengths[chunk], out[chunk], magnitudes[chunk])
-        return out, magnitudes, offsets[:-1], int(offsets[-1])
-
-    def _int8_rescore(self, q: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray, docs: np.ndarray,
-                      products: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """``(len(docs),)`` float32 MaxSim of ``q`` (the live rows) against ``docs``, each row's
-        maximum over the tokens whose int8 score is within :data:`indexing.int8.PAIR_MARGIN` of
-        the row's norm of its best (:func:`indexing.kernels.rescore_int8`); ``docs``' int32
-        products are ``products``' rows from ``rows`` on (the exact stage's, :meth:`_int8_approx`)."""
-        first = self.doc_offsets[docs]
-        words = self._cache.get("float32-words")
-        if words is None:
-            words = self._cache["float32-words"] = kernels.float_words(self.codec.byte_weights)
-        return kernels.rescore_int8(products, row_scales, scores_t, self.codes, self.token_inv_norms,
-                                    self.codec.centroids, words, self.residuals, q, int8.PAIR_MARGIN,
-                                    first, rows, self.doc_offsets[docs + 1] - first)
+                                      lengths[first:stop], out[first:stop], magnitudes[first:stop])
 
     def _int8_exact_top_k(
         self,
@@ -1506,12 +1503,14 @@ class CentroidIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`_exact_top_k` with int8 products: the documents' exact-stage scores from int8
         residual products (with the int8 centroid scores of ``scores_t``), the same early end
-        (on those scores), then the top ``k`` of them rescored in float32 (:meth:`_int8_rescore`:
-        each row's maximum over the tokens whose int8 score is within
-        :data:`indexing.int8.PAIR_MARGIN` of the row's norm of its best), and every other
+        (on those scores: :func:`_early_ended`'s passes), then the top ``k`` of them rescored in
+        float32 (:func:`indexing.kernels.rescore_int8`'s rule: each row's maximum over the tokens whose int8 score is
+        within :data:`indexing.int8.PAIR_MARGIN` of the row's norm of its best), and every other
         document whose int8 score plus :data:`indexing.int8.REFINE_MARGIN` of its magnitude
-        reaches the k-th best float32 score: the results' scores are float32 MaxSim. ``q`` holds
-        the query's live rows only (no padding)."""
+        reaches the k-th best float32 score: the results' scores are float32 MaxSim
+        (:func:`indexing.kernels.refine_int8`). ``q`` holds the query's live rows only (no
+        padding). Each pass's layout, the second pass's documents and the rescoring are one
+        compiled call each (:func:`indexing.kernels.exact_layout`, :func:`indexing.kernels.early_rest`)."""
         if len(docs) == 0:
             return np.empty(0, dtype=np.float32), docs
         table, table_scale = self._int8_table()
@@ -1521,41 +1520,47 @@ class CentroidIndex:
             q8 = np.pad(q8, ((0, 0), (0, width - q8.shape[1])))
         q8_t = q8.T
         row_scales = (q_scales * table_scale).astype(np.float32)
-        # the passes' int32 products, one after another (at most every document's tokens)
-        products = np.empty((int(self._lengths(docs).sum()), q8_t.shape[1]), dtype=np.int32)
-        used = 0
-
-        def score(part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            nonlocal used
-            out, magnitudes, rows, n_rows = self._int8_approx(q8_t, row_scales, scores_t, part, products[used:])
-            rows += used
-            used += n_rows
-            return out, magnitudes, rows
-
-        scored = _early_ended(docs, approx, k, margin, gap_quantile, score)  # (docs, (scores, magnitudes, rows)) a pass
+        n = len(docs)
+        first = max(2 * k, n * 3 // 8)  # (_early_ended's passes)
+        early = approx is not None and math.isfinite(margin) and n > first
+        head = docs[:first] if early else docs
+        *layout, total = kernels.exact_layout(self.doc_offsets, docs, _INT8_EXACT_TOKENS, len(head))
+        # the passes' int32 products, one after another (at most every document's tokens), and
+        # each scored document's int8 score, magnitude and first product row, in the same order
+        products = np.empty((total, q8_t.shape[1]), dtype=np.int32)
+        scores = np.empty(n, dtype=np.float32)
+        magnitudes = np.empty(n, dtype=np.float32)
+        rows = np.empty(n, dtype=np.int64)
+        self._int8_pass(q8_t, row_scales, scores_t, layout, products, scores, magnitudes)
+        rows[: len(head)] = layout[2][:-1]
+        ids, m = head, len(head)
+        if early:
+            gap = None  # the largest gap, taken by early_rest
+            if gap_quantile < 1:
+                gaps = scores[:first] - approx[:first]
+                gap = float(np.max(gaps))
+                if math.isfinite(gap):  # (an infinite gap, a document without cells: score all)
+                    gap = float(np.quantile(gaps, gap_quantile))
+            rest = kernels.early_rest(scores[:first], approx, docs, first, k, margin, gap)
+            if len(rest):
+                used = int(layout[2][-1])
+                *layout, _ = kernels.exact_layout(self.doc_offsets, rest, _INT8_EXACT_TOKENS)
+                self._int8_pass(q8_t, row_scales, scores_t, layout, products[used:], scores[first:],
+                                magnitudes[first:])
+                rows[first: first + len(rest)] = layout[2][:-1] + used
+                ids, m = np.concatenate([head, rest]), first + len(rest)
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("plaid exact stage (int8): %d of %d documents scored", sum(len(d) for d, _ in scored),
-                         len(docs))
-        scores = np.concatenate([a[0] for _, a in scored])
-        reach = scores + np.float32(int8.REFINE_MARGIN) * np.concatenate([a[1] for _, a in scored])
-        rows = np.concatenate([a[2] for _, a in scored])
-        ids = np.concatenate([d for d, _ in scored])
-        exact = np.full(len(scores), -np.inf, dtype=np.float32)
-        refined = np.zeros(len(scores), dtype=bool)
-
-        def refine(which: np.ndarray) -> None:
-            exact[which] = self._int8_rescore(q, row_scales, scores_t, ids[which], products, rows[which])
-            refined[which] = True
-
-        n_top = min(k, len(scores))
-        refine(np.argpartition(-scores, n_top - 1)[:n_top])
-        kth = float(np.min(exact[refined]))  # the k-th best float32 score so far
-        more = np.flatnonzero(~refined & (reach >= kth))
-        if len(more):
-            refine(more)
+            logger.debug("plaid exact stage (int8): %d of %d documents scored", m, n)
+        words = self._cache.get("float32-words")
+        if words is None:
+            words = self._cache["float32-words"] = kernels.float_words(self.codec.byte_weights)
+        best, best_ids, rescored = kernels.refine_int8(
+            products, row_scales, scores_t, self.codes, self.token_inv_norms, self.codec.centroids, words,
+            self.residuals, q, int8.PAIR_MARGIN, int8.REFINE_MARGIN, self.doc_offsets, ids, scores[:m], magnitudes[:m],
+            rows[:m], k)
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("plaid exact stage (int8): %d documents rescored in float32", int(refined.sum()))
-        return _top_k(exact[refined], ids[refined], k)
+            logger.debug("plaid exact stage (int8): %d documents rescored in float32", rescored)
+        return best, best_ids
 
     def _exact_scores(
         self, q: np.ndarray, scores_t: np.ndarray, docs: np.ndarray, dim: int, split: "_Split | None" = None
@@ -1651,7 +1656,7 @@ class CentroidIndex:
         redo = np.flatnonzero(self._pruned_any(docs, kept))
         if len(redo):
             scores[redo] = self._interaction_scores(docs[redo], centroid_scores, None, table)
-        best, ids = _top_k(scores, docs, n_keep)
+        best, ids = _top_k(scores, docs, n_keep, positions=True)
         return ids, best
 
     def _pruned_any(self, docs: np.ndarray, kept: np.ndarray) -> np.ndarray:
@@ -1665,10 +1670,13 @@ class CentroidIndex:
             out[has] = np.logical_or.reduceat(dropped, _segment_starts(lengths[has]))
         return out
 
-    def _prunes_nothing(self, docs: np.ndarray, kept: np.ndarray) -> bool:
+    def _prunes_nothing(self, docs: np.ndarray, kept: np.ndarray, n_kept: "int | None" = None) -> bool:
         """True when pruning is not worth its stage: every centroid of every one of ``docs``
-        is in ``kept``, or ``kept`` leaves out under :data:`_PRUNE_MIN` of all centroids."""
-        if kept.mean() >= 1.0 - _PRUNE_MIN:
+        is in ``kept``, or ``kept`` leaves out under :data:`_PRUNE_MIN` of all centroids
+        (``n_kept``: how many ``kept`` holds, where known)."""
+        if n_kept is None:
+            n_kept = int(np.count_nonzero(kept))
+        if n_kept / len(kept) >= 1.0 - _PRUNE_MIN:
             return True
         starts = self.doc_cell_offsets[docs]
         return bool(kept[self.doc_cells[_ranges(starts, self.doc_cell_offsets[docs + 1] - starts)]].all())
@@ -1719,7 +1727,7 @@ class CentroidIndex:
         ``table``: see :meth:`_interaction_scores`)."""
         if len(docs) <= n_keep:
             return docs, None
-        best, ids = _top_k(self._interaction_scores(docs, centroid_scores, kept, table), docs, n_keep)
+        best, ids = _top_k(self._interaction_scores(docs, centroid_scores, kept, table), docs, n_keep, positions=True)
         return ids, best
 
     def _interaction_scores(
@@ -1741,12 +1749,12 @@ class CentroidIndex:
         Otherwise the documents go in order of their number of cells, in blocks of about
         :data:`INTERACTION_CELLS` cells (:meth:`_centroid_interaction`). The same floats.
         """
-        starts = self.doc_cell_offsets[docs]
-        lengths = self.doc_cell_offsets[docs + 1] - starts
         if kernels.ready():  # (centroid_filter's callers may not have searched yet)
             if table is None:
                 table = np.ascontiguousarray(centroid_scores.T)
-            return kernels.cell_maxsum(table, self.doc_cells, starts, lengths, kept)
+            return kernels.cell_maxsum_docs(table, self.doc_cells, self.doc_cell_offsets, docs, kept)
+        starts = self.doc_cell_offsets[docs]
+        lengths = self.doc_cell_offsets[docs + 1] - starts
         # (n_centroids, Lq): a cell's scores are one contiguous row; pruned cells score -inf
         table = (np.where(kept[:, None], centroid_scores.T, np.float32(-np.inf)) if kept is not None
                  else np.ascontiguousarray(centroid_scores.T))

@@ -11,7 +11,7 @@ import pytest
 
 from embedding.codec import ResidualCodec
 from indexing import int8, kernels
-from indexing.plaid import CentroidIndex, SearchParams
+from indexing.plaid import CentroidIndex, SearchParams, _top_k
 
 needs_int8 = pytest.mark.skipif(not (kernels.ENABLED and int8.installed()), reason="int8 needs numba and torch")
 DIM = 40  # not a multiple of 8: a 1-bit residual's last byte holds values past the vector
@@ -210,6 +210,44 @@ def test_the_rescoring_takes_each_rows_float32_maximum_over_its_int8_candidates(
         scores, ids = index.exact_maxsim(q[None], index.n_docs)
         by_doc = dict(zip(ids[0].tolist(), scores[0].tolist()))
         np.testing.assert_allclose(got, [by_doc[d] for d in case["docs"].tolist()], rtol=2e-6, atol=2e-6)
+
+
+@needs_int8
+@pytest.mark.parametrize("k", [1, 3, 6])
+@pytest.mark.parametrize("refine_margin", [0.0, 0.05, math.inf])
+def test_refine_rescores_the_best_int8_scores_then_those_within_the_margin(small, k, refine_margin):
+    """refine_int8 is the int8 exact stage's end: the k best int8 scores rescored in float32, then
+    every other document whose int8 score plus the margin times its magnitude reaches the k-th
+    best float32 score, and the best k of the rescored by score, then id."""
+    case = _rescore_case(small, 9)
+    index, codec = case["index"], case["codec"]
+    keep = [0, 1, 2, 3, 4, 6]  # (not the repeated document)
+    ids, rows = case["docs"][keep], case["rows"][keep]
+    rng = np.random.default_rng(k)
+    scores = np.round(rng.normal(size=len(ids)), 1).astype(np.float32)  # ties among the int8 scores
+    magnitudes = rng.uniform(0.5, 3.0, len(ids)).astype(np.float32)
+    words = kernels.float_words(codec.byte_weights)
+
+    def rescore(which):
+        first = index.doc_offsets[ids[which]]
+        return kernels.rescore_int8(case["products"], case["row_scales"], case["table"], index.codes,
+                                    index.token_inv_norms, codec.centroids, words, index.residuals, case["q"],
+                                    int8.PAIR_MARGIN, first, rows[which], index.doc_offsets[ids[which] + 1] - first)
+
+    exact = np.full(len(ids), -np.inf, np.float32)
+    top = np.argsort(-scores, kind="stable")[:k]  # (equal int8 scores: the earlier document)
+    exact[top] = rescore(top)
+    refined = np.isin(np.arange(len(ids)), top)
+    more = np.flatnonzero(~refined & (scores + np.float32(refine_margin) * magnitudes >= exact[top].min()))
+    exact[more] = rescore(more)
+    refined[more] = True
+    want = _top_k(exact[refined], ids[refined], k)
+    got = kernels.refine_int8(case["products"], case["row_scales"], case["table"], index.codes, index.token_inv_norms,
+                              codec.centroids, words, index.residuals, case["q"], int8.PAIR_MARGIN, refine_margin,
+                              index.doc_offsets, ids, scores, magnitudes, rows, k)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[2] == refined.sum() and (got[2] == len(ids) if refine_margin == math.inf else got[2] >= k)
 
 
 @needs_int8

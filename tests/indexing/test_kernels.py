@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -193,6 +194,104 @@ def test_the_int8_probe_writes_the_dequantized_scores_and_probes_them(ncells):
     want_cells, want_kept = kernels.probe(want, bounds, ncells)
     assert cells.tolist() == want_cells.tolist() and (kept == want_kept).all()
     assert 0 < kept.sum() < n_centroids
+
+
+@needs_numba
+@pytest.mark.parametrize("ncells", [1, 4])
+def test_probe_documents_are_the_probed_cells_lists_documents_with_the_kept_centroids(ncells):
+    """probe_documents is probe (or probe_int8, writing the table) then cell_documents, in one call."""
+    rng = np.random.default_rng(11 + ncells)
+    n_centroids, rows, n_docs = 40, 6, 300
+    product = np.round(rng.normal(size=(n_centroids, rows + 2)), 1).astype(np.float32)
+    table = product[:, :rows]
+    bounds = (np.float32(0.5) * rng.uniform(0.5, 2.0, size=rows)).astype(np.float32)
+    lists = rng.integers(0, 12, n_centroids)
+    ivf_offsets = np.concatenate([[0], np.cumsum(lists)]).astype(np.int64)
+    ivf_docs = rng.integers(0, n_docs, int(lists.sum())).astype(np.int32)
+    mask = rng.random(n_docs) < 0.4
+    cells, kept = kernels.probe(table, bounds, ncells)
+    for m in (None, mask):
+        docs, got_kept, n_kept = kernels.probe_documents(table, bounds, ncells, ivf_offsets, ivf_docs, n_docs, m)
+        want = kernels.cell_documents(ivf_offsets, ivf_docs, cells, n_docs, m)
+        assert docs.tolist() == want.tolist() and len(docs) > 0
+        assert (got_kept == kept).all() and n_kept == int(kept.sum())
+    frozen = table.copy()
+    frozen.setflags(write=False)  # read, not written (copied first)
+    assert kernels.probe_documents(frozen, bounds, ncells, ivf_offsets, ivf_docs, n_docs)[0].tolist() == \
+        kernels.cell_documents(ivf_offsets, ivf_docs, cells, n_docs).tolist()
+    # an int8 product: the table written with dequantize's floats, then probed
+    block = rng.integers(-3000, 3000, (n_centroids, 2 * rows + 3)).astype(np.int32)
+    products = block[:, rows + 1: 2 * rows + 3]
+    c_scales = rng.uniform(1e-4, 2e-4, n_centroids).astype(np.float32)
+    q_scales = rng.uniform(1e-4, 2e-4, products.shape[1]).astype(np.float32)
+    want_table, want_cells, want_kept = kernels.probe_int8(products, c_scales, q_scales, bounds * 1e-3, ncells)
+    out = np.empty((n_centroids, rows), np.float32)
+    docs, got_kept, n_kept = kernels.probe_documents(out, bounds * 1e-3, ncells, ivf_offsets, ivf_docs, n_docs,
+                                                     products=(products, c_scales, q_scales))
+    np.testing.assert_array_equal(out, want_table)
+    assert docs.tolist() == kernels.cell_documents(ivf_offsets, ivf_docs, want_cells, n_docs).tolist()
+    assert (got_kept == want_kept).all() and n_kept == int(want_kept.sum())
+
+
+@needs_numba
+def test_top_k_ranks_as_numpy_by_score_then_id():
+    from indexing.plaid import _top_k
+
+    rng = np.random.default_rng(5)
+    coarse = np.array([-np.inf, -1.5, -0.0, 0.0, 0.25, 1.0, 3.0, np.inf], np.float32)  # ties, both zeros
+    for trial in range(400):
+        n, k = int(rng.integers(0, 60)), int(rng.integers(1, 70))
+        scores = rng.choice(coarse, n) if trial % 2 else rng.standard_normal(n).astype(np.float32)
+        ids = rng.choice(2 ** 32, n, replace=False).astype(np.int64)  # (up to 2**32 - 1)
+        want = _top_k(scores, ids, k)
+        got = kernels.top_k(scores, ids, k)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])  # (-0.0 comes back as 0.0: equal)
+    assert kernels.top_k(np.ones(2, np.float32), np.array([-1, 3]), 1) is None  # numpy's answer then
+    assert kernels.top_k(np.array([np.nan, 1], np.float32), np.array([1, 3]), 1) is None
+
+
+@needs_numba
+def test_exact_layout_is_the_documents_tokens_and_blocks():
+    from indexing.plaid import _doc_chunks, _ranges
+
+    rng = np.random.default_rng(6)
+    for _ in range(300):
+        lengths = rng.integers(0, 30, int(rng.integers(1, 40)))
+        doc_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        docs = rng.choice(len(lengths), int(rng.integers(0, len(lengths) + 1)), replace=False)
+        n, max_tokens = int(rng.integers(0, len(docs) + 1)), int(rng.integers(1, 80))
+        tokens, got_lengths, offsets, chunks, total = kernels.exact_layout(doc_offsets, docs, max_tokens, n)
+        starts, want_lengths = doc_offsets[docs[:n]], lengths[docs[:n]]
+        assert total == lengths[docs].sum()  # every document's tokens, laid out or not
+        np.testing.assert_array_equal(tokens, _ranges(starts, want_lengths))
+        np.testing.assert_array_equal(got_lengths, want_lengths)
+        np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(want_lengths)]))
+        assert chunks.tolist() == [0] + [c.stop for c in _doc_chunks(want_lengths, max_tokens)]
+
+
+@needs_numba
+@pytest.mark.parametrize("gap", [None, 0.05, math.inf])
+def test_early_rest_is_the_exact_stages_second_pass(gap):
+    from indexing.plaid import _early_ended
+
+    rng = np.random.default_rng(8)
+    for _ in range(200):
+        n, k = int(rng.integers(25, 80)), int(rng.integers(1, 10))
+        first = max(2 * k, n * 3 // 8)
+        approx = np.sort(rng.normal(size=n).astype(np.float32))[::-1].copy()
+        docs = rng.choice(10_000, n, replace=False).astype(np.int64)
+        exact = (approx + rng.normal(scale=0.3, size=n)).astype(np.float32)
+        margin = float(rng.choice([0.0, 0.01, 0.5]))
+        by_doc = dict(zip(docs.tolist(), exact))
+        passes = _early_ended(docs, approx, k, margin, 1.0 if gap is None else 0.999,
+                              lambda part: (np.array([by_doc[d] for d in part.tolist()], np.float32),))
+        want = passes[1][0] if len(passes) > 1 else docs[:0]
+        if gap is not None:  # the caller's gap (a quantile's): the same rule with that gap
+            reach = approx[first:] + gap + margin * abs(float(np.partition(exact[:first], first - k)[first - k]))
+            want = docs[first:][reach >= np.partition(exact[:first], first - k)[first - k]]
+        got = kernels.early_rest(exact[:first], approx, docs, first, k, margin, gap)
+        assert got.tolist() == want.tolist()
 
 
 def _enabled_with(value: "str | None") -> subprocess.CompletedProcess:

@@ -618,7 +618,7 @@ def test_memory_mapped_arrays_search_like_in_memory_ones(index, corpus, tmp_path
 def test_compiled_stages_give_numpy_results_bit_for_bit(index, corpus, params, monkeypatch, float32_only):
     queries = corpus["queries"]
     allowed = np.arange(0, N_DOCS, 3)
-    calls = {"cell_maxsum": 0, "token_maxsum": 0, "probe": 0}
+    calls = {"cell_maxsum_docs": 0, "token_maxsum": 0, "probe_documents": 0}
 
     def counted(name):
         original = getattr(kernels, name)
@@ -638,16 +638,16 @@ def test_compiled_stages_give_numpy_results_bit_for_bit(index, corpus, params, m
 
     compiled = searches()
     assert calls["token_maxsum"] > 0
-    assert (calls["probe"] > 0) == (params.resolved(10).ncells < N_CENTROIDS)  # every cell probed: numpy's
+    assert (calls["probe_documents"] > 0) == (params.resolved(10).ncells < N_CENTROIDS)  # every cell probed: numpy's
     if params.exact_tokens == 100:  # this index's candidates outnumber the exact stage's only here
-        assert calls["cell_maxsum"] > 0
+        assert calls["cell_maxsum_docs"] > 0
     monkeypatch.setattr(kernels, "ENABLED", False)
     for name in calls:
         calls[name] = 0
     for (scores, ids), (want_scores, want_ids) in zip(compiled, searches()):
         np.testing.assert_array_equal(ids, want_ids)
         np.testing.assert_array_equal(scores, want_scores)  # the same floats, not close ones
-    assert calls == {"cell_maxsum": 0, "token_maxsum": 0, "probe": 0}  # numpy's stages ran
+    assert calls == {"cell_maxsum_docs": 0, "token_maxsum": 0, "probe_documents": 0}  # numpy's stages ran
 
 
 def test_batched_threaded_and_single_searches_agree(index, corpus):
@@ -771,7 +771,8 @@ def test_one_stage_when_pruning_drops_nothing_gives_the_two_stage_result(index, 
     params = SearchParams(ncells=2, centroid_score_threshold=-1.0, ndocs=64, exact_tokens=1)
     one_stage = index.search(queries, 10, params)
     calls = []
-    monkeypatch.setattr(CentroidIndex, "_prunes_nothing", lambda self, docs, kept: calls.append(1) and False)
+    monkeypatch.setattr(CentroidIndex, "_prunes_nothing",
+                        lambda self, docs, kept, n_kept=None: calls.append(1) and False)
     _assert_same_results(index.search(queries, 10, params), one_stage)
     assert len(calls) == len(queries)
 
@@ -1015,10 +1016,10 @@ def test_warm_loads_every_stage_a_search_then_uses(index, corpus, products):
     # over threads or filtered, need no other compiled variant (none loaded or compiled then)
     assert index.warm() > 0
     loaded = kernels.loaded_variants()
-    used = {"probe", "cell_maxsum", "merge_rows", "ranges", "cell_documents", "token_maxsum"} | (
+    used = {"probe_documents", "cell_maxsum", "merge_rows", "cell_documents", "token_maxsum", "top_k"} | (
         # (float32 decodes: one word a byte at 4 bits, else a byte's words copied)
-        {"decode_words" if index.codec.nbits == 4 else "decode"} if products == "float32"
-        else {"decode_words", "rescore_int8"})
+        {"ranges", "decode_words" if index.codec.nbits == 4 else "decode"} if products == "float32"
+        else {"decode_words", "exact_layout", "early_rest", "refine_int8"})
     assert {name for name, n in loaded.items() if n} >= used
     queries = corpus["queries"]
     widths = [1, 2, 3, 5, 13, 16, 17, 19, 24, 32]
@@ -1072,7 +1073,7 @@ def test_warm_in_a_fresh_process_loads_what_batches_then_use(index, corpus, prod
     assert run.returncode == 0, run.stderr[-2000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen["after"] == seen["warm"]
-    assert seen["warm"]["probe"] >= 1
+    assert seen["warm"]["probe_documents"] >= 1
 
 
 def test_warm_is_nothing_to_do_for_the_numpy_stages_or_an_empty_index(index, monkeypatch):

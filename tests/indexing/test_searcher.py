@@ -264,8 +264,9 @@ def test_opening_a_plaid_index_loads_its_compiled_stages_beside_the_encoder(stor
     if kernels.ENABLED:  # loaded in open(), not in the first query
         assert searcher.load_seconds["kernels"] > 0
         mode = SearchParams().resolved(10).products  # int8 on a CPU with AMX (and torch), else float32
-        final = "token_maxsum" if mode == "float32" else "dequantize"
-        assert all(kernels.loaded_variants()[k] for k in ("probe", "cell_maxsum", "token_maxsum", final))
+        int8_stages = () if mode == "float32" else ("decode_words", "exact_layout", "early_rest", "refine_int8")
+        loaded = kernels.loaded_variants()
+        assert all(loaded[k] for k in ("probe_documents", "cell_maxsum", "token_maxsum", "top_k", *int8_stages)), loaded
     assert "compiled stages" not in caplog.text  # the warm-up did not fail
 
 
