@@ -208,6 +208,30 @@ def quantize_table(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
     return np.ascontiguousarray(out), scale
 
 
+def products_into(a: np.ndarray, b: np.ndarray, out: np.ndarray):
+    """``into(n, row)``: writes the exact int32 product of ``a``'s first ``n`` rows (int8 ``(m, k)``,
+    C-contiguous) by ``b`` (int8 ``(k, j)``, any strides) to rows ``row : row + n`` of ``out``
+    (C-contiguous int32, ``j`` columns), through ``torch._int_mm`` on views of the three arrays
+    made once (what :func:`int_mm` makes each call): for a loop of products of one buffer."""
+    if a.dtype != np.int8 or b.dtype != np.int8 or out.dtype != np.int32 or not (
+            a.flags.c_contiguous and out.flags.c_contiguous) or a.shape[1] != b.shape[0] or out.shape[1] != b.shape[1]:
+        raise ValueError(f"products_into: int8 (m, k) C-contiguous, int8 (k, j) and C-contiguous int32 (n, j) "
+                         f"arrays, got {a.dtype} {a.shape}, {b.dtype} {b.shape}, {out.dtype} {out.shape}")
+    torch = torch_module()
+    ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
+    empty = b.shape[1] == 0 or b.shape[0] == 0
+
+    def into(n: int, row: int) -> None:
+        if n == 0:
+            return
+        if empty:
+            out[row: row + n] = 0
+        else:
+            torch._int_mm(ta[:n], tb, out=tout[row: row + n])
+
+    return into
+
+
 def int_mm(a: np.ndarray, b: np.ndarray, out: "np.ndarray | None" = None) -> np.ndarray:
     """``(n, m)`` int32 ``a @ b`` of int8 ``a`` ``(n, k)`` and ``b`` ``(k, m)`` (any strides),
     exact, through ``torch._int_mm``; the result shares memory with nothing else, or is the

@@ -100,9 +100,9 @@ def ready() -> bool:
                 logger.info("numba not importable (%s): the PLAID engine runs its numpy stages", err)
                 ENABLED = False
             else:
-                global _prefetch_row, _dot, _copy_byte_words, _rescore_doc, _rescore_buffers, _select_top, _probe_pass
-                global _mark_documents
-                _prefetch_row = _prefetch_helpers()
+                global _prefetch_row, _prefetch_at, _dot, _copy_byte_words
+                global _rescore_doc, _rescore_buffers, _select_top, _probe_pass, _mark_documents
+                _prefetch_row, _prefetch_at = _prefetch_helpers()
                 _dot = _dot_helper(numba)
                 _copy_byte_words = numba.njit(inline="always", nogil=True, boundscheck=False)(_byte_words_copy)
                 helper = numba.njit(nogil=True, boundscheck=False)
@@ -115,9 +115,10 @@ def ready() -> bool:
     return ENABLED
 
 
-#: the kernels' software prefetch of an array's row (:func:`_prefetch_helpers`), defined once numba
-#: is imported
+#: the kernels' software prefetch of an array's row, and of a 1-D array's element (:func:`_prefetch_helpers`),
+#: defined once numba is imported
 _prefetch_row = None
+_prefetch_at = None
 
 #: how many tokens ahead the decodes ask for a token's residual row: a query's
 #: exact stage reads ~7,000 rows scattered over tens of MB, and with the caches cold (another
@@ -137,27 +138,32 @@ def _prefetch_helpers():
     from numba.core import cgutils, types
     from numba.extending import intrinsic, register_jitable
 
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        data = context.make_array(array_type)(context, builder, args[0])
+        index = [context.cast(builder, value, kind, types.intp)
+                 for value, kind in zip(args[1:], signature.args[1:])]
+        pointer = cgutils.get_item_pointer(context, builder, array_type, data, index, wraparound=False)
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0i8")
+        # read (0), highest locality (3), data cache (1)
+        builder.call(function, [builder.bitcast(pointer, byte_pointer), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                                ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
     @intrinsic
     def prefetch(typingctx, array, i, j):
         if not isinstance(array, types.Array) or array.ndim != 2:
             return None
-
-        def codegen(context, builder, signature, args):
-            array_type = signature.args[0]
-            data = context.make_array(array_type)(context, builder, args[0])
-            index = [context.cast(builder, value, kind, types.intp)
-                     for value, kind in zip(args[1:], signature.args[1:])]
-            pointer = cgutils.get_item_pointer(context, builder, array_type, data, index, wraparound=False)
-            byte_pointer = ir.IntType(8).as_pointer()
-            i32 = ir.IntType(32)
-            function = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0i8")
-            # read (0), highest locality (3), data cache (1)
-            builder.call(function, [builder.bitcast(pointer, byte_pointer), ir.Constant(i32, 0), ir.Constant(i32, 3),
-                                    ir.Constant(i32, 1)])
-            return context.get_dummy_value()
-
         return types.void(array, i, j), codegen
+
+    @intrinsic
+    def prefetch_at(typingctx, array, i):
+        if not isinstance(array, types.Array) or array.ndim != 1:
+            return None
+        return types.void(array, i), codegen
 
     @register_jitable
     def prefetch_row(array, i):
@@ -166,7 +172,7 @@ def _prefetch_helpers():
             prefetch(array, i, j)
         prefetch(array, i, last)
 
-    return prefetch_row
+    return prefetch_row, prefetch_at
 
 
 #: the rescoring's float32 dot product of two rows (:func:`_dot_helper`), defined once numba is imported

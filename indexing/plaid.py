@@ -324,14 +324,25 @@ class SearchParams:
         ``dim`` stays as given (None means the full dimension); ``products`` becomes
         ``float32`` or ``int8``, what this process runs (:func:`indexing.int8.resolve`).
         """
-        defaults = plaid_defaults(k)
-        filled = {
-            name: value if getattr(self, name) is None else getattr(self, name)
-            for name, value in defaults.items()
-        }
         # ``products`` as this process runs it: float32 or int8 (``auto`` resolved here)
-        filled["products"] = int8.resolve(self.products, kernels.ENABLED)
-        return replace(self, **filled)
+        products = int8.resolve(self.products, kernels.ENABLED)
+        key = (self, k, products)
+        done = _RESOLVED.get(key)  # (a search resolves its parameters: ~6 us, a lookup ~1)
+        if done is None:
+            defaults = plaid_defaults(k)
+            filled = {
+                name: value if getattr(self, name) is None else getattr(self, name)
+                for name, value in defaults.items()
+            }
+            done = replace(self, **filled, products=products)
+            if len(_RESOLVED) >= 256:  # (a process searches with a few parameter sets)
+                _RESOLVED.clear()
+            _RESOLVED[key] = done
+        return done
+
+
+#: :meth:`SearchParams.resolved`'s answers, by (parameters, k, products as resolved)
+_RESOLVED: dict = {}
 
 
 # ---------------------------------------------------------------------------
@@ -410,11 +421,14 @@ def _stack_padded(
 
 class _Int8Columns(NamedTuple):
     """One query's columns of a block's int8 centroid product (``CentroidIndex._int8_centroid_products``):
-    ``(n_centroids, rows)`` int32 and the scales that make them scores."""
+    ``(n_centroids, rows)`` int32 and the scales that make them scores, and the query's rows as
+    int8 (``indexing.int8.quantize_rows``' rows of the block: each row on its own scale, so the
+    exact stage's quantized query rows too)."""
 
     products: np.ndarray
     c_scales: np.ndarray
     q_scales: np.ndarray
+    q8: np.ndarray
 
 
 def _query_columns(scores_t: np.ndarray, start: int, end: int) -> np.ndarray:
@@ -542,9 +556,17 @@ def _centroid_product(centroids: np.ndarray, rows_t: np.ndarray, split: "_Split 
 def _kept_bounds(rows: np.ndarray, threshold: float) -> np.ndarray:
     """``(len(rows),)`` float32: the centroid score each query row must reach for a centroid to
     be kept, ``threshold * ||row||`` in float32 (-inf: every centroid; +inf: none)."""
-    with np.errstate(over="ignore"):  # a threshold past float32's range is +-inf, as it compares
-        limit = np.float32(threshold)
-    return limit * np.linalg.norm(rows, axis=1).astype(np.float32)
+    limit = _LIMITS.get(threshold)
+    if limit is None:
+        with np.errstate(over="ignore"):  # a threshold past float32's range is +-inf, as it compares
+            limit = np.float32(threshold)
+        if len(_LIMITS) < 64:  # (a process searches at a few thresholds)
+            _LIMITS[threshold] = limit
+    # np.linalg.norm's float32 sums (its formula, without its checks)
+    return limit * np.sqrt(np.add.reduce(rows * rows, axis=1))
+
+
+_LIMITS: dict = {}
 
 
 def _normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -1155,9 +1177,11 @@ class CentroidIndex:
                 ends = np.cumsum([len(q) for q in part])
                 if params.products == "int8":
                     # the int32 product and its scales: each query's stages scale their columns
-                    products, c_scales, q_scales = self._int8_centroid_products(dim, np.concatenate(part))
+                    products, c_scales, q_scales, q8 = self._int8_centroid_products(
+                        dim, part[0] if len(part) == 1 else np.concatenate(part))
                     columns = [_Int8Columns(products[:, int(end) - len(q):int(end)], c_scales,
-                                            q_scales[int(end) - len(q):int(end)]) for q, end in zip(part, ends)]
+                                            q_scales[int(end) - len(q):int(end)], q8[int(end) - len(q):int(end)])
+                               for q, end in zip(part, ends)]
                 else:
                     scores_t = _centroid_product(centroids, np.concatenate(part).T, split)
                     columns = [_query_columns(scores_t, int(end) - len(q), int(end)) for q, end in zip(part, ends)]
@@ -1354,15 +1378,17 @@ class CentroidIndex:
         bounds = _kept_bounds(q[:n_live], params.centroid_score_threshold)
         ncells = params.ncells
         probed = kernels.ENABLED and ncells <= _ARGMAX_CELLS and ncells < n_centroids
-        n_kept = None
+        n_kept = quantized = None
         if isinstance(scores_t, _Int8Columns):
+            quantized = (scores_t.q8[:n_live], scores_t.q_scales[:n_live])  # the live rows' int8 values
+            columns = scores_t[:3]  # the int32 product and its scales
             if probed:  # the int8 product's scores written by the probe's pass over them
                 table = np.empty((n_centroids, n_live), dtype=np.float32)
                 docs, kept, n_kept = kernels.probe_documents(table, bounds, ncells, self.ivf_offsets, self.ivf_docs,
-                                                             self.n_docs, mask, products=tuple(scores_t))
+                                                             self.n_docs, mask, products=columns)
                 scores_t = table
             else:
-                scores_t = kernels.dequantize(*scores_t)
+                scores_t = kernels.dequantize(*columns)
         elif probed:
             docs, kept, n_kept = kernels.probe_documents(scores_t[:, :n_live], bounds, ncells, self.ivf_offsets,
                                                          self.ivf_docs, self.n_docs, mask)
@@ -1411,7 +1437,7 @@ class CentroidIndex:
                          n_candidates, len(docs), int(kept.sum()), len(kept))
         if params.products == "int8" and dim == self.codec.dim:
             return self._int8_exact_top_k(q[:n_live], scores_t, docs, approx, k, params.exact_margin,
-                                          params.exact_gap_quantile)
+                                          params.exact_gap_quantile, quantized)
         return self._exact_top_k(q, scores_t, docs, approx, dim, k, params.exact_margin, split,
                                  params.exact_gap_quantile)
 
@@ -1460,13 +1486,15 @@ class CentroidIndex:
             cached = self._cache["int8-words"] = kernels.int8_words(self._int8_table()[0])
         return cached
 
-    def _int8_centroid_products(self, dim: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _int8_centroid_products(self, dim: int, rows: np.ndarray
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The int8 centroid product of query ``rows``: ``(n_centroids, len(rows))`` int32 and the
         centroids' and the rows' scales (each centroid and each row on its own scale), the scores
-        ``products * c_scales[:, None] * q_scales`` (:func:`indexing.kernels.dequantize`)."""
+        ``products * c_scales[:, None] * q_scales`` (:func:`indexing.kernels.dequantize`), and the
+        rows as int8."""
         c8, c_scales = self._int8_centroids(dim)
         q8, q_scales = int8.quantize_rows(rows)
-        return int8.int_mm(c8, q8.T), c_scales, q_scales
+        return int8.int_mm(c8, q8.T), c_scales, q_scales, q8
 
     def _int8_pass(self, q8_t: np.ndarray, row_scales: np.ndarray, scores_t: np.ndarray,
                    layout: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], products: np.ndarray,
@@ -1485,11 +1513,13 @@ class CentroidIndex:
         edges = chunks.tolist()
         starts = offsets[chunks].tolist()
         buffer = np.empty((max(b - a for a, b in zip(starts, starts[1:])), q8_t.shape[0]), dtype=np.int8)
+        # torch's views of the pass's arrays, made once (a view per product took ~3 us each)
+        into = int8.products_into(buffer, q8_t, products)
         for first, stop, lo, hi in zip(edges, edges[1:], starts, starts[1:]):
-            decoded = kernels.decode_words(words, self.residuals, tokens[lo:hi], buffer[: hi - lo])
-            block = int8.int_mm(decoded, q8_t, out=products[lo:hi])
-            kernels.token_maxsum_int8(block, row_scales, scores_t, self.codes, self.token_inv_norms, tokens[lo:hi],
-                                      lengths[first:stop], out[first:stop], magnitudes[first:stop])
+            kernels.decode_words(words, self.residuals, tokens[lo:hi], buffer[: hi - lo])
+            into(hi - lo, lo)
+            kernels.token_maxsum_int8(products[lo:hi], row_scales, scores_t, self.codes, self.token_inv_norms,
+                                      tokens[lo:hi], lengths[first:stop], out[first:stop], magnitudes[first:stop])
 
     def _int8_exact_top_k(
         self,
@@ -1500,6 +1530,7 @@ class CentroidIndex:
         k: int,
         margin: float,
         gap_quantile: float = EXACT_GAP_QUANTILE,
+        quantized: "tuple[np.ndarray, np.ndarray] | None" = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`_exact_top_k` with int8 products: the documents' exact-stage scores from int8
         residual products (with the int8 centroid scores of ``scores_t``), the same early end
@@ -1510,11 +1541,13 @@ class CentroidIndex:
         reaches the k-th best float32 score: the results' scores are float32 MaxSim
         (:func:`indexing.kernels.refine_int8`). ``q`` holds the query's live rows only (no
         padding). Each pass's layout, the second pass's documents and the rescoring are one
-        compiled call each (:func:`indexing.kernels.exact_layout`, :func:`indexing.kernels.early_rest`)."""
+        compiled call each (:func:`indexing.kernels.exact_layout`, :func:`indexing.kernels.early_rest`).
+        ``quantized``: ``q`` as :func:`indexing.int8.quantize_rows` quantizes it, where the centroid
+        product did already."""
         if len(docs) == 0:
             return np.empty(0, dtype=np.float32), docs
         table, table_scale = self._int8_table()
-        q8, q_scales = int8.quantize_rows(q)
+        q8, q_scales = int8.quantize_rows(q) if quantized is None else quantized
         width = self.residuals.shape[1] * table.shape[1]
         if width != q8.shape[1]:  # the last byte's unused values multiply zero columns
             q8 = np.pad(q8, ((0, 0), (0, width - q8.shape[1])))

@@ -74,6 +74,30 @@ def test_int_mm_is_the_exact_int32_product(shape):
         int8.int_mm(a, b, out=np.zeros((n, m), np.int64))
 
 
+@needs_int8
+@pytest.mark.parametrize("shape", [(5, 33, 7), (300, 384, 14), (4, 16, 0)])
+def test_products_into_writes_each_prefixs_product_at_its_rows(shape):
+    """products_into is int_mm of a buffer's first n rows into rows [row, row + n) of an output,
+    through views made once: a loop of products of one buffer, each where its documents go."""
+    n, k, m = shape
+    rng = np.random.default_rng(2)
+    buffer = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    b = rng.integers(-127, 128, (m, k)).astype(np.int8).T
+    out = np.full((2 * n + 1, m), 7, np.int32)
+    into = int8.products_into(buffer, b, out)
+    into(n, 1)
+    into(n // 2, n + 1)
+    into(0, 0)  # nothing
+    want = buffer.astype(np.int32) @ b.astype(np.int32)
+    np.testing.assert_array_equal(out[1:n + 1], want)
+    np.testing.assert_array_equal(out[n + 1:n + 1 + n // 2], want[:n // 2])
+    assert (out[0] == 7).all() and (out[n + 1 + n // 2:] == 7).all()
+    with pytest.raises(ValueError, match="products_into"):
+        int8.products_into(buffer, b, out.astype(np.int64))
+    with pytest.raises(ValueError, match="products_into"):
+        int8.products_into(np.asfortranarray(buffer) if n > 1 and k > 1 else buffer.astype(np.int16), b, out)
+
+
 # -- what ``products`` means ------------------------------------------------------------------
 
 
