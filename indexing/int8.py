@@ -211,14 +211,15 @@ def quantize_table(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
 def products_into(a: np.ndarray, b: np.ndarray, out: np.ndarray):
     """``into(n, row)``: writes the exact int32 product of ``a``'s first ``n`` rows (int8 ``(m, k)``,
     C-contiguous) by ``b`` (int8 ``(k, j)``, any strides) to rows ``row : row + n`` of ``out``
-    (C-contiguous int32, ``j`` columns), through ``torch._int_mm`` on views of the three arrays
-    made once (what :func:`int_mm` makes each call): for a loop of products of one buffer."""
+    (C-contiguous int32, ``j`` columns), through ``torch._int_mm``, ``b``'s view made once: for a
+    loop of products of one buffer by the same rows. (torch's views of numpy slices, ~0.6 us
+    each, cost less than slices of torch views, ~1 us.)"""
     if a.dtype != np.int8 or b.dtype != np.int8 or out.dtype != np.int32 or not (
             a.flags.c_contiguous and out.flags.c_contiguous) or a.shape[1] != b.shape[0] or out.shape[1] != b.shape[1]:
         raise ValueError(f"products_into: int8 (m, k) C-contiguous, int8 (k, j) and C-contiguous int32 (n, j) "
                          f"arrays, got {a.dtype} {a.shape}, {b.dtype} {b.shape}, {out.dtype} {out.shape}")
     torch = torch_module()
-    ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
+    tb = torch.from_numpy(b)
     empty = b.shape[1] == 0 or b.shape[0] == 0
 
     def into(n: int, row: int) -> None:
@@ -227,7 +228,7 @@ def products_into(a: np.ndarray, b: np.ndarray, out: np.ndarray):
         if empty:
             out[row: row + n] = 0
         else:
-            torch._int_mm(ta[:n], tb, out=tout[row: row + n])
+            torch._int_mm(torch.from_numpy(a[:n]), tb, out=torch.from_numpy(out[row: row + n]))
 
     return into
 
