@@ -11,7 +11,7 @@ import pytest
 
 from embedding.codec import ResidualCodec
 from indexing import int8, kernels
-from indexing.plaid import CentroidIndex, SearchParams, _top_k
+from indexing.plaid import CentroidIndex, SearchParams
 
 needs_int8 = pytest.mark.skipif(not (kernels.ENABLED and int8.installed()), reason="int8 needs numba and torch")
 DIM = 40  # not a multiple of 8: a 1-bit residual's last byte holds values past the vector
@@ -265,7 +265,8 @@ def test_refine_rescores_the_best_int8_scores_then_those_within_the_margin(small
     more = np.flatnonzero(~refined & (scores + np.float32(refine_margin) * magnitudes >= exact[top].min()))
     exact[more] = rescore(more)
     refined[more] = True
-    want = _top_k(exact[refined], ids[refined], k)
+    order = np.lexsort((ids[refined], -exact[refined]))[:k]  # score descending, then id ascending
+    want = exact[refined][order], ids[refined][order]
     got = kernels.refine_int8(case["products"], case["row_scales"], case["table"], index.codes, index.token_inv_norms,
                               codec.centroids, words, index.residuals, case["q"], int8.PAIR_MARGIN, refine_margin,
                               index.doc_offsets, ids, scores, magnitudes, rows, k)

@@ -235,7 +235,9 @@ def test_probe_documents_are_the_probed_cells_lists_documents_with_the_kept_cent
 
 @needs_numba
 def test_top_k_ranks_as_numpy_by_score_then_id():
-    from indexing.plaid import _top_k
+    def _top_k(scores, ids, k):  # numpy's order: score descending, then id ascending
+        order = np.lexsort((ids, -scores))[:k]
+        return scores[order], ids[order]
 
     rng = np.random.default_rng(5)
     coarse = np.array([-np.inf, -1.5, -0.0, 0.0, 0.25, 1.0, 3.0, np.inf], np.float32)  # ties, both zeros
@@ -253,7 +255,16 @@ def test_top_k_ranks_as_numpy_by_score_then_id():
 
 @needs_numba
 def test_exact_layout_is_the_documents_tokens_and_blocks():
-    from indexing.plaid import _doc_chunks, _ranges
+    def blocks(lengths, max_tokens):  # consecutive documents up to max_tokens tokens, a longer one alone
+        ends, start = [0], 0
+        while start < len(lengths):
+            stop, total = start + 1, lengths[start]
+            while stop < len(lengths) and total + lengths[stop] <= max_tokens:
+                total += lengths[stop]
+                stop += 1
+            ends.append(stop)
+            start = stop
+        return ends
 
     rng = np.random.default_rng(6)
     for _ in range(300):
@@ -264,17 +275,18 @@ def test_exact_layout_is_the_documents_tokens_and_blocks():
         tokens, got_lengths, offsets, chunks, total = kernels.exact_layout(doc_offsets, docs, max_tokens, n)
         starts, want_lengths = doc_offsets[docs[:n]], lengths[docs[:n]]
         assert total == lengths[docs].sum()  # every document's tokens, laid out or not
-        np.testing.assert_array_equal(tokens, _ranges(starts, want_lengths))
+        np.testing.assert_array_equal(tokens, np.concatenate([np.arange(a, a + n) for a, n in zip(starts, want_lengths)]
+                                                             + [np.zeros(0, np.int64)]))
         np.testing.assert_array_equal(got_lengths, want_lengths)
         np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(want_lengths)]))
-        assert chunks.tolist() == [0] + [c.stop for c in _doc_chunks(want_lengths, max_tokens)]
+        assert chunks.tolist() == blocks(want_lengths.tolist(), max_tokens)
 
 
 @needs_numba
 @pytest.mark.parametrize("gap", [None, 0.05, math.inf])
 def test_early_rest_is_the_exact_stages_second_pass(gap):
-    from indexing.plaid import _early_ended
-
+    """The later documents whose approx + gap (the first ones' largest exact - approx, or the
+    caller's) + margin x |k-th best| reaches the k-th best of the first ones' scores."""
     rng = np.random.default_rng(8)
     for _ in range(200):
         n, k = int(rng.integers(25, 80)), int(rng.integers(1, 10))
@@ -283,13 +295,9 @@ def test_early_rest_is_the_exact_stages_second_pass(gap):
         docs = rng.choice(10_000, n, replace=False).astype(np.int64)
         exact = (approx + rng.normal(scale=0.3, size=n)).astype(np.float32)
         margin = float(rng.choice([0.0, 0.01, 0.5]))
-        by_doc = dict(zip(docs.tolist(), exact))
-        passes = _early_ended(docs, approx, k, margin, 1.0 if gap is None else 0.999,
-                              lambda part: (np.array([by_doc[d] for d in part.tolist()], np.float32),))
-        want = passes[1][0] if len(passes) > 1 else docs[:0]
-        if gap is not None:  # the caller's gap (a quantile's): the same rule with that gap
-            reach = approx[first:] + gap + margin * abs(float(np.partition(exact[:first], first - k)[first - k]))
-            want = docs[first:][reach >= np.partition(exact[:first], first - k)[first - k]]
+        kth = np.sort(exact[:first])[::-1][k - 1]
+        lift = float(np.max(exact[:first] - approx[:first])) if gap is None else gap
+        want = docs[first:][approx[first:] + lift + margin * abs(float(kth)) >= kth]  # (numpy's float32 sums)
         got = kernels.early_rest(exact[:first], approx, docs, first, k, margin, gap)
         assert got.tolist() == want.tolist()
 
