@@ -610,7 +610,8 @@ def probe(table: np.ndarray, bounds: np.ndarray, ncells: int) -> tuple[np.ndarra
     ``ncells`` best (equal scores: the lower centroid first, as repeated ``argmax`` takes
     them) and ``(n_centroids,)`` bool, whether some row's score reaches its bound (as numpy's
     ``(table >= bounds).any(axis=1)``). A read-only ``table`` is copied first (the search's are
-    its own products)."""
+    its own products). (A search calls :func:`probe_documents`: the same pass, and the cells'
+    documents, in one call.)"""
     if not table.flags.writeable:  # (the loop compiles a write for probe_int8, never taken here)
         table = np.array(table)
     return _probe_into(table, _NO_PRODUCTS, _NO_SCALES, _NO_SCALES, False, bounds, ncells)

@@ -1360,7 +1360,7 @@ class CentroidIndex:
         ``scores_t`` is ``(n_centroids, Lq)`` ``centroids @ q.T``, the layout the
         exact stage gathers rows from, or with int8 products the query's columns of the int8
         centroid product (:class:`_Int8Columns`), scaled to scores here (by the probe where it
-        runs: :func:`indexing.kernels.probe_int8`); ``n_searchable`` counts the allowed documents
+        runs: :func:`indexing.kernels.probe_documents`); ``n_searchable`` counts the allowed documents
         with tokens; ``n_exact`` documents reach the exact stage; ``split`` spreads the
         exact stage over threads.
         """
