@@ -9,7 +9,7 @@ the exact stage's decode (the tokens' residual bytes gathered, then the byte tab
 segment maxima (the tokens' centroid scores added, scaled by the inverse norms, reduced by
 ``ufunc.reduceat``, which holds the GIL). Here each is one loop, compiled by numba
 (``nogil``: the threads of a split query run them at once), reading the index's arrays in
-place: :func:`probe`, :func:`cell_maxsum`, :func:`decode_residuals`, :func:`token_maxsum`.
+place: :func:`probe_documents`, :func:`cell_maxsum_docs`, :func:`decode_residuals`, :func:`token_maxsum`.
 
 The results are numpy's bit for bit: maxima do not depend on order, ties go where numpy
 sends them, every sum is taken in the order numpy takes it (the exact stage's over query
@@ -295,33 +295,25 @@ def loaded_variants() -> dict[str, int]:
 _NO_MASK = np.ones(1, dtype=bool)
 
 
-#: most query rows whose sum :func:`cell_maxsum` takes in its loop (numpy's pairwise sum sums up to
+#: most query rows whose sum :func:`cell_maxsum_docs` takes in its loop (numpy's pairwise sum sums up to
 #: 128 values in one block; beyond it halves them, and the maxima are summed by numpy)
 _PAIRWISE_BLOCK = 128
 
 
 @_jit
-def _cell_maxsum(table, doc_cells, starts, lengths, docs, by_docs, kept, use_kept, maxima,
-                 out):  # pragma: no cover (compiled)
-    # by_docs: document d's cells are doc_cells[starts[docs[d]] : starts[docs[d] + 1]] (starts the
-    # index's offsets), else doc_cells[starts[d] : starts[d] + lengths[d]]
+def _cell_maxsum(table, doc_cells, offsets, docs, kept, use_kept, maxima, out):  # pragma: no cover (compiled)
+    # document d's cells are doc_cells[offsets[docs[d]] : offsets[docs[d] + 1]]
     n_rows = table.shape[1]
     inline = n_rows <= _PAIRWISE_BLOCK
     best = np.empty(n_rows, dtype=np.float32)
-    for d in range(len(docs) if by_docs else len(starts)):
+    for d in range(len(docs)):
         best[:] = -np.inf
-        if by_docs:
-            # the offsets two steps ahead, then the cells one step ahead (their offsets asked for before)
-            if d + 2 * PREFETCH_AHEAD < len(docs):
-                _prefetch_at(starts, docs[d + 2 * PREFETCH_AHEAD])
-            if d + PREFETCH_AHEAD < len(docs):
-                _prefetch_at(doc_cells, starts[docs[d + PREFETCH_AHEAD]])
-            lo = starts[docs[d]]
-            hi = starts[docs[d] + 1]
-        else:
-            lo = starts[d]
-            hi = lo + lengths[d]
-        for i in range(lo, hi):
+        # the offsets two steps ahead, then the cells one step ahead (their offsets asked for before)
+        if d + 2 * PREFETCH_AHEAD < len(docs):
+            _prefetch_at(offsets, docs[d + 2 * PREFETCH_AHEAD])
+        if d + PREFETCH_AHEAD < len(docs):
+            _prefetch_at(doc_cells, offsets[docs[d + PREFETCH_AHEAD]])
+        for i in range(offsets[docs[d]], offsets[docs[d] + 1]):
             c = doc_cells[i]
             if use_kept and not kept[c]:
                 continue
@@ -364,39 +356,25 @@ def _cell_maxsum(table, doc_cells, starts, lengths, docs, by_docs, kept, use_kep
         out[d] = total
 
 
-def cell_maxsum(table: np.ndarray, doc_cells: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-                kept: "np.ndarray | None" = None) -> np.ndarray:
-    """``(n,)`` float32 centroid interaction: for each document, the maximum over its cells of
-    each query row's centroid score (``table[cell, row]``, ``table`` ``(n_centroids, rows)``, any
-    row stride; only cells where ``kept`` is True when given; ``-inf`` for a document left
-    without cells), summed over the rows as numpy's ``sum(axis=1, dtype=float32)`` sums such a
-    ``(n, rows)`` array (the same floats), without building it: numpy's sum over the short rows
-    took ~40 us of a query's ~1,400 candidates.
-
-    ``doc_cells[starts[d] : starts[d] + lengths[d]]`` are document ``d``'s cells."""
-    return _cell_maxsum_of(table, doc_cells, starts, lengths, _NO_DOCS, False, len(starts), kept)
-
-
 def cell_maxsum_docs(table: np.ndarray, doc_cells: np.ndarray, doc_cell_offsets: np.ndarray, docs: np.ndarray,
                      kept: "np.ndarray | None" = None) -> np.ndarray:
-    """:func:`cell_maxsum` of documents ``docs`` (positions), whose cells are
-    ``doc_cells[doc_cell_offsets[d] : doc_cell_offsets[d + 1]]`` (the index's arrays, read in place:
-    no gathered starts and lengths)."""
-    return _cell_maxsum_of(table, doc_cells, doc_cell_offsets, _NO_DOCS, docs, True, len(docs), kept)
+    """``(len(docs),)`` float32 centroid interaction of documents ``docs`` (positions): for each
+    one, the maximum over its cells of each query row's centroid score (``table[cell, row]``,
+    ``table`` ``(n_centroids, rows)``, any row stride; only cells where ``kept`` is True when
+    given; ``-inf`` for a document left without cells), summed over the rows as numpy's
+    ``sum(axis=1, dtype=float32)`` sums such a ``(n, rows)`` array (the same floats), without
+    building it: numpy's sum over the short rows took ~40 us of a query's ~1,400 candidates.
 
-
-_NO_DOCS = np.zeros(1, dtype=np.int64)
-
-
-def _cell_maxsum_of(table, doc_cells, starts, lengths, docs, by_docs: bool, n: int, kept) -> np.ndarray:
+    Document ``d``'s cells are ``doc_cells[doc_cell_offsets[d] : doc_cell_offsets[d + 1]]``, the
+    index's arrays read in place."""
+    n = len(docs)
     out = np.empty(n, dtype=np.float32)
     if not n:
         return out
     use_kept = kept is not None
     inline = table.shape[1] <= _PAIRWISE_BLOCK
     maxima = np.empty((1, 1) if inline else (n, table.shape[1]), dtype=np.float32)
-    _cell_maxsum(table, doc_cells, starts, lengths, docs, by_docs, kept if use_kept else _NO_MASK, use_kept, maxima,
-                 out)
+    _cell_maxsum(table, doc_cells, doc_cell_offsets, docs, kept if use_kept else _NO_MASK, use_kept, maxima, out)
     return out if inline else maxima.sum(axis=1, dtype=np.float32)
 
 
@@ -536,12 +514,6 @@ def _probe_scan(table, products, c_scales, q_scales, dequantize, bounds, best_va
 
 
 @_jit
-def _probe(table, products, c_scales, q_scales, dequantize, bounds, best_val, best_idx,
-           kept):  # pragma: no cover (compiled)
-    _probe_pass(table, products, c_scales, q_scales, dequantize, bounds, best_val, best_idx, kept)
-
-
-@_jit
 def _probe_documents(table, products, c_scales, q_scales, dequantize, bounds, ncells, ivf_offsets, ivf_docs, n_docs,
                      mask, use_mask):  # pragma: no cover (compiled)
     n_centroids = table.shape[0]
@@ -579,11 +551,22 @@ def probe_documents(table: np.ndarray, bounds: np.ndarray, ncells: int, ivf_offs
                     ivf_docs: np.ndarray, n_docs: int, mask: "np.ndarray | None" = None,
                     products: "tuple[np.ndarray, np.ndarray, np.ndarray] | None" = None
                     ) -> tuple[np.ndarray, np.ndarray, int]:
-    """:func:`probe` (or with ``products``, an int8 product and its scales, :func:`probe_int8`,
-    writing ``table``, ``(n_centroids, len(bounds))`` float32) and :func:`cell_documents` of the
-    probed cells in one call: ``(docs, kept, n_kept)``, the sorted distinct documents of the
-    cells (``mask``'s only), the kept centroids and how many. ``table`` is written to with
-    ``products`` only (a read-only one is copied first otherwise)."""
+    """Candidate documents and kept centroids of one query in one pass over its centroid scores.
+
+    ``table``: ``(n_centroids, rows)`` float32 scores (any row stride), ``bounds`` each row's
+    float32 score to reach (``indexing.plaid``: the threshold times the row's norm),
+    ``1 <= ncells < n_centroids``. The probed cells are the distinct centroids among each row's
+    ``ncells`` best (equal scores: the lower centroid first, as repeated ``argmax`` takes them);
+    returns ``(docs, kept, n_kept)``: the sorted distinct documents of their inverted lists
+    (``ivf_docs[ivf_offsets[c] : ivf_offsets[c + 1]]``; ``mask``'s only, :func:`cell_documents`'
+    answer), ``(n_centroids,)`` bool whether some row's score reaches its bound (as numpy's
+    ``(table >= bounds).any(axis=1)``) and how many do.
+
+    With ``products``, ``(int32 (n_centroids, >= rows) any strides, c_scales, q_scales)`` of an
+    int8 centroid product, the scores are that product's (:func:`dequantize`'s floats), written to
+    ``table`` (``(n_centroids, rows)`` float32) as the pass goes: one pass instead of two over the
+    scores (8,192 centroids x 19 rows in 173 us instead of 240). Without, ``table`` is only read
+    (a read-only one is copied first)."""
     use_mask = mask is not None
     bounds = np.ascontiguousarray(bounds, dtype=np.float32)
     if products is None:
@@ -601,50 +584,8 @@ def probe_documents(table: np.ndarray, bounds: np.ndarray, ncells: int, ivf_offs
     return docs, kept, int(n_kept)
 
 
-def probe(table: np.ndarray, bounds: np.ndarray, ncells: int) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate cells and kept centroids of one query in one pass over its centroid scores.
-
-    ``table``: ``(n_centroids, rows)`` float32 scores (any row stride), ``bounds`` each row's
-    float32 score to reach (``indexing.plaid``: the threshold times the row's norm),
-    ``1 <= ncells < n_centroids``. Returns the sorted distinct centroids among each row's
-    ``ncells`` best (equal scores: the lower centroid first, as repeated ``argmax`` takes
-    them) and ``(n_centroids,)`` bool, whether some row's score reaches its bound (as numpy's
-    ``(table >= bounds).any(axis=1)``). A read-only ``table`` is copied first (the search's are
-    its own products). (A search calls :func:`probe_documents`: the same pass, and the cells'
-    documents, in one call.)"""
-    if not table.flags.writeable:  # (the loop compiles a write for probe_int8, never taken here)
-        table = np.array(table)
-    return _probe_into(table, _NO_PRODUCTS, _NO_SCALES, _NO_SCALES, False, bounds, ncells)
-
-
-def probe_int8(products: np.ndarray, c_scales: np.ndarray, q_scales: np.ndarray, bounds: np.ndarray,
-               ncells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`probe` of the scores an int8 centroid product stands for, written as it goes:
-    ``products`` ``(n_centroids, >= rows)`` int32 (any strides; ``rows = len(bounds)``, the
-    first columns are read) with the centroids' scales ``c_scales`` and the rows' ``q_scales``.
-    Returns ``(table, cells, kept)``: ``table`` the ``(n_centroids, rows)`` float32 scores,
-    :func:`dequantize`'s floats, which the later stages read; ``cells`` and ``kept`` as
-    :func:`probe` returns them for that table. One pass instead of two over the scores: 8,192
-    centroids x 19 rows in 173 us instead of 240."""
-    table = np.empty((products.shape[0], len(bounds)), dtype=np.float32)
-    cells, kept = _probe_into(table, products, np.ascontiguousarray(c_scales, dtype=np.float32),
-                              np.ascontiguousarray(q_scales, dtype=np.float32), True, bounds, ncells)
-    return table, cells, kept
-
-
 _NO_PRODUCTS = np.zeros((1, 1), dtype=np.int32)
 _NO_SCALES = np.zeros(1, dtype=np.float32)
-
-
-def _probe_into(table, products, c_scales, q_scales, dequantize, bounds, ncells):
-    n_rows = len(bounds)
-    best_val = np.full((n_rows, ncells), -np.inf, dtype=np.float32)
-    best_idx = np.full((n_rows, ncells), -1, dtype=np.int64)
-    kept = np.empty(table.shape[0], dtype=bool)
-    _probe(table, products, c_scales, q_scales, dequantize, np.ascontiguousarray(bounds, dtype=np.float32),
-           best_val, best_idx, kept)
-    cells = np.unique(best_idx)
-    return cells[cells >= 0], kept  # (-1: a slot no score filled, a NaN row's)
 
 
 # ---- the int8 products' stages (indexing.int8) -------------------------------------------

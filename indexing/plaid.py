@@ -1778,7 +1778,7 @@ class CentroidIndex:
         With the compiled stages (:data:`indexing.kernels.ENABLED`) one loop over the
         documents takes each one's maxima from ``table``, the same scores in the product's
         ``(n_centroids, Lq)`` layout (any row stride; built from ``centroid_scores`` when
-        None), and sums them as numpy does below (:func:`indexing.kernels.cell_maxsum`).
+        None), and sums them as numpy does below (:func:`indexing.kernels.cell_maxsum_docs`).
         Otherwise the documents go in order of their number of cells, in blocks of about
         :data:`INTERACTION_CELLS` cells (:meth:`_centroid_interaction`). The same floats.
         """

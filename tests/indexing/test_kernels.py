@@ -18,6 +18,24 @@ REPO = Path(__file__).resolve().parents[2]
 needs_numba = pytest.mark.skipif(not kernels.ENABLED, reason="numba not importable")
 
 
+def _cell_maxsum(table, doc_cells, starts, lengths, kept=None):
+    """cell_maxsum_docs of documents whose cells lie one after another (starts the exclusive
+    cumulative sum of lengths), all of them in order."""
+    offsets = np.append(np.asarray(starts, np.int64), int(np.sum(lengths)))
+    return kernels.cell_maxsum_docs(table, doc_cells, offsets, np.arange(len(starts), dtype=np.int64), kept)
+
+
+def _probe(table, bounds, ncells, products=None):
+    """probe_documents with one list a cell holding that cell as its document: its documents are
+    the probed cells; (cells, kept), and the table first where an int8 product is given."""
+    n_centroids = table.shape[0]
+    lists = np.arange(n_centroids + 1, dtype=np.int64)
+    cells, kept, n_kept = kernels.probe_documents(table, bounds, ncells, lists, lists[:-1].astype(np.int32),
+                                                  n_centroids, products=products)
+    assert n_kept == int(kept.sum())
+    return (table, cells, kept) if products is not None else (cells, kept)
+
+
 def _cells(rng, n_docs, n_centroids, widths=(0, 1, 2, 9)):
     lengths = rng.choice(widths, size=n_docs).astype(np.int64)
     starts = np.zeros(n_docs, dtype=np.int64)
@@ -39,7 +57,7 @@ def test_cell_maxsum_sums_each_documents_kept_cells_maxima_as_numpy_does(strided
     doc_cells, starts, lengths = _cells(rng, 40, n_centroids)
     kept = rng.random(n_centroids) < 0.5
     for mask in (None, kept, np.zeros(n_centroids, bool)):
-        got = kernels.cell_maxsum(table, doc_cells, starts, lengths, mask)
+        got = _cell_maxsum(table, doc_cells, starts, lengths, mask)
         assert got.shape == (40,) and got.dtype == np.float32
         maxima = np.full((40, rows), -np.inf, np.float32)  # no cell (none, or all pruned): -inf
         for d in range(40):
@@ -49,7 +67,7 @@ def test_cell_maxsum_sums_each_documents_kept_cells_maxima_as_numpy_does(strided
             if len(cells):
                 maxima[d] = table[cells].max(axis=0)
         np.testing.assert_array_equal(got, maxima.sum(axis=1, dtype=np.float32))  # the same floats
-    assert kernels.cell_maxsum(table, doc_cells, starts[:0], lengths[:0]).shape == (0,)
+    assert _cell_maxsum(table, doc_cells, starts[:0], lengths[:0]).shape == (0,)
 
 
 @needs_numba
@@ -161,7 +179,7 @@ def test_probe_takes_each_rows_best_cells_as_argmax_does_and_the_kept_centroids(
     norms = rng.uniform(0.5, 2.0, size=rows).astype(np.float32)
     for threshold in (0.45, 0.5, -np.inf, 10.0):
         bounds = np.float32(threshold) * norms
-        cells, kept = kernels.probe(table, bounds, ncells)
+        cells, kept = _probe(table, bounds, ncells)
         scores = np.ascontiguousarray(table.T).copy()
         want = set()
         for _ in range(ncells):  # repeated argmax: the first best, then the next
@@ -173,7 +191,7 @@ def test_probe_takes_each_rows_best_cells_as_argmax_does_and_the_kept_centroids(
         assert kept.all() if threshold == -np.inf else not kept.all() if threshold == 10.0 else True
         frozen = table.copy()
         frozen.setflags(write=False)  # a read-only table (a memory-mapped product, say) is read, not written
-        got = kernels.probe(frozen, bounds, ncells)
+        got = _probe(frozen, bounds, ncells)
         assert got[0].tolist() == cells.tolist() and (got[1] == kept).all()
 
 
@@ -188,10 +206,11 @@ def test_the_int8_probe_writes_the_dequantized_scores_and_probes_them(ncells):
     q_scales = rng.uniform(1e-4, 2e-4, products.shape[1]).astype(np.float32)
     want = kernels.dequantize(np.ascontiguousarray(products), c_scales, q_scales)[:, :rows]
     bounds = np.quantile(want, 0.97, axis=0).astype(np.float32)  # a few centroids kept per row
-    table, cells, kept = kernels.probe_int8(products, c_scales, q_scales, bounds, ncells)
+    table, cells, kept = _probe(np.empty((n_centroids, rows), np.float32), bounds, ncells,
+                                (products, c_scales, q_scales))
     assert table.shape == (n_centroids, rows)
     np.testing.assert_array_equal(table, want)  # dequantize's floats, bit for bit
-    want_cells, want_kept = kernels.probe(want, bounds, ncells)
+    want_cells, want_kept = _probe(want, bounds, ncells)
     assert cells.tolist() == want_cells.tolist() and (kept == want_kept).all()
     assert 0 < kept.sum() < n_centroids
 
@@ -199,7 +218,7 @@ def test_the_int8_probe_writes_the_dequantized_scores_and_probes_them(ncells):
 @needs_numba
 @pytest.mark.parametrize("ncells", [1, 4])
 def test_probe_documents_are_the_probed_cells_lists_documents_with_the_kept_centroids(ncells):
-    """probe_documents is probe (or probe_int8, writing the table) then cell_documents, in one call."""
+    """probe_documents' documents are cell_documents of the probed cells (the cells as _probe finds them)."""
     rng = np.random.default_rng(11 + ncells)
     n_centroids, rows, n_docs = 40, 6, 300
     product = np.round(rng.normal(size=(n_centroids, rows + 2)), 1).astype(np.float32)
@@ -209,7 +228,7 @@ def test_probe_documents_are_the_probed_cells_lists_documents_with_the_kept_cent
     ivf_offsets = np.concatenate([[0], np.cumsum(lists)]).astype(np.int64)
     ivf_docs = rng.integers(0, n_docs, int(lists.sum())).astype(np.int32)
     mask = rng.random(n_docs) < 0.4
-    cells, kept = kernels.probe(table, bounds, ncells)
+    cells, kept = _probe(table, bounds, ncells)
     for m in (None, mask):
         docs, got_kept, n_kept = kernels.probe_documents(table, bounds, ncells, ivf_offsets, ivf_docs, n_docs, m)
         want = kernels.cell_documents(ivf_offsets, ivf_docs, cells, n_docs, m)
@@ -224,7 +243,8 @@ def test_probe_documents_are_the_probed_cells_lists_documents_with_the_kept_cent
     products = block[:, rows + 1: 2 * rows + 3]
     c_scales = rng.uniform(1e-4, 2e-4, n_centroids).astype(np.float32)
     q_scales = rng.uniform(1e-4, 2e-4, products.shape[1]).astype(np.float32)
-    want_table, want_cells, want_kept = kernels.probe_int8(products, c_scales, q_scales, bounds * 1e-3, ncells)
+    want_table, want_cells, want_kept = _probe(np.empty((n_centroids, rows), np.float32), bounds * 1e-3, ncells,
+                                               (products, c_scales, q_scales))
     out = np.empty((n_centroids, rows), np.float32)
     docs, got_kept, n_kept = kernels.probe_documents(out, bounds * 1e-3, ncells, ivf_offsets, ivf_docs, n_docs,
                                                      products=(products, c_scales, q_scales))
@@ -334,8 +354,8 @@ import numpy as np
 from numba.core import caching
 caching.CacheImpl._locator_classes = []
 from indexing import kernels
-got = kernels.cell_maxsum(np.arange(6, dtype=np.float32).reshape(3, 2), np.array([0, 2], np.uint16),
-                          np.array([0]), np.array([2]))
+got = kernels.cell_maxsum_docs(np.arange(6, dtype=np.float32).reshape(3, 2), np.array([0, 2], np.uint16),
+                               np.array([0, 2]), np.array([0]))
 print(kernels.ENABLED, got.tolist())
 """
     from numba.core import caching
